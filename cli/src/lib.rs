@@ -1,0 +1,2 @@
+//! The `tandem` command: admin commands (topics, publish, consume,
+//! transactions) and `tandem demo`.

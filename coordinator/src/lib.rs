@@ -1,0 +1,2 @@
+//! The Tandem coordinator: topics and publishing, consumer groups,
+//! transactional messages and check-back, the saga driver.

@@ -1,0 +1,2 @@
+//! The order/cart example services, the end-to-end and fault tests and the
+//! benchmark driver.

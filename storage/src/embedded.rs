@@ -1,0 +1,294 @@
+//! The embedded backend: one folder per topic-partition under a root folder
+//! (`<root>/<topic>/<partition>/`), each holding segment files, opened and
+//! recovered at start-up.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use tokio::task::JoinHandle;
+
+use crate::batch::MAX_ON_DISK;
+use crate::config::LogConfig;
+use crate::error::{Error, Result};
+use crate::log::{AppendAck, Log, Offsets};
+use crate::partition::{Partition, sync_dir};
+use crate::record::{Record, StoredRecord, TopicPartition, validate_topic_name};
+use crate::schedule::CronSchedule;
+use crate::segment::ReadBudget;
+
+/// The embedded log: segment files on local disk. Cheap to clone.
+#[derive(Clone)]
+pub struct EmbeddedLog {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    root: PathBuf,
+    config: Arc<LogConfig>,
+    partitions: RwLock<HashMap<TopicPartition, Arc<Partition>>>,
+    create: tokio::sync::Mutex<()>,
+}
+
+impl Drop for Inner {
+    /// The last handle gone without `close`: let the writers finish what is
+    /// queued and stop.
+    fn drop(&mut self) {
+        for p in self
+            .partitions
+            .get_mut()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            p.stop();
+        }
+    }
+}
+
+impl std::fmt::Debug for EmbeddedLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedLog")
+            .field("root", &self.inner.root)
+            .finish_non_exhaustive()
+    }
+}
+
+fn check_config(c: &LogConfig) -> Result<()> {
+    let bad = |field, reason: &str| {
+        Err(Error::InvalidConfig {
+            field,
+            reason: reason.to_owned(),
+        })
+    };
+    if c.segment_bytes < 4096 || c.segment_bytes > 1 << 31 {
+        return bad("segment_bytes", "must be between 4 KiB and 2 GiB");
+    }
+    if c.index_interval_bytes == 0 {
+        return bad("index_interval_bytes", "must be at least 1");
+    }
+    if c.max_record_bytes == 0 || c.max_record_bytes > c.max_batch_bytes {
+        return bad(
+            "max_record_bytes",
+            "must be at least 1 and at most max_batch_bytes",
+        );
+    }
+    if c.max_batch_bytes > MAX_ON_DISK {
+        return bad("max_batch_bytes", "must be at most 1 GiB");
+    }
+    if c.max_group_bytes == 0 || c.append_queue == 0 {
+        return bad(
+            "max_group_bytes",
+            "max_group_bytes and append_queue must be at least 1",
+        );
+    }
+    Ok(())
+}
+
+/// Lists the entries of `dir` that are folders.
+fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir).map_err(Error::io("list", dir))? {
+        let entry = entry.map_err(Error::io("list", dir))?;
+        if entry
+            .file_type()
+            .map_err(Error::io("stat", entry.path()))?
+            .is_dir()
+        {
+            out.push((
+                entry.file_name().to_string_lossy().into_owned(),
+                entry.path(),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+impl EmbeddedLog {
+    /// Opens the log under `root` (creating the folder if needed), recovering
+    /// every partition found there. Must run inside a Tokio runtime.
+    pub async fn open(root: impl Into<PathBuf>, config: LogConfig) -> Result<EmbeddedLog> {
+        check_config(&config)?;
+        let root = root.into();
+        let config = Arc::new(config);
+        let (r, c) = (root.clone(), config.clone());
+        let partitions = tokio::task::spawn_blocking(move || -> Result<_> {
+            fs::create_dir_all(&r).map_err(Error::io("create folder", &r))?;
+            let mut map = HashMap::new();
+            for (topic, tdir) in subdirs(&r)? {
+                if validate_topic_name(&topic).is_err() {
+                    tracing::warn!(folder = %tdir.display(), "ignoring folder that is not a topic");
+                    continue;
+                }
+                for (part, pdir) in subdirs(&tdir)? {
+                    let Ok(partition) = part.parse::<u32>() else {
+                        tracing::warn!(folder = %pdir.display(), "ignoring folder that is not a partition");
+                        continue;
+                    };
+                    let tp = TopicPartition::new(topic.clone(), partition);
+                    map.insert(tp.clone(), Partition::open(tp, pdir, c.clone())?);
+                }
+            }
+            Ok(map)
+        })
+        .await
+        .map_err(|e| Error::io("open", &root)(std::io::Error::other(e)))??;
+        tracing::info!(root = %root.display(), partitions = partitions.len(), "log opened");
+        Ok(EmbeddedLog {
+            inner: Arc::new(Inner {
+                root,
+                config,
+                partitions: RwLock::new(partitions),
+                create: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The settings the log was opened with.
+    pub fn config(&self) -> &LogConfig {
+        &self.inner.config
+    }
+
+    fn partition(&self, tp: &TopicPartition) -> Result<Arc<Partition>> {
+        self.inner
+            .partitions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tp)
+            .cloned()
+            .ok_or_else(|| Error::UnknownPartition(tp.clone()))
+    }
+
+    /// Applies the retention limits to every partition now; returns the
+    /// number of segments deleted.
+    pub async fn enforce_retention(&self) -> Result<usize> {
+        let retention = self.inner.config.retention;
+        if retention.max_age.is_none() && retention.max_bytes.is_none() {
+            return Ok(0);
+        }
+        let parts: Vec<_> = self
+            .inner
+            .partitions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        tokio::task::spawn_blocking(move || {
+            let now = chrono::Utc::now().timestamp_millis();
+            parts
+                .iter()
+                .map(|p| p.enforce_retention(retention, now))
+                .sum::<Result<usize>>()
+        })
+        .await
+        .map_err(|e| Error::io("retention", "log")(std::io::Error::other(e)))?
+    }
+
+    /// Runs retention on `schedule` until the returned task is aborted.
+    pub fn spawn_retention(&self, schedule: CronSchedule) -> JoinHandle<()> {
+        let log = self.clone();
+        tokio::spawn(schedule.run(move || {
+            let log = log.clone();
+            async move {
+                match log.enforce_retention().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(segments = n, "retention deleted segments"),
+                    Err(e) => tracing::error!(error = %e, "retention failed"),
+                }
+            }
+        }))
+    }
+
+    /// Lets queued appends finish, syncs and stops every partition's writer.
+    /// Appends after this fail with [`Error::Closed`].
+    pub async fn close(&self) {
+        let parts: Vec<_> = self
+            .inner
+            .partitions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect();
+        for p in parts {
+            p.close().await;
+        }
+    }
+}
+
+impl Log for EmbeddedLog {
+    async fn create_partition(&self, tp: &TopicPartition) -> Result<()> {
+        validate_topic_name(&tp.topic)?;
+        let _guard = self.inner.create.lock().await;
+        if self.partition(tp).is_ok() {
+            return Err(Error::PartitionExists(tp.clone()));
+        }
+        let root = self.inner.root.clone();
+        let config = self.inner.config.clone();
+        let tp2 = tp.clone();
+        let p = tokio::task::spawn_blocking(move || {
+            let tdir = root.join(&tp2.topic);
+            let pdir = tdir.join(tp2.partition.to_string());
+            let new_topic = !tdir.exists();
+            fs::create_dir_all(&pdir).map_err(Error::io("create folder", &pdir))?;
+            sync_dir(&tdir)?;
+            if new_topic {
+                sync_dir(&root)?;
+            }
+            Partition::open(tp2, pdir, config)
+        })
+        .await
+        .map_err(|e| Error::io("create partition", &self.inner.root)(std::io::Error::other(e)))??;
+        self.inner
+            .partitions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(tp.clone(), p);
+        Ok(())
+    }
+
+    fn partitions(&self) -> Vec<TopicPartition> {
+        let mut v: Vec<_> = self
+            .inner
+            .partitions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    async fn append(&self, tp: &TopicPartition, records: Vec<Record>) -> Result<AppendAck> {
+        self.partition(tp)?.append(records).await
+    }
+
+    async fn read(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        budget: ReadBudget,
+    ) -> Result<Vec<StoredRecord>> {
+        let p = self.partition(tp)?;
+        tokio::task::spawn_blocking(move || p.read(from, budget))
+            .await
+            .map_err(|e| Error::io("read", "log")(std::io::Error::other(e)))?
+    }
+
+    fn offsets(&self, tp: &TopicPartition) -> Result<Offsets> {
+        Ok(self.partition(tp)?.offsets())
+    }
+
+    async fn wait_for(&self, tp: &TopicPartition, offset: u64) -> Result<u64> {
+        self.partition(tp)?.wait_for(offset).await
+    }
+
+    async fn truncate_before(&self, tp: &TopicPartition, offset: u64) -> Result<u64> {
+        let p = self.partition(tp)?;
+        tokio::task::spawn_blocking(move || p.truncate_before(offset))
+            .await
+            .map_err(|e| Error::io("truncate", "log")(std::io::Error::other(e)))?
+    }
+}

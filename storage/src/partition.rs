@@ -1,0 +1,626 @@
+//! One partition: its segments, the writer that group-commits appends, and
+//! reads bounded by the high-water mark.
+//!
+//! Durability contract (fsync `always`): an append is acknowledged only after
+//! the bytes of its batch, and of every batch before it, were written and
+//! `fdatasync`ed; a new segment file is created only after the previous one
+//! was synced and its folder entry is synced before anything in it is
+//! acknowledged. Readers see offsets below the high-water mark only, and the
+//! mark moves only after that sync, so nothing read can later be lost.
+//!
+//! Group commit: appends queue on a bounded channel to the partition's one
+//! writer task. The writer takes everything queued (up to
+//! `max_group_bytes`), encodes it as consecutive batches, writes them with
+//! one `pwrite`, syncs once, and acknowledges them all. While it syncs, the
+//! next group gathers. The writer is a thread of its own, so its blocking
+//! file I/O never stalls the async runtime. A failed write or sync poisons the partition: it
+//! refuses writes from then on and never pretends the data is safe.
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::batch::{self, HEADER_LEN};
+use crate::config::{FsyncPolicy, LogConfig, Retention};
+use crate::error::{Error, Result};
+use crate::index::SparseIndex;
+use crate::log::{AppendAck, Offsets};
+use crate::record::{Record, StoredRecord, TopicPartition};
+use crate::segment::{self, ReadBudget, Segment, Stop};
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Syncs a folder so that file creations, renames and deletions in it last.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(Error::io("fsync folder", dir))
+}
+
+/// What readers may see.
+#[derive(Clone, Copy, Debug)]
+struct Published {
+    hwm: u64,
+    closed: bool,
+}
+
+struct AppendRequest {
+    records: Vec<Record>,
+    bytes: usize,
+    reply: oneshot::Sender<Result<AppendAck>>,
+}
+
+enum Msg {
+    Append(AppendRequest),
+    /// Sync now if the interval has passed (fsync `interval`).
+    Flush,
+    Close,
+}
+
+/// The writer's own view of the active segment.
+struct WriterState {
+    base_offset: u64,
+    file: Arc<fs::File>,
+    path: PathBuf,
+    size: u64,
+    next_offset: u64,
+    max_timestamp: i64,
+    /// Index entries not yet handed to readers.
+    index: SparseIndex,
+    last_sync: Instant,
+    dirty: bool,
+}
+
+impl WriterState {
+    fn of(seg: &Segment) -> WriterState {
+        WriterState {
+            base_offset: seg.base_offset,
+            file: seg.file.clone(),
+            path: seg.path.clone(),
+            size: seg.size,
+            next_offset: seg.next_offset,
+            max_timestamp: seg.max_timestamp,
+            index: seg.index.continuation(),
+            last_sync: Instant::now(),
+            dirty: false,
+        }
+    }
+}
+
+/// One partition of the embedded log.
+pub(crate) struct Partition {
+    tp: TopicPartition,
+    dir: PathBuf,
+    config: Arc<LogConfig>,
+    segments: RwLock<Vec<Segment>>,
+    published: watch::Sender<Published>,
+    queue: mpsc::Sender<Msg>,
+    poisoned: Mutex<Option<String>>,
+    /// Resolves when the writer thread has stopped.
+    writer_done: Mutex<Option<oneshot::Receiver<()>>>,
+    /// Sends [`Msg::Flush`] on the fsync interval.
+    ticker: Mutex<Option<JoinHandle<()>>>,
+    /// Set when the log is dropped without `close`: the writer stops once
+    /// the queue is empty.
+    stopping: AtomicBool,
+}
+
+impl Partition {
+    /// Opens (recovering its tail) or creates the partition stored in `dir`,
+    /// and starts its writer. Blocking: call from a blocking context inside a
+    /// Tokio runtime.
+    pub(crate) fn open(
+        tp: TopicPartition,
+        dir: PathBuf,
+        config: Arc<LogConfig>,
+    ) -> Result<Arc<Partition>> {
+        let segments = recover(&tp, &dir, &config)?;
+        let active = segments
+            .last()
+            .expect("recover leaves at least one segment");
+        let state = WriterState::of(active);
+        let (published, _) = watch::channel(Published {
+            hwm: state.next_offset,
+            closed: false,
+        });
+        let (queue, rx) = mpsc::channel(config.append_queue);
+        let p = Arc::new(Partition {
+            tp,
+            dir,
+            config,
+            segments: RwLock::new(segments),
+            published,
+            queue,
+            poisoned: Mutex::new(None),
+            writer_done: Mutex::new(None),
+            ticker: Mutex::new(None),
+            stopping: AtomicBool::new(false),
+        });
+        let (done_tx, done_rx) = oneshot::channel();
+        let writer = p.clone();
+        std::thread::Builder::new()
+            .name(format!("log-writer {}", p.tp))
+            .spawn(move || {
+                writer.run_writer(rx, state);
+                let _ = done_tx.send(());
+            })
+            .map_err(Error::io("start writer thread for", &p.dir))?;
+        *lock(&p.writer_done) = Some(done_rx);
+        if let FsyncPolicy::Interval(d) = p.config.fsync {
+            let queue = p.queue.clone();
+            *lock(&p.ticker) = Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(d);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+                loop {
+                    tick.tick().await;
+                    if queue.send(Msg::Flush).await.is_err() {
+                        break;
+                    }
+                }
+            }));
+        }
+        Ok(p)
+    }
+
+    /// Appends one batch; resolves once it is acknowledged per the fsync
+    /// policy.
+    pub(crate) async fn append(&self, records: Vec<Record>) -> Result<AppendAck> {
+        if records.is_empty() {
+            return Err(Error::EmptyBatch);
+        }
+        let mut bytes = HEADER_LEN;
+        for (i, r) in records.iter().enumerate() {
+            bytes += batch::check_record(i, r, self.config.max_record_bytes)?;
+        }
+        if bytes > self.config.max_batch_bytes {
+            return Err(Error::BatchTooLarge {
+                size: bytes,
+                max: self.config.max_batch_bytes,
+            });
+        }
+        self.check_poisoned()?;
+        let (reply, rx) = oneshot::channel();
+        self.queue
+            .send(Msg::Append(AppendRequest {
+                records,
+                bytes,
+                reply,
+            }))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    fn check_poisoned(&self) -> Result<()> {
+        match &*lock(&self.poisoned) {
+            Some(cause) => Err(Error::Poisoned {
+                tp: self.tp.clone(),
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Log start and high-water mark.
+    pub(crate) fn offsets(&self) -> Offsets {
+        let segs = read(&self.segments);
+        Offsets {
+            log_start: segs.first().map_or(0, |s| s.base_offset),
+            high_water_mark: self.published.borrow().hwm,
+            size_bytes: segs.iter().map(|s| s.size).sum(),
+        }
+    }
+
+    /// Waits until the high-water mark passes `offset`; returns the mark.
+    pub(crate) async fn wait_for(&self, offset: u64) -> Result<u64> {
+        let mut rx = self.published.subscribe();
+        let p = *rx
+            .wait_for(|p| p.hwm > offset || p.closed)
+            .await
+            .map_err(|_| Error::Closed)?;
+        if p.hwm > offset {
+            Ok(p.hwm)
+        } else {
+            Err(Error::Closed)
+        }
+    }
+
+    /// Reads records from `from` within `budget`. Blocking (file reads).
+    pub(crate) fn read(&self, from: u64, budget: ReadBudget) -> Result<Vec<StoredRecord>> {
+        let hwm = self.published.borrow().hwm;
+        let out_of_range = |start| Error::OffsetOutOfRange {
+            tp: self.tp.clone(),
+            offset: from,
+            start,
+            end: hwm,
+        };
+        let start = read(&self.segments).first().map_or(0, |s| s.base_offset);
+        if from < start || from > hwm {
+            return Err(out_of_range(start));
+        }
+        let mut out = Vec::new();
+        let mut used = 0;
+        let mut offset = from;
+        while offset < hwm && out.len() < budget.max_records && used < budget.max_bytes {
+            let (file, path, size, position, seg_next) = {
+                let segs = read(&self.segments);
+                let i = segs.partition_point(|s| s.base_offset <= offset);
+                let Some(s) = i.checked_sub(1).map(|i| &segs[i]) else {
+                    // Retention removed the segment since the check above.
+                    return Err(out_of_range(segs.first().map_or(0, |s| s.base_offset)));
+                };
+                let position = s.index.lookup(offset - s.base_offset);
+                (
+                    s.file.clone(),
+                    s.path.clone(),
+                    s.size,
+                    position,
+                    s.next_offset,
+                )
+            };
+            let before = out.len();
+            used = segment::read_records(
+                &file, &path, size, position, offset, hwm, budget, &mut out, used,
+            )?;
+            if let Some(last) = out.last().filter(|_| out.len() > before) {
+                offset = last.offset + 1;
+            }
+            if offset < seg_next.min(hwm) {
+                break; // budget reached inside this segment
+            }
+            if offset < hwm && offset != seg_next {
+                return Err(Error::Corrupt {
+                    file: path,
+                    position,
+                    reason: format!("segment ends at offset {offset}, expected {seg_next}"),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes whole sealed segments, oldest first, while `drop` says so
+    /// (given the segment and the partition's total size). Returns the new
+    /// log start.
+    fn drop_oldest_while(
+        &self,
+        mut drop: impl FnMut(&Segment, u64) -> bool,
+    ) -> Result<(u64, usize)> {
+        let removed: Vec<Segment> = {
+            let mut segs = write(&self.segments);
+            let mut total: u64 = segs.iter().map(|s| s.size).sum();
+            let mut n = 0;
+            while n + 1 < segs.len() && drop(&segs[n], total) {
+                total -= segs[n].size;
+                n += 1;
+            }
+            segs.drain(..n).collect()
+        };
+        for s in &removed {
+            fs::remove_file(&s.path).map_err(Error::io("delete", &s.path))?;
+            let idx = segment::index_path(&self.dir, s.base_offset);
+            match fs::remove_file(&idx) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io("delete", idx)(e));
+                }
+                _ => {}
+            }
+        }
+        if !removed.is_empty() {
+            sync_dir(&self.dir)?;
+            tracing::info!(partition = %self.tp, segments = removed.len(), "deleted old segments");
+        }
+        Ok((self.offsets().log_start, removed.len()))
+    }
+
+    /// Deletes sealed segments wholly below `offset`; returns the log start.
+    pub(crate) fn truncate_before(&self, offset: u64) -> Result<u64> {
+        Ok(self.drop_oldest_while(|s, _| s.next_offset <= offset)?.0)
+    }
+
+    /// Applies retention limits as of `now_ms`; returns segments deleted.
+    pub(crate) fn enforce_retention(&self, retention: Retention, now_ms: i64) -> Result<usize> {
+        let cutoff = retention
+            .max_age
+            .map(|age| now_ms.saturating_sub(i64::try_from(age.as_millis()).unwrap_or(i64::MAX)));
+        Ok(self
+            .drop_oldest_while(|s, total| {
+                let too_old = cutoff.is_some_and(|c| s.max_timestamp < c);
+                let too_big = retention.max_bytes.is_some_and(|m| total - s.size >= m);
+                too_old || too_big
+            })?
+            .1)
+    }
+
+    /// Lets queued appends finish, syncs, and stops the writer.
+    /// Asks the writer to stop once its queue is empty, without waiting.
+    pub(crate) fn stop(&self) {
+        if let Some(t) = lock(&self.ticker).take() {
+            t.abort();
+        }
+        self.stopping.store(true, Ordering::Release);
+        let _ = self.queue.try_send(Msg::Close);
+    }
+
+    pub(crate) async fn close(&self) {
+        if let Some(t) = lock(&self.ticker).take() {
+            t.abort();
+        }
+        let _ = self.queue.send(Msg::Close).await;
+        let done = lock(&self.writer_done).take();
+        if let Some(done) = done {
+            let _ = done.await;
+        }
+    }
+
+    /// The writer: one thread per partition doing blocking file I/O, fed by
+    /// the append queue.
+    fn run_writer(self: Arc<Self>, mut rx: mpsc::Receiver<Msg>, mut st: WriterState) {
+        while let Some(msg) = rx.blocking_recv() {
+            let mut group = Vec::new();
+            let mut closing = false;
+            match msg {
+                Msg::Append(r) => group.push(r),
+                Msg::Flush => {}
+                Msg::Close => closing = true,
+            }
+            let mut bytes = group.first().map_or(0, |r| r.bytes);
+            while !closing && bytes < self.config.max_group_bytes {
+                match rx.try_recv() {
+                    Ok(Msg::Append(r)) => {
+                        bytes += r.bytes;
+                        group.push(r);
+                    }
+                    Ok(Msg::Flush) => {}
+                    Ok(Msg::Close) => closing = true,
+                    Err(_) => break,
+                }
+            }
+            if !group.is_empty() {
+                self.write_group(&mut st, group);
+            }
+            let flush = closing
+                || matches!(self.config.fsync, FsyncPolicy::Interval(d) if st.last_sync.elapsed() >= d);
+            if flush
+                && st.dirty
+                && self.config.fsync != FsyncPolicy::Never
+                && let Err(e) = self.sync(&mut st)
+            {
+                self.poison(&e);
+            }
+            if closing || (self.stopping.load(Ordering::Acquire) && rx.is_empty()) {
+                if !closing && st.dirty && self.config.fsync != FsyncPolicy::Never {
+                    let _ = self.sync(&mut st);
+                }
+                break;
+            }
+        }
+        self.published.send_modify(|p| p.closed = true);
+    }
+
+    fn poison(&self, e: &Error) {
+        tracing::error!(partition = %self.tp, error = %e, "log write failed; partition stops accepting writes");
+        lock(&self.poisoned).get_or_insert_with(|| e.to_string());
+    }
+
+    fn write_group(&self, st: &mut WriterState, group: Vec<AppendRequest>) {
+        let result = self
+            .check_poisoned()
+            .and_then(|()| self.try_write_group(st, &group));
+        match result {
+            Ok(acks) => {
+                for (req, ack) in group.into_iter().zip(acks) {
+                    let _ = req.reply.send(Ok(ack));
+                }
+            }
+            Err(e) => {
+                if !matches!(e, Error::Poisoned { .. }) {
+                    self.poison(&e);
+                }
+                let cause = lock(&self.poisoned)
+                    .clone()
+                    .unwrap_or_else(|| e.to_string());
+                for req in group {
+                    let _ = req.reply.send(Err(Error::Poisoned {
+                        tp: self.tp.clone(),
+                        cause: cause.clone(),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn try_write_group(
+        &self,
+        st: &mut WriterState,
+        group: &[AppendRequest],
+    ) -> Result<Vec<AppendAck>> {
+        let cfg = &self.config;
+        let mut buf = Vec::with_capacity(
+            group
+                .iter()
+                .map(|r| r.bytes)
+                .sum::<usize>()
+                .min(cfg.max_group_bytes * 2),
+        );
+        let mut acks = Vec::with_capacity(group.len());
+        for req in group {
+            let pos = st.size + buf.len() as u64;
+            if pos > 0 && pos + req.bytes as u64 > cfg.segment_bytes {
+                self.write_out(st, &mut buf)?;
+                self.roll(st)?;
+            }
+            let pos = st.size + buf.len() as u64;
+            let h = batch::encode(st.next_offset, &req.records, &mut buf);
+            let rel = (st.next_offset - st.base_offset) as u32;
+            st.index
+                .on_batch(rel, pos, h.total_len, cfg.index_interval_bytes);
+            st.max_timestamp = st.max_timestamp.max(h.max_timestamp);
+            acks.push(AppendAck {
+                base_offset: h.base_offset,
+                last_offset: h.next_offset() - 1,
+            });
+            st.next_offset = h.next_offset();
+        }
+        self.write_out(st, &mut buf)?;
+        let due = match cfg.fsync {
+            FsyncPolicy::Always => true,
+            FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
+            FsyncPolicy::Never => false,
+        };
+        if due {
+            self.sync(st)?;
+        }
+        self.publish(st);
+        self.published.send_modify(|p| p.hwm = st.next_offset);
+        Ok(acks)
+    }
+
+    fn write_out(&self, st: &mut WriterState, buf: &mut Vec<u8>) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        st.file
+            .write_all_at(buf, st.size)
+            .map_err(Error::io("write", &st.path))?;
+        st.size += buf.len() as u64;
+        st.dirty = true;
+        buf.clear();
+        Ok(())
+    }
+
+    fn sync(&self, st: &mut WriterState) -> Result<()> {
+        st.file
+            .sync_data()
+            .map_err(Error::io("fdatasync", &st.path))?;
+        st.last_sync = Instant::now();
+        st.dirty = false;
+        Ok(())
+    }
+
+    /// Hands what the writer wrote to the active segment over to readers.
+    fn publish(&self, st: &mut WriterState) {
+        let mut segs = write(&self.segments);
+        let active = segs.last_mut().expect("a partition always has a segment");
+        active.size = st.size;
+        active.next_offset = st.next_offset;
+        active.max_timestamp = st.max_timestamp;
+        active.index.extend(st.index.take_entries());
+    }
+
+    /// Seals the active segment (synced, index written) and starts a new one.
+    fn roll(&self, st: &mut WriterState) -> Result<()> {
+        if self.config.fsync != FsyncPolicy::Never {
+            self.sync(st)?;
+        }
+        self.publish(st);
+        read(&self.segments)
+            .last()
+            .expect("a partition always has a segment")
+            .write_index(&self.dir)?;
+        let seg = Segment::create(&self.dir, st.next_offset)?;
+        sync_dir(&self.dir)?;
+        let mut next = WriterState::of(&seg);
+        next.last_sync = st.last_sync;
+        *st = next;
+        write(&self.segments).push(seg);
+        Ok(())
+    }
+}
+
+/// Opens every segment in `dir` (creating the first if there is none),
+/// truncating a torn tail and refusing other damage unless `repair`.
+fn recover(tp: &TopicPartition, dir: &Path, config: &LogConfig) -> Result<Vec<Segment>> {
+    let mut bases = Vec::new();
+    for entry in fs::read_dir(dir).map_err(Error::io("list", dir))? {
+        let entry = entry.map_err(Error::io("list", dir))?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if let Some(base) = segment::parse_log_name(&name) {
+            bases.push(base);
+        } else if name.ends_with(".index.tmp") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+    bases.sort_unstable();
+    if bases.is_empty() {
+        let seg = Segment::create(dir, 0)?;
+        sync_dir(dir)?;
+        return Ok(vec![seg]);
+    }
+    let mut segments: Vec<Segment> = Vec::with_capacity(bases.len());
+    for (i, &base) in bases.iter().enumerate() {
+        let last = i + 1 == bases.len();
+        let (seg, stop) = Segment::open(dir, base, !last, config.index_interval_bytes)?;
+        let gap = segments
+            .last()
+            .map(|p| p.next_offset)
+            .filter(|&n| n != base);
+        let stop = match gap {
+            Some(prev_next) => Some(Stop {
+                position: 0,
+                reason: format!(
+                    "segment starts at offset {base}, the previous one ends at {prev_next}"
+                ),
+                torn: false,
+            }),
+            None => stop,
+        };
+        let Some(Stop {
+            position,
+            reason,
+            torn,
+        }) = stop
+        else {
+            segments.push(seg);
+            continue;
+        };
+        if !(config.repair || torn && last) {
+            return Err(Error::Corrupt {
+                file: seg.path,
+                position,
+                reason,
+            });
+        }
+        let later = &bases[i + 1..];
+        tracing::warn!(
+            partition = %tp, file = %seg.path.display(), position, %reason,
+            dropped_segments = later.len() + usize::from(gap.is_some()),
+            "truncating log at the first bad batch"
+        );
+        let doomed = if gap.is_some() { &bases[i..] } else { later };
+        for &b in doomed {
+            for p in [segment::log_path(dir, b), segment::index_path(dir, b)] {
+                match fs::remove_file(&p) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io("delete", p)(e));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if gap.is_none() {
+            seg.truncate_to_valid()?;
+            segments.push(seg);
+        }
+        sync_dir(dir)?;
+        break;
+    }
+    Ok(segments)
+}

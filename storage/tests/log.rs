@@ -1,0 +1,528 @@
+//! Behaviour of the embedded log through its public API: appends and reads
+//! across segments and reopens, bad input, tail following, retention, and
+//! the difference between a torn tail and corruption before it.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_storage::{
+    EmbeddedLog, Error, FsyncPolicy, Header, Log, LogConfig, ReadBudget, Record, Retention, Tail,
+    TopicPartition,
+};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn rec(i: u64, size: usize) -> Record {
+    Record {
+        id: Bytes::from(format!("id-{i:06}")),
+        key: i
+            .is_multiple_of(2)
+            .then(|| Bytes::from(format!("k{}", i % 7))),
+        value: Bytes::from(vec![(i % 251) as u8; size]),
+        headers: vec![Header {
+            name: "n".into(),
+            value: Bytes::from(i.to_le_bytes().to_vec()),
+        }],
+        timestamp_ms: 1_700_000_000_000 + i as i64,
+    }
+}
+
+fn small_segments() -> LogConfig {
+    LogConfig {
+        segment_bytes: 8 << 10,
+        index_interval_bytes: 512,
+        ..LogConfig::default()
+    }
+}
+
+async fn read_all(
+    log: &EmbeddedLog,
+    tp: &TopicPartition,
+) -> Result<Vec<tandem_storage::StoredRecord>, Error> {
+    let mut out = Vec::new();
+    let mut from = log.offsets(tp)?.log_start;
+    loop {
+        let batch = log
+            .read(
+                tp,
+                from,
+                ReadBudget {
+                    max_bytes: 3000,
+                    max_records: 17,
+                },
+            )
+            .await?;
+        let Some(last) = batch.last() else {
+            return Ok(out);
+        };
+        from = last.offset + 1;
+        out.extend(batch);
+    }
+}
+
+#[tokio::test]
+async fn records_round_trip_across_segments_and_reopen() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let tp = TopicPartition::new("orders", 0);
+    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
+    log.create_partition(&tp).await?;
+    let mut expected = Vec::new();
+    for chunk in 0..40u64 {
+        let records: Vec<_> = (0..5)
+            .map(|j| rec(chunk * 5 + j, 100 + (j as usize) * 50))
+            .collect();
+        let ack = log.append(&tp, records.clone()).await?;
+        assert_eq!(ack.base_offset, chunk * 5);
+        assert_eq!(ack.last_offset, chunk * 5 + 4);
+        expected.extend(records);
+    }
+    let segments = std::fs::read_dir(dir.path().join("orders/0"))?
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
+        })
+        .count();
+    assert!(segments > 3, "expected several segments, found {segments}");
+    let check = |got: Vec<tandem_storage::StoredRecord>| {
+        assert_eq!(got.len(), expected.len());
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(g.offset, i as u64);
+            assert_eq!(&g.record, e);
+        }
+    };
+    check(read_all(&log, &tp).await?);
+    // a read from the middle starts exactly at its offset
+    let mid = log.read(&tp, 123, ReadBudget::default()).await?;
+    assert_eq!(mid.first().map(|r| r.offset), Some(123));
+    log.close().await;
+
+    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
+    assert_eq!(log.partitions(), vec![tp.clone()]);
+    assert_eq!(log.offsets(&tp)?.high_water_mark, 200);
+    check(read_all(&log, &tp).await?);
+    let ack = log.append(&tp, vec![rec(200, 10)]).await?;
+    assert_eq!(ack.base_offset, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_errors_and_changes_nothing() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+    let tp = TopicPartition::new("t", 0);
+    log.create_partition(&tp).await?;
+    log.append(&tp, vec![rec(0, 10)]).await?;
+
+    let err = log.append(&tp, vec![]).await.expect_err("empty batch");
+    assert!(matches!(err, Error::EmptyBatch), "{err}");
+
+    let big = Record {
+        value: Bytes::from(vec![0; 1 << 20]),
+        ..rec(1, 0)
+    };
+    let err = log
+        .append(&tp, vec![rec(1, 10), big])
+        .await
+        .expect_err("over-size record");
+    assert!(
+        matches!(
+            err,
+            Error::RecordTooLarge {
+                index: 1,
+                max: 1_048_576,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("record 1"), "{err}");
+
+    let err = log
+        .read(&tp, 2, ReadBudget::default())
+        .await
+        .expect_err("past the high-water mark");
+    assert!(
+        matches!(
+            err,
+            Error::OffsetOutOfRange {
+                offset: 2,
+                start: 0,
+                end: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(
+        log.read(&tp, 1, ReadBudget::default()).await?.is_empty(),
+        "at the mark: nothing yet"
+    );
+
+    let unknown = TopicPartition::new("t", 1);
+    let err = log
+        .append(&unknown, vec![rec(0, 1)])
+        .await
+        .expect_err("unknown partition");
+    assert!(
+        matches!(&err, Error::UnknownPartition(tp) if tp == &unknown),
+        "{err}"
+    );
+    assert!(err.to_string().contains("t/1"), "{err}");
+    assert!(matches!(
+        log.offsets(&unknown),
+        Err(Error::UnknownPartition(_))
+    ));
+
+    let err = log.create_partition(&tp).await.expect_err("exists");
+    assert!(matches!(err, Error::PartitionExists(_)), "{err}");
+    let err = log
+        .create_partition(&TopicPartition::new("../etc", 0))
+        .await
+        .expect_err("bad name");
+    assert!(matches!(err, Error::InvalidTopicName { .. }), "{err}");
+    assert!(err.is_caller_error());
+
+    // nothing above changed the log
+    let offsets = log.offsets(&tp)?;
+    assert_eq!((offsets.log_start, offsets.high_water_mark), (0, 1));
+    assert_eq!(log.partitions(), vec![tp]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn tail_wakes_when_records_become_durable() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+    let tp = TopicPartition::new("t", 3);
+    log.create_partition(&tp).await?;
+    let mut tail = Tail::new(log.clone(), tp.clone(), 0);
+    let follower = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < 30 {
+            seen.extend(
+                tail.next_batch(ReadBudget::default())
+                    .await?
+                    .into_iter()
+                    .map(|r| r.offset),
+            );
+        }
+        Ok::<_, Error>(seen)
+    });
+    for i in 0..30 {
+        log.append(&tp, vec![rec(i, 20)]).await?;
+        if i % 10 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let seen = tokio::time::timeout(Duration::from_secs(10), follower).await???;
+    assert_eq!(seen, (0..30).collect::<Vec<_>>());
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_deletes_whole_old_segments_only() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cfg = LogConfig {
+        retention: Retention {
+            max_age: None,
+            max_bytes: Some(20 << 10),
+        },
+        ..small_segments()
+    };
+    let log = EmbeddedLog::open(dir.path(), cfg).await?;
+    let tp = TopicPartition::new("t", 0);
+    log.create_partition(&tp).await?;
+    for i in 0..100 {
+        log.append(&tp, vec![rec(i, 900)]).await?;
+    }
+    let before = log.offsets(&tp)?;
+    let deleted = log.enforce_retention().await?;
+    let after = log.offsets(&tp)?;
+    assert!(deleted > 0);
+    assert!(
+        after.size_bytes >= 20 << 10,
+        "kept at least the limit: {after:?}"
+    );
+    assert!(after.size_bytes < before.size_bytes);
+    assert!(after.log_start > 0);
+    let err = log
+        .read(&tp, 0, ReadBudget::default())
+        .await
+        .expect_err("deleted");
+    assert!(matches!(err, Error::OffsetOutOfRange { start, .. } if start == after.log_start));
+    let rest = read_all(&log, &tp).await?;
+    assert_eq!(rest.first().map(|r| r.offset), Some(after.log_start));
+    assert_eq!(rest.len() as u64, 100 - after.log_start);
+    // reopening finds the same log start
+    log.close().await;
+    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
+    assert_eq!(log.offsets(&tp)?.log_start, after.log_start);
+    Ok(())
+}
+
+#[tokio::test]
+async fn retention_by_age_keeps_the_active_segment() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let cfg = LogConfig {
+        retention: Retention {
+            max_age: Some(Duration::from_secs(3600)),
+            max_bytes: None,
+        },
+        ..small_segments()
+    };
+    let log = EmbeddedLog::open(dir.path(), cfg).await?;
+    let tp = TopicPartition::new("t", 0);
+    log.create_partition(&tp).await?;
+    // old records (timestamps from 2023) fill several segments
+    for i in 0..50 {
+        log.append(&tp, vec![rec(i, 900)]).await?;
+    }
+    log.enforce_retention().await?;
+    let offsets = log.offsets(&tp)?;
+    assert_eq!(offsets.high_water_mark, 50);
+    assert!(
+        offsets.log_start > 40,
+        "only the active segment stays: {offsets:?}"
+    );
+    assert!(
+        !log.read(&tp, offsets.log_start, ReadBudget::default())
+            .await?
+            .is_empty()
+    );
+    // fresh records are kept
+    let now = chrono_now_ms();
+    log.append(
+        &tp,
+        vec![Record {
+            timestamp_ms: now,
+            ..rec(50, 5000)
+        }],
+    )
+    .await?;
+    log.append(
+        &tp,
+        vec![Record {
+            timestamp_ms: now,
+            ..rec(51, 5000)
+        }],
+    )
+    .await?;
+    log.enforce_retention().await?;
+    let kept = log.read(&tp, 50, ReadBudget::default()).await?;
+    assert_eq!(
+        kept.iter().map(|r| r.offset).collect::<Vec<_>>(),
+        vec![50, 51]
+    );
+    Ok(())
+}
+
+fn chrono_now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+#[tokio::test]
+async fn truncate_before_drops_whole_segments_below_the_offset() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
+    let tp = TopicPartition::new("t", 0);
+    log.create_partition(&tp).await?;
+    for i in 0..60 {
+        log.append(&tp, vec![rec(i, 900)]).await?;
+    }
+    let start = log.truncate_before(&tp, 30).await?;
+    assert!(start > 0 && start <= 30, "{start}");
+    assert_eq!(
+        log.read(&tp, 30, ReadBudget::default())
+            .await?
+            .first()
+            .map(|r| r.offset),
+        Some(30)
+    );
+    Ok(())
+}
+
+fn segment_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn torn_tail_is_truncated_but_earlier_damage_refuses_to_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let tp = TopicPartition::new("t", 0);
+    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+    log.create_partition(&tp).await?;
+    for i in 0..10 {
+        // equal-sized batches, so batch i starts at i * batch_len
+        log.append(
+            &tp,
+            vec![Record {
+                key: None,
+                ..rec(i, 100)
+            }],
+        )
+        .await?;
+    }
+    log.close().await;
+    let file = segment_files(&dir.path().join("t/0")).remove(0);
+    let len = std::fs::metadata(&file)?.len();
+    let batch_len = len / 10;
+
+    // A torn tail: the last batch cut short. Open truncates it.
+    let f = std::fs::OpenOptions::new().write(true).open(&file)?;
+    f.set_len(len - 7)?;
+    drop(f);
+    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+    assert_eq!(log.offsets(&tp)?.high_water_mark, 9);
+    assert_eq!(std::fs::metadata(&file)?.len(), len - batch_len);
+    log.close().await;
+
+    // Damage to the third batch with valid batches after it: open fails and
+    // names the file and the byte.
+    let mut bytes = std::fs::read(&file)?;
+    let at = 2 * batch_len as usize + 50;
+    bytes[at] ^= 0xFF;
+    std::fs::write(&file, &bytes)?;
+    let err = EmbeddedLog::open(dir.path(), LogConfig::default())
+        .await
+        .expect_err("corrupt");
+    match &err {
+        Error::Corrupt {
+            file: f, position, ..
+        } => {
+            assert_eq!(f, &file);
+            assert_eq!(*position, 2 * batch_len);
+        }
+        other => panic!("expected Corrupt, got {other}"),
+    }
+    assert!(
+        err.to_string()
+            .contains(&format!("at byte {}", 2 * batch_len)),
+        "{err}"
+    );
+
+    // Asked to repair, it opens and keeps the prefix before the damage.
+    let cfg = LogConfig {
+        repair: true,
+        ..LogConfig::default()
+    };
+    let log = EmbeddedLog::open(dir.path(), cfg).await?;
+    assert_eq!(log.offsets(&tp)?.high_water_mark, 2);
+    let ack = log.append(&tp, vec![rec(2, 100)]).await?;
+    assert_eq!(ack.base_offset, 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn damage_in_a_sealed_segment_is_found_on_read_or_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let tp = TopicPartition::new("t", 0);
+    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
+    log.create_partition(&tp).await?;
+    for i in 0..40 {
+        log.append(&tp, vec![rec(i, 900)]).await?;
+    }
+    log.close().await;
+    let first = segment_files(&dir.path().join("t/0")).remove(0);
+    let mut bytes = std::fs::read(&first)?;
+    bytes[100] ^= 1;
+    std::fs::write(&first, &bytes)?;
+    // The sealed segment's index still matches its size, so open trusts it;
+    // the read then checks the CRC and names the file.
+    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
+    let err = log
+        .read(&tp, 0, ReadBudget::default())
+        .await
+        .expect_err("corrupt read");
+    assert!(
+        matches!(&err, Error::Corrupt { file, position: 0, .. } if file == &first),
+        "{err}"
+    );
+    log.close().await;
+    // Without its index file the segment is scanned on open, and refused.
+    std::fs::remove_file(first.with_extension("index"))?;
+    let err = EmbeddedLog::open(dir.path(), small_segments())
+        .await
+        .expect_err("corrupt open");
+    assert!(
+        matches!(&err, Error::Corrupt { file, .. } if file == &first),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn relaxed_fsync_policies_acknowledge_and_persist_on_close() -> TestResult {
+    for fsync in [
+        FsyncPolicy::Interval(Duration::from_millis(5)),
+        FsyncPolicy::Never,
+    ] {
+        let dir = tempfile::tempdir()?;
+        let tp = TopicPartition::new("t", 0);
+        let cfg = LogConfig {
+            fsync,
+            ..small_segments()
+        };
+        let log = EmbeddedLog::open(dir.path(), cfg.clone()).await?;
+        log.create_partition(&tp).await?;
+        for i in 0..30 {
+            log.append(&tp, vec![rec(i, 500)]).await?;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        log.close().await;
+        let err = log.append(&tp, vec![rec(99, 1)]).await.expect_err("closed");
+        assert!(matches!(err, Error::Closed), "{err}");
+        let log = EmbeddedLog::open(dir.path(), cfg).await?;
+        assert_eq!(read_all(&log, &tp).await?.len(), 30, "{fsync:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_appenders_get_dense_offsets_in_ack_order() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let tp = TopicPartition::new("t", 0);
+    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
+    log.create_partition(&tp).await?;
+    let mut tasks = Vec::new();
+    for w in 0..8u64 {
+        let (log, tp) = (log.clone(), tp.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut acks = Vec::new();
+            for i in 0..50 {
+                let id = w * 1000 + i;
+                acks.push((log.append(&tp, vec![rec(id, 64)]).await?.base_offset, id));
+            }
+            Ok::<_, Error>(acks)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let acks = t.await??;
+        assert!(
+            acks.windows(2).all(|w| w[0].0 < w[1].0),
+            "one appender's acks are in order"
+        );
+        all.extend(acks);
+    }
+    all.sort_unstable();
+    assert_eq!(
+        all.iter().map(|a| a.0).collect::<Vec<_>>(),
+        (0..400).collect::<Vec<_>>()
+    );
+    let stored = read_all(&log, &tp).await?;
+    for ((offset, id), r) in all.iter().zip(&stored) {
+        assert_eq!(r.offset, *offset);
+        assert_eq!(r.record.id, Bytes::from(format!("id-{id:06}")));
+    }
+    Ok(())
+}
