@@ -1,2 +1,29 @@
-//! The Tandem coordinator: topics and publishing, consumer groups,
-//! transactional messages and check-back, the saga driver.
+//! The Tandem coordinator: topics and publishing, consumer groups with
+//! credit-based flow control, and (later) transactional messages and sagas,
+//! served over gRPC (`tandem.coordinator.v1`).
+//!
+//! [`Broker`] is the coordinator without its gRPC skin, generic over the
+//! [`Log`](tandem_storage::Log) it stores into; [`Coordinator`] opens the
+//! embedded logs and serves it; [`Config`] layers the settings. The
+//! binaries (`tandem-coordinator`, `tandem coordinator`) only parse flags
+//! and call [`run`].
+
+mod broker;
+mod config;
+mod consumer;
+mod error;
+mod group;
+mod offsets;
+mod partitioner;
+mod server;
+mod service;
+mod statelog;
+mod topics;
+
+pub use broker::{Broker, GroupDescription, Outgoing, PartitionDescription, Position};
+pub use config::{Config, ConfigError, CoordinatorArgs};
+pub use consumer::{Outbound, StartFrom, Subscription};
+pub use error::{Error, Result};
+pub use server::{Coordinator, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};
+pub use service::{CoordinatorService, MAX_ID_LEN};
+pub use topics::{MAX_PARTITIONS, TopicMeta};

@@ -1,2 +1,9 @@
 //! Tandem's gRPC APIs (coordinator, sidecar, app callbacks) and the code
-//! generated from them at build time.
+//! generated from them at build time. The `.proto` files are the contract;
+//! this crate only compiles them.
+
+/// The coordinator API, v1.
+pub mod coordinator {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("tandem.coordinator.v1");
+}

@@ -31,6 +31,14 @@ pub struct Record {
     pub timestamp_ms: i64,
 }
 
+impl Record {
+    /// Bytes the record takes in a batch on disk; what `max_record_bytes`
+    /// limits.
+    pub fn encoded_len(&self) -> usize {
+        crate::batch::record_len(self)
+    }
+}
+
 /// A record read back, with the offset the log gave it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoredRecord {

@@ -1,0 +1,199 @@
+//! The broker: topics, publishing and consumer groups over a [`Log`]. This
+//! is the coordinator without its gRPC skin; the service in `service.rs`
+//! maps requests onto it.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::try_join_all;
+use tandem_storage::{Log, Offsets as LogOffsets, Record, TopicPartition};
+use tokio::sync::watch;
+
+use crate::consumer::Groups;
+use crate::error::Result;
+use crate::offsets::Offsets;
+use crate::partitioner::{self, Sticky};
+use crate::topics::{TopicMeta, Topics};
+
+/// A message ready to append: its record and, if the publisher chose one,
+/// its partition.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// Explicit partition (checked against the topic by the caller).
+    pub partition: Option<u32>,
+    /// The record to store.
+    pub record: Record,
+}
+
+/// Where an appended message now lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Position {
+    /// Partition.
+    pub partition: u32,
+    /// Offset within it.
+    pub offset: u64,
+}
+
+/// One partition of a topic description.
+#[derive(Clone, Debug)]
+pub struct PartitionDescription {
+    /// Partition number.
+    pub partition: u32,
+    /// Its offsets.
+    pub offsets: LogOffsets,
+}
+
+/// A consumer group's position on a topic.
+#[derive(Clone, Debug)]
+pub struct GroupDescription {
+    /// Group name.
+    pub group: String,
+    /// Committed offset per partition (absent: nothing committed yet).
+    pub committed: BTreeMap<u32, u64>,
+    /// Live members.
+    pub members: u32,
+}
+
+/// Topics, publishing and consumer groups.
+pub struct Broker<L> {
+    pub(crate) data: L,
+    pub(crate) topics: Topics<L>,
+    pub(crate) offsets: Arc<Offsets>,
+    pub(crate) groups: Arc<Groups<L>>,
+    sticky: Sticky,
+    shutdown: watch::Sender<bool>,
+}
+
+impl<L: Log + Clone> Broker<L> {
+    /// Opens the broker: topics in `data`, its own state in `internal`.
+    pub async fn open(data: L, internal: L, revoke_timeout: Duration) -> Result<Broker<L>> {
+        let topics = Topics::open(data.clone(), internal.clone()).await?;
+        let offsets = Offsets::open(internal).await?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let groups = Arc::new(Groups::new(
+            data.clone(),
+            offsets.clone(),
+            revoke_timeout,
+            shutdown_rx,
+        ));
+        Ok(Broker {
+            data,
+            topics,
+            offsets,
+            groups,
+            sticky: Sticky::default(),
+            shutdown,
+        })
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<TopicMeta> {
+        self.topics.create(name, partitions).await
+    }
+
+    /// Every topic, by name.
+    pub fn list_topics(&self) -> Vec<(String, TopicMeta)> {
+        self.topics.list()
+    }
+
+    /// A topic's metadata, or NOT_FOUND.
+    pub fn topic(&self, name: &str) -> Result<TopicMeta> {
+        self.topics.require(name)
+    }
+
+    /// Partitions and group positions of a topic.
+    pub async fn describe(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<PartitionDescription>, Vec<GroupDescription>)> {
+        let meta = self.topics.require(name)?;
+        let partitions = (0..meta.partitions)
+            .map(|p| {
+                Ok(PartitionDescription {
+                    partition: p,
+                    offsets: self.data.offsets(&TopicPartition::new(name, p))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut members = self.groups.members_of(name).await;
+        let mut groups: Vec<GroupDescription> = self
+            .offsets
+            .for_topic(name)
+            .into_iter()
+            .map(|(group, committed)| GroupDescription {
+                members: members.remove(&group).unwrap_or(0),
+                group,
+                committed,
+            })
+            .collect();
+        groups.extend(
+            members
+                .into_iter()
+                .map(|(group, members)| GroupDescription {
+                    group,
+                    committed: BTreeMap::new(),
+                    members,
+                }),
+        );
+        groups.sort_by(|a, b| a.group.cmp(&b.group));
+        Ok((partitions, groups))
+    }
+
+    /// Appends checked messages to `topic`; returns their positions in
+    /// order, once all are acknowledged by the log. Messages for one
+    /// partition are appended as one batch, in request order.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        meta: TopicMeta,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Position>> {
+        let sticky = self.sticky.next(meta.partitions);
+        let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<Record>)> = BTreeMap::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            let p = match (m.partition, &m.record.key) {
+                (Some(p), _) => p,
+                (None, Some(key)) => partitioner::for_key(key, meta.partitions),
+                (None, None) => sticky,
+            };
+            let entry = by_partition.entry(p).or_default();
+            entry.0.push(i);
+            entry.1.push(m.record);
+        }
+        let total: usize = by_partition.values().map(|(idx, _)| idx.len()).sum();
+        let appends = by_partition
+            .into_iter()
+            .map(|(p, (idx, records))| async move {
+                let ack = self
+                    .data
+                    .append(&TopicPartition::new(topic, p), records)
+                    .await?;
+                Ok::<_, crate::Error>((p, idx, ack.base_offset))
+            });
+        let mut out = vec![
+            Position {
+                partition: 0,
+                offset: 0
+            };
+            total
+        ];
+        for (p, idx, base) in try_join_all(appends).await? {
+            for (k, i) in idx.into_iter().enumerate() {
+                out[i] = Position {
+                    partition: p,
+                    offset: base + k as u64,
+                };
+            }
+        }
+        Ok(out)
+    }
+
+    /// Ends every consumer session (each commits what was acknowledged) and
+    /// flushes committed offsets.
+    pub async fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+        self.groups.sessions_ended(Duration::from_secs(10)).await;
+        self.offsets.close().await;
+    }
+}

@@ -1,0 +1,440 @@
+//! Coordinator settings, layered: defaults, then the TOML file (`--config`),
+//! then `TANDEM_*` environment variables, then command-line flags. Unknown
+//! keys in the file or in `--set` are an error; [`Config::load`] checks every
+//! value and returns the checked [`Config`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tandem_storage::{CronSchedule, FsyncPolicy, LogConfig, Retention};
+
+/// Command-line flags of `tandem-coordinator` (and `tandem coordinator`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct CoordinatorArgs {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to serve gRPC on [default: 127.0.0.1:7400].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// Folder for the logs [default: ./tandem-data].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// When appends are forced to disk: always, interval or never [default: always].
+    #[arg(long, value_name = "POLICY")]
+    pub fsync: Option<String>,
+    /// Any setting of the file, as KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+/// A setting that could not be read or is out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file, a variable or a flag does not parse, or names no setting.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// Where the value came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value out of its range.
+    #[error("invalid setting {key} = {value:?}: {reason}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// Its value as given.
+        value: String,
+        /// What is allowed.
+        reason: String,
+    },
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Str,
+    Int,
+}
+
+/// Every setting, with its type; environment variable `TANDEM_<KEY>`.
+const KEYS: &[(&str, Kind)] = &[
+    ("listen", Kind::Str),
+    ("data_dir", Kind::Str),
+    ("fsync", Kind::Str),
+    ("fsync_interval_ms", Kind::Int),
+    ("segment_bytes", Kind::Int),
+    ("max_message_bytes", Kind::Int),
+    ("retention_ms", Kind::Int),
+    ("retention_bytes", Kind::Int),
+    ("retention_schedule", Kind::Str),
+    ("session_timeout_ms", Kind::Int),
+    ("revoke_timeout_ms", Kind::Int),
+    ("log", Kind::Str),
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<String>,
+    data_dir: Option<PathBuf>,
+    fsync: Option<String>,
+    fsync_interval_ms: Option<u64>,
+    segment_bytes: Option<u64>,
+    max_message_bytes: Option<u64>,
+    retention_ms: Option<i64>,
+    retention_bytes: Option<i64>,
+    retention_schedule: Option<String>,
+    session_timeout_ms: Option<u64>,
+    revoke_timeout_ms: Option<u64>,
+    log: Option<String>,
+}
+
+/// The checked coordinator settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    pub listen: SocketAddr,
+    /// Folder for the logs.
+    pub data_dir: PathBuf,
+    /// Settings of the topic logs.
+    pub log: LogConfig,
+    /// Largest message (id, key, value and headers, as stored) accepted.
+    pub max_message_bytes: usize,
+    /// When retention runs.
+    pub retention_schedule: CronSchedule,
+    /// Session timeout of consumers that do not ask for one.
+    pub session_timeout: Duration,
+    /// How long a member may take to acknowledge what it holds of a
+    /// partition being moved away from it before it is expelled.
+    pub revoke_timeout: Duration,
+    /// Log filter (`tracing` env-filter syntax).
+    pub log_filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Raw::default().check().expect("the defaults are valid")
+    }
+}
+
+fn insert(
+    table: &mut toml::Table,
+    key: &str,
+    value: &str,
+    origin: &str,
+) -> Result<(), ConfigError> {
+    let Some((_, kind)) = KEYS.iter().find(|(k, _)| *k == key) else {
+        return Err(ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: format!("unknown setting {key:?}"),
+        });
+    };
+    let v = match kind {
+        Kind::Str => toml::Value::String(value.to_owned()),
+        Kind::Int => {
+            toml::Value::Integer(value.trim().parse().map_err(|_| ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("{key} must be a whole number, got {value:?}"),
+            })?)
+        }
+    };
+    table.insert(key.to_owned(), v);
+    Ok(())
+}
+
+impl Config {
+    /// Loads the settings: defaults, the file named by `--config`, then
+    /// `TANDEM_*` from `env`, then the flags.
+    pub fn load(
+        args: &CoordinatorArgs,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        origin: path.display().to_string(),
+                        message: e.to_string(),
+                    })?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("TANDEM_") else {
+                continue;
+            };
+            let key = key.to_ascii_lowercase();
+            if KEYS.iter().any(|(k, _)| *k == key) {
+                insert(&mut table, &key, &value, &name)?;
+            }
+        }
+        let flags = [
+            ("listen", args.listen.clone()),
+            (
+                "data_dir",
+                args.data_dir.as_ref().map(|d| d.display().to_string()),
+            ),
+            ("fsync", args.fsync.clone()),
+        ];
+        for (key, value) in flags {
+            if let Some(v) = value {
+                insert(&mut table, key, &v, &format!("--{}", key.replace('_', "-")))?;
+            }
+        }
+        for kv in &args.set {
+            let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::Parse {
+                origin: format!("--set {kv}"),
+                message: "expected KEY=VALUE".into(),
+            })?;
+            insert(&mut table, k.trim(), v, &format!("--set {kv}"))?;
+        }
+        let origin = args
+            .config
+            .as_ref()
+            .map_or("settings".to_owned(), |p| p.display().to_string());
+        let raw = Raw::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+            origin,
+            message: e.to_string(),
+        })?;
+        raw.check()
+    }
+}
+
+impl Raw {
+    fn check(self) -> Result<Config, ConfigError> {
+        let invalid = |key, value: &dyn std::fmt::Debug, reason: &str| ConfigError::Invalid {
+            key,
+            value: format!("{value:?}"),
+            reason: reason.to_owned(),
+        };
+        let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:7400".into());
+        let listen = listen_s
+            .parse()
+            .map_err(|_| invalid("listen", &listen_s, "expected HOST:PORT with an IP address"))?;
+        let interval = self.fsync_interval_ms.unwrap_or(100);
+        if interval == 0 || interval > 60_000 {
+            return Err(invalid(
+                "fsync_interval_ms",
+                &interval,
+                "must be between 1 and 60000",
+            ));
+        }
+        let fsync = match self.fsync.as_deref().unwrap_or("always") {
+            "always" => FsyncPolicy::Always,
+            "never" => FsyncPolicy::Never,
+            "interval" => FsyncPolicy::Interval(Duration::from_millis(interval)),
+            other => {
+                return Err(invalid(
+                    "fsync",
+                    &other,
+                    "expected always, interval or never",
+                ));
+            }
+        };
+        let segment_bytes = self.segment_bytes.unwrap_or(64 << 20);
+        if !(1 << 20..=1 << 30).contains(&segment_bytes) {
+            return Err(invalid(
+                "segment_bytes",
+                &segment_bytes,
+                "must be between 1 MiB and 1 GiB",
+            ));
+        }
+        let max_message_bytes = self.max_message_bytes.unwrap_or(1 << 20);
+        if !(1024..=64 << 20).contains(&max_message_bytes) {
+            return Err(invalid(
+                "max_message_bytes",
+                &max_message_bytes,
+                "must be between 1 KiB and 64 MiB",
+            ));
+        }
+        let retention_ms = self.retention_ms.unwrap_or(7 * 24 * 3600 * 1000);
+        let retention_bytes = self.retention_bytes.unwrap_or(-1);
+        let positive_or_off = |v: i64| (v > 0).then_some(v as u64);
+        if retention_ms == 0 || retention_ms < -1 {
+            return Err(invalid(
+                "retention_ms",
+                &retention_ms,
+                "must be positive, or -1 to keep forever",
+            ));
+        }
+        if retention_bytes == 0 || retention_bytes < -1 {
+            return Err(invalid(
+                "retention_bytes",
+                &retention_bytes,
+                "must be positive, or -1 for no limit",
+            ));
+        }
+        let schedule_s = self
+            .retention_schedule
+            .unwrap_or_else(|| "*/5 * * * *".into());
+        let retention_schedule = schedule_s.parse().map_err(|e: tandem_storage::Error| {
+            invalid("retention_schedule", &schedule_s, &e.to_string())
+        })?;
+        let session = self.session_timeout_ms.unwrap_or(10_000);
+        if !(1_000..=300_000).contains(&session) {
+            return Err(invalid(
+                "session_timeout_ms",
+                &session,
+                "must be between 1000 and 300000",
+            ));
+        }
+        let revoke = self.revoke_timeout_ms.unwrap_or(10_000);
+        if !(100..=300_000).contains(&revoke) {
+            return Err(invalid(
+                "revoke_timeout_ms",
+                &revoke,
+                "must be between 100 and 300000",
+            ));
+        }
+        let max_message = max_message_bytes as usize;
+        Ok(Config {
+            listen,
+            data_dir: self
+                .data_dir
+                .unwrap_or_else(|| PathBuf::from("./tandem-data")),
+            log: LogConfig {
+                segment_bytes,
+                fsync,
+                max_record_bytes: max_message,
+                // A publish request's messages for one partition form one batch.
+                max_batch_bytes: crate::MAX_REQUEST_BYTES + (1 << 20),
+                retention: Retention {
+                    max_age: positive_or_off(retention_ms).map(Duration::from_millis),
+                    max_bytes: positive_or_off(retention_bytes),
+                },
+                ..LogConfig::default()
+            },
+            max_message_bytes: max_message,
+            retention_schedule,
+            session_timeout: Duration::from_millis(session),
+            revoke_timeout: Duration::from_millis(revoke),
+            log_filter: self.log.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_suit_a_local_run() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7400");
+        assert_eq!(c.data_dir, PathBuf::from("./tandem-data"));
+        assert_eq!(c.log.fsync, FsyncPolicy::Always);
+        assert_eq!(c.max_message_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn file_then_environment_then_flags() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("tandem.toml");
+        std::fs::write(
+            &file,
+            "listen = \"127.0.0.1:1\"\nfsync = \"never\"\nsegment_bytes = 2097152\nsession_timeout_ms = 5000\n",
+        )?;
+        let args = CoordinatorArgs {
+            config: Some(file),
+            fsync: Some("interval".into()),
+            set: vec!["fsync_interval_ms=7".into()],
+            ..CoordinatorArgs::default()
+        };
+        let c = Config::load(
+            &args,
+            env(&[
+                ("TANDEM_LISTEN", "127.0.0.1:2"),
+                ("TANDEM_SEGMENT_BYTES", "4194304"),
+                ("PATH", "/bin"),
+            ]),
+        )?;
+        assert_eq!(
+            c.listen.to_string(),
+            "127.0.0.1:2",
+            "environment beats file"
+        );
+        assert_eq!(c.log.segment_bytes, 4 << 20);
+        assert_eq!(
+            c.log.fsync,
+            FsyncPolicy::Interval(Duration::from_millis(7)),
+            "flags beat file"
+        );
+        assert_eq!(
+            c.session_timeout,
+            Duration::from_secs(5),
+            "file beats defaults"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_naming_the_key()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let file = dir.path().join("tandem.toml");
+        std::fs::write(&file, "listen = \"127.0.0.1:1\"\nlisten_port = 3\n")?;
+        let args = CoordinatorArgs {
+            config: Some(file),
+            ..CoordinatorArgs::default()
+        };
+        let err = Config::load(&args, env(&[])).expect_err("unknown key");
+        assert!(err.to_string().contains("listen_port"), "{err}");
+
+        let bad = |set: &str| {
+            let args = CoordinatorArgs {
+                set: vec![set.into()],
+                ..CoordinatorArgs::default()
+            };
+            Config::load(&args, env(&[])).expect_err(set).to_string()
+        };
+        assert!(bad("fsync=sometimes").contains("fsync"));
+        assert!(bad("segment_bytes=12").contains("segment_bytes"));
+        assert!(bad("segment_bytes=lots").contains("segment_bytes"));
+        assert!(bad("retention_schedule=every day").contains("retention_schedule"));
+        assert!(bad("colour=blue").contains("colour"));
+        assert!(bad("listen=localhost").contains("listen"));
+        let err = Config::load(
+            &CoordinatorArgs::default(),
+            env(&[("TANDEM_SESSION_TIMEOUT_MS", "5")]),
+        )
+        .expect_err("too short");
+        assert!(err.to_string().contains("session_timeout_ms"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn five_field_cron_is_accepted() -> Result<(), Box<dyn std::error::Error>> {
+        let args = CoordinatorArgs {
+            set: vec!["retention_schedule=0 * * * *".into()],
+            ..CoordinatorArgs::default()
+        };
+        assert_eq!(
+            Config::load(&args, env(&[]))?.retention_schedule.expr(),
+            "0 * * * *"
+        );
+        Ok(())
+    }
+}

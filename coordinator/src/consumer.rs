@@ -1,0 +1,663 @@
+//! Consumer-group sessions: the async shell around [`GroupState`].
+//!
+//! One session per `Consume` stream. The member's partitions each have a
+//! *lease* (partition, epoch) and a pump task that follows the partition's
+//! tail and sends deliveries while the member has credit. Acks remove
+//! offsets from the lease's pending set and commit the first offset not yet
+//! acknowledged. A revoked lease stops its pump and is released once its
+//! pending set drains (or the member is expelled after `revoke_timeout`);
+//! a member that leaves or dies loses its leases at once, and what it had
+//! not acknowledged is delivered again to the next holder.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tandem_proto::coordinator as pb;
+use tandem_storage::{Error as StorageError, Log, ReadBudget, StoredRecord, TopicPartition};
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tonic::Status;
+
+use crate::error::{Error, Result};
+use crate::group::{Effect, Event, GroupState};
+use crate::offsets::{GroupPartition, Offsets};
+
+/// Most messages in one `Deliveries` response.
+const MAX_DELIVERY_BATCH: usize = 1000;
+/// Most credit a member may hold.
+const MAX_CREDIT: u64 = 1 << 20;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+type Item = Result<pb::ConsumeResponse, Status>;
+
+/// Where a partition without a committed offset starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartFrom {
+    /// The oldest offset still stored.
+    Earliest,
+    /// The high-water mark when the partition is first assigned.
+    Latest,
+}
+
+/// A checked subscription.
+#[derive(Clone, Debug)]
+pub struct Subscription {
+    /// Topic to consume.
+    pub topic: String,
+    /// Consumer group.
+    pub group: String,
+    /// Start for partitions with no committed offset.
+    pub start_from: StartFrom,
+    /// Deliveries allowed before more credit arrives.
+    pub initial_credit: u32,
+    /// Expel the member after this long without a request.
+    pub session_timeout: Duration,
+    /// Name for logs and the member id.
+    pub client_id: String,
+}
+
+#[derive(Default)]
+struct LeaseState {
+    /// Delivered, not yet acknowledged.
+    pending: BTreeSet<u64>,
+    /// Next offset to deliver.
+    next: u64,
+}
+
+impl LeaseState {
+    /// The first offset not acknowledged: what to commit.
+    fn commit_point(&self) -> u64 {
+        self.pending.first().copied().unwrap_or(self.next)
+    }
+}
+
+struct Lease {
+    gp: GroupPartition,
+    epoch: u64,
+    state: Mutex<LeaseState>,
+    stop: watch::Sender<bool>,
+    drained: Notify,
+    pump: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Lease {
+    fn state(&self) -> MutexGuard<'_, LeaseState> {
+        lock(&self.state)
+    }
+
+    fn revoking(&self) -> bool {
+        *self.stop.borrow()
+    }
+
+    async fn stop_pump(&self) {
+        let _ = self.stop.send(true);
+        let pump = lock(&self.pump).take();
+        if let Some(p) = pump {
+            p.abort();
+            let _ = p.await;
+        }
+    }
+}
+
+struct Member {
+    id: String,
+    sub: Subscription,
+    credit: Semaphore,
+    granted: AtomicU64,
+    data: mpsc::Sender<Item>,
+    control: mpsc::UnboundedSender<Item>,
+    leases: Mutex<BTreeMap<u32, Arc<Lease>>>,
+    expel: watch::Sender<Option<Status>>,
+}
+
+impl Member {
+    fn expel(&self, status: Status) {
+        self.expel.send_replace(Some(status));
+    }
+
+    fn add_credit(&self, n: u64) {
+        let n = n.min(MAX_CREDIT.saturating_sub(self.credit.available_permits() as u64));
+        self.credit.add_permits(n as usize);
+        self.granted.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn send_assignment(&self) {
+        let partitions = lock(&self.leases)
+            .values()
+            .filter(|l| !l.revoking())
+            .map(|l| pb::AssignedPartition {
+                partition: l.gp.partition,
+                epoch: l.epoch,
+            })
+            .collect();
+        let _ = self.control.send(Ok(pb::ConsumeResponse {
+            kind: Some(pb::consume_response::Kind::Assignment(pb::Assignment {
+                member_id: self.id.clone(),
+                partitions,
+            })),
+        }));
+    }
+}
+
+struct GroupInner {
+    state: GroupState,
+    members: HashMap<String, Arc<Member>>,
+}
+
+struct Group {
+    group: String,
+    topic: String,
+    inner: tokio::sync::Mutex<GroupInner>,
+}
+
+/// Every consumer group's live sessions.
+pub(crate) struct Groups<L> {
+    log: L,
+    offsets: Arc<Offsets>,
+    revoke_timeout: Duration,
+    groups: Mutex<HashMap<(String, String), Arc<Group>>>,
+    next_member: AtomicU64,
+    shutdown: watch::Receiver<bool>,
+    /// Sessions still running.
+    active: watch::Sender<usize>,
+}
+
+/// The response stream of a session: control messages (assignments, the
+/// final status) first, then deliveries.
+pub struct Outbound {
+    control: mpsc::UnboundedReceiver<Item>,
+    data: mpsc::Receiver<Item>,
+    control_open: bool,
+    data_open: bool,
+}
+
+impl tokio_stream::Stream for Outbound {
+    type Item = Item;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
+        if self.control_open {
+            match self.control.poll_recv(cx) {
+                Poll::Ready(Some(item)) => return Poll::Ready(Some(item)),
+                Poll::Ready(None) => self.control_open = false,
+                Poll::Pending => {}
+            }
+        }
+        if self.data_open {
+            match self.data.poll_recv(cx) {
+                Poll::Ready(Some(item)) => return Poll::Ready(Some(item)),
+                Poll::Ready(None) => self.data_open = false,
+                Poll::Pending => {}
+            }
+        }
+        if self.control_open || self.data_open {
+            Poll::Pending
+        } else {
+            Poll::Ready(None)
+        }
+    }
+}
+
+impl<L: Log + Clone> Groups<L> {
+    pub(crate) fn new(
+        log: L,
+        offsets: Arc<Offsets>,
+        revoke_timeout: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Groups {
+            log,
+            offsets,
+            revoke_timeout,
+            groups: Mutex::new(HashMap::new()),
+            next_member: AtomicU64::new(1),
+            shutdown,
+            active: watch::Sender::new(0),
+        }
+    }
+
+    fn group(&self, group: &str, topic: &str, partitions: u32) -> Arc<Group> {
+        lock(&self.groups)
+            .entry((group.to_owned(), topic.to_owned()))
+            .or_insert_with(|| {
+                Arc::new(Group {
+                    group: group.to_owned(),
+                    topic: topic.to_owned(),
+                    inner: tokio::sync::Mutex::new(GroupInner {
+                        state: GroupState::new(partitions),
+                        members: HashMap::new(),
+                    }),
+                })
+            })
+            .clone()
+    }
+
+    /// Live members per group consuming `topic`.
+    pub(crate) async fn members_of(&self, topic: &str) -> BTreeMap<String, u32> {
+        let groups: Vec<_> = lock(&self.groups)
+            .values()
+            .filter(|g| g.topic == topic)
+            .cloned()
+            .collect();
+        let mut out = BTreeMap::new();
+        for g in groups {
+            let n = g.inner.lock().await.state.member_count() as u32;
+            out.insert(g.group.clone(), n);
+        }
+        out
+    }
+
+    /// Starts a session for `sub` on a topic of `partitions` partitions,
+    /// reading further requests from `requests`; returns the response stream.
+    pub(crate) fn start_session(
+        self: &Arc<Self>,
+        sub: Subscription,
+        partitions: u32,
+        requests: tonic::Streaming<pb::ConsumeRequest>,
+    ) -> Outbound {
+        let (data, data_rx) = mpsc::channel(64);
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let n = self.next_member.fetch_add(1, Ordering::Relaxed);
+        let member = Arc::new(Member {
+            id: format!("{}-{n}", sub.client_id),
+            credit: Semaphore::new(0),
+            granted: AtomicU64::new(0),
+            data,
+            control,
+            leases: Mutex::new(BTreeMap::new()),
+            expel: watch::Sender::new(None),
+            sub,
+        });
+        member.add_credit(u64::from(member.sub.initial_credit));
+        let group = self.group(&member.sub.group, &member.sub.topic, partitions);
+        self.active.send_modify(|n| *n += 1);
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.run_session(group, member, requests).await;
+            this.active.send_modify(|n| *n -= 1);
+        });
+        Outbound {
+            control: control_rx,
+            data: data_rx,
+            control_open: true,
+            data_open: true,
+        }
+    }
+
+    /// Waits until every session has ended (after shutdown was signalled),
+    /// at most `limit`.
+    pub(crate) async fn sessions_ended(&self, limit: Duration) {
+        let mut rx = self.active.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+    }
+
+    async fn run_session(
+        self: &Arc<Self>,
+        group: Arc<Group>,
+        member: Arc<Member>,
+        mut requests: tonic::Streaming<pb::ConsumeRequest>,
+    ) {
+        tracing::info!(group = %group.group, topic = %group.topic, member = %member.id, "member joined");
+        {
+            let mut inner = group.inner.lock().await;
+            inner.members.insert(member.id.clone(), member.clone());
+            let effects = inner.state.apply(Event::Join(member.id.clone()));
+            self.execute(&group, &mut inner, effects);
+        }
+        member.send_assignment();
+        let mut expel = member.expel.subscribe();
+        let mut shutdown = self.shutdown.clone();
+        let timeout = member.sub.session_timeout;
+        let ending: Option<Status> = loop {
+            tokio::select! {
+                r = tokio::time::timeout(timeout, requests.message()) => match r {
+                    Err(_) => break Some(Status::deadline_exceeded(format!(
+                        "no request within the session timeout of {} ms", timeout.as_millis()
+                    ))),
+                    Ok(Ok(Some(req))) => {
+                        if let Err(status) = self.handle(&member, req) {
+                            break Some(status);
+                        }
+                    }
+                    Ok(Ok(None)) => break None,
+                    Ok(Err(status)) => {
+                        tracing::debug!(member = %member.id, %status, "consumer stream broke");
+                        break Some(status);
+                    }
+                },
+                _ = expel.changed() => {
+                    break Some(expel.borrow().clone().unwrap_or_else(|| Status::aborted("expelled from the group")));
+                }
+                _ = shutdown.wait_for(|s| *s) => break Some(Status::unavailable("the coordinator is shutting down")),
+            }
+        };
+        self.leave(&group, &member).await;
+        if let Err(e) = self.offsets.flush().await {
+            tracing::error!(error = %e, "flushing offsets at session end failed");
+        }
+        tracing::info!(group = %group.group, topic = %group.topic, member = %member.id, reason = ?ending.as_ref().map(Status::message), "member left");
+        if let Some(status) = ending {
+            let _ = member.control.send(Err(status));
+        }
+    }
+
+    fn handle(&self, member: &Member, req: pb::ConsumeRequest) -> Result<(), Status> {
+        use pb::consume_request::Kind;
+        match req.kind {
+            Some(Kind::Credit(c)) => member.add_credit(u64::from(c.messages)),
+            Some(Kind::Ack(ack)) => {
+                for a in ack.offsets {
+                    self.ack(member, a);
+                }
+            }
+            Some(Kind::Heartbeat(_)) => {}
+            Some(Kind::Subscribe(_)) => {
+                return Err(Error::invalid(
+                    "subscribe",
+                    "a session subscribes once, in its first request",
+                )
+                .into());
+            }
+            None => return Err(Error::invalid("kind", "empty request").into()),
+        }
+        Ok(())
+    }
+
+    fn ack(&self, member: &Member, a: pb::AckedOffset) {
+        let lease = lock(&member.leases)
+            .get(&a.partition)
+            .filter(|l| l.epoch == a.epoch)
+            .cloned();
+        let Some(lease) = lease else {
+            tracing::debug!(member = %member.id, partition = a.partition, epoch = a.epoch, "ack for a lease the member no longer holds: ignored");
+            return;
+        };
+        let (commit, empty) = {
+            let mut s = lease.state();
+            if !s.pending.remove(&a.offset) {
+                return;
+            }
+            (s.commit_point(), s.pending.is_empty())
+        };
+        self.offsets.commit(&lease.gp, commit);
+        if empty && lease.revoking() {
+            lease.drained.notify_one();
+        }
+    }
+
+    /// Carries out the state machine's effects; the group lock is held.
+    fn execute(self: &Arc<Self>, group: &Arc<Group>, inner: &mut GroupInner, effects: Vec<Effect>) {
+        let mut touched: Vec<Arc<Member>> = Vec::new();
+        for effect in effects {
+            match effect {
+                Effect::Grant {
+                    member,
+                    partition,
+                    epoch,
+                } => {
+                    let Some(m) = inner.members.get(&member).cloned() else {
+                        continue;
+                    };
+                    if let Err(e) = self.grant(group, &m, partition, epoch) {
+                        m.expel(e.into());
+                    }
+                    touched.push(m);
+                }
+                Effect::Revoke {
+                    member,
+                    partition,
+                    epoch,
+                } => {
+                    let Some(m) = inner.members.get(&member).cloned() else {
+                        continue;
+                    };
+                    let lease = lock(&m.leases)
+                        .get(&partition)
+                        .filter(|l| l.epoch == epoch)
+                        .cloned();
+                    if let Some(lease) = lease {
+                        let _ = lease.stop.send(true);
+                        tokio::spawn(self.clone().drain(group.clone(), m.clone(), lease));
+                    }
+                    touched.push(m);
+                }
+            }
+        }
+        touched.sort_by(|a, b| a.id.cmp(&b.id));
+        touched.dedup_by(|a, b| a.id == b.id);
+        for m in touched {
+            m.send_assignment();
+        }
+    }
+
+    fn grant(
+        self: &Arc<Self>,
+        group: &Group,
+        member: &Arc<Member>,
+        partition: u32,
+        epoch: u64,
+    ) -> Result<()> {
+        let tp = TopicPartition::new(group.topic.clone(), partition);
+        let gp = GroupPartition {
+            group: group.group.clone(),
+            topic: group.topic.clone(),
+            partition,
+        };
+        let offsets = self.log.offsets(&tp)?;
+        let start = match (self.offsets.get(&gp), member.sub.start_from) {
+            (Some(c), _) => c,
+            (None, StartFrom::Earliest) => offsets.log_start,
+            (None, StartFrom::Latest) => offsets.high_water_mark,
+        };
+        let start = start.clamp(offsets.log_start, offsets.high_water_mark);
+        let (stop, stop_rx) = watch::channel(false);
+        let lease = Arc::new(Lease {
+            gp,
+            epoch,
+            state: Mutex::new(LeaseState {
+                pending: BTreeSet::new(),
+                next: start,
+            }),
+            stop,
+            drained: Notify::new(),
+            pump: Mutex::new(None),
+        });
+        let pump = tokio::spawn(pump(
+            self.log.clone(),
+            tp,
+            lease.clone(),
+            member.clone(),
+            stop_rx,
+        ));
+        *lock(&lease.pump) = Some(pump);
+        lock(&member.leases).insert(partition, lease);
+        tracing::debug!(group = %group.group, topic = %group.topic, member = %member.id, partition, epoch, start, "partition granted");
+        Ok(())
+    }
+
+    /// Waits for a revoked lease to drain, then releases it; expels the
+    /// member if it takes longer than `revoke_timeout`.
+    async fn drain(self: Arc<Self>, group: Arc<Group>, member: Arc<Member>, lease: Arc<Lease>) {
+        lease.stop_pump().await;
+        let drained = tokio::time::timeout(self.revoke_timeout, async {
+            loop {
+                if lease.state().pending.is_empty() {
+                    return;
+                }
+                lease.drained.notified().await;
+            }
+        })
+        .await
+        .is_ok();
+        let mut inner = group.inner.lock().await;
+        if !inner.members.contains_key(&member.id) {
+            return; // left meanwhile: its leave released everything
+        }
+        if !drained {
+            member.expel(Status::aborted(format!(
+                "partition {} was not acknowledged within the revoke timeout of {} ms",
+                lease.gp.partition,
+                self.revoke_timeout.as_millis()
+            )));
+            return;
+        }
+        self.offsets.commit(&lease.gp, lease.state().commit_point());
+        {
+            let mut leases = lock(&member.leases);
+            if leases
+                .get(&lease.gp.partition)
+                .is_some_and(|l| l.epoch == lease.epoch)
+            {
+                leases.remove(&lease.gp.partition);
+            }
+        }
+        let effects = inner.state.apply(Event::Released {
+            partition: lease.gp.partition,
+            epoch: lease.epoch,
+        });
+        self.execute(&group, &mut inner, effects);
+    }
+
+    async fn leave(self: &Arc<Self>, group: &Arc<Group>, member: &Arc<Member>) {
+        let mut inner = group.inner.lock().await;
+        inner.members.remove(&member.id);
+        let leases: Vec<_> = std::mem::take(&mut *lock(&member.leases))
+            .into_values()
+            .collect();
+        for lease in leases {
+            lease.stop_pump().await;
+            self.offsets.commit(&lease.gp, lease.state().commit_point());
+        }
+        let effects = inner.state.apply(Event::Leave(member.id.clone()));
+        self.execute(group, &mut inner, effects);
+    }
+}
+
+fn to_delivery(r: StoredRecord, partition: u32, epoch: u64) -> pb::Delivery {
+    let rec = r.record;
+    pb::Delivery {
+        partition,
+        offset: r.offset,
+        epoch,
+        timestamp_ms: rec.timestamp_ms,
+        message: Some(pb::Message {
+            id: String::from_utf8_lossy(&rec.id).into_owned(),
+            key: rec.key,
+            value: rec.value,
+            headers: rec
+                .headers
+                .into_iter()
+                .map(|h| pb::Header {
+                    name: h.name,
+                    value: h.value,
+                })
+                .collect(),
+            partition: None,
+        }),
+    }
+}
+
+/// Follows one partition for one lease and sends what the member has
+/// credit for.
+async fn pump<L: Log>(
+    log: L,
+    tp: TopicPartition,
+    lease: Arc<Lease>,
+    member: Arc<Member>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut next = lease.state().next;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        let hwm = match log.offsets(&tp) {
+            Ok(o) => o.high_water_mark,
+            Err(e) => return member.expel(Error::from(e).into()),
+        };
+        if hwm <= next {
+            tokio::select! {
+                _ = stop.changed() => return,
+                r = log.wait_for(&tp, next) => if r.is_err() { return },
+            }
+            continue;
+        }
+        let first = tokio::select! {
+            _ = stop.changed() => return,
+            p = member.credit.acquire() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        first.forget();
+        let mut n = 1;
+        let extra = member
+            .credit
+            .available_permits()
+            .min(MAX_DELIVERY_BATCH - 1);
+        if extra > 0
+            && let Ok(p) = member.credit.try_acquire_many(extra as u32)
+        {
+            p.forget();
+            n += extra;
+        }
+        let budget = ReadBudget {
+            max_bytes: 1 << 20,
+            max_records: n,
+        };
+        let records = match log.read(&tp, next, budget).await {
+            Ok(r) => r,
+            Err(StorageError::OffsetOutOfRange { start, .. }) if next < start => {
+                tracing::warn!(partition = %tp, from = next, to = start, "committed offset was removed by retention; skipping ahead");
+                member.credit.add_permits(n);
+                next = start;
+                lease.state().next = start;
+                continue;
+            }
+            Err(e) => {
+                member.credit.add_permits(n);
+                return member.expel(Error::from(e).into());
+            }
+        };
+        if records.len() < n {
+            member.credit.add_permits(n - records.len());
+        }
+        let Some(last) = records.last().map(|r| r.offset) else {
+            continue;
+        };
+        let offsets: Vec<u64> = records.iter().map(|r| r.offset).collect();
+        {
+            let mut s = lease.state();
+            s.pending.extend(offsets.iter().copied());
+            s.next = last + 1;
+        }
+        let batch = pb::ConsumeResponse {
+            kind: Some(pb::consume_response::Kind::Deliveries(pb::Deliveries {
+                deliveries: records
+                    .into_iter()
+                    .map(|r| to_delivery(r, tp.partition, lease.epoch))
+                    .collect(),
+            })),
+        };
+        let sent = tokio::select! {
+            _ = stop.changed() => false,
+            r = member.data.send(Ok(batch)) => r.is_ok(),
+        };
+        if !sent {
+            // Not handed over: these were never delivered.
+            let mut s = lease.state();
+            for o in &offsets {
+                s.pending.remove(o);
+            }
+            s.next = offsets[0];
+            return;
+        }
+        next = last + 1;
+    }
+}

@@ -1,0 +1,110 @@
+//! The coordinator's error type and, in one place, its mapping to gRPC
+//! status codes. Caller mistakes name the field at fault; faults of the
+//! storage underneath are internal errors and say which file.
+
+/// Everything a coordinator operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A field of the request is malformed or out of range.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The field, as a path into the request (`messages[3].id`).
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A named thing does not exist.
+    #[error("{what} {name:?} does not exist")]
+    NotFound {
+        /// What kind of thing (`topic`, `transaction`).
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A named thing exists already.
+    #[error("{what} {name:?} already exists")]
+    AlreadyExists {
+        /// What kind of thing.
+        what: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// A field is larger than allowed.
+    #[error("{field} is {size} bytes, over the limit of {max} bytes")]
+    TooLarge {
+        /// The field.
+        field: String,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The operation does not fit the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The coordinator is shutting down.
+    #[error("the coordinator is shutting down")]
+    ShuttingDown,
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Serve(String),
+    /// The storage underneath failed.
+    #[error(transparent)]
+    Storage(#[from] tandem_storage::Error),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
+        Error::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> tonic::Status {
+        use tandem_storage::Error as S;
+        use tonic::Code;
+        let code = match &e {
+            Error::InvalidArgument { .. } => Code::InvalidArgument,
+            Error::NotFound { .. } => Code::NotFound,
+            Error::AlreadyExists { .. } => Code::AlreadyExists,
+            Error::TooLarge { .. } => Code::ResourceExhausted,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::PermissionDenied(_) => Code::PermissionDenied,
+            Error::ShuttingDown => Code::Unavailable,
+            Error::Bind { .. } | Error::Serve(_) => Code::Internal,
+            Error::Storage(s) => match s {
+                S::UnknownPartition(_) => Code::NotFound,
+                S::PartitionExists(_) => Code::AlreadyExists,
+                S::InvalidTopicName { .. } | S::EmptyBatch | S::FieldTooLong { .. } => {
+                    Code::InvalidArgument
+                }
+                S::RecordTooLarge { .. } | S::BatchTooLarge { .. } => Code::ResourceExhausted,
+                S::OffsetOutOfRange { .. } => Code::OutOfRange,
+                S::Closed => Code::Unavailable,
+                _ => Code::Internal,
+            },
+        };
+        if code == Code::Internal {
+            tracing::error!(error = %e, "internal error");
+        }
+        tonic::Status::new(code, e.to_string())
+    }
+}

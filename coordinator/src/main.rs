@@ -1,0 +1,41 @@
+//! `tandem-coordinator`: parses flags and the configuration, then runs the
+//! coordinator until SIGTERM or SIGINT.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tandem_coordinator::{Config, CoordinatorArgs, init_tracing, run, shutdown_signal};
+
+/// The Tandem coordinator.
+#[derive(Parser)]
+#[command(name = "tandem-coordinator", version, about)]
+struct Cli {
+    #[command(flatten)]
+    args: CoordinatorArgs,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&cli.args, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tandem-coordinator: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing(&config.log_filter);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tandem-coordinator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(config, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tandem-coordinator: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Committed offsets per (group, topic, partition), kept in the internal
+//! `__consumer_offsets` state log.
+//!
+//! Commits update memory at once (so a partition handed to another member
+//! starts right after what was acknowledged) and reach the log through one
+//! committer task that coalesces them: many acks, one append. `flush` waits
+//! until everything committed so far is durable; sessions call it when they
+//! end cleanly and the coordinator calls it on shutdown. A crash can lose
+//! only commits newer than the last append, which means redelivery (at
+//! least once), never loss.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, PoisonError};
+
+use tandem_storage::Log;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::statelog::{StateLog, upsert};
+
+/// Names one partition's position for one group.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct GroupPartition {
+    pub(crate) group: String,
+    pub(crate) topic: String,
+    pub(crate) partition: u32,
+}
+
+impl GroupPartition {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(8 + self.group.len() + self.topic.len());
+        for s in [&self.group, &self.topic] {
+            v.extend_from_slice(&(s.len() as u16).to_le_bytes());
+            v.extend_from_slice(s.as_bytes());
+        }
+        v.extend_from_slice(&self.partition.to_le_bytes());
+        v
+    }
+
+    fn decode(mut b: &[u8]) -> Option<GroupPartition> {
+        let mut take_str = || -> Option<String> {
+            let len = u16::from_le_bytes(b.get(..2)?.try_into().ok()?) as usize;
+            let s = String::from_utf8(b.get(2..2 + len)?.to_vec()).ok()?;
+            b = &b[2 + len..];
+            Some(s)
+        };
+        let group = take_str()?;
+        let topic = take_str()?;
+        let partition = u32::from_le_bytes(b.get(..4)?.try_into().ok()?);
+        Some(GroupPartition {
+            group,
+            topic,
+            partition,
+        })
+    }
+}
+
+#[derive(Default)]
+struct Table {
+    committed: HashMap<GroupPartition, u64>,
+    dirty: HashSet<GroupPartition>,
+}
+
+/// The committed-offsets store.
+pub(crate) struct Offsets {
+    table: Mutex<Table>,
+    wake: Notify,
+    flushes: mpsc::Sender<oneshot::Sender<Result<(), String>>>,
+    committer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Offsets {
+    /// Loads committed offsets from `internal` and starts the committer.
+    pub(crate) async fn open<L: Log>(internal: L) -> Result<std::sync::Arc<Offsets>> {
+        let (state, records) = StateLog::open(internal, "__consumer_offsets", 50_000).await?;
+        let mut table = Table::default();
+        for r in records {
+            let Some(key) = r.record.key.as_deref().and_then(GroupPartition::decode) else {
+                continue;
+            };
+            match r.record.value.get(..8).and_then(|b| b.try_into().ok()) {
+                Some(b) => {
+                    table.committed.insert(key, u64::from_le_bytes(b));
+                }
+                None => {
+                    table.committed.remove(&key);
+                }
+            }
+        }
+        let (flushes, rx) = mpsc::channel(1024);
+        let offsets = std::sync::Arc::new(Offsets {
+            table: Mutex::new(table),
+            wake: Notify::new(),
+            flushes,
+            committer: Mutex::new(None),
+        });
+        let task = tokio::spawn(offsets.clone().run(state, rx));
+        *offsets
+            .committer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(task);
+        Ok(offsets)
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The committed offset, if the group has one for the partition.
+    pub(crate) fn get(&self, key: &GroupPartition) -> Option<u64> {
+        self.table().committed.get(key).copied()
+    }
+
+    /// Commits `offset` (the next offset the group wants) if it moves forward.
+    pub(crate) fn commit(&self, key: &GroupPartition, offset: u64) {
+        let mut t = self.table();
+        let current = t.committed.get(key).copied();
+        if current.is_some_and(|c| c >= offset) {
+            return;
+        }
+        t.committed.insert(key.clone(), offset);
+        t.dirty.insert(key.clone());
+        drop(t);
+        self.wake.notify_one();
+    }
+
+    /// Committed offsets of every group on `topic`: group → partition → offset.
+    pub(crate) fn for_topic(&self, topic: &str) -> BTreeMap<String, BTreeMap<u32, u64>> {
+        let mut out: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();
+        for (k, v) in &self.table().committed {
+            if k.topic == topic {
+                out.entry(k.group.clone())
+                    .or_default()
+                    .insert(k.partition, *v);
+            }
+        }
+        out
+    }
+
+    /// Waits until every commit made before the call is durable.
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.flushes
+            .send(tx)
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        self.wake.notify_one();
+        rx.await.map_err(|_| Error::ShuttingDown)?.map_err(|e| {
+            Error::Storage(tandem_storage::Error::Poisoned {
+                tp: tandem_storage::TopicPartition::new("__consumer_offsets", 0),
+                cause: e,
+            })
+        })
+    }
+
+    /// Flushes and stops the committer.
+    pub(crate) async fn close(&self) {
+        if let Err(e) = self.flush().await {
+            tracing::error!(error = %e, "final offset flush failed");
+        }
+        let task = self
+            .committer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(t) = task {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    async fn run<L: Log>(
+        self: std::sync::Arc<Self>,
+        mut state: StateLog<L>,
+        mut flushes: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
+    ) {
+        let mut waiting = Vec::new();
+        loop {
+            tokio::select! {
+                () = self.wake.notified() => {}
+                f = flushes.recv() => match f {
+                    Some(f) => waiting.push(f),
+                    None => return,
+                },
+            }
+            while let Ok(f) = flushes.try_recv() {
+                waiting.push(f);
+            }
+            let records: Vec<_> = {
+                let mut t = self.table();
+                let dirty: Vec<_> = t.dirty.drain().collect();
+                dirty
+                    .into_iter()
+                    .filter_map(|k| {
+                        let v = *t.committed.get(&k)?;
+                        Some(upsert(k.encode(), v.to_le_bytes().to_vec()))
+                    })
+                    .collect()
+            };
+            let mut result = state.append(records).await.map_err(|e| e.to_string());
+            if result.is_ok() && state.wants_compaction() {
+                let live = self
+                    .table()
+                    .committed
+                    .iter()
+                    .map(|(k, v)| upsert(k.encode(), v.to_le_bytes().to_vec()))
+                    .collect();
+                result = state.compact(live).await.map_err(|e| e.to_string());
+            }
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "committing offsets failed");
+            }
+            for f in waiting.drain(..) {
+                let _ = f.send(result.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tandem_storage::{EmbeddedLog, LogConfig};
+
+    use super::*;
+
+    fn gp(group: &str, p: u32) -> GroupPartition {
+        GroupPartition {
+            group: group.into(),
+            topic: "orders".into(),
+            partition: p,
+        }
+    }
+
+    #[tokio::test]
+    async fn commits_only_move_forward_and_survive_reopen() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+        let offsets = Offsets::open(log.clone()).await?;
+        offsets.commit(&gp("a", 0), 10);
+        offsets.commit(&gp("a", 0), 7);
+        offsets.commit(&gp("a/b", 3), 5);
+        offsets.flush().await?;
+        assert_eq!(offsets.get(&gp("a", 0)), Some(10));
+        offsets.close().await;
+        log.close().await;
+
+        let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+        let offsets = Offsets::open(log.clone()).await?;
+        assert_eq!(offsets.get(&gp("a", 0)), Some(10));
+        assert_eq!(offsets.get(&gp("a/b", 3)), Some(5));
+        assert_eq!(offsets.get(&gp("c", 0)), None);
+        let by_group = offsets.for_topic("orders");
+        assert_eq!(by_group.len(), 2);
+        Ok(())
+    }
+
+    #[test]
+    fn keys_round_trip() {
+        let k = gp("group with spaces/and slashes", 42);
+        assert_eq!(GroupPartition::decode(&k.encode()), Some(k));
+        assert_eq!(GroupPartition::decode(&[5, 0, b'a']), None);
+    }
+}

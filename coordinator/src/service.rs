@@ -1,0 +1,320 @@
+//! The gRPC face of the broker: checks every request field (naming it in
+//! the error) before anything changes, and converts between the wire types
+//! and the broker's.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_proto::coordinator as pb;
+use tandem_storage::{Header, Log, Record};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::broker::{Broker, Outgoing};
+use crate::consumer::{StartFrom, Subscription};
+use crate::error::Error;
+use crate::statelog::now_ms;
+
+/// Longest message id accepted.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Checks a client-chosen id (message or transaction): 1 to 128 bytes, no
+/// control characters.
+pub(crate) fn check_id(field: &str, id: &str) -> Result<(), Error> {
+    if id.is_empty() {
+        return Err(Error::invalid(field, "must not be empty"));
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(Error::invalid(
+            field,
+            format!("is {} bytes, longer than {MAX_ID_LEN}", id.len()),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(Error::invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// Checks a consumer group name: 1 to 255 bytes, no control characters.
+pub(crate) fn check_group(field: &str, group: &str) -> Result<(), Error> {
+    if group.is_empty() || group.len() > 255 || group.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            field,
+            "must be 1 to 255 bytes without control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The coordinator's gRPC service.
+pub struct CoordinatorService<L> {
+    broker: Arc<Broker<L>>,
+    max_message_bytes: usize,
+    default_session_timeout: Duration,
+}
+
+impl<L> CoordinatorService<L> {
+    /// Serves `broker`.
+    pub fn new(
+        broker: Arc<Broker<L>>,
+        max_message_bytes: usize,
+        default_session_timeout: Duration,
+    ) -> Self {
+        CoordinatorService {
+            broker,
+            max_message_bytes,
+            default_session_timeout,
+        }
+    }
+}
+
+/// Turns a wire message into a checked record for a topic of `partitions`.
+pub(crate) fn outgoing(
+    field: &str,
+    m: pb::Message,
+    partitions: u32,
+    max_bytes: usize,
+) -> Result<Outgoing, Error> {
+    let id = if m.id.is_empty() {
+        uuid::Uuid::now_v7().to_string()
+    } else {
+        check_id(&format!("{field}.id"), &m.id)?;
+        m.id
+    };
+    if let Some(p) = m.partition
+        && p >= partitions
+    {
+        return Err(Error::invalid(
+            format!("{field}.partition"),
+            format!("partition {p} does not exist: the topic has {partitions}"),
+        ));
+    }
+    for (j, h) in m.headers.iter().enumerate() {
+        if h.name.is_empty() {
+            return Err(Error::invalid(
+                format!("{field}.headers[{j}].name"),
+                "must not be empty",
+            ));
+        }
+    }
+    let record = Record {
+        id: Bytes::from(id),
+        key: m.key,
+        value: m.value,
+        headers: m
+            .headers
+            .into_iter()
+            .map(|h| Header {
+                name: h.name,
+                value: h.value,
+            })
+            .collect(),
+        timestamp_ms: now_ms(),
+    };
+    let size = record.encoded_len();
+    if size > max_bytes {
+        return Err(Error::TooLarge {
+            field: field.to_owned(),
+            size,
+            max: max_bytes,
+        });
+    }
+    Ok(Outgoing {
+        partition: m.partition,
+        record,
+    })
+}
+
+fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Error> {
+    if value.is_empty() {
+        Err(Error::invalid(field, "is required"))
+    } else {
+        Ok(value)
+    }
+}
+
+type ConsumeStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ConsumeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<L> {
+    async fn create_topic(
+        &self,
+        req: Request<pb::CreateTopicRequest>,
+    ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let req = req.into_inner();
+        self.broker.create_topic(&req.name, req.partitions).await?;
+        Ok(Response::new(pb::CreateTopicResponse {}))
+    }
+
+    async fn list_topics(
+        &self,
+        _: Request<pb::ListTopicsRequest>,
+    ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        let topics = self
+            .broker
+            .list_topics()
+            .into_iter()
+            .map(|(name, meta)| pb::TopicSummary {
+                name,
+                partitions: meta.partitions,
+            })
+            .collect();
+        Ok(Response::new(pb::ListTopicsResponse { topics }))
+    }
+
+    async fn describe_topic(
+        &self,
+        req: Request<pb::DescribeTopicRequest>,
+    ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let name = req.into_inner().name;
+        required("name", &name)?;
+        let (partitions, groups) = self.broker.describe(&name).await?;
+        let groups = groups
+            .into_iter()
+            .map(|g| {
+                let parts: Vec<pb::PartitionLag> = partitions
+                    .iter()
+                    .map(|p| {
+                        let committed = g
+                            .committed
+                            .get(&p.partition)
+                            .copied()
+                            .unwrap_or(p.offsets.log_start);
+                        pb::PartitionLag {
+                            partition: p.partition,
+                            committed_offset: committed,
+                            lag: p.offsets.high_water_mark.saturating_sub(committed),
+                        }
+                    })
+                    .collect();
+                pb::GroupLag {
+                    group: g.group,
+                    total_lag: parts.iter().map(|p| p.lag).sum(),
+                    partitions: parts,
+                    members: g.members,
+                }
+            })
+            .collect();
+        let partitions = partitions
+            .into_iter()
+            .map(|p| pb::PartitionInfo {
+                partition: p.partition,
+                log_start: p.offsets.log_start,
+                high_water_mark: p.offsets.high_water_mark,
+                size_bytes: p.offsets.size_bytes,
+            })
+            .collect();
+        Ok(Response::new(pb::DescribeTopicResponse {
+            name,
+            partitions,
+            groups,
+        }))
+    }
+
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let req = req.into_inner();
+        let topic = required("topic", &req.topic)?;
+        let meta = self.broker.topic(topic)?;
+        if req.messages.is_empty() {
+            return Err(Error::invalid("messages", "at least one message is required").into());
+        }
+        let messages = req
+            .messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                outgoing(
+                    &format!("messages[{i}]"),
+                    m,
+                    meta.partitions,
+                    self.max_message_bytes,
+                )
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ids: Vec<Bytes> = messages.iter().map(|m| m.record.id.clone()).collect();
+        let positions = self.broker.publish(topic, meta, messages).await?;
+        Ok(Response::new(pb::PublishResponse {
+            positions: positions
+                .into_iter()
+                .zip(ids)
+                .map(|(p, id)| pb::MessagePosition {
+                    id: String::from_utf8_lossy(&id).into_owned(),
+                    partition: p.partition,
+                    offset: p.offset,
+                })
+                .collect(),
+        }))
+    }
+
+    type ConsumeStream = ConsumeStream;
+
+    async fn consume(
+        &self,
+        req: Request<Streaming<pb::ConsumeRequest>>,
+    ) -> Result<Response<ConsumeStream>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::from(Error::invalid(
+                "subscribe",
+                "the stream ended before subscribing",
+            ))
+        })?;
+        let Some(pb::consume_request::Kind::Subscribe(sub)) = first.kind else {
+            return Err(Error::invalid(
+                "subscribe",
+                "the first request of a session must subscribe",
+            )
+            .into());
+        };
+        let topic = required("subscribe.topic", &sub.topic)?;
+        let meta = self.broker.topic(topic)?;
+        check_group("subscribe.group", &sub.group)?;
+        let session_timeout = match sub.session_timeout_ms {
+            0 => self.default_session_timeout,
+            ms @ 1_000..=300_000 => Duration::from_millis(u64::from(ms)),
+            ms => {
+                return Err(Error::invalid(
+                    "subscribe.session_timeout_ms",
+                    format!("must be between 1000 and 300000, got {ms}"),
+                )
+                .into());
+            }
+        };
+        let start_from = match pb::StartFrom::try_from(sub.start_from) {
+            Ok(pb::StartFrom::Earliest) => StartFrom::Earliest,
+            Ok(pb::StartFrom::Latest | pb::StartFrom::Unspecified) => StartFrom::Latest,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "subscribe.start_from",
+                    format!("unknown value {}", sub.start_from),
+                )
+                .into());
+            }
+        };
+        let client_id = if sub.client_id.is_empty() {
+            "consumer".to_owned()
+        } else {
+            check_id("subscribe.client_id", &sub.client_id)?;
+            sub.client_id
+        };
+        let subscription = Subscription {
+            topic: topic.to_owned(),
+            group: sub.group,
+            start_from,
+            initial_credit: sub.initial_credit,
+            session_timeout,
+            client_id,
+        };
+        let out = self
+            .broker
+            .groups
+            .start_session(subscription, meta.partitions, stream);
+        Ok(Response::new(Box::pin(out)))
+    }
+}

@@ -1,0 +1,176 @@
+//! Internal state logs (`__topics`, `__consumer_offsets`, ...): the
+//! coordinator's own state kept the way Kafka keeps `__consumer_offsets`.
+//!
+//! Every record is an upsert of one key (the record key) to a full value, or
+//! a tombstone (empty value), so replaying the log from its start in order
+//! rebuilds the state exactly. Compaction appends the live state as a
+//! snapshot and then drops whole segments below it; on start-up the state is
+//! that snapshot plus the tail after it. One task owns each state log, so no
+//! upsert can slip between a snapshot being taken and being appended.
+
+use bytes::Bytes;
+use tandem_storage::{
+    Error as StorageError, Log, ReadBudget, Record, StoredRecord, TopicPartition,
+};
+
+use crate::error::Result;
+
+/// One internal state log.
+#[derive(Debug)]
+pub(crate) struct StateLog<L> {
+    log: L,
+    tp: TopicPartition,
+    since_compaction: u64,
+    compact_every: u64,
+}
+
+/// An upsert record of `key` to `value` (a tombstone when `value` is empty).
+pub(crate) fn upsert(key: Vec<u8>, value: Vec<u8>) -> Record {
+    Record {
+        id: Bytes::new(),
+        key: Some(Bytes::from(key)),
+        value: Bytes::from(value),
+        headers: Vec::new(),
+        timestamp_ms: now_ms(),
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl<L: Log> StateLog<L> {
+    /// Opens (creating if needed) the state log `name` and returns it with
+    /// every record it holds, oldest first.
+    pub(crate) async fn open(
+        log: L,
+        name: &str,
+        compact_every: u64,
+    ) -> Result<(Self, Vec<StoredRecord>)> {
+        let tp = TopicPartition::new(name, 0);
+        match log.create_partition(&tp).await {
+            Ok(()) | Err(StorageError::PartitionExists(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let mut records = Vec::new();
+        let mut from = log.offsets(&tp)?.log_start;
+        loop {
+            let batch = log.read(&tp, from, ReadBudget::default()).await?;
+            let Some(last) = batch.last() else { break };
+            from = last.offset + 1;
+            records.extend(batch);
+        }
+        let since_compaction = records.len() as u64;
+        Ok((
+            StateLog {
+                log,
+                tp,
+                since_compaction,
+                compact_every,
+            },
+            records,
+        ))
+    }
+
+    /// Appends upserts durably.
+    pub(crate) async fn append(&mut self, records: Vec<Record>) -> Result<()> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let n = records.len() as u64;
+        self.log.append(&self.tp, records).await?;
+        self.since_compaction += n;
+        Ok(())
+    }
+
+    /// True once enough has been appended since the last compaction.
+    pub(crate) fn wants_compaction(&self) -> bool {
+        self.since_compaction >= self.compact_every
+    }
+
+    /// Appends `live` (the whole current state as upserts) and drops what
+    /// lies wholly before it.
+    pub(crate) async fn compact(&mut self, live: Vec<Record>) -> Result<()> {
+        let start = self.log.offsets(&self.tp)?.high_water_mark;
+        let n = live.len() as u64;
+        for chunk in live.chunks(1000) {
+            self.log.append(&self.tp, chunk.to_vec()).await?;
+        }
+        self.log.truncate_before(&self.tp, start).await?;
+        self.since_compaction = n;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use tandem_storage::{EmbeddedLog, LogConfig};
+
+    use super::*;
+
+    fn replay(records: &[StoredRecord]) -> BTreeMap<Bytes, Bytes> {
+        let mut m = BTreeMap::new();
+        for r in records {
+            let key = r.record.key.clone().unwrap_or_default();
+            if r.record.value.is_empty() {
+                m.remove(&key);
+            } else {
+                m.insert(key, r.record.value.clone());
+            }
+        }
+        m
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_state_and_drops_old_segments()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let cfg = LogConfig {
+            segment_bytes: 4096,
+            ..LogConfig::default()
+        };
+        let log = EmbeddedLog::open(dir.path(), cfg.clone()).await?;
+        let (mut s, old) = StateLog::open(log.clone(), "__state", 100).await?;
+        assert!(old.is_empty());
+        let mut expected = BTreeMap::new();
+        for i in 0..300u32 {
+            let key = format!("k{}", i % 10).into_bytes();
+            let value = if i % 7 == 0 {
+                Vec::new()
+            } else {
+                i.to_le_bytes().to_vec()
+            };
+            if value.is_empty() {
+                expected.remove(&Bytes::from(key.clone()));
+            } else {
+                expected.insert(Bytes::from(key.clone()), Bytes::from(value.clone()));
+            }
+            s.append(vec![upsert(key, value)]).await?;
+        }
+        assert!(s.wants_compaction());
+        let live = expected
+            .iter()
+            .map(|(k, v)| upsert(k.to_vec(), v.to_vec()))
+            .collect();
+        s.compact(live).await?;
+        assert!(!s.wants_compaction());
+        s.append(vec![upsert(b"k1".to_vec(), Vec::new())]).await?;
+        expected.remove(&Bytes::from_static(b"k1"));
+        log.close().await;
+
+        let log = EmbeddedLog::open(dir.path(), cfg).await?;
+        let (_, records) = StateLog::open(log.clone(), "__state", 100).await?;
+        assert!(
+            records.len() < 300,
+            "old segments are gone: {} records",
+            records.len()
+        );
+        assert_eq!(replay(&records), expected);
+        Ok(())
+    }
+}

@@ -1,0 +1,156 @@
+//! The topic registry: names and partition counts, kept in the internal
+//! `__topics` state log. A topic's partitions are created in the data log
+//! first and the topic is recorded after, so a crash in between leaves
+//! partitions that a retried create adopts, never a topic without them.
+
+use std::collections::BTreeMap;
+use std::sync::{PoisonError, RwLock};
+
+use tandem_storage::{Error as StorageError, Log, TopicPartition, validate_topic_name};
+
+use crate::error::{Error, Result};
+use crate::statelog::{StateLog, now_ms, upsert};
+
+/// Most partitions a topic may have.
+pub const MAX_PARTITIONS: u32 = 1024;
+
+/// What the registry knows of a topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopicMeta {
+    /// Number of partitions.
+    pub partitions: u32,
+    /// When it was created (ms since the epoch).
+    pub created_ms: i64,
+}
+
+impl TopicMeta {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.partitions.to_le_bytes().to_vec();
+        v.extend_from_slice(&self.created_ms.to_le_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> Option<TopicMeta> {
+        Some(TopicMeta {
+            partitions: u32::from_le_bytes(b.get(..4)?.try_into().ok()?),
+            created_ms: i64::from_le_bytes(b.get(4..12)?.try_into().ok()?),
+        })
+    }
+}
+
+/// The topic registry.
+pub(crate) struct Topics<L> {
+    data: L,
+    map: RwLock<BTreeMap<String, TopicMeta>>,
+    state: tokio::sync::Mutex<StateLog<L>>,
+}
+
+/// Checks a user-chosen topic name.
+pub(crate) fn check_name(field: &str, name: &str) -> Result<()> {
+    validate_topic_name(name).map_err(|e| Error::invalid(field, e.to_string()))?;
+    if name.starts_with("__") {
+        return Err(Error::invalid(
+            field,
+            "names starting with \"__\" are reserved for Tandem",
+        ));
+    }
+    Ok(())
+}
+
+impl<L: Log + Clone> Topics<L> {
+    /// Loads the registry from `internal`; topics live in `data`.
+    pub(crate) async fn open(data: L, internal: L) -> Result<Self> {
+        let (state, records) = StateLog::open(internal, "__topics", 10_000).await?;
+        let mut map = BTreeMap::new();
+        for r in records {
+            let name =
+                String::from_utf8_lossy(r.record.key.as_deref().unwrap_or_default()).into_owned();
+            match TopicMeta::decode(&r.record.value) {
+                Some(meta) => {
+                    map.insert(name, meta);
+                }
+                None => {
+                    map.remove(&name);
+                }
+            }
+        }
+        Ok(Topics {
+            data,
+            map: RwLock::new(map),
+            state: tokio::sync::Mutex::new(state),
+        })
+    }
+
+    /// The topic's metadata, if it exists.
+    pub(crate) fn get(&self, name: &str) -> Option<TopicMeta> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .copied()
+    }
+
+    /// The topic's metadata, or NOT_FOUND naming it.
+    pub(crate) fn require(&self, name: &str) -> Result<TopicMeta> {
+        self.get(name).ok_or_else(|| Error::NotFound {
+            what: "topic",
+            name: name.to_owned(),
+        })
+    }
+
+    /// Every topic, by name.
+    pub(crate) fn list(&self) -> Vec<(String, TopicMeta)> {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
+    }
+
+    /// Creates a topic; ALREADY_EXISTS if the name is taken.
+    pub(crate) async fn create(&self, name: &str, partitions: u32) -> Result<TopicMeta> {
+        check_name("name", name)?;
+        self.create_unchecked(name, partitions).await
+    }
+
+    /// Creates a topic whose name Tandem chose itself (`<topic>.dlq`, ...).
+    pub(crate) async fn create_unchecked(&self, name: &str, partitions: u32) -> Result<TopicMeta> {
+        if !(1..=MAX_PARTITIONS).contains(&partitions) {
+            return Err(Error::invalid(
+                "partitions",
+                format!("must be between 1 and {MAX_PARTITIONS}, got {partitions}"),
+            ));
+        }
+        let mut state = self.state.lock().await;
+        if self.get(name).is_some() {
+            return Err(Error::AlreadyExists {
+                what: "topic",
+                name: name.to_owned(),
+            });
+        }
+        for p in 0..partitions {
+            match self
+                .data
+                .create_partition(&TopicPartition::new(name, p))
+                .await
+            {
+                Ok(()) | Err(StorageError::PartitionExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let meta = TopicMeta {
+            partitions,
+            created_ms: now_ms(),
+        };
+        state
+            .append(vec![upsert(name.as_bytes().to_vec(), meta.encode())])
+            .await?;
+        self.map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), meta);
+        tracing::info!(topic = name, partitions, "topic created");
+        Ok(meta)
+    }
+}

@@ -1,0 +1,277 @@
+//! A coordinator on a loopback ephemeral port, and a consumer-session
+//! helper, for the integration tests.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tandem_coordinator::{Config, Coordinator};
+use tandem_proto::coordinator as pb;
+use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Longest any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub struct Running {
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<tandem_coordinator::Result<()>>>,
+}
+
+impl Running {
+    pub async fn start(dir: &Path) -> TestResult<Running> {
+        Self::start_with(dir, Config::default()).await
+    }
+
+    pub async fn start_with(dir: &Path, mut config: Config) -> TestResult<Running> {
+        config.data_dir = dir.to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let coordinator = Coordinator::open(config).await?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(coordinator.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        Ok(Running {
+            addr,
+            stop: Some(stop),
+            task: Some(task),
+        })
+    }
+
+    pub async fn client(&self) -> TestResult<CoordinatorClient<Channel>> {
+        Ok(CoordinatorClient::connect(format!("http://{}", self.addr)).await?)
+    }
+
+    /// Graceful shutdown; waits for it to finish.
+    pub async fn stop(mut self) -> TestResult {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t).await???;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(t) = &self.task {
+            t.abort();
+        }
+    }
+}
+
+pub async fn create_topic(
+    c: &mut CoordinatorClient<Channel>,
+    name: &str,
+    partitions: u32,
+) -> TestResult {
+    c.create_topic(pb::CreateTopicRequest {
+        name: name.into(),
+        partitions,
+    })
+    .await?;
+    Ok(())
+}
+
+pub fn msg(key: Option<&str>, value: &str) -> pb::Message {
+    pb::Message {
+        id: String::new(),
+        key: key.map(|k| k.as_bytes().to_vec().into()),
+        value: value.as_bytes().to_vec().into(),
+        headers: Vec::new(),
+        partition: None,
+    }
+}
+
+pub async fn publish(
+    c: &mut CoordinatorClient<Channel>,
+    topic: &str,
+    messages: Vec<pb::Message>,
+) -> TestResult<Vec<pb::MessagePosition>> {
+    Ok(c.publish(pb::PublishRequest {
+        topic: topic.into(),
+        messages,
+    })
+    .await?
+    .into_inner()
+    .positions)
+}
+
+/// One consumer-group member.
+pub struct Member {
+    tx: mpsc::Sender<pb::ConsumeRequest>,
+    rx: tonic::Streaming<pb::ConsumeResponse>,
+    pub assignment: Vec<pb::AssignedPartition>,
+    pub member_id: String,
+    /// Deliveries read while waiting for something else.
+    early: Vec<pb::Delivery>,
+}
+
+pub struct SubscribeOpts {
+    pub earliest: bool,
+    pub credit: u32,
+    pub session_timeout_ms: u32,
+}
+
+impl Default for SubscribeOpts {
+    fn default() -> Self {
+        SubscribeOpts {
+            earliest: true,
+            credit: 10_000,
+            session_timeout_ms: 0,
+        }
+    }
+}
+
+impl Member {
+    pub async fn join(
+        addr: SocketAddr,
+        topic: &str,
+        group: &str,
+        opts: SubscribeOpts,
+    ) -> TestResult<Member> {
+        let mut client = CoordinatorClient::connect(format!("http://{addr}")).await?;
+        let (tx, rx) = mpsc::channel(1024);
+        tx.send(pb::ConsumeRequest {
+            kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
+                topic: topic.into(),
+                group: group.into(),
+                start_from: if opts.earliest {
+                    pb::StartFrom::Earliest
+                } else {
+                    pb::StartFrom::Latest
+                } as i32,
+                initial_credit: opts.credit,
+                session_timeout_ms: opts.session_timeout_ms,
+                client_id: "test".into(),
+            })),
+        })
+        .await?;
+        let rx = client
+            .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let mut m = Member {
+            tx,
+            rx,
+            assignment: Vec::new(),
+            member_id: String::new(),
+            early: Vec::new(),
+        };
+        // wait for the first assignment, keeping deliveries that come with it
+        while m.member_id.is_empty() {
+            let d = m.next_deliveries(WAIT).await?;
+            m.early.extend(d);
+        }
+        Ok(m)
+    }
+
+    /// The next batch of deliveries (handling assignment updates on the
+    /// way); empty if none arrives within `wait`.
+    pub async fn next_deliveries(&mut self, wait: Duration) -> TestResult<Vec<pb::Delivery>> {
+        if !self.early.is_empty() {
+            return Ok(std::mem::take(&mut self.early));
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let msg = match tokio::time::timeout_at(deadline, self.rx.message()).await {
+                Err(_) => return Ok(Vec::new()),
+                Ok(m) => m?,
+            };
+            match msg.and_then(|m| m.kind) {
+                Some(pb::consume_response::Kind::Assignment(a)) => {
+                    let first = self.member_id.is_empty();
+                    self.member_id = a.member_id;
+                    self.assignment = a.partitions;
+                    if first {
+                        return Ok(Vec::new());
+                    }
+                }
+                Some(pb::consume_response::Kind::Deliveries(d)) => return Ok(d.deliveries),
+                None => return Err("stream ended".into()),
+            }
+        }
+    }
+
+    /// Receives until `n` deliveries arrived (or `WAIT` passed).
+    pub async fn receive(&mut self, n: usize) -> TestResult<Vec<pb::Delivery>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!("received {} of {n} deliveries", out.len()).into());
+            }
+            out.extend(self.next_deliveries(left).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn ack(&self, deliveries: &[pb::Delivery]) -> TestResult {
+        self.send(pb::consume_request::Kind::Ack(pb::Ack {
+            offsets: deliveries
+                .iter()
+                .map(|d| pb::AckedOffset {
+                    partition: d.partition,
+                    offset: d.offset,
+                    epoch: d.epoch,
+                })
+                .collect(),
+        }))
+        .await
+    }
+
+    pub async fn credit(&self, n: u32) -> TestResult {
+        self.send(pb::consume_request::Kind::Credit(pb::Credit {
+            messages: n,
+        }))
+        .await
+    }
+
+    pub async fn send(&self, kind: pb::consume_request::Kind) -> TestResult {
+        self.tx
+            .send(pb::ConsumeRequest { kind: Some(kind) })
+            .await?;
+        Ok(())
+    }
+
+    /// Leaves cleanly: closes the request side and waits for the server to
+    /// end the stream (after committing acknowledged offsets).
+    pub async fn leave(self) -> TestResult {
+        let Member { tx, mut rx, .. } = self;
+        drop(tx);
+        tokio::time::timeout(WAIT, async {
+            while let Some(_m) = rx.message().await? {}
+            Ok::<_, tonic::Status>(())
+        })
+        .await??;
+        Ok(())
+    }
+
+    pub fn partitions(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.assignment.iter().map(|a| a.partition).collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+pub fn value(d: &pb::Delivery) -> String {
+    String::from_utf8_lossy(
+        &d.message
+            .as_ref()
+            .map(|m| m.value.clone())
+            .unwrap_or_default(),
+    )
+    .into_owned()
+}
