@@ -1,0 +1,88 @@
+//! `tandem topic create|list|describe`.
+
+use std::io::Write;
+
+use tandem_proto::coordinator as pb;
+
+use crate::{connect, status};
+
+/// Topic administration.
+#[derive(Clone, Debug, clap::Subcommand)]
+pub enum TopicCommand {
+    /// Creates a topic.
+    Create {
+        /// Topic name.
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+    },
+    /// Lists topics.
+    List,
+    /// Shows partitions, high-water marks and each group's lag.
+    Describe {
+        /// Topic name.
+        name: String,
+    },
+}
+
+/// Runs a topic command against the coordinator at `url`, writing to `out`.
+pub async fn topic(url: &str, cmd: TopicCommand, out: &mut impl Write) -> anyhow::Result<()> {
+    let mut c = connect(url).await?;
+    match cmd {
+        TopicCommand::Create { name, partitions } => {
+            c.create_topic(pb::CreateTopicRequest {
+                name: name.clone(),
+                partitions,
+            })
+            .await
+            .map_err(status)?;
+            writeln!(out, "created topic {name} with {partitions} partitions")?;
+        }
+        TopicCommand::List => {
+            let topics = c
+                .list_topics(pb::ListTopicsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            for t in topics.topics {
+                writeln!(out, "{}\t{}", t.name, t.partitions)?;
+            }
+        }
+        TopicCommand::Describe { name } => {
+            let d = c
+                .describe_topic(pb::DescribeTopicRequest { name })
+                .await
+                .map_err(status)?
+                .into_inner();
+            writeln!(out, "topic {} ({} partitions)", d.name, d.partitions.len())?;
+            writeln!(
+                out,
+                "{:>9} {:>12} {:>16} {:>12}",
+                "partition", "log start", "high-water mark", "bytes"
+            )?;
+            for p in &d.partitions {
+                writeln!(
+                    out,
+                    "{:>9} {:>12} {:>16} {:>12}",
+                    p.partition, p.log_start, p.high_water_mark, p.size_bytes
+                )?;
+            }
+            for g in &d.groups {
+                writeln!(
+                    out,
+                    "group {} ({} members): lag {}",
+                    g.group, g.members, g.total_lag
+                )?;
+                for p in &g.partitions {
+                    writeln!(
+                        out,
+                        "{:>9} committed {:>12} lag {:>10}",
+                        p.partition, p.committed_offset, p.lag
+                    )?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
