@@ -1,7 +1,8 @@
-//! The real binaries: a coordinator killed with SIGKILL while `tandem
-//! publish` sends 100 000 lines loses none of the lines `tandem publish`
-//! printed as acknowledged; after a restart `tandem consume` returns every
-//! one of them, each partition in offset order.
+//! The real binaries as separate processes: a coordinator killed with
+//! SIGKILL while `tandem publish` sends 100 000 lines loses none of the lines
+//! `tandem publish` printed as acknowledged (after a restart `tandem consume`
+//! returns every one of them, each partition in offset order); and SIGTERM
+//! ends sessions, commits what they acknowledged and exits cleanly.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -193,6 +194,82 @@ fn acknowledged_lines_survive_a_coordinator_sigkill() -> TestResult {
     eprintln!(
         "{} of 100000 lines acknowledged before the kill; {stored} stored after restart, all acknowledged ones found",
         acknowledged.len()
+    );
+    Ok(())
+}
+
+#[test]
+fn sigterm_ends_sessions_commits_and_exits_cleanly() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let (mut coord, url) = coordinator(dir.path())?;
+    tandem(&url, &["topic", "create", "t", "--partitions", "2"])?;
+    let mut publisher = Command::new(TANDEM)
+        .args(["--coordinator", &url, "publish", "t"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()?;
+    publisher
+        .stdin
+        .take()
+        .ok_or("stdin")?
+        .write_all(b"a\nb\nc\nd\ne\nf\ng\nh\ni\nj\n")?;
+    assert!(publisher.wait()?.success());
+    // a consumer that wants more than there is keeps its session open
+    let consumer = Proc(
+        Command::new(TANDEM)
+            .args([
+                "--coordinator",
+                &url,
+                "consume",
+                "t",
+                "--group",
+                "g",
+                "--from",
+                "earliest",
+                "--max",
+                "100",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?,
+    );
+    let mut consumer = consumer;
+    let out = consumer.0.stdout.take().ok_or("stdout")?;
+    let lines: Vec<String> = BufReader::new(out)
+        .lines()
+        .take(10)
+        .collect::<Result<_, _>>()?;
+    assert_eq!(lines.len(), 10);
+    let pid = coord.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()?
+            .success()
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = coord.0.try_wait()? {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "coordinator did not stop after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let consumed = consumer.0.wait()?;
+    assert!(
+        !consumed.success(),
+        "the consumer is told the coordinator is going away"
+    );
+
+    let (_coord, url) = coordinator(dir.path())?;
+    let describe = tandem(&url, &["topic", "describe", "t"])?;
+    assert!(
+        describe.contains("group g (0 members): lag 0"),
+        "{describe}"
     );
     Ok(())
 }
