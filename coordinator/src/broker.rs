@@ -3,18 +3,23 @@
 //! maps requests onto it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
+
+use bytes::Bytes;
 
 use futures_util::future::try_join_all;
 use tandem_storage::{Log, Offsets as LogOffsets, Record, TopicPartition};
 use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
+use crate::config::TxnSettings;
 use crate::consumer::Groups;
 use crate::error::Result;
 use crate::offsets::Offsets;
 use crate::partitioner::{self, Sticky};
 use crate::topics::{TopicMeta, Topics};
+use crate::transactions::Transactions;
 
 /// A message ready to append: its record and, if the publisher chose one,
 /// its partition.
@@ -61,15 +66,25 @@ pub struct Broker<L> {
     pub(crate) topics: Topics<L>,
     pub(crate) offsets: Arc<Offsets>,
     pub(crate) groups: Arc<Groups<L>>,
+    pub(crate) txns: Arc<Transactions<L>>,
     sticky: Sticky,
     shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl<L: Log + Clone> Broker<L> {
-    /// Opens the broker: topics in `data`, its own state in `internal`.
-    pub async fn open(data: L, internal: L, revoke_timeout: Duration) -> Result<Broker<L>> {
+    /// Opens the broker: topics in `data`, its own state in `internal`;
+    /// starts check-backs and the transaction log's upkeep.
+    pub async fn open(
+        data: L,
+        internal: L,
+        revoke_timeout: Duration,
+        txn: TxnSettings,
+    ) -> Result<Broker<L>> {
         let topics = Topics::open(data.clone(), internal.clone()).await?;
-        let offsets = Offsets::open(internal).await?;
+        let offsets = Offsets::open(internal.clone()).await?;
+        let schedule = txn.maintenance_schedule.clone();
+        let txns = Transactions::open(data.clone(), internal, txn).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
         let groups = Arc::new(Groups::new(
             data.clone(),
@@ -77,14 +92,52 @@ impl<L: Log + Clone> Broker<L> {
             revoke_timeout,
             shutdown_rx,
         ));
+        let checks = tokio::spawn(txns.clone().run_checks());
+        let t = txns.clone();
+        let upkeep = tokio::spawn(schedule.run(move || {
+            let t = t.clone();
+            async move {
+                if let Err(e) = t.maintain().await {
+                    tracing::error!(error = %e, "transaction log upkeep failed");
+                }
+            }
+        }));
         Ok(Broker {
             data,
             topics,
             offsets,
             groups,
+            txns,
             sticky: Sticky::default(),
             shutdown,
+            tasks: Mutex::new(vec![checks, upkeep]),
         })
+    }
+
+    /// The partition a message goes to: its own choice, its key's, or the
+    /// request's sticky one.
+    fn partition_for(m: &Outgoing, meta: TopicMeta, sticky: u32) -> u32 {
+        match (m.partition, &m.record.key) {
+            (Some(p), _) => p,
+            (None, Some(key)) => partitioner::for_key(key, meta.partitions),
+            (None, None) => sticky,
+        }
+    }
+
+    /// Stores a half message for `service` (see `Transactions::prepare`).
+    pub async fn prepare(
+        &self,
+        service: &str,
+        txn_id: &str,
+        topic: &str,
+        meta: TopicMeta,
+        message: Outgoing,
+        context: Bytes,
+    ) -> Result<i64> {
+        let partition = Self::partition_for(&message, meta, self.sticky.next(meta.partitions));
+        self.txns
+            .prepare(service, txn_id, topic, partition, message, context)
+            .await
     }
 
     /// Creates a topic.
@@ -152,11 +205,7 @@ impl<L: Log + Clone> Broker<L> {
         let sticky = self.sticky.next(meta.partitions);
         let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<Record>)> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
-            let p = match (m.partition, &m.record.key) {
-                (Some(p), _) => p,
-                (None, Some(key)) => partitioner::for_key(key, meta.partitions),
-                (None, None) => sticky,
-            };
+            let p = Self::partition_for(&m, meta, sticky);
             let entry = by_partition.entry(p).or_default();
             entry.0.push(i);
             entry.1.push(m.record);
@@ -189,9 +238,18 @@ impl<L: Log + Clone> Broker<L> {
         Ok(out)
     }
 
+    /// Resolves to `true` once shutdown began.
+    pub(crate) fn shutting_down(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
     /// Ends every consumer session (each commits what was acknowledged) and
     /// flushes committed offsets.
     pub async fn shutdown(&self) {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        for t in tasks {
+            t.abort();
+        }
         self.shutdown.send_replace(true);
         self.groups.sessions_ended(Duration::from_secs(10)).await;
         self.offsets.close().await;

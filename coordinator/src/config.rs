@@ -82,6 +82,13 @@ const KEYS: &[(&str, Kind)] = &[
     ("session_timeout_ms", Kind::Int),
     ("revoke_timeout_ms", Kind::Int),
     ("log", Kind::Str),
+    ("check_after_ms", Kind::Int),
+    ("max_checks", Kind::Int),
+    ("check_timeout_ms", Kind::Int),
+    ("max_check_interval_ms", Kind::Int),
+    ("final_action", Kind::Str),
+    ("txn_retention_ms", Kind::Int),
+    ("maintenance_schedule", Kind::Str),
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -99,6 +106,48 @@ struct Raw {
     session_timeout_ms: Option<u64>,
     revoke_timeout_ms: Option<u64>,
     log: Option<String>,
+    check_after_ms: Option<u64>,
+    max_checks: Option<u32>,
+    check_timeout_ms: Option<u64>,
+    max_check_interval_ms: Option<u64>,
+    final_action: Option<String>,
+    txn_retention_ms: Option<u64>,
+    maintenance_schedule: Option<String>,
+}
+
+/// What happens to a transaction nobody answers for after `max_checks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinalAction {
+    /// Discard the half message (the default).
+    Rollback,
+    /// Deliver it.
+    Commit,
+}
+
+/// Settings of the transactional-message protocol.
+#[derive(Clone, Debug)]
+pub struct TxnSettings {
+    /// A transaction still open this long after Prepare is checked back.
+    pub check_after: Duration,
+    /// Check-backs before the final action.
+    pub max_checks: u32,
+    /// How long a check-back waits for its answer.
+    pub check_timeout: Duration,
+    /// Longest wait between two check-backs of a transaction.
+    pub max_check_interval: Duration,
+    /// What happens after `max_checks` check-backs without an answer.
+    pub final_action: FinalAction,
+    /// How long a finished transaction is remembered (repeated outcomes are
+    /// idempotent for this long).
+    pub retention: Duration,
+    /// When the transaction log is compacted and old transactions forgotten.
+    pub maintenance_schedule: CronSchedule,
+}
+
+impl Default for TxnSettings {
+    fn default() -> Self {
+        Config::default().txn
+    }
 }
 
 /// The checked coordinator settings.
@@ -121,6 +170,8 @@ pub struct Config {
     pub revoke_timeout: Duration,
     /// Log filter (`tracing` env-filter syntax).
     pub log_filter: String,
+    /// Transactional messages.
+    pub txn: TxnSettings,
 }
 
 impl Default for Config {
@@ -303,7 +354,72 @@ impl Raw {
             ));
         }
         let max_message = max_message_bytes as usize;
+        let ms = |key: &'static str, v: Option<u64>, default: u64, min: u64, max: u64| {
+            let v = v.unwrap_or(default);
+            if (min..=max).contains(&v) {
+                Ok(Duration::from_millis(v))
+            } else {
+                Err(invalid(
+                    key,
+                    &v,
+                    &format!("must be between {min} and {max}"),
+                ))
+            }
+        };
+        let max_checks = self.max_checks.unwrap_or(15);
+        if !(1..=1000).contains(&max_checks) {
+            return Err(invalid(
+                "max_checks",
+                &max_checks,
+                "must be between 1 and 1000",
+            ));
+        }
+        let final_action = match self.final_action.as_deref().unwrap_or("rollback") {
+            "rollback" => FinalAction::Rollback,
+            "commit" => FinalAction::Commit,
+            other => {
+                return Err(invalid(
+                    "final_action",
+                    &other,
+                    "expected rollback or commit",
+                ));
+            }
+        };
+        let maint_s = self
+            .maintenance_schedule
+            .unwrap_or_else(|| "* * * * *".into());
+        let maintenance_schedule = maint_s.parse().map_err(|e: tandem_storage::Error| {
+            invalid("maintenance_schedule", &maint_s, &e.to_string())
+        })?;
+        let txn = TxnSettings {
+            check_after: ms("check_after_ms", self.check_after_ms, 6_000, 100, 3_600_000)?,
+            max_checks,
+            check_timeout: ms(
+                "check_timeout_ms",
+                self.check_timeout_ms,
+                3_000,
+                50,
+                600_000,
+            )?,
+            max_check_interval: ms(
+                "max_check_interval_ms",
+                self.max_check_interval_ms,
+                60_000,
+                100,
+                86_400_000,
+            )?,
+            final_action,
+            retention: ms(
+                "txn_retention_ms",
+                self.txn_retention_ms,
+                300_000,
+                1_000,
+                604_800_000,
+            )?,
+            maintenance_schedule,
+        };
         Ok(Config {
+            txn,
             listen,
             data_dir: self
                 .data_dir

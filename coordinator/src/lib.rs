@@ -12,18 +12,23 @@ mod broker;
 mod config;
 mod consumer;
 mod error;
+pub mod failpoint;
 mod group;
 mod offsets;
 mod partitioner;
 mod server;
 mod service;
+mod session;
 mod statelog;
 mod topics;
+mod transactions;
 
 pub use broker::{Broker, GroupDescription, Outgoing, PartitionDescription, Position};
-pub use config::{Config, ConfigError, CoordinatorArgs};
+pub use config::{Config, ConfigError, CoordinatorArgs, FinalAction, TxnSettings};
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};
 pub use server::{Coordinator, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};
-pub use service::{CoordinatorService, MAX_ID_LEN};
+pub use service::{
+    CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, SIDECAR_SESSION_TIMEOUT, check_id,
+};
 pub use topics::{MAX_PARTITIONS, TopicMeta};

@@ -172,7 +172,7 @@ impl Offsets {
 
     async fn run<L: Log>(
         self: std::sync::Arc<Self>,
-        mut state: StateLog<L>,
+        state: StateLog<L>,
         mut flushes: mpsc::Receiver<oneshot::Sender<Result<(), String>>>,
     ) {
         let mut waiting = Vec::new();
@@ -198,7 +198,11 @@ impl Offsets {
                     })
                     .collect()
             };
-            let mut result = state.append(records).await.map_err(|e| e.to_string());
+            let mut result = state
+                .append(records)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
             if result.is_ok() && state.wants_compaction() {
                 let live = self
                     .table()

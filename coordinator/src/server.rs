@@ -39,8 +39,15 @@ impl Coordinator {
             ..config.log.clone()
         };
         let internal = EmbeddedLog::open(config.data_dir.join("internal"), internal_config).await?;
-        let broker =
-            Arc::new(Broker::open(data.clone(), internal.clone(), config.revoke_timeout).await?);
+        let broker = Arc::new(
+            Broker::open(
+                data.clone(),
+                internal.clone(),
+                config.revoke_timeout,
+                config.txn.clone(),
+            )
+            .await?,
+        );
         Ok(Coordinator {
             config,
             data,

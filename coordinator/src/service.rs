@@ -21,7 +21,7 @@ pub const MAX_ID_LEN: usize = 128;
 
 /// Checks a client-chosen id (message or transaction): 1 to 128 bytes, no
 /// control characters.
-pub(crate) fn check_id(field: &str, id: &str) -> Result<(), Error> {
+pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
     if id.is_empty() {
         return Err(Error::invalid(field, "must not be empty"));
     }
@@ -137,6 +137,19 @@ fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Error> {
 
 type ConsumeStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ConsumeResponse, Status>> + Send>>;
+type SessionStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::SessionResponse, Status>> + Send>>;
+
+/// A sidecar session that sends nothing for this long is closed.
+pub const SIDECAR_SESSION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Largest opaque producer context kept with a half message.
+pub const MAX_CONTEXT_BYTES: usize = 64 << 10;
+
+/// Checks the service and transaction ids of an outcome request.
+fn end_request(req: &pb::EndTransactionRequest) -> Result<(), Error> {
+    check_id("service", &req.service)?;
+    check_id("txn_id", &req.txn_id)
+}
 
 #[tonic::async_trait]
 impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<L> {
@@ -316,5 +329,140 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             .groups
             .start_session(subscription, meta.partitions, stream);
         Ok(Response::new(Box::pin(out)))
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let req = req.into_inner();
+        check_id("service", &req.service)?;
+        let txn_id = if req.txn_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            check_id("txn_id", &req.txn_id)?;
+            req.txn_id
+        };
+        let topic = required("topic", &req.topic)?;
+        let meta = self.broker.topic(topic)?;
+        let message = req
+            .message
+            .ok_or_else(|| Error::invalid("message", "is required"))?;
+        if req.context.len() > MAX_CONTEXT_BYTES {
+            return Err(Error::TooLarge {
+                field: "context".into(),
+                size: req.context.len(),
+                max: MAX_CONTEXT_BYTES,
+            }
+            .into());
+        }
+        let message = outgoing(
+            "message",
+            pb::Message {
+                id: txn_id.clone(),
+                ..message
+            },
+            meta.partitions,
+            self.max_message_bytes,
+        )?;
+        let prepared_at_ms = self
+            .broker
+            .prepare(&req.service, &txn_id, topic, meta, message, req.context)
+            .await?;
+        Ok(Response::new(pb::PrepareResponse {
+            txn_id,
+            prepared_at_ms,
+        }))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<pb::EndTransactionRequest>,
+    ) -> Result<Response<pb::EndTransactionResponse>, Status> {
+        let req = req.into_inner();
+        end_request(&req)?;
+        Ok(Response::new(
+            self.broker.txns.commit(&req.service, &req.txn_id).await?,
+        ))
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<pb::EndTransactionRequest>,
+    ) -> Result<Response<pb::EndTransactionResponse>, Status> {
+        let req = req.into_inner();
+        end_request(&req)?;
+        Ok(Response::new(
+            self.broker.txns.rollback(&req.service, &req.txn_id).await?,
+        ))
+    }
+
+    async fn get_transaction(
+        &self,
+        req: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::Transaction>, Status> {
+        let id = req.into_inner().txn_id;
+        check_id("txn_id", &id)?;
+        Ok(Response::new(self.broker.txns.get(&id).await?))
+    }
+
+    async fn get_stats(
+        &self,
+        _: Request<pb::GetStatsRequest>,
+    ) -> Result<Response<pb::Stats>, Status> {
+        Ok(Response::new(self.broker.txns.stats()))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::SessionRequest>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| {
+            Status::from(Error::invalid("hello", "the stream ended before Hello"))
+        })?;
+        let Some(pb::session_request::Kind::Hello(hello)) = first.kind else {
+            return Err(
+                Error::invalid("hello", "the first request of a session must be Hello").into(),
+            );
+        };
+        check_id("hello.service", &hello.service)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        let sessions = self.broker.txns.sessions.clone();
+        let id = sessions.register(&hello.service, tx.clone());
+        let welcome = pb::SessionResponse {
+            kind: Some(pb::session_response::Kind::Welcome(pb::Welcome {
+                session_id: format!("{}-{id}", hello.service),
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("session closed"))?;
+        let mut shutdown = self.broker.shutting_down();
+        tokio::spawn(async move {
+            tracing::info!(service = %hello.service, instance = %hello.instance, session = id, "sidecar session opened");
+            let reason = loop {
+                tokio::select! {
+                    r = tokio::time::timeout(SIDECAR_SESSION_TIMEOUT, stream.message()) => match r {
+                        Ok(Ok(Some(pb::SessionRequest { kind: Some(pb::session_request::Kind::CheckResult(c)) }))) => {
+                            sessions.answer(&hello.service, c);
+                        }
+                        Ok(Ok(Some(_))) => {}
+                        Ok(Ok(None)) => break "closed by the sidecar".to_owned(),
+                        Ok(Err(s)) => break format!("stream broke: {}", s.message()),
+                        Err(_) => break "no heartbeat within the session timeout".to_owned(),
+                    },
+                    _ = shutdown.wait_for(|s| *s) => break "coordinator shutting down".to_owned(),
+                }
+            };
+            sessions.unregister(&hello.service, id);
+            drop(tx);
+            tracing::info!(service = %hello.service, session = id, %reason, "sidecar session closed");
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

@@ -5,12 +5,15 @@
 //! a tombstone (empty value), so replaying the log from its start in order
 //! rebuilds the state exactly. Compaction appends the live state as a
 //! snapshot and then drops whole segments below it; on start-up the state is
-//! that snapshot plus the tail after it. One task owns each state log, so no
-//! upsert can slip between a snapshot being taken and being appended.
+//! that snapshot plus the tail after it. Whoever compacts must make sure no
+//! upsert of a key slips between that key's snapshot being taken and being
+//! appended (one task owns the offsets log; transactions lock the key).
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use tandem_storage::{
-    Error as StorageError, Log, ReadBudget, Record, StoredRecord, TopicPartition,
+    AppendAck, Error as StorageError, Log, ReadBudget, Record, StoredRecord, TopicPartition,
 };
 
 use crate::error::Result;
@@ -20,7 +23,7 @@ use crate::error::Result;
 pub(crate) struct StateLog<L> {
     log: L,
     tp: TopicPartition,
-    since_compaction: u64,
+    since_compaction: AtomicU64,
     compact_every: u64,
 }
 
@@ -63,7 +66,7 @@ impl<L: Log> StateLog<L> {
             from = last.offset + 1;
             records.extend(batch);
         }
-        let since_compaction = records.len() as u64;
+        let since_compaction = AtomicU64::new(records.len() as u64);
         Ok((
             StateLog {
                 log,
@@ -75,33 +78,44 @@ impl<L: Log> StateLog<L> {
         ))
     }
 
-    /// Appends upserts durably.
-    pub(crate) async fn append(&mut self, records: Vec<Record>) -> Result<()> {
+    /// Appends upserts durably; concurrent appends are group-committed.
+    pub(crate) async fn append(&self, records: Vec<Record>) -> Result<Option<AppendAck>> {
         if records.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let n = records.len() as u64;
-        self.log.append(&self.tp, records).await?;
-        self.since_compaction += n;
-        Ok(())
+        let ack = self.log.append(&self.tp, records).await?;
+        self.since_compaction.fetch_add(n, Ordering::Relaxed);
+        Ok(Some(ack))
+    }
+
+    /// The next offset to be written.
+    pub(crate) fn high_water_mark(&self) -> Result<u64> {
+        Ok(self.log.offsets(&self.tp)?.high_water_mark)
     }
 
     /// True once enough has been appended since the last compaction.
     pub(crate) fn wants_compaction(&self) -> bool {
-        self.since_compaction >= self.compact_every
+        self.since_compaction.load(Ordering::Relaxed) >= self.compact_every
     }
 
     /// Appends `live` (the whole current state as upserts) and drops what
     /// lies wholly before it.
-    pub(crate) async fn compact(&mut self, live: Vec<Record>) -> Result<()> {
-        let start = self.log.offsets(&self.tp)?.high_water_mark;
+    pub(crate) async fn compact(&self, live: Vec<Record>) -> Result<()> {
+        let start = self.high_water_mark()?;
         let n = live.len() as u64;
         for chunk in live.chunks(1000) {
             self.log.append(&self.tp, chunk.to_vec()).await?;
         }
-        self.log.truncate_before(&self.tp, start).await?;
-        self.since_compaction = n;
+        self.truncate_before(start).await?;
+        self.since_compaction.store(n, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Drops whole segments below `offset` (everything before it must be
+    /// superseded by later upserts).
+    pub(crate) async fn truncate_before(&self, offset: u64) -> Result<u64> {
+        Ok(self.log.truncate_before(&self.tp, offset).await?)
     }
 }
 
@@ -135,7 +149,7 @@ mod tests {
             ..LogConfig::default()
         };
         let log = EmbeddedLog::open(dir.path(), cfg.clone()).await?;
-        let (mut s, old) = StateLog::open(log.clone(), "__state", 100).await?;
+        let (s, old) = StateLog::open(log.clone(), "__state", 100).await?;
         assert!(old.is_empty());
         let mut expected = BTreeMap::new();
         for i in 0..300u32 {

@@ -122,7 +122,7 @@ impl<L: Log + Clone> Topics<L> {
                 format!("must be between 1 and {MAX_PARTITIONS}, got {partitions}"),
             ));
         }
-        let mut state = self.state.lock().await;
+        let state = self.state.lock().await;
         if self.get(name).is_some() {
             return Err(Error::AlreadyExists {
                 what: "topic",

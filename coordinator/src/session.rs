@@ -1,0 +1,178 @@
+//! Producer-service sessions: the long-lived stream each sidecar holds to
+//! the coordinator. Check-backs travel down it to any live instance of the
+//! transaction's service (in turn), and answers come back up; an answer
+//! counts only if it names the transaction that was asked about and comes
+//! from a session of that transaction's service.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tandem_proto::coordinator as pb;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+type Outbox = mpsc::Sender<Result<pb::SessionResponse, Status>>;
+
+struct Entry {
+    id: u64,
+    tx: Outbox,
+}
+
+struct Pending {
+    txn_id: String,
+    service: String,
+    reply: oneshot::Sender<pb::LocalState>,
+}
+
+/// Live sessions by service, and check-backs awaiting an answer.
+#[derive(Default)]
+pub(crate) struct Sessions {
+    services: Mutex<HashMap<String, Vec<Entry>>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    turn: AtomicUsize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Sessions {
+    /// Registers a session of `service`; returns its id.
+    pub(crate) fn register(&self, service: &str, tx: Outbox) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        lock(&self.services)
+            .entry(service.to_owned())
+            .or_default()
+            .push(Entry { id, tx });
+        id
+    }
+
+    pub(crate) fn unregister(&self, service: &str, id: u64) {
+        let mut services = lock(&self.services);
+        if let Some(v) = services.get_mut(service) {
+            v.retain(|e| e.id != id);
+            if v.is_empty() {
+                services.remove(service);
+            }
+        }
+    }
+
+    /// Asks one live session of `service` about a transaction; `None` if no
+    /// session is live or none answers within `timeout`.
+    pub(crate) async fn check(
+        &self,
+        service: &str,
+        mut req: pb::CheckTransaction,
+        timeout: Duration,
+    ) -> Option<pb::LocalState> {
+        let tx = {
+            let services = lock(&self.services);
+            let v = services.get(service).filter(|v| !v.is_empty())?;
+            v[self.turn.fetch_add(1, Ordering::Relaxed) % v.len()]
+                .tx
+                .clone()
+        };
+        let check_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        req.check_id = check_id;
+        let (reply, rx) = oneshot::channel();
+        lock(&self.pending).insert(
+            check_id,
+            Pending {
+                txn_id: req.txn_id.clone(),
+                service: service.to_owned(),
+                reply,
+            },
+        );
+        let msg = pb::SessionResponse {
+            kind: Some(pb::session_response::Kind::Check(req)),
+        };
+        let answer = match tx.send(Ok(msg)).await {
+            Ok(()) => tokio::time::timeout(timeout, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Err(_) => None,
+        };
+        lock(&self.pending).remove(&check_id);
+        answer
+    }
+
+    /// Takes an answer from a session of `service`; ignores answers that do
+    /// not match the question.
+    pub(crate) fn answer(&self, service: &str, result: pb::CheckResult) {
+        let mut pending = lock(&self.pending);
+        let matches = pending
+            .get(&result.check_id)
+            .is_some_and(|p| p.txn_id == result.txn_id && p.service == service);
+        if !matches {
+            tracing::warn!(service, check_id = result.check_id, txn = %result.txn_id, "check-back answer does not match a question: ignored");
+            return;
+        }
+        if let Some(p) = pending.remove(&result.check_id) {
+            let state = pb::LocalState::try_from(result.state).unwrap_or(pb::LocalState::Unknown);
+            let _ = p.reply.send(state);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn answers_must_name_the_transaction_and_come_from_its_service() {
+        let sessions = std::sync::Arc::new(Sessions::default());
+        let (tx, mut rx) = mpsc::channel(4);
+        sessions.register("orders", tx);
+        let s = sessions.clone();
+        let asker = tokio::spawn(async move {
+            let req = pb::CheckTransaction {
+                txn_id: "t1".into(),
+                ..Default::default()
+            };
+            s.check("orders", req, Duration::from_secs(5)).await
+        });
+        let Some(Ok(pb::SessionResponse {
+            kind: Some(pb::session_response::Kind::Check(c)),
+        })) = rx.recv().await
+        else {
+            panic!("check-back sent");
+        };
+        let answer = |service: &str, txn: &str, state| {
+            sessions.answer(
+                service,
+                pb::CheckResult {
+                    check_id: c.check_id,
+                    txn_id: txn.into(),
+                    state: state as i32,
+                },
+            )
+        };
+        answer("orders", "t2", pb::LocalState::Rollback); // another transaction
+        answer("carts", "t1", pb::LocalState::Rollback); // another service
+        answer("orders", "t1", pb::LocalState::Commit);
+        assert_eq!(asker.await.ok().flatten(), Some(pb::LocalState::Commit));
+    }
+
+    #[tokio::test]
+    async fn no_session_or_no_answer_is_none() {
+        let sessions = Sessions::default();
+        assert_eq!(
+            sessions
+                .check("nobody", Default::default(), Duration::from_millis(10))
+                .await,
+            None
+        );
+        let (tx, _rx) = mpsc::channel(4);
+        sessions.register("quiet", tx);
+        assert_eq!(
+            sessions
+                .check("quiet", Default::default(), Duration::from_millis(20))
+                .await,
+            None
+        );
+    }
+}

@@ -1,0 +1,712 @@
+//! Transactional messages: half messages, outcomes, check-back.
+//!
+//! Durability contract. Every state change of a transaction is an upsert in
+//! the internal `__txn_state` log, acknowledged (fsync policy) before the
+//! caller hears of it:
+//!
+//! 1. `Prepare` writes PREPARED with the half message: durable, invisible.
+//! 2. `Commit` writes COMMITTING with the topic partition's high-water mark,
+//!    appends the message to its partition, then writes COMMITTED with the
+//!    offset. A crash after COMMITTING is completed on start-up: the
+//!    partition is searched from that mark for the message (its id is the
+//!    transaction id) and it is appended only if it is not there, so a
+//!    commit is never lost nor delivered twice by recovery.
+//! 3. `Rollback` writes ROLLED_BACK; the half message is never appended.
+//!
+//! Operations on one transaction are serialised by its lock; different
+//! transactions proceed concurrently and share group commits.
+//!
+//! Check-back: a transaction still PREPARED `check_after` after it was
+//! prepared is asked about through a live session of its service; UNKNOWN,
+//! no answer or no live session retries with exponential backoff (the count
+//! is kept in the log, so it survives restarts) up to `max_checks`, then the
+//! final action decides. Finished transactions are remembered for
+//! `retention`, so repeated outcomes stay idempotent and the opposite
+//! outcome is refused.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use prost::Message as _;
+use tandem_proto::coordinator as pb;
+use tandem_storage::{Header, Log, ReadBudget, Record, TopicPartition};
+use tokio::sync::{Notify, OwnedMutexGuard, Semaphore};
+
+use crate::broker::Outgoing;
+use crate::config::{FinalAction, TxnSettings};
+use crate::error::{Error, Result};
+use crate::failpoint;
+use crate::session::Sessions;
+use crate::statelog::{StateLog, now_ms, upsert};
+
+const PREPARED: i32 = 1;
+const COMMITTING: i32 = 2;
+const COMMITTED: i32 = 3;
+const ROLLED_BACK: i32 = 4;
+
+/// A header as kept in a half message.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HeaderRecord {
+    #[prost(string, tag = "1")]
+    name: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    value: Bytes,
+}
+
+/// The half message itself.
+#[derive(Clone, PartialEq, prost::Message)]
+struct HalfMessage {
+    #[prost(bytes = "bytes", optional, tag = "1")]
+    key: Option<Bytes>,
+    #[prost(bytes = "bytes", tag = "2")]
+    value: Bytes,
+    #[prost(message, repeated, tag = "3")]
+    headers: Vec<HeaderRecord>,
+    #[prost(int64, tag = "4")]
+    timestamp_ms: i64,
+}
+
+/// A transaction's whole state: the value of its upsert in `__txn_state`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TxnRecord {
+    #[prost(string, tag = "1")]
+    service: String,
+    #[prost(string, tag = "2")]
+    topic: String,
+    #[prost(uint32, tag = "3")]
+    partition: u32,
+    #[prost(int32, tag = "4")]
+    state: i32,
+    #[prost(int64, tag = "5")]
+    prepared_at_ms: i64,
+    #[prost(uint32, tag = "6")]
+    checks: u32,
+    /// COMMITTING: where to search for the message after a crash.
+    #[prost(uint64, tag = "7")]
+    scan_from: u64,
+    /// COMMITTED: where the message is.
+    #[prost(uint64, tag = "8")]
+    offset: u64,
+    #[prost(int64, tag = "9")]
+    finished_at_ms: i64,
+    /// PREPARED and COMMITTING only.
+    #[prost(message, optional, tag = "10")]
+    message: Option<HalfMessage>,
+    #[prost(bytes = "bytes", tag = "11")]
+    context: Bytes,
+    #[prost(bool, tag = "12")]
+    resolved_by_check: bool,
+}
+
+struct Txn {
+    rec: TxnRecord,
+    /// Offset of this transaction's latest record in `__txn_state`.
+    log_offset: u64,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Txn>>>;
+
+/// Counters of the protocol.
+#[derive(Default)]
+struct Counters {
+    prepared: AtomicU64,
+    committed: AtomicU64,
+    rolled_back: AtomicU64,
+    checks_sent: AtomicU64,
+    resolved_by_check: AtomicU64,
+    final_actions: AtomicU64,
+}
+
+/// Delay before check-back number `done + 1`: `check_after`, then doubling
+/// from there, at most `max_interval`.
+pub(crate) fn check_delay(s: &TxnSettings, done: u32) -> Duration {
+    let factor = 1u32.checked_shl(done.min(20)).unwrap_or(u32::MAX);
+    s.check_after
+        .saturating_mul(factor)
+        .min(s.max_check_interval.max(s.check_after))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The transaction table.
+pub(crate) struct Transactions<L> {
+    data: L,
+    log: StateLog<L>,
+    txns: Mutex<HashMap<String, Slot>>,
+    due: Mutex<BTreeSet<(i64, String)>>,
+    wake: Notify,
+    pub(crate) sessions: Arc<Sessions>,
+    settings: TxnSettings,
+    counters: Counters,
+    /// (time, high-water mark of `__txn_state`) samples, for compaction.
+    marks: Mutex<VecDeque<(i64, u64)>>,
+    checking: Arc<Semaphore>,
+    open: AtomicU64,
+}
+
+impl<L: Log + Clone> Transactions<L> {
+    /// Loads the table from `internal` and completes commits a crash
+    /// interrupted.
+    pub(crate) async fn open(data: L, internal: L, settings: TxnSettings) -> Result<Arc<Self>> {
+        let (log, records) = StateLog::open(internal, "__txn_state", u64::MAX).await?;
+        let mut latest: HashMap<String, (TxnRecord, u64)> = HashMap::new();
+        for r in records {
+            let id =
+                String::from_utf8_lossy(r.record.key.as_deref().unwrap_or_default()).into_owned();
+            if r.record.value.is_empty() {
+                latest.remove(&id);
+                continue;
+            }
+            match TxnRecord::decode(r.record.value.clone()) {
+                Ok(rec) => {
+                    latest.insert(id, (rec, r.offset));
+                }
+                Err(e) => {
+                    tracing::error!(txn = %id, offset = r.offset, error = %e, "undecodable transaction record skipped")
+                }
+            }
+        }
+        let now = now_ms();
+        let expired_before = now - settings.retention.as_millis() as i64;
+        let t = Arc::new(Transactions {
+            data,
+            log,
+            txns: Mutex::new(HashMap::new()),
+            due: Mutex::new(BTreeSet::new()),
+            wake: Notify::new(),
+            sessions: Arc::new(Sessions::default()),
+            counters: Counters::default(),
+            marks: Mutex::new(VecDeque::new()),
+            checking: Arc::new(Semaphore::new(256)),
+            open: AtomicU64::new(0),
+            settings,
+        });
+        let mut committing = Vec::new();
+        for (id, (rec, log_offset)) in latest {
+            let finished = matches!(rec.state, COMMITTED | ROLLED_BACK);
+            if finished && rec.finished_at_ms < expired_before {
+                continue;
+            }
+            match rec.state {
+                PREPARED => {
+                    t.open.fetch_add(1, Ordering::Relaxed);
+                    let at = rec.prepared_at_ms
+                        + check_delay(&t.settings, rec.checks).as_millis() as i64;
+                    t.schedule(&id, at.max(now));
+                }
+                COMMITTING => {
+                    t.open.fetch_add(1, Ordering::Relaxed);
+                    committing.push(id.clone());
+                }
+                _ => {}
+            }
+            lock(&t.txns).insert(
+                id,
+                Arc::new(tokio::sync::Mutex::new(Some(Txn { rec, log_offset }))),
+            );
+        }
+        for id in committing {
+            let (_, mut guard) = t.existing(&id).await?;
+            if let Some(txn) = guard.as_mut() {
+                t.complete_commit(&id, txn).await?;
+                t.open.fetch_sub(1, Ordering::Relaxed);
+                tracing::info!(txn = %id, "completed a commit interrupted by a restart");
+            }
+        }
+        Ok(t)
+    }
+
+    /// Locks an existing transaction.
+    async fn existing(&self, id: &str) -> Result<(Slot, OwnedMutexGuard<Option<Txn>>)> {
+        loop {
+            let slot = lock(&self.txns)
+                .get(id)
+                .cloned()
+                .ok_or_else(|| Error::NotFound {
+                    what: "transaction",
+                    name: id.to_owned(),
+                })?;
+            let guard = slot.clone().lock_owned().await;
+            let current = lock(&self.txns)
+                .get(id)
+                .is_some_and(|s| Arc::ptr_eq(s, &slot));
+            if !current {
+                continue; // removed (expired or failed prepare) while we waited
+            }
+            if guard.is_none() {
+                return Err(Error::NotFound {
+                    what: "transaction",
+                    name: id.to_owned(),
+                });
+            }
+            return Ok((slot, guard));
+        }
+    }
+
+    /// Locks a transaction, creating an empty slot if there is none.
+    async fn slot(&self, id: &str) -> (Slot, OwnedMutexGuard<Option<Txn>>) {
+        loop {
+            let slot = lock(&self.txns)
+                .entry(id.to_owned())
+                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+                .clone();
+            let guard = slot.clone().lock_owned().await;
+            if lock(&self.txns)
+                .get(id)
+                .is_some_and(|s| Arc::ptr_eq(s, &slot))
+            {
+                return (slot, guard);
+            }
+        }
+    }
+
+    fn forget_empty(&self, id: &str, slot: &Slot) {
+        let mut txns = lock(&self.txns);
+        if txns.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            txns.remove(id);
+        }
+    }
+
+    fn schedule(&self, id: &str, at_ms: i64) {
+        lock(&self.due).insert((at_ms, id.to_owned()));
+        self.wake.notify_one();
+    }
+
+    async fn persist(&self, id: &str, txn: &mut Txn) -> Result<()> {
+        let ack = self
+            .log
+            .append(vec![upsert(
+                id.as_bytes().to_vec(),
+                txn.rec.encode_to_vec(),
+            )])
+            .await?;
+        if let Some(ack) = ack {
+            txn.log_offset = ack.base_offset;
+        }
+        Ok(())
+    }
+
+    /// Stores a half message (step 1–2). Retrying with the same id and
+    /// service while it is still prepared is harmless.
+    pub(crate) async fn prepare(
+        &self,
+        service: &str,
+        id: &str,
+        topic: &str,
+        partition: u32,
+        message: Outgoing,
+        context: Bytes,
+    ) -> Result<i64> {
+        let (slot, mut guard) = self.slot(id).await;
+        if let Some(t) = guard.as_ref() {
+            if t.rec.service != service {
+                return Err(Error::AlreadyExists {
+                    what: "transaction",
+                    name: id.to_owned(),
+                });
+            }
+            return match t.rec.state {
+                PREPARED => Ok(t.rec.prepared_at_ms),
+                _ => Err(Error::FailedPrecondition(format!(
+                    "transaction {id:?} is already {}",
+                    state_name(t.rec.state)
+                ))),
+            };
+        }
+        let r = message.record;
+        let now = now_ms();
+        let mut txn = Txn {
+            rec: TxnRecord {
+                service: service.to_owned(),
+                topic: topic.to_owned(),
+                partition,
+                state: PREPARED,
+                prepared_at_ms: now,
+                message: Some(HalfMessage {
+                    key: r.key,
+                    value: r.value,
+                    headers: r
+                        .headers
+                        .into_iter()
+                        .map(|h| HeaderRecord {
+                            name: h.name,
+                            value: h.value,
+                        })
+                        .collect(),
+                    timestamp_ms: r.timestamp_ms,
+                }),
+                context,
+                ..TxnRecord::default()
+            },
+            log_offset: 0,
+        };
+        if let Err(e) = self.persist(id, &mut txn).await {
+            drop(guard);
+            self.forget_empty(id, &slot);
+            return Err(e);
+        }
+        *guard = Some(txn);
+        self.counters.prepared.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::Relaxed);
+        self.schedule(id, now + self.settings.check_after.as_millis() as i64);
+        Ok(now)
+    }
+
+    /// Commits (step 4 and 8). `service` must own the transaction.
+    pub(crate) async fn commit(
+        &self,
+        service: &str,
+        id: &str,
+    ) -> Result<pb::EndTransactionResponse> {
+        let (_slot, mut guard) = self.existing(id).await?;
+        let txn = guard.as_mut().expect("existing() returns a filled slot");
+        owned_by(id, txn, service)?;
+        self.decide(id, txn, true, false).await
+    }
+
+    /// Rolls back (step 4). `service` must own the transaction.
+    pub(crate) async fn rollback(
+        &self,
+        service: &str,
+        id: &str,
+    ) -> Result<pb::EndTransactionResponse> {
+        let (_slot, mut guard) = self.existing(id).await?;
+        let txn = guard.as_mut().expect("existing() returns a filled slot");
+        owned_by(id, txn, service)?;
+        self.decide(id, txn, false, false).await
+    }
+
+    /// Applies an outcome to a locked transaction.
+    async fn decide(
+        &self,
+        id: &str,
+        txn: &mut Txn,
+        commit: bool,
+        by_check: bool,
+    ) -> Result<pb::EndTransactionResponse> {
+        match (txn.rec.state, commit) {
+            (COMMITTED, true) | (ROLLED_BACK, false) => return Ok(response(id, &txn.rec)),
+            (COMMITTED, false) | (ROLLED_BACK, true) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "transaction {id:?} is already {}; it cannot be {}",
+                    state_name(txn.rec.state),
+                    if commit { "committed" } else { "rolled back" }
+                )));
+            }
+            _ => {}
+        }
+        txn.rec.resolved_by_check = by_check;
+        if commit {
+            txn.rec.state = COMMITTING;
+            txn.rec.scan_from = self
+                .data
+                .offsets(&TopicPartition::new(
+                    txn.rec.topic.clone(),
+                    txn.rec.partition,
+                ))?
+                .high_water_mark;
+            self.persist(id, txn).await?;
+            failpoint::hit("coordinator.commit.before_append");
+            self.complete_commit(id, txn).await?;
+            self.counters.committed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            txn.rec.state = ROLLED_BACK;
+            txn.rec.message = None;
+            txn.rec.context = Bytes::new();
+            txn.rec.finished_at_ms = now_ms();
+            self.persist(id, txn).await?;
+            self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
+        }
+        if by_check {
+            self.counters
+                .resolved_by_check
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        self.open.fetch_sub(1, Ordering::Relaxed);
+        Ok(response(id, &txn.rec))
+    }
+
+    /// From COMMITTING: makes sure the message is in its partition exactly
+    /// once, then records COMMITTED.
+    async fn complete_commit(&self, id: &str, txn: &mut Txn) -> Result<()> {
+        let tp = TopicPartition::new(txn.rec.topic.clone(), txn.rec.partition);
+        let offset = match self.find(&tp, txn.rec.scan_from, id).await? {
+            Some(o) => o,
+            None => {
+                let half = txn.rec.message.clone().unwrap_or_default();
+                let record = Record {
+                    id: Bytes::copy_from_slice(id.as_bytes()),
+                    key: half.key,
+                    value: half.value,
+                    headers: half
+                        .headers
+                        .into_iter()
+                        .map(|h| Header {
+                            name: h.name,
+                            value: h.value,
+                        })
+                        .collect(),
+                    timestamp_ms: half.timestamp_ms,
+                };
+                let ack = self.data.append(&tp, vec![record]).await?;
+                failpoint::hit("coordinator.commit.after_append");
+                ack.base_offset
+            }
+        };
+        txn.rec.state = COMMITTED;
+        txn.rec.offset = offset;
+        txn.rec.message = None;
+        txn.rec.context = Bytes::new();
+        txn.rec.finished_at_ms = now_ms();
+        self.persist(id, txn).await
+    }
+
+    /// Looks for the message `id` in `tp` from offset `from` on.
+    async fn find(&self, tp: &TopicPartition, from: u64, id: &str) -> Result<Option<u64>> {
+        let offsets = self.data.offsets(tp)?;
+        let mut next = from.max(offsets.log_start);
+        while next < offsets.high_water_mark {
+            let batch = self.data.read(tp, next, ReadBudget::default()).await?;
+            let Some(last) = batch.last() else { break };
+            next = last.offset + 1;
+            if let Some(r) = batch.iter().find(|r| r.record.id == id.as_bytes()) {
+                return Ok(Some(r.offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A transaction as the API shows it.
+    pub(crate) async fn get(&self, id: &str) -> Result<pb::Transaction> {
+        let (_slot, guard) = self.existing(id).await?;
+        let t = &guard
+            .as_ref()
+            .expect("existing() returns a filled slot")
+            .rec;
+        Ok(pb::Transaction {
+            txn_id: id.to_owned(),
+            service: t.service.clone(),
+            topic: t.topic.clone(),
+            state: api_state(t.state) as i32,
+            prepared_at_ms: t.prepared_at_ms,
+            checks: t.checks,
+            resolved_by_check: t.resolved_by_check,
+            position: response(id, t).position,
+        })
+    }
+
+    /// The protocol's counters.
+    pub(crate) fn stats(&self) -> pb::Stats {
+        let c = &self.counters;
+        pb::Stats {
+            prepared: c.prepared.load(Ordering::Relaxed),
+            committed: c.committed.load(Ordering::Relaxed),
+            rolled_back: c.rolled_back.load(Ordering::Relaxed),
+            checks_sent: c.checks_sent.load(Ordering::Relaxed),
+            resolved_by_check: c.resolved_by_check.load(Ordering::Relaxed),
+            final_actions: c.final_actions.load(Ordering::Relaxed),
+            open: self.open.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Runs check-backs as they fall due, until aborted.
+    pub(crate) async fn run_checks(self: Arc<Self>) {
+        loop {
+            let next = lock(&self.due).first().cloned();
+            let now = now_ms();
+            match next {
+                None => self.wake.notified().await,
+                Some((at, _)) if at > now => {
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis((at - now) as u64)) => {}
+                        () = self.wake.notified() => {}
+                    }
+                }
+                Some(entry) => {
+                    lock(&self.due).remove(&entry);
+                    let Ok(permit) = self.checking.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = this.check(&entry.1).await {
+                            tracing::error!(txn = %entry.1, error = %e, "check-back failed");
+                        }
+                        drop(permit);
+                    });
+                }
+            }
+        }
+    }
+
+    /// One check-back (steps 5–7).
+    async fn check(&self, id: &str) -> Result<()> {
+        let (service, req) = {
+            let (_slot, guard) = match self.existing(id).await {
+                Ok(g) => g,
+                Err(Error::NotFound { .. }) => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            let t = &guard
+                .as_ref()
+                .expect("existing() returns a filled slot")
+                .rec;
+            if t.state != PREPARED {
+                return Ok(());
+            }
+            let half = t.message.clone().unwrap_or_default();
+            let req = pb::CheckTransaction {
+                check_id: 0,
+                txn_id: id.to_owned(),
+                topic: t.topic.clone(),
+                message: Some(pb::Message {
+                    id: id.to_owned(),
+                    key: half.key,
+                    value: half.value,
+                    headers: half
+                        .headers
+                        .into_iter()
+                        .map(|h| pb::Header {
+                            name: h.name,
+                            value: h.value,
+                        })
+                        .collect(),
+                    partition: Some(t.partition),
+                }),
+                context: t.context.clone(),
+                prepared_at_ms: t.prepared_at_ms,
+                attempt: t.checks + 1,
+            };
+            (t.service.clone(), req)
+        };
+        self.counters.checks_sent.fetch_add(1, Ordering::Relaxed);
+        let attempt = req.attempt;
+        let answer = self
+            .sessions
+            .check(&service, req, self.settings.check_timeout)
+            .await;
+        tracing::debug!(txn = id, attempt, ?answer, "check-back answered");
+        let (_slot, mut guard) = self.existing(id).await?;
+        let txn = guard.as_mut().expect("existing() returns a filled slot");
+        if txn.rec.state != PREPARED {
+            return Ok(()); // decided meanwhile
+        }
+        match answer {
+            Some(pb::LocalState::Commit) => self.decide(id, txn, true, true).await.map(drop),
+            Some(pb::LocalState::Rollback) => self.decide(id, txn, false, true).await.map(drop),
+            _ => {
+                txn.rec.checks += 1;
+                if txn.rec.checks >= self.settings.max_checks {
+                    let commit = self.settings.final_action == FinalAction::Commit;
+                    tracing::warn!(txn = id, %service, checks = txn.rec.checks, action = if commit { "commit" } else { "rollback" },
+                        "no answer after the last check-back: applying the final action");
+                    self.counters.final_actions.fetch_add(1, Ordering::Relaxed);
+                    self.decide(id, txn, commit, true).await.map(drop)
+                } else {
+                    self.persist(id, txn).await?;
+                    let delay = check_delay(&self.settings, txn.rec.checks);
+                    self.schedule(id, now_ms() + delay.as_millis() as i64);
+                    Ok(())
+                }
+            }
+        }
+    }
+
+    /// Periodic upkeep: forgets transactions finished longer ago than the
+    /// retention, carries open ones forward and drops old log segments.
+    pub(crate) async fn maintain(&self) -> Result<()> {
+        let now = now_ms();
+        let horizon = now - self.settings.retention.as_millis() as i64;
+        let cutoff = {
+            let mut marks = lock(&self.marks);
+            marks.push_back((now, self.log.high_water_mark()?));
+            let mut cutoff = None;
+            while marks.front().is_some_and(|(t, _)| *t <= horizon) {
+                cutoff = marks.pop_front().map(|(_, hwm)| hwm);
+            }
+            cutoff
+        };
+        let slots: Vec<(String, Slot)> = lock(&self.txns)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (id, slot) in slots {
+            let mut guard = slot.clone().lock_owned().await;
+            let Some(txn) = guard.as_mut() else { continue };
+            let finished = matches!(txn.rec.state, COMMITTED | ROLLED_BACK);
+            if finished && txn.rec.finished_at_ms < horizon {
+                *guard = None;
+                drop(guard);
+                self.forget_empty(&id, &slot);
+            } else if !finished && cutoff.is_some_and(|c| txn.log_offset < c) {
+                self.persist(&id, txn).await?;
+            }
+        }
+        if let Some(c) = cutoff {
+            self.log.truncate_before(c).await?;
+        }
+        Ok(())
+    }
+}
+
+fn owned_by(id: &str, txn: &Txn, service: &str) -> Result<()> {
+    if txn.rec.service == service {
+        Ok(())
+    } else {
+        Err(Error::PermissionDenied(format!(
+            "transaction {id:?} belongs to service {:?}, not {service:?}",
+            txn.rec.service
+        )))
+    }
+}
+
+fn state_name(s: i32) -> &'static str {
+    match s {
+        PREPARED => "prepared",
+        COMMITTING | COMMITTED => "committed",
+        ROLLED_BACK => "rolled back",
+        _ => "unknown",
+    }
+}
+
+fn api_state(s: i32) -> pb::TransactionState {
+    match s {
+        PREPARED => pb::TransactionState::Prepared,
+        COMMITTING | COMMITTED => pb::TransactionState::Committed,
+        ROLLED_BACK => pb::TransactionState::RolledBack,
+        _ => pb::TransactionState::Unspecified,
+    }
+}
+
+fn response(id: &str, t: &TxnRecord) -> pb::EndTransactionResponse {
+    pb::EndTransactionResponse {
+        state: api_state(t.state) as i32,
+        position: (t.state == COMMITTED).then(|| pb::MessagePosition {
+            id: id.to_owned(),
+            partition: t.partition,
+            offset: t.offset,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn check_back_backs_off_exponentially_up_to_the_cap() {
+        let s = TxnSettings {
+            check_after: Duration::from_secs(6),
+            max_check_interval: Duration::from_secs(60),
+            ..TxnSettings::default()
+        };
+        let delays: Vec<u64> = (0..7).map(|n| check_delay(&s, n).as_secs()).collect();
+        assert_eq!(delays, vec![6, 12, 24, 48, 60, 60, 60]);
+        assert_eq!(check_delay(&s, 1000), Duration::from_secs(60));
+    }
+}

@@ -1,0 +1,375 @@
+//! Transactional messages over real gRPC: half messages stay invisible until
+//! committed, outcomes are idempotent and fenced, check-back resolves what
+//! the producer never decided (here a test plays the producer's sidecar on
+//! its session stream), and open transactions survive a restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tandem_coordinator::{Config, TxnSettings};
+use tandem_proto::coordinator as pb;
+use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tokio::sync::mpsc;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn fast_checks() -> Config {
+    Config {
+        txn: TxnSettings {
+            check_after: Duration::from_millis(300),
+            check_timeout: Duration::from_millis(300),
+            max_check_interval: Duration::from_millis(600),
+            max_checks: 3,
+            ..TxnSettings::default()
+        },
+        ..Config::default()
+    }
+}
+
+async fn prepare(
+    c: &mut CoordinatorClient<Channel>,
+    service: &str,
+    txn: &str,
+    value: &str,
+) -> TestResult<String> {
+    Ok(c.prepare(pb::PrepareRequest {
+        service: service.into(),
+        txn_id: txn.into(),
+        topic: "orders".into(),
+        message: Some(msg(Some("k"), value)),
+        context: Default::default(),
+    })
+    .await?
+    .into_inner()
+    .txn_id)
+}
+
+fn end(service: &str, txn: &str) -> pb::EndTransactionRequest {
+    pb::EndTransactionRequest {
+        service: service.into(),
+        txn_id: txn.into(),
+    }
+}
+
+async fn state(c: &mut CoordinatorClient<Channel>, txn: &str) -> TestResult<pb::Transaction> {
+    Ok(
+        c.get_transaction(pb::GetTransactionRequest { txn_id: txn.into() })
+            .await?
+            .into_inner(),
+    )
+}
+
+/// Plays a producer sidecar: answers check-backs with `answers` in turn
+/// (then with the last one forever); `None` means stay silent.
+async fn sidecar(
+    addr: std::net::SocketAddr,
+    service: &str,
+    answers: Vec<Option<pb::LocalState>>,
+) -> TestResult<tokio::task::JoinHandle<Vec<pb::CheckTransaction>>> {
+    let mut client = CoordinatorClient::connect(format!("http://{addr}")).await?;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::SessionRequest {
+        kind: Some(pb::session_request::Kind::Hello(pb::Hello {
+            service: service.into(),
+            instance: "test".into(),
+        })),
+    })
+    .await?;
+    let mut stream = client
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    Ok(tokio::spawn(async move {
+        let mut asked = Vec::new();
+        while let Ok(Some(msg)) = stream.message().await {
+            let Some(pb::session_response::Kind::Check(check)) = msg.kind else {
+                continue;
+            };
+            let answer = answers
+                .get(asked.len())
+                .or(answers.last())
+                .copied()
+                .flatten();
+            asked.push(check.clone());
+            if let Some(state) = answer {
+                let _ = tx
+                    .send(pb::SessionRequest {
+                        kind: Some(pb::session_request::Kind::CheckResult(pb::CheckResult {
+                            check_id: check.check_id,
+                            txn_id: check.txn_id,
+                            state: state as i32,
+                        })),
+                    })
+                    .await;
+            }
+        }
+        asked
+    }))
+}
+
+async fn wait_state(
+    c: &mut CoordinatorClient<Channel>,
+    txn: &str,
+    want: pb::TransactionState,
+) -> TestResult<pb::Transaction> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let t = state(c, txn).await?;
+        if t.state == want as i32 {
+            return Ok(t);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("transaction {txn} stayed {:?}", t.state).into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn half_messages_are_invisible_until_committed_and_outcomes_are_fenced() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let c = Running::start(dir.path()).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 2).await?;
+    let mut consumer = Member::join(c.addr, "orders", "cart", SubscribeOpts::default()).await?;
+
+    let t1 = prepare(&mut client, "orders-svc", "t1", "committed").await?;
+    let t2 = prepare(&mut client, "orders-svc", "", "rolled back").await?;
+    assert!(!t2.is_empty(), "an id is generated");
+    // a retried prepare is harmless
+    assert_eq!(
+        prepare(&mut client, "orders-svc", "t1", "committed").await?,
+        "t1"
+    );
+    assert!(
+        consumer
+            .next_deliveries(Duration::from_millis(300))
+            .await?
+            .is_empty(),
+        "half messages are invisible"
+    );
+
+    let r = client.commit(end("orders-svc", &t1)).await?.into_inner();
+    assert_eq!(r.state, pb::TransactionState::Committed as i32);
+    let position = r.position.ok_or("position")?;
+    client.rollback(end("orders-svc", &t2)).await?;
+    let got = consumer.receive(1).await?;
+    assert_eq!(got.len(), 1);
+    assert_eq!(value(&got[0]), "committed");
+    assert_eq!(
+        got[0].message.as_ref().map(|m| m.id.as_str()),
+        Some("t1"),
+        "the message id is the transaction id"
+    );
+    assert_eq!(
+        (got[0].partition, got[0].offset),
+        (position.partition, position.offset)
+    );
+    consumer.ack(&got).await?;
+
+    // repeats are idempotent; the opposite outcome is refused and changes nothing
+    let again = client.commit(end("orders-svc", &t1)).await?.into_inner();
+    assert_eq!(again.position, Some(position));
+    client.rollback(end("orders-svc", &t2)).await?;
+    let e = client
+        .rollback(end("orders-svc", &t1))
+        .await
+        .expect_err("rollback after commit");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let e = client
+        .commit(end("orders-svc", &t2))
+        .await
+        .expect_err("commit after rollback");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    // fencing: another service, an unknown id, a malformed id
+    let t3 = prepare(&mut client, "orders-svc", "t3", "x").await?;
+    let e = client
+        .commit(end("cart-svc", &t3))
+        .await
+        .expect_err("another service");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    assert_eq!(
+        state(&mut client, &t3).await?.state,
+        pb::TransactionState::Prepared as i32
+    );
+    let e = client
+        .commit(end("orders-svc", "nope"))
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = client
+        .commit(end("orders-svc", &"x".repeat(300)))
+        .await
+        .expect_err("malformed");
+    assert_eq!(
+        (e.code(), e.message().contains("txn_id")),
+        (Code::InvalidArgument, true),
+        "{e}"
+    );
+    let e = client.commit(end("", &t3)).await.expect_err("no service");
+    assert_eq!(
+        (e.code(), e.message().contains("service")),
+        (Code::InvalidArgument, true),
+        "{e}"
+    );
+    let e = prepare(&mut client, "cart-svc", "t3", "x")
+        .await
+        .expect_err("id taken by another service");
+    assert!(e.to_string().contains("already exists"), "{e}");
+    let big = pb::PrepareRequest {
+        service: "orders-svc".into(),
+        txn_id: "big".into(),
+        topic: "orders".into(),
+        message: Some(pb::Message {
+            value: vec![0; 2 << 20].into(),
+            ..msg(None, "")
+        }),
+        context: Default::default(),
+    };
+    let e = client.prepare(big).await.expect_err("over-size");
+    assert_eq!(
+        (e.code(), e.message().contains("message")),
+        (Code::ResourceExhausted, true),
+        "{e}"
+    );
+    let e = client
+        .get_transaction(pb::GetTransactionRequest {
+            txn_id: "big".into(),
+        })
+        .await
+        .expect_err("nothing stored");
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(
+        consumer
+            .next_deliveries(Duration::from_millis(200))
+            .await?
+            .is_empty(),
+        "nothing else delivered"
+    );
+    let stats = client.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+    assert_eq!(
+        (
+            stats.prepared,
+            stats.committed,
+            stats.rolled_back,
+            stats.open
+        ),
+        (3, 1, 1, 1)
+    );
+    consumer.leave().await?;
+    c.stop().await
+}
+
+#[tokio::test]
+async fn check_back_resolves_what_the_producer_never_decided() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let c = Running::start_with(dir.path(), fast_checks()).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 1).await?;
+    use pb::LocalState::{Commit, Rollback, Unknown};
+    let svc_commit = sidecar(c.addr, "commits", vec![Some(Commit)]).await?;
+    let svc_rollback = sidecar(c.addr, "rolls-back", vec![Some(Rollback)]).await?;
+    let svc_unsure = sidecar(c.addr, "unsure", vec![Some(Unknown), Some(Commit)]).await?;
+    let svc_silent = sidecar(c.addr, "silent", vec![None]).await?;
+    prepare(&mut client, "commits", "a", "a").await?;
+    prepare(&mut client, "rolls-back", "b", "b").await?;
+    prepare(&mut client, "unsure", "c", "c").await?;
+    prepare(&mut client, "silent", "d", "d").await?;
+    prepare(&mut client, "no-sidecar", "e", "e").await?;
+
+    let a = wait_state(&mut client, "a", pb::TransactionState::Committed).await?;
+    assert!(a.resolved_by_check);
+    wait_state(&mut client, "b", pb::TransactionState::RolledBack).await?;
+    let cc = wait_state(&mut client, "c", pb::TransactionState::Committed).await?;
+    assert_eq!(cc.checks, 1, "one UNKNOWN before the COMMIT");
+    let d = wait_state(&mut client, "d", pb::TransactionState::RolledBack).await?;
+    assert_eq!(d.checks, 3, "max_checks unanswered, then the final action");
+    let e = wait_state(&mut client, "e", pb::TransactionState::RolledBack).await?;
+    assert_eq!(e.checks, 3);
+
+    let mut m = Member::join(c.addr, "orders", "g", SubscribeOpts::default()).await?;
+    let got = m.receive(2).await?;
+    let mut values: Vec<String> = got.iter().map(value).collect();
+    values.sort();
+    assert_eq!(values, vec!["a", "c"]);
+    assert!(
+        m.next_deliveries(Duration::from_millis(200))
+            .await?
+            .is_empty()
+    );
+    let stats = client.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+    assert_eq!(
+        (stats.resolved_by_check, stats.final_actions, stats.open),
+        (5, 2, 0)
+    );
+    m.leave().await?;
+    c.stop().await?;
+    let asked = svc_unsure.await?;
+    assert_eq!(
+        asked.iter().map(|c| c.attempt).collect::<Vec<_>>(),
+        vec![1, 2]
+    );
+    assert_eq!(
+        asked[0].message.as_ref().map(|m| m.value.as_ref()),
+        Some(&b"c"[..]),
+        "the half message comes with the check"
+    );
+    for h in [svc_commit, svc_rollback, svc_silent] {
+        h.await?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn open_transactions_survive_a_restart_and_are_checked_back_after_it() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let c = Running::start_with(
+        dir.path(),
+        Config {
+            txn: TxnSettings {
+                check_after: Duration::from_secs(3600),
+                ..fast_checks().txn
+            },
+            ..Config::default()
+        },
+    )
+    .await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 1).await?;
+    prepare(&mut client, "svc", "open-1", "one").await?;
+    prepare(&mut client, "svc", "open-2", "two").await?;
+    prepare(&mut client, "svc", "done", "three").await?;
+    client.commit(end("svc", "done")).await?;
+    c.stop().await?;
+
+    // after the restart, check-backs are due at once (check_after has passed)
+    let c = Running::start_with(dir.path(), fast_checks()).await?;
+    let mut client = c.client().await?;
+    let answers = sidecar(c.addr, "svc", vec![Some(pb::LocalState::Commit)]).await?;
+    assert_eq!(
+        client.commit(end("svc", "done")).await?.into_inner().state,
+        pb::TransactionState::Committed as i32
+    );
+    client.rollback(end("svc", "open-2")).await?;
+    wait_state(&mut client, "open-1", pb::TransactionState::Committed).await?;
+    let mut m = Member::join(c.addr, "orders", "g", SubscribeOpts::default()).await?;
+    let got = m.receive(2).await?;
+    let values: Vec<String> = got.iter().map(value).collect();
+    assert_eq!(values, vec!["three", "one"]);
+    assert!(
+        m.next_deliveries(Duration::from_millis(200))
+            .await?
+            .is_empty(),
+        "rolled back never delivered"
+    );
+    m.leave().await?;
+    c.stop().await?;
+    let asked = answers.await?;
+    assert_eq!(
+        asked.iter().map(|c| c.txn_id.as_str()).collect::<Vec<_>>(),
+        vec!["open-1"]
+    );
+    Ok(())
+}
