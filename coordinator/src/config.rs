@@ -10,6 +10,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use tandem_storage::{CronSchedule, FsyncPolicy, LogConfig, Retention};
 
+use crate::settings::{ConfigError, Kind, Layers};
+
 /// Command-line flags of `tandem-coordinator` (and `tandem coordinator`).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct CoordinatorArgs {
@@ -28,44 +30,6 @@ pub struct CoordinatorArgs {
     /// Any setting of the file, as KEY=VALUE (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
-}
-
-/// A setting that could not be read or is out of range.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file, a variable or a flag does not parse, or names no setting.
-    #[error("{origin}: {message}")]
-    Parse {
-        /// Where the value came from.
-        origin: String,
-        /// What is wrong.
-        message: String,
-    },
-    /// A value out of its range.
-    #[error("invalid setting {key} = {value:?}: {reason}")]
-    Invalid {
-        /// The setting.
-        key: &'static str,
-        /// Its value as given.
-        value: String,
-        /// What is allowed.
-        reason: String,
-    },
-}
-
-#[derive(Clone, Copy)]
-enum Kind {
-    Str,
-    Int,
 }
 
 /// Every setting, with its type; environment variable `TANDEM_<KEY>`.
@@ -180,31 +144,6 @@ impl Default for Config {
     }
 }
 
-fn insert(
-    table: &mut toml::Table,
-    key: &str,
-    value: &str,
-    origin: &str,
-) -> Result<(), ConfigError> {
-    let Some((_, kind)) = KEYS.iter().find(|(k, _)| *k == key) else {
-        return Err(ConfigError::Parse {
-            origin: origin.to_owned(),
-            message: format!("unknown setting {key:?}"),
-        });
-    };
-    let v = match kind {
-        Kind::Str => toml::Value::String(value.to_owned()),
-        Kind::Int => {
-            toml::Value::Integer(value.trim().parse().map_err(|_| ConfigError::Parse {
-                origin: origin.to_owned(),
-                message: format!("{key} must be a whole number, got {value:?}"),
-            })?)
-        }
-    };
-    table.insert(key.to_owned(), v);
-    Ok(())
-}
-
 impl Config {
     /// Loads the settings: defaults, the file named by `--config`, then
     /// `TANDEM_*` from `env`, then the flags.
@@ -212,68 +151,25 @@ impl Config {
         args: &CoordinatorArgs,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let mut table = match &args.config {
-            Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| ConfigError::Parse {
-                        origin: path.display().to_string(),
-                        message: e.to_string(),
-                    })?
-            }
-            None => toml::Table::new(),
-        };
-        for (name, value) in env {
-            let Some(key) = name.strip_prefix("TANDEM_") else {
-                continue;
-            };
-            let key = key.to_ascii_lowercase();
-            if KEYS.iter().any(|(k, _)| *k == key) {
-                insert(&mut table, &key, &value, &name)?;
-            }
-        }
         let flags = [
             ("listen", args.listen.clone()),
-            (
-                "data_dir",
-                args.data_dir.as_ref().map(|d| d.display().to_string()),
-            ),
+            ("data_dir", args.data_dir.as_ref().map(|d| d.display().to_string())),
             ("fsync", args.fsync.clone()),
         ];
-        for (key, value) in flags {
-            if let Some(v) = value {
-                insert(&mut table, key, &v, &format!("--{}", key.replace('_', "-")))?;
-            }
-        }
-        for kv in &args.set {
-            let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::Parse {
-                origin: format!("--set {kv}"),
-                message: "expected KEY=VALUE".into(),
-            })?;
-            insert(&mut table, k.trim(), v, &format!("--set {kv}"))?;
-        }
-        let origin = args
-            .config
-            .as_ref()
-            .map_or("settings".to_owned(), |p| p.display().to_string());
-        let raw = Raw::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
-            origin,
-            message: e.to_string(),
-        })?;
-        raw.check()
+        let layers = Layers {
+            file: args.config.as_deref(),
+            env_prefix: "TANDEM_",
+            keys: KEYS,
+            flags: &flags,
+            sets: &args.set,
+        };
+        layers.resolve::<Raw>(env)?.check()
     }
 }
 
 impl Raw {
     fn check(self) -> Result<Config, ConfigError> {
-        let invalid = |key, value: &dyn std::fmt::Debug, reason: &str| ConfigError::Invalid {
-            key,
-            value: format!("{value:?}"),
-            reason: reason.to_owned(),
-        };
+        let invalid = ConfigError::invalid;
         let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:7400".into());
         let listen = listen_s
             .parse()

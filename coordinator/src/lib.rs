@@ -19,12 +19,14 @@ mod partitioner;
 mod server;
 mod service;
 mod session;
+pub mod settings;
 mod statelog;
 mod topics;
 mod transactions;
 
 pub use broker::{Broker, GroupDescription, Outgoing, PartitionDescription, Position};
-pub use config::{Config, ConfigError, CoordinatorArgs, FinalAction, TxnSettings};
+pub use config::{Config, CoordinatorArgs, FinalAction, TxnSettings};
+pub use settings::ConfigError;
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};
 pub use server::{Coordinator, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};

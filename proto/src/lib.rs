@@ -7,3 +7,15 @@ pub mod coordinator {
     #![allow(missing_docs, unreachable_pub, clippy::all)]
     tonic::include_proto!("tandem.coordinator.v1");
 }
+
+/// The sidecar API (called by applications), v1.
+pub mod sidecar {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("tandem.sidecar.v1");
+}
+
+/// The app callback API (implemented by applications), v1.
+pub mod app {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("tandem.app.v1");
+}

@@ -1,0 +1,139 @@
+//! Layered settings, shared by the coordinator and the sidecar: defaults,
+//! then a TOML file, then `<PREFIX><KEY>` environment variables, then flags
+//! (named ones and `--set KEY=VALUE`). Every value is typed by its key's
+//! [`Kind`]; a key that names no setting, in the file or in a flag, is an
+//! error. The result deserializes into the caller's raw settings type,
+//! which then checks ranges.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+/// A setting that could not be read or is out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file, a variable or a flag does not parse, or names no setting.
+    #[error("{origin}: {message}")]
+    Parse {
+        /// Where the value came from.
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value out of its range.
+    #[error("invalid setting {key} = {value:?}: {reason}")]
+    Invalid {
+        /// The setting.
+        key: &'static str,
+        /// Its value as given.
+        value: String,
+        /// What is allowed.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    /// An out-of-range value.
+    pub fn invalid(key: &'static str, value: &dyn std::fmt::Debug, reason: &str) -> ConfigError {
+        ConfigError::Invalid {
+            key,
+            value: format!("{value:?}"),
+            reason: reason.to_owned(),
+        }
+    }
+}
+
+/// The type of a setting's value.
+#[derive(Clone, Copy, Debug)]
+pub enum Kind {
+    /// Text.
+    Str,
+    /// A whole number.
+    Int,
+}
+
+/// Where settings come from, lowest precedence first.
+#[derive(Debug)]
+pub struct Layers<'a> {
+    /// The TOML file, if any.
+    pub file: Option<&'a Path>,
+    /// Prefix of environment variables (`TANDEM_`).
+    pub env_prefix: &'a str,
+    /// Every setting and its type.
+    pub keys: &'a [(&'a str, Kind)],
+    /// Flags that name one setting each, with their values if given.
+    pub flags: &'a [(&'a str, Option<String>)],
+    /// `--set KEY=VALUE` flags.
+    pub sets: &'a [String],
+}
+
+impl Layers<'_> {
+    fn insert(&self, table: &mut toml::Table, key: &str, value: &str, origin: &str) -> Result<(), ConfigError> {
+        let Some((_, kind)) = self.keys.iter().find(|(k, _)| *k == key) else {
+            return Err(ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("unknown setting {key:?}"),
+            });
+        };
+        let v = match kind {
+            Kind::Str => toml::Value::String(value.to_owned()),
+            Kind::Int => toml::Value::Integer(value.trim().parse().map_err(|_| ConfigError::Parse {
+                origin: origin.to_owned(),
+                message: format!("{key} must be a whole number, got {value:?}"),
+            })?),
+        };
+        table.insert(key.to_owned(), v);
+        Ok(())
+    }
+
+    /// Merges the layers and deserializes them into `T` (whose unknown keys
+    /// should be denied).
+    pub fn resolve<T: DeserializeOwned>(&self, env: impl IntoIterator<Item = (String, String)>) -> Result<T, ConfigError> {
+        let mut table = match self.file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
+                    origin: path.display().to_string(),
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix(self.env_prefix) else { continue };
+            let key = key.to_ascii_lowercase();
+            if self.keys.iter().any(|(k, _)| *k == key) {
+                self.insert(&mut table, &key, &value, &name)?;
+            }
+        }
+        for (key, value) in self.flags {
+            if let Some(v) = value {
+                self.insert(&mut table, key, v, &format!("--{}", key.replace('_', "-")))?;
+            }
+        }
+        for kv in self.sets {
+            let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::Parse {
+                origin: format!("--set {kv}"),
+                message: "expected KEY=VALUE".into(),
+            })?;
+            self.insert(&mut table, k.trim(), v, &format!("--set {kv}"))?;
+        }
+        let origin = self.file.map_or("settings".to_owned(), |p| p.display().to_string());
+        T::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
+            origin,
+            message: e.to_string(),
+        })
+    }
+}
