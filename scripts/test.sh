@@ -1,8 +1,56 @@
 #!/usr/bin/env bash
 # Runs Tandem's whole test suite on a fresh machine: installs and starts what
-# the tests need, builds once, and runs every test.
+# the tests need (a throwaway PostgreSQL server from Debian's packages, on a
+# loopback ephemeral port), builds once, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+pg_bin() {
+    ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
+}
+
+start_postgres() {
+    local bin
+    bin=$(pg_bin)
+    if [ -z "$bin" ] || [ ! -x "$bin/initdb" ]; then
+        echo "installing PostgreSQL from Debian's packages..."
+        export DEBIAN_FRONTEND=noninteractive
+        as_root apt-get install -y -q postgresql >/dev/null 2>&1 ||
+            { as_root apt-get update -q >/dev/null && as_root apt-get install -y -q postgresql >/dev/null; }
+        bin=$(pg_bin)
+    fi
+    local port user dir
+    port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    dir=$(mktemp -d /tmp/tandem-pg.XXXXXX)
+    user=$(id -un)
+    # PostgreSQL refuses to run as root: use the account its package made.
+    if [ "$(id -u)" = 0 ]; then
+        user=postgres
+        chown postgres "$dir"
+    fi
+    local run=(env)
+    [ "$user" = "$(id -un)" ] || run=(runuser -u "$user" --)
+    "${run[@]}" "$bin/initdb" -D "$dir/data" -A trust -U tandem >/dev/null
+    "${run[@]}" "$bin/pg_ctl" -D "$dir/data" -l "$dir/log" -w \
+        -o "-p $port -k $dir -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300" start >/dev/null
+    PG_STOP=("${run[@]}" "$bin/pg_ctl" -D "$dir/data" -m immediate stop)
+    PG_DIR=$dir
+    trap 'stop_postgres' EXIT
+    export TANDEM_TEST_POSTGRES="postgres://tandem@127.0.0.1:$port/postgres"
+    export TANDEM_REQUIRE_POSTGRES=1
+    echo "PostgreSQL for the tests on 127.0.0.1:$port"
+}
+
+stop_postgres() {
+    "${PG_STOP[@]}" >/dev/null 2>&1 || true
+    rm -rf "$PG_DIR"
+}
+
+start_postgres
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --all-targets

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tandem_cli::{ConsumeArgs, PublishArgs, TopicCommand};
 use tandem_coordinator::{Config, CoordinatorArgs};
+use tandem_sidecar::SidecarArgs;
 
 /// Tandem: transactional messages for services that each own their database.
 #[derive(Parser)]
@@ -33,6 +34,8 @@ enum Command {
     Consume(ConsumeArgs),
     /// Runs the coordinator.
     Coordinator(CoordinatorArgs),
+    /// Runs a sidecar next to a service.
+    Sidecar(SidecarArgs),
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -56,6 +59,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&args, std::env::vars())?;
             tandem_coordinator::init_tracing(&config.log_filter);
             Ok(tandem_coordinator::run(config, tandem_coordinator::shutdown_signal()).await?)
+        }
+        Command::Sidecar(args) => {
+            let config = tandem_sidecar::Config::load(&args, std::env::vars())?;
+            tandem_coordinator::init_tracing(&config.log_filter);
+            Ok(tandem_sidecar::run(config, tandem_coordinator::shutdown_signal()).await?)
         }
     }
 }

@@ -153,7 +153,10 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let flags = [
             ("listen", args.listen.clone()),
-            ("data_dir", args.data_dir.as_ref().map(|d| d.display().to_string())),
+            (
+                "data_dir",
+                args.data_dir.as_ref().map(|d| d.display().to_string()),
+            ),
             ("fsync", args.fsync.clone()),
         ];
         let layers = Layers {

@@ -26,11 +26,11 @@ mod transactions;
 
 pub use broker::{Broker, GroupDescription, Outgoing, PartitionDescription, Position};
 pub use config::{Config, CoordinatorArgs, FinalAction, TxnSettings};
-pub use settings::ConfigError;
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};
 pub use server::{Coordinator, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};
 pub use service::{
     CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, SIDECAR_SESSION_TIMEOUT, check_id,
 };
+pub use settings::ConfigError;
 pub use topics::{MAX_PARTITIONS, TopicMeta};

@@ -77,7 +77,13 @@ pub struct Layers<'a> {
 }
 
 impl Layers<'_> {
-    fn insert(&self, table: &mut toml::Table, key: &str, value: &str, origin: &str) -> Result<(), ConfigError> {
+    fn insert(
+        &self,
+        table: &mut toml::Table,
+        key: &str,
+        value: &str,
+        origin: &str,
+    ) -> Result<(), ConfigError> {
         let Some((_, kind)) = self.keys.iter().find(|(k, _)| *k == key) else {
             return Err(ConfigError::Parse {
                 origin: origin.to_owned(),
@@ -86,10 +92,12 @@ impl Layers<'_> {
         };
         let v = match kind {
             Kind::Str => toml::Value::String(value.to_owned()),
-            Kind::Int => toml::Value::Integer(value.trim().parse().map_err(|_| ConfigError::Parse {
-                origin: origin.to_owned(),
-                message: format!("{key} must be a whole number, got {value:?}"),
-            })?),
+            Kind::Int => {
+                toml::Value::Integer(value.trim().parse().map_err(|_| ConfigError::Parse {
+                    origin: origin.to_owned(),
+                    message: format!("{key} must be a whole number, got {value:?}"),
+                })?)
+            }
         };
         table.insert(key.to_owned(), v);
         Ok(())
@@ -97,22 +105,28 @@ impl Layers<'_> {
 
     /// Merges the layers and deserializes them into `T` (whose unknown keys
     /// should be denied).
-    pub fn resolve<T: DeserializeOwned>(&self, env: impl IntoIterator<Item = (String, String)>) -> Result<T, ConfigError> {
+    pub fn resolve<T: DeserializeOwned>(
+        &self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<T, ConfigError> {
         let mut table = match self.file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
                     path: path.to_owned(),
                     source,
                 })?;
-                text.parse::<toml::Table>().map_err(|e| ConfigError::Parse {
-                    origin: path.display().to_string(),
-                    message: e.to_string(),
-                })?
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        origin: path.display().to_string(),
+                        message: e.to_string(),
+                    })?
             }
             None => toml::Table::new(),
         };
         for (name, value) in env {
-            let Some(key) = name.strip_prefix(self.env_prefix) else { continue };
+            let Some(key) = name.strip_prefix(self.env_prefix) else {
+                continue;
+            };
             let key = key.to_ascii_lowercase();
             if self.keys.iter().any(|(k, _)| *k == key) {
                 self.insert(&mut table, &key, &value, &name)?;
@@ -130,7 +144,9 @@ impl Layers<'_> {
             })?;
             self.insert(&mut table, k.trim(), v, &format!("--set {kv}"))?;
         }
-        let origin = self.file.map_or("settings".to_owned(), |p| p.display().to_string());
+        let origin = self
+            .file
+            .map_or("settings".to_owned(), |p| p.display().to_string());
         T::deserialize(toml::Value::Table(table)).map_err(|e| ConfigError::Parse {
             origin,
             message: e.to_string(),

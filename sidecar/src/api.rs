@@ -1,0 +1,289 @@
+//! The sidecar API the app calls: publishing (plain and transactional),
+//! explicit transactions, subscriptions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_coordinator::failpoint;
+use tandem_proto::app as app_pb;
+use tandem_proto::coordinator as pb;
+use tandem_proto::sidecar as sc;
+use tonic::{Code, Request, Response, Status};
+
+use crate::check::Mode;
+use crate::error::{Error, Result};
+use crate::node::{Counters, Node};
+use crate::subscription::{self, Subscriptions};
+
+/// How long an outcome is retried while the coordinator is unreachable;
+/// after that check-back settles it.
+const OUTCOME_RETRY: Duration = Duration::from_secs(15);
+
+/// The sidecar's gRPC service.
+pub(crate) struct SidecarService {
+    pub(crate) node: Arc<Node>,
+    pub(crate) subscriptions: Arc<Subscriptions>,
+}
+
+fn response(txn_id: String, r: pb::EndTransactionResponse) -> sc::TransactionResponse {
+    sc::TransactionResponse {
+        txn_id,
+        state: r.state,
+        position: r.position,
+    }
+}
+
+fn left_to_check_back(txn_id: String) -> sc::TransactionResponse {
+    sc::TransactionResponse {
+        txn_id,
+        state: pb::TransactionState::Prepared as i32,
+        position: None,
+    }
+}
+
+impl SidecarService {
+    async fn prepare(
+        &self,
+        topic: String,
+        message: Option<pb::Message>,
+        txn_id: String,
+        mode: Mode,
+    ) -> Result<String> {
+        let reply = self
+            .node
+            .coordinator()
+            .prepare(pb::PrepareRequest {
+                service: self.node.config.service.clone(),
+                txn_id,
+                topic,
+                message,
+                context: Bytes::from_static(mode.context()),
+            })
+            .await
+            .map_err(Error::Coordinator)?;
+        Ok(reply.into_inner().txn_id)
+    }
+
+    /// Sends an outcome, retrying while the coordinator is unreachable.
+    async fn end(&self, txn_id: &str, commit: bool) -> Result<pb::EndTransactionResponse> {
+        let req = pb::EndTransactionRequest {
+            service: self.node.config.service.clone(),
+            txn_id: txn_id.to_owned(),
+        };
+        let deadline = tokio::time::Instant::now() + OUTCOME_RETRY;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let mut c = self.node.coordinator();
+            let r = if commit {
+                c.commit(req.clone()).await
+            } else {
+                c.rollback(req.clone()).await
+            };
+            match r {
+                Ok(r) => {
+                    Counters::bump(if commit {
+                        &self.node.counters.committed
+                    } else {
+                        &self.node.counters.rolled_back
+                    });
+                    return Ok(r.into_inner());
+                }
+                Err(s)
+                    if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(s) => return Err(Error::Coordinator(s)),
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl sc::sidecar_server::Sidecar for SidecarService {
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        Ok(Response::new(
+            self.node
+                .coordinator()
+                .publish(req.into_inner())
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    async fn publish_transactional(
+        &self,
+        req: Request<sc::PublishTransactionalRequest>,
+    ) -> Result<Response<sc::TransactionResponse>, Status> {
+        let req = req.into_inner();
+        let mut app = self.node.app("PublishTransactional")?;
+        let txn_id = self
+            .prepare(
+                req.topic.clone(),
+                req.message.clone(),
+                req.txn_id,
+                Mode::Callback,
+            )
+            .await?;
+        let execute = app_pb::ExecuteLocalTransactionRequest {
+            txn_id: txn_id.clone(),
+            topic: req.topic,
+            message: req.message.map(|m| pb::Message {
+                id: txn_id.clone(),
+                ..m
+            }),
+        };
+        let state = match tokio::time::timeout(
+            self.node.config.callback_timeout,
+            app.execute_local_transaction(execute),
+        )
+        .await
+        {
+            Ok(Ok(r)) => {
+                pb::LocalState::try_from(r.into_inner().state).unwrap_or(pb::LocalState::Unknown)
+            }
+            Ok(Err(s)) => {
+                tracing::warn!(txn = %txn_id, error = %s.message(), "ExecuteLocalTransaction failed; leaving the outcome to check-back");
+                pb::LocalState::Unknown
+            }
+            Err(_) => {
+                tracing::warn!(txn = %txn_id, "ExecuteLocalTransaction timed out; leaving the outcome to check-back");
+                pb::LocalState::Unknown
+            }
+        };
+        let reply = match state {
+            pb::LocalState::Commit => response(txn_id.clone(), self.end(&txn_id, true).await?),
+            pb::LocalState::Rollback => response(txn_id.clone(), self.end(&txn_id, false).await?),
+            _ => left_to_check_back(txn_id),
+        };
+        Ok(Response::new(reply))
+    }
+
+    async fn begin(
+        &self,
+        req: Request<sc::BeginRequest>,
+    ) -> Result<Response<sc::BeginResponse>, Status> {
+        let req = req.into_inner();
+        let mode = match sc::CheckMode::try_from(req.check_mode) {
+            Ok(sc::CheckMode::Callback) => {
+                self.node.app("Begin with CHECK_MODE_CALLBACK")?;
+                Mode::Callback
+            }
+            Ok(_) => Mode::Table,
+            Err(_) => {
+                return Err(Error::invalid(
+                    "check_mode",
+                    format!("unknown mode {}", req.check_mode),
+                )
+                .into());
+            }
+        };
+        let txn_id = self
+            .prepare(req.topic, req.message, req.txn_id, mode)
+            .await?;
+        failpoint::hit("sidecar.begin.after_prepare");
+        Ok(Response::new(sc::BeginResponse { txn_id }))
+    }
+
+    async fn commit(
+        &self,
+        req: Request<sc::EndRequest>,
+    ) -> Result<Response<sc::TransactionResponse>, Status> {
+        let txn_id = req.into_inner().txn_id;
+        failpoint::hit("sidecar.commit.before_forward");
+        match self.end(&txn_id, true).await {
+            Ok(r) => Ok(Response::new(response(txn_id, r))),
+            Err(Error::Coordinator(s)) if s.code() == Code::Unavailable => {
+                // The local transaction is committed; check-back will deliver.
+                Ok(Response::new(left_to_check_back(txn_id)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn rollback(
+        &self,
+        req: Request<sc::EndRequest>,
+    ) -> Result<Response<sc::TransactionResponse>, Status> {
+        let txn_id = req.into_inner().txn_id;
+        match self.end(&txn_id, false).await {
+            Ok(r) => Ok(Response::new(response(txn_id, r))),
+            Err(Error::Coordinator(s)) if s.code() == Code::Unavailable => {
+                Ok(Response::new(left_to_check_back(txn_id)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        req: Request<sc::SubscribeRequest>,
+    ) -> Result<Response<sc::SubscribeResponse>, Status> {
+        let spec = subscription::normalize(&self.node, req.into_inner())?;
+        self.node.app("Subscribe")?;
+        // The topic must exist; its dead-letter topic is created with it.
+        let mut c = self.node.coordinator();
+        c.describe_topic(pb::DescribeTopicRequest {
+            name: spec.topic.clone(),
+        })
+        .await?;
+        let dlq = pb::CreateTopicRequest {
+            name: format!("{}.dlq", spec.topic),
+            partitions: 1,
+        };
+        match c.create_topic(dlq).await {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => return Err(s),
+        }
+        self.node
+            .db
+            .save_subscription(&spec.topic, &spec.group, &subscription::encode(&spec))
+            .await?;
+        tracing::info!(topic = %spec.topic, group = %spec.group, "subscribed");
+        self.subscriptions.start(&self.node, spec).await;
+        Ok(Response::new(sc::SubscribeResponse {}))
+    }
+
+    async fn unsubscribe(
+        &self,
+        req: Request<sc::UnsubscribeRequest>,
+    ) -> Result<Response<sc::UnsubscribeResponse>, Status> {
+        let req = req.into_inner();
+        let group = if req.group.is_empty() {
+            self.node.config.service.clone()
+        } else {
+            req.group
+        };
+        let saved = self.node.db.delete_subscription(&req.topic, &group).await?;
+        let running = self.subscriptions.stop(&req.topic, &group).await;
+        if !saved && !running {
+            return Err(Status::not_found(format!(
+                "no subscription to {:?} for group {group:?}",
+                req.topic
+            )));
+        }
+        Ok(Response::new(sc::UnsubscribeResponse {}))
+    }
+
+    async fn list_subscriptions(
+        &self,
+        _: Request<sc::ListSubscriptionsRequest>,
+    ) -> Result<Response<sc::ListSubscriptionsResponse>, Status> {
+        Ok(Response::new(sc::ListSubscriptionsResponse {
+            subscriptions: self.subscriptions.list(),
+        }))
+    }
+
+    async fn get_stats(
+        &self,
+        _: Request<sc::GetStatsRequest>,
+    ) -> Result<Response<sc::Stats>, Status> {
+        Ok(Response::new(self.node.counters.snapshot()))
+    }
+}

@@ -1,0 +1,100 @@
+//! Answering check-backs (steps 6–7): how did the app's local transaction
+//! end? In table mode the answer is in `tandem_txn`; when the row is absent
+//! and the transaction is older than `check_after`, the rollback marker is
+//! inserted first under the same key, so the app's late commit fails instead
+//! of committing a message that was rolled back. In callback mode the app's
+//! `CheckLocalTransaction` answers. Anything uncertain is UNKNOWN, which the
+//! coordinator retries.
+
+use tandem_proto::app as app_pb;
+use tandem_proto::coordinator as pb;
+
+use crate::db::TableState;
+use crate::error::Error;
+use crate::node::Node;
+
+/// How a transaction is checked back; kept as the half message's opaque
+/// context, so every sidecar instance of the service answers alike.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    Table,
+    Callback,
+}
+
+impl Mode {
+    pub(crate) fn context(self) -> &'static [u8] {
+        match self {
+            Mode::Table => b"check=table",
+            Mode::Callback => b"check=callback",
+        }
+    }
+
+    fn of(context: &[u8]) -> Mode {
+        if context == Mode::Callback.context() {
+            Mode::Callback
+        } else {
+            Mode::Table
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Node {
+    /// The state of the local transaction a check-back asks about.
+    pub(crate) async fn local_state(&self, check: &pb::CheckTransaction) -> pb::LocalState {
+        let result = match Mode::of(&check.context) {
+            Mode::Table => self.table_state(check).await,
+            Mode::Callback => self.callback_state(check).await,
+        };
+        match result {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(txn = %check.txn_id, error = %e, "check-back: state unknown");
+                pb::LocalState::Unknown
+            }
+        }
+    }
+
+    async fn table_state(&self, check: &pb::CheckTransaction) -> Result<pb::LocalState, Error> {
+        let mut state = self.db.txn_state(&check.txn_id).await?;
+        let age = now_ms() - check.prepared_at_ms;
+        if state == TableState::Absent && age >= self.config.check_after.as_millis() as i64 {
+            state = self.db.mark_rolled_back(&check.txn_id).await?;
+        }
+        Ok(match state {
+            TableState::Committed => pb::LocalState::Commit,
+            TableState::RolledBack => pb::LocalState::Rollback,
+            TableState::Absent => pb::LocalState::Unknown,
+        })
+    }
+
+    async fn callback_state(&self, check: &pb::CheckTransaction) -> Result<pb::LocalState, Error> {
+        let mut app = self.app("CheckLocalTransaction")?;
+        let req = app_pb::CheckLocalTransactionRequest {
+            txn_id: check.txn_id.clone(),
+            topic: check.topic.clone(),
+            message: check.message.clone(),
+            prepared_at_ms: check.prepared_at_ms,
+            attempt: check.attempt,
+        };
+        let reply = tokio::time::timeout(
+            self.config.callback_timeout,
+            app.check_local_transaction(req),
+        )
+        .await
+        .map_err(|_| Error::App {
+            call: "CheckLocalTransaction",
+            status: tonic::Status::deadline_exceeded("no answer within callback_timeout_ms"),
+        })?
+        .map_err(|status| Error::App {
+            call: "CheckLocalTransaction",
+            status,
+        })?;
+        Ok(pb::LocalState::try_from(reply.into_inner().state).unwrap_or(pb::LocalState::Unknown))
+    }
+}

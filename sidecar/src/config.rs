@@ -1,0 +1,258 @@
+//! Sidecar settings, layered like the coordinator's: defaults, then the
+//! TOML file (`--config`), then `TANDEM_SIDECAR_<KEY>` environment
+//! variables, then flags. Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tandem_coordinator::settings::{ConfigError, Kind, Layers};
+use tandem_storage::CronSchedule;
+
+/// Command-line flags of `tandem-sidecar` (and `tandem sidecar`).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct SidecarArgs {
+    /// TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address the app calls [default: 127.0.0.1:7410].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
+    /// The coordinator [default: http://127.0.0.1:7400].
+    #[arg(long, value_name = "URL")]
+    pub coordinator: Option<String>,
+    /// Name of the service this sidecar serves [default: app].
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// The app's callback server (ExecuteLocalTransaction, CheckLocalTransaction, HandleMessage).
+    #[arg(long, value_name = "URL")]
+    pub app: Option<String>,
+    /// The app's database for Tandem's tables: a SQLite file (default ./tandem-sidecar.db) or postgres://….
+    #[arg(long, value_name = "URL")]
+    pub db: Option<String>,
+    /// Any setting of the file, as KEY=VALUE (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+}
+
+const KEYS: &[(&str, Kind)] = &[
+    ("listen", Kind::Str),
+    ("coordinator", Kind::Str),
+    ("service", Kind::Str),
+    ("app", Kind::Str),
+    ("db", Kind::Str),
+    ("instance", Kind::Str),
+    ("check_after_ms", Kind::Int),
+    ("callback_timeout_ms", Kind::Int),
+    ("handler_timeout_ms", Kind::Int),
+    ("retention_ms", Kind::Int),
+    ("cleanup_schedule", Kind::Str),
+    ("log", Kind::Str),
+];
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    listen: Option<String>,
+    coordinator: Option<String>,
+    service: Option<String>,
+    app: Option<String>,
+    db: Option<String>,
+    instance: Option<String>,
+    check_after_ms: Option<u64>,
+    callback_timeout_ms: Option<u64>,
+    handler_timeout_ms: Option<u64>,
+    retention_ms: Option<u64>,
+    cleanup_schedule: Option<String>,
+    log: Option<String>,
+}
+
+/// The checked sidecar settings.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address the app calls.
+    pub listen: SocketAddr,
+    /// The coordinator's URL.
+    pub coordinator: String,
+    /// The service this sidecar serves; it owns the transactions it starts.
+    pub service: String,
+    /// The app's callback server, if it has one.
+    pub app: Option<String>,
+    /// Database URL for Tandem's tables.
+    pub db: String,
+    /// Names this instance in the coordinator's logs.
+    pub instance: String,
+    /// Table mode: a check-back that finds no row inserts the rollback
+    /// marker once the transaction is this old (the coordinator's
+    /// `check_after_ms`).
+    pub check_after: Duration,
+    /// How long ExecuteLocalTransaction and CheckLocalTransaction may take.
+    pub callback_timeout: Duration,
+    /// How long HandleMessage may take before the attempt counts as failed.
+    pub handler_timeout: Duration,
+    /// Dedup rows and rollback markers older than this are deleted.
+    pub retention: Duration,
+    /// When that cleanup runs.
+    pub cleanup_schedule: CronSchedule,
+    /// Log filter.
+    pub log_filter: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Raw::default().check().expect("the defaults are valid")
+    }
+}
+
+impl Config {
+    /// Loads the settings: defaults, `--config`, `TANDEM_SIDECAR_*` from
+    /// `env`, then the flags.
+    pub fn load(
+        args: &SidecarArgs,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let flags = [
+            ("listen", args.listen.clone()),
+            ("coordinator", args.coordinator.clone()),
+            ("service", args.service.clone()),
+            ("app", args.app.clone()),
+            ("db", args.db.clone()),
+        ];
+        Layers {
+            file: args.config.as_deref(),
+            env_prefix: "TANDEM_SIDECAR_",
+            keys: KEYS,
+            flags: &flags,
+            sets: &args.set,
+        }
+        .resolve::<Raw>(env)?
+        .check()
+    }
+}
+
+fn url(key: &'static str, v: String) -> Result<String, ConfigError> {
+    if v.starts_with("http://") || v.starts_with("https://") {
+        Ok(v)
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            &v,
+            "expected an http:// or https:// URL",
+        ))
+    }
+}
+
+impl Raw {
+    fn check(self) -> Result<Config, ConfigError> {
+        let invalid = ConfigError::invalid;
+        let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:7410".into());
+        let listen = listen_s
+            .parse()
+            .map_err(|_| invalid("listen", &listen_s, "expected HOST:PORT with an IP address"))?;
+        let service = self.service.unwrap_or_else(|| "app".into());
+        tandem_coordinator::check_id("service", &service)
+            .map_err(|e| invalid("service", &service, &e.to_string()))?;
+        let ms = |key: &'static str, v: Option<u64>, default: u64, min: u64, max: u64| {
+            let v = v.unwrap_or(default);
+            if (min..=max).contains(&v) {
+                Ok(Duration::from_millis(v))
+            } else {
+                Err(invalid(
+                    key,
+                    &v,
+                    &format!("must be between {min} and {max}"),
+                ))
+            }
+        };
+        let schedule_s = self.cleanup_schedule.unwrap_or_else(|| "17 * * * *".into());
+        let cleanup_schedule = schedule_s.parse().map_err(|e: tandem_storage::Error| {
+            invalid("cleanup_schedule", &schedule_s, &e.to_string())
+        })?;
+        let instance = self.instance.unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into()),
+                std::process::id()
+            )
+        });
+        Ok(Config {
+            listen,
+            coordinator: url(
+                "coordinator",
+                self.coordinator
+                    .unwrap_or_else(|| "http://127.0.0.1:7400".into()),
+            )?,
+            app: self.app.map(|a| url("app", a)).transpose()?,
+            db: self.db.unwrap_or_else(|| "./tandem-sidecar.db".into()),
+            instance,
+            service,
+            check_after: ms("check_after_ms", self.check_after_ms, 6_000, 100, 3_600_000)?,
+            callback_timeout: ms(
+                "callback_timeout_ms",
+                self.callback_timeout_ms,
+                10_000,
+                10,
+                600_000,
+            )?,
+            handler_timeout: ms(
+                "handler_timeout_ms",
+                self.handler_timeout_ms,
+                30_000,
+                10,
+                3_600_000,
+            )?,
+            retention: ms(
+                "retention_ms",
+                self.retention_ms,
+                7 * 24 * 3_600_000,
+                60_000,
+                365 * 24 * 3_600_000,
+            )?,
+            cleanup_schedule,
+            log_filter: self.log.unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_suit_a_local_run_and_flags_win() -> Result<(), ConfigError> {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:7410");
+        assert_eq!(c.coordinator, "http://127.0.0.1:7400");
+        assert_eq!(c.app, None);
+        let args = SidecarArgs {
+            service: Some("orders".into()),
+            app: Some("http://127.0.0.1:9000".into()),
+            ..SidecarArgs::default()
+        };
+        let env = vec![
+            ("TANDEM_SIDECAR_SERVICE".to_owned(), "carts".to_owned()),
+            ("TANDEM_SIDECAR_DB".to_owned(), "x.db".to_owned()),
+        ];
+        let c = Config::load(&args, env)?;
+        assert_eq!(c.service, "orders");
+        assert_eq!(c.db, "x.db");
+        assert_eq!(c.app.as_deref(), Some("http://127.0.0.1:9000"));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let bad = |set: &str| {
+            let args = SidecarArgs {
+                set: vec![set.into()],
+                ..SidecarArgs::default()
+            };
+            Config::load(&args, Vec::new()).expect_err(set).to_string()
+        };
+        assert!(bad("coordinator=localhost:7400").contains("coordinator"));
+        assert!(bad("service=").contains("service"));
+        assert!(bad("handler_timeout_ms=0").contains("handler_timeout_ms"));
+        assert!(bad("colour=blue").contains("colour"));
+    }
+}

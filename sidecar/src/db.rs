@@ -1,0 +1,334 @@
+//! The sidecar's tables in the application's own database: `tandem_txn`
+//! (table mode), `tandem_inbox` (dedup) and `tandem_subscription`. SQLite
+//! (the default; WAL mode and a busy timeout, so the app and the sidecar can
+//! share the file) or PostgreSQL; the same SQL runs on both (`$n`
+//! placeholders, `ON CONFLICT DO NOTHING`). Tables come from migrations
+//! embedded in the binary.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{Row, SqlStr};
+
+use crate::error::{Error, Result};
+
+/// A connection pool to the app's database.
+#[derive(Clone, Debug)]
+pub enum Db {
+    /// SQLite.
+    Sqlite(SqlitePool),
+    /// PostgreSQL.
+    Postgres(PgPool),
+}
+
+/// Runs the same statement on whichever pool it is.
+macro_rules! on_db {
+    ($db:expr, |$pool:ident| $body:expr) => {
+        match $db {
+            Db::Sqlite($pool) => $body,
+            Db::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// How a check-back found the local transaction in `tandem_txn`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableState {
+    /// The app's row is there: it committed.
+    Committed,
+    /// The rollback marker is there.
+    RolledBack,
+    /// Nothing yet.
+    Absent,
+}
+
+fn migrator(sql: &'static str) -> Migrator {
+    Migrator::with_migrations(vec![Migration::new(
+        1,
+        "tandem tables".into(),
+        MigrationType::Simple,
+        SqlStr::from_static(sql),
+        false,
+    )])
+}
+
+fn db_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |source| Error::Db { what, source }
+}
+
+impl Db {
+    /// Connects to `url`: `postgres://…`, `sqlite:…`, or a plain file path
+    /// (SQLite, created if missing).
+    pub async fn connect(url: &str) -> Result<Db> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = PgPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(db_err("connect to PostgreSQL"))?;
+            return Ok(Db::Postgres(pool));
+        }
+        let url = if url.starts_with("sqlite:") {
+            url.to_owned()
+        } else {
+            format!("sqlite://{url}")
+        };
+        let opts = SqliteConnectOptions::from_str(&url)
+            .map_err(db_err("parse the SQLite URL"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts)
+            .await
+            .map_err(db_err("open SQLite"))?;
+        Ok(Db::Sqlite(pool))
+    }
+
+    /// Creates or updates Tandem's tables.
+    pub async fn migrate(&self) -> Result<()> {
+        let r = match self {
+            Db::Sqlite(p) => {
+                migrator(include_str!("../migrations/sqlite/0001_tandem_tables.sql"))
+                    .run(p)
+                    .await
+            }
+            Db::Postgres(p) => {
+                migrator(include_str!(
+                    "../migrations/postgres/0001_tandem_tables.sql"
+                ))
+                .run(p)
+                .await
+            }
+        };
+        r.map_err(|e| Error::Migrate(e.to_string()))
+    }
+
+    /// Looks a transaction up in `tandem_txn`.
+    pub async fn txn_state(&self, txn_id: &str) -> Result<TableState> {
+        let row = on_db!(self, |p| sqlx::query(
+            "SELECT state FROM tandem_txn WHERE txn_id = $1"
+        )
+        .bind(txn_id)
+        .fetch_optional(p)
+        .await
+        .map_err(db_err("read tandem_txn"))?
+        .map(|r| r.try_get::<String, _>(0)));
+        match row
+            .transpose()
+            .map_err(db_err("read tandem_txn"))?
+            .as_deref()
+        {
+            None => Ok(TableState::Absent),
+            Some("rolled_back") => Ok(TableState::RolledBack),
+            Some(_) => Ok(TableState::Committed),
+        }
+    }
+
+    /// Inserts the rollback marker unless the app's row is there; returns
+    /// what the table holds afterwards (never `Absent`).
+    pub async fn mark_rolled_back(&self, txn_id: &str) -> Result<TableState> {
+        on_db!(self, |p| {
+            sqlx::query(
+            "INSERT INTO tandem_txn (txn_id, state) VALUES ($1, 'rolled_back') ON CONFLICT DO NOTHING"
+        )
+        .bind(txn_id)
+        .execute(p)
+        .await
+        .map_err(db_err("insert the rollback marker"))?;
+        });
+        self.txn_state(txn_id).await
+    }
+
+    /// True if `group` already processed `message_id`.
+    pub async fn inbox_has(&self, group: &str, message_id: &str) -> Result<bool> {
+        let row = on_db!(self, |p| sqlx::query(
+            "SELECT 1 FROM tandem_inbox WHERE consumer_group = $1 AND message_id = $2"
+        )
+        .bind(group)
+        .bind(message_id)
+        .fetch_optional(p)
+        .await
+        .map_err(db_err("read tandem_inbox"))?
+        .is_some());
+        Ok(row)
+    }
+
+    /// Records that `group` processed `message_id` (if not recorded yet).
+    pub async fn inbox_add(&self, group: &str, message_id: &str) -> Result<()> {
+        on_db!(self, |p| {
+            sqlx::query(
+            "INSERT INTO tandem_inbox (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
+        )
+        .bind(group)
+        .bind(message_id)
+        .execute(p)
+        .await
+        .map_err(db_err("insert into tandem_inbox"))?;
+        });
+        Ok(())
+    }
+
+    /// Deletes dedup rows and rollback markers older than `before_ms`;
+    /// returns the rows deleted.
+    pub async fn cleanup(&self, before_ms: i64) -> Result<u64> {
+        let inbox = on_db!(self, |p| sqlx::query(
+            "DELETE FROM tandem_inbox WHERE processed_at < $1"
+        )
+        .bind(before_ms)
+        .execute(p)
+        .await
+        .map_err(db_err("clean tandem_inbox"))?
+        .rows_affected());
+        let txn = on_db!(self, |p| sqlx::query(
+            "DELETE FROM tandem_txn WHERE created_at < $1"
+        )
+        .bind(before_ms)
+        .execute(p)
+        .await
+        .map_err(db_err("clean tandem_txn"))?
+        .rows_affected());
+        Ok(inbox + txn)
+    }
+
+    /// Saves a subscription (replacing one on the same topic and group).
+    pub async fn save_subscription(&self, topic: &str, group: &str, spec: &[u8]) -> Result<()> {
+        on_db!(self, |p| {
+            sqlx::query(
+                "INSERT INTO tandem_subscription (topic, consumer_group, spec) VALUES ($1, $2, $3) \
+             ON CONFLICT (topic, consumer_group) DO UPDATE SET spec = excluded.spec",
+            )
+            .bind(topic)
+            .bind(group)
+            .bind(spec)
+            .execute(p)
+            .await
+            .map_err(db_err("save a subscription"))?;
+        });
+        Ok(())
+    }
+
+    /// Deletes a subscription; returns whether there was one.
+    pub async fn delete_subscription(&self, topic: &str, group: &str) -> Result<bool> {
+        let n = on_db!(self, |p| sqlx::query(
+            "DELETE FROM tandem_subscription WHERE topic = $1 AND consumer_group = $2"
+        )
+        .bind(topic)
+        .bind(group)
+        .execute(p)
+        .await
+        .map_err(db_err("delete a subscription"))?
+        .rows_affected());
+        Ok(n > 0)
+    }
+
+    /// Every saved subscription's spec.
+    pub async fn subscriptions(&self) -> Result<Vec<Vec<u8>>> {
+        let rows = on_db!(self, |p| {
+            let rows =
+                sqlx::query("SELECT spec FROM tandem_subscription ORDER BY topic, consumer_group")
+                    .fetch_all(p)
+                    .await
+                    .map_err(db_err("read subscriptions"))?;
+            rows.iter()
+                .map(|r| r.try_get::<Vec<u8>, _>(0))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(db_err("read subscriptions"))?
+        });
+        Ok(rows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn exercise(db: &Db) -> Result<()> {
+        db.migrate().await?;
+        db.migrate().await?; // idempotent
+        assert_eq!(db.txn_state("t1").await?, TableState::Absent);
+        on_db!(db, |p| sqlx::query(
+            "INSERT INTO tandem_txn (txn_id) VALUES ($1)"
+        )
+        .bind("t1")
+        .execute(p)
+        .await
+        .map(drop)
+        .map_err(db_err("insert"))?);
+        assert_eq!(db.txn_state("t1").await?, TableState::Committed);
+        assert_eq!(
+            db.mark_rolled_back("t1").await?,
+            TableState::Committed,
+            "the app's row wins"
+        );
+        assert_eq!(db.mark_rolled_back("t2").await?, TableState::RolledBack);
+        let late = on_db!(db, |p| sqlx::query(
+            "INSERT INTO tandem_txn (txn_id) VALUES ($1)"
+        )
+        .bind("t2")
+        .execute(p)
+        .await
+        .map(drop));
+        assert!(late.is_err(), "a late local commit fails on the marker");
+        assert!(!db.inbox_has("g", "m1").await?);
+        db.inbox_add("g", "m1").await?;
+        db.inbox_add("g", "m1").await?;
+        assert!(db.inbox_has("g", "m1").await?);
+        assert!(!db.inbox_has("other", "m1").await?);
+        db.save_subscription("t", "g", b"one").await?;
+        db.save_subscription("t", "g", b"two").await?;
+        assert_eq!(db.subscriptions().await?, vec![b"two".to_vec()]);
+        assert!(db.delete_subscription("t", "g").await?);
+        assert!(db.subscriptions().await?.is_empty());
+        assert_eq!(db.cleanup(i64::MAX).await?, 3);
+        Ok(())
+    }
+
+    /// Creates an empty database on the server of `url`; returns its URL.
+    pub(crate) async fn fresh_postgres_database(url: &str) -> Result<String> {
+        let (base, _) = url
+            .rsplit_once('/')
+            .ok_or_else(|| Error::Migrate(format!("bad URL {url}")))?;
+        let name = format!("t_{}", uuid::Uuid::now_v7().simple());
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(url)
+            .await
+            .map_err(db_err("connect"))?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .map_err(db_err("create a database"))?;
+        admin.close().await;
+        Ok(format!("{base}/{name}"))
+    }
+
+    #[tokio::test]
+    async fn sqlite_tables_behave() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Migrate(e.to_string()))?;
+        let db = Db::connect(&dir.path().join("app.db").display().to_string()).await?;
+        exercise(&db).await
+    }
+
+    /// Runs against the PostgreSQL server that `scripts/test.sh` starts
+    /// (`TANDEM_TEST_POSTGRES`); without one it says so and passes, unless
+    /// `TANDEM_REQUIRE_POSTGRES` is set, as it is in CI.
+    #[tokio::test]
+    async fn postgres_tables_behave() -> Result<()> {
+        let Ok(url) = std::env::var("TANDEM_TEST_POSTGRES") else {
+            assert!(
+                std::env::var_os("TANDEM_REQUIRE_POSTGRES").is_none(),
+                "TANDEM_TEST_POSTGRES is not set but PostgreSQL tests are required"
+            );
+            eprintln!("skipped: no TANDEM_TEST_POSTGRES (scripts/test.sh provides one)");
+            return Ok(());
+        };
+        let db = Db::connect(&fresh_postgres_database(&url).await?).await?;
+        exercise(&db).await
+    }
+}

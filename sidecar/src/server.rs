@@ -1,0 +1,100 @@
+//! Running a sidecar: open the app's database and migrate Tandem's tables,
+//! hold the coordinator session, resume saved subscriptions, serve the
+//! sidecar API (with the gRPC health service), clean old rows on schedule,
+//! and shut down in order.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tandem_proto::sidecar::sidecar_server::SidecarServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::api::SidecarService;
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::node::Node;
+use crate::session;
+use crate::subscription::{self, Subscriptions};
+
+/// Runs a sidecar on `listener` until `shutdown` resolves.
+pub async fn serve(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let db = Db::connect(&config.db).await?;
+    db.migrate().await?;
+    let node = Arc::new(Node::new(config, db)?);
+    let (stop, stop_rx) = watch::channel(false);
+    let session = tokio::spawn(session::run(node.clone(), stop_rx));
+    let subscriptions = Arc::new(Subscriptions::default());
+    for spec in node.db.subscriptions().await? {
+        match subscription::decode(&spec) {
+            Some(spec) => {
+                tracing::info!(topic = %spec.topic, group = %spec.group, "resuming subscription");
+                subscriptions.start(&node, spec).await;
+            }
+            None => tracing::error!("undecodable saved subscription skipped"),
+        }
+    }
+    let n = node.clone();
+    let cleanup = tokio::spawn(node.config.cleanup_schedule.clone().run(move || {
+        let n = n.clone();
+        async move {
+            let before = std::time::SystemTime::now()
+                .checked_sub(n.config.retention)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_millis() as i64);
+            match n.db.cleanup(before).await {
+                Ok(rows) => tracing::info!(rows, "old dedup rows and rollback markers deleted"),
+                Err(e) => tracing::error!(error = %e, "cleanup failed"),
+            }
+        }
+    }));
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<SidecarServer<SidecarService>>().await;
+    let service = SidecarServer::new(SidecarService {
+        node: node.clone(),
+        subscriptions: subscriptions.clone(),
+    })
+    .max_decoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES)
+    .max_encoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let subs = subscriptions.clone();
+    let served = Server::builder()
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            health
+                .set_not_serving::<SidecarServer<SidecarService>>()
+                .await;
+            subs.stop_all().await;
+        })
+        .await;
+    let _ = stop.send(true);
+    let _ = session.await;
+    cleanup.abort();
+    tracing::info!("stopped");
+    served.map_err(|e| Error::Serve(e.to_string()))
+}
+
+/// Binds `config.listen`, says where it listens on standard output, and
+/// serves until `shutdown`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+    let addr = config.listen;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| Error::Bind { addr, source })?;
+    println!("tandem-sidecar listening on {local}");
+    tracing::info!(%local, service = %config.service, coordinator = %config.coordinator, "listening");
+    serve(config, listener, shutdown).await
+}
