@@ -53,7 +53,7 @@ stop_postgres() {
 start_postgres
 
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --all-targets
+    cargo nextest run --workspace
 else
-    cargo test --workspace --all-targets
+    cargo test --workspace
 fi

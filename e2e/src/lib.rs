@@ -1,2 +1,6 @@
-//! The order/cart example services, the end-to-end and fault tests and the
-//! benchmark driver.
+//! End-to-end pieces of Tandem: real processes for tests and the demo, and
+//! the test application the fault tests drive. The fault tests themselves
+//! are in `tests/`, the benchmark driver in `benches/`.
+
+pub mod process;
+pub mod testapp;

@@ -26,6 +26,14 @@ pub(crate) struct SidecarService {
     pub(crate) subscriptions: Arc<Subscriptions>,
 }
 
+/// The call may not have reached the coordinator, or its answer was lost.
+fn lost_call(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
+
 fn response(txn_id: String, r: pb::EndTransactionResponse) -> sc::TransactionResponse {
     sc::TransactionResponse {
         txn_id,
@@ -89,9 +97,10 @@ impl SidecarService {
                     });
                     return Ok(r.into_inner());
                 }
-                Err(s)
-                    if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline =>
-                {
+                // Outcomes are idempotent, so a call the coordinator may
+                // never have seen (it was down or died mid-call) is retried.
+                Err(s) if lost_call(&s) && tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(txn = txn_id, code = ?s.code(), error = %s.message(), "outcome not confirmed; retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }
@@ -198,7 +207,7 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         failpoint::hit("sidecar.commit.before_forward");
         match self.end(&txn_id, true).await {
             Ok(r) => Ok(Response::new(response(txn_id, r))),
-            Err(Error::Coordinator(s)) if s.code() == Code::Unavailable => {
+            Err(Error::Coordinator(s)) if lost_call(&s) => {
                 // The local transaction is committed; check-back will deliver.
                 Ok(Response::new(left_to_check_back(txn_id)))
             }
@@ -213,7 +222,7 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         let txn_id = req.into_inner().txn_id;
         match self.end(&txn_id, false).await {
             Ok(r) => Ok(Response::new(response(txn_id, r))),
-            Err(Error::Coordinator(s)) if s.code() == Code::Unavailable => {
+            Err(Error::Coordinator(s)) if lost_call(&s) => {
                 Ok(Response::new(left_to_check_back(txn_id)))
             }
             Err(e) => Err(e.into()),

@@ -1,0 +1,140 @@
+//! Real processes for end-to-end tests and the demo: start one, learn the
+//! address it listens on from its first line (`… listening on HOST:PORT`),
+//! and stop it with SIGTERM or SIGKILL. A process is killed when its handle
+//! is dropped, so nothing outlives its test. Standard error goes to a log
+//! file next to the data, whose tail is printed if a test panics.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow, bail};
+
+/// A running child process.
+pub struct Process {
+    name: String,
+    child: Child,
+    log: PathBuf,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Starts `bin args…` with `env`, logging standard error to
+    /// `<log_dir>/<name>.log`, and waits (at most 30 s) for it to say where
+    /// it listens.
+    pub fn start(
+        name: &str,
+        bin: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+        log_dir: &Path,
+    ) -> anyhow::Result<Process> {
+        let log = log_dir.join(format!("{name}.log"));
+        let stderr = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("opening {}", log.display()))?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", bin.display()))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow!("{name}: no stdout"))?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut p = Process {
+            name: name.to_owned(),
+            child,
+            log,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(l) => l,
+                Err(_) => bail!("{name} did not start within 30 s; log:\n{}", p.log_tail()),
+            };
+            if let Some((_, addr)) = line.split_once(" listening on ") {
+                p.addr = addr
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("{name} printed {line:?}"))?;
+                return Ok(p);
+            }
+        }
+    }
+
+    /// The process's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `http://HOST:PORT` of its gRPC address.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Kills it with SIGKILL and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends SIGTERM and waits (at most `limit`) for it to exit.
+    pub fn terminate(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        self.wait(limit)
+    }
+
+    /// Waits (at most `limit`) for it to exit by itself.
+    pub fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(s);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {limit:?}", self.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("---- {} log (tail) ----\n{}", self.name, self.log_tail());
+        }
+    }
+}

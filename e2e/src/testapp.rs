@@ -1,0 +1,211 @@
+//! A small test application for the fault tests: it implements the app
+//! callback API over its own SQLite database (shared with its sidecar), and
+//! behaves as the message's value tells it, so a test can make a local
+//! transaction commit, roll back, crash, hang or answer UNKNOWN.
+//!
+//! Local transactions (callback mode) insert `business(txn_id, value)`.
+//! `ExecuteLocalTransaction` by value prefix:
+//! - `commit…`: insert, commit, answer COMMIT;
+//! - `rollback…`: answer ROLLBACK (nothing inserted);
+//! - `crash…`: insert, then abort the process before committing;
+//! - `unknown…`: insert, commit, but answer UNKNOWN (the answer is lost);
+//! - `check-unknown…`: as `unknown`, and the first check-back is UNKNOWN too;
+//! - `hang…`: answer UNKNOWN, and never answer a check-back.
+//!
+//! `CheckLocalTransaction` answers from `business` (COMMIT if the row is
+//! there, else ROLLBACK) except for the cases above.
+//!
+//! `HandleMessage` inserts `effects(message_id, value)`, with no unique key,
+//! so a duplicate effect would show; in STRONG dedup mode it inserts the
+//! `tandem_inbox` row in the same transaction and treats a conflict as
+//! already done. Values starting with `fail` are refused.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use tandem_coordinator::failpoint;
+use tandem_proto::app as app_pb;
+use tandem_proto::app::app_server::{App, AppServer};
+use tandem_proto::coordinator::LocalState;
+use tokio::net::TcpListener;
+use tonic::{Request, Response, Status};
+
+/// Opens (creating) a SQLite database the way Tandem's sidecar does: WAL
+/// mode and a busy timeout, so app and sidecar can share the file.
+pub async fn open_sqlite(path: &str) -> anyhow::Result<SqlitePool> {
+    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    Ok(SqlitePoolOptions::new()
+        .max_connections(8)
+        .connect_with(opts)
+        .await?)
+}
+
+struct TestApp {
+    db: SqlitePool,
+}
+
+fn internal(e: sqlx::Error) -> Status {
+    Status::internal(e.to_string())
+}
+
+fn value_of(m: Option<&tandem_proto::coordinator::Message>) -> String {
+    m.map(|m| String::from_utf8_lossy(&m.value).into_owned())
+        .unwrap_or_default()
+}
+
+fn answer(state: LocalState) -> Response<app_pb::LocalTransactionResponse> {
+    Response::new(app_pb::LocalTransactionResponse {
+        state: state as i32,
+    })
+}
+
+impl TestApp {
+    async fn insert_business(
+        &self,
+        txn_id: &str,
+        value: &str,
+        crash_before_commit: bool,
+    ) -> Result<(), Status> {
+        let mut tx = self.db.begin().await.map_err(internal)?;
+        sqlx::query("INSERT INTO business (txn_id, value) VALUES ($1, $2)")
+            .bind(txn_id)
+            .bind(value)
+            .execute(&mut *tx)
+            .await
+            .map_err(internal)?;
+        if crash_before_commit {
+            eprintln!("test app: crashing inside the local transaction of {txn_id}");
+            std::process::abort();
+        }
+        tx.commit().await.map_err(internal)
+    }
+
+    async fn has_business(&self, txn_id: &str) -> Result<bool, Status> {
+        Ok(sqlx::query("SELECT 1 FROM business WHERE txn_id = $1")
+            .bind(txn_id)
+            .fetch_optional(&self.db)
+            .await
+            .map_err(internal)?
+            .is_some())
+    }
+}
+
+#[tonic::async_trait]
+impl App for TestApp {
+    async fn execute_local_transaction(
+        &self,
+        req: Request<app_pb::ExecuteLocalTransactionRequest>,
+    ) -> Result<Response<app_pb::LocalTransactionResponse>, Status> {
+        let req = req.into_inner();
+        let v = value_of(req.message.as_ref());
+        let state = if v.starts_with("commit") {
+            self.insert_business(&req.txn_id, &v, false).await?;
+            LocalState::Commit
+        } else if v.starts_with("rollback") || v.starts_with("hang") {
+            if v.starts_with("hang") {
+                LocalState::Unknown
+            } else {
+                LocalState::Rollback
+            }
+        } else if v.starts_with("crash") {
+            self.insert_business(&req.txn_id, &v, true).await?;
+            LocalState::Unknown
+        } else if v.starts_with("unknown") || v.starts_with("check-unknown") {
+            self.insert_business(&req.txn_id, &v, false).await?;
+            LocalState::Unknown
+        } else {
+            return Err(Status::invalid_argument(format!(
+                "test app: no behaviour for value {v:?}"
+            )));
+        };
+        Ok(answer(state))
+    }
+
+    async fn check_local_transaction(
+        &self,
+        req: Request<app_pb::CheckLocalTransactionRequest>,
+    ) -> Result<Response<app_pb::LocalTransactionResponse>, Status> {
+        let req = req.into_inner();
+        let v = value_of(req.message.as_ref());
+        if v.starts_with("hang") {
+            std::future::pending::<()>().await;
+        }
+        if v.starts_with("check-unknown") && req.attempt == 1 {
+            return Ok(answer(LocalState::Unknown));
+        }
+        let committed = self.has_business(&req.txn_id).await?;
+        Ok(answer(if committed {
+            LocalState::Commit
+        } else {
+            LocalState::Rollback
+        }))
+    }
+
+    async fn handle_message(
+        &self,
+        req: Request<app_pb::HandleMessageRequest>,
+    ) -> Result<Response<app_pb::HandleMessageResponse>, Status> {
+        let req = req.into_inner();
+        let m = req.message.unwrap_or_default();
+        let v = String::from_utf8_lossy(&m.value).into_owned();
+        if v.starts_with("fail") {
+            return Err(Status::failed_precondition(format!(
+                "test app refuses {v:?}"
+            )));
+        }
+        let mut tx = self.db.begin().await.map_err(internal)?;
+        if req.dedup == "STRONG" {
+            let fresh = sqlx::query("INSERT INTO tandem_inbox (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                .bind(&req.group)
+                .bind(&m.id)
+                .execute(&mut *tx)
+                .await
+                .map_err(internal)?
+                .rows_affected()
+                == 1;
+            if !fresh {
+                return Ok(Response::new(app_pb::HandleMessageResponse {}));
+            }
+        }
+        sqlx::query("INSERT INTO effects (message_id, value) VALUES ($1, $2)")
+            .bind(&m.id)
+            .bind(&v)
+            .execute(&mut *tx)
+            .await
+            .map_err(internal)?;
+        tx.commit().await.map_err(internal)?;
+        failpoint::hit("app.handle.after_commit");
+        Ok(Response::new(app_pb::HandleMessageResponse {}))
+    }
+}
+
+/// Runs the test app on `addr` with its database at `db` until `shutdown`.
+pub async fn run(
+    addr: SocketAddr,
+    db: &str,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let pool = open_sqlite(db).await?;
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL);",
+    )
+    .execute(&pool)
+    .await?;
+    let listener = TcpListener::bind(addr).await?;
+    println!("test app listening on {}", listener.local_addr()?);
+    tonic::transport::Server::builder()
+        .add_service(AppServer::new(TestApp { db: pool }))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}

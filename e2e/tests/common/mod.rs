@@ -1,0 +1,442 @@
+//! A whole Tandem of real processes on loopback: a coordinator, a producer
+//! service (test app + sidecar, service `orders`) and a consumer service
+//! (test app + sidecar, service `cart`), each app with its own SQLite
+//! database shared with its sidecar. Any process can be killed and
+//! restarted on the same port, with failpoints armed or not.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sqlx::SqlitePool;
+use tandem_e2e::process::Process;
+use tandem_e2e::testapp::open_sqlite;
+use tandem_proto::coordinator as pb;
+use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tandem_proto::sidecar as sc;
+use tandem_proto::sidecar::sidecar_client::SidecarClient;
+use tonic::transport::Channel;
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tandem-e2e");
+/// How long any one condition may take to come true.
+pub const PATIENCE: Duration = Duration::from_secs(45);
+
+/// Check-back settings for quick tests: first check after 1 s, four checks.
+const COORDINATOR_SETTINGS: &[&str] = &[
+    "check_after_ms=1000",
+    "check_timeout_ms=1000",
+    "max_checks=4",
+    "max_check_interval_ms=2000",
+    "session_timeout_ms=3000",
+    "revoke_timeout_ms=3000",
+];
+
+pub struct Cluster {
+    /// Set by [`Cluster::done`]; a cluster dropped without it (a failed
+    /// test) prints its processes' logs.
+    finished: bool,
+    pub dir: tempfile::TempDir,
+    pub coordinator: Process,
+    pub producer_app: Process,
+    pub producer: Process,
+    pub consumer_app: Process,
+    pub consumer: Process,
+}
+
+fn port_of(p: &Process) -> u16 {
+    p.addr.port()
+}
+
+impl Cluster {
+    pub async fn start() -> TestResult<Cluster> {
+        Self::start_with(&[], &[]).await
+    }
+
+    /// Starts everything; `coordinator_fp` and `producer_fp` arm failpoints
+    /// in the coordinator and the producer's sidecar.
+    pub async fn start_with(coordinator_fp: &[&str], producer_fp: &[&str]) -> TestResult<Cluster> {
+        let dir = tempfile::tempdir()?;
+        let coordinator = start_coordinator(dir.path(), 0, coordinator_fp)?;
+        let producer_app = start_app(dir.path(), "orders-app", 0, &[])?;
+        let consumer_app = start_app(dir.path(), "cart-app", 0, &[])?;
+        let producer = start_sidecar(
+            dir.path(),
+            "orders",
+            &coordinator,
+            &producer_app,
+            0,
+            producer_fp,
+        )?;
+        let consumer = start_sidecar(
+            dir.path(),
+            "cart",
+            &coordinator,
+            &consumer_app,
+            0,
+            &[],
+        )?;
+        let mut c = CoordinatorClient::connect(coordinator.url()).await?;
+        c.create_topic(pb::CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 2,
+        })
+        .await?;
+        Ok(Cluster {
+            finished: false,
+            dir,
+            coordinator,
+            producer_app,
+            producer,
+            consumer_app,
+            consumer,
+        })
+    }
+
+    /// Marks the test as passed.
+    pub fn done(mut self) -> TestResult {
+        self.finished = true;
+        Ok(())
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    pub fn restart_coordinator(&mut self, failpoints: &[&str]) -> TestResult {
+        let port = port_of(&self.coordinator);
+        self.coordinator.kill();
+        self.coordinator = start_coordinator(&self.path(), port, failpoints)?;
+        Ok(())
+    }
+
+    pub fn restart_producer(&mut self, failpoints: &[&str]) -> TestResult {
+        let port = port_of(&self.producer);
+        self.producer.kill();
+        self.producer = start_sidecar(
+            &self.path(),
+            "orders",
+            &self.coordinator,
+            &self.producer_app,
+            port,
+            failpoints,
+        )?;
+        Ok(())
+    }
+
+    pub fn restart_consumer(&mut self, failpoints: &[&str]) -> TestResult {
+        let port = port_of(&self.consumer);
+        self.consumer.kill();
+        self.consumer = start_sidecar(
+            &self.path(),
+            "cart",
+            &self.coordinator,
+            &self.consumer_app,
+            port,
+            failpoints,
+        )?;
+        Ok(())
+    }
+
+    pub fn restart_producer_app(&mut self) -> TestResult {
+        let port = port_of(&self.producer_app);
+        self.producer_app.kill();
+        self.producer_app = start_app(&self.path(), "orders-app", port, &[])?;
+        Ok(())
+    }
+
+    pub fn restart_consumer_app(&mut self, failpoints: &[&str]) -> TestResult {
+        let port = port_of(&self.consumer_app);
+        self.consumer_app.kill();
+        self.consumer_app = start_app(&self.path(), "cart-app", port, failpoints)?;
+        Ok(())
+    }
+
+    pub async fn coordinator_client(&self) -> TestResult<CoordinatorClient<Channel>> {
+        Ok(CoordinatorClient::connect(self.coordinator.url()).await?)
+    }
+
+    pub async fn producer_client(&self) -> TestResult<SidecarClient<Channel>> {
+        Ok(SidecarClient::connect(self.producer.url()).await?)
+    }
+
+    pub async fn consumer_client(&self) -> TestResult<SidecarClient<Channel>> {
+        Ok(SidecarClient::connect(self.consumer.url()).await?)
+    }
+
+    /// The cart sidecar consumes `orders` as group `cart`.
+    pub async fn subscribe(&self, dedup: sc::DedupMode) -> TestResult {
+        self.consumer_client()
+            .await?
+            .subscribe(sc::SubscribeRequest {
+                topic: "orders".into(),
+                group: "cart".into(),
+                start_from: pb::StartFrom::Earliest as i32,
+                dedup: dedup as i32,
+                max_in_flight: 16,
+                max_attempts: 3,
+                retry_backoff_ms: 50,
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn producer_db(&self) -> TestResult<SqlitePool> {
+        Ok(open_sqlite(&self.path().join("orders-app.db").display().to_string()).await?)
+    }
+
+    pub async fn consumer_db(&self) -> TestResult<SqlitePool> {
+        Ok(open_sqlite(&self.path().join("cart-app.db").display().to_string()).await?)
+    }
+
+    /// Effects the consumer app made: value → how many times.
+    pub async fn effects(&self) -> TestResult<BTreeMap<String, i64>> {
+        let db = self.consumer_db().await?;
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT value, COUNT(*) FROM effects GROUP BY value")
+                .fetch_all(&db)
+                .await?;
+        db.close().await;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Waits until the consumer's effects are exactly `expected` (each once)
+    /// and stay so for a moment longer.
+    pub async fn expect_effects(&self, expected: &[&str]) -> TestResult {
+        let want: BTreeMap<String, i64> = expected.iter().map(|v| (v.to_string(), 1)).collect();
+        eventually("the expected effects", || async {
+            let got = self.effects().await?;
+            Ok((got.len() >= want.len() && want.keys().all(|k| got.contains_key(k))).then_some(()))
+        })
+        .await?;
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let got = self.effects().await?;
+        assert_eq!(
+            got, want,
+            "each committed message has its effect exactly once, and nothing else has any"
+        );
+        Ok(())
+    }
+
+    pub async fn txn(&self, id: &str) -> TestResult<pb::Transaction> {
+        Ok(self
+            .coordinator_client()
+            .await?
+            .get_transaction(pb::GetTransactionRequest { txn_id: id.into() })
+            .await?
+            .into_inner())
+    }
+
+    /// Waits until the coordinator has `id` in `state`.
+    pub async fn expect_state(
+        &self,
+        id: &str,
+        state: pb::TransactionState,
+    ) -> TestResult<pb::Transaction> {
+        eventually(&format!("transaction {id} to be {state:?}"), || async {
+            let t = match self.txn(id).await {
+                Ok(t) => t,
+                Err(_) => return Ok(None), // coordinator restarting
+            };
+            Ok((t.state == state as i32).then_some(t))
+        })
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if !self.finished {
+            for p in [
+                &self.coordinator,
+                &self.producer_app,
+                &self.producer,
+                &self.consumer_app,
+                &self.consumer,
+            ] {
+                eprintln!("---- {} log (tail) ----\n{}", p.name(), p.log_tail());
+            }
+        }
+    }
+}
+
+/// Waits until `check` returns `Some`, at most [`PATIENCE`].
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> TestResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = TestResult<Option<T>>>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = check().await? {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(format!("timed out waiting for {what}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn listen(port: u16) -> String {
+    format!("127.0.0.1:{port}")
+}
+
+fn failpoints(fp: &[&str]) -> Vec<(&'static str, String)> {
+    if fp.is_empty() {
+        Vec::new()
+    } else {
+        vec![("TANDEM_FAILPOINTS", fp.join(","))]
+    }
+}
+
+fn start_coordinator(dir: &std::path::Path, port: u16, fp: &[&str]) -> TestResult<Process> {
+    let mut args: Vec<String> = vec![
+        "coordinator".into(),
+        "--listen".into(),
+        listen(port),
+        "--data-dir".into(),
+        dir.join("coordinator").display().to_string(),
+    ];
+    for s in COORDINATOR_SETTINGS {
+        args.extend(["--set".into(), (*s).into()]);
+    }
+    Ok(Process::start(
+        "coordinator",
+        BIN.as_ref(),
+        &args,
+        &failpoints(fp),
+        dir,
+    )?)
+}
+
+fn start_app(dir: &std::path::Path, name: &str, port: u16, fp: &[&str]) -> TestResult<Process> {
+    let args = vec![
+        "test-app".into(),
+        "--listen".into(),
+        listen(port),
+        "--db".into(),
+        dir.join(format!("{name}.db")).display().to_string(),
+    ];
+    Ok(Process::start(
+        name,
+        BIN.as_ref(),
+        &args,
+        &failpoints(fp),
+        dir,
+    )?)
+}
+
+fn start_sidecar(
+    dir: &std::path::Path,
+    service: &str,
+    coordinator: &Process,
+    app: &Process,
+    port: u16,
+    fp: &[&str],
+) -> TestResult<Process> {
+    let args = vec![
+        "sidecar".into(),
+        "--listen".into(),
+        listen(port),
+        "--coordinator".into(),
+        coordinator.url(),
+        "--service".into(),
+        service.into(),
+        "--app".into(),
+        app.url(),
+        "--db".into(),
+        dir.join(format!("{}.db", app.name())).display().to_string(),
+        "--set".into(),
+        "check_after_ms=1000".into(),
+        "--set".into(),
+        "callback_timeout_ms=1000".into(),
+        "--set".into(),
+        "handler_timeout_ms=5000".into(),
+    ];
+    Ok(Process::start(
+        &format!("{service}-sidecar"),
+        BIN.as_ref(),
+        &args,
+        &failpoints(fp),
+        dir,
+    )?)
+}
+
+pub fn message(value: &str) -> pb::Message {
+    pb::Message {
+        id: String::new(),
+        key: Some(bytes::Bytes::from(format!("key-{value}"))),
+        value: bytes::Bytes::from(value.to_owned()),
+        headers: Vec::new(),
+        partition: None,
+    }
+}
+
+/// Callback mode: PublishTransactional through the producer's sidecar.
+pub async fn publish_transactional(
+    c: &mut SidecarClient<Channel>,
+    txn_id: &str,
+    value: &str,
+) -> TestResult<sc::TransactionResponse> {
+    Ok(c.publish_transactional(sc::PublishTransactionalRequest {
+        topic: "orders".into(),
+        message: Some(message(value)),
+        txn_id: txn_id.into(),
+    })
+    .await?
+    .into_inner())
+}
+
+/// Table mode, step 1: Begin.
+pub async fn begin(
+    c: &mut SidecarClient<Channel>,
+    txn_id: &str,
+    value: &str,
+) -> TestResult<String> {
+    Ok(c.begin(sc::BeginRequest {
+        topic: "orders".into(),
+        message: Some(message(value)),
+        txn_id: txn_id.into(),
+        check_mode: sc::CheckMode::Table as i32,
+    })
+    .await?
+    .into_inner()
+    .txn_id)
+}
+
+/// Table mode, step 3: the app's local transaction, with its business row
+/// and the `tandem_txn` row committed together (or rolled back).
+pub async fn local_transaction(
+    db: &SqlitePool,
+    txn_id: &str,
+    value: &str,
+    commit: bool,
+) -> TestResult {
+    let mut tx = db.begin().await?;
+    sqlx::query("INSERT INTO business (txn_id, value) VALUES ($1, $2)")
+        .bind(txn_id)
+        .bind(value)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("INSERT INTO tandem_txn (txn_id) VALUES ($1)")
+        .bind(txn_id)
+        .execute(&mut *tx)
+        .await?;
+    if commit {
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
+    Ok(())
+}
+
+pub fn end(txn_id: &str) -> sc::EndRequest {
+    sc::EndRequest {
+        txn_id: txn_id.into(),
+    }
+}

@@ -1,0 +1,424 @@
+//! Transactional messages end to end, with real processes: a coordinator,
+//! two sidecars and two test apps (see `common`). Each test breaks one step
+//! of the protocol and checks the three promises: a committed local
+//! transaction's message is delivered, a rolled-back one never is, and the
+//! consumer's effect happens exactly once.
+
+mod common;
+
+use common::*;
+use tandem_proto::coordinator as pb;
+use tandem_proto::sidecar as sc;
+use tonic::Code;
+
+use pb::TransactionState::{Committed, Prepared, RolledBack};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_check_back_answer_is_honoured_and_effects_happen_once() -> TestResult {
+    let c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Strong).await?;
+    let mut s = c.producer_client().await?;
+    let db = c.producer_db().await?;
+
+    // Callback mode.
+    assert_eq!(
+        publish_transactional(&mut s, "cb-commit", "commit-a")
+            .await?
+            .state,
+        Committed as i32
+    );
+    assert_eq!(
+        publish_transactional(&mut s, "cb-rollback", "rollback-a")
+            .await?
+            .state,
+        RolledBack as i32
+    );
+    // the app committed but its answer was lost: check-back finds COMMIT
+    assert_eq!(
+        publish_transactional(&mut s, "cb-unknown", "unknown-a")
+            .await?
+            .state,
+        Prepared as i32
+    );
+    // check-back: UNKNOWN first, then COMMIT
+    assert_eq!(
+        publish_transactional(&mut s, "cb-check-unknown", "check-unknown-a")
+            .await?
+            .state,
+        Prepared as i32
+    );
+    // check-back never answered: the final action rolls back
+    assert_eq!(
+        publish_transactional(&mut s, "cb-hang", "hang-a")
+            .await?
+            .state,
+        Prepared as i32
+    );
+
+    // Table mode.
+    let id = begin(&mut s, "tb-ok", "table-ok").await?;
+    local_transaction(&db, &id, "table-ok", true).await?;
+    assert_eq!(
+        s.commit(end(&id)).await?.into_inner().state,
+        Committed as i32
+    );
+    // committed locally, Commit never sent: check-back finds the row
+    let id = begin(&mut s, "tb-forgot", "table-forgot").await?;
+    local_transaction(&db, &id, "table-forgot", true).await?;
+    // rolled back locally, nothing sent: check-back inserts the marker
+    let id = begin(&mut s, "tb-rolled", "table-rolled").await?;
+    local_transaction(&db, &id, "table-rolled", false).await?;
+
+    let t = c.expect_state("cb-unknown", Committed).await?;
+    assert!(t.resolved_by_check);
+    let t = c.expect_state("cb-check-unknown", Committed).await?;
+    assert_eq!(t.checks, 1, "one UNKNOWN answer before COMMIT");
+    let t = c.expect_state("cb-hang", RolledBack).await?;
+    assert_eq!(
+        t.checks, 4,
+        "max_checks without an answer, then the final action"
+    );
+    assert!(
+        c.expect_state("tb-forgot", Committed)
+            .await?
+            .resolved_by_check
+    );
+    assert!(
+        c.expect_state("tb-rolled", RolledBack)
+            .await?
+            .resolved_by_check
+    );
+    // the marker makes a late local commit of the rolled-back transaction fail
+    let late = local_transaction(&db, "tb-rolled", "late", true).await;
+    assert!(
+        late.is_err(),
+        "a late local commit must fail on the rollback marker"
+    );
+
+    c.expect_effects(&[
+        "commit-a",
+        "unknown-a",
+        "check-unknown-a",
+        "table-ok",
+        "table-forgot",
+    ])
+    .await?;
+    let stats = c
+        .coordinator_client()
+        .await?
+        .get_stats(pb::GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(stats.final_actions, 1);
+    assert_eq!(stats.open, 0);
+    c.done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_app_crashing_inside_its_local_transaction_rolls_back() -> TestResult {
+    let mut c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Strong).await?;
+    let mut s = c.producer_client().await?;
+    let r = publish_transactional(&mut s, "crash-1", "crash-1").await?;
+    assert_eq!(
+        r.state, Prepared as i32,
+        "the outcome is left to check-back"
+    );
+    assert!(
+        c.producer_app
+            .wait(std::time::Duration::from_secs(10))
+            .is_ok(),
+        "the app crashed"
+    );
+    c.restart_producer_app()?;
+    assert!(
+        c.expect_state("crash-1", RolledBack)
+            .await?
+            .resolved_by_check
+    );
+    assert_eq!(
+        publish_transactional(&mut s, "after", "commit-after")
+            .await?
+            .state,
+        Committed as i32
+    );
+    c.expect_effects(&["commit-after"]).await?;
+    c.done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecar_dying_after_prepare_is_settled_by_check_back() -> TestResult {
+    // It dies on the way to forwarding Commit: the local transaction had committed.
+    let mut c = Cluster::start_with(&[], &["sidecar.commit.before_forward"]).await?;
+    c.subscribe(sc::DedupMode::Strong).await?;
+    let db = c.producer_db().await?;
+    let mut s = c.producer_client().await?;
+    let id = begin(&mut s, "sd-1", "sidecar-died-commit").await?;
+    local_transaction(&db, &id, "sidecar-died-commit", true).await?;
+    assert!(s.commit(end(&id)).await.is_err(), "the sidecar died");
+    // It dies right after Prepare, before the app learns the id: nothing ran locally.
+    c.restart_producer(&["sidecar.begin.after_prepare"])?;
+    let mut s = c.producer_client().await?;
+    assert!(
+        begin(&mut s, "sd-2", "sidecar-died-begin").await.is_err(),
+        "the sidecar died"
+    );
+    c.restart_producer(&[])?;
+    assert!(c.expect_state("sd-1", Committed).await?.resolved_by_check);
+    assert!(c.expect_state("sd-2", RolledBack).await?.resolved_by_check);
+    c.expect_effects(&["sidecar-died-commit"]).await?;
+    c.done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_dying_after_prepare_loses_nothing() -> TestResult {
+    let mut c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Strong).await?;
+    let db = c.producer_db().await?;
+    let mut s = c.producer_client().await?;
+    let committed = begin(&mut s, "cd-1", "coordinator-died-commit").await?;
+    let rolled = begin(&mut s, "cd-2", "coordinator-died-rollback").await?;
+    c.coordinator.kill(); // SIGKILL, with both half messages prepared
+    local_transaction(&db, &committed, "coordinator-died-commit", true).await?;
+    local_transaction(&db, &rolled, "coordinator-died-rollback", false).await?;
+    // The app's Commit waits on the sidecar, which retries while the coordinator is down.
+    let commit = tokio::spawn({
+        let mut s = s.clone();
+        async move { s.commit(end(&committed)).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    c.restart_coordinator(&[])?;
+    let r = commit.await??.into_inner();
+    assert_eq!(r.state, Committed as i32);
+    assert!(c.expect_state("cd-2", RolledBack).await?.resolved_by_check);
+    c.expect_effects(&["coordinator-died-commit"]).await?;
+    c.done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_dying_inside_commit_delivers_exactly_once() -> TestResult {
+    for (failpoint, value) in [
+        ("coordinator.commit.before_append", "died-before-append"),
+        ("coordinator.commit.after_append", "died-after-append"),
+    ] {
+        let mut c = Cluster::start_with(&[failpoint], &[]).await?;
+        c.subscribe(sc::DedupMode::Off).await?; // no dedup: a duplicate append would show
+        let db = c.producer_db().await?;
+        let mut s = c.producer_client().await?;
+        let id = begin(&mut s, value, value).await?;
+        local_transaction(&db, &id, value, true).await?;
+        let commit = tokio::spawn({
+            let mut s = s.clone();
+            let id = id.clone();
+            async move { s.commit(end(&id)).await }
+        });
+        c.coordinator.wait(std::time::Duration::from_secs(10))?; // the failpoint hit
+        c.restart_coordinator(&[])?;
+        let r = commit.await??.into_inner();
+        assert_eq!(r.state, Committed as i32, "{failpoint}");
+        c.expect_effects(&[value]).await?;
+        let d = c
+            .coordinator_client()
+            .await?
+            .describe_topic(pb::DescribeTopicRequest {
+                name: "orders".into(),
+            })
+            .await?
+            .into_inner();
+        let stored: u64 = d.partitions.iter().map(|p| p.high_water_mark).sum();
+        assert_eq!(stored, 1, "{failpoint}: appended exactly once");
+        c.done()?;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redeliveries_really_happen_and_are_filtered() -> TestResult {
+    // The consumer's sidecar dies after the handler succeeded, before its
+    // ack: the message comes again and the dedup table filters it.
+    let mut c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Sidecar).await?;
+    c.restart_consumer(&["sidecar.consume.before_ack"])?;
+    let mut s = c.producer_client().await?;
+    publish_transactional(&mut s, "dup-1", "commit-dup-1").await?;
+    c.consumer.wait(std::time::Duration::from_secs(20))?; // died before acking
+    c.restart_consumer(&[])?;
+    let mut consumer = c.consumer_client().await?;
+    let skipped = eventually("the redelivery to be filtered", || {
+        let mut consumer = consumer.clone();
+        async move {
+            let stats = consumer
+                .get_stats(sc::GetStatsRequest {})
+                .await?
+                .into_inner();
+            Ok((stats.duplicates_skipped >= 1).then_some(stats.duplicates_skipped))
+        }
+    })
+    .await?;
+    assert_eq!(skipped, 1);
+    c.expect_effects(&["commit-dup-1"]).await?;
+
+    // Strong mode: the app dies after its own commit (effect and inbox row
+    // together), before answering; the sidecar retries and nothing doubles.
+    consumer
+        .subscribe(sc::SubscribeRequest {
+            topic: "orders".into(),
+            group: "cart".into(),
+            start_from: pb::StartFrom::Earliest as i32,
+            dedup: sc::DedupMode::Strong as i32,
+            ..Default::default()
+        })
+        .await?;
+    c.restart_consumer_app(&["app.handle.after_commit"])?;
+    publish_transactional(&mut s, "dup-2", "commit-dup-2").await?;
+    c.consumer_app.wait(std::time::Duration::from_secs(20))?;
+    c.restart_consumer_app(&[])?;
+    c.expect_effects(&["commit-dup-1", "commit-dup-2"]).await?;
+
+    // And with dedup off, the same fault really produces a duplicate effect:
+    // the checks above could have failed.
+    consumer
+        .subscribe(sc::SubscribeRequest {
+            topic: "orders".into(),
+            group: "cart".into(),
+            start_from: pb::StartFrom::Earliest as i32,
+            dedup: sc::DedupMode::Off as i32,
+            ..Default::default()
+        })
+        .await?;
+    c.restart_consumer(&["sidecar.consume.before_ack"])?;
+    publish_transactional(&mut s, "dup-3", "commit-dup-3").await?;
+    c.consumer.wait(std::time::Duration::from_secs(20))?;
+    c.restart_consumer(&[])?;
+    eventually("a duplicate effect without dedup", || async {
+        Ok((c.effects().await?.get("commit-dup-3").copied() == Some(2)).then_some(()))
+    })
+    .await?;
+    c.done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_status_and_changes_nothing() -> TestResult {
+    let c = Cluster::start().await?;
+    let mut s = c.producer_client().await?;
+    let mut other = c.consumer_client().await?;
+    let id = begin(&mut s, "mine", "table-x").await?;
+    let e = s.commit(end("no-such-txn")).await.expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = other
+        .commit(end(&id))
+        .await
+        .expect_err("another service's transaction");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let e = other
+        .rollback(end(&id))
+        .await
+        .expect_err("another service's transaction");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let e = s
+        .commit(end(&"x".repeat(500)))
+        .await
+        .expect_err("malformed");
+    assert_eq!(
+        (e.code(), e.message().contains("txn_id")),
+        (Code::InvalidArgument, true),
+        "{e}"
+    );
+    let e = s.commit(end("bad\nid")).await.expect_err("malformed");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let big = sc::BeginRequest {
+        topic: "orders".into(),
+        message: Some(pb::Message {
+            value: vec![b'x'; 2 << 20].into(),
+            ..message("")
+        }),
+        txn_id: "big".into(),
+        check_mode: 0,
+    };
+    let e = s.begin(big).await.expect_err("over-size");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    let e = s
+        .begin(sc::BeginRequest {
+            topic: "nope".into(),
+            message: Some(message("x")),
+            ..Default::default()
+        })
+        .await
+        .expect_err("unknown topic");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = other
+        .subscribe(sc::SubscribeRequest {
+            topic: String::new(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("no topic");
+    assert_eq!(
+        (e.code(), e.message().contains("topic")),
+        (Code::InvalidArgument, true),
+        "{e}"
+    );
+    // nothing changed: the transaction is still open, nothing else exists
+    assert_eq!(c.txn(&id).await?.state, Prepared as i32);
+    assert_eq!(
+        c.txn("big")
+            .await
+            .err()
+            .map(|e| e.to_string().contains("does not exist")),
+        Some(true)
+    );
+    let stats = c
+        .coordinator_client()
+        .await?
+        .get_stats(pb::GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(
+        (stats.prepared, stats.committed, stats.rolled_back),
+        (1, 0, 0)
+    );
+    c.done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_handlers_are_retried_then_dead_lettered_and_keys_stay_in_order() -> TestResult {
+    let c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Strong).await?;
+    let mut s = c.producer_client().await?;
+    let key = |v: &str| pb::Message {
+        key: Some(bytes::Bytes::from_static(b"same-key")),
+        ..message(v)
+    };
+    let mut messages = vec![key("fail-poison")];
+    messages.extend((0..20).map(|i| key(&format!("in-order-{i:02}"))));
+    s.publish(pb::PublishRequest {
+        topic: "orders".into(),
+        messages,
+    })
+    .await?;
+    let expected: Vec<String> = (0..20).map(|i| format!("in-order-{i:02}")).collect();
+    let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
+    c.expect_effects(&refs).await?;
+    let db = c.consumer_db().await?;
+    let order: Vec<String> = sqlx::query_scalar("SELECT value FROM effects ORDER BY seq")
+        .fetch_all(&db)
+        .await?;
+    assert_eq!(order, expected, "one key, one order");
+    // the poison message went to orders.dlq with the error
+    let mut dlq = c.coordinator_client().await?;
+    let d = dlq
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "orders.dlq".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(d.partitions[0].high_water_mark, 1);
+    let stats = c
+        .consumer_client()
+        .await?
+        .get_stats(sc::GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!((stats.dead_lettered, stats.handler_failures), (1, 3));
+    c.done()
+}
