@@ -252,6 +252,7 @@ impl<L: Log + Clone> Broker<L> {
         }
         self.shutdown.send_replace(true);
         self.groups.sessions_ended(Duration::from_secs(10)).await;
+        self.txns.quiesce(Duration::from_secs(10)).await;
         self.offsets.close().await;
     }
 }

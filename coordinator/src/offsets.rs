@@ -3,11 +3,11 @@
 //!
 //! Commits update memory at once (so a partition handed to another member
 //! starts right after what was acknowledged) and reach the log through one
-//! committer task that coalesces them: many acks, one append. `flush` waits
-//! until everything committed so far is durable; sessions call it when they
-//! end cleanly and the coordinator calls it on shutdown. A crash can lose
-//! only commits newer than the last append, which means redelivery (at
-//! least once), never loss.
+//! committer task that coalesces them: many acks, one append, without a
+//! sync of its own. `flush` waits until everything committed so far is
+//! durable; sessions call it when they end cleanly and the coordinator calls
+//! it on shutdown. A crash can lose only commits newer than the last sync,
+//! which means redelivery (at least once), never loss.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
@@ -198,11 +198,16 @@ impl Offsets {
                     })
                     .collect()
             };
+            // Commits may be lost in a crash (they are redelivered), so they
+            // sync only when someone waits for them.
             let mut result = state
-                .append(records)
+                .append_relaxed(records)
                 .await
                 .map(drop)
                 .map_err(|e| e.to_string());
+            if result.is_ok() && !waiting.is_empty() {
+                result = state.sync().await.map_err(|e| e.to_string());
+            }
             if result.is_ok() && state.wants_compaction() {
                 let live = self
                     .table()

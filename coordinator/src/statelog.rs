@@ -89,6 +89,23 @@ impl<L: Log> StateLog<L> {
         Ok(Some(ack))
     }
 
+    /// Appends upserts that a crash may lose: acknowledged once written,
+    /// durable with the next sync of this log.
+    pub(crate) async fn append_relaxed(&self, records: Vec<Record>) -> Result<Option<AppendAck>> {
+        if records.is_empty() {
+            return Ok(None);
+        }
+        let n = records.len() as u64;
+        let ack = self.log.append_relaxed(&self.tp, records).await?;
+        self.since_compaction.fetch_add(n, Ordering::Relaxed);
+        Ok(Some(ack))
+    }
+
+    /// Makes everything appended so far durable.
+    pub(crate) async fn sync(&self) -> Result<()> {
+        Ok(self.log.sync(&self.tp).await?)
+    }
+
     /// The next offset to be written.
     pub(crate) fn high_water_mark(&self) -> Result<u64> {
         Ok(self.log.offsets(&self.tp)?.high_water_mark)

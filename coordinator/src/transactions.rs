@@ -1,17 +1,23 @@
 //! Transactional messages: half messages, outcomes, check-back.
 //!
 //! Durability contract. Every state change of a transaction is an upsert in
-//! the internal `__txn_state` log, acknowledged (fsync policy) before the
-//! caller hears of it:
+//! the internal `__txn_state` log:
 //!
-//! 1. `Prepare` writes PREPARED with the half message: durable, invisible.
-//! 2. `Commit` writes COMMITTING with the topic partition's high-water mark,
-//!    appends the message to its partition, then writes COMMITTED with the
-//!    offset. A crash after COMMITTING is completed on start-up: the
-//!    partition is searched from that mark for the message (its id is the
-//!    transaction id) and it is appended only if it is not there, so a
-//!    commit is never lost nor delivered twice by recovery.
+//! 1. `Prepare` writes PREPARED with the half message and the high-water
+//!    mark of the partition the message will go to; it is durable (fsync
+//!    policy) before Prepare answers, and invisible to consumers.
+//! 2. `Commit` appends the message (its id is the transaction id) to its
+//!    partition and answers once that append is durable; COMMITTED with the
+//!    offset is written after, without making the caller wait. If a crash
+//!    comes between the two, start-up finds the transaction PREPARED and
+//!    searches its partition from the recorded mark for the message: found,
+//!    it is COMMITTED; not found, it was never appended. So a commit is never
+//!    lost and recovery never appends twice.
 //! 3. `Rollback` writes ROLLED_BACK; the half message is never appended.
+//!
+//! The mark is moved up whenever a check-back finds the transaction still
+//! open, so the search after a crash covers at most what was appended to the
+//! partition since the last check-back.
 //!
 //! Operations on one transaction are serialised by its lock; different
 //! transactions proceed concurrently and share group commits.
@@ -33,7 +39,7 @@ use bytes::Bytes;
 use prost::Message as _;
 use tandem_proto::coordinator as pb;
 use tandem_storage::{Header, Log, ReadBudget, Record, TopicPartition};
-use tokio::sync::{Notify, OwnedMutexGuard, Semaphore};
+use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, watch};
 
 use crate::broker::Outgoing;
 use crate::config::{FinalAction, TxnSettings};
@@ -43,7 +49,6 @@ use crate::session::Sessions;
 use crate::statelog::{StateLog, now_ms, upsert};
 
 const PREPARED: i32 = 1;
-const COMMITTING: i32 = 2;
 const COMMITTED: i32 = 3;
 const ROLLED_BACK: i32 = 4;
 
@@ -84,7 +89,8 @@ struct TxnRecord {
     prepared_at_ms: i64,
     #[prost(uint32, tag = "6")]
     checks: u32,
-    /// COMMITTING: where to search for the message after a crash.
+    /// PREPARED: the partition's high-water mark when the transaction was
+    /// last known not to be appended; the message, if appended, is after it.
     #[prost(uint64, tag = "7")]
     scan_from: u64,
     /// COMMITTED: where the message is.
@@ -92,7 +98,7 @@ struct TxnRecord {
     offset: u64,
     #[prost(int64, tag = "9")]
     finished_at_ms: i64,
-    /// PREPARED and COMMITTING only.
+    /// PREPARED only.
     #[prost(message, optional, tag = "10")]
     message: Option<HalfMessage>,
     #[prost(bytes = "bytes", tag = "11")]
@@ -147,6 +153,8 @@ pub(crate) struct Transactions<L> {
     marks: Mutex<VecDeque<(i64, u64)>>,
     checking: Arc<Semaphore>,
     open: AtomicU64,
+    /// COMMITTED records being written in the background.
+    writing: watch::Sender<usize>,
 }
 
 impl<L: Log + Clone> Transactions<L> {
@@ -184,38 +192,49 @@ impl<L: Log + Clone> Transactions<L> {
             marks: Mutex::new(VecDeque::new()),
             checking: Arc::new(Semaphore::new(256)),
             open: AtomicU64::new(0),
+            writing: watch::Sender::new(0),
             settings,
         });
-        let mut committing = Vec::new();
+        let mut prepared: HashMap<(String, u32), Vec<(String, u64)>> = HashMap::new();
         for (id, (rec, log_offset)) in latest {
             let finished = matches!(rec.state, COMMITTED | ROLLED_BACK);
             if finished && rec.finished_at_ms < expired_before {
                 continue;
             }
-            match rec.state {
-                PREPARED => {
-                    t.open.fetch_add(1, Ordering::Relaxed);
-                    let at = rec.prepared_at_ms
-                        + check_delay(&t.settings, rec.checks).as_millis() as i64;
-                    t.schedule(&id, at.max(now));
-                }
-                COMMITTING => {
-                    t.open.fetch_add(1, Ordering::Relaxed);
-                    committing.push(id.clone());
-                }
-                _ => {}
+            if rec.state == PREPARED {
+                prepared
+                    .entry((rec.topic.clone(), rec.partition))
+                    .or_default()
+                    .push((id.clone(), rec.scan_from));
             }
             lock(&t.txns).insert(
                 id,
                 Arc::new(tokio::sync::Mutex::new(Some(Txn { rec, log_offset }))),
             );
         }
-        for id in committing {
-            let (_, mut guard) = t.existing(&id).await?;
-            if let Some(txn) = guard.as_mut() {
-                t.complete_commit(&id, txn).await?;
-                t.open.fetch_sub(1, Ordering::Relaxed);
-                tracing::info!(txn = %id, "completed a commit interrupted by a restart");
+        // A crash may have come between a commit's append and its COMMITTED
+        // record: look for prepared transactions' messages.
+        for ((topic, partition), txns) in prepared {
+            let tp = TopicPartition::new(topic, partition);
+            let from = txns.iter().map(|(_, mark)| *mark).min().unwrap_or(0);
+            let mut wanted: HashMap<String, Option<u64>> =
+                txns.iter().map(|(id, _)| (id.clone(), None)).collect();
+            t.find(&tp, from, &mut wanted).await?;
+            for (id, found) in wanted {
+                let (_, mut guard) = t.existing(&id).await?;
+                let txn = guard.as_mut().expect("existing() returns a filled slot");
+                match found {
+                    Some(offset) => {
+                        t.record_committed(&id, txn, offset).await?;
+                        tracing::info!(txn = %id, offset, "found the message of a commit interrupted by a restart");
+                    }
+                    None => {
+                        t.open.fetch_add(1, Ordering::Relaxed);
+                        let at = txn.rec.prepared_at_ms
+                            + check_delay(&t.settings, txn.rec.checks).as_millis() as i64;
+                        t.schedule(&id, at.max(now));
+                    }
+                }
             }
         }
         Ok(t)
@@ -320,6 +339,10 @@ impl<L: Log + Clone> Transactions<L> {
         }
         let r = message.record;
         let now = now_ms();
+        let scan_from = self
+            .data
+            .offsets(&TopicPartition::new(topic, partition))?
+            .high_water_mark;
         let mut txn = Txn {
             rec: TxnRecord {
                 service: service.to_owned(),
@@ -327,6 +350,7 @@ impl<L: Log + Clone> Transactions<L> {
                 partition,
                 state: PREPARED,
                 prepared_at_ms: now,
+                scan_from,
                 message: Some(HalfMessage {
                     key: r.key,
                     value: r.value,
@@ -359,14 +383,18 @@ impl<L: Log + Clone> Transactions<L> {
 
     /// Commits (step 4 and 8). `service` must own the transaction.
     pub(crate) async fn commit(
-        &self,
+        self: &Arc<Self>,
         service: &str,
         id: &str,
     ) -> Result<pb::EndTransactionResponse> {
         let (_slot, mut guard) = self.existing(id).await?;
         let txn = guard.as_mut().expect("existing() returns a filled slot");
         owned_by(id, txn, service)?;
-        self.decide(id, txn, true, false).await
+        let (response, record_later) = self.decide(id, txn, true, false).await?;
+        if record_later {
+            self.persist_later(id, guard);
+        }
+        Ok(response)
     }
 
     /// Rolls back (step 4). `service` must own the transaction.
@@ -378,19 +406,21 @@ impl<L: Log + Clone> Transactions<L> {
         let (_slot, mut guard) = self.existing(id).await?;
         let txn = guard.as_mut().expect("existing() returns a filled slot");
         owned_by(id, txn, service)?;
-        self.decide(id, txn, false, false).await
+        Ok(self.decide(id, txn, false, false).await?.0)
     }
 
-    /// Applies an outcome to a locked transaction.
+    /// Applies an outcome to a locked transaction. A commit is in memory and
+    /// in its partition when this returns; the second value says its
+    /// COMMITTED record is still to be written.
     async fn decide(
         &self,
         id: &str,
         txn: &mut Txn,
         commit: bool,
         by_check: bool,
-    ) -> Result<pb::EndTransactionResponse> {
+    ) -> Result<(pb::EndTransactionResponse, bool)> {
         match (txn.rec.state, commit) {
-            (COMMITTED, true) | (ROLLED_BACK, false) => return Ok(response(id, &txn.rec)),
+            (COMMITTED, true) | (ROLLED_BACK, false) => return Ok((response(id, &txn.rec), false)),
             (COMMITTED, false) | (ROLLED_BACK, true) => {
                 return Err(Error::FailedPrecondition(format!(
                     "transaction {id:?} is already {}; it cannot be {}",
@@ -402,17 +432,10 @@ impl<L: Log + Clone> Transactions<L> {
         }
         txn.rec.resolved_by_check = by_check;
         if commit {
-            txn.rec.state = COMMITTING;
-            txn.rec.scan_from = self
-                .data
-                .offsets(&TopicPartition::new(
-                    txn.rec.topic.clone(),
-                    txn.rec.partition,
-                ))?
-                .high_water_mark;
-            self.persist(id, txn).await?;
             failpoint::hit("coordinator.commit.before_append");
-            self.complete_commit(id, txn).await?;
+            let offset = self.append_message(id, txn).await?;
+            failpoint::hit("coordinator.commit.after_append");
+            mark_committed(txn, offset);
             self.counters.committed.fetch_add(1, Ordering::Relaxed);
         } else {
             txn.rec.state = ROLLED_BACK;
@@ -428,57 +451,97 @@ impl<L: Log + Clone> Transactions<L> {
                 .fetch_add(1, Ordering::Relaxed);
         }
         self.open.fetch_sub(1, Ordering::Relaxed);
-        Ok(response(id, &txn.rec))
+        Ok((response(id, &txn.rec), commit))
     }
 
-    /// From COMMITTING: makes sure the message is in its partition exactly
-    /// once, then records COMMITTED.
-    async fn complete_commit(&self, id: &str, txn: &mut Txn) -> Result<()> {
-        let tp = TopicPartition::new(txn.rec.topic.clone(), txn.rec.partition);
-        let offset = match self.find(&tp, txn.rec.scan_from, id).await? {
-            Some(o) => o,
-            None => {
-                let half = txn.rec.message.clone().unwrap_or_default();
-                let record = Record {
-                    id: Bytes::copy_from_slice(id.as_bytes()),
-                    key: half.key,
-                    value: half.value,
-                    headers: half
-                        .headers
-                        .into_iter()
-                        .map(|h| Header {
-                            name: h.name,
-                            value: h.value,
-                        })
-                        .collect(),
-                    timestamp_ms: half.timestamp_ms,
-                };
-                let ack = self.data.append(&tp, vec![record]).await?;
-                failpoint::hit("coordinator.commit.after_append");
-                ack.base_offset
-            }
+    /// Appends a prepared transaction's message to its partition.
+    async fn append_message(&self, id: &str, txn: &Txn) -> Result<u64> {
+        let half = txn.rec.message.clone().unwrap_or_default();
+        let record = Record {
+            id: Bytes::copy_from_slice(id.as_bytes()),
+            key: half.key,
+            value: half.value,
+            headers: half
+                .headers
+                .into_iter()
+                .map(|h| Header {
+                    name: h.name,
+                    value: h.value,
+                })
+                .collect(),
+            timestamp_ms: half.timestamp_ms,
         };
-        txn.rec.state = COMMITTED;
-        txn.rec.offset = offset;
-        txn.rec.message = None;
-        txn.rec.context = Bytes::new();
-        txn.rec.finished_at_ms = now_ms();
+        let tp = TopicPartition::new(txn.rec.topic.clone(), txn.rec.partition);
+        Ok(self.data.append(&tp, vec![record]).await?.base_offset)
+    }
+
+    /// Records COMMITTED at `offset` durably (start-up recovery).
+    async fn record_committed(&self, id: &str, txn: &mut Txn, offset: u64) -> Result<()> {
+        mark_committed(txn, offset);
         self.persist(id, txn).await
     }
 
-    /// Looks for the message `id` in `tp` from offset `from` on.
-    async fn find(&self, tp: &TopicPartition, from: u64, id: &str) -> Result<Option<u64>> {
+    /// Writes a transaction's COMMITTED record in the background, without
+    /// a sync of its own (a crash before the next sync is covered by the
+    /// PREPARED mark), keeping the transaction locked until it is written.
+    fn persist_later(self: &Arc<Self>, id: &str, mut guard: OwnedMutexGuard<Option<Txn>>) {
+        let (this, id) = (self.clone(), id.to_owned());
+        self.writing.send_modify(|n| *n += 1);
+        tokio::spawn(async move {
+            let written = match guard.as_mut() {
+                Some(txn) => {
+                    let record = upsert(id.as_bytes().to_vec(), txn.rec.encode_to_vec());
+                    this.log.append_relaxed(vec![record]).await.map(|ack| {
+                        if let Some(ack) = ack {
+                            txn.log_offset = ack.base_offset;
+                        }
+                    })
+                }
+                None => Ok(()),
+            };
+            if let Err(e) = written {
+                // Start-up recovery finds the message from the PREPARED mark.
+                tracing::error!(txn = %id, error = %e, "writing COMMITTED failed");
+            }
+            drop(guard);
+            this.writing.send_modify(|n| *n -= 1);
+        });
+    }
+
+    /// Waits (at most `limit`) for background writes to finish, and syncs.
+    pub(crate) async fn quiesce(&self, limit: Duration) {
+        let mut rx = self.writing.subscribe();
+        let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
+        if let Err(e) = self.log.sync().await {
+            tracing::error!(error = %e, "syncing the transaction log failed");
+        }
+    }
+
+    /// Finds which of `wanted`'s ids are in `tp` from offset `from` on.
+    async fn find(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        wanted: &mut HashMap<String, Option<u64>>,
+    ) -> Result<()> {
         let offsets = self.data.offsets(tp)?;
         let mut next = from.max(offsets.log_start);
-        while next < offsets.high_water_mark {
+        let mut missing = wanted.len();
+        while next < offsets.high_water_mark && missing > 0 {
             let batch = self.data.read(tp, next, ReadBudget::default()).await?;
             let Some(last) = batch.last() else { break };
             next = last.offset + 1;
-            if let Some(r) = batch.iter().find(|r| r.record.id == id.as_bytes()) {
-                return Ok(Some(r.offset));
+            for r in batch {
+                let id = String::from_utf8_lossy(&r.record.id);
+                if let Some(slot) = wanted.get_mut(id.as_ref())
+                    && slot.is_none()
+                {
+                    *slot = Some(r.offset);
+                    missing -= 1;
+                }
             }
         }
-        Ok(None)
+        Ok(())
     }
 
     /// A transaction as the API shows it.
@@ -545,7 +608,7 @@ impl<L: Log + Clone> Transactions<L> {
     }
 
     /// One check-back (steps 5–7).
-    async fn check(&self, id: &str) -> Result<()> {
+    async fn check(self: &Arc<Self>, id: &str) -> Result<()> {
         let (service, req) = {
             let (_slot, guard) = match self.existing(id).await {
                 Ok(g) => g,
@@ -596,9 +659,9 @@ impl<L: Log + Clone> Transactions<L> {
         if txn.rec.state != PREPARED {
             return Ok(()); // decided meanwhile
         }
-        match answer {
-            Some(pb::LocalState::Commit) => self.decide(id, txn, true, true).await.map(drop),
-            Some(pb::LocalState::Rollback) => self.decide(id, txn, false, true).await.map(drop),
+        let outcome = match answer {
+            Some(pb::LocalState::Commit) => Some(true),
+            Some(pb::LocalState::Rollback) => Some(false),
             _ => {
                 txn.rec.checks += 1;
                 if txn.rec.checks >= self.settings.max_checks {
@@ -606,15 +669,29 @@ impl<L: Log + Clone> Transactions<L> {
                     tracing::warn!(txn = id, %service, checks = txn.rec.checks, action = if commit { "commit" } else { "rollback" },
                         "no answer after the last check-back: applying the final action");
                     self.counters.final_actions.fetch_add(1, Ordering::Relaxed);
-                    self.decide(id, txn, commit, true).await.map(drop)
+                    Some(commit)
                 } else {
-                    self.persist(id, txn).await?;
-                    let delay = check_delay(&self.settings, txn.rec.checks);
-                    self.schedule(id, now_ms() + delay.as_millis() as i64);
-                    Ok(())
+                    None
                 }
             }
+        };
+        match outcome {
+            Some(commit) => {
+                let (_, record_later) = self.decide(id, txn, commit, true).await?;
+                if record_later {
+                    self.persist_later(id, guard);
+                }
+            }
+            None => {
+                // Still open, and nothing is being appended: move the mark up.
+                let tp = TopicPartition::new(txn.rec.topic.clone(), txn.rec.partition);
+                txn.rec.scan_from = self.data.offsets(&tp)?.high_water_mark;
+                self.persist(id, txn).await?;
+                let delay = check_delay(&self.settings, txn.rec.checks);
+                self.schedule(id, now_ms() + delay.as_millis() as i64);
+            }
         }
+        Ok(())
     }
 
     /// Periodic upkeep: forgets transactions finished longer ago than the
@@ -654,6 +731,14 @@ impl<L: Log + Clone> Transactions<L> {
     }
 }
 
+fn mark_committed(txn: &mut Txn, offset: u64) {
+    txn.rec.state = COMMITTED;
+    txn.rec.offset = offset;
+    txn.rec.message = None;
+    txn.rec.context = Bytes::new();
+    txn.rec.finished_at_ms = now_ms();
+}
+
 fn owned_by(id: &str, txn: &Txn, service: &str) -> Result<()> {
     if txn.rec.service == service {
         Ok(())
@@ -668,7 +753,7 @@ fn owned_by(id: &str, txn: &Txn, service: &str) -> Result<()> {
 fn state_name(s: i32) -> &'static str {
     match s {
         PREPARED => "prepared",
-        COMMITTING | COMMITTED => "committed",
+        COMMITTED => "committed",
         ROLLED_BACK => "rolled back",
         _ => "unknown",
     }
@@ -677,7 +762,7 @@ fn state_name(s: i32) -> &'static str {
 fn api_state(s: i32) -> pb::TransactionState {
     match s {
         PREPARED => pb::TransactionState::Prepared,
-        COMMITTING | COMMITTED => pb::TransactionState::Committed,
+        COMMITTED => pb::TransactionState::Committed,
         ROLLED_BACK => pb::TransactionState::RolledBack,
         _ => pb::TransactionState::Unspecified,
     }

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{Row, SqlStr};
 
 use crate::error::{Error, Result};
@@ -81,6 +83,13 @@ impl Db {
             .map_err(db_err("parse the SQLite URL"))?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
+            // In WAL mode NORMAL syncs at checkpoints, not at every commit.
+            // What the sidecar writes survives a crash of any process; a
+            // power loss can lose its last rows, which is harmless: a lost
+            // dedup row belongs to an acknowledged message (never delivered
+            // again), and a lost rollback marker can only matter to a local
+            // transaction that was itself in flight when the machine died.
+            .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(10));
         let pool = SqlitePoolOptions::new()
             .max_connections(8)

@@ -262,7 +262,15 @@ impl Log for EmbeddedLog {
     }
 
     async fn append(&self, tp: &TopicPartition, records: Vec<Record>) -> Result<AppendAck> {
-        self.partition(tp)?.append(records).await
+        self.partition(tp)?.append(records, true).await
+    }
+
+    async fn append_relaxed(&self, tp: &TopicPartition, records: Vec<Record>) -> Result<AppendAck> {
+        self.partition(tp)?.append(records, false).await
+    }
+
+    async fn sync(&self, tp: &TopicPartition) -> Result<()> {
+        self.partition(tp)?.sync_now().await
     }
 
     async fn read(

@@ -45,6 +45,20 @@ pub trait Log: Send + Sync + 'static {
         records: Vec<Record>,
     ) -> impl Future<Output = Result<AppendAck>> + Send;
 
+    /// Appends like [`append`](Log::append), but is acknowledged once the
+    /// records are written and readable, without waiting for them to be
+    /// synced: they become durable with the partition's next sync (any later
+    /// synced append, or [`sync`](Log::sync)). For records a crash may lose.
+    fn append_relaxed(
+        &self,
+        tp: &TopicPartition,
+        records: Vec<Record>,
+    ) -> impl Future<Output = Result<AppendAck>> + Send;
+
+    /// Makes everything appended to the partition so far durable (per the
+    /// backend's durability setting).
+    fn sync(&self, tp: &TopicPartition) -> impl Future<Output = Result<()>> + Send;
+
     /// Reads records from offset `from` within `budget`. Reading at the
     /// high-water mark returns nothing; below the log start or past the mark
     /// is an error.

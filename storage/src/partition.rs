@@ -13,7 +13,10 @@
 //! `max_group_bytes`), encodes it as consecutive batches, writes them with
 //! one `pwrite`, syncs once, and acknowledges them all. While it syncs, the
 //! next group gathers. The writer is a thread of its own, so its blocking
-//! file I/O never stalls the async runtime. A failed write or sync poisons the partition: it
+//! file I/O never stalls the async runtime. A *relaxed* append is
+//! acknowledged once written and readable, before any sync: it becomes
+//! durable with the next sync of the partition (a later synced append or an
+//! explicit sync), for records a crash may lose. A failed write or sync poisons the partition: it
 //! refuses writes from then on and never pretends the data is safe.
 
 use std::fs;
@@ -63,13 +66,16 @@ struct Published {
 struct AppendRequest {
     records: Vec<Record>,
     bytes: usize,
+    /// Acknowledge only once synced (fsync `always`); else once written.
+    sync: bool,
     reply: oneshot::Sender<Result<AppendAck>>,
 }
 
 enum Msg {
     Append(AppendRequest),
-    /// Sync now if the interval has passed (fsync `interval`).
-    Flush,
+    /// Sync what was written: on the fsync interval (no reply), or because
+    /// a caller asked (reply once durable).
+    Sync(Option<oneshot::Sender<Result<()>>>),
     Close,
 }
 
@@ -114,7 +120,7 @@ pub(crate) struct Partition {
     poisoned: Mutex<Option<String>>,
     /// Resolves when the writer thread has stopped.
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
-    /// Sends [`Msg::Flush`] on the fsync interval.
+    /// Sends [`Msg::Sync`] on the fsync interval.
     ticker: Mutex<Option<JoinHandle<()>>>,
     /// Set when the log is dropped without `close`: the writer stops once
     /// the queue is empty.
@@ -169,7 +175,7 @@ impl Partition {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 loop {
                     tick.tick().await;
-                    if queue.send(Msg::Flush).await.is_err() {
+                    if queue.send(Msg::Sync(None)).await.is_err() {
                         break;
                     }
                 }
@@ -180,7 +186,7 @@ impl Partition {
 
     /// Appends one batch; resolves once it is acknowledged per the fsync
     /// policy.
-    pub(crate) async fn append(&self, records: Vec<Record>) -> Result<AppendAck> {
+    pub(crate) async fn append(&self, records: Vec<Record>, sync: bool) -> Result<AppendAck> {
         if records.is_empty() {
             return Err(Error::EmptyBatch);
         }
@@ -200,8 +206,20 @@ impl Partition {
             .send(Msg::Append(AppendRequest {
                 records,
                 bytes,
+                sync,
                 reply,
             }))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
+    }
+
+    /// Makes everything written so far durable (per the fsync policy:
+    /// nothing is forced under `never`).
+    pub(crate) async fn sync_now(&self) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.queue
+            .send(Msg::Sync(Some(reply)))
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
@@ -375,9 +393,12 @@ impl Partition {
         while let Some(msg) = rx.blocking_recv() {
             let mut group = Vec::new();
             let mut closing = false;
+            let mut sync_waiters = Vec::new();
+            let mut tick = false;
             match msg {
                 Msg::Append(r) => group.push(r),
-                Msg::Flush => {}
+                Msg::Sync(Some(w)) => sync_waiters.push(w),
+                Msg::Sync(None) => tick = true,
                 Msg::Close => closing = true,
             }
             let mut bytes = group.first().map_or(0, |r| r.bytes);
@@ -387,7 +408,8 @@ impl Partition {
                         bytes += r.bytes;
                         group.push(r);
                     }
-                    Ok(Msg::Flush) => {}
+                    Ok(Msg::Sync(Some(w))) => sync_waiters.push(w),
+                    Ok(Msg::Sync(None)) => tick = true,
                     Ok(Msg::Close) => closing = true,
                     Err(_) => break,
                 }
@@ -395,14 +417,17 @@ impl Partition {
             if !group.is_empty() {
                 self.write_group(&mut st, group);
             }
-            let flush = closing
-                || matches!(self.config.fsync, FsyncPolicy::Interval(d) if st.last_sync.elapsed() >= d);
+            let interval_due = matches!(self.config.fsync, FsyncPolicy::Interval(d) if tick && st.last_sync.elapsed() >= d);
+            let flush = closing || interval_due || !sync_waiters.is_empty();
             if flush
                 && st.dirty
                 && self.config.fsync != FsyncPolicy::Never
                 && let Err(e) = self.sync(&mut st)
             {
                 self.poison(&e);
+            }
+            for w in sync_waiters {
+                let _ = w.send(self.check_poisoned());
             }
             if closing || (self.stopping.load(Ordering::Acquire) && rx.is_empty()) {
                 if !closing && st.dirty && self.config.fsync != FsyncPolicy::Never {
@@ -480,7 +505,7 @@ impl Partition {
         }
         self.write_out(st, &mut buf)?;
         let due = match cfg.fsync {
-            FsyncPolicy::Always => true,
+            FsyncPolicy::Always => group.iter().any(|r| r.sync),
             FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
             FsyncPolicy::Never => false,
         };

@@ -6,8 +6,9 @@
 //! every record read back is exactly what was appended (its batch CRC holds).
 //!
 //! A crash is simulated at the file level: appends issued "during" the
-//! crash are treated as never acknowledged, and the bytes they wrote (the
-//! only bytes a crash may lose under fsync `always`) are cut at an arbitrary
+//! crash are treated as never acknowledged, and the bytes written since the
+//! last sync (theirs, and those of relaxed appends not yet synced: the only
+//! bytes a crash may lose under fsync `always`) are cut at an arbitrary
 //! byte, optionally with garbage left behind as by a torn write.
 
 use std::path::{Path, PathBuf};
@@ -40,6 +41,11 @@ fn record(seq: u64, size: usize) -> Record {
 enum Op {
     /// An acknowledged append of records of these sizes.
     Append(Vec<usize>),
+    /// A relaxed append: acknowledged before it is synced, so durable only
+    /// once a later synced append or sync has completed.
+    AppendRelaxed(Vec<usize>),
+    /// An explicit sync.
+    Sync,
     /// A crash with these appends in flight; the bytes they wrote are cut
     /// at `cut` (a fraction of them) and `garbage` bytes follow the cut.
     Crash {
@@ -58,6 +64,8 @@ fn arb_batch() -> impl Strategy<Value = Vec<usize>> {
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
         6 => arb_batch().prop_map(Op::Append),
+        3 => arb_batch().prop_map(Op::AppendRelaxed),
+        1 => Just(Op::Sync),
         2 => (
             prop::collection::vec(arb_batch(), 0..5),
             any::<prop::sample::Index>(),
@@ -158,8 +166,12 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             .await
             .map_err(fail)?;
         log.create_partition(&tp).await.map_err(fail)?;
-        // What the log must hold: acknowledged records, in offset order.
+        // What the log must hold: durably acknowledged records, in offset
+        // order; then relaxed ones not yet synced; and the files as of the
+        // last sync (what a crash cannot take away).
         let mut model: Vec<Record> = Vec::new();
+        let mut unsynced: Vec<Record> = Vec::new();
+        let mut durable = files(&pdir);
         let mut seq = 0u64;
         let mut batch = |sizes: &[usize]| -> Vec<Record> {
             sizes
@@ -175,22 +187,40 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 Op::Append(sizes) => {
                     let records = batch(&sizes);
                     let ack = log.append(&tp, records.clone()).await.map_err(fail)?;
-                    prop_assert_eq!(ack.base_offset, model.len() as u64);
+                    prop_assert_eq!(ack.base_offset, (model.len() + unsynced.len()) as u64);
+                    model.append(&mut unsynced);
                     model.extend(records);
+                    durable = files(&pdir);
+                }
+                Op::AppendRelaxed(sizes) => {
+                    let records = batch(&sizes);
+                    let ack = log
+                        .append_relaxed(&tp, records.clone())
+                        .await
+                        .map_err(fail)?;
+                    prop_assert_eq!(ack.base_offset, (model.len() + unsynced.len()) as u64);
+                    unsynced.extend(records);
+                }
+                Op::Sync => {
+                    log.sync(&tp).await.map_err(fail)?;
+                    model.append(&mut unsynced);
+                    durable = files(&pdir);
                 }
                 Op::Reopen => {
-                    log.close().await;
+                    log.close().await; // a clean close syncs
+                    model.append(&mut unsynced);
                     log = EmbeddedLog::open(dir.path(), config())
                         .await
                         .map_err(fail)?;
+                    durable = files(&pdir);
                 }
                 Op::Crash {
                     in_flight,
                     cut,
                     garbage,
                 } => {
-                    let durable = files(&pdir);
-                    let mut maybe = Vec::new();
+                    // Unsynced relaxed appends and the in-flight ones may be lost.
+                    let mut maybe = std::mem::take(&mut unsynced);
                     for sizes in in_flight {
                         let records = batch(&sizes);
                         log.append(&tp, records.clone()).await.map_err(fail)?;
@@ -209,18 +239,20 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         model.len()
                     );
                     prop_assert!(got.len() <= model.len() + maybe.len());
-                    // the survivors of the crash are a prefix of what was in flight
+                    // the survivors of the crash are a prefix of what was not yet durable
                     let survived = got.len() - model.len();
                     model.extend(maybe.into_iter().take(survived));
+                    durable = files(&pdir);
                 }
             }
             let got = read_all(&log, &tp).await.map_err(fail)?;
+            let expected: Vec<&Record> = model.iter().chain(&unsynced).collect();
             prop_assert_eq!(
                 log.offsets(&tp).map_err(fail)?.high_water_mark,
-                model.len() as u64
+                expected.len() as u64
             );
-            prop_assert_eq!(got.len(), model.len());
-            for (i, (g, m)) in got.iter().zip(&model).enumerate() {
+            prop_assert_eq!(got.len(), expected.len());
+            for (i, (g, m)) in got.iter().zip(expected).enumerate() {
                 prop_assert_eq!(g.offset, i as u64, "offsets are dense");
                 prop_assert_eq!(&g.record, m, "record {} differs", i);
             }

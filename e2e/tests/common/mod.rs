@@ -72,14 +72,7 @@ impl Cluster {
             0,
             producer_fp,
         )?;
-        let consumer = start_sidecar(
-            dir.path(),
-            "cart",
-            &coordinator,
-            &consumer_app,
-            0,
-            &[],
-        )?;
+        let consumer = start_sidecar(dir.path(), "cart", &coordinator, &consumer_app, 0, &[])?;
         let mut c = CoordinatorClient::connect(coordinator.url()).await?;
         c.create_topic(pb::CreateTopicRequest {
             name: "orders".into(),
