@@ -794,4 +794,104 @@ mod tests {
         assert_eq!(delays, vec![6, 12, 24, 48, 60, 60, 60]);
         assert_eq!(check_delay(&s, 1000), Duration::from_secs(60));
     }
+
+    fn outgoing(value: &str) -> Outgoing {
+        Outgoing {
+            partition: None,
+            record: Record {
+                id: Bytes::new(),
+                key: None,
+                value: Bytes::copy_from_slice(value.as_bytes()),
+                headers: Vec::new(),
+                timestamp_ms: 0,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn upkeep_forgets_finished_transactions_and_keeps_open_ones() -> Result<()> {
+        use tandem_storage::{EmbeddedLog, LogConfig};
+        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
+        data.create_partition(&TopicPartition::new("t", 0)).await?;
+        let settings = TxnSettings {
+            retention: Duration::from_millis(300),
+            check_after: Duration::from_secs(3600),
+            ..TxnSettings::default()
+        };
+        let open = |settings: TxnSettings| {
+            let (data, dir) = (data.clone(), dir.path().to_owned());
+            async move {
+                let internal =
+                    EmbeddedLog::open(dir.join("internal"), LogConfig::default()).await?;
+                Transactions::open(data, internal, settings).await
+            }
+        };
+        let t = open(settings.clone()).await?;
+        t.prepare("svc", "open", "t", 0, outgoing("a"), Bytes::new())
+            .await?;
+        t.prepare("svc", "done", "t", 0, outgoing("b"), Bytes::new())
+            .await?;
+        t.commit("svc", "done").await?;
+        t.quiesce(Duration::from_secs(5)).await;
+        t.maintain().await?; // first mark
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        t.maintain().await?; // "done" finished longer ago than the retention
+        assert!(matches!(t.get("done").await, Err(Error::NotFound { .. })));
+        assert_eq!(
+            t.get("open").await?.state,
+            pb::TransactionState::Prepared as i32
+        );
+        drop(t);
+
+        let t = open(settings).await?;
+        assert!(
+            matches!(t.get("done").await, Err(Error::NotFound { .. })),
+            "forgotten for good"
+        );
+        assert_eq!(
+            t.get("open").await?.state,
+            pb::TransactionState::Prepared as i32
+        );
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_commit_cut_short_after_its_append_is_found_on_start_up() -> Result<()> {
+        use tandem_storage::{EmbeddedLog, LogConfig};
+        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let tp = TopicPartition::new("t", 0);
+        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
+        data.create_partition(&tp).await?;
+        let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
+        let settings = TxnSettings {
+            check_after: Duration::from_secs(3600),
+            ..TxnSettings::default()
+        };
+        let t = Transactions::open(data.clone(), internal.clone(), settings.clone()).await?;
+        t.prepare("svc", "x", "t", 0, outgoing("x"), Bytes::new())
+            .await?;
+        t.prepare("svc", "y", "t", 0, outgoing("y"), Bytes::new())
+            .await?;
+        // Simulate the crash window: "x" reached its partition, its
+        // COMMITTED record did not.
+        {
+            let (_slot, guard) = t.existing("x").await?;
+            let txn = guard.as_ref().expect("filled");
+            t.append_message("x", txn).await?;
+        }
+        drop(t);
+        let t = Transactions::open(data.clone(), internal, settings).await?;
+        let x = t.get("x").await?;
+        assert_eq!(x.state, pb::TransactionState::Committed as i32);
+        assert_eq!(x.position.map(|p| p.offset), Some(0));
+        assert_eq!(
+            t.get("y").await?.state,
+            pb::TransactionState::Prepared as i32
+        );
+        // committing "x" again is idempotent and appends nothing
+        t.commit("svc", "x").await?;
+        assert_eq!(data.offsets(&tp)?.high_water_mark, 1);
+        Ok(())
+    }
 }

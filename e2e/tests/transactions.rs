@@ -422,3 +422,64 @@ async fn failing_handlers_are_retried_then_dead_lettered_and_keys_stay_in_order(
     assert_eq!((stats.dead_lettered, stats.handler_failures), (1, 3));
     c.done()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_mode_works_on_postgresql() -> TestResult {
+    let Some(server) = postgres() else {
+        return Ok(());
+    };
+    let url = fresh_postgres_database(&server).await?;
+    let c = Cluster::start_with_producer_db(&url).await?;
+    c.subscribe(sc::DedupMode::Strong).await?;
+    let pg = sqlx::PgPool::connect(&url).await?;
+    sqlx::query("CREATE TABLE business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        .execute(&pg)
+        .await?;
+    let local = |txn: String, value: &'static str, commit: bool| {
+        let pg = pg.clone();
+        async move {
+            let mut tx = pg.begin().await?;
+            sqlx::query("INSERT INTO business (txn_id, value) VALUES ($1, $2)")
+                .bind(&txn)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO tandem_txn (txn_id) VALUES ($1)")
+                .bind(&txn)
+                .execute(&mut *tx)
+                .await?;
+            if commit {
+                tx.commit().await
+            } else {
+                tx.rollback().await
+            }
+        }
+    };
+    let mut s = c.producer_client().await?;
+    let id = begin(&mut s, "pg-ok", "pg-ok").await?;
+    local(id.clone(), "pg-ok", true).await?;
+    assert_eq!(
+        s.commit(end(&id)).await?.into_inner().state,
+        Committed as i32
+    );
+    let id = begin(&mut s, "pg-forgot", "pg-forgot").await?;
+    local(id, "pg-forgot", true).await?;
+    let id = begin(&mut s, "pg-rolled", "pg-rolled").await?;
+    local(id.clone(), "pg-rolled", false).await?;
+    assert!(
+        c.expect_state("pg-forgot", Committed)
+            .await?
+            .resolved_by_check
+    );
+    assert!(
+        c.expect_state("pg-rolled", RolledBack)
+            .await?
+            .resolved_by_check
+    );
+    assert!(
+        local(id, "pg-rolled", true).await.is_err(),
+        "the rollback marker stops a late local commit"
+    );
+    c.expect_effects(&["pg-ok", "pg-forgot"]).await?;
+    c.done()
+}

@@ -46,6 +46,8 @@ pub struct Cluster {
     pub producer: Process,
     pub consumer_app: Process,
     pub consumer: Process,
+    /// The producer sidecar's database, when not its app's SQLite file.
+    producer_db: Option<String>,
 }
 
 fn port_of(p: &Process) -> u16 {
@@ -60,6 +62,19 @@ impl Cluster {
     /// Starts everything; `coordinator_fp` and `producer_fp` arm failpoints
     /// in the coordinator and the producer's sidecar.
     pub async fn start_with(coordinator_fp: &[&str], producer_fp: &[&str]) -> TestResult<Cluster> {
+        Self::start_full(coordinator_fp, producer_fp, None).await
+    }
+
+    /// Starts everything with the producer sidecar's tables in `db`.
+    pub async fn start_with_producer_db(db: &str) -> TestResult<Cluster> {
+        Self::start_full(&[], &[], Some(db.to_owned())).await
+    }
+
+    async fn start_full(
+        coordinator_fp: &[&str],
+        producer_fp: &[&str],
+        producer_db: Option<String>,
+    ) -> TestResult<Cluster> {
         let dir = tempfile::tempdir()?;
         let coordinator = start_coordinator(dir.path(), 0, coordinator_fp)?;
         let producer_app = start_app(dir.path(), "orders-app", 0, &[])?;
@@ -71,8 +86,17 @@ impl Cluster {
             &producer_app,
             0,
             producer_fp,
+            producer_db.as_deref(),
         )?;
-        let consumer = start_sidecar(dir.path(), "cart", &coordinator, &consumer_app, 0, &[])?;
+        let consumer = start_sidecar(
+            dir.path(),
+            "cart",
+            &coordinator,
+            &consumer_app,
+            0,
+            &[],
+            None,
+        )?;
         let mut c = CoordinatorClient::connect(coordinator.url()).await?;
         c.create_topic(pb::CreateTopicRequest {
             name: "orders".into(),
@@ -87,6 +111,7 @@ impl Cluster {
             producer,
             consumer_app,
             consumer,
+            producer_db,
         })
     }
 
@@ -117,6 +142,7 @@ impl Cluster {
             &self.producer_app,
             port,
             failpoints,
+            self.producer_db.as_deref(),
         )?;
         Ok(())
     }
@@ -131,6 +157,7 @@ impl Cluster {
             &self.consumer_app,
             port,
             failpoints,
+            None,
         )?;
         Ok(())
     }
@@ -331,7 +358,12 @@ fn start_sidecar(
     app: &Process,
     port: u16,
     fp: &[&str],
+    db: Option<&str>,
 ) -> TestResult<Process> {
+    let db = db.map_or_else(
+        || dir.join(format!("{}.db", app.name())).display().to_string(),
+        str::to_owned,
+    );
     let args = vec![
         "sidecar".into(),
         "--listen".into(),
@@ -343,7 +375,7 @@ fn start_sidecar(
         "--app".into(),
         app.url(),
         "--db".into(),
-        dir.join(format!("{}.db", app.name())).display().to_string(),
+        db,
         "--set".into(),
         "check_after_ms=1000".into(),
         "--set".into(),
@@ -432,4 +464,38 @@ pub fn end(txn_id: &str) -> sc::EndRequest {
     sc::EndRequest {
         txn_id: txn_id.into(),
     }
+}
+
+/// The PostgreSQL server `scripts/test.sh` starts (`TANDEM_TEST_POSTGRES`),
+/// or `None` (with a note) when there is none and none is required.
+pub fn postgres() -> Option<String> {
+    match std::env::var("TANDEM_TEST_POSTGRES") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            assert!(
+                std::env::var_os("TANDEM_REQUIRE_POSTGRES").is_none(),
+                "TANDEM_TEST_POSTGRES is not set but PostgreSQL tests are required"
+            );
+            eprintln!("skipped: no TANDEM_TEST_POSTGRES (scripts/test.sh provides one)");
+            None
+        }
+    }
+}
+
+/// Creates an empty database on the server of `url`; returns its URL.
+pub async fn fresh_postgres_database(url: &str) -> TestResult<String> {
+    let (base, _) = url.rsplit_once('/').ok_or("a database URL")?;
+    let name = format!(
+        "e2e_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos()
+    );
+    let admin = sqlx::PgPool::connect(url).await?;
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&admin)
+        .await?;
+    admin.close().await;
+    Ok(format!("{base}/{name}"))
 }
