@@ -4,7 +4,11 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let coordinator = ["tandem/coordinator/v1/coordinator.proto"];
-    let others = ["tandem/sidecar/v1/sidecar.proto", "tandem/app/v1/app.proto"];
+    let others = [
+        "tandem/sidecar/v1/sidecar.proto",
+        "tandem/app/v1/app.proto",
+        "tandem/examples/v1/shop.proto",
+    ];
     for p in coordinator.iter().chain(&others) {
         println!("cargo:rerun-if-changed={p}");
     }

@@ -1,12 +1,15 @@
 //! The `tandem` command: admin commands (topics, publish, consume) over the
-//! coordinator API, and the coordinator itself (`tandem coordinator`), so
+//! coordinator API; the coordinator, the sidecar and the example services
+//! themselves; and `tandem demo`, which runs them all as real processes, so
 //! one binary can run and drive a whole Tandem.
 
 mod consume;
+mod demo;
 mod publish;
 mod topic;
 
 pub use consume::{ConsumeArgs, consume};
+pub use demo::{DemoArgs, demo};
 pub use publish::{PublishArgs, publish};
 pub use topic::{TopicCommand, topic};
 

@@ -3,7 +3,9 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tandem_cli::{ConsumeArgs, PublishArgs, TopicCommand};
+use std::net::SocketAddr;
+
+use tandem_cli::{ConsumeArgs, DemoArgs, PublishArgs, TopicCommand};
 use tandem_coordinator::{Config, CoordinatorArgs};
 use tandem_sidecar::SidecarArgs;
 
@@ -36,6 +38,32 @@ enum Command {
     Coordinator(CoordinatorArgs),
     /// Runs a sidecar next to a service.
     Sidecar(SidecarArgs),
+    /// Runs the order/cart demo: real processes, injected faults, a verdict.
+    Demo(DemoArgs),
+    /// Runs the example order service (used by the demo).
+    #[command(hide = true)]
+    ExampleOrderService {
+        #[arg(long, default_value = "127.0.0.1:7420")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "./orders.db")]
+        db: String,
+        #[arg(long, default_value = "http://127.0.0.1:7410")]
+        sidecar: String,
+    },
+    /// Runs the example cart service (used by the demo).
+    #[command(hide = true)]
+    ExampleCartService {
+        #[arg(long, default_value = "127.0.0.1:7421")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "./cart.db")]
+        db: String,
+        /// Its sidecar, to subscribe through.
+        #[arg(long)]
+        sidecar: Option<String>,
+        /// Consume without the dedup table.
+        #[arg(long)]
+        no_dedup: bool,
+    },
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -59,6 +87,40 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&args, std::env::vars())?;
             tandem_coordinator::init_tracing(&config.log_filter);
             Ok(tandem_coordinator::run(config, tandem_coordinator::shutdown_signal()).await?)
+        }
+        Command::Demo(args) => {
+            let exe = std::env::current_exe()?;
+            let mut out = std::io::stdout();
+            if tandem_cli::demo(&exe, args, &mut out).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
+        Command::ExampleOrderService {
+            listen,
+            db,
+            sidecar,
+        } => {
+            tandem_coordinator::init_tracing("warn");
+            tandem_e2e::order::run(listen, &db, &sidecar, tandem_coordinator::shutdown_signal())
+                .await
+        }
+        Command::ExampleCartService {
+            listen,
+            db,
+            sidecar,
+            no_dedup,
+        } => {
+            tandem_coordinator::init_tracing("warn");
+            tandem_e2e::cart::run(
+                listen,
+                &db,
+                sidecar,
+                !no_dedup,
+                tandem_coordinator::shutdown_signal(),
+            )
+            .await
         }
         Command::Sidecar(args) => {
             let config = tandem_sidecar::Config::load(&args, std::env::vars())?;

@@ -108,6 +108,11 @@ impl Process {
         self.wait(limit)
     }
 
+    /// True once it has exited.
+    pub fn has_exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     /// Waits (at most `limit`) for it to exit by itself.
     pub fn wait(&mut self, limit: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + limit;

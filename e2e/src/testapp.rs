@@ -20,31 +20,15 @@
 //! `tandem_inbox` row in the same transaction and treats a conflict as
 //! already done. Values starting with `fail` are refused.
 
+use sqlx::sqlite::SqlitePool;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::str::FromStr;
-use std::time::Duration;
-
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use tandem_coordinator::failpoint;
 use tandem_proto::app as app_pb;
 use tandem_proto::app::app_server::{App, AppServer};
 use tandem_proto::coordinator::LocalState;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
-
-/// Opens (creating) a SQLite database the way Tandem's sidecar does: WAL
-/// mode and a busy timeout, so app and sidecar can share the file.
-pub async fn open_sqlite(path: &str) -> anyhow::Result<SqlitePool> {
-    let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
-        .create_if_missing(true)
-        .journal_mode(SqliteJournalMode::Wal)
-        .busy_timeout(Duration::from_secs(10));
-    Ok(SqlitePoolOptions::new()
-        .max_connections(8)
-        .connect_with(opts)
-        .await?)
-}
 
 struct TestApp {
     db: SqlitePool,
@@ -191,7 +175,7 @@ pub async fn run(
     db: &str,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let pool = open_sqlite(db).await?;
+    let pool = crate::db::open_sqlite(db, 8).await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL);",

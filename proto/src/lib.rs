@@ -19,3 +19,9 @@ pub mod app {
     #![allow(missing_docs, unreachable_pub, clippy::all)]
     tonic::include_proto!("tandem.app.v1");
 }
+
+/// The example order and cart services of `tandem demo`, v1.
+pub mod examples {
+    #![allow(missing_docs, unreachable_pub, clippy::all)]
+    tonic::include_proto!("tandem.examples.v1");
+}

@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sqlx::SqlitePool;
+use tandem_e2e::db::open_sqlite;
 use tandem_e2e::process::Process;
-use tandem_e2e::testapp::open_sqlite;
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;
@@ -206,11 +206,11 @@ impl Cluster {
     }
 
     pub async fn producer_db(&self) -> TestResult<SqlitePool> {
-        Ok(open_sqlite(&self.path().join("orders-app.db").display().to_string()).await?)
+        Ok(open_sqlite(&self.path().join("orders-app.db").display().to_string(), 8).await?)
     }
 
     pub async fn consumer_db(&self) -> TestResult<SqlitePool> {
-        Ok(open_sqlite(&self.path().join("cart-app.db").display().to_string()).await?)
+        Ok(open_sqlite(&self.path().join("cart-app.db").display().to_string(), 8).await?)
     }
 
     /// Effects the consumer app made: value → how many times.
