@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Tandem's whole test suite on a fresh machine: installs and starts what
 # the tests need (a throwaway PostgreSQL server from Debian's packages, on a
-# loopback ephemeral port), builds once, and runs every test.
+# loopback ephemeral port; a Python virtual environment with grpcio for the
+# Python client), builds once, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -50,7 +51,19 @@ stop_postgres() {
     rm -rf "$PG_DIR"
 }
 
+python_env() {
+    local venv=target/python-venv
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
+        echo "creating the Python environment for the Python client test..."
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q grpcio grpcio-tools
+    fi
+    export TANDEM_TEST_PYTHON="$PWD/$venv/bin/python"
+    export TANDEM_REQUIRE_PYTHON=1
+}
+
 start_postgres
+python_env
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace

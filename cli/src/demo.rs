@@ -156,28 +156,40 @@ impl Cluster {
             dir,
         )?;
         // The cart's sidecar needs the cart's address and the cart needs its
-        // sidecar's: pick the cart's port first.
-        let cart_port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let cart_sidecar = Self::sidecar(
-            exe,
-            dir,
-            "cart",
-            &coordinator.url(),
-            Some(cart_port),
-            "cart.db",
-            0,
-        )?;
+        // sidecar's: pick a free port for the cart first (and pick again if
+        // something else took it meanwhile).
         let failpoint = format!("cart.after_commit@{cart_crash_at}");
-        let cart_service = Self::cart(
-            exe,
-            dir,
-            cart_port,
-            &cart_sidecar.url(),
-            no_dedup,
-            Some(&failpoint),
-        )?;
+        let mut attempt = 0;
+        let (cart_sidecar, cart_service) = loop {
+            attempt += 1;
+            let cart_port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let mut sidecar = Self::sidecar(
+                exe,
+                dir,
+                "cart",
+                &coordinator.url(),
+                Some(cart_port),
+                "cart.db",
+                0,
+            )?;
+            match Self::cart(
+                exe,
+                dir,
+                cart_port,
+                &sidecar.url(),
+                no_dedup,
+                Some(&failpoint),
+            ) {
+                Ok(service) => break (sidecar, service),
+                Err(e) if attempt < 5 => {
+                    tracing::debug!(error = %e, "cart port taken; picking another");
+                    sidecar.kill();
+                }
+                Err(e) => return Err(e),
+            }
+        };
         Ok(Cluster {
             exe: exe.to_owned(),
             dir: dir.to_owned(),

@@ -1,0 +1,138 @@
+//! Any language can use Tandem: a Python program (grpcio, stubs generated
+//! from `proto/`) places orders through the example order service and, as an
+//! app behind its own sidecar, publishes and consumes through it. The
+//! virtual environment comes from `scripts/test.sh` (`TANDEM_TEST_PYTHON`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tandem_e2e::process::Process;
+
+const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> {
+    let Ok(python) = std::env::var("TANDEM_TEST_PYTHON") else {
+        assert!(
+            std::env::var_os("TANDEM_REQUIRE_PYTHON").is_none(),
+            "TANDEM_TEST_PYTHON is not set but the Python client test is required"
+        );
+        eprintln!("skipped: no TANDEM_TEST_PYTHON (scripts/test.sh provides one)");
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let d = |f: &str| dir.path().join(f).display().to_string();
+    let bin = Path::new(TANDEM);
+    let coordinator = Process::start(
+        "coordinator",
+        bin,
+        &args(&[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            &d("coordinator"),
+        ]),
+        &[],
+        dir.path(),
+    )?;
+    let sidecar = |service: &str, db: &str, app: Option<u16>| {
+        let mut a = args(&[
+            "sidecar",
+            "--listen",
+            "127.0.0.1:0",
+            "--coordinator",
+            &coordinator.url(),
+            "--service",
+            service,
+            "--db",
+            &d(db),
+        ]);
+        if let Some(port) = app {
+            a.extend(["--app".to_owned(), format!("http://127.0.0.1:{port}")]);
+        }
+        Process::start(&format!("{service}-sidecar"), bin, &a, &[], dir.path())
+    };
+    let orders_sidecar = sidecar("orders", "orders.db", None)?;
+    let orders = Process::start(
+        "order-service",
+        bin,
+        &args(&[
+            "example-order-service",
+            "--listen",
+            "127.0.0.1:0",
+            "--db",
+            &d("orders.db"),
+            "--sidecar",
+            &orders_sidecar.url(),
+        ]),
+        &[],
+        dir.path(),
+    )?;
+    // The Python app serves its callbacks on a port of its choosing and says
+    // which; its sidecar is started for that address and handed back.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut child = Command::new(python)
+        .current_dir(root.join("clients/python"))
+        .arg("test_client.py")
+        .args(["--coordinator", &coordinator.addr.to_string()])
+        .args(["--order-service", &orders.addr.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut stdin = child.stdin.take().ok_or_else(|| anyhow::anyhow!("stdin"))?;
+    let (tx, lines) = std::sync::mpsc::channel();
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("stdout"))?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("python: {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut py_sidecar = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!("the Python client did not finish within 120 s");
+        }
+        while let Ok(line) = lines.try_recv() {
+            if let Some(addr) = line.strip_prefix("app listening on ") {
+                let port: u16 = addr.rsplit(':').next().unwrap_or_default().parse()?;
+                let s = sidecar("py-app", "py.db", Some(port))?;
+                writeln!(stdin, "{}", s.addr)?;
+                py_sidecar = Some(s);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    if !status.success() {
+        for p in [
+            Some(&coordinator),
+            Some(&orders_sidecar),
+            Some(&orders),
+            py_sidecar.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            eprintln!("---- {} log ----\n{}", p.name(), p.log_tail());
+        }
+    }
+    assert!(status.success(), "the Python client failed: {status:?}");
+    Ok(())
+}

@@ -1,0 +1,53 @@
+"""Tandem from Python: generated gRPC stubs and a few helpers.
+
+Any language with gRPC can use Tandem: its APIs are the .proto files under
+proto/. This module compiles them with grpcio-tools at import time (into a
+temporary folder), so there is nothing to check in or keep in sync.
+
+    from tandem_client import stubs
+    pb = stubs()
+    orders = pb.shop_grpc.OrdersStub(grpc.insecure_channel("127.0.0.1:7420"))
+"""
+
+import importlib
+import os
+import sys
+import tempfile
+import types
+
+PROTO_ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "proto")
+PROTOS = {
+    "coordinator": "tandem/coordinator/v1/coordinator.proto",
+    "sidecar": "tandem/sidecar/v1/sidecar.proto",
+    "app": "tandem/app/v1/app.proto",
+    "shop": "tandem/examples/v1/shop.proto",
+}
+
+_stubs = None
+
+
+def stubs():
+    """Generates (once) and imports the message and service modules.
+
+    Returns a namespace with `coordinator`, `sidecar`, `app` and `shop`
+    (messages) and `<name>_grpc` (services) for each.
+    """
+    global _stubs
+    if _stubs is not None:
+        return _stubs
+    from grpc_tools import protoc
+    import grpc_tools
+
+    out = tempfile.mkdtemp(prefix="tandem-py-")
+    well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
+    args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}"]
+    if protoc.main(args + list(PROTOS.values())) != 0:
+        raise RuntimeError("protoc failed on " + PROTO_ROOT)
+    sys.path.insert(0, out)
+    ns = types.SimpleNamespace()
+    for name, path in PROTOS.items():
+        module = path[: -len(".proto")].replace("/", ".")
+        setattr(ns, name, importlib.import_module(module + "_pb2"))
+        setattr(ns, name + "_grpc", importlib.import_module(module + "_pb2_grpc"))
+    _stubs = ns
+    return ns

@@ -1,0 +1,146 @@
+"""A Python service on Tandem, end to end.
+
+It places orders through the example order service, and acts as an app
+with its own sidecar: it serves the app callbacks (HandleMessage and, for a
+transactional publish, ExecuteLocalTransaction), subscribes through its
+sidecar, and publishes through it, both plainly and transactionally.
+
+Usage: test_client.py --coordinator HOST:PORT --order-service HOST:PORT
+
+It serves its app callbacks on a free port and prints
+`app listening on HOST:PORT`; the address of the sidecar started for it
+(with `--app` set to that address) is then read from standard input.
+Exits 0 when every check holds.
+"""
+
+import argparse
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+
+from tandem_client import stubs
+
+pb = stubs()
+TOPIC = "py-events"
+GROUP = "py-app"
+
+
+class App(pb.app_grpc.AppServicer):
+    """The app callbacks the sidecar calls."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.handled = []
+        self.arrived = threading.Condition(self.lock)
+
+    def ExecuteLocalTransaction(self, request, context):
+        # A real app would change its database here, in one transaction.
+        return pb.app.LocalTransactionResponse(state=pb.coordinator.LOCAL_STATE_COMMIT)
+
+    def CheckLocalTransaction(self, request, context):
+        return pb.app.LocalTransactionResponse(state=pb.coordinator.LOCAL_STATE_COMMIT)
+
+    def HandleMessage(self, request, context):
+        with self.lock:
+            self.handled.append(request.message.value.decode())
+            self.arrived.notify_all()
+        return pb.app.HandleMessageResponse()
+
+    def wait_for(self, n, seconds):
+        deadline = time.monotonic() + seconds
+        with self.lock:
+            while len(self.handled) < n and time.monotonic() < deadline:
+                self.arrived.wait(deadline - time.monotonic())
+            return list(self.handled)
+
+
+def check(condition, what):
+    if not condition:
+        raise AssertionError(what)
+    print("ok:", what)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--coordinator", required=True)
+    parser.add_argument("--order-service", required=True)
+    args = parser.parse_args()
+
+    coordinator = pb.coordinator_grpc.CoordinatorStub(grpc.insecure_channel(args.coordinator))
+    for name in ("orders", TOPIC):
+        try:
+            coordinator.CreateTopic(pb.coordinator.CreateTopicRequest(name=name, partitions=2), timeout=10)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+
+    # 1. Orders through the example order service (Rust), from Python.
+    orders = pb.shop_grpc.OrdersStub(grpc.insecure_channel(args.order_service))
+    placed = orders.PlaceOrder(
+        pb.shop.PlaceOrderRequest(user="py-user", items=[pb.shop.Item(sku="apple", quantity=2)]), timeout=10
+    )
+    check(placed.status == "committed", f"order {placed.order_id} committed")
+    txn = coordinator.GetTransaction(pb.coordinator.GetTransactionRequest(txn_id=placed.order_id), timeout=10)
+    check(txn.state == pb.coordinator.TRANSACTION_STATE_COMMITTED, "its OrderPlaced message is committed")
+    try:
+        orders.PlaceOrder(pb.shop.PlaceOrderRequest(user="", items=[]), timeout=10)
+        check(False, "an empty order is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and "user" in e.details(), "an empty order is refused")
+
+    # 2. This process as an app behind its own sidecar.
+    app = App()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    pb.app_grpc.add_AppServicer_to_server(app, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"app listening on 127.0.0.1:{port}", flush=True)
+    sidecar_address = sys.stdin.readline().strip()
+    sidecar = pb.sidecar_grpc.SidecarStub(grpc.insecure_channel(sidecar_address))
+    sidecar.Subscribe(
+        pb.sidecar.SubscribeRequest(
+            topic=TOPIC, group=GROUP, start_from=pb.coordinator.START_FROM_EARLIEST, dedup=pb.sidecar.DEDUP_MODE_SIDECAR
+        ),
+        timeout=10,
+    )
+    subs = sidecar.ListSubscriptions(pb.sidecar.ListSubscriptionsRequest(), timeout=10).subscriptions
+    check([(s.topic, s.group) for s in subs] == [(TOPIC, GROUP)], "subscribed through the sidecar")
+
+    values = [f"hello-{i}" for i in range(5)]
+    reply = sidecar.Publish(
+        pb.coordinator.PublishRequest(
+            topic=TOPIC, messages=[pb.coordinator.Message(key=b"same-key", value=v.encode()) for v in values]
+        ),
+        timeout=10,
+    )
+    check(len(reply.positions) == 5, "five messages published through the sidecar")
+    tx = sidecar.PublishTransactional(
+        pb.sidecar.PublishTransactionalRequest(
+            topic=TOPIC, message=pb.coordinator.Message(key=b"same-key", value=b"transactional")
+        ),
+        timeout=10,
+    )
+    check(tx.state == pb.coordinator.TRANSACTION_STATE_COMMITTED, "a transactional publish committed (callback mode)")
+
+    handled = app.wait_for(6, 30)
+    check(handled == values + ["transactional"], "HandleMessage got all six, in key order, once each")
+    # the sidecar counts a message once the handler's answer is back
+    deadline = time.monotonic() + 10
+    while sidecar.GetStats(pb.sidecar.GetStatsRequest(), timeout=10).handled < 6 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = sidecar.GetStats(pb.sidecar.GetStatsRequest(), timeout=10)
+    check(stats.handled == 6 and stats.duplicates_skipped == 0, "the sidecar counted six handled messages")
+    try:
+        sidecar.Commit(pb.sidecar.EndRequest(txn_id="no-such-transaction"), timeout=10)
+        check(False, "an unknown transaction is refused")
+    except grpc.RpcError as e:
+        check(e.code() == grpc.StatusCode.NOT_FOUND, "an unknown transaction is NOT_FOUND")
+    server.stop(grace=1)
+    print("all checks passed")
+
+
+if __name__ == "__main__":
+    main()
