@@ -25,6 +25,7 @@ use tonic::Status;
 use crate::error::{Error, Result};
 use crate::group::{Effect, Event, GroupState};
 use crate::offsets::{GroupPartition, Offsets};
+use crate::wire::headers_to_wire;
 
 /// Most messages in one `Deliveries` response.
 const MAX_DELIVERY_BATCH: usize = 1000;
@@ -550,14 +551,7 @@ fn to_delivery(r: StoredRecord, partition: u32, epoch: u64) -> pb::Delivery {
             id: String::from_utf8_lossy(&rec.id).into_owned(),
             key: rec.key,
             value: rec.value,
-            headers: rec
-                .headers
-                .into_iter()
-                .map(|h| pb::Header {
-                    name: h.name,
-                    value: h.value,
-                })
-                .collect(),
+            headers: headers_to_wire(rec.headers),
             partition: None,
         }),
     }

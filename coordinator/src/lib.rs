@@ -23,6 +23,7 @@ pub mod settings;
 mod statelog;
 mod topics;
 mod transactions;
+mod wire;
 
 pub use broker::{Broker, GroupDescription, Outgoing, PartitionDescription, Position};
 pub use config::{Config, CoordinatorArgs, FinalAction, TxnSettings};

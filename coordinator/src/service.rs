@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_proto::coordinator as pb;
-use tandem_storage::{Header, Log, Record};
+use tandem_storage::{Log, Record};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::{Broker, Outgoing};
 use crate::consumer::{StartFrom, Subscription};
 use crate::error::Error;
 use crate::statelog::now_ms;
+use crate::wire::headers_from_wire;
 
 /// Longest message id accepted.
 pub const MAX_ID_LEN: usize = 128;
@@ -103,14 +104,7 @@ pub(crate) fn outgoing(
         id: Bytes::from(id),
         key: m.key,
         value: m.value,
-        headers: m
-            .headers
-            .into_iter()
-            .map(|h| Header {
-                name: h.name,
-                value: h.value,
-            })
-            .collect(),
+        headers: headers_from_wire(m.headers),
         timestamp_ms: now_ms(),
     };
     let size = record.encoded_len();

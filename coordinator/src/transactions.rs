@@ -38,7 +38,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use prost::Message as _;
 use tandem_proto::coordinator as pb;
-use tandem_storage::{Header, Log, ReadBudget, Record, TopicPartition};
+use tandem_storage::{Log, ReadBudget, Record, TopicPartition};
 use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, watch};
 
 use crate::broker::Outgoing;
@@ -47,19 +47,11 @@ use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::session::Sessions;
 use crate::statelog::{StateLog, now_ms, upsert};
+use crate::wire::{headers_from_wire, headers_to_wire};
 
 const PREPARED: i32 = 1;
 const COMMITTED: i32 = 3;
 const ROLLED_BACK: i32 = 4;
-
-/// A header as kept in a half message.
-#[derive(Clone, PartialEq, prost::Message)]
-struct HeaderRecord {
-    #[prost(string, tag = "1")]
-    name: String,
-    #[prost(bytes = "bytes", tag = "2")]
-    value: Bytes,
-}
 
 /// The half message itself.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -69,7 +61,7 @@ struct HalfMessage {
     #[prost(bytes = "bytes", tag = "2")]
     value: Bytes,
     #[prost(message, repeated, tag = "3")]
-    headers: Vec<HeaderRecord>,
+    headers: Vec<pb::Header>,
     #[prost(int64, tag = "4")]
     timestamp_ms: i64,
 }
@@ -354,14 +346,7 @@ impl<L: Log + Clone> Transactions<L> {
                 message: Some(HalfMessage {
                     key: r.key,
                     value: r.value,
-                    headers: r
-                        .headers
-                        .into_iter()
-                        .map(|h| HeaderRecord {
-                            name: h.name,
-                            value: h.value,
-                        })
-                        .collect(),
+                    headers: headers_to_wire(r.headers),
                     timestamp_ms: r.timestamp_ms,
                 }),
                 context,
@@ -461,14 +446,7 @@ impl<L: Log + Clone> Transactions<L> {
             id: Bytes::copy_from_slice(id.as_bytes()),
             key: half.key,
             value: half.value,
-            headers: half
-                .headers
-                .into_iter()
-                .map(|h| Header {
-                    name: h.name,
-                    value: h.value,
-                })
-                .collect(),
+            headers: headers_from_wire(half.headers),
             timestamp_ms: half.timestamp_ms,
         };
         let tp = TopicPartition::new(txn.rec.topic.clone(), txn.rec.partition);
@@ -631,14 +609,7 @@ impl<L: Log + Clone> Transactions<L> {
                     id: id.to_owned(),
                     key: half.key,
                     value: half.value,
-                    headers: half
-                        .headers
-                        .into_iter()
-                        .map(|h| pb::Header {
-                            name: h.name,
-                            value: h.value,
-                        })
-                        .collect(),
+                    headers: half.headers,
                     partition: Some(t.partition),
                 }),
                 context: t.context.clone(),
