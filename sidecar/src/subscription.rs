@@ -25,7 +25,7 @@ use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tonic::Code;
 
 use crate::error::{Error, Result};
@@ -210,9 +210,12 @@ async fn consume(
     let mut outstanding = 0usize;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
     let spec = Arc::new(spec.clone());
-    let start = |d: pb::Delivery| {
+    // Handlers still running when this session ends are aborted with it:
+    // what they had not finished is delivered again.
+    let mut handlers = JoinSet::new();
+    let start = |handlers: &mut JoinSet<()>, d: pb::Delivery| {
         let (node, spec, done_tx) = (node.clone(), spec.clone(), done_tx.clone());
-        tokio::spawn(async move {
+        handlers.spawn(async move {
             let done = handle(&node, &spec, d).await;
             let _ = done_tx.send(done);
         });
@@ -230,10 +233,10 @@ async fn consume(
                                 Some(queue) => queue.push_back(delivery),
                                 None => {
                                     busy.insert(k, VecDeque::new());
-                                    start(delivery);
+                                    start(&mut handlers, delivery);
                                 }
                             },
-                            None => start(delivery),
+                            None => start(&mut handlers, delivery),
                         }
                     }
                 }
@@ -247,11 +250,12 @@ async fn consume(
                     finished.push(d);
                 }
                 outstanding -= finished.len();
+                while handlers.try_join_next().is_some() {}
                 acknowledge(&tx, &finished).await?;
                 for d in finished {
                     let Some(k) = d.key else { continue };
                     match busy.get_mut(&k).and_then(VecDeque::pop_front) {
-                        Some(next) => start(next),
+                        Some(next) => start(&mut handlers, next),
                         None => {
                             busy.remove(&k);
                         }
