@@ -365,6 +365,12 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
     let dir = match (&a.data_dir, &temp) {
         (Some(d), _) => {
             std::fs::create_dir_all(d)?;
+            if std::fs::read_dir(d)?.next().is_some() {
+                bail!(
+                    "--data-dir {} is not empty: the demo starts from nothing, give it an empty folder",
+                    d.display()
+                );
+            }
             d.clone()
         }
         (None, Some(t)) => t.path().to_owned(),
