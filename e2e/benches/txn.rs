@@ -239,13 +239,17 @@ fn main() {
 
         // the producing app's own database (the sidecar creates tandem_txn in it)
         let mut producer = SidecarClient::connect(format!("http://{paddr}")).await.expect("producer sidecar");
+        // serving means its tables exist
+        while producer.list_subscriptions(sc::ListSubscriptionsRequest {}).await.is_err() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let db = {
             use std::str::FromStr;
             // One connection: SQLite takes one writer at a time, and a
             // queue in the pool beats busy-waiting in SQLite.
             let sync = sqlx::sqlite::SqliteSynchronous::Full;
             let opts = sqlx::sqlite::SqliteConnectOptions::from_str(&format!("sqlite://{}", dir.path().join("orders.db").display())).expect("url")
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal).synchronous(sync).busy_timeout(Duration::from_secs(10));
+                .create_if_missing(true).journal_mode(sqlx::sqlite::SqliteJournalMode::Wal).synchronous(sync).busy_timeout(Duration::from_secs(10));
             sqlx::sqlite::SqlitePoolOptions::new().max_connections(1).connect_with(opts).await.expect("orders db")
         };
 
