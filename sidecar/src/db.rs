@@ -170,15 +170,27 @@ impl Db {
 
     /// Records that `group` processed `message_id` (if not recorded yet).
     pub async fn inbox_add(&self, group: &str, message_id: &str) -> Result<()> {
+        self.inbox_add_all(&[(group.to_owned(), message_id.to_owned())])
+            .await
+    }
+
+    /// Records many `(group, message_id)` pairs in one transaction.
+    pub async fn inbox_add_all(&self, rows: &[(String, String)]) -> Result<()> {
         on_db!(self, |p| {
-            sqlx::query(
-            "INSERT INTO tandem_inbox (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING"
-        )
-        .bind(group)
-        .bind(message_id)
-        .execute(p)
-        .await
-        .map_err(db_err("insert into tandem_inbox"))?;
+            let mut tx = p.begin().await.map_err(db_err("begin a transaction"))?;
+            for (group, id) in rows {
+                sqlx::query(
+                    "INSERT INTO tandem_inbox (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                )
+                .bind(group)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("insert into tandem_inbox"))?;
+            }
+            tx.commit()
+                .await
+                .map_err(db_err("commit to tandem_inbox"))?;
         });
         Ok(())
     }

@@ -35,6 +35,9 @@ pub enum Error {
         #[source]
         source: sqlx::Error,
     },
+    /// Recording processed messages in `tandem_inbox` failed.
+    #[error("dedup table: {0}")]
+    Inbox(String),
     /// Tandem's tables could not be created.
     #[error("database migration failed: {0}")]
     Migrate(String),
@@ -74,7 +77,11 @@ impl From<Error> for tonic::Status {
             Error::App { .. } | Error::NoApp(_) => {
                 tonic::Status::new(Code::FailedPrecondition, e.to_string())
             }
-            Error::Db { .. } | Error::Migrate(_) | Error::Bind { .. } | Error::Serve(_) => {
+            Error::Db { .. }
+            | Error::Inbox(_)
+            | Error::Migrate(_)
+            | Error::Bind { .. }
+            | Error::Serve(_) => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())
             }

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tandem_proto::app::app_client::AppClient;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Config;
@@ -46,11 +46,61 @@ impl Counters {
     }
 }
 
+type InboxRequest = (String, String, oneshot::Sender<Result<(), String>>);
+
+/// Records processed messages in `tandem_inbox`, many per database
+/// transaction: concurrent handlers' rows are gathered while the previous
+/// batch commits (group commit, as the log does).
+#[derive(Debug)]
+pub(crate) struct Inbox {
+    tx: mpsc::Sender<InboxRequest>,
+}
+
+impl Inbox {
+    fn start(db: Db) -> Inbox {
+        let (tx, mut rx) = mpsc::channel::<InboxRequest>(4096);
+        // Ends when the node (the only sender) is dropped.
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < 512 {
+                    match rx.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                let rows: Vec<(String, String)> = batch
+                    .iter()
+                    .map(|(g, id, _)| (g.clone(), id.clone()))
+                    .collect();
+                let result = db.inbox_add_all(&rows).await.map_err(|e| e.to_string());
+                for (_, _, reply) in batch {
+                    let _ = reply.send(result.clone());
+                }
+            }
+        });
+        Inbox { tx }
+    }
+
+    /// Records that `group` processed `message_id`; resolves once committed.
+    pub(crate) async fn add(&self, group: &str, message_id: &str) -> Result<()> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send((group.to_owned(), message_id.to_owned(), reply))
+            .await
+            .map_err(|_| Error::Inbox("the inbox writer stopped".into()))?;
+        rx.await
+            .map_err(|_| Error::Inbox("the inbox writer stopped".into()))?
+            .map_err(Error::Inbox)
+    }
+}
+
 /// The shared state of one sidecar.
 #[derive(Debug)]
 pub(crate) struct Node {
     pub(crate) config: Config,
     pub(crate) db: Db,
+    pub(crate) inbox: Inbox,
     pub(crate) coordinator: CoordinatorClient<Channel>,
     app: Option<AppClient<Channel>>,
     pub(crate) counters: Counters,
@@ -80,6 +130,7 @@ impl Node {
         };
         Ok(Node {
             config,
+            inbox: Inbox::start(db.clone()),
             db,
             coordinator,
             app,

@@ -391,8 +391,8 @@ async fn handle(node: &Node, spec: &sc::SubscribeRequest, d: pb::Delivery) -> Do
     }
     if dedup_on {
         retry_db(|| async {
-            node.db
-                .inbox_add(&spec.group, &message.id)
+            node.inbox
+                .add(&spec.group, &message.id)
                 .await
                 .map(|()| true)
         })
