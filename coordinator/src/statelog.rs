@@ -80,23 +80,25 @@ impl<L: Log> StateLog<L> {
 
     /// Appends upserts durably; concurrent appends are group-committed.
     pub(crate) async fn append(&self, records: Vec<Record>) -> Result<Option<AppendAck>> {
-        if records.is_empty() {
-            return Ok(None);
-        }
-        let n = records.len() as u64;
-        let ack = self.log.append(&self.tp, records).await?;
-        self.since_compaction.fetch_add(n, Ordering::Relaxed);
-        Ok(Some(ack))
+        self.put(records, false).await
     }
 
     /// Appends upserts that a crash may lose: acknowledged once written,
     /// durable with the next sync of this log.
     pub(crate) async fn append_relaxed(&self, records: Vec<Record>) -> Result<Option<AppendAck>> {
+        self.put(records, true).await
+    }
+
+    async fn put(&self, records: Vec<Record>, relaxed: bool) -> Result<Option<AppendAck>> {
         if records.is_empty() {
             return Ok(None);
         }
         let n = records.len() as u64;
-        let ack = self.log.append_relaxed(&self.tp, records).await?;
+        let ack = if relaxed {
+            self.log.append_relaxed(&self.tp, records).await?
+        } else {
+            self.log.append(&self.tp, records).await?
+        };
         self.since_compaction.fetch_add(n, Ordering::Relaxed);
         Ok(Some(ack))
     }

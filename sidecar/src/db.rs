@@ -168,12 +168,6 @@ impl Db {
         Ok(row)
     }
 
-    /// Records that `group` processed `message_id` (if not recorded yet).
-    pub async fn inbox_add(&self, group: &str, message_id: &str) -> Result<()> {
-        self.inbox_add_all(&[(group.to_owned(), message_id.to_owned())])
-            .await
-    }
-
     /// Records many `(group, message_id)` pairs in one transaction.
     pub async fn inbox_add_all(&self, rows: &[(String, String)]) -> Result<()> {
         on_db!(self, |p| {
@@ -297,8 +291,9 @@ mod tests {
         .map(drop));
         assert!(late.is_err(), "a late local commit fails on the marker");
         assert!(!db.inbox_has("g", "m1").await?);
-        db.inbox_add("g", "m1").await?;
-        db.inbox_add("g", "m1").await?;
+        let row = ("g".to_owned(), "m1".to_owned());
+        db.inbox_add_all(std::slice::from_ref(&row)).await?;
+        db.inbox_add_all(&[row.clone(), row]).await?;
         assert!(db.inbox_has("g", "m1").await?);
         assert!(!db.inbox_has("other", "m1").await?);
         db.save_subscription("t", "g", b"one").await?;
