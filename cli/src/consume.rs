@@ -88,6 +88,7 @@ pub async fn consume(
     let (tx, rx) = mpsc::channel(64);
     tx.send(pb::ConsumeRequest {
         kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
+            revoke_timeout_ms: 0,
             topic: args.topic.clone(),
             group: args.group.clone(),
             start_from: match args.from {

@@ -225,7 +225,7 @@ impl Cluster {
         if let Some(port) = app_port {
             a.extend(["--app".to_owned(), format!("http://127.0.0.1:{port}")]);
         }
-        a.extend(set(&["check_after_ms=1000", "log=warn"]));
+        a.extend(set(&["log=warn"]));
         Process::start(&format!("{service}-sidecar"), exe, &a, &[], dir)
     }
 

@@ -26,6 +26,8 @@ from tandem_client import stubs
 pb = stubs()
 TOPIC = "py-events"
 GROUP = "py-app"
+# The longest this app's local transactions may run.
+MAX_LOCAL_TRANSACTION_MS = 30_000
 
 
 class App(pb.app_grpc.AppServicer):
@@ -34,18 +36,41 @@ class App(pb.app_grpc.AppServicer):
     def __init__(self):
         self.lock = threading.Lock()
         self.handled = []
+        self.committed = set()
+        self.raised = []
         self.arrived = threading.Condition(self.lock)
 
     def ExecuteLocalTransaction(self, request, context):
-        # A real app would change its database here, in one transaction.
+        # A real app would change its database here, in one transaction,
+        # and record the transaction id in it.
+        with self.lock:
+            self.committed.add(request.txn_id)
         return pb.app.LocalTransactionResponse(state=pb.coordinator.LOCAL_STATE_COMMIT)
 
     def CheckLocalTransaction(self, request, context):
-        return pb.app.LocalTransactionResponse(state=pb.coordinator.LOCAL_STATE_COMMIT)
+        # The rule: COMMIT if the local transaction committed; ROLLBACK only
+        # once it can no longer commit (here: older than the longest a local
+        # transaction may run); UNKNOWN while it may still be running.
+        with self.lock:
+            committed = request.txn_id in self.committed
+        if committed:
+            state = pb.coordinator.LOCAL_STATE_COMMIT
+        elif time.time() * 1000 - request.prepared_at_ms > MAX_LOCAL_TRANSACTION_MS:
+            state = pb.coordinator.LOCAL_STATE_ROLLBACK
+        else:
+            state = pb.coordinator.LOCAL_STATE_UNKNOWN
+        return pb.app.LocalTransactionResponse(state=state)
 
     def HandleMessage(self, request, context):
+        value = request.message.value.decode()
         with self.lock:
-            self.handled.append(request.message.value.decode())
+            if value.startswith("raise"):
+                # An uncaught exception: grpcio answers UNKNOWN. The sidecar
+                # counts it as a failed attempt and dead-letters the message
+                # after max_attempts, instead of retrying it forever.
+                self.raised.append(request.attempt)
+                raise RuntimeError(f"cannot handle {value}")
+            self.handled.append(value)
             self.arrived.notify_all()
         return pb.app.HandleMessageResponse()
 
@@ -102,7 +127,12 @@ def main():
     sidecar = pb.sidecar_grpc.SidecarStub(grpc.insecure_channel(sidecar_address))
     sidecar.Subscribe(
         pb.sidecar.SubscribeRequest(
-            topic=TOPIC, group=GROUP, start_from=pb.coordinator.START_FROM_EARLIEST, dedup=pb.sidecar.DEDUP_MODE_SIDECAR
+            topic=TOPIC,
+            group=GROUP,
+            start_from=pb.coordinator.START_FROM_EARLIEST,
+            dedup=pb.sidecar.DEDUP_MODE_SIDECAR,
+            max_attempts=3,
+            retry_backoff_ms=50,
         ),
         timeout=10,
     )
@@ -133,6 +163,25 @@ def main():
         time.sleep(0.05)
     stats = sidecar.GetStats(pb.sidecar.GetStatsRequest(), timeout=10)
     check(stats.handled == 6 and stats.duplicates_skipped == 0, "the sidecar counted six handled messages")
+    # 3. A handler that raises: three counted attempts, then the dead-letter
+    # topic, and the key moves on.
+    sidecar.Publish(
+        pb.coordinator.PublishRequest(
+            topic=TOPIC,
+            messages=[
+                pb.coordinator.Message(key=b"poison-key", value=b"raise-1"),
+                pb.coordinator.Message(key=b"poison-key", value=b"after-raise"),
+            ],
+        ),
+        timeout=10,
+    )
+    handled = app.wait_for(7, 30)
+    check(handled[-1] == "after-raise", "the key's next message is handled after the raising one")
+    with app.lock:
+        raised = list(app.raised)
+    check(raised == [1, 2, 3], f"the raising handler was called with attempts 1, 2, 3 (got {raised})")
+    dlq = coordinator.DescribeTopic(pb.coordinator.DescribeTopicRequest(name=TOPIC + ".dlq"), timeout=10)
+    check(sum(p.high_water_mark for p in dlq.partitions) == 1, "the raising message is in the dead-letter topic")
     try:
         sidecar.Commit(pb.sidecar.EndRequest(txn_id="no-such-transaction"), timeout=10)
         check(False, "an unknown transaction is refused")

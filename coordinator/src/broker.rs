@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::offsets::Offsets;
 use crate::partitioner::{self, Sticky};
 use crate::topics::{TopicMeta, Topics};
-use crate::transactions::Transactions;
+use crate::transactions::{self, Transactions};
 
 /// A message ready to append: its record and, if the publisher chose one,
 /// its partition.
@@ -29,6 +29,23 @@ pub struct Outgoing {
     pub partition: Option<u32>,
     /// The record to store.
     pub record: Record,
+}
+
+/// A checked half message and who prepares it.
+#[derive(Debug)]
+pub struct HalfMessage<'a> {
+    /// The producer service: only its sidecars decide the outcome.
+    pub service: &'a str,
+    /// The sidecar instance preparing it (check-backs go there first).
+    pub instance: &'a str,
+    /// The transaction id, also the message's id.
+    pub txn_id: &'a str,
+    /// Its topic.
+    pub topic: &'a str,
+    /// The message.
+    pub message: Outgoing,
+    /// Opaque to the coordinator; handed back with every check-back.
+    pub context: Bytes,
 }
 
 /// Where an appended message now lives.
@@ -124,19 +141,22 @@ impl<L: Log + Clone> Broker<L> {
         }
     }
 
-    /// Stores a half message for `service` (see `Transactions::prepare`).
-    pub async fn prepare(
-        &self,
-        service: &str,
-        txn_id: &str,
-        topic: &str,
-        meta: TopicMeta,
-        message: Outgoing,
-        context: Bytes,
-    ) -> Result<i64> {
-        let partition = Self::partition_for(&message, meta, self.sticky.next(meta.partitions));
+    /// Stores a half message (see `Transactions::prepare`); returns when
+    /// it was first prepared.
+    pub async fn prepare(&self, half: HalfMessage<'_>, meta: TopicMeta) -> Result<i64> {
+        let digest = transactions::digest(half.topic, &half.message);
+        let partition = Self::partition_for(&half.message, meta, self.sticky.next(meta.partitions));
         self.txns
-            .prepare(service, txn_id, topic, partition, message, context)
+            .prepare(transactions::Prepare {
+                service: half.service,
+                instance: half.instance,
+                id: half.txn_id,
+                topic: half.topic,
+                partition,
+                digest,
+                message: half.message,
+                context: half.context,
+            })
             .await
     }
 

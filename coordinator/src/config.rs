@@ -326,7 +326,9 @@ impl Raw {
             log: LogConfig {
                 segment_bytes,
                 fsync,
-                max_record_bytes: max_message,
+                // Room for what Tandem adds: a transaction's marker header,
+                // a dead letter's error headers.
+                max_record_bytes: max_message + crate::service::RESERVED_BYTES,
                 // A publish request's messages for one partition form one batch.
                 max_batch_bytes: crate::MAX_REQUEST_BYTES + (1 << 20),
                 retention: Retention {

@@ -5,9 +5,16 @@
 //! tail and sends deliveries while the member has credit. Acks remove
 //! offsets from the lease's pending set and commit the first offset not yet
 //! acknowledged. A revoked lease stops its pump and is released once its
-//! pending set drains (or the member is expelled after `revoke_timeout`);
-//! a member that leaves or dies loses its leases at once, and what it had
-//! not acknowledged is delivered again to the next holder.
+//! pending set drains or the member sends `Release` (or the member is
+//! expelled after its revoke timeout); a member that leaves or dies loses
+//! its leases at once, and what it had not acknowledged is delivered again
+//! to the next holder.
+//!
+//! Credit: a delivery takes one unit of the member's credit when it is
+//! handed to the stream; credit taken for records that are not handed over
+//! (nothing to read, the lease stopped, the stream closed) goes back on
+//! every path, so a member can never sit at zero credit with nothing
+//! outstanding.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -31,6 +38,9 @@ use crate::wire::headers_to_wire;
 const MAX_DELIVERY_BATCH: usize = 1000;
 /// Most credit a member may hold.
 const MAX_CREDIT: u64 = 1 << 20;
+/// Control messages (assignments) queued for a member before it is
+/// expelled for not reading them.
+const CONTROL_QUEUE: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -62,6 +72,9 @@ pub struct Subscription {
     pub session_timeout: Duration,
     /// Name for logs and the member id.
     pub client_id: String,
+    /// How long the member may take to finish with a revoked partition
+    /// (`None`: the coordinator's setting).
+    pub revoke_timeout: Option<Duration>,
 }
 
 #[derive(Default)]
@@ -83,6 +96,8 @@ struct Lease {
     gp: GroupPartition,
     epoch: u64,
     state: Mutex<LeaseState>,
+    /// The member said it is done with this revoked lease.
+    released: std::sync::atomic::AtomicBool,
     stop: watch::Sender<bool>,
     drained: Notify,
     pump: Mutex<Option<JoinHandle<()>>>,
@@ -97,13 +112,18 @@ impl Lease {
         *self.stop.borrow()
     }
 
+    /// Stops the pump and waits for it: it watches `stop` at every wait,
+    /// so it ends at its next step and returns the credit it holds.
     async fn stop_pump(&self) {
         let _ = self.stop.send(true);
         let pump = lock(&self.pump).take();
         if let Some(p) = pump {
-            p.abort();
             let _ = p.await;
         }
+    }
+
+    fn finished(&self) -> bool {
+        self.released.load(Ordering::Acquire) || self.state().pending.is_empty()
     }
 }
 
@@ -113,7 +133,7 @@ struct Member {
     credit: Semaphore,
     granted: AtomicU64,
     data: mpsc::Sender<Item>,
-    control: mpsc::UnboundedSender<Item>,
+    control: mpsc::Sender<Item>,
     leases: Mutex<BTreeMap<u32, Arc<Lease>>>,
     expel: watch::Sender<Option<Status>>,
 }
@@ -138,12 +158,17 @@ impl Member {
                 epoch: l.epoch,
             })
             .collect();
-        let _ = self.control.send(Ok(pb::ConsumeResponse {
+        let sent = self.control.try_send(Ok(pb::ConsumeResponse {
             kind: Some(pb::consume_response::Kind::Assignment(pb::Assignment {
                 member_id: self.id.clone(),
                 partitions,
             })),
         }));
+        if let Err(mpsc::error::TrySendError::Full(_)) = sent {
+            self.expel(Status::resource_exhausted(
+                "the member does not read its assignments",
+            ));
+        }
     }
 }
 
@@ -173,7 +198,7 @@ pub(crate) struct Groups<L> {
 /// The response stream of a session: control messages (assignments, the
 /// final status) first, then deliveries.
 pub struct Outbound {
-    control: mpsc::UnboundedReceiver<Item>,
+    control: mpsc::Receiver<Item>,
     data: mpsc::Receiver<Item>,
     control_open: bool,
     data_open: bool,
@@ -263,7 +288,7 @@ impl<L: Log + Clone> Groups<L> {
         requests: tonic::Streaming<pb::ConsumeRequest>,
     ) -> Outbound {
         let (data, data_rx) = mpsc::channel(64);
-        let (control, control_rx) = mpsc::unbounded_channel();
+        let (control, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let n = self.next_member.fetch_add(1, Ordering::Relaxed);
         let member = Arc::new(Member {
             id: format!("{}-{n}", sub.client_id),
@@ -276,11 +301,10 @@ impl<L: Log + Clone> Groups<L> {
             sub,
         });
         member.add_credit(u64::from(member.sub.initial_credit));
-        let group = self.group(&member.sub.group, &member.sub.topic, partitions);
         self.active.send_modify(|n| *n += 1);
         let this = self.clone();
         tokio::spawn(async move {
-            this.run_session(group, member, requests).await;
+            this.run_session(partitions, member, requests).await;
             this.active.send_modify(|n| *n -= 1);
         });
         Outbound {
@@ -298,19 +322,34 @@ impl<L: Log + Clone> Groups<L> {
         let _ = tokio::time::timeout(limit, rx.wait_for(|n| *n == 0)).await;
     }
 
+    /// True while `group` is the one in the map: a group whose last member
+    /// left is removed (the map holds live groups only), and a joiner that
+    /// raced with that removal looks the group up again.
+    fn is_current(&self, group: &Arc<Group>) -> bool {
+        lock(&self.groups)
+            .get(&(group.group.clone(), group.topic.clone()))
+            .is_some_and(|g| Arc::ptr_eq(g, group))
+    }
+
     async fn run_session(
         self: &Arc<Self>,
-        group: Arc<Group>,
+        partitions: u32,
         member: Arc<Member>,
         mut requests: tonic::Streaming<pb::ConsumeRequest>,
     ) {
-        tracing::info!(group = %group.group, topic = %group.topic, member = %member.id, "member joined");
-        {
+        let group = loop {
+            let group = self.group(&member.sub.group, &member.sub.topic, partitions);
             let mut inner = group.inner.lock().await;
+            if !self.is_current(&group) {
+                continue;
+            }
             inner.members.insert(member.id.clone(), member.clone());
             let effects = inner.state.apply(Event::Join(member.id.clone()));
             self.execute(&group, &mut inner, effects);
-        }
+            drop(inner);
+            break group;
+        };
+        tracing::info!(group = %group.group, topic = %group.topic, member = %member.id, "member joined");
         member.send_assignment();
         let mut expel = member.expel.subscribe();
         let mut shutdown = self.shutdown.clone();
@@ -344,7 +383,7 @@ impl<L: Log + Clone> Groups<L> {
         }
         tracing::info!(group = %group.group, topic = %group.topic, member = %member.id, reason = ?ending.as_ref().map(Status::message), "member left");
         if let Some(status) = ending {
-            let _ = member.control.send(Err(status));
+            let _ = member.control.try_send(Err(status));
         }
     }
 
@@ -358,6 +397,16 @@ impl<L: Log + Clone> Groups<L> {
                 }
             }
             Some(Kind::Heartbeat(_)) => {}
+            Some(Kind::Release(r)) => {
+                let lease = lock(&member.leases)
+                    .get(&r.partition)
+                    .filter(|l| l.epoch == r.epoch && l.revoking())
+                    .cloned();
+                if let Some(lease) = lease {
+                    lease.released.store(true, Ordering::Release);
+                    lease.drained.notify_one();
+                }
+            }
             Some(Kind::Subscribe(_)) => {
                 return Err(Error::invalid(
                     "subscribe",
@@ -465,6 +514,7 @@ impl<L: Log + Clone> Groups<L> {
                 pending: BTreeSet::new(),
                 next: start,
             }),
+            released: std::sync::atomic::AtomicBool::new(false),
             stop,
             drained: Notify::new(),
             pump: Mutex::new(None),
@@ -482,16 +532,18 @@ impl<L: Log + Clone> Groups<L> {
         Ok(())
     }
 
-    /// Waits for a revoked lease to drain, then releases it; expels the
-    /// member if it takes longer than `revoke_timeout`.
+    /// Waits for a revoked lease to drain (or be released), then releases
+    /// it; expels the member if it takes longer than its revoke timeout.
     async fn drain(self: Arc<Self>, group: Arc<Group>, member: Arc<Member>, lease: Arc<Lease>) {
         lease.stop_pump().await;
-        let drained = tokio::time::timeout(self.revoke_timeout, async {
+        let limit = member.sub.revoke_timeout.unwrap_or(self.revoke_timeout);
+        let drained = tokio::time::timeout(limit, async {
             loop {
-                if lease.state().pending.is_empty() {
+                let notified = lease.drained.notified();
+                if lease.finished() {
                     return;
                 }
-                lease.drained.notified().await;
+                notified.await;
             }
         })
         .await
@@ -504,7 +556,7 @@ impl<L: Log + Clone> Groups<L> {
             member.expel(Status::aborted(format!(
                 "partition {} was not acknowledged within the revoke timeout of {} ms",
                 lease.gp.partition,
-                self.revoke_timeout.as_millis()
+                limit.as_millis()
             )));
             return;
         }
@@ -537,6 +589,13 @@ impl<L: Log + Clone> Groups<L> {
         }
         let effects = inner.state.apply(Event::Leave(member.id.clone()));
         self.execute(group, &mut inner, effects);
+        if inner.members.is_empty() {
+            let mut groups = lock(&self.groups);
+            let key = (group.group.clone(), group.topic.clone());
+            if groups.get(&key).is_some_and(|g| Arc::ptr_eq(g, group)) {
+                groups.remove(&key);
+            }
+        }
     }
 }
 
@@ -551,14 +610,64 @@ fn to_delivery(r: StoredRecord, partition: u32, epoch: u64) -> pb::Delivery {
             id: String::from_utf8_lossy(&rec.id).into_owned(),
             key: rec.key,
             value: rec.value,
-            headers: headers_to_wire(rec.headers),
+            headers: headers_to_wire(
+                rec.headers
+                    .into_iter()
+                    .filter(|h| h.name != crate::transactions::MARKER_HEADER)
+                    .collect(),
+            ),
             partition: None,
         }),
     }
 }
 
+/// Credit taken from a member for a delivery in the making; what is not
+/// handed over goes back when this is dropped, on every path (an early
+/// return, an error, the task being stopped).
+struct TakenCredit<'a> {
+    credit: &'a Semaphore,
+    n: usize,
+}
+
+impl TakenCredit<'_> {
+    /// Gives back all but `keep` units now.
+    fn keep(&mut self, keep: usize) {
+        let back = self.n.saturating_sub(keep);
+        self.credit.add_permits(back);
+        self.n -= back;
+    }
+
+    /// The deliveries were handed over: their credit is spent.
+    fn spend(mut self) {
+        self.n = 0;
+    }
+}
+
+impl Drop for TakenCredit<'_> {
+    fn drop(&mut self) {
+        if self.n > 0 {
+            self.credit.add_permits(self.n);
+        }
+    }
+}
+
+/// Takes at least one unit of credit (waiting for it) and as much more as
+/// is available, up to a batch.
+async fn take_credit(credit: &Semaphore) -> Option<TakenCredit<'_>> {
+    credit.acquire().await.ok()?.forget();
+    let mut taken = TakenCredit { credit, n: 1 };
+    let extra = credit.available_permits().min(MAX_DELIVERY_BATCH - 1);
+    if extra > 0
+        && let Ok(p) = credit.try_acquire_many(extra as u32)
+    {
+        p.forget();
+        taken.n += extra;
+    }
+    Some(taken)
+}
+
 /// Follows one partition for one lease and sends what the member has
-/// credit for.
+/// credit for, until `stop`.
 async fn pump<L: Log>(
     log: L,
     tp: TopicPartition,
@@ -582,46 +691,28 @@ async fn pump<L: Log>(
             }
             continue;
         }
-        let first = tokio::select! {
+        let mut taken = tokio::select! {
             _ = stop.changed() => return,
-            p = member.credit.acquire() => match p {
-                Ok(p) => p,
-                Err(_) => return,
+            t = take_credit(&member.credit) => match t {
+                Some(t) => t,
+                None => return,
             },
         };
-        first.forget();
-        let mut n = 1;
-        let extra = member
-            .credit
-            .available_permits()
-            .min(MAX_DELIVERY_BATCH - 1);
-        if extra > 0
-            && let Ok(p) = member.credit.try_acquire_many(extra as u32)
-        {
-            p.forget();
-            n += extra;
-        }
         let budget = ReadBudget {
             max_bytes: 1 << 20,
-            max_records: n,
+            max_records: taken.n,
         };
         let records = match log.read(&tp, next, budget).await {
             Ok(r) => r,
             Err(StorageError::OffsetOutOfRange { start, .. }) if next < start => {
                 tracing::warn!(partition = %tp, from = next, to = start, "committed offset was removed by retention; skipping ahead");
-                member.credit.add_permits(n);
                 next = start;
                 lease.state().next = start;
                 continue;
             }
-            Err(e) => {
-                member.credit.add_permits(n);
-                return member.expel(Error::from(e).into());
-            }
+            Err(e) => return member.expel(Error::from(e).into()),
         };
-        if records.len() < n {
-            member.credit.add_permits(n - records.len());
-        }
+        taken.keep(records.len());
         let Some(last) = records.last().map(|r| r.offset) else {
             continue;
         };
@@ -644,7 +735,8 @@ async fn pump<L: Log>(
             r = member.data.send(Ok(batch)) => r.is_ok(),
         };
         if !sent {
-            // Not handed over: these were never delivered.
+            // Not handed over: these were never delivered, and their credit
+            // goes back with `taken`.
             let mut s = lease.state();
             for o in &offsets {
                 s.pending.remove(o);
@@ -652,6 +744,7 @@ async fn pump<L: Log>(
             s.next = offsets[0];
             return;
         }
+        taken.spend();
         next = last + 1;
     }
 }

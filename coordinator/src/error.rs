@@ -29,6 +29,16 @@ pub enum Error {
         /// Its name.
         name: String,
     },
+    /// An id already names a transaction with other content.
+    #[error(
+        "transaction {id:?} already exists with {what}: an id names one transaction for as long as the coordinator remembers it (txn_retention_ms after it ends)"
+    )]
+    IdConflict {
+        /// The id.
+        id: String,
+        /// What differs.
+        what: &'static str,
+    },
     /// A field is larger than allowed.
     #[error("{field} is {size} bytes, over the limit of {max} bytes")]
     TooLarge {
@@ -45,6 +55,19 @@ pub enum Error {
     /// The caller may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// An internal state log holds a record that cannot be decoded: start-up
+    /// stops rather than rebuild a state that may have gone back in time.
+    #[error(
+        "internal log {log} holds an undecodable record at offset {offset}: {reason} (restore the data folder, or remove the record by hand)"
+    )]
+    CorruptState {
+        /// The internal log.
+        log: &'static str,
+        /// The record's offset in it.
+        offset: u64,
+        /// What the decoder said.
+        reason: String,
+    },
     /// The coordinator is shutting down.
     #[error("the coordinator is shutting down")]
     ShuttingDown,
@@ -84,12 +107,12 @@ impl From<Error> for tonic::Status {
         let code = match &e {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NotFound { .. } => Code::NotFound,
-            Error::AlreadyExists { .. } => Code::AlreadyExists,
+            Error::AlreadyExists { .. } | Error::IdConflict { .. } => Code::AlreadyExists,
             Error::TooLarge { .. } => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ShuttingDown => Code::Unavailable,
-            Error::Bind { .. } | Error::Serve(_) => Code::Internal,
+            Error::Bind { .. } | Error::Serve(_) | Error::CorruptState { .. } => Code::Internal,
             Error::Storage(s) => match s {
                 S::UnknownPartition(_) => Code::NotFound,
                 S::PartitionExists(_) => Code::AlreadyExists,

@@ -25,7 +25,7 @@ mod topics;
 mod transactions;
 mod wire;
 
-pub use broker::{Broker, GroupDescription, Outgoing, PartitionDescription, Position};
+pub use broker::{Broker, GroupDescription, HalfMessage, Outgoing, PartitionDescription, Position};
 pub use config::{Config, CoordinatorArgs, FinalAction, TxnSettings};
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};

@@ -15,6 +15,7 @@ use crate::broker::{Broker, Outgoing};
 use crate::consumer::{StartFrom, Subscription};
 use crate::error::Error;
 use crate::statelog::now_ms;
+use crate::transactions::MARKER_HEADER;
 use crate::wire::headers_from_wire;
 
 /// Longest message id accepted.
@@ -99,6 +100,12 @@ pub(crate) fn outgoing(
                 "must not be empty",
             ));
         }
+        if h.name == MARKER_HEADER {
+            return Err(Error::invalid(
+                format!("{field}.headers[{j}].name"),
+                format!("{MARKER_HEADER:?} is reserved for Tandem's own use"),
+            ));
+        }
     }
     let record = Record {
         id: Bytes::from(id),
@@ -136,6 +143,11 @@ type SessionStream =
 
 /// A sidecar session that sends nothing for this long is closed.
 pub const SIDECAR_SESSION_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes a stored record may exceed `max_message_bytes` by: Tandem's own
+/// headers (a transaction's marker; on `<topic>.dlq`, the dead letter's
+/// `tandem.*` headers).
+pub(crate) const RESERVED_BYTES: usize = 16 << 10;
+
 /// Largest opaque producer context kept with a half message.
 pub const MAX_CONTEXT_BYTES: usize = 64 << 10;
 
@@ -231,18 +243,18 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         if req.messages.is_empty() {
             return Err(Error::invalid("messages", "at least one message is required").into());
         }
+        // A dead letter carries its error headers on top of a message that
+        // may already be as large as allowed.
+        let limit = if topic.ends_with(".dlq") {
+            self.max_message_bytes + RESERVED_BYTES
+        } else {
+            self.max_message_bytes
+        };
         let messages = req
             .messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| {
-                outgoing(
-                    &format!("messages[{i}]"),
-                    m,
-                    meta.partitions,
-                    self.max_message_bytes,
-                )
-            })
+            .map(|(i, m)| outgoing(&format!("messages[{i}]"), m, meta.partitions, limit))
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<Bytes> = messages.iter().map(|m| m.record.id.clone()).collect();
         let positions = self.broker.publish(topic, meta, messages).await?;
@@ -310,7 +322,19 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             check_id("subscribe.client_id", &sub.client_id)?;
             sub.client_id
         };
+        let revoke_timeout = match sub.revoke_timeout_ms {
+            0 => None,
+            ms @ 100..=300_000 => Some(Duration::from_millis(u64::from(ms))),
+            ms => {
+                return Err(Error::invalid(
+                    "subscribe.revoke_timeout_ms",
+                    format!("must be between 100 and 300000, got {ms}"),
+                )
+                .into());
+            }
+        };
         let subscription = Subscription {
+            revoke_timeout,
             topic: topic.to_owned(),
             group: sub.group,
             start_from,
@@ -359,10 +383,18 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             meta.partitions,
             self.max_message_bytes,
         )?;
-        let prepared_at_ms = self
-            .broker
-            .prepare(&req.service, &txn_id, topic, meta, message, req.context)
-            .await?;
+        if !req.instance.is_empty() {
+            check_id("instance", &req.instance)?;
+        }
+        let half = crate::broker::HalfMessage {
+            service: &req.service,
+            instance: &req.instance,
+            txn_id: &txn_id,
+            topic,
+            message,
+            context: req.context,
+        };
+        let prepared_at_ms = self.broker.prepare(half, meta).await?;
         Ok(Response::new(pb::PrepareResponse {
             txn_id,
             prepared_at_ms,
@@ -425,7 +457,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         check_id("hello.service", &hello.service)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
         let sessions = self.broker.txns.sessions.clone();
-        let id = sessions.register(&hello.service, tx.clone());
+        let id = sessions.register(&hello.service, &hello.instance, tx.clone());
         let welcome = pb::SessionResponse {
             kind: Some(pb::session_response::Kind::Welcome(pb::Welcome {
                 session_id: format!("{}-{id}", hello.service),

@@ -1,8 +1,11 @@
 //! Producer-service sessions: the long-lived stream each sidecar holds to
-//! the coordinator. Check-backs travel down it to any live instance of the
-//! transaction's service (in turn), and answers come back up; an answer
+//! the coordinator. A check-back travels down the session of the instance
+//! that prepared the transaction while it is live (only that instance knows
+//! whether its app is still running the local transaction), else down any
+//! live instance of the service (in turn); answers come back up. An answer
 //! counts only if it names the transaction that was asked about and comes
-//! from a session of that transaction's service.
+//! from a session of that transaction's service. Sending never waits
+//! longer than the check's timeout for room in a session's queue.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -17,6 +20,7 @@ type Outbox = mpsc::Sender<Result<pb::SessionResponse, Status>>;
 
 struct Entry {
     id: u64,
+    instance: String,
     tx: Outbox,
 }
 
@@ -40,13 +44,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Sessions {
-    /// Registers a session of `service`; returns its id.
-    pub(crate) fn register(&self, service: &str, tx: Outbox) -> u64 {
+    /// Registers a session of `service`'s sidecar `instance`; returns its id.
+    pub(crate) fn register(&self, service: &str, instance: &str, tx: Outbox) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         lock(&self.services)
             .entry(service.to_owned())
             .or_default()
-            .push(Entry { id, tx });
+            .push(Entry {
+                id,
+                instance: instance.to_owned(),
+                tx,
+            });
         id
     }
 
@@ -60,21 +68,30 @@ impl Sessions {
         }
     }
 
-    /// Asks one live session of `service` about a transaction; `None` if no
-    /// session is live or none answers within `timeout`.
+    /// Asks a live session of `service` about a transaction: the one of
+    /// `instance` if it is live, else any in turn; `None` if no session is
+    /// live or none answers within `timeout`.
     pub(crate) async fn check(
         &self,
         service: &str,
+        instance: &str,
         mut req: pb::CheckTransaction,
         timeout: Duration,
     ) -> Option<pb::LocalState> {
         let tx = {
             let services = lock(&self.services);
             let v = services.get(service).filter(|v| !v.is_empty())?;
-            v[self.turn.fetch_add(1, Ordering::Relaxed) % v.len()]
-                .tx
-                .clone()
+            match v
+                .iter()
+                .rfind(|e| !instance.is_empty() && e.instance == instance)
+            {
+                Some(e) => e.tx.clone(),
+                None => v[self.turn.fetch_add(1, Ordering::Relaxed) % v.len()]
+                    .tx
+                    .clone(),
+            }
         };
+        let deadline = tokio::time::Instant::now() + timeout;
         let check_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         req.check_id = check_id;
         let (reply, rx) = oneshot::channel();
@@ -89,8 +106,8 @@ impl Sessions {
         let msg = pb::SessionResponse {
             kind: Some(pb::session_response::Kind::Check(req)),
         };
-        let answer = match tx.send(Ok(msg)).await {
-            Ok(()) => tokio::time::timeout(timeout, rx)
+        let answer = match tx.send_timeout(Ok(msg), timeout).await {
+            Ok(()) => tokio::time::timeout_at(deadline, rx)
                 .await
                 .ok()
                 .and_then(Result::ok),
@@ -126,14 +143,14 @@ mod tests {
     async fn answers_must_name_the_transaction_and_come_from_its_service() {
         let sessions = std::sync::Arc::new(Sessions::default());
         let (tx, mut rx) = mpsc::channel(4);
-        sessions.register("orders", tx);
+        sessions.register("orders", "i1", tx);
         let s = sessions.clone();
         let asker = tokio::spawn(async move {
             let req = pb::CheckTransaction {
                 txn_id: "t1".into(),
                 ..Default::default()
             };
-            s.check("orders", req, Duration::from_secs(5)).await
+            s.check("orders", "", req, Duration::from_secs(5)).await
         });
         let Some(Ok(pb::SessionResponse {
             kind: Some(pb::session_response::Kind::Check(c)),
@@ -162,15 +179,15 @@ mod tests {
         let sessions = Sessions::default();
         assert_eq!(
             sessions
-                .check("nobody", Default::default(), Duration::from_millis(10))
+                .check("nobody", "", Default::default(), Duration::from_millis(10))
                 .await,
             None
         );
         let (tx, _rx) = mpsc::channel(4);
-        sessions.register("quiet", tx);
+        sessions.register("quiet", "i1", tx);
         assert_eq!(
             sessions
-                .check("quiet", Default::default(), Duration::from_millis(20))
+                .check("quiet", "i1", Default::default(), Duration::from_millis(20))
                 .await,
             None
         );

@@ -97,6 +97,66 @@ struct TxnRecord {
     context: Bytes,
     #[prost(bool, tag = "12")]
     resolved_by_check: bool,
+    /// The sidecar instance that prepared it (check-backs go there first).
+    #[prost(string, tag = "13")]
+    instance: String,
+    /// Fingerprint of the content (topic, requested partition, key, value,
+    /// headers): a retried prepare must match it.
+    #[prost(uint64, tag = "14")]
+    digest: u64,
+    /// Unique per transaction; its appended message carries it in the
+    /// `tandem.txn` header, so start-up recovery finds this transaction's
+    /// own record and never another one with the same id.
+    #[prost(string, tag = "15")]
+    marker: String,
+}
+
+/// What a Prepare asks for.
+pub(crate) struct Prepare<'a> {
+    pub(crate) service: &'a str,
+    pub(crate) instance: &'a str,
+    pub(crate) id: &'a str,
+    pub(crate) topic: &'a str,
+    pub(crate) partition: u32,
+    pub(crate) digest: u64,
+    pub(crate) message: Outgoing,
+    pub(crate) context: Bytes,
+}
+
+/// The header that marks a transaction's appended message; reserved: a
+/// plain publish may not set it, and deliveries do not show it.
+pub(crate) const MARKER_HEADER: &str = "tandem.txn";
+
+/// Fingerprint of a half message's content, for the identity check of a
+/// retried prepare (the id and the timestamp are not content).
+pub(crate) fn digest(topic: &str, m: &Outgoing) -> u64 {
+    let mut parts: Vec<&[u8]> = vec![topic.as_bytes()];
+    let partition = m.partition.map(u32::to_le_bytes);
+    parts.push(partition.as_ref().map_or(b"-", |p| p.as_slice()));
+    let key = m.record.key.as_deref();
+    parts.push(if key.is_some() { b"k" } else { b"-" });
+    parts.push(key.unwrap_or_default());
+    parts.push(&m.record.value);
+    for h in &m.record.headers {
+        parts.push(h.name.as_bytes());
+        parts.push(&h.value);
+    }
+    let (mut a, mut b) = (0u32, 0x9e37_79b9u32);
+    for p in parts {
+        let len = (p.len() as u64).to_le_bytes();
+        a = crc32c::crc32c_append(crc32c::crc32c_append(a, &len), p);
+        b = crc32c::crc32c_append(crc32c::crc32c_append(b, p), &len);
+    }
+    (u64::from(a) << 32) | u64::from(b)
+}
+
+/// How start-up recovery recognises a prepared transaction's message.
+#[derive(Debug, PartialEq, Eq, Hash)]
+enum Sought {
+    /// By its marker header (every transaction prepared by this version).
+    Marker(String),
+    /// By its id alone (prepared before messages were marked).
+    Id(String),
 }
 
 struct Txn {
@@ -162,14 +222,13 @@ impl<L: Log + Clone> Transactions<L> {
                 latest.remove(&id);
                 continue;
             }
-            match TxnRecord::decode(r.record.value.clone()) {
-                Ok(rec) => {
-                    latest.insert(id, (rec, r.offset));
-                }
-                Err(e) => {
-                    tracing::error!(txn = %id, offset = r.offset, error = %e, "undecodable transaction record skipped")
-                }
-            }
+            let rec =
+                TxnRecord::decode(r.record.value.clone()).map_err(|e| Error::CorruptState {
+                    log: "__txn_state",
+                    offset: r.offset,
+                    reason: format!("transaction {id:?}: {e}"),
+                })?;
+            latest.insert(id, (rec, r.offset));
         }
         let now = now_ms();
         let expired_before = now - settings.retention.as_millis() as i64;
@@ -187,7 +246,9 @@ impl<L: Log + Clone> Transactions<L> {
             writing: watch::Sender::new(0),
             settings,
         });
-        let mut prepared: HashMap<(String, u32), Vec<(String, u64)>> = HashMap::new();
+        // Prepared transactions by partition: (id, scan mark, marker).
+        type Open = Vec<(String, u64, String)>;
+        let mut prepared: HashMap<(String, u32), Open> = HashMap::new();
         for (id, (rec, log_offset)) in latest {
             let finished = matches!(rec.state, COMMITTED | ROLLED_BACK);
             if finished && rec.finished_at_ms < expired_before {
@@ -197,7 +258,7 @@ impl<L: Log + Clone> Transactions<L> {
                 prepared
                     .entry((rec.topic.clone(), rec.partition))
                     .or_default()
-                    .push((id.clone(), rec.scan_from));
+                    .push((id.clone(), rec.scan_from, rec.marker.clone()));
             }
             lock(&t.txns).insert(
                 id,
@@ -208,11 +269,21 @@ impl<L: Log + Clone> Transactions<L> {
         // record: look for prepared transactions' messages.
         for ((topic, partition), txns) in prepared {
             let tp = TopicPartition::new(topic, partition);
-            let from = txns.iter().map(|(_, mark)| *mark).min().unwrap_or(0);
-            let mut wanted: HashMap<String, Option<u64>> =
-                txns.iter().map(|(id, _)| (id.clone(), None)).collect();
+            let from = txns.iter().map(|(_, mark, _)| *mark).min().unwrap_or(0);
+            let mut wanted: HashMap<Sought, (String, Option<u64>)> = txns
+                .into_iter()
+                .map(|(id, _, marker)| {
+                    let sought = if marker.is_empty() {
+                        // Prepared by a version that did not mark messages.
+                        Sought::Id(id.clone())
+                    } else {
+                        Sought::Marker(marker)
+                    };
+                    (sought, (id, None))
+                })
+                .collect();
             t.find(&tp, from, &mut wanted).await?;
-            for (id, found) in wanted {
+            for (id, found) in wanted.into_values() {
                 let (_, mut guard) = t.existing(&id).await?;
                 let txn = guard.as_mut().expect("existing() returns a filled slot");
                 match found {
@@ -302,23 +373,32 @@ impl<L: Log + Clone> Transactions<L> {
         Ok(())
     }
 
-    /// Stores a half message (step 1–2). Retrying with the same id and
-    /// service while it is still prepared is harmless.
-    pub(crate) async fn prepare(
-        &self,
-        service: &str,
-        id: &str,
-        topic: &str,
-        partition: u32,
-        message: Outgoing,
-        context: Bytes,
-    ) -> Result<i64> {
+    /// Stores a half message (step 1–2). Identity: while the id is
+    /// remembered, a retry with the same service and content is idempotent
+    /// (answered with the first prepare's time while it is prepared,
+    /// FAILED_PRECONDITION once it is decided), and anything else with the
+    /// same id is ALREADY_EXISTS.
+    pub(crate) async fn prepare(&self, p: Prepare<'_>) -> Result<i64> {
+        let Prepare {
+            service,
+            instance,
+            id,
+            topic,
+            partition,
+            digest,
+            message,
+            context,
+        } = p;
         let (slot, mut guard) = self.slot(id).await;
         if let Some(t) = guard.as_ref() {
-            if t.rec.service != service {
-                return Err(Error::AlreadyExists {
-                    what: "transaction",
-                    name: id.to_owned(),
+            if t.rec.service != service || t.rec.digest != digest {
+                return Err(Error::IdConflict {
+                    id: id.to_owned(),
+                    what: if t.rec.service != service {
+                        "another service"
+                    } else {
+                        "another topic or message"
+                    },
                 });
             }
             return match t.rec.state {
@@ -350,6 +430,9 @@ impl<L: Log + Clone> Transactions<L> {
                     timestamp_ms: r.timestamp_ms,
                 }),
                 context,
+                instance: instance.to_owned(),
+                digest,
+                marker: uuid::Uuid::now_v7().simple().to_string(),
                 ..TxnRecord::default()
             },
             log_offset: 0,
@@ -442,11 +525,18 @@ impl<L: Log + Clone> Transactions<L> {
     /// Appends a prepared transaction's message to its partition.
     async fn append_message(&self, id: &str, txn: &Txn) -> Result<u64> {
         let half = txn.rec.message.clone().unwrap_or_default();
+        let mut headers = headers_from_wire(half.headers);
+        if !txn.rec.marker.is_empty() {
+            headers.push(tandem_storage::Header {
+                name: MARKER_HEADER.to_owned(),
+                value: Bytes::copy_from_slice(txn.rec.marker.as_bytes()),
+            });
+        }
         let record = Record {
             id: Bytes::copy_from_slice(id.as_bytes()),
             key: half.key,
             value: half.value,
-            headers: headers_from_wire(half.headers),
+            headers,
             timestamp_ms: half.timestamp_ms,
         };
         let tp = TopicPartition::new(txn.rec.topic.clone(), txn.rec.partition);
@@ -495,12 +585,12 @@ impl<L: Log + Clone> Transactions<L> {
         }
     }
 
-    /// Finds which of `wanted`'s ids are in `tp` from offset `from` on.
+    /// Finds which of `wanted`'s messages are in `tp` from offset `from` on.
     async fn find(
         &self,
         tp: &TopicPartition,
         from: u64,
-        wanted: &mut HashMap<String, Option<u64>>,
+        wanted: &mut HashMap<Sought, (String, Option<u64>)>,
     ) -> Result<()> {
         let offsets = self.data.offsets(tp)?;
         let mut next = from.max(offsets.log_start);
@@ -510,12 +600,20 @@ impl<L: Log + Clone> Transactions<L> {
             let Some(last) = batch.last() else { break };
             next = last.offset + 1;
             for r in batch {
-                let id = String::from_utf8_lossy(&r.record.id);
-                if let Some(slot) = wanted.get_mut(id.as_ref())
-                    && slot.is_none()
-                {
-                    *slot = Some(r.offset);
-                    missing -= 1;
+                let marker = r
+                    .record
+                    .headers
+                    .iter()
+                    .find(|h| h.name == MARKER_HEADER)
+                    .map(|h| Sought::Marker(String::from_utf8_lossy(&h.value).into_owned()));
+                let id = Sought::Id(String::from_utf8_lossy(&r.record.id).into_owned());
+                for sought in marker.iter().chain([&id]) {
+                    if let Some((_, slot)) = wanted.get_mut(sought)
+                        && slot.is_none()
+                    {
+                        *slot = Some(r.offset);
+                        missing -= 1;
+                    }
                 }
             }
         }
@@ -587,7 +685,7 @@ impl<L: Log + Clone> Transactions<L> {
 
     /// One check-back (steps 5–7).
     async fn check(self: &Arc<Self>, id: &str) -> Result<()> {
-        let (service, req) = {
+        let (service, instance, req) = {
             let (_slot, guard) = match self.existing(id).await {
                 Ok(g) => g,
                 Err(Error::NotFound { .. }) => return Ok(()),
@@ -615,14 +713,16 @@ impl<L: Log + Clone> Transactions<L> {
                 context: t.context.clone(),
                 prepared_at_ms: t.prepared_at_ms,
                 attempt: t.checks + 1,
+                check_after_ms: self.settings.check_after.as_millis() as u64,
+                timeout_ms: self.settings.check_timeout.as_millis() as u64,
             };
-            (t.service.clone(), req)
+            (t.service.clone(), t.instance.clone(), req)
         };
         self.counters.checks_sent.fetch_add(1, Ordering::Relaxed);
         let attempt = req.attempt;
         let answer = self
             .sessions
-            .check(&service, req, self.settings.check_timeout)
+            .check(&service, &instance, req, self.settings.check_timeout)
             .await;
         tracing::debug!(txn = id, attempt, ?answer, "check-back answered");
         let (_slot, mut guard) = self.existing(id).await?;
@@ -766,6 +866,19 @@ mod tests {
         assert_eq!(check_delay(&s, 1000), Duration::from_secs(60));
     }
 
+    fn prep(id: &str, message: Outgoing) -> Prepare<'_> {
+        Prepare {
+            service: "svc",
+            instance: "",
+            id,
+            topic: "t",
+            partition: 0,
+            digest: digest("t", &message),
+            message,
+            context: Bytes::new(),
+        }
+    }
+
     fn outgoing(value: &str) -> Outgoing {
         Outgoing {
             partition: None,
@@ -799,10 +912,8 @@ mod tests {
             }
         };
         let t = open(settings.clone()).await?;
-        t.prepare("svc", "open", "t", 0, outgoing("a"), Bytes::new())
-            .await?;
-        t.prepare("svc", "done", "t", 0, outgoing("b"), Bytes::new())
-            .await?;
+        t.prepare(prep("open", outgoing("a"))).await?;
+        t.prepare(prep("done", outgoing("b"))).await?;
         t.commit("svc", "done").await?;
         t.quiesce(Duration::from_secs(5)).await;
         t.maintain().await?; // first mark
@@ -840,10 +951,8 @@ mod tests {
             ..TxnSettings::default()
         };
         let t = Transactions::open(data.clone(), internal.clone(), settings.clone()).await?;
-        t.prepare("svc", "x", "t", 0, outgoing("x"), Bytes::new())
-            .await?;
-        t.prepare("svc", "y", "t", 0, outgoing("y"), Bytes::new())
-            .await?;
+        t.prepare(prep("x", outgoing("x"))).await?;
+        t.prepare(prep("y", outgoing("y"))).await?;
         // Simulate the crash window: "x" reached its partition, its
         // COMMITTED record did not.
         {

@@ -476,6 +476,7 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() -> TestResult {
     };
     let subscribe = |topic: &str, group: &str| {
         pb::consume_request::Kind::Subscribe(pb::Subscribe {
+            revoke_timeout_ms: 0,
             topic: topic.into(),
             group: group.into(),
             ..Default::default()
@@ -576,4 +577,87 @@ async fn a_joining_member_gets_partitions_only_after_they_are_acknowledged() -> 
     a.leave().await?;
     b.leave().await?;
     c.stop().await
+}
+
+/// Credit is never lost to rebalancing: one member stays, acknowledging and
+/// re-granting everything, while a second joins and leaves over and over
+/// under traffic. Afterwards the first member, acknowledging nothing, must
+/// still receive exactly the credit it holds (before the fix the pump forgot
+/// the credit of deliveries it did not hand over, and this fell from 32).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credit_survives_members_joining_and_leaving_under_traffic() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let c = Running::start(dir.path()).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "churn", 4).await?;
+    let opts = || SubscribeOpts {
+        credit: 32,
+        ..SubscribeOpts::default()
+    };
+    let mut stayer = Member::join(c.addr, "churn", "g", opts()).await?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let stayer_task = tokio::spawn(async move {
+        while !*stop_rx.borrow() {
+            let d = tokio::select! {
+                d = stayer.next_deliveries(Duration::from_millis(100)) => d?,
+                _ = stop_rx.changed() => break,
+            };
+            if !d.is_empty() {
+                stayer.ack(&d).await?;
+                stayer.credit(d.len() as u32).await?;
+            }
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(stayer)
+    });
+    let mut pub_client = c.client().await?;
+    let (pub_stop, pub_stop_rx) = tokio::sync::watch::channel(false);
+    let publisher = tokio::spawn(async move {
+        let mut n = 0u32;
+        while !*pub_stop_rx.borrow() && n < 200_000 {
+            let batch = (0..20)
+                .map(|i| msg(Some(&format!("k{}", (n + i) % 64)), "x"))
+                .collect();
+            publish(&mut pub_client, "churn", batch).await?;
+            n += 20;
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(n)
+    });
+    for _ in 0..40 {
+        let mut visitor = Member::join(c.addr, "churn", "g", opts()).await?;
+        let d = visitor.next_deliveries(Duration::from_millis(30)).await?;
+        visitor.ack(&d).await?;
+        visitor.leave().await?;
+    }
+    let _ = pub_stop.send(true);
+    publisher.await??;
+    // Let the stayer take back every partition and catch up.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = stop_tx.send(true);
+    let mut stayer = stayer_task.await??;
+    assert_eq!(stayer.partitions(), vec![0, 1, 2, 3]);
+    // Anything still in flight to it arrives now: acknowledge and re-grant
+    // it, so that it holds its whole credit with nothing outstanding.
+    loop {
+        let d = stayer.next_deliveries(Duration::from_millis(500)).await?;
+        if d.is_empty() {
+            break;
+        }
+        stayer.ack(&d).await?;
+        stayer.credit(d.len() as u32).await?;
+    }
+    let batch = (0..200).map(|i| msg(Some(&format!("k{i}")), "y")).collect();
+    publish(&mut client, "churn", batch).await?;
+    let mut got = 0;
+    loop {
+        let d = stayer.next_deliveries(Duration::from_millis(1500)).await?;
+        if d.is_empty() {
+            break;
+        }
+        got += d.len();
+    }
+    assert_eq!(
+        got, 32,
+        "with nothing acknowledged, the member receives exactly its credit"
+    );
+    Ok(())
 }

@@ -35,6 +35,7 @@ async fn prepare(
     value: &str,
 ) -> TestResult<String> {
     Ok(c.prepare(pb::PrepareRequest {
+        instance: String::new(),
         service: service.into(),
         txn_id: txn.into(),
         topic: "orders".into(),
@@ -219,6 +220,7 @@ async fn half_messages_are_invisible_until_committed_and_outcomes_are_fenced() -
         .expect_err("id taken by another service");
     assert!(e.to_string().contains("already exists"), "{e}");
     let big = pb::PrepareRequest {
+        instance: String::new(),
         service: "orders-svc".into(),
         txn_id: "big".into(),
         topic: "orders".into(),
@@ -371,5 +373,94 @@ async fn open_transactions_survive_a_restart_and_are_checked_back_after_it() -> 
         asked.iter().map(|c| c.txn_id.as_str()).collect::<Vec<_>>(),
         vec!["open-1"]
     );
+    Ok(())
+}
+
+/// Identity: a retried Prepare with the same content is the same
+/// transaction; the same id with other content is refused and changes
+/// nothing (before, it was answered OK and its message silently dropped).
+#[tokio::test]
+async fn a_reused_transaction_id_with_other_content_is_already_exists() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let c = Running::start(dir.path()).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 2).await?;
+    create_topic(&mut client, "payments", 2).await?;
+    prepare(&mut client, "svc", "t1", "first").await?;
+    let first = state(&mut client, "t1").await?.prepared_at_ms;
+    prepare(&mut client, "svc", "t1", "first").await?;
+    assert_eq!(
+        state(&mut client, "t1").await?.prepared_at_ms,
+        first,
+        "an identical retry is idempotent"
+    );
+    let e = prepare(&mut client, "svc", "t1", "second")
+        .await
+        .expect_err("other value");
+    let status = e.downcast_ref::<tonic::Status>().ok_or("a status")?;
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert!(status.message().contains("t1"), "{status:?}");
+    let other_topic = client
+        .prepare(pb::PrepareRequest {
+            instance: String::new(),
+            service: "svc".into(),
+            txn_id: "t1".into(),
+            topic: "payments".into(),
+            message: Some(msg(Some("k"), "first")),
+            context: Default::default(),
+        })
+        .await
+        .expect_err("other topic");
+    assert_eq!(other_topic.code(), Code::AlreadyExists);
+    client.commit(end("svc", "t1")).await?;
+    let e = prepare(&mut client, "svc", "t1", "third")
+        .await
+        .expect_err("finished, other value");
+    let status = e.downcast_ref::<tonic::Status>().ok_or("a status")?;
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let mut m = Member::join(c.addr, "orders", "g", SubscribeOpts::default()).await?;
+    let got = m.receive(1).await?;
+    assert_eq!(
+        value(&got[0]),
+        "first",
+        "the first content is what is delivered"
+    );
+    assert!(
+        got[0]
+            .message
+            .as_ref()
+            .is_some_and(|m| m.headers.iter().all(|h| !h.name.starts_with("tandem."))),
+        "Tandem's marker header is not shown to consumers"
+    );
+    assert!(
+        m.next_deliveries(Duration::from_millis(300))
+            .await?
+            .is_empty()
+    );
+    Ok(())
+}
+
+/// The marker header is Tandem's: a publish or a prepare that sets it is
+/// refused, naming the field.
+#[tokio::test]
+async fn the_transaction_marker_header_is_reserved() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let c = Running::start(dir.path()).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 1).await?;
+    let mut m = msg(Some("k"), "v");
+    m.headers.push(pb::Header {
+        name: "tandem.txn".into(),
+        value: "forged".into(),
+    });
+    let e = client
+        .publish(pb::PublishRequest {
+            topic: "orders".into(),
+            messages: vec![m],
+        })
+        .await
+        .expect_err("reserved header");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("messages[0].headers[0].name"), "{e:?}");
     Ok(())
 }

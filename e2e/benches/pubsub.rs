@@ -51,6 +51,7 @@ async fn consumer(addr: String, topic: String, received: Arc<AtomicU64>, stop: A
     let (tx, rx) = mpsc::channel(256);
     tx.send(pb::ConsumeRequest {
         kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
+            revoke_timeout_ms: 0,
             topic,
             group: "bench".into(),
             start_from: pb::StartFrom::Earliest as i32,

@@ -127,9 +127,10 @@ impl App for CartService {
         if req.dedup != "OFF" {
             // Strong mode: the dedup row commits with the cart change.
             let fresh = sqlx::query(
-                "INSERT INTO tandem_inbox (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                "INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
             )
             .bind(&req.group)
+            .bind(&req.topic)
             .bind(&message.id)
             .execute(&mut *tx)
             .await

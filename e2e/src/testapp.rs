@@ -10,15 +10,21 @@
 //! - `crash…`: insert, then abort the process before committing;
 //! - `unknown…`: insert, commit, but answer UNKNOWN (the answer is lost);
 //! - `check-unknown…`: as `unknown`, and the first check-back is UNKNOWN too;
-//! - `hang…`: answer UNKNOWN, and never answer a check-back.
+//! - `hang…`: answer UNKNOWN, and never answer a check-back;
+//! - `slow…`: take 2.5 s, then insert, commit, answer COMMIT.
 //!
 //! `CheckLocalTransaction` answers from `business` (COMMIT if the row is
-//! there, else ROLLBACK) except for the cases above.
+//! there, else ROLLBACK) except for the cases above: the naive check that
+//! is only right once the local transaction can no longer commit, which is
+//! what the sidecar's own UNKNOWN for a running callback protects.
 //!
 //! `HandleMessage` inserts `effects(message_id, value)`, with no unique key,
 //! so a duplicate effect would show; in STRONG dedup mode it inserts the
 //! `tandem_inbox` row in the same transaction and treats a conflict as
-//! already done. Values starting with `fail` are refused.
+//! already done. Values starting with `fail` are refused with
+//! FAILED_PRECONDITION; values starting with `raise` fail with UNKNOWN, as
+//! an uncaught exception in a Python, Java or Go handler does. Every call is
+//! recorded in `calls(message_id, attempt)`.
 
 use sqlx::sqlite::SqlitePool;
 use std::future::Future;
@@ -100,6 +106,10 @@ impl App for TestApp {
         } else if v.starts_with("crash") {
             self.insert_business(&req.txn_id, &v, true).await?;
             LocalState::Unknown
+        } else if v.starts_with("slow") {
+            tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+            self.insert_business(&req.txn_id, &v, false).await?;
+            LocalState::Commit
         } else if v.starts_with("unknown") || v.starts_with("check-unknown") {
             self.insert_business(&req.txn_id, &v, false).await?;
             LocalState::Unknown
@@ -138,6 +148,18 @@ impl App for TestApp {
         let req = req.into_inner();
         let m = req.message.unwrap_or_default();
         let v = String::from_utf8_lossy(&m.value).into_owned();
+        sqlx::query("INSERT INTO calls (message_id, value, attempt) VALUES ($1, $2, $3)")
+            .bind(&m.id)
+            .bind(&v)
+            .bind(i64::from(req.attempt))
+            .execute(&self.db)
+            .await
+            .map_err(internal)?;
+        if v.starts_with("raise") {
+            return Err(Status::unknown(format!(
+                "Exception calling application: handler raised on {v:?}"
+            )));
+        }
         if v.starts_with("fail") {
             return Err(Status::failed_precondition(format!(
                 "test app refuses {v:?}"
@@ -145,8 +167,9 @@ impl App for TestApp {
         }
         let mut tx = self.db.begin().await.map_err(internal)?;
         if req.dedup == "STRONG" {
-            let fresh = sqlx::query("INSERT INTO tandem_inbox (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            let fresh = sqlx::query("INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(&req.group)
+                .bind(&req.topic)
                 .bind(&m.id)
                 .execute(&mut *tx)
                 .await
@@ -178,7 +201,8 @@ pub async fn run(
     let pool = crate::db::open_sqlite(db, 8).await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
-         CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL);",
+         CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL);",
     )
     .execute(&pool)
     .await?;

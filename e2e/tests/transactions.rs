@@ -483,3 +483,87 @@ async fn table_mode_works_on_postgresql() -> TestResult {
     c.expect_effects(&["pg-ok", "pg-forgot"]).await?;
     c.done()
 }
+
+/// A handler that raises (an uncaught exception reaches the sidecar as
+/// UNKNOWN, from Python, Java or Go alike) is a failed attempt: it is called
+/// exactly `max_attempts` times with attempts 1, 2, 3, then dead-lettered,
+/// and the key's successors go on in order. Before the fix UNKNOWN counted
+/// as "the app is restarting": the handler was called forever, always with
+/// attempt 1, and the key stalled for good. The sidecar still stops
+/// promptly on SIGTERM afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raising_handler_is_counted_dead_lettered_and_does_not_stall_its_key() -> TestResult {
+    let mut c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Sidecar).await?;
+    let mut s = c.producer_client().await?;
+    let key = |v: &str| pb::Message {
+        key: Some(bytes::Bytes::from_static(b"same-key")),
+        ..message(v)
+    };
+    let mut messages = vec![key("raise-poison")];
+    messages.extend((0..5).map(|i| key(&format!("after-{i}"))));
+    s.publish(pb::PublishRequest {
+        topic: "orders".into(),
+        messages,
+    })
+    .await?;
+    let expected: Vec<String> = (0..5).map(|i| format!("after-{i}")).collect();
+    let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
+    c.expect_effects(&refs).await?;
+    let db = c.consumer_db().await?;
+    let attempts: Vec<i64> =
+        sqlx::query_scalar("SELECT attempt FROM calls WHERE value = 'raise-poison' ORDER BY seq")
+            .fetch_all(&db)
+            .await?;
+    assert_eq!(
+        attempts,
+        vec![1, 2, 3],
+        "three counted attempts, then no more"
+    );
+    let dlq = c
+        .coordinator_client()
+        .await?
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "orders.dlq".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(dlq.partitions[0].high_water_mark, 1, "dead-lettered once");
+    let stats = c
+        .consumer_client()
+        .await?
+        .get_stats(sc::GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert_eq!((stats.dead_lettered, stats.handler_failures), (1, 3));
+    let status = c.consumer.terminate(std::time::Duration::from_secs(10))?;
+    assert!(status.success(), "the sidecar stops cleanly: {status:?}");
+    c.done()
+}
+
+/// A check-back that arrives while ExecuteLocalTransaction is still running
+/// is answered UNKNOWN by the sidecar itself, not forwarded to the app,
+/// whose ordinary check ("row there → COMMIT, else ROLLBACK") would roll
+/// back a transaction that is about to commit. Here the local transaction
+/// takes 2.5 s and the first check comes after 1 s: before the fix the
+/// message was rolled back and the local row committed anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_back_racing_a_slow_local_transaction_does_not_lose_it() -> TestResult {
+    let c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Sidecar).await?;
+    let mut s = c.producer_client().await?;
+    let r = publish_transactional(&mut s, "slow-1", "slow-1").await?;
+    assert_eq!(r.state, pb::TransactionState::Committed as i32, "{r:?}");
+    let stats = c
+        .coordinator_client()
+        .await?
+        .get_stats(pb::GetStatsRequest {})
+        .await?
+        .into_inner();
+    assert!(
+        stats.checks_sent >= 1,
+        "a check-back really came while the callback ran: {stats:?}"
+    );
+    c.expect_effects(&["slow-1"]).await?;
+    c.done()
+}

@@ -67,6 +67,7 @@ impl SidecarService {
                 topic,
                 message,
                 context: Bytes::from_static(mode.context()),
+                instance: self.node.config.instance.clone(),
             })
             .await
             .map_err(Error::Coordinator)?;
@@ -131,11 +132,19 @@ impl sc::sidecar_server::Sidecar for SidecarService {
     ) -> Result<Response<sc::TransactionResponse>, Status> {
         let req = req.into_inner();
         let mut app = self.node.app("PublishTransactional")?;
+        // The id is chosen here, so that a check-back arriving before
+        // ExecuteLocalTransaction has even started is answered UNKNOWN.
+        let txn_id = if req.txn_id.is_empty() {
+            uuid::Uuid::now_v7().to_string()
+        } else {
+            req.txn_id
+        };
+        let running = self.node.executing.start(&txn_id)?;
         let txn_id = self
             .prepare(
                 req.topic.clone(),
                 req.message.clone(),
-                req.txn_id,
+                txn_id,
                 Mode::Callback,
             )
             .await?;
@@ -147,6 +156,10 @@ impl sc::sidecar_server::Sidecar for SidecarService {
                 ..m
             }),
         };
+        // The app sees the deadline (grpc-timeout); a call cut short is
+        // cancelled, and the transaction is left to check-back.
+        let mut execute = Request::new(execute);
+        execute.set_timeout(self.node.config.callback_timeout);
         let state = match tokio::time::timeout(
             self.node.config.callback_timeout,
             app.execute_local_transaction(execute),
@@ -165,6 +178,7 @@ impl sc::sidecar_server::Sidecar for SidecarService {
                 pb::LocalState::Unknown
             }
         };
+        running.decided(state);
         let reply = match state {
             pb::LocalState::Commit => response(txn_id.clone(), self.end(&txn_id, true).await?),
             pb::LocalState::Rollback => response(txn_id.clone(), self.end(&txn_id, false).await?),

@@ -1,10 +1,21 @@
 //! Answering check-backs (steps 6–7): how did the app's local transaction
-//! end? In table mode the answer is in `tandem_txn`; when the row is absent
-//! and the transaction is older than `check_after`, the rollback marker is
-//! inserted first under the same key, so the app's late commit fails instead
-//! of committing a message that was rolled back. In callback mode the app's
-//! `CheckLocalTransaction` answers. Anything uncertain is UNKNOWN, which the
-//! coordinator retries.
+//! end?
+//!
+//! - A transaction whose `ExecuteLocalTransaction` this sidecar started and
+//!   has not seen through is answered by the sidecar itself: UNKNOWN while
+//!   the callback runs (the app cannot know yet, and an app that answers
+//!   ROLLBACK because its row is not there *yet* would lose the message),
+//!   the callback's answer once it returned.
+//! - Table mode: the answer is in `tandem_txn`; when the row is absent and
+//!   the transaction is older than the coordinator's `check_after_ms` (sent
+//!   with each check), the rollback marker is inserted first under the same
+//!   key, so the app's late commit fails instead of committing a message
+//!   that was rolled back.
+//! - Callback mode otherwise: the app's `CheckLocalTransaction` answers,
+//!   within the check's own timeout. Anything uncertain is UNKNOWN, which
+//!   the coordinator retries.
+
+use std::time::Duration;
 
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
@@ -47,6 +58,9 @@ fn now_ms() -> i64 {
 impl Node {
     /// The state of the local transaction a check-back asks about.
     pub(crate) async fn local_state(&self, check: &pb::CheckTransaction) -> pb::LocalState {
+        if let Some(state) = self.executing.state(&check.txn_id) {
+            return state;
+        }
         let result = match Mode::of(&check.context) {
             Mode::Table => self.table_state(check).await,
             Mode::Callback => self.callback_state(check).await,
@@ -63,7 +77,7 @@ impl Node {
     async fn table_state(&self, check: &pb::CheckTransaction) -> Result<pb::LocalState, Error> {
         let mut state = self.db.txn_state(&check.txn_id).await?;
         let age = now_ms() - check.prepared_at_ms;
-        if state == TableState::Absent && age >= self.config.check_after.as_millis() as i64 {
+        if state == TableState::Absent && age >= check.check_after_ms as i64 {
             state = self.db.mark_rolled_back(&check.txn_id).await?;
         }
         Ok(match state {
@@ -82,19 +96,20 @@ impl Node {
             prepared_at_ms: check.prepared_at_ms,
             attempt: check.attempt,
         };
-        let reply = tokio::time::timeout(
-            self.config.callback_timeout,
-            app.check_local_transaction(req),
-        )
-        .await
-        .map_err(|_| Error::App {
-            call: "CheckLocalTransaction",
-            status: tonic::Status::deadline_exceeded("no answer within callback_timeout_ms"),
-        })?
-        .map_err(|status| Error::App {
-            call: "CheckLocalTransaction",
-            status,
-        })?;
+        let mut limit = self.config.callback_timeout;
+        if check.timeout_ms > 0 {
+            limit = limit.min(Duration::from_millis(check.timeout_ms));
+        }
+        let reply = tokio::time::timeout(limit, app.check_local_transaction(req))
+            .await
+            .map_err(|_| Error::App {
+                call: "CheckLocalTransaction",
+                status: tonic::Status::deadline_exceeded("no answer within callback_timeout_ms"),
+            })?
+            .map_err(|status| Error::App {
+                call: "CheckLocalTransaction",
+                status,
+            })?;
         Ok(pb::LocalState::try_from(reply.into_inner().state).unwrap_or(pb::LocalState::Unknown))
     }
 }

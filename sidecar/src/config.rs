@@ -43,7 +43,6 @@ const KEYS: &[(&str, Kind)] = &[
     ("app", Kind::Str),
     ("db", Kind::Str),
     ("instance", Kind::Str),
-    ("check_after_ms", Kind::Int),
     ("callback_timeout_ms", Kind::Int),
     ("handler_timeout_ms", Kind::Int),
     ("retention_ms", Kind::Int),
@@ -60,13 +59,18 @@ struct Raw {
     app: Option<String>,
     db: Option<String>,
     instance: Option<String>,
-    check_after_ms: Option<u64>,
     callback_timeout_ms: Option<u64>,
     handler_timeout_ms: Option<u64>,
     retention_ms: Option<u64>,
     cleanup_schedule: Option<String>,
     log: Option<String>,
 }
+
+/// What a member needs beyond one handler call to finish with a partition
+/// being moved: recording the dedup row, a dead letter, the acknowledgement.
+const REVOKE_MARGIN: Duration = Duration::from_secs(15);
+/// The coordinator's upper bound of a member's revoke timeout, less the margin.
+const MAX_HANDLER_TIMEOUT_MS: u64 = 300_000 - 15_000;
 
 /// The checked sidecar settings.
 #[derive(Clone, Debug)]
@@ -83,10 +87,6 @@ pub struct Config {
     pub db: String,
     /// Names this instance in the coordinator's logs.
     pub instance: String,
-    /// Table mode: a check-back that finds no row inserts the rollback
-    /// marker once the transaction is this old (the coordinator's
-    /// `check_after_ms`).
-    pub check_after: Duration,
     /// How long ExecuteLocalTransaction and CheckLocalTransaction may take.
     pub callback_timeout: Duration,
     /// How long HandleMessage may take before the attempt counts as failed.
@@ -106,6 +106,13 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The revoke timeout this sidecar asks for when it joins a group:
+    /// longer than any handler call, so a slow but legal handler is never
+    /// expelled mid-call (and its partition never handled twice at once).
+    pub fn revoke_timeout(&self) -> Duration {
+        self.handler_timeout + REVOKE_MARGIN
+    }
+
     /// Loads the settings: defaults, `--config`, `TANDEM_SIDECAR_*` from
     /// `env`, then the flags.
     pub fn load(
@@ -187,7 +194,6 @@ impl Raw {
             db: self.db.unwrap_or_else(|| "./tandem-sidecar.db".into()),
             instance,
             service,
-            check_after: ms("check_after_ms", self.check_after_ms, 6_000, 100, 3_600_000)?,
             callback_timeout: ms(
                 "callback_timeout_ms",
                 self.callback_timeout_ms,
@@ -200,8 +206,18 @@ impl Raw {
                 self.handler_timeout_ms,
                 30_000,
                 10,
-                3_600_000,
-            )?,
+                MAX_HANDLER_TIMEOUT_MS,
+            )
+            .map_err(|_| {
+                invalid(
+                    "handler_timeout_ms",
+                    &self.handler_timeout_ms.unwrap_or_default(),
+                    &format!(
+                        "must be between 10 and {MAX_HANDLER_TIMEOUT_MS}: a member may hold a partition being moved for at most 300000 ms, and needs {} ms beyond its handler timeout to finish",
+                        REVOKE_MARGIN.as_millis()
+                    ),
+                )
+            })?,
             retention: ms(
                 "retention_ms",
                 self.retention_ms,

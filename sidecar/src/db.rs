@@ -36,6 +36,17 @@ macro_rules! on_db {
     };
 }
 
+/// One processed message: the dedup key.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct InboxRow {
+    /// The consumer group.
+    pub group: String,
+    /// The topic the message came from.
+    pub topic: String,
+    /// The message's id.
+    pub message_id: String,
+}
+
 /// How a check-back found the local transaction in `tandem_txn`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableState {
@@ -47,14 +58,22 @@ pub enum TableState {
     Absent,
 }
 
-fn migrator(sql: &'static str) -> Migrator {
-    Migrator::with_migrations(vec![Migration::new(
-        1,
-        "tandem tables".into(),
-        MigrationType::Simple,
-        SqlStr::from_static(sql),
-        false,
-    )])
+fn migrator(steps: &[(&'static str, &'static str)]) -> Migrator {
+    Migrator::with_migrations(
+        steps
+            .iter()
+            .zip(1..)
+            .map(|(&(name, sql), version)| {
+                Migration::new(
+                    version,
+                    name.into(),
+                    MigrationType::Simple,
+                    SqlStr::from_static(sql),
+                    false,
+                )
+            })
+            .collect(),
+    )
 }
 
 fn db_err(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
@@ -103,14 +122,30 @@ impl Db {
     pub async fn migrate(&self) -> Result<()> {
         let r = match self {
             Db::Sqlite(p) => {
-                migrator(include_str!("../migrations/sqlite/0001_tandem_tables.sql"))
-                    .run(p)
-                    .await
+                migrator(&[
+                    (
+                        "tandem tables",
+                        include_str!("../migrations/sqlite/0001_tandem_tables.sql"),
+                    ),
+                    (
+                        "inbox by topic",
+                        include_str!("../migrations/sqlite/0002_inbox_by_topic.sql"),
+                    ),
+                ])
+                .run(p)
+                .await
             }
             Db::Postgres(p) => {
-                migrator(include_str!(
-                    "../migrations/postgres/0001_tandem_tables.sql"
-                ))
+                migrator(&[
+                    (
+                        "tandem tables",
+                        include_str!("../migrations/postgres/0001_tandem_tables.sql"),
+                    ),
+                    (
+                        "inbox by topic",
+                        include_str!("../migrations/postgres/0002_inbox_by_topic.sql"),
+                    ),
+                ])
                 .run(p)
                 .await
             }
@@ -154,30 +189,36 @@ impl Db {
         self.txn_state(txn_id).await
     }
 
-    /// True if `group` already processed `message_id`.
-    pub async fn inbox_has(&self, group: &str, message_id: &str) -> Result<bool> {
-        let row = on_db!(self, |p| sqlx::query(
-            "SELECT 1 FROM tandem_inbox WHERE consumer_group = $1 AND message_id = $2"
+    /// True if `group` already processed message `message_id` of `topic`
+    /// (rows recorded before dedup knew topics have topic `''` and match
+    /// any topic).
+    pub async fn inbox_has(&self, group: &str, topic: &str, message_id: &str) -> Result<bool> {
+        let row = on_db!(self, |p| {
+            sqlx::query(
+            "SELECT 1 FROM tandem_inbox WHERE consumer_group = $1 AND topic IN ($2, '') AND message_id = $3"
         )
         .bind(group)
+        .bind(topic)
         .bind(message_id)
         .fetch_optional(p)
         .await
         .map_err(db_err("read tandem_inbox"))?
-        .is_some());
+        .is_some()
+        });
         Ok(row)
     }
 
-    /// Records many `(group, message_id)` pairs in one transaction.
-    pub async fn inbox_add_all(&self, rows: &[(String, String)]) -> Result<()> {
+    /// Records many processed messages in one transaction.
+    pub async fn inbox_add_all(&self, rows: &[InboxRow]) -> Result<()> {
         on_db!(self, |p| {
             let mut tx = p.begin().await.map_err(db_err("begin a transaction"))?;
-            for (group, id) in rows {
+            for r in rows {
                 sqlx::query(
-                    "INSERT INTO tandem_inbox (consumer_group, message_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                    "INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
                 )
-                .bind(group)
-                .bind(id)
+                .bind(&r.group)
+                .bind(&r.topic)
+                .bind(&r.message_id)
                 .execute(&mut *tx)
                 .await
                 .map_err(db_err("insert into tandem_inbox"))?;
@@ -290,12 +331,20 @@ mod tests {
         .await
         .map(drop));
         assert!(late.is_err(), "a late local commit fails on the marker");
-        assert!(!db.inbox_has("g", "m1").await?);
-        let row = ("g".to_owned(), "m1".to_owned());
+        assert!(!db.inbox_has("g", "t", "m1").await?);
+        let row = InboxRow {
+            group: "g".into(),
+            topic: "t".into(),
+            message_id: "m1".into(),
+        };
         db.inbox_add_all(std::slice::from_ref(&row)).await?;
         db.inbox_add_all(&[row.clone(), row]).await?;
-        assert!(db.inbox_has("g", "m1").await?);
-        assert!(!db.inbox_has("other", "m1").await?);
+        assert!(db.inbox_has("g", "t", "m1").await?);
+        assert!(!db.inbox_has("other", "t", "m1").await?);
+        assert!(
+            !db.inbox_has("g", "u", "m1").await?,
+            "the same id on another topic is another message"
+        );
         db.save_subscription("t", "g", b"one").await?;
         db.save_subscription("t", "g", b"two").await?;
         assert_eq!(db.subscriptions().await?, vec![b"two".to_vec()]);

@@ -23,6 +23,9 @@ pub enum Error {
         /// Its status.
         status: tonic::Status,
     },
+    /// A transaction with this id is already being executed by this sidecar.
+    #[error("transaction {0:?} is already being executed by this sidecar")]
+    InProgress(String),
     /// The app has no callback server configured (`--app`).
     #[error("no app callback server is configured (--app): {0} needs one")]
     NoApp(&'static str),
@@ -72,6 +75,7 @@ impl From<Error> for tonic::Status {
         use tonic::Code;
         match e {
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(e.to_string()),
+            Error::InProgress(_) => tonic::Status::already_exists(e.to_string()),
             // The coordinator's verdict (NOT_FOUND, PERMISSION_DENIED, ...) is the answer.
             Error::Coordinator(s) => tonic::Status::new(s.code(), s.message().to_owned()),
             Error::App { .. } | Error::NoApp(_) => {

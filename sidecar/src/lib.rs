@@ -14,6 +14,7 @@ mod api;
 mod check;
 mod config;
 mod db;
+mod delivery;
 mod error;
 mod node;
 mod server;
@@ -21,6 +22,6 @@ mod session;
 mod subscription;
 
 pub use config::{Config, SidecarArgs};
-pub use db::{Db, TableState};
+pub use db::{Db, InboxRow, TableState};
 pub use error::{Error, Result};
 pub use server::{run, serve};

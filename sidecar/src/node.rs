@@ -1,16 +1,20 @@
 //! What every part of a running sidecar shares: its settings, the app's
 //! database, the clients of the coordinator and of the app, and counters.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use tandem_proto::app::app_client::AppClient;
+use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Config;
-use crate::db::Db;
+use crate::db::{Db, InboxRow};
+use crate::delivery::Claims;
 use crate::error::{Error, Result};
 
 /// Counters reported by `GetStats`.
@@ -21,6 +25,7 @@ pub(crate) struct Counters {
     pub(crate) handled: AtomicU64,
     pub(crate) handler_failures: AtomicU64,
     pub(crate) dead_lettered: AtomicU64,
+    pub(crate) dead_letter_failures: AtomicU64,
     pub(crate) check_backs_answered: AtomicU64,
     pub(crate) committed: AtomicU64,
     pub(crate) rolled_back: AtomicU64,
@@ -39,6 +44,7 @@ impl Counters {
             handled: g(&self.handled),
             handler_failures: g(&self.handler_failures),
             dead_lettered: g(&self.dead_lettered),
+            dead_letter_failures: g(&self.dead_letter_failures),
             check_backs_answered: g(&self.check_backs_answered),
             transactions_committed: g(&self.committed),
             transactions_rolled_back: g(&self.rolled_back),
@@ -46,7 +52,7 @@ impl Counters {
     }
 }
 
-type InboxRequest = (String, String, oneshot::Sender<Result<(), String>>);
+type InboxRequest = (InboxRow, oneshot::Sender<Result<(), String>>);
 
 /// Records processed messages in `tandem_inbox`, many per database
 /// transaction: concurrent handlers' rows are gathered while the previous
@@ -69,12 +75,9 @@ impl Inbox {
                         Err(_) => break,
                     }
                 }
-                let rows: Vec<(String, String)> = batch
-                    .iter()
-                    .map(|(g, id, _)| (g.clone(), id.clone()))
-                    .collect();
+                let rows: Vec<InboxRow> = batch.iter().map(|(r, _)| r.clone()).collect();
                 let result = db.inbox_add_all(&rows).await.map_err(|e| e.to_string());
-                for (_, _, reply) in batch {
+                for (_, reply) in batch {
                     let _ = reply.send(result.clone());
                 }
             }
@@ -82,16 +85,74 @@ impl Inbox {
         Inbox { tx }
     }
 
-    /// Records that `group` processed `message_id`; resolves once committed.
-    pub(crate) async fn add(&self, group: &str, message_id: &str) -> Result<()> {
+    /// Records a processed message; resolves once committed.
+    pub(crate) async fn add(&self, row: InboxRow) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send((group.to_owned(), message_id.to_owned(), reply))
+            .send((row, reply))
             .await
             .map_err(|_| Error::Inbox("the inbox writer stopped".into()))?;
         rx.await
             .map_err(|_| Error::Inbox("the inbox writer stopped".into()))?
             .map_err(Error::Inbox)
+    }
+}
+
+/// Transactions whose `ExecuteLocalTransaction` this sidecar has started
+/// and not yet seen through: a check-back for one of them is answered from
+/// here (UNKNOWN while the callback runs, its answer once it returned)
+/// instead of asking the app, which cannot know yet.
+#[derive(Debug, Default)]
+pub(crate) struct Executing {
+    txns: Mutex<HashMap<String, Option<pb::LocalState>>>,
+}
+
+/// One transaction in [`Executing`]; dropping it forgets the transaction.
+pub(crate) struct Running<'a> {
+    executing: &'a Executing,
+    txn_id: String,
+}
+
+impl Executing {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Option<pb::LocalState>>> {
+        self.txns.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Registers a transaction about to be prepared; a second call with the
+    /// same id while the first runs is refused.
+    pub(crate) fn start(&self, txn_id: &str) -> Result<Running<'_>> {
+        let mut map = self.map();
+        if map.contains_key(txn_id) {
+            return Err(Error::InProgress(txn_id.to_owned()));
+        }
+        map.insert(txn_id.to_owned(), None);
+        Ok(Running {
+            executing: self,
+            txn_id: txn_id.to_owned(),
+        })
+    }
+
+    /// The answer for a check-back, if this sidecar is running the
+    /// transaction's callback: UNKNOWN while it runs.
+    pub(crate) fn state(&self, txn_id: &str) -> Option<pb::LocalState> {
+        self.map()
+            .get(txn_id)
+            .map(|s| s.unwrap_or(pb::LocalState::Unknown))
+    }
+}
+
+impl Running<'_> {
+    /// The callback answered `state`.
+    pub(crate) fn decided(&self, state: pb::LocalState) {
+        if let Some(s) = self.executing.map().get_mut(&self.txn_id) {
+            *s = Some(state);
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.executing.map().remove(&self.txn_id);
     }
 }
 
@@ -101,6 +162,10 @@ pub(crate) struct Node {
     pub(crate) config: Config,
     pub(crate) db: Db,
     pub(crate) inbox: Inbox,
+    /// Dedup keys being handled right now.
+    pub(crate) claims: Claims,
+    /// Callback-mode transactions being executed.
+    pub(crate) executing: Executing,
     pub(crate) coordinator: CoordinatorClient<Channel>,
     app: Option<AppClient<Channel>>,
     pub(crate) counters: Counters,
@@ -131,6 +196,8 @@ impl Node {
         Ok(Node {
             config,
             inbox: Inbox::start(db.clone()),
+            claims: Claims::default(),
+            executing: Executing::default(),
             db,
             coordinator,
             app,

@@ -9,30 +9,30 @@
 //! - Order: messages with the same key (in one partition) are handled one at
 //!   a time, in order; at most `max_in_flight` are outstanding at once, which
 //!   is also the credit given to the coordinator.
-//! - Failure: a failing handler is retried with doubling delays; after
-//!   `max_attempts` failures the message goes to `<topic>.dlq` with the error
-//!   in the `tandem.error` header. An unreachable app is retried without
-//!   limit (it is being restarted, not failing).
+//! - Failure: see `delivery.rs` (retries, dead letters, what counts as an
+//!   unreachable app).
+//! - Moving partitions: when the coordinator revokes a partition (another
+//!   member joined), deliveries of it that have not started are dropped,
+//!   those being handled are cancelled between steps, and once none is left
+//!   the sidecar sends `Release`: whatever it did not acknowledge goes to the
+//!   next holder. The member asks for a revoke timeout longer than its
+//!   handler timeout, so a slow but legal handler is never expelled mid-call
+//!   and its partition is never handled by two members at once.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
 use prost::Message as _;
-use tandem_coordinator::failpoint;
-use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
-use tonic::Code;
 
+use crate::delivery::{self, Outcome};
 use crate::error::{Error, Result};
 use crate::node::{Counters, Node, stopped};
-
-const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
-const UNREACHABLE_DELAY: Duration = Duration::from_secs(2);
 
 /// Fills in defaults and checks a subscription request.
 pub(crate) fn normalize(node: &Node, mut s: sc::SubscribeRequest) -> Result<sc::SubscribeRequest> {
@@ -157,7 +157,7 @@ async fn run(node: Arc<Node>, spec: sc::SubscribeRequest, mut stop: watch::Recei
         match consume(&node, &spec, &mut stop).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::warn!(topic = %spec.topic, group = %spec.group, error = %e, "subscription stream lost; reconnecting")
+                tracing::warn!(topic = %spec.topic, group = %spec.group, error = %e, "subscription session ended; reconnecting")
             }
         }
         tokio::select! {
@@ -168,20 +168,227 @@ async fn run(node: Arc<Node>, spec: sc::SubscribeRequest, mut stop: watch::Recei
     }
 }
 
-/// A finished delivery, to acknowledge.
+/// One partition as held at one epoch.
+type Lease = (u32, u64);
+
+/// A finished delivery.
 struct Done {
-    partition: u32,
+    lease: Lease,
     offset: u64,
-    epoch: u64,
     key: Option<(u32, Bytes)>,
+    outcome: Outcome,
 }
 
 fn req(kind: pb::consume_request::Kind) -> pb::ConsumeRequest {
     pb::ConsumeRequest { kind: Some(kind) }
 }
 
+/// What one consumer session holds: its leases, the deliveries being
+/// handled, and the ones waiting behind a busy key.
+struct Session {
+    node: Arc<Node>,
+    spec: Arc<sc::SubscribeRequest>,
+    tx: mpsc::Sender<pb::ConsumeRequest>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    handlers: JoinSet<()>,
+    /// The current assignment: partition → epoch.
+    assigned: HashMap<u32, u64>,
+    /// Leases revoked and not yet released, and released ones (deliveries
+    /// of either that arrive late are dropped).
+    revoked: HashSet<Lease>,
+    released: HashSet<Lease>,
+    /// Cancels the handlers of a lease (revocation, or the session stops).
+    cancels: HashMap<Lease, watch::Sender<bool>>,
+    /// Handlers running per lease.
+    running: HashMap<Lease, usize>,
+    /// Keys being handled, with the deliveries waiting behind them.
+    busy: HashMap<(u32, Bytes), VecDeque<pb::Delivery>>,
+}
+
+impl Session {
+    fn start(&mut self, d: pb::Delivery) {
+        let lease = (d.partition, d.epoch);
+        *self.running.entry(lease).or_default() += 1;
+        let mut cancel = self
+            .cancels
+            .entry(lease)
+            .or_insert_with(|| watch::channel(false).0)
+            .subscribe();
+        let (node, spec, done_tx) = (self.node.clone(), self.spec.clone(), self.done_tx.clone());
+        self.handlers.spawn(async move {
+            let outcome = delivery::handle(&node, &spec, &d, &mut cancel).await;
+            let _ = done_tx.send(Done {
+                lease,
+                offset: d.offset,
+                key: d
+                    .message
+                    .as_ref()
+                    .and_then(|m| m.key.clone())
+                    .map(|k| (d.partition, k)),
+                outcome,
+            });
+        });
+    }
+
+    /// Takes new deliveries: dropped if their lease is gone, queued behind
+    /// their key if it is busy, started otherwise. Returns how many were
+    /// dropped (their credit goes back).
+    fn receive(&mut self, deliveries: Vec<pb::Delivery>) -> u32 {
+        let mut dropped = 0;
+        for d in deliveries {
+            Counters::bump(&self.node.counters.delivered);
+            let lease = (d.partition, d.epoch);
+            if self.revoked.contains(&lease) || self.released.contains(&lease) {
+                dropped += 1;
+                continue;
+            }
+            let key = d
+                .message
+                .as_ref()
+                .and_then(|m| m.key.clone())
+                .map(|k| (d.partition, k));
+            match key {
+                Some(k) => match self.busy.get_mut(&k) {
+                    Some(queue) => queue.push_back(d),
+                    None => {
+                        self.busy.insert(k, VecDeque::new());
+                        self.start(d);
+                    }
+                },
+                None => self.start(d),
+            }
+        }
+        dropped
+    }
+
+    /// A new assignment: leases no longer in it are revoked. Returns the
+    /// number of waiting deliveries dropped.
+    async fn assign(&mut self, a: pb::Assignment) -> Result<u32, String> {
+        let now: HashMap<u32, u64> = a
+            .partitions
+            .iter()
+            .map(|p| (p.partition, p.epoch))
+            .collect();
+        let gone: Vec<Lease> = self
+            .assigned
+            .iter()
+            .filter(|(p, e)| now.get(p) != Some(e))
+            .map(|(p, e)| (*p, *e))
+            .collect();
+        self.assigned = now;
+        let mut dropped = 0;
+        for lease in gone {
+            tracing::info!(topic = %self.spec.topic, group = %self.spec.group, partition = lease.0, epoch = lease.1, "partition revoked");
+            self.revoked.insert(lease);
+            if let Some(c) = self.cancels.get(&lease) {
+                let _ = c.send(true);
+            }
+            for (k, queue) in self.busy.iter_mut() {
+                if k.0 == lease.0 {
+                    dropped += queue.len() as u32;
+                    queue.clear();
+                }
+            }
+            self.release_if_idle(lease).await?;
+        }
+        Ok(dropped)
+    }
+
+    async fn release_if_idle(&mut self, lease: Lease) -> Result<(), String> {
+        if !self.revoked.contains(&lease) || self.running.get(&lease).copied().unwrap_or(0) > 0 {
+            return Ok(());
+        }
+        self.revoked.remove(&lease);
+        self.cancels.remove(&lease);
+        self.running.remove(&lease);
+        if self.released.len() > 4096 {
+            self.released.clear();
+        }
+        self.released.insert(lease);
+        self.tx
+            .send(req(pb::consume_request::Kind::Release(pb::Release {
+                partition: lease.0,
+                epoch: lease.1,
+            })))
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Handles finished deliveries: acknowledges what is done, starts what
+    /// waited behind their keys, releases revoked leases that became idle.
+    async fn finish(&mut self, finished: Vec<Done>) -> Result<(), String> {
+        let mut acks = Vec::new();
+        let mut credit = finished.len() as u32;
+        let mut stuck = None;
+        let mut idle = Vec::new();
+        for d in finished {
+            if let Some(n) = self.running.get_mut(&d.lease) {
+                *n -= 1;
+                if *n == 0 {
+                    idle.push(d.lease);
+                }
+            }
+            match d.outcome {
+                Outcome::Done => acks.push(pb::AckedOffset {
+                    partition: d.lease.0,
+                    offset: d.offset,
+                    epoch: d.lease.1,
+                }),
+                Outcome::Abandoned => {}
+                Outcome::Stuck(why) => stuck = Some(why),
+            }
+            let Some(k) = d.key else { continue };
+            let next = if self.assigned.get(&k.0) == Some(&d.lease.1) {
+                self.busy.get_mut(&k).and_then(VecDeque::pop_front)
+            } else {
+                None
+            };
+            match next {
+                Some(next) if stuck.is_none() => self.start(next),
+                Some(_) => credit += 1,
+                None => {
+                    if let Some(q) = self.busy.remove(&k) {
+                        credit += q.len() as u32;
+                    }
+                }
+            }
+        }
+        while self.handlers.try_join_next().is_some() {}
+        if !acks.is_empty() {
+            self.tx
+                .send(req(pb::consume_request::Kind::Ack(pb::Ack {
+                    offsets: acks,
+                })))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        if let Some(why) = stuck {
+            // Not acknowledged: the next session gets it again, before its
+            // key's successors.
+            return Err(why);
+        }
+        self.grant(credit).await?;
+        for lease in idle {
+            self.release_if_idle(lease).await?;
+        }
+        Ok(())
+    }
+
+    async fn grant(&self, credit: u32) -> Result<(), String> {
+        if credit == 0 {
+            return Ok(());
+        }
+        self.tx
+            .send(req(pb::consume_request::Kind::Credit(pb::Credit {
+                messages: credit,
+            })))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// One consumer session: returns `Ok` when stopped, `Err` when the stream
-/// broke.
+/// broke or a delivery got stuck.
 async fn consume(
     node: &Arc<Node>,
     spec: &sc::SubscribeRequest,
@@ -195,6 +402,7 @@ async fn consume(
         initial_credit: spec.max_in_flight,
         session_timeout_ms: 10_000,
         client_id: node.config.instance.clone(),
+        revoke_timeout_ms: node.config.revoke_timeout().as_millis() as u32,
     })))
     .await
     .map_err(|e| e.to_string())?;
@@ -205,261 +413,102 @@ async fn consume(
         .map_err(|s| s.message().to_owned())?
         .into_inner();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
-    // keys being handled, with the deliveries waiting behind them
-    let mut busy: HashMap<(u32, Bytes), VecDeque<pb::Delivery>> = HashMap::new();
-    let mut outstanding = 0usize;
     let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
-    let spec = Arc::new(spec.clone());
-    // Handlers still running when this session ends are aborted with it:
+    // Handlers still running when this value is dropped are aborted with it:
     // what they had not finished is delivered again.
-    let mut handlers = JoinSet::new();
-    let start = |handlers: &mut JoinSet<()>, d: pb::Delivery| {
-        let (node, spec, done_tx) = (node.clone(), spec.clone(), done_tx.clone());
-        handlers.spawn(async move {
-            let done = handle(&node, &spec, d).await;
-            let _ = done_tx.send(done);
-        });
+    let mut s = Session {
+        node: node.clone(),
+        spec: Arc::new(spec.clone()),
+        tx,
+        done_tx,
+        handlers: JoinSet::new(),
+        assigned: HashMap::new(),
+        revoked: HashSet::new(),
+        released: HashSet::new(),
+        cancels: HashMap::new(),
+        running: HashMap::new(),
+        busy: HashMap::new(),
     };
     let stopping = loop {
         tokio::select! {
             m = stream.message() => match m {
                 Ok(Some(pb::ConsumeResponse { kind: Some(pb::consume_response::Kind::Deliveries(d)) })) => {
-                    for delivery in d.deliveries {
-                        Counters::bump(&node.counters.delivered);
-                        outstanding += 1;
-                        let key = delivery.message.as_ref().and_then(|m| m.key.clone()).map(|k| (delivery.partition, k));
-                        match key {
-                            Some(k) => match busy.get_mut(&k) {
-                                Some(queue) => queue.push_back(delivery),
-                                None => {
-                                    busy.insert(k, VecDeque::new());
-                                    start(&mut handlers, delivery);
-                                }
-                            },
-                            None => start(&mut handlers, delivery),
-                        }
-                    }
+                    let dropped = s.receive(d.deliveries);
+                    s.grant(dropped).await?;
+                }
+                Ok(Some(pb::ConsumeResponse { kind: Some(pb::consume_response::Kind::Assignment(a)) })) => {
+                    let dropped = s.assign(a).await?;
+                    s.grant(dropped).await?;
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => break Err("the coordinator ended the session".to_owned()),
-                Err(s) => break Err(s.message().to_owned()),
+                Err(st) => break Err(st.message().to_owned()),
             },
             Some(first) = done_rx.recv() => {
                 let mut finished = vec![first];
                 while let Ok(d) = done_rx.try_recv() {
                     finished.push(d);
                 }
-                outstanding -= finished.len();
-                while handlers.try_join_next().is_some() {}
-                acknowledge(&tx, &finished).await?;
-                for d in finished {
-                    let Some(k) = d.key else { continue };
-                    match busy.get_mut(&k).and_then(VecDeque::pop_front) {
-                        Some(next) => start(&mut handlers, next),
-                        None => {
-                            busy.remove(&k);
-                        }
-                    }
-                }
+                s.finish(finished).await?;
             }
             _ = heartbeat.tick() => {
-                tx.send(req(pb::consume_request::Kind::Heartbeat(pb::Heartbeat {}))).await.map_err(|e| e.to_string())?;
+                s.tx.send(req(pb::consume_request::Kind::Heartbeat(pb::Heartbeat {}))).await.map_err(|e| e.to_string())?;
             }
             () = stopped(stop) => break Ok(()),
         }
     };
     stopping?;
-    // Stopping: no new deliveries are started; what is being handled
-    // finishes and is acknowledged; what waits behind a busy key is left to
-    // be delivered again.
-    let in_progress = outstanding - busy.values().map(VecDeque::len).sum::<usize>();
-    let mut finished = Vec::new();
-    let _ = tokio::time::timeout(node.config.handler_timeout, async {
-        while finished.len() < in_progress {
-            match done_rx.recv().await {
-                Some(d) => finished.push(d),
-                None => break,
+    // Stopping: nothing new starts; handlers between steps give up at once,
+    // a call in progress finishes (at most the handler timeout) and is
+    // acknowledged; what waits behind a busy key is delivered again later.
+    for c in s.cancels.values() {
+        let _ = c.send(true);
+    }
+    for q in s.busy.values_mut() {
+        q.clear();
+    }
+    let mut acks = Vec::new();
+    let _ = tokio::time::timeout(
+        node.config.handler_timeout + Duration::from_secs(1),
+        async {
+            while !s.handlers.is_empty() {
+                while let Ok(d) = done_rx.try_recv() {
+                    if d.outcome == Outcome::Done {
+                        acks.push(pb::AckedOffset {
+                            partition: d.lease.0,
+                            offset: d.offset,
+                            epoch: d.lease.1,
+                        });
+                    }
+                }
+                if s.handlers.join_next().await.is_none() {
+                    break;
+                }
             }
-        }
-    })
+        },
+    )
     .await;
-    acknowledge(&tx, &finished).await?;
-    drop(tx);
+    while let Ok(d) = done_rx.try_recv() {
+        if d.outcome == Outcome::Done {
+            acks.push(pb::AckedOffset {
+                partition: d.lease.0,
+                offset: d.offset,
+                epoch: d.lease.1,
+            });
+        }
+    }
+    if !acks.is_empty() {
+        s.tx.send(req(pb::consume_request::Kind::Ack(pb::Ack {
+            offsets: acks,
+        })))
+        .await
+        .map_err(|e| e.to_string())?;
+    }
+    drop(s);
     // The coordinator commits the acknowledgements and ends the stream.
     let _ = tokio::time::timeout(Duration::from_secs(10), async {
         while let Ok(Some(_)) = stream.message().await {}
     })
     .await;
     Ok(())
-}
-
-async fn acknowledge(tx: &mpsc::Sender<pb::ConsumeRequest>, done: &[Done]) -> Result<(), String> {
-    if done.is_empty() {
-        return Ok(());
-    }
-    let offsets = done
-        .iter()
-        .map(|d| pb::AckedOffset {
-            partition: d.partition,
-            offset: d.offset,
-            epoch: d.epoch,
-        })
-        .collect();
-    tx.send(req(pb::consume_request::Kind::Ack(pb::Ack { offsets })))
-        .await
-        .map_err(|e| e.to_string())?;
-    tx.send(req(pb::consume_request::Kind::Credit(pb::Credit {
-        messages: done.len() as u32,
-    })))
-    .await
-    .map_err(|e| e.to_string())
-}
-
-/// The app is restarting or gone, rather than failing the message.
-fn unreachable(status: &tonic::Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Unavailable | Code::Cancelled | Code::Unknown
-    )
-}
-
-/// Handles one delivery to the end: skipped as a duplicate, handled, or
-/// dead-lettered.
-async fn handle(node: &Node, spec: &sc::SubscribeRequest, d: pb::Delivery) -> Done {
-    let message = d.message.clone().unwrap_or_default();
-    let done = Done {
-        partition: d.partition,
-        offset: d.offset,
-        epoch: d.epoch,
-        key: message.key.clone().map(|k| (d.partition, k)),
-    };
-    let dedup = sc::DedupMode::try_from(spec.dedup).unwrap_or(sc::DedupMode::Sidecar);
-    let dedup_on = dedup != sc::DedupMode::Off;
-    if dedup_on && retry_db(|| node.db.inbox_has(&spec.group, &message.id)).await {
-        Counters::bump(&node.counters.duplicates_skipped);
-        tracing::debug!(group = %spec.group, id = %message.id, "duplicate skipped");
-        return done;
-    }
-    let mut failures = 0u32;
-    loop {
-        let request = app_pb::HandleMessageRequest {
-            topic: spec.topic.clone(),
-            group: spec.group.clone(),
-            partition: d.partition,
-            offset: d.offset,
-            message: Some(message.clone()),
-            attempt: failures + 1,
-            dedup: dedup
-                .as_str_name()
-                .trim_start_matches("DEDUP_MODE_")
-                .to_owned(),
-        };
-        let outcome = match node.app("HandleMessage") {
-            Ok(mut app) => {
-                tokio::time::timeout(node.config.handler_timeout, app.handle_message(request))
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(tonic::Status::deadline_exceeded(
-                            "the handler did not answer within handler_timeout_ms",
-                        ))
-                    })
-            }
-            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
-        };
-        match outcome {
-            Ok(_) => {
-                Counters::bump(&node.counters.handled);
-                break;
-            }
-            Err(status) if unreachable(&status) => {
-                tracing::debug!(id = %message.id, error = %status.message(), "app unreachable; retrying");
-                tokio::time::sleep(UNREACHABLE_DELAY).await;
-            }
-            Err(status) => {
-                Counters::bump(&node.counters.handler_failures);
-                failures += 1;
-                if failures >= spec.max_attempts {
-                    let error = format!("{:?}: {}", status.code(), status.message());
-                    dead_letter(node, spec, &d, message.clone(), failures, &error).await;
-                    break;
-                }
-                let delay = Duration::from_millis(u64::from(spec.retry_backoff_ms))
-                    .saturating_mul(1 << (failures - 1).min(16));
-                tokio::time::sleep(delay.min(MAX_RETRY_DELAY)).await;
-            }
-        }
-    }
-    if dedup_on {
-        retry_db(|| async {
-            node.inbox
-                .add(&spec.group, &message.id)
-                .await
-                .map(|()| true)
-        })
-        .await;
-    }
-    failpoint::hit("sidecar.consume.before_ack");
-    done
-}
-
-/// Runs a database step until it succeeds (the database may be busy or
-/// restarting); a message is never acknowledged on a guess.
-async fn retry_db<F, Fut>(mut step: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool>>,
-{
-    let mut delay = Duration::from_millis(50);
-    loop {
-        match step().await {
-            Ok(v) => return v,
-            Err(e) => {
-                tracing::warn!(error = %e, "dedup table unavailable; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
-}
-
-async fn dead_letter(
-    node: &Node,
-    spec: &sc::SubscribeRequest,
-    d: &pb::Delivery,
-    mut message: pb::Message,
-    attempts: u32,
-    error: &str,
-) {
-    let header = |name: &str, value: String| pb::Header {
-        name: name.to_owned(),
-        value: Bytes::from(value),
-    };
-    message.headers.extend([
-        header("tandem.error", error.to_owned()),
-        header("tandem.topic", spec.topic.clone()),
-        header("tandem.group", spec.group.clone()),
-        header("tandem.partition", d.partition.to_string()),
-        header("tandem.offset", d.offset.to_string()),
-        header("tandem.attempts", attempts.to_string()),
-    ]);
-    message.partition = None;
-    let request = pb::PublishRequest {
-        topic: format!("{}.dlq", spec.topic),
-        messages: vec![message],
-    };
-    let mut delay = Duration::from_millis(100);
-    loop {
-        match node.coordinator().publish(request.clone()).await {
-            Ok(_) => {
-                Counters::bump(&node.counters.dead_lettered);
-                tracing::warn!(topic = %spec.topic, group = %spec.group, offset = d.offset, %error, "message dead-lettered");
-                return;
-            }
-            Err(s) => {
-                tracing::warn!(error = %s.message(), "dead-lettering failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
 }

@@ -145,6 +145,7 @@ impl Member {
         let (tx, rx) = mpsc::channel(1024);
         tx.send(pb::ConsumeRequest {
             kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
+                revoke_timeout_ms: 0,
                 topic: topic.into(),
                 group: group.into(),
                 start_from: if opts.earliest {

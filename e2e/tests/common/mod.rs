@@ -377,9 +377,7 @@ fn start_sidecar(
         "--db".into(),
         db,
         "--set".into(),
-        "check_after_ms=1000".into(),
-        "--set".into(),
-        "callback_timeout_ms=1000".into(),
+        "callback_timeout_ms=5000".into(),
         "--set".into(),
         "handler_timeout_ms=5000".into(),
     ];

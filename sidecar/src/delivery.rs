@@ -1,0 +1,356 @@
+//! One delivery, handled to the end: skipped as a duplicate, handled by the
+//! app, dead-lettered, or abandoned to be delivered again.
+//!
+//! Contract:
+//! - **Dedup key** `(group, topic, message id)`. Before *every* call of the
+//!   app (the first and each retry) `tandem_inbox` is consulted, in every
+//!   dedup mode but OFF: an id already there is acknowledged without calling
+//!   the app. So a STRONG-mode app that committed its row and then became
+//!   unreachable is not called again when it comes back.
+//! - **One at a time per id**: within a sidecar, deliveries with the same
+//!   dedup key wait for each other ([`Claims`]), so SIDECAR mode's
+//!   check-then-record cannot let two concurrent deliveries of one id both
+//!   reach the app. (A partition is with one member at a time, so two
+//!   sidecars never hold the same delivery at once while both are alive.)
+//! - **Failures**: a transport failure (no gRPC status came from the app:
+//!   connection refused or reset, which the client reports with an error
+//!   source) or `UNAVAILABLE` means the app is not reachable: retried without
+//!   limit and not counted. Every other status, `UNKNOWN` included (how
+//!   Python, Java and Go servers report an uncaught exception), and a call
+//!   that outlives `handler_timeout` count as a failed attempt; after
+//!   `max_attempts` the message goes to `<topic>.dlq`.
+//! - **Dead letters** are published with a bounded number of retries; when
+//!   that fails too the delivery is [`Outcome::Stuck`]: not acknowledged, and
+//!   the session ends so that it comes again later, before its key's
+//!   successors (order is never given up to make progress).
+//! - **Cancellation** (the subscription stops, or the partition is revoked):
+//!   a delivery between two steps is abandoned unacknowledged and delivered
+//!   again to the partition's next holder.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_coordinator::failpoint;
+use tandem_proto::app as app_pb;
+use tandem_proto::coordinator as pb;
+use tandem_proto::sidecar as sc;
+use tokio::sync::{OwnedMutexGuard, watch};
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use crate::db::InboxRow;
+use crate::error::Result;
+use crate::node::{Counters, Node};
+
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+const UNREACHABLE_DELAY: Duration = Duration::from_secs(2);
+/// Publish attempts of one dead letter before the delivery is stuck.
+const DEAD_LETTER_ATTEMPTS: u32 = 5;
+/// Longest `tandem.error` header kept (the app's message is cut there).
+const MAX_ERROR_HEADER: usize = 1024;
+
+/// How a delivery ended.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Handled, skipped as a duplicate, or dead-lettered: acknowledge it.
+    Done,
+    /// Cancelled before it was done: not acknowledged, delivered again.
+    Abandoned,
+    /// It failed for good and could not be dead-lettered: the session must
+    /// end so it is delivered again (the reason is logged).
+    Stuck(String),
+}
+
+/// Dedup keys being handled in this sidecar, so that two deliveries of one
+/// id never run at once.
+#[derive(Debug, Default)]
+pub(crate) struct Claims {
+    held: Mutex<HashMap<InboxRow, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A held claim; dropping it lets the next delivery of the id go.
+pub(crate) struct Claim<'a> {
+    claims: &'a Claims,
+    row: InboxRow,
+    guard: Option<OwnedMutexGuard<()>>,
+}
+
+impl Claims {
+    async fn claim(&self, row: InboxRow) -> Claim<'_> {
+        let lock = self
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(row.clone())
+            .or_default()
+            .clone();
+        let guard = lock.lock_owned().await;
+        Claim {
+            claims: self,
+            row,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        let mut held = self
+            .claims
+            .held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        drop(self.guard.take());
+        // Forget the key once nobody holds or waits for it: the map only
+        // holds ids in flight.
+        if held
+            .get(&self.row)
+            .is_some_and(|l| Arc::strong_count(l) == 1)
+        {
+            held.remove(&self.row);
+        }
+    }
+}
+
+/// The app did not answer with a status of its own: it is restarting or
+/// gone, rather than failing the message.
+pub(crate) fn unreachable(status: &Status) -> bool {
+    status.code() == Code::Unavailable || std::error::Error::source(status).is_some()
+}
+
+/// Sleeps for `d` unless cancelled first; false when cancelled.
+async fn pause(d: Duration, cancel: &mut watch::Receiver<bool>) -> bool {
+    if *cancel.borrow() {
+        return false;
+    }
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        _ = cancel.wait_for(|c| *c) => false,
+    }
+}
+
+/// Runs a database step until it succeeds (the database may be busy or
+/// restarting), or `None` once cancelled: a message is never acknowledged
+/// on a guess.
+async fn db_step<T, F, Fut>(cancel: &mut watch::Receiver<bool>, mut step: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    let mut delay = Duration::from_millis(50);
+    loop {
+        match step().await {
+            Ok(v) => return Some(v),
+            Err(e) => {
+                tracing::warn!(error = %e, "dedup table unavailable; retrying");
+                if !pause(delay, cancel).await {
+                    return None;
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Handles one delivery to the end (see the module doc).
+pub(crate) async fn handle(
+    node: &Node,
+    spec: &sc::SubscribeRequest,
+    d: &pb::Delivery,
+    cancel: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let message = d.message.clone().unwrap_or_default();
+    let dedup = sc::DedupMode::try_from(spec.dedup).unwrap_or(sc::DedupMode::Sidecar);
+    let dedup_on = dedup != sc::DedupMode::Off;
+    let row = InboxRow {
+        group: spec.group.clone(),
+        topic: spec.topic.clone(),
+        message_id: message.id.clone(),
+    };
+    let _claim = if dedup_on {
+        tokio::select! {
+            c = node.claims.claim(row.clone()) => Some(c),
+            _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
+        }
+    } else {
+        None
+    };
+    let mut failures = 0u32;
+    loop {
+        if dedup_on {
+            let seen = db_step(cancel, || {
+                node.db.inbox_has(&row.group, &row.topic, &row.message_id)
+            })
+            .await;
+            match seen {
+                None => return Outcome::Abandoned,
+                Some(true) => {
+                    Counters::bump(&node.counters.duplicates_skipped);
+                    tracing::debug!(group = %row.group, topic = %row.topic, id = %row.message_id, "duplicate skipped");
+                    return Outcome::Done;
+                }
+                Some(false) => {}
+            }
+        }
+        if *cancel.borrow() {
+            return Outcome::Abandoned;
+        }
+        let request = app_pb::HandleMessageRequest {
+            topic: spec.topic.clone(),
+            group: spec.group.clone(),
+            partition: d.partition,
+            offset: d.offset,
+            message: Some(message.clone()),
+            attempt: failures + 1,
+            dedup: dedup
+                .as_str_name()
+                .trim_start_matches("DEDUP_MODE_")
+                .to_owned(),
+        };
+        match call_app(node, request).await {
+            Ok(()) => {
+                Counters::bump(&node.counters.handled);
+                break;
+            }
+            Err(status) if unreachable(&status) => {
+                tracing::warn!(id = %message.id, code = ?status.code(), error = %status.message(), "app unreachable; retrying");
+                if !pause(UNREACHABLE_DELAY, cancel).await {
+                    return Outcome::Abandoned;
+                }
+            }
+            Err(status) => {
+                Counters::bump(&node.counters.handler_failures);
+                failures += 1;
+                tracing::warn!(topic = %spec.topic, group = %spec.group, id = %message.id, attempt = failures,
+                    code = ?status.code(), error = %status.message(), "handler failed");
+                if failures >= spec.max_attempts {
+                    let error = format!("{:?}: {}", status.code(), status.message());
+                    if let Err(why) =
+                        dead_letter(node, spec, d, message.clone(), failures, &error, cancel).await
+                    {
+                        return why;
+                    }
+                    break;
+                }
+                let delay = Duration::from_millis(u64::from(spec.retry_backoff_ms))
+                    .saturating_mul(1 << (failures - 1).min(16));
+                if !pause(delay.min(MAX_RETRY_DELAY), cancel).await {
+                    return Outcome::Abandoned;
+                }
+            }
+        }
+    }
+    if dedup_on
+        && db_step(cancel, || node.inbox.add(row.clone()))
+            .await
+            .is_none()
+    {
+        return Outcome::Abandoned;
+    }
+    failpoint::hit("sidecar.consume.before_ack");
+    Outcome::Done
+}
+
+/// Calls the app's `HandleMessage` once, with the handler timeout as the
+/// call's deadline (sent to the app as `grpc-timeout`).
+async fn call_app(node: &Node, request: app_pb::HandleMessageRequest) -> Result<(), Status> {
+    let mut app = node
+        .app("HandleMessage")
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let limit = node.config.handler_timeout;
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(limit);
+    let started = Instant::now();
+    let timed_out = || {
+        Status::deadline_exceeded(format!(
+            "the handler did not answer within handler_timeout_ms ({} ms)",
+            limit.as_millis()
+        ))
+    };
+    match tokio::time::timeout(limit, app.handle_message(request)).await {
+        Ok(Ok(_)) => Ok(()),
+        // The client's own deadline surfaces as a cancelled call: a timeout
+        // of the handler, not an unreachable app.
+        Ok(Err(_)) if started.elapsed() >= limit => Err(timed_out()),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(timed_out()),
+    }
+}
+
+/// Publishes a failed message to `<topic>.dlq` with what went wrong in its
+/// headers. Transient failures are retried a few times; `Err` says what the
+/// delivery became when it could not be dead-lettered.
+async fn dead_letter(
+    node: &Node,
+    spec: &sc::SubscribeRequest,
+    d: &pb::Delivery,
+    mut message: pb::Message,
+    attempts: u32,
+    error: &str,
+    cancel: &mut watch::Receiver<bool>,
+) -> Result<(), Outcome> {
+    let header = |name: &str, value: String| pb::Header {
+        name: name.to_owned(),
+        value: Bytes::from(value),
+    };
+    let mut error = error.to_owned();
+    if error.len() > MAX_ERROR_HEADER {
+        let mut cut = MAX_ERROR_HEADER;
+        while !error.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        error.truncate(cut);
+    }
+    message.headers.extend([
+        header("tandem.error", error.clone()),
+        header("tandem.topic", spec.topic.clone()),
+        header("tandem.group", spec.group.clone()),
+        header("tandem.partition", d.partition.to_string()),
+        header("tandem.offset", d.offset.to_string()),
+        header("tandem.attempts", attempts.to_string()),
+    ]);
+    message.partition = None;
+    let request = pb::PublishRequest {
+        topic: format!("{}.dlq", spec.topic),
+        messages: vec![message],
+    };
+    let mut delay = Duration::from_millis(100);
+    let mut last = String::new();
+    for attempt in 1..=DEAD_LETTER_ATTEMPTS {
+        match node.coordinator().publish(request.clone()).await {
+            Ok(_) => {
+                Counters::bump(&node.counters.dead_lettered);
+                tracing::warn!(topic = %spec.topic, group = %spec.group, offset = d.offset, %error, "message dead-lettered");
+                return Ok(());
+            }
+            Err(s) => {
+                last = format!("{:?}: {}", s.code(), s.message());
+                let transient = matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+                );
+                tracing::warn!(attempt, error = %last, "dead-lettering failed");
+                if !transient {
+                    break;
+                }
+                if attempt < DEAD_LETTER_ATTEMPTS && !pause(delay, cancel).await {
+                    return Err(Outcome::Abandoned);
+                }
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+    Counters::bump(&node.counters.dead_letter_failures);
+    Err(Outcome::Stuck(format!(
+        "message {:?} at offset {} of {}/{} failed {attempts} times and could not be dead-lettered ({last})",
+        d.message
+            .as_ref()
+            .map(|m| m.id.as_str())
+            .unwrap_or_default(),
+        d.offset,
+        spec.topic,
+        d.partition
+    )))
+}
