@@ -552,11 +552,29 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
         totals.duplicates(),
         verdict.cart_duplicates
     )?;
-    writeln!(
-        out,
-        "  faults injected             cart service killed after commit {}x, cart sidecar SIGKILLed 1x, local failures/unconfirmed/abandoned orders by schedule",
-        cart_restarts
-    )?;
+    // Only what really happened: the order service's own answers, and the
+    // kills this run made.
+    let answered = |status: &str| placed.answers.values().filter(|s| *s == status).count();
+    let mut faults = Vec::new();
+    if cart_restarts > 0 {
+        faults.push(format!("cart service killed after commit {cart_restarts}x"));
+    }
+    if sidecar_killed {
+        faults.push("cart sidecar SIGKILLed 1x".to_owned());
+    }
+    let (failed_locally, left_open) = (answered("rolled back"), answered("pending"));
+    if failed_locally > 0 {
+        faults.push(format!("local transactions failed {failed_locally}x"));
+    }
+    if left_open > 0 {
+        faults.push(format!(
+            "orders left to check-back {left_open}x (unconfirmed or abandoned)"
+        ));
+    }
+    if faults.is_empty() {
+        faults.push("none".to_owned());
+    }
+    writeln!(out, "  faults injected             {}", faults.join(", "))?;
     if a.no_dedup {
         writeln!(out, "  dedup                       OFF (--no-dedup)")?;
     }

@@ -24,7 +24,11 @@ fn the_demo_passes_its_verdict_through_injected_faults() {
     let (ok, out) = demo(&[]);
     assert!(ok, "{out}");
     assert!(out.contains("Verdict: PASS"), "{out}");
+    // every fault the report names really happened, and each is reported
     assert!(out.contains("cart service killed after commit 1x"), "{out}");
+    assert!(out.contains("cart sidecar SIGKILLed 1x"), "{out}");
+    assert!(out.contains("local transactions failed 18x"), "{out}");
+    assert!(out.contains("orders left to check-back 12x"), "{out}");
     // the scheduled faults: 6 in 50 orders roll back, 2 in 50 go through check-back
     assert!(out.contains("committed                   276"), "{out}");
     assert!(out.contains("rolled back                 24"), "{out}");

@@ -38,6 +38,8 @@ const KEYS: &[(&str, Kind)] = &[
     ("data_dir", Kind::Str),
     ("fsync", Kind::Str),
     ("fsync_interval_ms", Kind::Int),
+    ("internal_fsync", Kind::Str),
+    ("relaxed_sync_ms", Kind::Int),
     ("segment_bytes", Kind::Int),
     ("max_message_bytes", Kind::Int),
     ("retention_ms", Kind::Int),
@@ -62,6 +64,8 @@ struct Raw {
     data_dir: Option<PathBuf>,
     fsync: Option<String>,
     fsync_interval_ms: Option<u64>,
+    internal_fsync: Option<String>,
+    relaxed_sync_ms: Option<u64>,
     segment_bytes: Option<u64>,
     max_message_bytes: Option<u64>,
     retention_ms: Option<i64>,
@@ -123,6 +127,13 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Settings of the topic logs.
     pub log: LogConfig,
+    /// When the internal logs (half messages, transaction states, offsets)
+    /// are forced to disk: `always` unless told otherwise, whatever the
+    /// topics' policy.
+    pub internal_fsync: FsyncPolicy,
+    /// Committed offsets and COMMITTED records (relaxed appends) are durable
+    /// within this long.
+    pub relaxed_sync: Duration,
     /// Largest message (id, key, value and headers, as stored) accepted.
     pub max_message_bytes: usize,
     /// When retention runs.
@@ -185,18 +196,22 @@ impl Raw {
                 "must be between 1 and 60000",
             ));
         }
-        let fsync = match self.fsync.as_deref().unwrap_or("always") {
-            "always" => FsyncPolicy::Always,
-            "never" => FsyncPolicy::Never,
-            "interval" => FsyncPolicy::Interval(Duration::from_millis(interval)),
-            other => {
-                return Err(invalid(
-                    "fsync",
-                    &other,
-                    "expected always, interval or never",
-                ));
-            }
+        let policy = |key: &'static str, v: Option<&str>| match v.unwrap_or("always") {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            "interval" => Ok(FsyncPolicy::Interval(Duration::from_millis(interval))),
+            other => Err(invalid(key, &other, "expected always, interval or never")),
         };
+        let fsync = policy("fsync", self.fsync.as_deref())?;
+        let internal_fsync = policy("internal_fsync", self.internal_fsync.as_deref())?;
+        let relaxed_sync = self.relaxed_sync_ms.unwrap_or(1000);
+        if !(1..=60_000).contains(&relaxed_sync) {
+            return Err(invalid(
+                "relaxed_sync_ms",
+                &relaxed_sync,
+                "must be between 1 and 60000",
+            ));
+        }
         let segment_bytes = self.segment_bytes.unwrap_or(64 << 20);
         if !(1 << 20..=1 << 30).contains(&segment_bytes) {
             return Err(invalid(
@@ -317,7 +332,41 @@ impl Raw {
             )?,
             maintenance_schedule,
         };
+        // Relations between timeouts, checked here rather than found out in
+        // production.
+        if txn.max_check_interval < txn.check_after {
+            return Err(invalid(
+                "max_check_interval_ms",
+                &txn.max_check_interval.as_millis(),
+                &format!(
+                    "must be at least check_after_ms ({})",
+                    txn.check_after.as_millis()
+                ),
+            ));
+        }
+        if txn.check_timeout >= txn.max_check_interval {
+            return Err(invalid(
+                "check_timeout_ms",
+                &txn.check_timeout.as_millis(),
+                &format!(
+                    "must be less than max_check_interval_ms ({}): a check-back must end before the next one is due",
+                    txn.max_check_interval.as_millis()
+                ),
+            ));
+        }
+        if txn.retention < txn.check_after {
+            return Err(invalid(
+                "txn_retention_ms",
+                &txn.retention.as_millis(),
+                &format!(
+                    "must be at least check_after_ms ({}): a retried outcome must still find its transaction",
+                    txn.check_after.as_millis()
+                ),
+            ));
+        }
         Ok(Config {
+            internal_fsync,
+            relaxed_sync: Duration::from_millis(relaxed_sync),
             txn,
             listen,
             data_dir: self
@@ -433,6 +482,15 @@ mod tests {
         assert!(bad("retention_schedule=every day").contains("retention_schedule"));
         assert!(bad("colour=blue").contains("colour"));
         assert!(bad("listen=localhost").contains("listen"));
+        assert!(bad("internal_fsync=sometimes").contains("internal_fsync"));
+        assert!(
+            bad("max_check_interval_ms=1000").contains("max_check_interval_ms"),
+            "below check_after_ms"
+        );
+        assert!(
+            bad("check_timeout_ms=60000").contains("check_timeout_ms"),
+            "not shorter than max_check_interval_ms"
+        );
         let err = Config::load(
             &CoordinatorArgs::default(),
             env(&[("TANDEM_SESSION_TIMEOUT_MS", "5")]),

@@ -36,6 +36,8 @@ impl Coordinator {
         let internal_config = LogConfig {
             segment_bytes: 4 << 20,
             retention: Default::default(),
+            fsync: config.internal_fsync,
+            relaxed_sync_within: Some(config.relaxed_sync),
             ..config.log.clone()
         };
         let internal = EmbeddedLog::open(config.data_dir.join("internal"), internal_config).await?;

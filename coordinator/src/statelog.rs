@@ -113,6 +113,12 @@ impl<L: Log> StateLog<L> {
         Ok(self.log.offsets(&self.tp)?.high_water_mark)
     }
 
+    /// The first offset still held.
+    #[cfg(test)]
+    pub(crate) fn log_start(&self) -> Result<u64> {
+        Ok(self.log.offsets(&self.tp)?.log_start)
+    }
+
     /// True once enough has been appended since the last compaction.
     pub(crate) fn wants_compaction(&self) -> bool {
         self.since_compaction.load(Ordering::Relaxed) >= self.compact_every

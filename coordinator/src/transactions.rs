@@ -906,20 +906,36 @@ mod tests {
         let open = |settings: TxnSettings| {
             let (data, dir) = (data.clone(), dir.path().to_owned());
             async move {
-                let internal =
-                    EmbeddedLog::open(dir.join("internal"), LogConfig::default()).await?;
+                // Small segments, so that upkeep really drops some.
+                let small = LogConfig {
+                    segment_bytes: 4096,
+                    ..LogConfig::default()
+                };
+                let internal = EmbeddedLog::open(dir.join("internal"), small).await?;
                 Transactions::open(data, internal, settings).await
             }
         };
         let t = open(settings.clone()).await?;
         t.prepare(prep("open", outgoing("a"))).await?;
-        t.prepare(prep("done", outgoing("b"))).await?;
-        t.commit("svc", "done").await?;
+        let done: Vec<String> = (0..60).map(|i| format!("done-{i}")).collect();
+        for id in &done {
+            t.prepare(prep(id, outgoing("b"))).await?;
+            t.commit("svc", id).await?;
+        }
         t.quiesce(Duration::from_secs(5)).await;
+        let records_before = t.log.high_water_mark()? - t.log.log_start()?;
         t.maintain().await?; // first mark
         tokio::time::sleep(Duration::from_millis(400)).await;
-        t.maintain().await?; // "done" finished longer ago than the retention
-        assert!(matches!(t.get("done").await, Err(Error::NotFound { .. })));
+        t.maintain().await?; // the "done-*" finished longer ago than the retention
+        let records_after = t.log.high_water_mark()? - t.log.log_start()?;
+        assert!(t.log.log_start()? > 0, "old segments were dropped");
+        assert!(
+            records_after < records_before,
+            "{records_after} records kept of {records_before}"
+        );
+        for id in &done {
+            assert!(matches!(t.get(id).await, Err(Error::NotFound { .. })));
+        }
         assert_eq!(
             t.get("open").await?.state,
             pb::TransactionState::Prepared as i32
@@ -927,10 +943,12 @@ mod tests {
         drop(t);
 
         let t = open(settings).await?;
-        assert!(
-            matches!(t.get("done").await, Err(Error::NotFound { .. })),
-            "forgotten for good"
-        );
+        for id in &done {
+            assert!(
+                matches!(t.get(id).await, Err(Error::NotFound { .. })),
+                "forgotten for good"
+            );
+        }
         assert_eq!(
             t.get("open").await?.state,
             pb::TransactionState::Prepared as i32

@@ -179,6 +179,17 @@ struct Done {
     outcome: Outcome,
 }
 
+impl Done {
+    /// Its acknowledgement, if it is to be acknowledged.
+    fn ack(&self) -> Option<pb::AckedOffset> {
+        (self.outcome == Outcome::Done).then_some(pb::AckedOffset {
+            partition: self.lease.0,
+            offset: self.offset,
+            epoch: self.lease.1,
+        })
+    }
+}
+
 fn req(kind: pb::consume_request::Kind) -> pb::ConsumeRequest {
     pb::ConsumeRequest { kind: Some(kind) }
 }
@@ -328,14 +339,9 @@ impl Session {
                     idle.push(d.lease);
                 }
             }
-            match d.outcome {
-                Outcome::Done => acks.push(pb::AckedOffset {
-                    partition: d.lease.0,
-                    offset: d.offset,
-                    epoch: d.lease.1,
-                }),
-                Outcome::Abandoned => {}
-                Outcome::Stuck(why) => stuck = Some(why),
+            acks.extend(d.ack());
+            if let Outcome::Stuck(why) = d.outcome {
+                stuck = Some(why);
             }
             let Some(k) = d.key else { continue };
             let next = if self.assigned.get(&k.0) == Some(&d.lease.1) {
@@ -473,13 +479,7 @@ async fn consume(
         async {
             while !s.handlers.is_empty() {
                 while let Ok(d) = done_rx.try_recv() {
-                    if d.outcome == Outcome::Done {
-                        acks.push(pb::AckedOffset {
-                            partition: d.lease.0,
-                            offset: d.offset,
-                            epoch: d.lease.1,
-                        });
-                    }
+                    acks.extend(d.ack());
                 }
                 if s.handlers.join_next().await.is_none() {
                     break;
@@ -489,13 +489,7 @@ async fn consume(
     )
     .await;
     while let Ok(d) = done_rx.try_recv() {
-        if d.outcome == Outcome::Done {
-            acks.push(pb::AckedOffset {
-                partition: d.lease.0,
-                offset: d.offset,
-                epoch: d.lease.1,
-            });
-        }
+        acks.extend(d.ack());
     }
     if !acks.is_empty() {
         s.tx.send(req(pb::consume_request::Kind::Ack(pb::Ack {

@@ -47,6 +47,9 @@ pub struct LogConfig {
     /// On open, truncate at the first corrupt batch anywhere (dropping what
     /// follows) instead of refusing to open.
     pub repair: bool,
+    /// Relaxed appends become durable within this long even if no synced
+    /// append or explicit sync comes (`None`: only with those).
+    pub relaxed_sync_within: Option<Duration>,
 }
 
 impl Default for LogConfig {
@@ -61,6 +64,7 @@ impl Default for LogConfig {
             append_queue: 4096,
             retention: Retention::default(),
             repair: false,
+            relaxed_sync_within: None,
         }
     }
 }

@@ -159,6 +159,18 @@ impl EmbeddedLog {
             .ok_or_else(|| Error::UnknownPartition(tp.clone()))
     }
 
+    /// `fdatasync` calls on segment files made so far, over all partitions
+    /// (for benchmarks and tests of the durability bounds).
+    pub fn syncs(&self) -> u64 {
+        self.inner
+            .partitions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .map(|p| p.syncs())
+            .sum()
+    }
+
     /// Applies the retention limits to every partition now; returns the
     /// number of segments deleted.
     pub async fn enforce_retention(&self) -> Result<usize> {

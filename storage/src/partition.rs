@@ -16,13 +16,15 @@
 //! file I/O never stalls the async runtime. A *relaxed* append is
 //! acknowledged once written and readable, before any sync: it becomes
 //! durable with the next sync of the partition (a later synced append or an
-//! explicit sync), for records a crash may lose. A failed write or sync poisons the partition: it
+//! explicit sync), for records a crash may lose; with
+//! `relaxed_sync_within` set, a tick syncs them within that bound even when
+//! nothing else does. A failed write or sync poisons the partition: it
 //! refuses writes from then on and never pretends the data is safe.
 
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
@@ -125,6 +127,8 @@ pub(crate) struct Partition {
     /// Set when the log is dropped without `close`: the writer stops once
     /// the queue is empty.
     stopping: AtomicBool,
+    /// `fdatasync` calls made so far.
+    syncs: AtomicU64,
 }
 
 impl Partition {
@@ -157,6 +161,7 @@ impl Partition {
             writer_done: Mutex::new(None),
             ticker: Mutex::new(None),
             stopping: AtomicBool::new(false),
+            syncs: AtomicU64::new(0),
         });
         let (done_tx, done_rx) = oneshot::channel();
         let writer = p.clone();
@@ -168,7 +173,12 @@ impl Partition {
             })
             .map_err(Error::io("start writer thread for", &p.dir))?;
         *lock(&p.writer_done) = Some(done_rx);
-        if let FsyncPolicy::Interval(d) = p.config.fsync {
+        let tick = match p.config.fsync {
+            FsyncPolicy::Interval(d) => Some(d),
+            FsyncPolicy::Always => p.config.relaxed_sync_within,
+            FsyncPolicy::Never => None,
+        };
+        if let Some(d) = tick {
             let queue = p.queue.clone();
             *lock(&p.ticker) = Some(tokio::spawn(async move {
                 let mut tick = tokio::time::interval(d);
@@ -417,7 +427,14 @@ impl Partition {
             if !group.is_empty() {
                 self.write_group(&mut st, group);
             }
-            let interval_due = matches!(self.config.fsync, FsyncPolicy::Interval(d) if tick && st.last_sync.elapsed() >= d);
+            let interval_due = tick
+                && match self.config.fsync {
+                    FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
+                    // Only relaxed appends leave the file dirty: bound how
+                    // long they stay unsynced.
+                    FsyncPolicy::Always => true,
+                    FsyncPolicy::Never => false,
+                };
             let flush = closing || interval_due || !sync_waiters.is_empty();
             if flush
                 && st.dirty
@@ -530,7 +547,13 @@ impl Partition {
         Ok(())
     }
 
+    /// `fdatasync` calls this partition made.
+    pub(crate) fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
+    }
+
     fn sync(&self, st: &mut WriterState) -> Result<()> {
+        self.syncs.fetch_add(1, Ordering::Relaxed);
         st.file
             .sync_data()
             .map_err(Error::io("fdatasync", &st.path))?;

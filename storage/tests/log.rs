@@ -526,3 +526,30 @@ async fn concurrent_appenders_get_dense_offsets_in_ack_order() -> TestResult {
     }
     Ok(())
 }
+
+/// A relaxed append is synced within `relaxed_sync_within` even when no
+/// synced append or explicit sync follows it; without the bound nothing
+/// syncs it until then (the case the bound exists for).
+#[tokio::test]
+async fn relaxed_appends_are_synced_within_the_bound() -> TestResult {
+    for bound in [None, Some(Duration::from_millis(100))] {
+        let dir = tempfile::tempdir()?;
+        let tp = TopicPartition::new("t", 0);
+        let cfg = LogConfig {
+            relaxed_sync_within: bound,
+            ..small_segments()
+        };
+        let log = EmbeddedLog::open(dir.path(), cfg).await?;
+        log.create_partition(&tp).await?;
+        let before = log.syncs();
+        log.append_relaxed(&tp, vec![rec(1, 100)]).await?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while log.syncs() == before && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let synced = log.syncs() > before;
+        assert_eq!(synced, bound.is_some(), "bound {bound:?}");
+        log.close().await;
+    }
+    Ok(())
+}
