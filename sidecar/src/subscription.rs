@@ -217,6 +217,13 @@ struct Session {
 }
 
 impl Session {
+    /// The lease was revoked (or already released): its deliveries are not
+    /// handled here any more. A lease not yet named by an assignment is not
+    /// gone: its deliveries can arrive before the assignment does.
+    fn gone(&self, lease: Lease) -> bool {
+        self.revoked.contains(&lease) || self.released.contains(&lease)
+    }
+
     fn start(&mut self, d: pb::Delivery) {
         let lease = (d.partition, d.epoch);
         *self.running.entry(lease).or_default() += 1;
@@ -249,7 +256,7 @@ impl Session {
         for d in deliveries {
             Counters::bump(&self.node.counters.delivered);
             let lease = (d.partition, d.epoch);
-            if self.revoked.contains(&lease) || self.released.contains(&lease) {
+            if self.gone(lease) {
                 dropped += 1;
                 continue;
             }
@@ -344,7 +351,7 @@ impl Session {
                 stuck = Some(why);
             }
             let Some(k) = d.key else { continue };
-            let next = if self.assigned.get(&k.0) == Some(&d.lease.1) {
+            let next = if !self.gone(d.lease) {
                 self.busy.get_mut(&k).and_then(VecDeque::pop_front)
             } else {
                 None
