@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::offsets::Offsets;
 use crate::partitioner::{self, Sticky};
 use crate::topics::{TopicMeta, Topics};
-use crate::transactions::{self, Transactions};
+use crate::transactions::Transactions;
 
 /// A message ready to append: its record and, if the publisher chose one,
 /// its partition.
@@ -144,20 +144,8 @@ impl<L: Log + Clone> Broker<L> {
     /// Stores a half message (see `Transactions::prepare`); returns when
     /// it was first prepared.
     pub async fn prepare(&self, half: HalfMessage<'_>, meta: TopicMeta) -> Result<i64> {
-        let digest = transactions::digest(half.topic, &half.message);
         let partition = Self::partition_for(&half.message, meta, self.sticky.next(meta.partitions));
-        self.txns
-            .prepare(transactions::Prepare {
-                service: half.service,
-                instance: half.instance,
-                id: half.txn_id,
-                topic: half.topic,
-                partition,
-                digest,
-                message: half.message,
-                context: half.context,
-            })
-            .await
+        self.txns.prepare(half, partition).await
     }
 
     /// Creates a topic.

@@ -81,10 +81,8 @@ impl Sessions {
         let tx = {
             let services = lock(&self.services);
             let v = services.get(service).filter(|v| !v.is_empty())?;
-            match v
-                .iter()
-                .rfind(|e| !instance.is_empty() && e.instance == instance)
-            {
+            let preparer = v.iter().rfind(|e| e.instance == instance);
+            match preparer.filter(|_| !instance.is_empty()) {
                 Some(e) => e.tx.clone(),
                 None => v[self.turn.fetch_add(1, Ordering::Relaxed) % v.len()]
                     .tx

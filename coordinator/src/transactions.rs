@@ -41,7 +41,7 @@ use tandem_proto::coordinator as pb;
 use tandem_storage::{Log, ReadBudget, Record, TopicPartition};
 use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, watch};
 
-use crate::broker::Outgoing;
+use crate::broker::{HalfMessage, Outgoing};
 use crate::config::{FinalAction, TxnSettings};
 use crate::error::{Error, Result};
 use crate::failpoint;
@@ -55,7 +55,7 @@ const ROLLED_BACK: i32 = 4;
 
 /// The half message itself.
 #[derive(Clone, PartialEq, prost::Message)]
-struct HalfMessage {
+struct HalfRecord {
     #[prost(bytes = "bytes", optional, tag = "1")]
     key: Option<Bytes>,
     #[prost(bytes = "bytes", tag = "2")]
@@ -92,7 +92,7 @@ struct TxnRecord {
     finished_at_ms: i64,
     /// PREPARED only.
     #[prost(message, optional, tag = "10")]
-    message: Option<HalfMessage>,
+    message: Option<HalfRecord>,
     #[prost(bytes = "bytes", tag = "11")]
     context: Bytes,
     #[prost(bool, tag = "12")]
@@ -111,25 +111,13 @@ struct TxnRecord {
     marker: String,
 }
 
-/// What a Prepare asks for.
-pub(crate) struct Prepare<'a> {
-    pub(crate) service: &'a str,
-    pub(crate) instance: &'a str,
-    pub(crate) id: &'a str,
-    pub(crate) topic: &'a str,
-    pub(crate) partition: u32,
-    pub(crate) digest: u64,
-    pub(crate) message: Outgoing,
-    pub(crate) context: Bytes,
-}
-
 /// The header that marks a transaction's appended message; reserved: a
 /// plain publish may not set it, and deliveries do not show it.
 pub(crate) const MARKER_HEADER: &str = "tandem.txn";
 
 /// Fingerprint of a half message's content, for the identity check of a
 /// retried prepare (the id and the timestamp are not content).
-pub(crate) fn digest(topic: &str, m: &Outgoing) -> u64 {
+fn digest(topic: &str, m: &Outgoing) -> u64 {
     let mut parts: Vec<&[u8]> = vec![topic.as_bytes()];
     let partition = m.partition.map(u32::to_le_bytes);
     parts.push(partition.as_ref().map_or(b"-", |p| p.as_slice()));
@@ -377,21 +365,22 @@ impl<L: Log + Clone> Transactions<L> {
     /// remembered, a retry with the same service and content is idempotent
     /// (answered with the first prepare's time while it is prepared,
     /// FAILED_PRECONDITION once it is decided), and anything else with the
-    /// same id is ALREADY_EXISTS.
-    pub(crate) async fn prepare(&self, p: Prepare<'_>) -> Result<i64> {
-        let Prepare {
+    /// same id is ALREADY_EXISTS. `partition` is where the message goes.
+    pub(crate) async fn prepare(&self, half: HalfMessage<'_>, partition: u32) -> Result<i64> {
+        let HalfMessage {
             service,
             instance,
-            id,
+            txn_id: id,
             topic,
-            partition,
-            digest,
             message,
             context,
-        } = p;
+        } = half;
+        let digest = digest(topic, &message);
         let (slot, mut guard) = self.slot(id).await;
         if let Some(t) = guard.as_ref() {
-            if t.rec.service != service || t.rec.digest != digest {
+            // Digest 0: prepared before content was fingerprinted.
+            let same_content = t.rec.digest == digest || t.rec.digest == 0;
+            if t.rec.service != service || !same_content {
                 return Err(Error::IdConflict {
                     id: id.to_owned(),
                     what: if t.rec.service != service {
@@ -423,7 +412,7 @@ impl<L: Log + Clone> Transactions<L> {
                 state: PREPARED,
                 prepared_at_ms: now,
                 scan_from,
-                message: Some(HalfMessage {
+                message: Some(HalfRecord {
                     key: r.key,
                     value: r.value,
                     headers: headers_to_wire(r.headers),
@@ -866,14 +855,12 @@ mod tests {
         assert_eq!(check_delay(&s, 1000), Duration::from_secs(60));
     }
 
-    fn prep(id: &str, message: Outgoing) -> Prepare<'_> {
-        Prepare {
+    fn prep(id: &str, message: Outgoing) -> HalfMessage<'_> {
+        HalfMessage {
             service: "svc",
             instance: "",
-            id,
+            txn_id: id,
             topic: "t",
-            partition: 0,
-            digest: digest("t", &message),
             message,
             context: Bytes::new(),
         }
@@ -916,10 +903,10 @@ mod tests {
             }
         };
         let t = open(settings.clone()).await?;
-        t.prepare(prep("open", outgoing("a"))).await?;
+        t.prepare(prep("open", outgoing("a")), 0).await?;
         let done: Vec<String> = (0..60).map(|i| format!("done-{i}")).collect();
         for id in &done {
-            t.prepare(prep(id, outgoing("b"))).await?;
+            t.prepare(prep(id, outgoing("b")), 0).await?;
             t.commit("svc", id).await?;
         }
         t.quiesce(Duration::from_secs(5)).await;
@@ -969,8 +956,8 @@ mod tests {
             ..TxnSettings::default()
         };
         let t = Transactions::open(data.clone(), internal.clone(), settings.clone()).await?;
-        t.prepare(prep("x", outgoing("x"))).await?;
-        t.prepare(prep("y", outgoing("y"))).await?;
+        t.prepare(prep("x", outgoing("x")), 0).await?;
+        t.prepare(prep("y", outgoing("y")), 0).await?;
         // Simulate the crash window: "x" reached its partition, its
         // COMMITTED record did not.
         {

@@ -405,20 +405,8 @@ async fn failing_handlers_are_retried_then_dead_lettered_and_keys_stay_in_order(
         .await?;
     assert_eq!(order, expected, "one key, one order");
     // the poison message went to orders.dlq with the error
-    let mut dlq = c.coordinator_client().await?;
-    let d = dlq
-        .describe_topic(pb::DescribeTopicRequest {
-            name: "orders.dlq".into(),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(d.partitions[0].high_water_mark, 1);
-    let stats = c
-        .consumer_client()
-        .await?
-        .get_stats(sc::GetStatsRequest {})
-        .await?
-        .into_inner();
+    assert_eq!(c.dead_letters().await?, 1);
+    let stats = c.consumer_stats().await?;
     assert_eq!((stats.dead_lettered, stats.handler_failures), (1, 3));
     c.done()
 }
@@ -520,21 +508,8 @@ async fn a_raising_handler_is_counted_dead_lettered_and_does_not_stall_its_key()
         vec![1, 2, 3],
         "three counted attempts, then no more"
     );
-    let dlq = c
-        .coordinator_client()
-        .await?
-        .describe_topic(pb::DescribeTopicRequest {
-            name: "orders.dlq".into(),
-        })
-        .await?
-        .into_inner();
-    assert_eq!(dlq.partitions[0].high_water_mark, 1, "dead-lettered once");
-    let stats = c
-        .consumer_client()
-        .await?
-        .get_stats(sc::GetStatsRequest {})
-        .await?
-        .into_inner();
+    assert_eq!(c.dead_letters().await?, 1, "dead-lettered once");
+    let stats = c.consumer_stats().await?;
     assert_eq!((stats.dead_lettered, stats.handler_failures), (1, 3));
     let status = c.consumer.terminate(std::time::Duration::from_secs(10))?;
     assert!(status.success(), "the sidecar stops cleanly: {status:?}");

@@ -205,6 +205,29 @@ impl Cluster {
         Ok(())
     }
 
+    /// Messages in `orders.dlq`.
+    pub async fn dead_letters(&self) -> TestResult<u64> {
+        let d = self
+            .coordinator_client()
+            .await?
+            .describe_topic(pb::DescribeTopicRequest {
+                name: "orders.dlq".into(),
+            })
+            .await?
+            .into_inner();
+        Ok(d.partitions.iter().map(|p| p.high_water_mark).sum())
+    }
+
+    /// The consumer sidecar's counters.
+    pub async fn consumer_stats(&self) -> TestResult<sc::Stats> {
+        Ok(self
+            .consumer_client()
+            .await?
+            .get_stats(sc::GetStatsRequest {})
+            .await?
+            .into_inner())
+    }
+
     pub async fn producer_db(&self) -> TestResult<SqlitePool> {
         Ok(open_sqlite(&self.path().join("orders-app.db").display().to_string(), 8).await?)
     }
