@@ -269,6 +269,7 @@ async fn redeliveries_really_happen_and_are_filtered() -> TestResult {
             ..Default::default()
         })
         .await?;
+    c.consumer_caught_up().await?;
     c.restart_consumer_app(&["app.handle.after_commit"])?;
     publish_transactional(&mut s, "dup-2", "commit-dup-2").await?;
     c.consumer_app.wait(std::time::Duration::from_secs(20))?;
@@ -286,6 +287,9 @@ async fn redeliveries_really_happen_and_are_filtered() -> TestResult {
             ..Default::default()
         })
         .await?;
+    // dup-2's acknowledgement must be in first, or the failpoint below could
+    // fire on dup-2's redelivery instead of dup-3.
+    c.consumer_caught_up().await?;
     c.restart_consumer(&["sidecar.consume.before_ack"])?;
     publish_transactional(&mut s, "dup-3", "commit-dup-3").await?;
     c.consumer.wait(std::time::Duration::from_secs(20))?;

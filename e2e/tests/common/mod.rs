@@ -218,6 +218,28 @@ impl Cluster {
         Ok(d.partitions.iter().map(|p| p.high_water_mark).sum())
     }
 
+    /// Waits until the `cart` group has acknowledged everything in `orders`,
+    /// so a fault injected next cannot land on an older message's redelivery.
+    pub async fn consumer_caught_up(&self) -> TestResult {
+        eventually("the cart group to acknowledge everything", || async {
+            let d = self
+                .coordinator_client()
+                .await?
+                .describe_topic(pb::DescribeTopicRequest {
+                    name: "orders".into(),
+                })
+                .await?
+                .into_inner();
+            let lag = d
+                .groups
+                .iter()
+                .find(|g| g.group == "cart")
+                .map(|g| g.total_lag);
+            Ok((lag == Some(0)).then_some(()))
+        })
+        .await
+    }
+
     /// The consumer sidecar's counters.
     pub async fn consumer_stats(&self) -> TestResult<sc::Stats> {
         Ok(self
