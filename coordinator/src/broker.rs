@@ -18,6 +18,7 @@ use crate::consumer::Groups;
 use crate::error::Result;
 use crate::offsets::Offsets;
 use crate::partitioner::{self, Sticky};
+use crate::published::{Plan, Recent};
 use crate::topics::{TopicMeta, Topics};
 use crate::transactions::Transactions;
 
@@ -29,6 +30,8 @@ pub struct Outgoing {
     pub partition: Option<u32>,
     /// The record to store.
     pub record: Record,
+    /// The publisher chose the id (only such ids are deduplicated).
+    pub chosen_id: bool,
 }
 
 /// A checked half message and who prepares it.
@@ -84,6 +87,7 @@ pub struct Broker<L> {
     pub(crate) offsets: Arc<Offsets>,
     pub(crate) groups: Arc<Groups<L>>,
     pub(crate) txns: Arc<Transactions<L>>,
+    pub(crate) recent: Arc<Recent>,
     sticky: Sticky,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -96,9 +100,17 @@ impl<L: Log + Clone> Broker<L> {
         data: L,
         internal: L,
         revoke_timeout: Duration,
+        dedup_window: Duration,
         txn: TxnSettings,
     ) -> Result<Broker<L>> {
         let topics = Topics::open(data.clone(), internal.clone()).await?;
+        let recent = Arc::new(Recent::new(dedup_window));
+        let known: Vec<(String, u32)> = topics
+            .list()
+            .into_iter()
+            .map(|(name, meta)| (name, meta.partitions))
+            .collect();
+        recent.rebuild(&data, &known).await?;
         let offsets = Offsets::open(internal.clone()).await?;
         let schedule = txn.maintenance_schedule.clone();
         let txns = Transactions::open(data.clone(), internal, txn).await?;
@@ -125,26 +137,23 @@ impl<L: Log + Clone> Broker<L> {
             offsets,
             groups,
             txns,
+            recent,
             sticky: Sticky::default(),
             shutdown,
             tasks: Mutex::new(vec![checks, upkeep]),
         })
     }
 
-    /// The partition a message goes to: its own choice, its key's, or the
-    /// request's sticky one.
-    fn partition_for(m: &Outgoing, meta: TopicMeta, sticky: u32) -> u32 {
-        match (m.partition, &m.record.key) {
-            (Some(p), _) => p,
-            (None, Some(key)) => partitioner::for_key(key, meta.partitions),
-            (None, None) => sticky,
-        }
-    }
-
     /// Stores a half message (see `Transactions::prepare`); returns when
     /// it was first prepared.
     pub async fn prepare(&self, half: HalfMessage<'_>, meta: TopicMeta) -> Result<i64> {
-        let partition = Self::partition_for(&half.message, meta, self.sticky.next(meta.partitions));
+        if !self.txns.knows(half.txn_id) && self.recent.has(half.topic, half.txn_id) {
+            return Err(crate::Error::IdConflict {
+                id: half.txn_id.to_owned(),
+                what: "a plain message published to its topic under that id within publish_dedup_window_ms",
+            });
+        }
+        let partition = partition_for(&half.message, meta, self.sticky.next(meta.partitions));
         self.txns.prepare(half, partition).await
     }
 
@@ -203,47 +212,73 @@ impl<L: Log + Clone> Broker<L> {
 
     /// Appends checked messages to `topic`; returns their positions in
     /// order, once all are acknowledged by the log. Messages for one
-    /// partition are appended as one batch, in request order.
+    /// partition are appended as one batch, in request order. A message
+    /// whose publisher-chosen id was appended within the dedup window (a
+    /// retry) is not appended again: its first position is returned.
     pub async fn publish(
         &self,
         topic: &str,
         meta: TopicMeta,
         messages: Vec<Outgoing>,
     ) -> Result<Vec<Position>> {
-        let sticky = self.sticky.next(meta.partitions);
-        let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<Record>)> = BTreeMap::new();
-        for (i, m) in messages.into_iter().enumerate() {
-            let p = Self::partition_for(&m, meta, sticky);
-            let entry = by_partition.entry(p).or_default();
-            entry.0.push(i);
-            entry.1.push(m.record);
-        }
-        let total: usize = by_partition.values().map(|(idx, _)| idx.len()).sum();
-        let appends = by_partition
-            .into_iter()
-            .map(|(p, (idx, records))| async move {
-                let ack = self
-                    .data
-                    .append(&TopicPartition::new(topic, p), records)
-                    .await?;
-                Ok::<_, crate::Error>((p, idx, ack.base_offset))
-            });
-        let mut out = vec![
-            Position {
-                partition: 0,
-                offset: 0
-            };
-            total
-        ];
-        for (p, idx, base) in try_join_all(appends).await? {
-            for (k, i) in idx.into_iter().enumerate() {
-                out[i] = Position {
-                    partition: p,
-                    offset: base + k as u64,
-                };
+        for (i, m) in messages.iter().enumerate() {
+            if m.chosen_id && self.txns.knows(&String::from_utf8_lossy(&m.record.id)) {
+                return Err(crate::Error::TransactionId {
+                    field: format!("messages[{i}].id"),
+                    id: String::from_utf8_lossy(&m.record.id).into_owned(),
+                });
             }
         }
-        Ok(out)
+        let records: Vec<Record> = messages.iter().map(|m| m.record.clone()).collect();
+        let chosen: Vec<bool> = messages.iter().map(|m| m.chosen_id).collect();
+        let (fresh, known, same_as, reservation) =
+            match self.recent.plan(topic, &records, &chosen).await? {
+                Plan::Repeat(positions) => return Ok(positions),
+                Plan::Append {
+                    fresh,
+                    known,
+                    same_as,
+                    reservation,
+                } => (fresh, known, same_as, reservation),
+            };
+        let ids: Vec<Bytes> = fresh.iter().map(|&i| records[i].id.clone()).collect();
+        let batch: Vec<Outgoing> = {
+            let mut messages: Vec<Option<Outgoing>> = messages.into_iter().map(Some).collect();
+            fresh
+                .iter()
+                .map(|&i| messages[i].take().expect("fresh indexes are distinct"))
+                .collect()
+        };
+        // The append runs to its end even if the caller goes away, so that
+        // the reservation is settled with what really happened.
+        let sticky = self.sticky.next(meta.partitions);
+        let data = self.data.clone();
+        let owned_topic = topic.to_owned();
+        let appended = tokio::spawn(async move {
+            let result = append(&data, &owned_topic, meta, batch, sticky).await;
+            match &result {
+                Ok(positions) => {
+                    reservation.finish(&ids.into_iter().zip(positions.iter().copied()).collect())
+                }
+                Err(_) => drop(reservation),
+            }
+            result
+        })
+        .await
+        .map_err(|e| crate::Error::Internal(format!("append task failed: {e}")))??;
+        let mut out = known;
+        for (k, &i) in fresh.iter().enumerate() {
+            out[i] = Some(appended[k]);
+        }
+        for i in 0..out.len() {
+            if out[i].is_none() {
+                out[i] = same_as[i].and_then(|j| out[j]);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|p| p.expect("every message has a position"))
+            .collect())
     }
 
     /// Resolves to `true` once shutdown began.
@@ -262,5 +297,55 @@ impl<L: Log + Clone> Broker<L> {
         self.groups.sessions_ended(Duration::from_secs(10)).await;
         self.txns.quiesce(Duration::from_secs(10)).await;
         self.offsets.close().await;
+    }
+}
+
+/// Appends `messages` (each to its partition); their positions in order.
+async fn append<L: Log>(
+    data: &L,
+    topic: &str,
+    meta: TopicMeta,
+    messages: Vec<Outgoing>,
+    sticky: u32,
+) -> Result<Vec<Position>> {
+    let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<Record>)> = BTreeMap::new();
+    let total = messages.len();
+    for (i, m) in messages.into_iter().enumerate() {
+        let p = partition_for(&m, meta, sticky);
+        let entry = by_partition.entry(p).or_default();
+        entry.0.push(i);
+        entry.1.push(m.record);
+    }
+    let appends = by_partition
+        .into_iter()
+        .map(|(p, (idx, records))| async move {
+            let ack = data.append(&TopicPartition::new(topic, p), records).await?;
+            Ok::<_, crate::Error>((p, idx, ack.base_offset))
+        });
+    let mut out = vec![
+        Position {
+            partition: 0,
+            offset: 0
+        };
+        total
+    ];
+    for (p, idx, base) in try_join_all(appends).await? {
+        for (k, i) in idx.into_iter().enumerate() {
+            out[i] = Position {
+                partition: p,
+                offset: base + k as u64,
+            };
+        }
+    }
+    Ok(out)
+}
+
+/// The partition a message goes to: its own choice, its key's, or the
+/// request's sticky one.
+fn partition_for(m: &Outgoing, meta: TopicMeta, sticky: u32) -> u32 {
+    match (m.partition, &m.record.key) {
+        (Some(p), _) => p,
+        (None, Some(key)) => partitioner::for_key(key, meta.partitions),
+        (None, None) => sticky,
     }
 }

@@ -47,6 +47,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("retention_schedule", Kind::Str),
     ("session_timeout_ms", Kind::Int),
     ("revoke_timeout_ms", Kind::Int),
+    ("publish_dedup_window_ms", Kind::Int),
     ("log", Kind::Str),
     ("check_after_ms", Kind::Int),
     ("max_checks", Kind::Int),
@@ -73,6 +74,7 @@ struct Raw {
     retention_schedule: Option<String>,
     session_timeout_ms: Option<u64>,
     revoke_timeout_ms: Option<u64>,
+    publish_dedup_window_ms: Option<u64>,
     log: Option<String>,
     check_after_ms: Option<u64>,
     max_checks: Option<u32>,
@@ -143,6 +145,10 @@ pub struct Config {
     /// How long a member may take to acknowledge what it holds of a
     /// partition being moved away from it before it is expelled.
     pub revoke_timeout: Duration,
+    /// A publisher-chosen message id is remembered this long per topic: a
+    /// `Publish` repeating it is answered with the first append's position
+    /// (zero: off).
+    pub publish_dedup_window: Duration,
     /// Log filter (`tracing` env-filter syntax).
     pub log_filter: String,
     /// Transactional messages.
@@ -265,6 +271,14 @@ impl Raw {
                 "revoke_timeout_ms",
                 &revoke,
                 "must be between 100 and 300000",
+            ));
+        }
+        let window = self.publish_dedup_window_ms.unwrap_or(120_000);
+        if window > 86_400_000 {
+            return Err(invalid(
+                "publish_dedup_window_ms",
+                &window,
+                "must be at most 86400000 (a day); 0 turns producer dedup off",
             ));
         }
         let max_message = max_message_bytes as usize;
@@ -390,6 +404,7 @@ impl Raw {
             retention_schedule,
             session_timeout: Duration::from_millis(session),
             revoke_timeout: Duration::from_millis(revoke),
+            publish_dedup_window: Duration::from_millis(window),
             log_filter: self.log.unwrap_or_else(|| "info".into()),
         })
     }

@@ -39,6 +39,32 @@ pub enum Error {
         /// What differs.
         what: &'static str,
     },
+    /// A publisher-chosen message id was published recently with other
+    /// content.
+    #[error(
+        "{field}: message id {id:?} was published within the last {window_ms} ms with other content (key, value or headers); a retry must repeat the message exactly, a new message needs a new id"
+    )]
+    DuplicateId {
+        /// The field naming the id.
+        field: String,
+        /// The id.
+        id: String,
+        /// The dedup window.
+        window_ms: u64,
+    },
+    /// A plain message reuses the id of a transaction.
+    #[error(
+        "{field}: {id:?} is the id of a transaction the coordinator remembers; a plain message needs an id of its own"
+    )]
+    TransactionId {
+        /// The field naming the id.
+        field: String,
+        /// The id.
+        id: String,
+    },
+    /// A task the coordinator relies on failed.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A field is larger than allowed.
     #[error("{field} is {size} bytes, over the limit of {max} bytes")]
     TooLarge {
@@ -107,12 +133,18 @@ impl From<Error> for tonic::Status {
         let code = match &e {
             Error::InvalidArgument { .. } => Code::InvalidArgument,
             Error::NotFound { .. } => Code::NotFound,
-            Error::AlreadyExists { .. } | Error::IdConflict { .. } => Code::AlreadyExists,
+            Error::AlreadyExists { .. }
+            | Error::IdConflict { .. }
+            | Error::DuplicateId { .. }
+            | Error::TransactionId { .. } => Code::AlreadyExists,
             Error::TooLarge { .. } => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ShuttingDown => Code::Unavailable,
-            Error::Bind { .. } | Error::Serve(_) | Error::CorruptState { .. } => Code::Internal,
+            Error::Bind { .. }
+            | Error::Serve(_)
+            | Error::Internal(_)
+            | Error::CorruptState { .. } => Code::Internal,
             Error::Storage(s) => match s {
                 S::UnknownPartition(_) => Code::NotFound,
                 S::PartitionExists(_) => Code::AlreadyExists,

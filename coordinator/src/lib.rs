@@ -16,6 +16,7 @@ pub mod failpoint;
 mod group;
 mod offsets;
 mod partitioner;
+mod published;
 mod server;
 mod service;
 mod session;

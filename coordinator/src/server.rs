@@ -46,6 +46,7 @@ impl Coordinator {
                 data.clone(),
                 internal.clone(),
                 config.revoke_timeout,
+                config.publish_dedup_window,
                 config.txn.clone(),
             )
             .await?,

@@ -79,7 +79,8 @@ pub(crate) fn outgoing(
     partitions: u32,
     max_bytes: usize,
 ) -> Result<Outgoing, Error> {
-    let id = if m.id.is_empty() {
+    let chosen_id = !m.id.is_empty();
+    let id = if !chosen_id {
         uuid::Uuid::now_v7().to_string()
     } else {
         check_id(&format!("{field}.id"), &m.id)?;
@@ -123,6 +124,7 @@ pub(crate) fn outgoing(
         });
     }
     Ok(Outgoing {
+        chosen_id,
         partition: m.partition,
         record,
     })

@@ -609,6 +609,12 @@ impl<L: Log + Clone> Transactions<L> {
         Ok(())
     }
 
+    /// Whether `id` names a transaction remembered now (open, or finished
+    /// within the retention).
+    pub(crate) fn knows(&self, id: &str) -> bool {
+        lock(&self.txns).contains_key(id)
+    }
+
     /// A transaction as the API shows it.
     pub(crate) async fn get(&self, id: &str) -> Result<pb::Transaction> {
         let (_slot, guard) = self.existing(id).await?;
@@ -868,6 +874,7 @@ mod tests {
 
     fn outgoing(value: &str) -> Outgoing {
         Outgoing {
+            chosen_id: true,
             partition: None,
             record: Record {
                 id: Bytes::new(),

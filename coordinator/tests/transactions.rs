@@ -464,3 +464,78 @@ async fn the_transaction_marker_header_is_reserved() -> TestResult {
     assert!(e.message().contains("messages[0].headers[0].name"), "{e:?}");
     Ok(())
 }
+
+/// A producer's retry after a lost acknowledgement: the same ids again.
+/// The retry appends nothing and gets the first positions, also after a
+/// restart; the same id with other content, or an id shared between a
+/// transaction and a plain message, is ALREADY_EXISTS and changes nothing.
+#[tokio::test]
+async fn a_retried_publish_appends_once_even_across_a_restart() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let c = Running::start(dir.path()).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 2).await?;
+    let with_id = |id: &str, key: &str, value: &str| pb::Message {
+        id: id.into(),
+        ..msg(Some(key), value)
+    };
+    let batch = vec![with_id("p1", "a", "one"), with_id("p2", "b", "two")];
+    let first = publish(&mut client, "orders", batch.clone()).await?;
+    let retry = publish(&mut client, "orders", batch.clone()).await?;
+    assert_eq!(retry, first, "a retry is answered with the first positions");
+    let hwm = |c: &mut CoordinatorClient<Channel>| {
+        let mut c = c.clone();
+        async move {
+            let d = c
+                .describe_topic(pb::DescribeTopicRequest {
+                    name: "orders".into(),
+                })
+                .await?
+                .into_inner();
+            TestResult::Ok(d.partitions.iter().map(|p| p.high_water_mark).sum::<u64>())
+        }
+    };
+    assert_eq!(hwm(&mut client).await?, 2, "nothing appended twice");
+
+    // other content under a used id: refused, and the new id beside it in
+    // the same request is not appended either
+    let e = client
+        .publish(pb::PublishRequest {
+            topic: "orders".into(),
+            messages: vec![with_id("p3", "c", "three"), with_id("p2", "b", "changed")],
+        })
+        .await
+        .expect_err("other content");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains("messages[1].id"), "{e:?}");
+    assert_eq!(hwm(&mut client).await?, 2);
+
+    // ids of transactions and of plain messages do not mix
+    prepare(&mut client, "svc", "t1", "txn").await?;
+    let e = client
+        .publish(pb::PublishRequest {
+            topic: "orders".into(),
+            messages: vec![with_id("t1", "k", "txn")],
+        })
+        .await
+        .expect_err("a transaction's id");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    let e = prepare(&mut client, "svc", "p1", "one")
+        .await
+        .expect_err("a published id");
+    let status = e.downcast_ref::<tonic::Status>().ok_or("a status")?;
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    assert_eq!(hwm(&mut client).await?, 2);
+
+    c.stop().await?;
+    let c = Running::start(dir.path()).await?;
+    let mut client = c.client().await?;
+    let retry = publish(&mut client, "orders", batch).await?;
+    assert_eq!(retry, first, "the window survives a restart");
+    assert_eq!(hwm(&mut client).await?, 2);
+    // without an id of its own a message is simply appended each time
+    publish(&mut client, "orders", vec![msg(Some("a"), "one")]).await?;
+    publish(&mut client, "orders", vec![msg(Some("a"), "one")]).await?;
+    assert_eq!(hwm(&mut client).await?, 4);
+    c.stop().await
+}

@@ -312,6 +312,13 @@ async fn dead_letter(
         header("tandem.attempts", attempts.to_string()),
     ]);
     message.partition = None;
+    // One dead letter per (group, message): a group dead-lettering the same
+    // message again (its ack was lost) repeats an id the coordinator's
+    // producer dedup remembers, and other groups' dead letters of the
+    // message do not collide with it.
+    let original = std::mem::take(&mut message.id);
+    message.headers.push(header("tandem.id", original.clone()));
+    message.id = dead_letter_id(&spec.group, &original);
     let request = pb::PublishRequest {
         topic: format!("{}.dlq", spec.topic),
         messages: vec![message],
@@ -323,6 +330,11 @@ async fn dead_letter(
             Ok(_) => {
                 Counters::bump(&node.counters.dead_lettered);
                 tracing::warn!(topic = %spec.topic, group = %spec.group, offset = d.offset, %error, "message dead-lettered");
+                return Ok(());
+            }
+            Err(s) if s.code() == Code::AlreadyExists => {
+                // Dead-lettered before, with another error text: done.
+                tracing::warn!(topic = %spec.topic, group = %spec.group, offset = d.offset, "message was dead-lettered before");
                 return Ok(());
             }
             Err(s) => {
@@ -353,4 +365,16 @@ async fn dead_letter(
         spec.topic,
         d.partition
     )))
+}
+
+/// The id of `id`'s dead letter from `group`: `group/id` when that fits in
+/// an id, else a fingerprint of both (the original id is in `tandem.id`).
+fn dead_letter_id(group: &str, id: &str) -> String {
+    let readable = format!("{group}/{id}");
+    if readable.len() <= tandem_coordinator::MAX_ID_LEN {
+        return readable;
+    }
+    let a = crc32c::crc32c_append(crc32c::crc32c(group.as_bytes()), id.as_bytes());
+    let b = crc32c::crc32c_append(crc32c::crc32c(id.as_bytes()), group.as_bytes());
+    format!("dlq-{a:08x}{b:08x}-{}", group.len())
 }
