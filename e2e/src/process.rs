@@ -108,6 +108,25 @@ impl Process {
         self.wait(limit)
     }
 
+    /// Stops it (SIGSTOP): it keeps its sockets but does nothing.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        self.signal("-STOP")
+    }
+
+    /// Lets a paused process go on (SIGCONT).
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.signal("-CONT")
+    }
+
+    fn signal(&mut self, sig: &str) -> anyhow::Result<()> {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args([sig, &pid]).status()?;
+        if !status.success() {
+            bail!("kill {sig} {} failed: {status}", self.name);
+        }
+        Ok(())
+    }
+
     /// True once it has exited.
     pub fn has_exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))

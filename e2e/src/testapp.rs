@@ -21,7 +21,8 @@
 //! `HandleMessage` inserts `effects(message_id, value)`, with no unique key,
 //! so a duplicate effect would show; in STRONG dedup mode it inserts the
 //! `tandem_inbox` row in the same transaction and treats a conflict as
-//! already done. Values starting with `fail` are refused with
+//! already done. Values starting with `slow` take 1.5 s before their
+//! effect. Values starting with `fail` are refused with
 //! FAILED_PRECONDITION; values starting with `raise` fail with UNKNOWN, as
 //! an uncaught exception in a Python, Java or Go handler does. Every call is
 //! recorded in `calls(message_id, attempt)`.
@@ -159,6 +160,9 @@ impl App for TestApp {
             return Err(Status::unknown(format!(
                 "Exception calling application: handler raised on {v:?}"
             )));
+        }
+        if v.starts_with("slow") {
+            tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         }
         if v.starts_with("fail") {
             return Err(Status::failed_precondition(format!(

@@ -71,6 +71,18 @@ async fn every_check_back_answer_is_honoured_and_effects_happen_once() -> TestRe
 
     let t = c.expect_state("cb-unknown", Committed).await?;
     assert!(t.resolved_by_check);
+    // the app whose answer was lost learns the outcome from its sidecar
+    let seen = s
+        .get_transaction(pb::GetTransactionRequest {
+            txn_id: "cb-unknown".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (seen.state, seen.position.is_some()),
+        (Committed as i32, true),
+        "{seen:?}"
+    );
     let t = c.expect_state("cb-check-unknown", Committed).await?;
     assert_eq!(t.checks, 1, "one UNKNOWN answer before COMMIT");
     let t = c.expect_state("cb-hang", RolledBack).await?;
@@ -275,6 +287,17 @@ async fn redeliveries_really_happen_and_are_filtered() -> TestResult {
     c.consumer_app.wait(std::time::Duration::from_secs(20))?;
     c.restart_consumer_app(&[])?;
     c.expect_effects(&["commit-dup-1", "commit-dup-2"]).await?;
+    // and the sidecar, finding dup-2 in tandem_inbox when it retried after
+    // the app came back, acknowledged it without calling the app again
+    c.consumer_caught_up().await?;
+    let db = c.consumer_db().await?;
+    let calls: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = 'dup-2'")
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(
+        calls, 1,
+        "a message in tandem_inbox is not handed to the app again"
+    );
 
     // And with dedup off, the same fault really produces a duplicate effect:
     // the checks above could have failed.
@@ -364,6 +387,35 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> TestResult {
     );
     // nothing changed: the transaction is still open, nothing else exists
     assert_eq!(c.txn(&id).await?.state, Prepared as i32);
+    // the app asks its own sidecar what became of its transaction
+    let t = s
+        .get_transaction(pb::GetTransactionRequest { txn_id: id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!((t.state, t.service.as_str()), (Prepared as i32, "orders"));
+    let e = other
+        .get_transaction(pb::GetTransactionRequest { txn_id: id.clone() })
+        .await
+        .expect_err("another service's transaction");
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    let e = s
+        .get_transaction(pb::GetTransactionRequest {
+            txn_id: "no-such-txn".into(),
+        })
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+    let e = s
+        .get_transaction(pb::GetTransactionRequest {
+            txn_id: "bad\nid".into(),
+        })
+        .await
+        .expect_err("malformed");
+    assert_eq!(
+        (e.code(), e.message().contains("txn_id")),
+        (Code::InvalidArgument, true),
+        "{e}"
+    );
     assert_eq!(
         c.txn("big")
             .await
@@ -544,5 +596,91 @@ async fn a_check_back_racing_a_slow_local_transaction_does_not_lose_it() -> Test
         "a check-back really came while the callback ran: {stats:?}"
     );
     c.expect_effects(&["slow-1"]).await?;
+    c.done()
+}
+
+/// SIDECAR dedup across sidecars: the cart sidecar holding a message stalls
+/// (SIGSTOP) while the app runs its handler; the coordinator expels it and
+/// the group's other sidecar gets the partition and the message. It must not
+/// hand the message to the app while the stalled holder's call may still
+/// take effect: it waits for the claim, then finds the dedup row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_holders_message_is_not_handled_again_by_the_next_holder() -> TestResult {
+    // Long handler timeouts: the stalled sidecar's call must still be in
+    // its deadline when it resumes, so it records its own success.
+    const SETTINGS: &[&str] = &["handler_timeout_ms=30000"];
+    let mut c = Cluster::start().await?;
+    c.restart_consumer_with(&[], SETTINGS)?;
+    c.subscribe(sc::DedupMode::Sidecar).await?;
+    let mut second = c.start_second_consumer(SETTINGS)?;
+    let mut coordinator = c.coordinator_client().await?;
+    eventually("both cart sidecars in the group", || {
+        let mut coordinator = coordinator.clone();
+        async move {
+            let d = coordinator
+                .describe_topic(pb::DescribeTopicRequest {
+                    name: "orders".into(),
+                })
+                .await?
+                .into_inner();
+            Ok(d.groups
+                .iter()
+                .any(|g| g.group == "cart" && g.members == 2)
+                .then_some(()))
+        }
+    })
+    .await?;
+    coordinator
+        .publish(pb::PublishRequest {
+            topic: "orders".into(),
+            messages: vec![pb::Message {
+                id: "held-1".into(),
+                ..message("slow-held")
+            }],
+        })
+        .await?;
+    let db = c.consumer_db().await?;
+    let calls = |db: sqlx::SqlitePool| async move {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = 'held-1'")
+            .fetch_one(&db)
+            .await?;
+        TestResult::Ok(n)
+    };
+    eventually("the app to be called", || {
+        let db = db.clone();
+        async move { Ok((calls(db).await? >= 1).then_some(())) }
+    })
+    .await?;
+    let first = c.consumer_stats().await?.delivered;
+    let second_client =
+        tandem_proto::sidecar::sidecar_client::SidecarClient::connect(second.url()).await?;
+    let (holder, other) = if first >= 1 {
+        (&mut c.consumer, second_client.clone())
+    } else {
+        (&mut second, c.consumer_client().await?)
+    };
+    holder.pause()?;
+    // The other sidecar gets the partition once the holder is expelled
+    // (session timeout 3 s), and either waits for the claim or, without
+    // one, calls the app a second time.
+    let waited = eventually("the next holder to wait or call", || {
+        let (db, mut other) = (db.clone(), other.clone());
+        async move {
+            let waits = other
+                .get_stats(sc::GetStatsRequest {})
+                .await?
+                .into_inner()
+                .claim_waits;
+            Ok((waits >= 1 || calls(db).await? >= 2).then_some(waits))
+        }
+    })
+    .await;
+    holder.resume()?;
+    assert!(waited? >= 1, "the next holder waited for the claim");
+    c.consumer_caught_up().await?;
+    c.expect_effects(&["slow-held"]).await?;
+    assert_eq!(calls(db.clone()).await?, 1, "the app was called once");
+    drop(second_client);
+    second.kill();
     c.done()
 }

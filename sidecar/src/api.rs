@@ -229,6 +229,27 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         }
     }
 
+    async fn get_transaction(
+        &self,
+        req: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::Transaction>, Status> {
+        let req = req.into_inner();
+        tandem_coordinator::check_id("txn_id", &req.txn_id).map_err(Status::from)?;
+        let t = self
+            .node
+            .coordinator()
+            .get_transaction(req)
+            .await?
+            .into_inner();
+        if t.service != self.node.config.service {
+            return Err(Status::permission_denied(format!(
+                "transaction {:?} belongs to service {:?}, not {:?}",
+                t.txn_id, t.service, self.node.config.service
+            )));
+        }
+        Ok(Response::new(t))
+    }
+
     async fn rollback(
         &self,
         req: Request<sc::EndRequest>,

@@ -131,6 +131,10 @@ impl Db {
                         "inbox by topic",
                         include_str!("../migrations/sqlite/0002_inbox_by_topic.sql"),
                     ),
+                    (
+                        "claims",
+                        include_str!("../migrations/sqlite/0003_claims.sql"),
+                    ),
                 ])
                 .run(p)
                 .await
@@ -144,6 +148,10 @@ impl Db {
                     (
                         "inbox by topic",
                         include_str!("../migrations/postgres/0002_inbox_by_topic.sql"),
+                    ),
+                    (
+                        "claims",
+                        include_str!("../migrations/postgres/0003_claims.sql"),
                     ),
                 ])
                 .run(p)
@@ -208,6 +216,54 @@ impl Db {
         Ok(row)
     }
 
+    /// Claims a message for handling by `owner` until `expires_at_ms`: true
+    /// when it is ours now (it was free, expired, or already ours), false
+    /// while another owner's unexpired claim holds it.
+    pub async fn claim(
+        &self,
+        row: &InboxRow,
+        owner: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool> {
+        let n = on_db!(self, |p| sqlx::query(
+            "INSERT INTO tandem_claim (consumer_group, topic, message_id, owner, expires_at) \
+             VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (consumer_group, topic, message_id) DO UPDATE \
+             SET owner = excluded.owner, expires_at = excluded.expires_at \
+             WHERE tandem_claim.owner = excluded.owner OR tandem_claim.expires_at < $6"
+        )
+        .bind(&row.group)
+        .bind(&row.topic)
+        .bind(&row.message_id)
+        .bind(owner)
+        .bind(expires_at_ms)
+        .bind(now_ms)
+        .execute(p)
+        .await
+        .map_err(db_err("claim in tandem_claim"))?
+        .rows_affected());
+        Ok(n == 1)
+    }
+
+    /// Gives up `owner`'s claim of a message.
+    pub async fn unclaim(&self, row: &InboxRow, owner: &str) -> Result<()> {
+        on_db!(self, |p| {
+            sqlx::query(
+            "DELETE FROM tandem_claim WHERE consumer_group = $1 AND topic = $2 AND message_id = $3 AND owner = $4"
+        )
+        .bind(&row.group)
+        .bind(&row.topic)
+        .bind(&row.message_id)
+        .bind(owner)
+        .execute(p)
+        .await
+        .map(drop)
+        .map_err(db_err("delete from tandem_claim"))?
+        });
+        Ok(())
+    }
+
     /// Records many processed messages in one transaction.
     pub async fn inbox_add_all(&self, rows: &[InboxRow]) -> Result<()> {
         on_db!(self, |p| {
@@ -230,9 +286,17 @@ impl Db {
         Ok(())
     }
 
-    /// Deletes dedup rows and rollback markers older than `before_ms`;
-    /// returns the rows deleted.
-    pub async fn cleanup(&self, before_ms: i64) -> Result<u64> {
+    /// Deletes dedup rows and rollback markers older than `before_ms`, and
+    /// claims expired at `now_ms`; returns the rows deleted.
+    pub async fn cleanup(&self, before_ms: i64, now_ms: i64) -> Result<u64> {
+        let claims = on_db!(self, |p| sqlx::query(
+            "DELETE FROM tandem_claim WHERE expires_at < $1"
+        )
+        .bind(now_ms)
+        .execute(p)
+        .await
+        .map_err(db_err("clean tandem_claim"))?
+        .rows_affected());
         let inbox = on_db!(self, |p| sqlx::query(
             "DELETE FROM tandem_inbox WHERE processed_at < $1"
         )
@@ -249,7 +313,7 @@ impl Db {
         .await
         .map_err(db_err("clean tandem_txn"))?
         .rows_affected());
-        Ok(inbox + txn)
+        Ok(inbox + txn + claims)
     }
 
     /// Saves a subscription (replacing one on the same topic and group).
@@ -304,6 +368,14 @@ impl Db {
 mod tests {
     use super::*;
 
+    fn row_of(id: &str) -> InboxRow {
+        InboxRow {
+            group: "g".into(),
+            topic: "t".into(),
+            message_id: id.into(),
+        }
+    }
+
     async fn exercise(db: &Db) -> Result<()> {
         db.migrate().await?;
         db.migrate().await?; // idempotent
@@ -345,12 +417,30 @@ mod tests {
             !db.inbox_has("g", "u", "m1").await?,
             "the same id on another topic is another message"
         );
+        assert!(db.claim(&row_of("m2"), "a", 100, 200).await?, "free");
+        assert!(
+            db.claim(&row_of("m2"), "a", 150, 300).await?,
+            "ours: renewed"
+        );
+        assert!(!db.claim(&row_of("m2"), "b", 250, 400).await?, "held by a");
+        assert!(
+            db.claim(&row_of("m2"), "b", 301, 500).await?,
+            "expired: taken over"
+        );
+        db.unclaim(&row_of("m2"), "a").await?;
+        assert!(
+            !db.claim(&row_of("m2"), "a", 302, 600).await?,
+            "only the owner unclaims"
+        );
+        db.unclaim(&row_of("m2"), "b").await?;
+        assert!(db.claim(&row_of("m2"), "a", 303, 700).await?, "released");
         db.save_subscription("t", "g", b"one").await?;
         db.save_subscription("t", "g", b"two").await?;
         assert_eq!(db.subscriptions().await?, vec![b"two".to_vec()]);
         assert!(db.delete_subscription("t", "g").await?);
         assert!(db.subscriptions().await?.is_empty());
-        assert_eq!(db.cleanup(i64::MAX).await?, 3);
+        assert_eq!(db.cleanup(i64::MAX, 0).await?, 3, "the claim is live");
+        assert_eq!(db.cleanup(0, 701).await?, 1, "the claim expired");
         Ok(())
     }
 

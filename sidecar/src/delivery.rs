@@ -8,10 +8,15 @@
 //!   the app. So a STRONG-mode app that committed its row and then became
 //!   unreachable is not called again when it comes back.
 //! - **One at a time per id**: within a sidecar, deliveries with the same
-//!   dedup key wait for each other ([`Claims`]), so SIDECAR mode's
-//!   check-then-record cannot let two concurrent deliveries of one id both
-//!   reach the app. (A partition is with one member at a time, so two
-//!   sidecars never hold the same delivery at once while both are alive.)
+//!   dedup key wait for each other ([`Claims`]). In SIDECAR mode each
+//!   attempt is also claimed in the database (`tandem_claim`, owner = this
+//!   instance, expiring `handler_timeout` + 15 s later): a second sidecar of
+//!   the group holding the same message (its partition moved while the old
+//!   holder still ran the handler, or one id on two partitions) waits for
+//!   the claim to be released or to expire, then finds the dedup row. So
+//!   check-then-record never lets two deliveries of one id reach the app at
+//!   once. (STRONG mode needs no claim: the app's own insert of the dedup
+//!   row is the atomic step.)
 //! - **Failures**: a transport failure (no gRPC status came from the app:
 //!   connection refused or reset, which the client reports with an error
 //!   source) or `UNAVAILABLE` means the app is not reachable: retried without
@@ -46,6 +51,8 @@ use crate::node::{Counters, Node};
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 const UNREACHABLE_DELAY: Duration = Duration::from_secs(2);
+/// How often a message another sidecar has claimed is looked at again.
+const CLAIM_POLL: Duration = Duration::from_millis(500);
 /// Publish attempts of one dead letter before the delivery is stuck.
 const DEAD_LETTER_ATTEMPTS: u32 = 5;
 /// Longest `tandem.error` header kept (the app's message is cut there).
@@ -161,13 +168,12 @@ pub(crate) async fn handle(
     d: &pb::Delivery,
     cancel: &mut watch::Receiver<bool>,
 ) -> Outcome {
-    let message = d.message.clone().unwrap_or_default();
     let dedup = sc::DedupMode::try_from(spec.dedup).unwrap_or(sc::DedupMode::Sidecar);
     let dedup_on = dedup != sc::DedupMode::Off;
     let row = InboxRow {
         group: spec.group.clone(),
         topic: spec.topic.clone(),
-        message_id: message.id.clone(),
+        message_id: d.message.as_ref().map(|m| m.id.clone()).unwrap_or_default(),
     };
     let _claim = if dedup_on {
         tokio::select! {
@@ -177,6 +183,31 @@ pub(crate) async fn handle(
     } else {
         None
     };
+    let mut claimed = false;
+    let outcome = attempts(node, spec, d, dedup, &row, &mut claimed, cancel).await;
+    if outcome != Outcome::Done && claimed {
+        // Let the partition's next holder go at once rather than after the
+        // claim expires (best effort: it expires anyway).
+        if let Err(e) = node.db.unclaim(&row, &node.config.instance).await {
+            tracing::debug!(error = %e, "claim not released; it will expire");
+        }
+    }
+    outcome
+}
+
+/// The attempts of one delivery, from the dedup check to the dedup row.
+#[allow(clippy::too_many_arguments)]
+async fn attempts(
+    node: &Node,
+    spec: &sc::SubscribeRequest,
+    d: &pb::Delivery,
+    dedup: sc::DedupMode,
+    row: &InboxRow,
+    claimed: &mut bool,
+    cancel: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let message = d.message.clone().unwrap_or_default();
+    let dedup_on = dedup != sc::DedupMode::Off;
     let mut failures = 0u32;
     loop {
         if dedup_on {
@@ -192,6 +223,27 @@ pub(crate) async fn handle(
                     return Outcome::Done;
                 }
                 Some(false) => {}
+            }
+        }
+        if dedup == sc::DedupMode::Sidecar {
+            let now = crate::check::now_ms();
+            let until = now.saturating_add(node.config.revoke_timeout().as_millis() as i64);
+            let mine = db_step(cancel, || {
+                node.db.claim(row, &node.config.instance, now, until)
+            })
+            .await;
+            match mine {
+                None => return Outcome::Abandoned,
+                Some(true) => *claimed = true,
+                Some(false) => {
+                    Counters::bump(&node.counters.claim_waits);
+                    tracing::info!(group = %row.group, topic = %row.topic, id = %row.message_id,
+                        "another sidecar of the group is handling this message; waiting");
+                    if !pause(CLAIM_POLL, cancel).await {
+                        return Outcome::Abandoned;
+                    }
+                    continue;
+                }
             }
         }
         if *cancel.borrow() {

@@ -49,8 +49,11 @@ pub async fn serve(
                 .checked_sub(n.config.retention)
                 .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
                 .map_or(0, |d| d.as_millis() as i64);
-            match n.db.cleanup(before).await {
-                Ok(rows) => tracing::info!(rows, "old dedup rows and rollback markers deleted"),
+            match n.db.cleanup(before, crate::check::now_ms()).await {
+                Ok(rows) => tracing::info!(
+                    rows,
+                    "old dedup rows, rollback markers and expired claims deleted"
+                ),
                 Err(e) => tracing::error!(error = %e, "cleanup failed"),
             }
         }

@@ -18,6 +18,9 @@
 //!   next holder. The member asks for a revoke timeout longer than its
 //!   handler timeout, so a slow but legal handler is never expelled mid-call
 //!   and its partition is never handled by two members at once.
+//! - A session that breaks (coordinator gone, member expelled after a stall)
+//!   never aborts a handler call in progress: it finishes and records its
+//!   dedup row, and the redelivery is filtered.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -214,6 +217,21 @@ struct Session {
     running: HashMap<Lease, usize>,
     /// Keys being handled, with the deliveries waiting behind them.
     busy: HashMap<(u32, Bytes), VecDeque<pb::Delivery>>,
+}
+
+/// A session that ends (the coordinator went away, expelled this member,
+/// or the subscription stops) cancels its handlers between steps but never
+/// aborts a call in progress: the call runs to its end (at most the handler
+/// timeout) and records its dedup row, so that the redelivery that follows
+/// finds it. An aborted call would leave an effect without its record, and
+/// the message would be handed to the app again.
+impl Drop for Session {
+    fn drop(&mut self) {
+        for c in self.cancels.values() {
+            let _ = c.send(true);
+        }
+        self.handlers.detach_all();
+    }
 }
 
 impl Session {
@@ -427,8 +445,9 @@ async fn consume(
         .into_inner();
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
-    // Handlers still running when this value is dropped are aborted with it:
-    // what they had not finished is delivered again.
+    // Handlers still running when this value is dropped finish their call
+    // in progress (see `Drop for Session`); what they had not acknowledged
+    // is delivered again.
     let mut s = Session {
         node: node.clone(),
         spec: Arc::new(spec.clone()),

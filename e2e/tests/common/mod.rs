@@ -81,21 +81,25 @@ impl Cluster {
         let consumer_app = start_app(dir.path(), "cart-app", 0, &[])?;
         let producer = start_sidecar(
             dir.path(),
+            "orders-sidecar",
             "orders",
             &coordinator,
             &producer_app,
             0,
             producer_fp,
             producer_db.as_deref(),
+            &[],
         )?;
         let consumer = start_sidecar(
             dir.path(),
+            "cart-sidecar",
             "cart",
             &coordinator,
             &consumer_app,
             0,
             &[],
             None,
+            &[],
         )?;
         let mut c = CoordinatorClient::connect(coordinator.url()).await?;
         c.create_topic(pb::CreateTopicRequest {
@@ -137,29 +141,55 @@ impl Cluster {
         self.producer.kill();
         self.producer = start_sidecar(
             &self.path(),
+            "orders-sidecar",
             "orders",
             &self.coordinator,
             &self.producer_app,
             port,
             failpoints,
             self.producer_db.as_deref(),
+            &[],
         )?;
         Ok(())
     }
 
     pub fn restart_consumer(&mut self, failpoints: &[&str]) -> TestResult {
+        self.restart_consumer_with(failpoints, &[])
+    }
+
+    /// Restarts the cart sidecar with failpoints and `key=value` settings.
+    pub fn restart_consumer_with(&mut self, failpoints: &[&str], settings: &[&str]) -> TestResult {
         let port = port_of(&self.consumer);
         self.consumer.kill();
         self.consumer = start_sidecar(
             &self.path(),
+            "cart-sidecar",
             "cart",
             &self.coordinator,
             &self.consumer_app,
             port,
             failpoints,
             None,
+            settings,
         )?;
         Ok(())
+    }
+
+    /// Starts another sidecar of the cart service (same app, same
+    /// database) with `key=value` settings; it resumes the saved
+    /// subscriptions, so it joins the `cart` group once one exists.
+    pub fn start_second_consumer(&self, settings: &[&str]) -> TestResult<Process> {
+        start_sidecar(
+            &self.path(),
+            "cart-sidecar-2",
+            "cart",
+            &self.coordinator,
+            &self.consumer_app,
+            0,
+            &[],
+            None,
+            settings,
+        )
     }
 
     pub fn restart_producer_app(&mut self) -> TestResult {
@@ -396,14 +426,17 @@ fn start_app(dir: &std::path::Path, name: &str, port: u16, fp: &[&str]) -> TestR
     )?)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn start_sidecar(
     dir: &std::path::Path,
+    name: &str,
     service: &str,
     coordinator: &Process,
     app: &Process,
     port: u16,
     fp: &[&str],
     db: Option<&str>,
+    settings: &[&str],
 ) -> TestResult<Process> {
     let db = db.map_or_else(
         || dir.join(format!("{}.db", app.name())).display().to_string(),
@@ -426,8 +459,12 @@ fn start_sidecar(
         "--set".into(),
         "handler_timeout_ms=5000".into(),
     ];
+    let mut args = args;
+    for s in settings {
+        args.extend(["--set".into(), (*s).into()]);
+    }
     Ok(Process::start(
-        &format!("{service}-sidecar"),
+        name,
         BIN.as_ref(),
         &args,
         &failpoints(fp),
