@@ -62,6 +62,10 @@ pub enum Error {
         /// The id.
         id: String,
     },
+    /// A log write or fsync failed: the coordinator stops (see
+    /// `EmbeddedLog::failed`).
+    #[error("storage failed, stopping (restart to recover from disk): {0}")]
+    StorageFailed(String),
     /// A task the coordinator relies on failed.
     #[error("internal error: {0}")]
     Internal(String),
@@ -144,6 +148,7 @@ impl From<Error> for tonic::Status {
             Error::Bind { .. }
             | Error::Serve(_)
             | Error::Internal(_)
+            | Error::StorageFailed(_)
             | Error::CorruptState { .. } => Code::Internal,
             Error::Storage(s) => match s {
                 S::UnknownPartition(_) => Code::NotFound,

@@ -12,7 +12,7 @@ mod broker;
 mod config;
 mod consumer;
 mod error;
-pub mod failpoint;
+pub use tandem_storage::failpoint;
 mod group;
 mod offsets;
 mod partitioner;

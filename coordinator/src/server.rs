@@ -86,7 +86,8 @@ impl Coordinator {
         .max_encoding_message_size(MAX_REQUEST_BYTES);
         let broker = self.broker.clone();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let served = Server::builder()
+        let not_serving = health.clone();
+        let server = Server::builder()
             .add_service(health_service)
             .add_service(service)
             .serve_with_incoming_shutdown(incoming, async move {
@@ -96,13 +97,47 @@ impl Coordinator {
                     .set_not_serving::<CoordinatorServer<CoordinatorService<EmbeddedLog>>>()
                     .await;
                 broker.shutdown().await;
-            })
-            .await;
+            });
+        // A failed write or fsync of any log stops the process at once,
+        // without the graceful path (which would write to the logs): what
+        // the failure left on disk is unknown, and a restart recovers from
+        // what was synced.
+        let (mut topics_failed, mut internal_failed) = (self.data.failed(), self.internal.failed());
+        let served = tokio::select! {
+            served = server => served,
+            cause = first_failure(&mut topics_failed, &mut internal_failed) => {
+                not_serving
+                    .set_not_serving::<CoordinatorServer<CoordinatorService<EmbeddedLog>>>()
+                    .await;
+                tracing::error!(%cause, "storage failed: stopping; restart to recover from disk");
+                retention.abort();
+                return Err(Error::StorageFailed(cause));
+            }
+        };
         retention.abort();
         self.data.close().await;
         self.internal.close().await;
         tracing::info!("stopped");
         served.map_err(|e| Error::Serve(e.to_string()))
+    }
+}
+
+/// Resolves with the cause of the first failure either log reports.
+async fn first_failure(
+    a: &mut tokio::sync::watch::Receiver<Option<String>>,
+    b: &mut tokio::sync::watch::Receiver<Option<String>>,
+) -> String {
+    async fn one(r: &mut tokio::sync::watch::Receiver<Option<String>>) -> String {
+        let cause = r.wait_for(Option::is_some).await.map(|v| v.clone());
+        match cause {
+            Ok(v) => v.unwrap_or_default(),
+            // The log is gone: never a failure.
+            Err(_) => std::future::pending().await,
+        }
+    }
+    tokio::select! {
+        c = one(a) => c,
+        c = one(b) => c,
     }
 }
 

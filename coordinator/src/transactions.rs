@@ -669,7 +669,14 @@ impl<L: Log + Clone> Transactions<L> {
                     let this = self.clone();
                     tokio::spawn(async move {
                         if let Err(e) = this.check(&entry.1).await {
-                            tracing::error!(txn = %entry.1, error = %e, "check-back failed");
+                            // Never dropped from the schedule: asked again
+                            // later (a storage failure stops the process
+                            // instead, and start-up schedules every open
+                            // transaction again).
+                            let retry = this.settings.check_after;
+                            tracing::error!(txn = %entry.1, error = %e, retry_in_ms = retry.as_millis() as u64,
+                                "check-back failed; will check again");
+                            this.schedule(&entry.1, now_ms() + retry.as_millis() as i64);
                         }
                         drop(permit);
                     });

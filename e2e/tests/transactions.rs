@@ -684,3 +684,51 @@ async fn a_stalled_holders_message_is_not_handled_again_by_the_next_holder() -> 
     second.kill();
     c.done()
 }
+
+/// A failed fsync is fatal: the coordinator stops with a non-zero status
+/// instead of serving on over data it cannot vouch for, and after a restart
+/// what was acknowledged is there while the batch whose sync failed (its
+/// publisher got an error) does not come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_stops_the_coordinator_and_unacknowledged_bytes_do_not_come_back()
+-> TestResult {
+    let mut c = Cluster::start_with(&["storage.fdatasync:orders/0@2=error"], &[]).await?;
+    let mut client = c.coordinator_client().await?;
+    let to_p0 = |id: &str| pb::PublishRequest {
+        topic: "orders".into(),
+        messages: vec![pb::Message {
+            id: id.into(),
+            partition: Some(0),
+            ..message(id)
+        }],
+    };
+    let first = client.publish(to_p0("kept")).await?.into_inner();
+    assert_eq!(first.positions[0].offset, 0);
+    let e = client
+        .publish(to_p0("unsynced"))
+        .await
+        .expect_err("its fsync fails");
+    assert_ne!(e.code(), Code::Ok, "{e}");
+    let status = c.coordinator.wait(std::time::Duration::from_secs(20))?;
+    assert!(
+        !status.success(),
+        "the coordinator exits non-zero: {status}"
+    );
+    c.restart_coordinator(&[])?;
+    let mut client = c.coordinator_client().await?;
+    let d = client
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "orders".into(),
+        })
+        .await?
+        .into_inner();
+    let p0 = d.partitions.iter().find(|p| p.partition == 0).ok_or("p0")?;
+    assert_eq!(
+        p0.high_water_mark, 1,
+        "the acknowledged record is kept, the one whose sync failed is gone"
+    );
+    // and it serves again: the retry is appended once, after `kept`
+    let retry = client.publish(to_p0("unsynced")).await?.into_inner();
+    assert_eq!(retry.positions[0].offset, 1);
+    c.done()
+}

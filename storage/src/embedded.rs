@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
+use tokio::sync::watch;
 
 use tokio::task::JoinHandle;
 
@@ -29,6 +30,8 @@ struct Inner {
     config: Arc<LogConfig>,
     partitions: RwLock<HashMap<TopicPartition, Arc<Partition>>>,
     create: tokio::sync::Mutex<()>,
+    /// Set to the cause by the first partition whose write or sync failed.
+    failed: Arc<watch::Sender<Option<String>>>,
 }
 
 impl Drop for Inner {
@@ -112,6 +115,8 @@ impl EmbeddedLog {
         let root = root.into();
         let config = Arc::new(config);
         let (r, c) = (root.clone(), config.clone());
+        let failed = Arc::new(watch::channel(None).0);
+        let f = failed.clone();
         let partitions = tokio::task::spawn_blocking(move || -> Result<_> {
             fs::create_dir_all(&r).map_err(Error::io("create folder", &r))?;
             let mut map = HashMap::new();
@@ -126,7 +131,10 @@ impl EmbeddedLog {
                         continue;
                     };
                     let tp = TopicPartition::new(topic.clone(), partition);
-                    map.insert(tp.clone(), Partition::open(tp, pdir, c.clone())?);
+                    map.insert(
+                        tp.clone(),
+                        Partition::open(tp, pdir, c.clone(), f.clone())?,
+                    );
                 }
             }
             Ok(map)
@@ -140,8 +148,18 @@ impl EmbeddedLog {
                 config,
                 partitions: RwLock::new(partitions),
                 create: tokio::sync::Mutex::new(()),
+                failed,
             }),
         })
+    }
+
+    /// Resolves to the cause once a write or an fsync of any partition
+    /// failed. What such a failure left on disk is unknown (the kernel may
+    /// have dropped the dirty pages and reported the error once), so the
+    /// owner must stop: the failed partition already refuses writes and cut
+    /// its file back to what was last synced; a restart recovers from disk.
+    pub fn failed(&self) -> watch::Receiver<Option<String>> {
+        self.inner.failed.subscribe()
     }
 
     /// The settings the log was opened with.
@@ -238,6 +256,7 @@ impl Log for EmbeddedLog {
         }
         let root = self.inner.root.clone();
         let config = self.inner.config.clone();
+        let failed = self.inner.failed.clone();
         let tp2 = tp.clone();
         let p = tokio::task::spawn_blocking(move || {
             let tdir = root.join(&tp2.topic);
@@ -248,7 +267,7 @@ impl Log for EmbeddedLog {
             if new_topic {
                 sync_dir(&root)?;
             }
-            Partition::open(tp2, pdir, config)
+            Partition::open(tp2, pdir, config, failed)
         })
         .await
         .map_err(|e| Error::io("create partition", &self.inner.root)(std::io::Error::other(e)))??;

@@ -21,6 +21,8 @@ mod schedule;
 mod segment;
 mod tail;
 
+pub mod failpoint;
+
 pub use config::{FsyncPolicy, LogConfig, Retention};
 pub use embedded::EmbeddedLog;
 pub use error::{Error, Result};

@@ -19,7 +19,11 @@
 //! explicit sync), for records a crash may lose; with
 //! `relaxed_sync_within` set, a tick syncs them within that bound even when
 //! nothing else does. A failed write or sync poisons the partition: it
-//! refuses writes from then on and never pretends the data is safe.
+//! refuses writes from then on and never pretends the data is safe; its
+//! active file is cut back to the last synced length, and the log's
+//! `failed` signal tells the process to stop (after a failed fsync the
+//! kernel may have dropped the dirty pages: retrying it could "succeed"
+//! over lost data).
 
 use std::fs;
 use std::os::unix::fs::FileExt;
@@ -93,6 +97,8 @@ struct WriterState {
     index: SparseIndex,
     last_sync: Instant,
     dirty: bool,
+    /// Bytes of the active file known to be on disk (last sync).
+    synced_size: u64,
 }
 
 impl WriterState {
@@ -107,6 +113,7 @@ impl WriterState {
             index: seg.index.continuation(),
             last_sync: Instant::now(),
             dirty: false,
+            synced_size: seg.size,
         }
     }
 }
@@ -129,6 +136,11 @@ pub(crate) struct Partition {
     stopping: AtomicBool,
     /// `fdatasync` calls made so far.
     syncs: AtomicU64,
+    /// The log's failure signal (see `EmbeddedLog::failed`).
+    failed: Arc<watch::Sender<Option<String>>>,
+    /// Fault point names of this partition.
+    fault_write: String,
+    fault_sync: String,
 }
 
 impl Partition {
@@ -139,6 +151,7 @@ impl Partition {
         tp: TopicPartition,
         dir: PathBuf,
         config: Arc<LogConfig>,
+        failed: Arc<watch::Sender<Option<String>>>,
     ) -> Result<Arc<Partition>> {
         let segments = recover(&tp, &dir, &config)?;
         let active = segments
@@ -151,6 +164,9 @@ impl Partition {
         });
         let (queue, rx) = mpsc::channel(config.append_queue);
         let p = Arc::new(Partition {
+            fault_write: format!("storage.write:{tp}"),
+            fault_sync: format!("storage.fdatasync:{tp}"),
+            failed,
             tp,
             dir,
             config,
@@ -441,7 +457,7 @@ impl Partition {
                 && self.config.fsync != FsyncPolicy::Never
                 && let Err(e) = self.sync(&mut st)
             {
-                self.poison(&e);
+                self.fail(&mut st, &e);
             }
             for w in sync_waiters {
                 let _ = w.send(self.check_poisoned());
@@ -456,9 +472,40 @@ impl Partition {
         self.published.send_modify(|p| p.closed = true);
     }
 
-    fn poison(&self, e: &Error) {
-        tracing::error!(partition = %self.tp, error = %e, "log write failed; partition stops accepting writes");
+    /// A write or sync failed: the partition refuses writes from now on,
+    /// its active file is cut back to what the last sync made durable (so
+    /// that bytes nobody was told are safe cannot come back after a restart
+    /// as if they were), and the log's owner is told to stop.
+    fn fail(&self, st: &mut WriterState, e: &Error) {
+        tracing::error!(partition = %self.tp, error = %e,
+            "log write or fdatasync failed; partition stops accepting writes");
         lock(&self.poisoned).get_or_insert_with(|| e.to_string());
+        // Always: a failed write may have left part of its bytes past
+        // `size`.
+        {
+            let cut = st
+                .file
+                .set_len(st.synced_size)
+                .and_then(|()| st.file.sync_all());
+            match cut {
+                Ok(()) => {
+                    tracing::warn!(partition = %self.tp, file = %st.path.display(), kept = st.synced_size,
+                        dropped = st.size.saturating_sub(st.synced_size), "unsynced bytes cut off");
+                    st.size = st.synced_size;
+                }
+                Err(c) => tracing::error!(partition = %self.tp, error = %c,
+                    "cannot cut the unsynced bytes off; recovery at restart decides"),
+            }
+        }
+        let cause = format!("{}: {e}", self.tp);
+        self.failed.send_if_modified(|f| {
+            if f.is_none() {
+                *f = Some(cause);
+                true
+            } else {
+                false
+            }
+        });
     }
 
     fn write_group(&self, st: &mut WriterState, group: Vec<AppendRequest>) {
@@ -473,7 +520,7 @@ impl Partition {
             }
             Err(e) => {
                 if !matches!(e, Error::Poisoned { .. }) {
-                    self.poison(&e);
+                    self.fail(st, &e);
                 }
                 let cause = lock(&self.poisoned)
                     .clone()
@@ -538,6 +585,11 @@ impl Partition {
         if buf.is_empty() {
             return Ok(());
         }
+        if crate::failpoint::error(&self.fault_write) {
+            return Err(Error::io("write", &st.path)(std::io::Error::other(
+                "injected by failpoint",
+            )));
+        }
         st.file
             .write_all_at(buf, st.size)
             .map_err(Error::io("write", &st.path))?;
@@ -554,11 +606,17 @@ impl Partition {
 
     fn sync(&self, st: &mut WriterState) -> Result<()> {
         self.syncs.fetch_add(1, Ordering::Relaxed);
+        if crate::failpoint::error(&self.fault_sync) {
+            return Err(Error::io("fdatasync", &st.path)(std::io::Error::other(
+                "injected by failpoint",
+            )));
+        }
         st.file
             .sync_data()
             .map_err(Error::io("fdatasync", &st.path))?;
         st.last_sync = Instant::now();
         st.dirty = false;
+        st.synced_size = st.size;
         Ok(())
     }
 
