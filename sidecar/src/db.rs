@@ -118,8 +118,25 @@ impl Db {
         Ok(Db::Sqlite(pool))
     }
 
-    /// Creates or updates Tandem's tables.
+    /// Creates or updates Tandem's tables. Several sidecars of one service
+    /// may start at once on one database: a run that loses the race (the
+    /// other applied the same step first) is repeated, and then finds the
+    /// step applied.
     pub async fn migrate(&self) -> Result<()> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.migrate_once().await {
+                Err(e) if tries < 5 => {
+                    tracing::warn!(error = %e, "migration failed; another sidecar may be migrating; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200 * tries)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn migrate_once(&self) -> Result<()> {
         let r = match self {
             Db::Sqlite(p) => {
                 migrator(&[
@@ -461,6 +478,21 @@ mod tests {
             .map_err(db_err("create a database"))?;
         admin.close().await;
         Ok(format!("{base}/{name}"))
+    }
+
+    /// Two sidecars of one service starting together on one database.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_migrations_both_succeed() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Migrate(e.to_string()))?;
+        let path = dir.path().join("app.db").display().to_string();
+        for _ in 0..5 {
+            let _ = std::fs::remove_file(&path);
+            let (a, b) = (Db::connect(&path).await?, Db::connect(&path).await?);
+            let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+            ra?;
+            rb?;
+        }
+        Ok(())
     }
 
     #[tokio::test]
