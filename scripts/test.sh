@@ -70,3 +70,13 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace
 fi
+
+# A short fault campaign (a few minutes): seeded workload and faults against
+# real processes, each cycle's history checked. A failing cycle prints its
+# seed; `target/debug/tandem-e2e campaign --seed S --cycles 1` replays it.
+# TANDEM_CAMPAIGN_CYCLES=0 skips it.
+cycles="${TANDEM_CAMPAIGN_CYCLES:-6}"
+if [ "$cycles" -gt 0 ]; then
+    cargo build -p tandem-e2e --bin tandem-e2e
+    target/debug/tandem-e2e campaign --cycles "$cycles" --dir target/campaign
+fi

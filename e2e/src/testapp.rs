@@ -25,7 +25,9 @@
 //! effect. Values starting with `fail` are refused with
 //! FAILED_PRECONDITION; values starting with `raise` fail with UNKNOWN, as
 //! an uncaught exception in a Python, Java or Go handler does. Every call is
-//! recorded in `calls(message_id, attempt)`.
+//! recorded in `calls(message_id, attempt)`. The `test.handle` header
+//! ([`HANDLE_HEADER`]) asks for other behaviours: slow, failing with a given
+//! status for the first calls, crashing.
 
 use sqlx::sqlite::SqlitePool;
 use std::future::Future;
@@ -84,6 +86,42 @@ impl TestApp {
             .await
             .map_err(internal)?
             .is_some())
+    }
+}
+
+/// Header that tells the test app's `HandleMessage` how to behave (the
+/// fault campaign sets it): `slow` (1.5 s before the effect),
+/// `fail:<code>:<n>` (fail with gRPC status `<code>` on the first `<n>`
+/// calls of the message, then handle it), `crash` (abort the process on the
+/// first call, before the effect).
+pub const HANDLE_HEADER: &str = "test.handle";
+
+impl TestApp {
+    async fn behave(&self, id: &str, how: &str) -> Result<(), Status> {
+        let calls: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = $1")
+            .bind(id)
+            .fetch_one(&self.db)
+            .await
+            .map_err(internal)?;
+        match how.split(':').collect::<Vec<_>>().as_slice() {
+            ["slow"] => tokio::time::sleep(std::time::Duration::from_millis(1500)).await,
+            ["crash"] if calls <= 1 => {
+                eprintln!("test app: crashing on {id:?} as told");
+                std::process::abort();
+            }
+            ["fail", code, n] => {
+                let code: i32 = code.parse().unwrap_or(2);
+                let n: i64 = n.parse().unwrap_or(1);
+                if calls <= n {
+                    return Err(Status::new(
+                        tonic::Code::from_i32(code),
+                        format!("test app fails {id:?} (call {calls} of {n} failing)"),
+                    ));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 }
 
@@ -156,6 +194,10 @@ impl App for TestApp {
             .execute(&self.db)
             .await
             .map_err(internal)?;
+        if let Some(h) = m.headers.iter().find(|h| h.name == HANDLE_HEADER) {
+            let how = String::from_utf8_lossy(&h.value).into_owned();
+            self.behave(&m.id, &how).await?;
+        }
         if v.starts_with("raise") {
             return Err(Status::unknown(format!(
                 "Exception calling application: handler raised on {v:?}"

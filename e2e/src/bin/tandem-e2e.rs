@@ -1,6 +1,6 @@
 //! `tandem-e2e`: one binary that runs any process of an end-to-end test:
 //! `coordinator`, `sidecar` (the same flags as the real binaries) or
-//! `test-app`.
+//! `test-app`; and `campaign`, the fault campaign that runs them all.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -23,6 +23,28 @@ enum Cmd {
     Coordinator(CoordinatorArgs),
     /// A sidecar.
     Sidecar(SidecarArgs),
+    /// The fault campaign: seeded workload and faults, history checked.
+    Campaign {
+        /// Seed of the first cycle (cycle i uses seed + i); default: the
+        /// clock.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Cycles to run.
+        #[arg(long, default_value_t = 5)]
+        cycles: u32,
+        /// Transactional messages per cycle.
+        #[arg(long, default_value_t = 60)]
+        messages: usize,
+        /// Milliseconds of faults per cycle.
+        #[arg(long, default_value_t = 8000)]
+        chaos_ms: u64,
+        /// Milliseconds the cluster may take to settle after the faults.
+        #[arg(long, default_value_t = 90_000)]
+        settle_ms: u64,
+        /// Folder for the cycles' data (failing cycles are kept there).
+        #[arg(long)]
+        dir: Option<std::path::PathBuf>,
+    },
     /// The test application.
     TestApp {
         /// Address to serve the app callbacks on.
@@ -45,6 +67,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let config = tandem_sidecar::Config::load(&args, std::env::vars())?;
             tandem_coordinator::init_tracing(&config.log_filter);
             Ok(tandem_sidecar::run(config, shutdown_signal()).await?)
+        }
+        Cmd::Campaign {
+            seed,
+            cycles,
+            messages,
+            chaos_ms,
+            settle_ms,
+            dir,
+        } => {
+            tandem_coordinator::init_tracing("warn");
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_secs())
+            });
+            let opts = tandem_e2e::campaign::Options {
+                seed,
+                cycles,
+                messages,
+                chaos: std::time::Duration::from_millis(chaos_ms),
+                settle: std::time::Duration::from_millis(settle_ms),
+                bin: std::env::current_exe()?,
+                root: dir.unwrap_or_else(|| std::env::temp_dir().join("tandem-campaign")),
+            };
+            let reports = tandem_e2e::campaign::run(&opts).await?;
+            let failed = reports.iter().filter(|r| !r.violations.is_empty()).count();
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} cycles broke the promise", reports.len());
+            }
+            Ok(())
         }
         Cmd::TestApp { listen, db } => {
             tandem_coordinator::init_tracing("info");

@@ -1,0 +1,1044 @@
+//! The fault campaign: cycles of a randomized, seeded workload against a
+//! whole Tandem of real processes while a seeded schedule of faults hits
+//! them, each cycle's history checked against the promise ([`check`]).
+//!
+//! One cycle: a coordinator; the `orders` producer (test app + sidecar,
+//! callback mode); the `cart` consumer (test app + two sidecars in one
+//! group, STRONG dedup); the sidecars reach the coordinator through an
+//! in-process TCP proxy. Workers send transactional messages over several
+//! keys whose local transactions commit, roll back, answer UNKNOWN, never
+//! answer check-backs, take long, or crash the producer app; whose consumer
+//! handlers are slow, fail for a while with various gRPC statuses, always
+//! fail (poison), or crash the consumer app; some calls are retried with the
+//! same id and content, and some ids are reused with other content. Meanwhile
+//! faults: SIGKILL and restart of any process, SIGSTOP/SIGCONT of any
+//! process, the proxy cutting, black-holing or delaying connections, a
+//! consumer leaving and rejoining. Then the faults stop, everything is
+//! brought back, the cluster must settle (no open transaction, no lag)
+//! within a bound, and the history is checked: committed lost, rolled back
+//! delivered, appended or applied twice, content replaced, per-key order,
+//! offset gaps, dead letters with and without cause, stalls.
+//!
+//! A cycle's seed decides its workload and its fault schedule; timing still
+//! varies between runs, so a replay (`--seed <cycle seed> --cycles 1`)
+//! explores the same schedule, not the same interleaving.
+
+pub mod check;
+pub mod proxy;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tandem_proto::coordinator as pb;
+use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tandem_proto::sidecar as sc;
+use tandem_proto::sidecar::sidecar_client::SidecarClient;
+use tandem_storage::{EmbeddedLog, Log, LogConfig, ReadBudget, TopicPartition};
+use tokio::sync::Mutex;
+
+use crate::process::Process;
+use crate::testapp::HANDLE_HEADER;
+use check::{Conflict, Handling, History, Logged, Sent, Tally, Violation};
+use proxy::{Mode, Proxy};
+
+/// Campaign settings.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Seed of the first cycle; cycle `i` uses `seed + i`.
+    pub seed: u64,
+    /// Cycles to run.
+    pub cycles: u32,
+    /// Messages per cycle.
+    pub messages: usize,
+    /// How long faults are injected in each cycle.
+    pub chaos: Duration,
+    /// How long the cluster may take to settle once the faults stop.
+    pub settle: Duration,
+    /// The `tandem-e2e` binary that runs each process.
+    pub bin: PathBuf,
+    /// Where cycle folders go (kept for failing cycles).
+    pub root: PathBuf,
+}
+
+const TOPIC: &str = "orders";
+const PARTITIONS: u32 = 4;
+const KEYS: usize = 6;
+const GROUP: &str = "cart";
+const MAX_ATTEMPTS: u32 = 3;
+
+const COORDINATOR_SETTINGS: &[&str] = &[
+    "check_after_ms=1000",
+    "check_timeout_ms=1000",
+    "max_checks=4",
+    "max_check_interval_ms=2000",
+    "session_timeout_ms=3000",
+    "revoke_timeout_ms=3000",
+];
+const SIDECAR_SETTINGS: &[&str] = &["callback_timeout_ms=5000", "handler_timeout_ms=5000"];
+
+/// A small seeded generator (SplitMix64): the campaign's only randomness.
+#[derive(Clone, Debug)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `seed`.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+
+    /// A duration uniform in `lo..=hi` milliseconds.
+    pub fn ms(&mut self, lo: u64, hi: u64) -> Duration {
+        Duration::from_millis(lo + self.below(hi - lo + 1))
+    }
+
+    /// Picks by weight: the index of the chosen entry.
+    pub fn weighted(&mut self, weights: &[u64]) -> usize {
+        let total: u64 = weights.iter().sum();
+        let mut x = self.below(total);
+        for (i, w) in weights.iter().enumerate() {
+            if x < *w {
+                return i;
+            }
+            x -= w;
+        }
+        weights.len() - 1
+    }
+}
+
+/// The processes of one cycle, by role.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Role {
+    Coordinator,
+    OrdersApp,
+    OrdersSidecar,
+    CartApp,
+    Cart1,
+    Cart2,
+}
+
+const ROLES: [Role; 6] = [
+    Role::Coordinator,
+    Role::OrdersApp,
+    Role::OrdersSidecar,
+    Role::CartApp,
+    Role::Cart1,
+    Role::Cart2,
+];
+
+impl Role {
+    fn name(self) -> &'static str {
+        match self {
+            Role::Coordinator => "coordinator",
+            Role::OrdersApp => "orders-app",
+            Role::OrdersSidecar => "orders-sidecar",
+            Role::CartApp => "cart-app",
+            Role::Cart1 => "cart-sidecar-1",
+            Role::Cart2 => "cart-sidecar-2",
+        }
+    }
+}
+
+/// One cycle's processes and how to (re)start each on its port.
+struct Cluster {
+    bin: PathBuf,
+    dir: PathBuf,
+    procs: BTreeMap<Role, Process>,
+    ports: BTreeMap<Role, u16>,
+    /// Held down by a fault: the watchdog leaves it alone.
+    down: BTreeMap<Role, bool>,
+    /// Stopped (SIGSTOP) by a fault.
+    paused: BTreeMap<Role, bool>,
+    proxy_addr: SocketAddr,
+    /// Restarts after an exit nobody asked for (crashes as told, fatal
+    /// errors): counted, not hidden.
+    unplanned_restarts: u32,
+}
+
+impl Cluster {
+    fn args(&self, role: Role, port: u16) -> Vec<String> {
+        let listen = format!("127.0.0.1:{port}");
+        let url = |r: Role| format!("http://127.0.0.1:{}", self.ports[&r]);
+        let proxy = format!("http://{}", self.proxy_addr);
+        let mut a: Vec<String> = match role {
+            Role::Coordinator => vec![
+                "coordinator".into(),
+                "--listen".into(),
+                listen,
+                "--data-dir".into(),
+                self.dir.join("coordinator").display().to_string(),
+            ],
+            Role::OrdersApp | Role::CartApp => vec![
+                "test-app".into(),
+                "--listen".into(),
+                listen,
+                "--db".into(),
+                self.dir
+                    .join(format!("{}.db", role.name()))
+                    .display()
+                    .to_string(),
+            ],
+            Role::OrdersSidecar | Role::Cart1 | Role::Cart2 => {
+                let (service, app) = if role == Role::OrdersSidecar {
+                    ("orders", Role::OrdersApp)
+                } else {
+                    ("cart", Role::CartApp)
+                };
+                vec![
+                    "sidecar".into(),
+                    "--listen".into(),
+                    listen,
+                    "--coordinator".into(),
+                    proxy,
+                    "--service".into(),
+                    service.into(),
+                    "--app".into(),
+                    url(app),
+                    "--db".into(),
+                    self.dir
+                        .join(format!("{}.db", app.name()))
+                        .display()
+                        .to_string(),
+                    "--set".into(),
+                    format!("instance={}", role.name()),
+                ]
+            }
+        };
+        let settings = match role {
+            Role::Coordinator => COORDINATOR_SETTINGS,
+            Role::OrdersSidecar | Role::Cart1 | Role::Cart2 => SIDECAR_SETTINGS,
+            _ => &[],
+        };
+        for s in settings {
+            a.extend(["--set".into(), (*s).into()]);
+        }
+        a
+    }
+
+    fn start(&mut self, role: Role) -> anyhow::Result<()> {
+        let port = self.ports.get(&role).copied().unwrap_or(0);
+        let args = self.args(role, port);
+        let p = tokio::task::block_in_place(|| {
+            Process::start(role.name(), &self.bin, &args, &[], &self.dir)
+        })
+        .with_context(|| format!("starting {}", role.name()))?;
+        self.ports.insert(role, p.addr.port());
+        self.procs.insert(role, p);
+        self.down.insert(role, false);
+        self.paused.insert(role, false);
+        Ok(())
+    }
+
+    fn kill(&mut self, role: Role) {
+        if let Some(mut p) = self.procs.remove(&role) {
+            tokio::task::block_in_place(|| p.kill());
+        }
+        self.down.insert(role, true);
+        self.paused.insert(role, false);
+    }
+
+    fn pause(&mut self, role: Role) -> anyhow::Result<()> {
+        if let Some(p) = self.procs.get_mut(&role) {
+            p.pause()?;
+            self.paused.insert(role, true);
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self, role: Role) -> anyhow::Result<()> {
+        if let Some(p) = self.procs.get_mut(&role) {
+            p.resume()?;
+        }
+        self.paused.insert(role, false);
+        Ok(())
+    }
+
+    /// Restarts whatever exited on its own (a crash the workload asked for,
+    /// a fatal error); true if something was restarted.
+    fn revive(&mut self) -> anyhow::Result<bool> {
+        let mut any = false;
+        for role in ROLES {
+            let exited = match self.procs.get_mut(&role) {
+                Some(p) => p.has_exited(),
+                None => !self.down.get(&role).copied().unwrap_or(false),
+            };
+            if exited {
+                self.procs.remove(&role);
+                self.unplanned_restarts += 1;
+                self.start(role)?;
+                any = true;
+            }
+        }
+        Ok(any)
+    }
+
+    /// Everything running and not paused.
+    fn heal(&mut self) -> anyhow::Result<()> {
+        for role in ROLES {
+            if self.paused.get(&role).copied().unwrap_or(false) {
+                self.resume(role)?;
+            }
+            if !self.procs.contains_key(&role) {
+                self.start(role)?;
+            }
+        }
+        self.revive()?;
+        Ok(())
+    }
+
+    fn url(&self, role: Role) -> String {
+        format!("http://127.0.0.1:{}", self.ports[&role])
+    }
+}
+
+/// What one cycle found.
+#[derive(Debug)]
+pub struct CycleReport {
+    /// The cycle's seed (replays it).
+    pub seed: u64,
+    /// The consumer's dedup mode in this cycle.
+    pub dedup: &'static str,
+    /// Faults injected, by kind.
+    pub faults: BTreeMap<&'static str, u32>,
+    /// Processes restarted after exiting on their own.
+    pub unplanned_restarts: u32,
+    /// Counts of the history.
+    pub tally: Tally,
+    /// The last answer the workload got for each message, counted by kind.
+    pub answers: BTreeMap<String, u32>,
+    /// Broken promises.
+    pub violations: Vec<Violation>,
+    /// Seconds the cycle took.
+    pub seconds: f64,
+    /// The cycle's folder, kept when it failed.
+    pub kept: Option<PathBuf>,
+}
+
+/// Runs the campaign; prints one line per cycle and a summary table;
+/// returns the reports.
+pub async fn run(opts: &Options) -> anyhow::Result<Vec<CycleReport>> {
+    std::fs::create_dir_all(&opts.root)?;
+    let mut reports = Vec::new();
+    println!(
+        "campaign: seed {} cycles {} messages/cycle {} chaos {:?}",
+        opts.seed, opts.cycles, opts.messages, opts.chaos
+    );
+    for i in 0..u64::from(opts.cycles) {
+        let seed = opts.seed.wrapping_add(i);
+        let r = cycle(opts, seed).await?;
+        println!(
+            "cycle {:>4} seed {:>20} {:<7} {:>5.1}s sent {:>3} committed {:>3} appended {:>3} effects {:>3} dlq {:>2} conflicts refused {:>2} faults {:>3} crashes {:>2}  {}",
+            i,
+            r.seed,
+            r.dedup,
+            r.seconds,
+            r.tally.sent,
+            r.tally.committed,
+            r.tally.appended,
+            r.tally.effects,
+            r.tally.dead_lettered,
+            r.tally.conflicts_refused,
+            r.faults.values().sum::<u32>(),
+            r.unplanned_restarts,
+            if r.violations.is_empty() {
+                "ok"
+            } else {
+                "FAILED"
+            }
+        );
+        println!("    answers {:?}", r.answers);
+        for v in &r.violations {
+            println!("    {v}");
+        }
+        if let Some(k) = &r.kept {
+            println!(
+                "    kept {}; replay: tandem-e2e campaign --seed {} --cycles 1",
+                k.display(),
+                r.seed
+            );
+        }
+        reports.push(r);
+    }
+    print_summary(&reports);
+    Ok(reports)
+}
+
+fn print_summary(reports: &[CycleReport]) {
+    let mut faults: BTreeMap<&str, u32> = BTreeMap::new();
+    let mut t = Tally::default();
+    let mut kinds: BTreeMap<&str, u32> = BTreeMap::new();
+    for r in reports {
+        for (k, n) in &r.faults {
+            *faults.entry(k).or_default() += n;
+        }
+        t.sent += r.tally.sent;
+        t.committed += r.tally.committed;
+        t.appended += r.tally.appended;
+        t.effects += r.tally.effects;
+        t.dead_lettered += r.tally.dead_lettered;
+        t.conflicts_refused += r.tally.conflicts_refused;
+        for v in &r.violations {
+            *kinds.entry(v.kind).or_default() += 1;
+        }
+    }
+    let failed: Vec<u64> = reports
+        .iter()
+        .filter(|r| !r.violations.is_empty())
+        .map(|r| r.seed)
+        .collect();
+    println!("\n== campaign summary: {} cycles ==", reports.len());
+    println!("{:<32}{:>10}", "messages sent", t.sent);
+    println!("{:<32}{:>10}", "local transactions committed", t.committed);
+    println!("{:<32}{:>10}", "messages appended", t.appended);
+    println!("{:<32}{:>10}", "effects", t.effects);
+    println!("{:<32}{:>10}", "dead letters (poison)", t.dead_lettered);
+    println!(
+        "{:<32}{:>10}",
+        "conflicting reuses refused", t.conflicts_refused
+    );
+    println!(
+        "{:<32}{:>10}",
+        "unplanned restarts",
+        reports.iter().map(|r| r.unplanned_restarts).sum::<u32>()
+    );
+    for (k, n) in &faults {
+        println!("{:<32}{:>10}", format!("fault: {k}"), n);
+    }
+    if kinds.is_empty() {
+        println!("{:<32}{:>10}", "violations", 0);
+    }
+    for (k, n) in &kinds {
+        println!("{:<32}{:>10}", format!("VIOLATION: {k}"), n);
+    }
+    if !failed.is_empty() {
+        println!("failing seeds: {failed:?}");
+    }
+}
+
+async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
+    let began = Instant::now();
+    let dir = opts.root.join(format!("cycle-{seed}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::create_dir_all(&dir)?;
+    let mut rng = Rng::new(seed);
+
+    // The coordinator first (the proxy needs its port), then the rest.
+    let mut cluster = Cluster {
+        bin: opts.bin.clone(),
+        dir: dir.clone(),
+        procs: BTreeMap::new(),
+        ports: BTreeMap::new(),
+        down: BTreeMap::new(),
+        paused: BTreeMap::new(),
+        proxy_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        unplanned_restarts: 0,
+    };
+    cluster.start(Role::Coordinator)?;
+    let coordinator_addr = cluster.procs[&Role::Coordinator].addr;
+    let proxy = Proxy::start(coordinator_addr).await?;
+    cluster.proxy_addr = proxy.addr;
+    for role in [
+        Role::OrdersApp,
+        Role::CartApp,
+        Role::OrdersSidecar,
+        Role::Cart1,
+        Role::Cart2,
+    ] {
+        cluster.start(role)?;
+    }
+    let mut admin = CoordinatorClient::connect(cluster.url(Role::Coordinator))
+        .await
+        .context("connecting to the coordinator")?;
+    admin
+        .create_topic(pb::CreateTopicRequest {
+            name: TOPIC.into(),
+            partitions: PARTITIONS,
+        })
+        .await
+        .context("creating the topic")?;
+    // Even seeds consume in STRONG mode (exactly-once effect whatever
+    // dies), odd ones in SIDECAR mode, whose promise excludes a consumer
+    // sidecar or app dying between the effect and its record: those cycles
+    // do not SIGKILL the consumer side (everything else still happens).
+    let dedup = if seed.is_multiple_of(2) {
+        sc::DedupMode::Strong
+    } else {
+        sc::DedupMode::Sidecar
+    };
+    for role in [Role::Cart1, Role::Cart2] {
+        let mut c = SidecarClient::connect(cluster.url(role))
+            .await
+            .with_context(|| format!("connecting to {}", role.name()))?;
+        c.subscribe(sc::SubscribeRequest {
+            topic: TOPIC.into(),
+            group: GROUP.into(),
+            start_from: pb::StartFrom::Earliest as i32,
+            dedup: dedup as i32,
+            max_in_flight: 16,
+            max_attempts: MAX_ATTEMPTS,
+            retry_backoff_ms: 50,
+        })
+        .await?;
+    }
+    let producer_url = cluster.url(Role::OrdersSidecar);
+    let cluster = Arc::new(Mutex::new(cluster));
+
+    // Workload and faults run together; the faults stop after the chaos
+    // period, the workload when its messages are sent.
+    let plan = plan_messages(&mut rng, seed, opts.messages);
+    // Each worker spreads its messages over the chaos period.
+    let per_worker = (opts.messages / KEYS).max(1) as u32;
+    let pace = opts.chaos / per_worker;
+    let workload = tokio::spawn(workload(producer_url, plan, rng.next_u64(), pace));
+    // Processes that exit on their own (crashes the workload asks for, a
+    // fatal error) are brought back for as long as the cycle runs.
+    let (reviving, mut revive_stop) = tokio::sync::watch::channel(false);
+    let reviver = {
+        let cluster = cluster.clone();
+        tokio::spawn(async move {
+            loop {
+                cluster.lock().await.revive()?;
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    _ = revive_stop.wait_for(|s| *s) => return anyhow::Ok(()),
+                }
+            }
+        })
+    };
+    let faults = tokio::spawn(inject_faults(
+        cluster.clone(),
+        Arc::new(proxy),
+        opts.chaos,
+        rng.next_u64(),
+        dedup == sc::DedupMode::Strong,
+        dir.join("faults.log"),
+    ));
+    let (proxy, faults) = faults.await??;
+    let (sent, conflicts) = workload.await??;
+    let _ = reviving.send(true);
+    reviver.await??;
+
+    // Heal, settle, stop, gather, check.
+    proxy.set(Mode::Pass);
+    cluster.lock().await.heal()?;
+    let stalled = settle(&cluster, &sent, opts.settle).await?;
+    let mut c = cluster.lock().await;
+    for role in [
+        Role::Cart1,
+        Role::Cart2,
+        Role::OrdersSidecar,
+        Role::CartApp,
+        Role::OrdersApp,
+    ] {
+        c.kill(role);
+    }
+    if let Some(p) = c.procs.get_mut(&Role::Coordinator) {
+        let _ = tokio::task::block_in_place(|| p.terminate(Duration::from_secs(20)));
+    }
+    c.kill(Role::Coordinator);
+    let unplanned_restarts = c.unplanned_restarts;
+    drop(c);
+    drop(proxy);
+    let mut answers: BTreeMap<String, u32> = BTreeMap::new();
+    for s in &sent {
+        let last = s
+            .answers
+            .last()
+            .map_or("none", |a| a.split(':').next().unwrap_or(a));
+        *answers.entry(last.to_owned()).or_default() += 1;
+    }
+    let history = gather(&dir, sent, conflicts, stalled).await?;
+    let (tally, violations) = check::check(&history);
+    let kept = if violations.is_empty() {
+        let _ = std::fs::remove_dir_all(&dir);
+        None
+    } else {
+        std::fs::write(dir.join("history.txt"), format!("{history:#?}"))?;
+        Some(dir)
+    };
+    Ok(CycleReport {
+        seed,
+        dedup: if dedup == sc::DedupMode::Strong {
+            "STRONG"
+        } else {
+            "SIDECAR"
+        },
+        faults,
+        unplanned_restarts,
+        tally,
+        answers,
+        violations,
+        seconds: began.elapsed().as_secs_f64(),
+        kept,
+    })
+}
+
+/// One message of the workload, before it is sent.
+#[derive(Clone, Debug)]
+struct Planned {
+    id: String,
+    key: String,
+    value: String,
+    handle: Option<String>,
+    handling: Handling,
+    /// After a definitive answer: send it again unchanged.
+    retry_same: bool,
+    /// After a definitive answer: reuse the id with other content.
+    reuse_other: bool,
+}
+
+fn plan_messages(rng: &mut Rng, seed: u64, n: usize) -> Vec<Vec<Planned>> {
+    // local transaction: what the producer app does
+    const LOCAL: [(&str, u64); 7] = [
+        ("commit", 55),
+        ("unknown", 12),
+        ("check-unknown", 6),
+        ("rollback", 12),
+        ("hang", 4),
+        ("slow", 4),
+        ("crash", 3),
+    ];
+    // gRPC codes a failing handler answers with
+    const COUNTED: [i32; 5] = [2, 3, 4, 9, 13];
+    let mut per_key: Vec<Vec<Planned>> = vec![Vec::new(); KEYS];
+    for i in 0..n {
+        let k = rng.below(KEYS as u64) as usize;
+        let local = LOCAL[rng.weighted(&LOCAL.map(|(_, w)| w))].0;
+        let id = format!("s{seed}-{i:04}");
+        let (handle, handling) = match rng.weighted(&[70, 8, 4, 5, 5, 4, 4]) {
+            0 => (None, Handling::Plain),
+            1 => {
+                let code = COUNTED[rng.below(COUNTED.len() as u64) as usize];
+                (
+                    Some(format!("fail:{code}:{}", 1 + rng.below(2))),
+                    Handling::Transient,
+                )
+            }
+            // UNAVAILABLE means "not reachable": retried, never counted
+            2 => (Some("fail:14:2".to_owned()), Handling::Transient),
+            3 => {
+                let code = COUNTED[rng.below(COUNTED.len() as u64) as usize];
+                (Some(format!("fail:{code}:99")), Handling::Poison)
+            }
+            4 => (Some("slow".to_owned()), Handling::Plain),
+            5 => (Some("crash".to_owned()), Handling::Plain),
+            _ => (Some("fail:2:1".to_owned()), Handling::Transient),
+        };
+        per_key[k].push(Planned {
+            value: format!("{local}-{id}"),
+            id,
+            key: format!("k{k}"),
+            handle,
+            handling,
+            retry_same: rng.below(100) < 6,
+            reuse_other: rng.below(100) < 6,
+        });
+    }
+    per_key
+}
+
+fn answer_of(r: &Result<tonic::Response<sc::TransactionResponse>, tonic::Status>) -> String {
+    match r {
+        Ok(r) => pb::TransactionState::try_from(r.get_ref().state)
+            .map(|s| {
+                s.as_str_name()
+                    .trim_start_matches("TRANSACTION_STATE_")
+                    .to_owned()
+            })
+            .unwrap_or_else(|_| "?".into()),
+        Err(s) => format!("{}: {}", code_name(s.code()), s.message()),
+    }
+}
+
+fn code_name(c: tonic::Code) -> String {
+    format!("{c:?}")
+        .chars()
+        .enumerate()
+        .flat_map(|(i, ch)| {
+            let sep = (i > 0 && ch.is_uppercase()).then_some('_');
+            sep.into_iter().chain(ch.to_uppercase())
+        })
+        .collect()
+}
+
+/// Sends every planned message, one worker per key (so each key's messages
+/// go out in order), retrying a call whose answer was lost.
+async fn workload(
+    producer: String,
+    plan: Vec<Vec<Planned>>,
+    seed: u64,
+    pace: Duration,
+) -> anyhow::Result<(Vec<Sent>, Vec<Conflict>)> {
+    let mut workers = Vec::new();
+    for (w, messages) in plan.into_iter().enumerate() {
+        let producer = producer.clone();
+        let mut rng = Rng::new(seed.wrapping_add(w as u64));
+        workers.push(tokio::spawn(async move {
+            let channel = tonic::transport::Endpoint::from_shared(producer)?
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy();
+            let mut client = SidecarClient::new(channel);
+            let mut sent = Vec::new();
+            let mut conflicts = Vec::new();
+            for m in messages {
+                let pause = pace.as_millis() as u64;
+                tokio::time::sleep(rng.ms(0, 2 * pause)).await;
+                let request = |value: &str| {
+                    let mut message = pb::Message {
+                        id: String::new(),
+                        key: Some(m.key.clone().into_bytes().into()),
+                        value: value.as_bytes().to_vec().into(),
+                        headers: Vec::new(),
+                        partition: None,
+                    };
+                    if let Some(h) = &m.handle {
+                        message.headers.push(pb::Header {
+                            name: HANDLE_HEADER.into(),
+                            value: h.clone().into_bytes().into(),
+                        });
+                    }
+                    let mut r = tonic::Request::new(sc::PublishTransactionalRequest {
+                        topic: TOPIC.into(),
+                        message: Some(message),
+                        txn_id: m.id.clone(),
+                    });
+                    r.set_timeout(Duration::from_secs(15));
+                    r
+                };
+                let mut answers = Vec::new();
+                let mut definitive = false;
+                for attempt in 0..4 {
+                    let r = client.publish_transactional(request(&m.value)).await;
+                    answers.push(answer_of(&r));
+                    match r {
+                        Ok(_) => {
+                            definitive = true;
+                            break;
+                        }
+                        // The outcome is unknown: retry the same call (the
+                        // id makes it the same transaction).
+                        Err(_) if attempt < 3 => {
+                            tokio::time::sleep(rng.ms(200, 1000)).await;
+                        }
+                        Err(_) => {}
+                    }
+                }
+                if definitive && m.retry_same {
+                    let r = client.publish_transactional(request(&m.value)).await;
+                    answers.push(answer_of(&r));
+                }
+                if definitive && m.reuse_other {
+                    let other = format!("commit-other-{}", m.id);
+                    let r = client.publish_transactional(request(&other)).await;
+                    conflicts.push(Conflict {
+                        id: m.id.clone(),
+                        value: other,
+                        answer: answer_of(&r),
+                    });
+                }
+                sent.push(Sent {
+                    id: m.id,
+                    key: m.key,
+                    value: m.value,
+                    handling: m.handling,
+                    answers,
+                });
+            }
+            anyhow::Ok((sent, conflicts))
+        }));
+    }
+    let mut sent = Vec::new();
+    let mut conflicts = Vec::new();
+    for w in workers {
+        let (s, c) = w.await??;
+        sent.extend(s);
+        conflicts.extend(c);
+    }
+    Ok((sent, conflicts))
+}
+
+/// Injects seeded faults for `chaos`, one at a time, keeping processes that
+/// crashed on their own running; logs each to `log`.
+async fn inject_faults(
+    cluster: Arc<Mutex<Cluster>>,
+    proxy: Arc<Proxy>,
+    chaos: Duration,
+    seed: u64,
+    kill_consumers: bool,
+    log: PathBuf,
+) -> anyhow::Result<(Arc<Proxy>, BTreeMap<&'static str, u32>)> {
+    let mut rng = Rng::new(seed);
+    let mut counts: BTreeMap<&'static str, u32> = BTreeMap::new();
+    let mut lines = Vec::new();
+    let start = Instant::now();
+    while start.elapsed() < chaos {
+        tokio::time::sleep(rng.ms(200, 1200)).await;
+        let role = ROLES[rng.below(ROLES.len() as u64) as usize];
+        let consumer_side = matches!(role, Role::CartApp | Role::Cart1 | Role::Cart2);
+        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8]) {
+            0 if consumer_side && !kill_consumers => continue,
+            0 => {
+                let down = rng.ms(0, 1000);
+                cluster.lock().await.kill(role);
+                tokio::time::sleep(down).await;
+                cluster.lock().await.start(role)?;
+                lines.push(format!(
+                    "{:?} SIGKILL {} down {down:?}",
+                    start.elapsed(),
+                    role.name()
+                ));
+                "SIGKILL + restart"
+            }
+            1 => {
+                // SIDECAR mode: short enough that a call in progress stays
+                // within the handler timeout (5 s)
+                let d = rng.ms(300, if kill_consumers { 4000 } else { 2500 });
+                cluster.lock().await.pause(role)?;
+                tokio::time::sleep(d).await;
+                cluster.lock().await.resume(role)?;
+                lines.push(format!(
+                    "{:?} SIGSTOP {} for {d:?}",
+                    start.elapsed(),
+                    role.name()
+                ));
+                "SIGSTOP/SIGCONT"
+            }
+            2 => {
+                proxy.cut();
+                lines.push(format!("{:?} proxy cut", start.elapsed()));
+                "proxy cut"
+            }
+            3 => {
+                let d = rng.ms(300, 3000);
+                proxy.set(Mode::Blackhole);
+                tokio::time::sleep(d).await;
+                proxy.set(Mode::Pass);
+                lines.push(format!("{:?} proxy black hole {d:?}", start.elapsed()));
+                "proxy black hole"
+            }
+            4 => {
+                let (d, lag) = (rng.ms(500, 3000), rng.ms(20, 300));
+                proxy.set(Mode::Delay(lag));
+                tokio::time::sleep(d).await;
+                proxy.set(Mode::Pass);
+                lines.push(format!(
+                    "{:?} proxy delay {lag:?} for {d:?}",
+                    start.elapsed()
+                ));
+                "proxy delay"
+            }
+            _ => {
+                // a consumer leaves cleanly and comes back
+                let d = rng.ms(200, 2000);
+                let mut c = cluster.lock().await;
+                if let Some(p) = c.procs.get_mut(&Role::Cart2) {
+                    let _ = tokio::task::block_in_place(|| p.terminate(Duration::from_secs(15)));
+                }
+                c.kill(Role::Cart2);
+                drop(c);
+                tokio::time::sleep(d).await;
+                cluster.lock().await.start(Role::Cart2)?;
+                lines.push(format!(
+                    "{:?} cart-sidecar-2 left for {d:?}",
+                    start.elapsed()
+                ));
+                "consumer leaves + rejoins"
+            }
+        };
+        *counts.entry(kind).or_default() += 1;
+    }
+    std::fs::write(&log, lines.join("\n"))?;
+    Ok((proxy, counts))
+}
+
+/// Waits until every sent transaction is decided and the group has
+/// consumed everything; `Some(what is left)` if that takes longer than
+/// `bound`.
+async fn settle(
+    cluster: &Arc<Mutex<Cluster>>,
+    sent: &[Sent],
+    bound: Duration,
+) -> anyhow::Result<Option<String>> {
+    let deadline = Instant::now() + bound;
+    let mut left = String::new();
+    while Instant::now() < deadline {
+        cluster.lock().await.revive()?;
+        let url = cluster.lock().await.url(Role::Coordinator);
+        match pending(&url, sent).await {
+            Ok(None) => return Ok(None),
+            Ok(Some(what)) => left = what,
+            Err(e) => left = format!("coordinator not answering: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    Ok(Some(format!("after {bound:?}: {left}")))
+}
+
+/// What is still in flight: open transactions, consumer lag.
+async fn pending(url: &str, sent: &[Sent]) -> anyhow::Result<Option<String>> {
+    let mut c = CoordinatorClient::connect(url.to_owned()).await?;
+    let mut open = Vec::new();
+    for s in sent {
+        match c
+            .get_transaction(pb::GetTransactionRequest {
+                txn_id: s.id.clone(),
+            })
+            .await
+        {
+            Ok(t) if t.get_ref().state == pb::TransactionState::Prepared as i32 => {
+                open.push(s.id.clone());
+            }
+            Ok(_) => {}
+            Err(e) if e.code() == tonic::Code::NotFound => {}
+            Err(e) => bail!("GetTransaction: {e}"),
+        }
+    }
+    let d = c
+        .describe_topic(pb::DescribeTopicRequest { name: TOPIC.into() })
+        .await?
+        .into_inner();
+    let lag = d
+        .groups
+        .iter()
+        .find(|g| g.group == GROUP)
+        .map_or(u64::MAX, |g| g.total_lag);
+    if open.is_empty() && lag == 0 {
+        return Ok(None);
+    }
+    Ok(Some(format!(
+        "{} open transactions {:?}, group lag {}",
+        open.len(),
+        open.iter().take(5).collect::<Vec<_>>(),
+        if lag == u64::MAX {
+            "unknown".into()
+        } else {
+            lag.to_string()
+        }
+    )))
+}
+
+/// Reads the history from what the processes left: the producer's business
+/// rows, the topic and its dead letters as stored, the consumer's effects.
+async fn gather(
+    dir: &Path,
+    sent: Vec<Sent>,
+    conflicts: Vec<Conflict>,
+    stalled: Option<String>,
+) -> anyhow::Result<History> {
+    let orders =
+        crate::db::open_sqlite(&dir.join("orders-app.db").display().to_string(), 2).await?;
+    let local_committed = sqlx::query_scalar::<_, String>("SELECT txn_id FROM business")
+        .fetch_all(&orders)
+        .await?
+        .into_iter()
+        .collect();
+    orders.close().await;
+    let cart = crate::db::open_sqlite(&dir.join("cart-app.db").display().to_string(), 2).await?;
+    let effects = sqlx::query_scalar::<_, String>("SELECT message_id FROM effects ORDER BY seq")
+        .fetch_all(&cart)
+        .await?;
+    cart.close().await;
+
+    let log =
+        EmbeddedLog::open(dir.join("coordinator").join("topics"), LogConfig::default()).await?;
+    let mut logged = Vec::new();
+    let mut dead_letters = Vec::new();
+    for tp in log.partitions() {
+        let offsets = log.offsets(&tp)?;
+        let mut at = offsets.log_start;
+        while at < offsets.high_water_mark {
+            let batch = log.read(&tp, at, ReadBudget::default()).await?;
+            let Some(last) = batch.last() else { break };
+            at = last.offset + 1;
+            for s in batch {
+                let header = |name: &str| {
+                    s.record
+                        .headers
+                        .iter()
+                        .find(|h| h.name == name)
+                        .map(|h| String::from_utf8_lossy(&h.value).into_owned())
+                };
+                let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                if tp.topic == TOPIC {
+                    logged.push(Logged {
+                        partition: tp.partition,
+                        offset: s.offset,
+                        id: text(&s.record.id),
+                        key: text(s.record.key.as_deref().unwrap_or_default()),
+                        value: text(&s.record.value),
+                    });
+                } else if tp == TopicPartition::new(format!("{TOPIC}.dlq"), tp.partition) {
+                    dead_letters.push((
+                        header("tandem.id").unwrap_or_else(|| text(&s.record.id)),
+                        header("tandem.error").unwrap_or_default(),
+                    ));
+                }
+            }
+        }
+    }
+    log.close().await;
+    logged.sort_by_key(|r| (r.partition, r.offset));
+    Ok(History {
+        sent,
+        conflicts,
+        local_committed,
+        log: logged,
+        effects,
+        dead_letters,
+        stalled,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_generator_is_seeded_and_spreads() {
+        let a: Vec<u64> = (0..5)
+            .map({
+                let mut r = Rng::new(7);
+                move |_| r.below(100)
+            })
+            .collect();
+        let b: Vec<u64> = (0..5)
+            .map({
+                let mut r = Rng::new(7);
+                move |_| r.below(100)
+            })
+            .collect();
+        assert_eq!(a, b, "same seed, same draws");
+        let mut r = Rng::new(1);
+        let mut hits = [0u32; 3];
+        for _ in 0..3000 {
+            hits[r.weighted(&[1, 1, 2])] += 1;
+        }
+        assert!(hits.iter().all(|&h| h > 500), "{hits:?}");
+        assert!(hits[2] > hits[0], "{hits:?}");
+    }
+
+    #[test]
+    fn code_names_are_grpc_style() {
+        assert_eq!(code_name(tonic::Code::AlreadyExists), "ALREADY_EXISTS");
+        assert_eq!(code_name(tonic::Code::Unknown), "UNKNOWN");
+    }
+}
