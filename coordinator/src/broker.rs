@@ -101,6 +101,7 @@ impl<L: Log + Clone> Broker<L> {
         internal: L,
         revoke_timeout: Duration,
         dedup_window: Duration,
+        offsets_retention: Duration,
         txn: TxnSettings,
     ) -> Result<Broker<L>> {
         let topics = Topics::open(data.clone(), internal.clone()).await?;
@@ -122,12 +123,15 @@ impl<L: Log + Clone> Broker<L> {
             shutdown_rx,
         ));
         let checks = tokio::spawn(txns.clone().run_checks());
-        let t = txns.clone();
+        let (t, o, g) = (txns.clone(), offsets.clone(), groups.clone());
         let upkeep = tokio::spawn(schedule.run(move || {
-            let t = t.clone();
+            let (t, o, g) = (t.clone(), o.clone(), g.clone());
             async move {
                 if let Err(e) = t.maintain().await {
                     tracing::error!(error = %e, "transaction log upkeep failed");
+                }
+                if !offsets_retention.is_zero() {
+                    expire_offsets(&o, &g, offsets_retention).await;
                 }
             }
         }));
@@ -347,5 +351,31 @@ fn partition_for(m: &Outgoing, meta: TopicMeta, sticky: u32) -> u32 {
         (Some(p), _) => p,
         (None, Some(key)) => partitioner::for_key(key, meta.partitions),
         (None, None) => sticky,
+    }
+}
+
+/// Forgets the committed offsets of groups that have had no member and no
+/// commit for `retention` (see `Offsets::expire`).
+async fn expire_offsets<L: Log + Clone>(
+    offsets: &Offsets,
+    groups: &Groups<L>,
+    retention: Duration,
+) {
+    let mut live = std::collections::HashSet::new();
+    for topic in offsets.topics() {
+        for (group, members) in groups.members_of(&topic).await {
+            if members > 0 {
+                live.insert((group, topic.clone()));
+            }
+        }
+    }
+    let before = crate::statelog::now_ms() - retention.as_millis() as i64;
+    let n = offsets.expire(before, |g, t| live.contains(&(g.to_owned(), t.to_owned())));
+    if n > 0 {
+        tracing::info!(
+            partitions = n,
+            retention_ms = retention.as_millis() as u64,
+            "offsets of groups without members or commits forgotten"
+        );
     }
 }

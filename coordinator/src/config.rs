@@ -48,6 +48,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("session_timeout_ms", Kind::Int),
     ("revoke_timeout_ms", Kind::Int),
     ("publish_dedup_window_ms", Kind::Int),
+    ("offsets_retention_ms", Kind::Int),
     ("log", Kind::Str),
     ("check_after_ms", Kind::Int),
     ("max_checks", Kind::Int),
@@ -75,6 +76,7 @@ struct Raw {
     session_timeout_ms: Option<u64>,
     revoke_timeout_ms: Option<u64>,
     publish_dedup_window_ms: Option<u64>,
+    offsets_retention_ms: Option<u64>,
     log: Option<String>,
     check_after_ms: Option<u64>,
     max_checks: Option<u32>,
@@ -149,6 +151,9 @@ pub struct Config {
     /// `Publish` repeating it is answered with the first append's position
     /// (zero: off).
     pub publish_dedup_window: Duration,
+    /// Committed offsets of a (group, topic) with no member and no commit
+    /// for this long are forgotten (zero: kept for ever).
+    pub offsets_retention: Duration,
     /// Log filter (`tracing` env-filter syntax).
     pub log_filter: String,
     /// Transactional messages.
@@ -405,6 +410,9 @@ impl Raw {
             session_timeout: Duration::from_millis(session),
             revoke_timeout: Duration::from_millis(revoke),
             publish_dedup_window: Duration::from_millis(window),
+            offsets_retention: Duration::from_millis(
+                self.offsets_retention_ms.unwrap_or(7 * 24 * 3_600_000),
+            ),
             log_filter: self.log.unwrap_or_else(|| "info".into()),
         })
     }

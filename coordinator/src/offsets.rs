@@ -17,7 +17,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Result};
-use crate::statelog::{StateLog, upsert};
+use crate::statelog::{StateLog, now_ms, upsert};
 
 /// Names one partition's position for one group.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -59,7 +59,11 @@ impl GroupPartition {
 #[derive(Default)]
 struct Table {
     committed: HashMap<GroupPartition, u64>,
+    /// When each offset was last committed (ms since the epoch).
+    at: HashMap<GroupPartition, i64>,
     dirty: HashSet<GroupPartition>,
+    /// Expired keys whose tombstones are not written yet.
+    deleted: HashSet<GroupPartition>,
 }
 
 /// The committed-offsets store.
@@ -81,9 +85,11 @@ impl Offsets {
             };
             match r.record.value.get(..8).and_then(|b| b.try_into().ok()) {
                 Some(b) => {
+                    table.at.insert(key.clone(), r.record.timestamp_ms);
                     table.committed.insert(key, u64::from_le_bytes(b));
                 }
                 None => {
+                    table.at.remove(&key);
                     table.committed.remove(&key);
                 }
             }
@@ -120,9 +126,58 @@ impl Offsets {
             return;
         }
         t.committed.insert(key.clone(), offset);
+        t.at.insert(key.clone(), now_ms());
+        t.deleted.remove(key);
         t.dirty.insert(key.clone());
         drop(t);
         self.wake.notify_one();
+    }
+
+    /// Forgets the offsets of every (group, topic) that committed nothing
+    /// since `before_ms` and has no live member (`live(group, topic)`), as
+    /// Kafka expires the offsets of empty groups: group names are chosen by
+    /// clients, and what nobody uses any more must not be kept for ever.
+    /// Returns how many partition offsets were forgotten. A group that
+    /// comes back starts where a new group starts.
+    pub(crate) fn expire(&self, before_ms: i64, live: impl Fn(&str, &str) -> bool) -> usize {
+        let mut t = self.table();
+        let mut newest: HashMap<(String, String), i64> = HashMap::new();
+        for (k, at) in &t.at {
+            let e = newest
+                .entry((k.group.clone(), k.topic.clone()))
+                .or_insert(i64::MIN);
+            *e = (*e).max(*at);
+        }
+        let stale: Vec<GroupPartition> = t
+            .committed
+            .keys()
+            .filter(|k| {
+                let key = (k.group.clone(), k.topic.clone());
+                newest.get(&key).copied().unwrap_or(i64::MIN) < before_ms
+                    && !live(&k.group, &k.topic)
+            })
+            .cloned()
+            .collect();
+        for k in &stale {
+            t.committed.remove(k);
+            t.at.remove(k);
+            t.dirty.remove(k);
+            t.deleted.insert(k.clone());
+        }
+        drop(t);
+        if !stale.is_empty() {
+            self.wake.notify_one();
+        }
+        stale.len()
+    }
+
+    /// Topics some group has committed offsets on.
+    pub(crate) fn topics(&self) -> std::collections::BTreeSet<String> {
+        self.table()
+            .committed
+            .keys()
+            .map(|k| k.topic.clone())
+            .collect()
     }
 
     /// Committed offsets of every group on `topic`: group → partition → offset.
@@ -190,13 +245,16 @@ impl Offsets {
             let records: Vec<_> = {
                 let mut t = self.table();
                 let dirty: Vec<_> = t.dirty.drain().collect();
-                dirty
+                let deleted: Vec<_> = t.deleted.drain().collect();
+                let mut records: Vec<_> = dirty
                     .into_iter()
                     .filter_map(|k| {
                         let v = *t.committed.get(&k)?;
                         Some(upsert(k.encode(), v.to_le_bytes().to_vec()))
                     })
-                    .collect()
+                    .collect();
+                records.extend(deleted.into_iter().map(|k| upsert(k.encode(), Vec::new())));
+                records
             };
             // Commits may be lost in a crash (they are redelivered), so they
             // sync only when someone waits for them.
@@ -262,6 +320,45 @@ mod tests {
         assert_eq!(offsets.get(&gp("c", 0)), None);
         let by_group = offsets.for_topic("orders");
         assert_eq!(by_group.len(), 2);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn offsets_of_groups_nobody_uses_expire_durably() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+        let offsets = Offsets::open(log.clone()).await?;
+        offsets.commit(&gp("gone", 0), 10);
+        offsets.commit(&gp("gone", 1), 4);
+        offsets.commit(&gp("alive", 0), 3);
+        offsets.commit(&gp("recent", 0), 3);
+        let past = now_ms() - 1;
+        assert_eq!(
+            offsets.expire(past, |_, _| false),
+            0,
+            "all committed just now"
+        );
+        let future = now_ms() + 60_000;
+        // "recent" commits again after the cut-off is taken: kept
+        let n = offsets.expire(future, |g, _| g == "alive" || g == "recent");
+        assert_eq!(n, 2, "both partitions of the unused group");
+        assert_eq!(offsets.get(&gp("gone", 0)), None);
+        assert_eq!(offsets.get(&gp("alive", 0)), Some(3));
+        offsets.flush().await?;
+        offsets.close().await;
+        log.close().await;
+
+        let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+        let offsets = Offsets::open(log.clone()).await?;
+        assert_eq!(
+            offsets.get(&gp("gone", 0)),
+            None,
+            "the expiry survives a restart"
+        );
+        assert_eq!(offsets.get(&gp("gone", 1)), None);
+        assert_eq!(offsets.get(&gp("alive", 0)), Some(3));
+        assert_eq!(offsets.get(&gp("recent", 0)), Some(3));
         Ok(())
     }
 

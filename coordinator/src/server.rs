@@ -47,6 +47,7 @@ impl Coordinator {
                 internal.clone(),
                 config.revoke_timeout,
                 config.publish_dedup_window,
+                config.offsets_retention,
                 config.txn.clone(),
             )
             .await?,
