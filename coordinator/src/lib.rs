@@ -24,6 +24,7 @@ pub mod settings;
 mod statelog;
 mod topics;
 mod transactions;
+mod txn_core;
 mod wire;
 
 pub use broker::{Broker, GroupDescription, HalfMessage, Outgoing, PartitionDescription, Position};

@@ -1,4 +1,7 @@
-//! Transactional messages: half messages, outcomes, check-back.
+//! Transactional messages: the shell around the protocol core in
+//! `txn_core`. The core decides; this module performs what it decides
+//! (writes to `__txn_state`, appends to topic partitions, check-backs down
+//! sidecar sessions, timers, answers to callers) and holds the locks.
 //!
 //! Durability contract. Every state change of a transaction is an upsert in
 //! the internal `__txn_state` log:
@@ -19,8 +22,10 @@
 //! open, so the search after a crash covers at most what was appended to the
 //! partition since the last check-back.
 //!
-//! Operations on one transaction are serialised by its lock; different
-//! transactions proceed concurrently and share group commits.
+//! Operations on one transaction are serialised by its lock, held while the
+//! effects of one event are performed (but not while a check-back waits for
+//! its answer); different transactions proceed concurrently and share group
+//! commits.
 //!
 //! Check-back: a transaction still PREPARED `check_after` after it was
 //! prepared is asked about through a live session of its service; UNKNOWN,
@@ -35,125 +40,72 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::Bytes;
 use prost::Message as _;
 use tandem_proto::coordinator as pb;
 use tandem_storage::{Log, ReadBudget, Record, TopicPartition};
 use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, watch};
 
-use crate::broker::{HalfMessage, Outgoing};
-use crate::config::{FinalAction, TxnSettings};
+use crate::broker::HalfMessage;
+use crate::config::TxnSettings;
 use crate::error::{Error, Result};
 use crate::failpoint;
 use crate::session::Sessions;
 use crate::statelog::{StateLog, now_ms, upsert};
-use crate::wire::{headers_from_wire, headers_to_wire};
+use crate::txn_core::{
+    CheckBack, Effect, Event, Note, Prepare, Reply, Seek, Sought, TxnRecord, TxnState,
+};
 
-const PREPARED: i32 = 1;
-const COMMITTED: i32 = 3;
-const ROLLED_BACK: i32 = 4;
+pub(crate) use crate::txn_core::MARKER_HEADER;
 
-/// The half message itself.
-#[derive(Clone, PartialEq, prost::Message)]
-struct HalfRecord {
-    #[prost(bytes = "bytes", optional, tag = "1")]
-    key: Option<Bytes>,
-    #[prost(bytes = "bytes", tag = "2")]
-    value: Bytes,
-    #[prost(message, repeated, tag = "3")]
-    headers: Vec<pb::Header>,
-    #[prost(int64, tag = "4")]
-    timestamp_ms: i64,
-}
-
-/// A transaction's whole state: the value of its upsert in `__txn_state`.
-#[derive(Clone, PartialEq, prost::Message)]
-struct TxnRecord {
-    #[prost(string, tag = "1")]
-    service: String,
-    #[prost(string, tag = "2")]
-    topic: String,
-    #[prost(uint32, tag = "3")]
-    partition: u32,
-    #[prost(int32, tag = "4")]
-    state: i32,
-    #[prost(int64, tag = "5")]
-    prepared_at_ms: i64,
-    #[prost(uint32, tag = "6")]
-    checks: u32,
-    /// PREPARED: the partition's high-water mark when the transaction was
-    /// last known not to be appended; the message, if appended, is after it.
-    #[prost(uint64, tag = "7")]
-    scan_from: u64,
-    /// COMMITTED: where the message is.
-    #[prost(uint64, tag = "8")]
-    offset: u64,
-    #[prost(int64, tag = "9")]
-    finished_at_ms: i64,
-    /// PREPARED only.
-    #[prost(message, optional, tag = "10")]
-    message: Option<HalfRecord>,
-    #[prost(bytes = "bytes", tag = "11")]
-    context: Bytes,
-    #[prost(bool, tag = "12")]
-    resolved_by_check: bool,
-    /// The sidecar instance that prepared it (check-backs go there first).
-    #[prost(string, tag = "13")]
-    instance: String,
-    /// Fingerprint of the content (topic, requested partition, key, value,
-    /// headers): a retried prepare must match it.
-    #[prost(uint64, tag = "14")]
-    digest: u64,
-    /// Unique per transaction; its appended message carries it in the
-    /// `tandem.txn` header, so start-up recovery finds this transaction's
-    /// own record and never another one with the same id.
-    #[prost(string, tag = "15")]
-    marker: String,
-}
-
-/// The header that marks a transaction's appended message; reserved: a
-/// plain publish may not set it, and deliveries do not show it.
-pub(crate) const MARKER_HEADER: &str = "tandem.txn";
-
-/// Fingerprint of a half message's content, for the identity check of a
-/// retried prepare (the id and the timestamp are not content).
-fn digest(topic: &str, m: &Outgoing) -> u64 {
-    let mut parts: Vec<&[u8]> = vec![topic.as_bytes()];
-    let partition = m.partition.map(u32::to_le_bytes);
-    parts.push(partition.as_ref().map_or(b"-", |p| p.as_slice()));
-    let key = m.record.key.as_deref();
-    parts.push(if key.is_some() { b"k" } else { b"-" });
-    parts.push(key.unwrap_or_default());
-    parts.push(&m.record.value);
-    for h in &m.record.headers {
-        parts.push(h.name.as_bytes());
-        parts.push(&h.value);
-    }
-    let (mut a, mut b) = (0u32, 0x9e37_79b9u32);
-    for p in parts {
-        let len = (p.len() as u64).to_le_bytes();
-        a = crc32c::crc32c_append(crc32c::crc32c_append(a, &len), p);
-        b = crc32c::crc32c_append(crc32c::crc32c_append(b, p), &len);
-    }
-    (u64::from(a) << 32) | u64::from(b)
-}
-
-/// How start-up recovery recognises a prepared transaction's message.
-#[derive(Debug, PartialEq, Eq, Hash)]
-enum Sought {
-    /// By its marker header (every transaction prepared by this version).
-    Marker(String),
-    /// By its id alone (prepared before messages were marked).
-    Id(String),
-}
-
-struct Txn {
-    rec: TxnRecord,
+/// One transaction id's place in the table.
+struct Entry {
+    core: TxnState,
     /// Offset of this transaction's latest record in `__txn_state`.
     log_offset: u64,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<Txn>>>;
+type Slot = Arc<tokio::sync::Mutex<Entry>>;
+
+/// What the effects of an event leave for the caller to act on.
+#[derive(Default)]
+struct Outcome {
+    reply: Option<Result<Reply>>,
+    check: Option<CheckBack>,
+    seek: Option<Seek>,
+}
+
+/// A locked transaction whose effects are being performed. Dropped before
+/// [`Performing::done`] (its future was dropped mid-write), it tells the
+/// core that the effects failed.
+struct Performing<'a, L: Log + Clone> {
+    table: &'a Transactions<L>,
+    id: &'a str,
+    slot: &'a Slot,
+    guard: Option<OwnedMutexGuard<Entry>>,
+}
+
+impl<L: Log + Clone> Performing<'_, L> {
+    fn entry(&mut self) -> &mut Entry {
+        self.guard.as_mut().expect("held until done()")
+    }
+
+    fn done(mut self) -> OwnedMutexGuard<Entry> {
+        self.guard.take().expect("held until done()")
+    }
+}
+
+impl<L: Log + Clone> Drop for Performing<'_, L> {
+    fn drop(&mut self) {
+        let Some(mut guard) = self.guard.take() else {
+            return;
+        };
+        let undo = guard.core.apply(&self.table.settings, Event::Failed);
+        drop(guard);
+        if undo.iter().any(|e| matches!(e, Effect::Forget)) {
+            self.table.forget_empty(self.id, self.slot);
+        }
+    }
+}
 
 /// Counters of the protocol.
 #[derive(Default)]
@@ -166,17 +118,20 @@ struct Counters {
     final_actions: AtomicU64,
 }
 
-/// Delay before check-back number `done + 1`: `check_after`, then doubling
-/// from there, at most `max_interval`.
-pub(crate) fn check_delay(s: &TxnSettings, done: u32) -> Duration {
-    let factor = 1u32.checked_shl(done.min(20)).unwrap_or(u32::MAX);
-    s.check_after
-        .saturating_mul(factor)
-        .min(s.max_check_interval.max(s.check_after))
-}
-
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn not_found(id: &str) -> Error {
+    Error::NotFound {
+        what: "transaction",
+        name: id.to_owned(),
+    }
+}
+
+/// An operation the core left unanswered: a bug, not a caller mistake.
+fn no_reply(id: &str) -> Error {
+    Error::Internal(format!("transaction {id:?}: the protocol gave no answer"))
 }
 
 /// The transaction table.
@@ -218,8 +173,6 @@ impl<L: Log + Clone> Transactions<L> {
                 })?;
             latest.insert(id, (rec, r.offset));
         }
-        let now = now_ms();
-        let expired_before = now - settings.retention.as_millis() as i64;
         let t = Arc::new(Transactions {
             data,
             log,
@@ -234,73 +187,48 @@ impl<L: Log + Clone> Transactions<L> {
             writing: watch::Sender::new(0),
             settings,
         });
-        // Prepared transactions by partition: (id, scan mark, marker).
-        type Open = Vec<(String, u64, String)>;
-        let mut prepared: HashMap<(String, u32), Open> = HashMap::new();
+        let now = now_ms();
+        // Prepared transactions' messages to look for, by partition.
+        let mut seeks: HashMap<TopicPartition, Vec<(String, Seek)>> = HashMap::new();
         for (id, (rec, log_offset)) in latest {
-            let finished = matches!(rec.state, COMMITTED | ROLLED_BACK);
-            if finished && rec.finished_at_ms < expired_before {
-                continue;
+            let entry = Entry {
+                core: TxnState::restore(&id, rec),
+                log_offset,
+            };
+            let slot = Arc::new(tokio::sync::Mutex::new(entry));
+            lock(&t.txns).insert(id.clone(), slot.clone());
+            let guard = slot.clone().lock_owned().await;
+            if let Some(seek) = t
+                .drive(&id, &slot, guard, Event::Restart { now })
+                .await?
+                .seek
+            {
+                seeks.entry(seek.tp.clone()).or_default().push((id, seek));
             }
-            if rec.state == PREPARED {
-                prepared
-                    .entry((rec.topic.clone(), rec.partition))
-                    .or_default()
-                    .push((id.clone(), rec.scan_from, rec.marker.clone()));
-            }
-            lock(&t.txns).insert(
-                id,
-                Arc::new(tokio::sync::Mutex::new(Some(Txn { rec, log_offset }))),
-            );
         }
-        // A crash may have come between a commit's append and its COMMITTED
-        // record: look for prepared transactions' messages.
-        for ((topic, partition), txns) in prepared {
-            let tp = TopicPartition::new(topic, partition);
-            let from = txns.iter().map(|(_, mark, _)| *mark).min().unwrap_or(0);
+        for (tp, txns) in seeks {
+            let from = txns.iter().map(|(_, s)| s.from).min().unwrap_or(0);
             let mut wanted: HashMap<Sought, (String, Option<u64>)> = txns
                 .into_iter()
-                .map(|(id, _, marker)| {
-                    let sought = if marker.is_empty() {
-                        // Prepared by a version that did not mark messages.
-                        Sought::Id(id.clone())
-                    } else {
-                        Sought::Marker(marker)
-                    };
-                    (sought, (id, None))
-                })
+                .map(|(id, s)| (s.sought, (id, None)))
                 .collect();
             t.find(&tp, from, &mut wanted).await?;
-            for (id, found) in wanted.into_values() {
-                let (_, mut guard) = t.existing(&id).await?;
-                let txn = guard.as_mut().expect("existing() returns a filled slot");
-                match found {
-                    Some(offset) => {
-                        t.record_committed(&id, txn, offset).await?;
-                        tracing::info!(txn = %id, offset, "found the message of a commit interrupted by a restart");
-                    }
-                    None => {
-                        t.open.fetch_add(1, Ordering::Relaxed);
-                        let at = txn.rec.prepared_at_ms
-                            + check_delay(&t.settings, txn.rec.checks).as_millis() as i64;
-                        t.schedule(&id, at.max(now));
-                    }
-                }
+            for (id, offset) in wanted.into_values() {
+                let (slot, guard) = t.existing(&id).await?;
+                t.drive(&id, &slot, guard, Event::Found { offset, now })
+                    .await?;
             }
         }
         Ok(t)
     }
 
     /// Locks an existing transaction.
-    async fn existing(&self, id: &str) -> Result<(Slot, OwnedMutexGuard<Option<Txn>>)> {
+    async fn existing(&self, id: &str) -> Result<(Slot, OwnedMutexGuard<Entry>)> {
         loop {
             let slot = lock(&self.txns)
                 .get(id)
                 .cloned()
-                .ok_or_else(|| Error::NotFound {
-                    what: "transaction",
-                    name: id.to_owned(),
-                })?;
+                .ok_or_else(|| not_found(id))?;
             let guard = slot.clone().lock_owned().await;
             let current = lock(&self.txns)
                 .get(id)
@@ -308,22 +236,24 @@ impl<L: Log + Clone> Transactions<L> {
             if !current {
                 continue; // removed (expired or failed prepare) while we waited
             }
-            if guard.is_none() {
-                return Err(Error::NotFound {
-                    what: "transaction",
-                    name: id.to_owned(),
-                });
+            if !guard.core.exists() {
+                return Err(not_found(id));
             }
             return Ok((slot, guard));
         }
     }
 
     /// Locks a transaction, creating an empty slot if there is none.
-    async fn slot(&self, id: &str) -> (Slot, OwnedMutexGuard<Option<Txn>>) {
+    async fn slot(&self, id: &str) -> (Slot, OwnedMutexGuard<Entry>) {
         loop {
             let slot = lock(&self.txns)
                 .entry(id.to_owned())
-                .or_insert_with(|| Arc::new(tokio::sync::Mutex::new(None)))
+                .or_insert_with(|| {
+                    Arc::new(tokio::sync::Mutex::new(Entry {
+                        core: TxnState::new(id),
+                        log_offset: 0,
+                    }))
+                })
                 .clone();
             let guard = slot.clone().lock_owned().await;
             if lock(&self.txns)
@@ -347,26 +277,178 @@ impl<L: Log + Clone> Transactions<L> {
         self.wake.notify_one();
     }
 
-    async fn persist(&self, id: &str, txn: &mut Txn) -> Result<()> {
+    /// Feeds `event` to a locked transaction's core and performs the
+    /// effects, in order. The first that fails stops the rest and is
+    /// reported back to the core, which undoes the event; its error is
+    /// returned. Cut short (the caller went away mid-write), it is reported
+    /// the same way, so memory never runs ahead of the log.
+    async fn drive(
+        self: &Arc<Self>,
+        id: &str,
+        slot: &Slot,
+        guard: OwnedMutexGuard<Entry>,
+        event: Event,
+    ) -> Result<Outcome> {
+        let mut locked = Performing {
+            table: self,
+            id,
+            slot,
+            guard: Some(guard),
+        };
+        let mut effects = VecDeque::from(locked.entry().core.apply(&self.settings, event));
+        let mut out = Outcome::default();
+        let (mut later, mut forget, mut failure) = (None, false, None);
+        while let Some(effect) = effects.pop_front() {
+            let performed = match effect {
+                Effect::Persist(rec) => self.persist(id, locked.entry(), &rec).await,
+                Effect::PersistLater(rec) => {
+                    later = Some(rec);
+                    Ok(())
+                }
+                Effect::Append { tp, record } => self.append(&tp, record).await.map(|offset| {
+                    let appended = Event::Appended {
+                        offset,
+                        now: now_ms(),
+                    };
+                    effects.extend(locked.entry().core.apply(&self.settings, appended));
+                }),
+                Effect::Check(check) => {
+                    out.check = Some(*check);
+                    Ok(())
+                }
+                Effect::Schedule { at_ms } => {
+                    self.schedule(id, at_ms);
+                    Ok(())
+                }
+                Effect::Reply(r) => {
+                    out.reply = Some(r);
+                    Ok(())
+                }
+                Effect::Seek(seek) => {
+                    out.seek = Some(seek);
+                    Ok(())
+                }
+                Effect::Forget => {
+                    forget = true;
+                    Ok(())
+                }
+                Effect::Note(note) => {
+                    self.note(id, note);
+                    Ok(())
+                }
+            };
+            if let Err(e) = performed {
+                if failure.is_some() {
+                    break; // undoing cannot fail; stop rather than loop
+                }
+                effects = locked
+                    .entry()
+                    .core
+                    .apply(&self.settings, Event::Failed)
+                    .into();
+                failure = Some(e);
+            }
+        }
+        let guard = locked.done();
+        if let Some(rec) = later {
+            self.persist_later(id, rec, guard);
+        } else if forget {
+            drop(guard);
+            self.forget_empty(id, slot);
+        }
+        match failure {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+
+    async fn persist(&self, id: &str, entry: &mut Entry, rec: &TxnRecord) -> Result<()> {
         let ack = self
             .log
-            .append(vec![upsert(
-                id.as_bytes().to_vec(),
-                txn.rec.encode_to_vec(),
-            )])
+            .append(vec![upsert(id.as_bytes().to_vec(), rec.encode_to_vec())])
             .await?;
         if let Some(ack) = ack {
-            txn.log_offset = ack.base_offset;
+            entry.log_offset = ack.base_offset;
         }
         Ok(())
     }
 
-    /// Stores a half message (step 1–2). Identity: while the id is
-    /// remembered, a retry with the same service and content is idempotent
-    /// (answered with the first prepare's time while it is prepared,
-    /// FAILED_PRECONDITION once it is decided), and anything else with the
-    /// same id is ALREADY_EXISTS. `partition` is where the message goes.
-    pub(crate) async fn prepare(&self, half: HalfMessage<'_>, partition: u32) -> Result<i64> {
+    /// Writes a transaction's COMMITTED record in the background, without
+    /// a sync of its own (a crash before the next sync is covered by the
+    /// PREPARED mark), keeping the transaction locked until it is written.
+    fn persist_later(
+        self: &Arc<Self>,
+        id: &str,
+        rec: TxnRecord,
+        mut guard: OwnedMutexGuard<Entry>,
+    ) {
+        let (this, id) = (self.clone(), id.to_owned());
+        self.writing.send_modify(|n| *n += 1);
+        tokio::spawn(async move {
+            let record = upsert(id.as_bytes().to_vec(), rec.encode_to_vec());
+            match this.log.append_relaxed(vec![record]).await {
+                Ok(Some(ack)) => guard.log_offset = ack.base_offset,
+                Ok(None) => {}
+                // Start-up recovery finds the message from the PREPARED mark.
+                Err(e) => tracing::error!(txn = %id, error = %e, "writing COMMITTED failed"),
+            }
+            drop(guard);
+            this.writing.send_modify(|n| *n -= 1);
+        });
+    }
+
+    /// Appends a committed transaction's message to its partition.
+    async fn append(&self, tp: &TopicPartition, record: Record) -> Result<u64> {
+        failpoint::hit("coordinator.commit.before_append");
+        let offset = self.data.append(tp, vec![record]).await?.base_offset;
+        failpoint::hit("coordinator.commit.after_append");
+        Ok(offset)
+    }
+
+    /// Counts and logs.
+    fn note(&self, id: &str, note: Note) {
+        let c = &self.counters;
+        match note {
+            Note::Prepared => {
+                c.prepared.fetch_add(1, Ordering::Relaxed);
+                self.open.fetch_add(1, Ordering::Relaxed);
+            }
+            Note::Reopened => {
+                self.open.fetch_add(1, Ordering::Relaxed);
+            }
+            Note::CheckSent => {
+                c.checks_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            Note::Decided { commit, by_check } => {
+                let outcome = if commit { &c.committed } else { &c.rolled_back };
+                outcome.fetch_add(1, Ordering::Relaxed);
+                if by_check {
+                    c.resolved_by_check.fetch_add(1, Ordering::Relaxed);
+                }
+                self.open.fetch_sub(1, Ordering::Relaxed);
+            }
+            Note::FinalAction {
+                commit,
+                checks,
+                service,
+            } => {
+                tracing::warn!(txn = id, %service, checks, action = if commit { "commit" } else { "rollback" },
+                    "no answer after the last check-back: applying the final action");
+                c.final_actions.fetch_add(1, Ordering::Relaxed);
+            }
+            Note::FoundAfterRestart { offset } => {
+                tracing::info!(txn = %id, offset, "found the message of a commit interrupted by a restart");
+            }
+        }
+    }
+
+    /// Stores a half message (steps 1–2); see `txn_core` for the identity
+    /// rules. `partition` is where the message goes.
+    pub(crate) async fn prepare(
+        self: &Arc<Self>,
+        half: HalfMessage<'_>,
+        partition: u32,
+    ) -> Result<i64> {
         let HalfMessage {
             service,
             instance,
@@ -375,194 +457,59 @@ impl<L: Log + Clone> Transactions<L> {
             message,
             context,
         } = half;
-        let digest = digest(topic, &message);
-        let (slot, mut guard) = self.slot(id).await;
-        if let Some(t) = guard.as_ref() {
-            // Digest 0: prepared before content was fingerprinted.
-            let same_content = t.rec.digest == digest || t.rec.digest == 0;
-            if t.rec.service != service || !same_content {
-                return Err(Error::IdConflict {
-                    id: id.to_owned(),
-                    what: if t.rec.service != service {
-                        "another service"
-                    } else {
-                        "another topic or message"
-                    },
-                });
-            }
-            return match t.rec.state {
-                PREPARED => Ok(t.rec.prepared_at_ms),
-                _ => Err(Error::FailedPrecondition(format!(
-                    "transaction {id:?} is already {}",
-                    state_name(t.rec.state)
-                ))),
-            };
-        }
-        let r = message.record;
-        let now = now_ms();
-        let scan_from = self
+        // Read before the transaction is locked: nothing of it can be
+        // appended before it is prepared, so its message will be after.
+        let mark = self
             .data
             .offsets(&TopicPartition::new(topic, partition))?
             .high_water_mark;
-        let mut txn = Txn {
-            rec: TxnRecord {
-                service: service.to_owned(),
-                topic: topic.to_owned(),
-                partition,
-                state: PREPARED,
-                prepared_at_ms: now,
-                scan_from,
-                message: Some(HalfRecord {
-                    key: r.key,
-                    value: r.value,
-                    headers: headers_to_wire(r.headers),
-                    timestamp_ms: r.timestamp_ms,
-                }),
-                context,
-                instance: instance.to_owned(),
-                digest,
-                marker: uuid::Uuid::now_v7().simple().to_string(),
-                ..TxnRecord::default()
-            },
-            log_offset: 0,
+        let (slot, guard) = self.slot(id).await;
+        let prepare = Prepare {
+            service: service.to_owned(),
+            instance: instance.to_owned(),
+            topic: topic.to_owned(),
+            partition,
+            message,
+            context,
+            marker: uuid::Uuid::now_v7().simple().to_string(),
+            mark,
+            now: now_ms(),
         };
-        if let Err(e) = self.persist(id, &mut txn).await {
-            drop(guard);
-            self.forget_empty(id, &slot);
-            return Err(e);
+        let out = self
+            .drive(id, &slot, guard, Event::Prepare(Box::new(prepare)))
+            .await?;
+        match out.reply {
+            Some(Ok(Reply::Prepared { at_ms })) => Ok(at_ms),
+            Some(Err(e)) => Err(e),
+            _ => Err(no_reply(id)),
         }
-        *guard = Some(txn);
-        self.counters.prepared.fetch_add(1, Ordering::Relaxed);
-        self.open.fetch_add(1, Ordering::Relaxed);
-        self.schedule(id, now + self.settings.check_after.as_millis() as i64);
-        Ok(now)
     }
 
-    /// Commits (step 4 and 8). `service` must own the transaction.
+    /// Commits (steps 4 and 8). `service` must own the transaction.
     pub(crate) async fn commit(
         self: &Arc<Self>,
         service: &str,
         id: &str,
     ) -> Result<pb::EndTransactionResponse> {
-        let (_slot, mut guard) = self.existing(id).await?;
-        let txn = guard.as_mut().expect("existing() returns a filled slot");
-        owned_by(id, txn, service)?;
-        let (response, record_later) = self.decide(id, txn, true, false).await?;
-        if record_later {
-            self.persist_later(id, guard);
-        }
-        Ok(response)
+        let (slot, guard) = self.existing(id).await?;
+        let event = Event::Commit {
+            service: service.to_owned(),
+        };
+        ended(id, self.drive(id, &slot, guard, event).await?)
     }
 
     /// Rolls back (step 4). `service` must own the transaction.
     pub(crate) async fn rollback(
-        &self,
+        self: &Arc<Self>,
         service: &str,
         id: &str,
     ) -> Result<pb::EndTransactionResponse> {
-        let (_slot, mut guard) = self.existing(id).await?;
-        let txn = guard.as_mut().expect("existing() returns a filled slot");
-        owned_by(id, txn, service)?;
-        Ok(self.decide(id, txn, false, false).await?.0)
-    }
-
-    /// Applies an outcome to a locked transaction. A commit is in memory and
-    /// in its partition when this returns; the second value says its
-    /// COMMITTED record is still to be written.
-    async fn decide(
-        &self,
-        id: &str,
-        txn: &mut Txn,
-        commit: bool,
-        by_check: bool,
-    ) -> Result<(pb::EndTransactionResponse, bool)> {
-        match (txn.rec.state, commit) {
-            (COMMITTED, true) | (ROLLED_BACK, false) => return Ok((response(id, &txn.rec), false)),
-            (COMMITTED, false) | (ROLLED_BACK, true) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "transaction {id:?} is already {}; it cannot be {}",
-                    state_name(txn.rec.state),
-                    if commit { "committed" } else { "rolled back" }
-                )));
-            }
-            _ => {}
-        }
-        txn.rec.resolved_by_check = by_check;
-        if commit {
-            failpoint::hit("coordinator.commit.before_append");
-            let offset = self.append_message(id, txn).await?;
-            failpoint::hit("coordinator.commit.after_append");
-            mark_committed(txn, offset);
-            self.counters.committed.fetch_add(1, Ordering::Relaxed);
-        } else {
-            txn.rec.state = ROLLED_BACK;
-            txn.rec.message = None;
-            txn.rec.context = Bytes::new();
-            txn.rec.finished_at_ms = now_ms();
-            self.persist(id, txn).await?;
-            self.counters.rolled_back.fetch_add(1, Ordering::Relaxed);
-        }
-        if by_check {
-            self.counters
-                .resolved_by_check
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        self.open.fetch_sub(1, Ordering::Relaxed);
-        Ok((response(id, &txn.rec), commit))
-    }
-
-    /// Appends a prepared transaction's message to its partition.
-    async fn append_message(&self, id: &str, txn: &Txn) -> Result<u64> {
-        let half = txn.rec.message.clone().unwrap_or_default();
-        let mut headers = headers_from_wire(half.headers);
-        if !txn.rec.marker.is_empty() {
-            headers.push(tandem_storage::Header {
-                name: MARKER_HEADER.to_owned(),
-                value: Bytes::copy_from_slice(txn.rec.marker.as_bytes()),
-            });
-        }
-        let record = Record {
-            id: Bytes::copy_from_slice(id.as_bytes()),
-            key: half.key,
-            value: half.value,
-            headers,
-            timestamp_ms: half.timestamp_ms,
+        let (slot, guard) = self.existing(id).await?;
+        let event = Event::Rollback {
+            service: service.to_owned(),
+            now: now_ms(),
         };
-        let tp = TopicPartition::new(txn.rec.topic.clone(), txn.rec.partition);
-        Ok(self.data.append(&tp, vec![record]).await?.base_offset)
-    }
-
-    /// Records COMMITTED at `offset` durably (start-up recovery).
-    async fn record_committed(&self, id: &str, txn: &mut Txn, offset: u64) -> Result<()> {
-        mark_committed(txn, offset);
-        self.persist(id, txn).await
-    }
-
-    /// Writes a transaction's COMMITTED record in the background, without
-    /// a sync of its own (a crash before the next sync is covered by the
-    /// PREPARED mark), keeping the transaction locked until it is written.
-    fn persist_later(self: &Arc<Self>, id: &str, mut guard: OwnedMutexGuard<Option<Txn>>) {
-        let (this, id) = (self.clone(), id.to_owned());
-        self.writing.send_modify(|n| *n += 1);
-        tokio::spawn(async move {
-            let written = match guard.as_mut() {
-                Some(txn) => {
-                    let record = upsert(id.as_bytes().to_vec(), txn.rec.encode_to_vec());
-                    this.log.append_relaxed(vec![record]).await.map(|ack| {
-                        if let Some(ack) = ack {
-                            txn.log_offset = ack.base_offset;
-                        }
-                    })
-                }
-                None => Ok(()),
-            };
-            if let Err(e) = written {
-                // Start-up recovery finds the message from the PREPARED mark.
-                tracing::error!(txn = %id, error = %e, "writing COMMITTED failed");
-            }
-            drop(guard);
-            this.writing.send_modify(|n| *n -= 1);
-        });
+        ended(id, self.drive(id, &slot, guard, event).await?)
     }
 
     /// Waits (at most `limit`) for background writes to finish, and syncs.
@@ -589,15 +536,8 @@ impl<L: Log + Clone> Transactions<L> {
             let Some(last) = batch.last() else { break };
             next = last.offset + 1;
             for r in batch {
-                let marker = r
-                    .record
-                    .headers
-                    .iter()
-                    .find(|h| h.name == MARKER_HEADER)
-                    .map(|h| Sought::Marker(String::from_utf8_lossy(&h.value).into_owned()));
-                let id = Sought::Id(String::from_utf8_lossy(&r.record.id).into_owned());
-                for sought in marker.iter().chain([&id]) {
-                    if let Some((_, slot)) = wanted.get_mut(sought)
+                for sought in Sought::keys(&r.record) {
+                    if let Some((_, slot)) = wanted.get_mut(&sought)
                         && slot.is_none()
                     {
                         *slot = Some(r.offset);
@@ -618,20 +558,7 @@ impl<L: Log + Clone> Transactions<L> {
     /// A transaction as the API shows it.
     pub(crate) async fn get(&self, id: &str) -> Result<pb::Transaction> {
         let (_slot, guard) = self.existing(id).await?;
-        let t = &guard
-            .as_ref()
-            .expect("existing() returns a filled slot")
-            .rec;
-        Ok(pb::Transaction {
-            txn_id: id.to_owned(),
-            service: t.service.clone(),
-            topic: t.topic.clone(),
-            state: api_state(t.state) as i32,
-            prepared_at_ms: t.prepared_at_ms,
-            checks: t.checks,
-            resolved_by_check: t.resolved_by_check,
-            position: response(id, t).position,
-        })
+        guard.core.view().ok_or_else(|| not_found(id))
     }
 
     /// The protocol's counters.
@@ -668,15 +595,16 @@ impl<L: Log + Clone> Transactions<L> {
                     };
                     let this = self.clone();
                     tokio::spawn(async move {
-                        if let Err(e) = this.check(&entry.1).await {
+                        let (at, id) = entry;
+                        if let Err(e) = this.check(&id, at).await {
                             // Never dropped from the schedule: asked again
                             // later (a storage failure stops the process
                             // instead, and start-up schedules every open
                             // transaction again).
                             let retry = this.settings.check_after;
-                            tracing::error!(txn = %entry.1, error = %e, retry_in_ms = retry.as_millis() as u64,
+                            tracing::error!(txn = %id, error = %e, retry_in_ms = retry.as_millis() as u64,
                                 "check-back failed; will check again");
-                            this.schedule(&entry.1, now_ms() + retry.as_millis() as i64);
+                            this.schedule(&id, now_ms() + retry.as_millis() as i64);
                         }
                         drop(permit);
                     });
@@ -685,91 +613,54 @@ impl<L: Log + Clone> Transactions<L> {
         }
     }
 
-    /// One check-back (steps 5–7).
-    async fn check(self: &Arc<Self>, id: &str) -> Result<()> {
-        let (service, instance, req) = {
-            let (_slot, guard) = match self.existing(id).await {
-                Ok(g) => g,
-                Err(Error::NotFound { .. }) => return Ok(()),
-                Err(e) => return Err(e),
-            };
-            let t = &guard
-                .as_ref()
-                .expect("existing() returns a filled slot")
-                .rec;
-            if t.state != PREPARED {
-                return Ok(());
-            }
-            let half = t.message.clone().unwrap_or_default();
-            let req = pb::CheckTransaction {
-                check_id: 0,
-                txn_id: id.to_owned(),
-                topic: t.topic.clone(),
-                message: Some(pb::Message {
-                    id: id.to_owned(),
-                    key: half.key,
-                    value: half.value,
-                    headers: half.headers,
-                    partition: Some(t.partition),
-                }),
-                context: t.context.clone(),
-                prepared_at_ms: t.prepared_at_ms,
-                attempt: t.checks + 1,
-                check_after_ms: self.settings.check_after.as_millis() as u64,
-                timeout_ms: self.settings.check_timeout.as_millis() as u64,
-            };
-            (t.service.clone(), t.instance.clone(), req)
+    /// One check-back (steps 5–7), scheduled for `at_ms`. The transaction
+    /// is not locked while its producer is being asked.
+    async fn check(self: &Arc<Self>, id: &str, at_ms: i64) -> Result<()> {
+        let (slot, guard) = match self.existing(id).await {
+            Ok(g) => g,
+            Err(Error::NotFound { .. }) => return Ok(()),
+            Err(e) => return Err(e),
         };
-        self.counters.checks_sent.fetch_add(1, Ordering::Relaxed);
-        let attempt = req.attempt;
+        let out = self
+            .drive(id, &slot, guard, Event::CheckDue { at_ms })
+            .await?;
+        let Some(CheckBack {
+            service,
+            instance,
+            request,
+            fence,
+        }) = out.check
+        else {
+            return Ok(()); // decided meanwhile
+        };
         let answer = self
             .sessions
-            .check(&service, &instance, req, self.settings.check_timeout)
+            .check(&service, &instance, request, self.settings.check_timeout)
             .await;
-        tracing::debug!(txn = id, attempt, ?answer, "check-back answered");
-        let (_slot, mut guard) = self.existing(id).await?;
-        let txn = guard.as_mut().expect("existing() returns a filled slot");
-        if txn.rec.state != PREPARED {
-            return Ok(()); // decided meanwhile
-        }
-        let outcome = match answer {
-            Some(pb::LocalState::Commit) => Some(true),
-            Some(pb::LocalState::Rollback) => Some(false),
-            _ => {
-                txn.rec.checks += 1;
-                if txn.rec.checks >= self.settings.max_checks {
-                    let commit = self.settings.final_action == FinalAction::Commit;
-                    tracing::warn!(txn = id, %service, checks = txn.rec.checks, action = if commit { "commit" } else { "rollback" },
-                        "no answer after the last check-back: applying the final action");
-                    self.counters.final_actions.fetch_add(1, Ordering::Relaxed);
-                    Some(commit)
-                } else {
-                    None
-                }
-            }
+        tracing::debug!(
+            txn = id,
+            attempt = fence.attempt,
+            ?answer,
+            "check-back answered"
+        );
+        let (slot, guard) = self.existing(id).await?;
+        let mark = match guard.core.open_partition() {
+            Some(tp) => self.data.offsets(&tp)?.high_water_mark,
+            None => 0, // decided meanwhile: the answer changes nothing
         };
-        match outcome {
-            Some(commit) => {
-                let (_, record_later) = self.decide(id, txn, commit, true).await?;
-                if record_later {
-                    self.persist_later(id, guard);
-                }
-            }
-            None => {
-                // Still open, and nothing is being appended: move the mark up.
-                let tp = TopicPartition::new(txn.rec.topic.clone(), txn.rec.partition);
-                txn.rec.scan_from = self.data.offsets(&tp)?.high_water_mark;
-                self.persist(id, txn).await?;
-                let delay = check_delay(&self.settings, txn.rec.checks);
-                self.schedule(id, now_ms() + delay.as_millis() as i64);
-            }
-        }
+        let event = Event::CheckAnswer {
+            fence,
+            answer,
+            now: now_ms(),
+            mark,
+        };
+        self.drive(id, &slot, guard, event).await?;
         Ok(())
     }
 
     /// Periodic upkeep: forgets transactions finished longer ago than the
     /// retention, carries open ones forward and drops old log segments.
-    pub(crate) async fn maintain(&self) -> Result<()> {
+    pub(crate) async fn maintain(self: &Arc<Self>) -> Result<()> {
         let now = now_ms();
         let horizon = now - self.settings.retention.as_millis() as i64;
         let cutoff = {
@@ -786,16 +677,10 @@ impl<L: Log + Clone> Transactions<L> {
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         for (id, slot) in slots {
-            let mut guard = slot.clone().lock_owned().await;
-            let Some(txn) = guard.as_mut() else { continue };
-            let finished = matches!(txn.rec.state, COMMITTED | ROLLED_BACK);
-            if finished && txn.rec.finished_at_ms < horizon {
-                *guard = None;
-                drop(guard);
-                self.forget_empty(&id, &slot);
-            } else if !finished && cutoff.is_some_and(|c| txn.log_offset < c) {
-                self.persist(&id, txn).await?;
-            }
+            let guard = slot.clone().lock_owned().await;
+            let compacting = cutoff.is_some_and(|c| guard.log_offset < c);
+            self.drive(&id, &slot, guard, Event::Upkeep { now, compacting })
+                .await?;
         }
         if let Some(c) = cutoff {
             self.log.truncate_before(c).await?;
@@ -804,57 +689,22 @@ impl<L: Log + Clone> Transactions<L> {
     }
 }
 
-fn mark_committed(txn: &mut Txn, offset: u64) {
-    txn.rec.state = COMMITTED;
-    txn.rec.offset = offset;
-    txn.rec.message = None;
-    txn.rec.context = Bytes::new();
-    txn.rec.finished_at_ms = now_ms();
-}
-
-fn owned_by(id: &str, txn: &Txn, service: &str) -> Result<()> {
-    if txn.rec.service == service {
-        Ok(())
-    } else {
-        Err(Error::PermissionDenied(format!(
-            "transaction {id:?} belongs to service {:?}, not {service:?}",
-            txn.rec.service
-        )))
-    }
-}
-
-fn state_name(s: i32) -> &'static str {
-    match s {
-        PREPARED => "prepared",
-        COMMITTED => "committed",
-        ROLLED_BACK => "rolled back",
-        _ => "unknown",
-    }
-}
-
-fn api_state(s: i32) -> pb::TransactionState {
-    match s {
-        PREPARED => pb::TransactionState::Prepared,
-        COMMITTED => pb::TransactionState::Committed,
-        ROLLED_BACK => pb::TransactionState::RolledBack,
-        _ => pb::TransactionState::Unspecified,
-    }
-}
-
-fn response(id: &str, t: &TxnRecord) -> pb::EndTransactionResponse {
-    pb::EndTransactionResponse {
-        state: api_state(t.state) as i32,
-        position: (t.state == COMMITTED).then(|| pb::MessagePosition {
-            id: id.to_owned(),
-            partition: t.partition,
-            offset: t.offset,
-        }),
+/// The outcome a commit or rollback answered with.
+fn ended(id: &str, out: Outcome) -> Result<pb::EndTransactionResponse> {
+    match out.reply {
+        Some(Ok(Reply::Ended(response))) => Ok(response),
+        Some(Err(e)) => Err(e),
+        _ => Err(no_reply(id)),
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
+    use crate::broker::Outgoing;
+    use crate::txn_core::check_delay;
 
     #[test]
     fn check_back_backs_off_exponentially_up_to_the_cap() {
@@ -958,6 +808,40 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_prepare_cut_short_is_not_remembered_and_can_be_retried() -> Result<()> {
+        use tandem_storage::{EmbeddedLog, LogConfig};
+        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
+        data.create_partition(&TopicPartition::new("t", 0)).await?;
+        let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
+        let t = Transactions::open(data, internal, TxnSettings::default()).await?;
+        // Dropped while its PREPARED record is being written (the caller
+        // went away): nothing in memory may claim it was prepared. The
+        // future is polled once and dropped; a prepare that happened to
+        // finish in that one poll proves nothing, so another id is tried.
+        let mut cut = None;
+        for i in 0..50 {
+            let id = format!("x{i}");
+            let mut fut = Box::pin(t.prepare(prep(&id, outgoing("x")), 0));
+            let first = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(fut.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            drop(fut);
+            if first {
+                cut = Some(id);
+                break;
+            }
+        }
+        let id = cut.expect("a prepare was cut short while writing");
+        assert!(matches!(t.get(&id).await, Err(Error::NotFound { .. })));
+        assert!(!t.knows(&id));
+        let at = t.prepare(prep(&id, outgoing("x")), 0).await?;
+        assert_eq!(t.get(&id).await?.prepared_at_ms, at);
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn a_commit_cut_short_after_its_append_is_found_on_start_up() -> Result<()> {
         use tandem_storage::{EmbeddedLog, LogConfig};
         let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
@@ -975,9 +859,15 @@ mod tests {
         // Simulate the crash window: "x" reached its partition, its
         // COMMITTED record did not.
         {
-            let (_slot, guard) = t.existing("x").await?;
-            let txn = guard.as_ref().expect("filled");
-            t.append_message("x", txn).await?;
+            let (_slot, mut guard) = t.existing("x").await?;
+            let commit = Event::Commit {
+                service: "svc".into(),
+            };
+            let effects = guard.core.apply(&t.settings, commit);
+            let Some(Effect::Append { tp, record }) = effects.into_iter().next() else {
+                panic!("a commit appends first");
+            };
+            t.append(&tp, record).await?;
         }
         drop(t);
         let t = Transactions::open(data.clone(), internal, settings).await?;
