@@ -124,14 +124,18 @@ impl<L: Log + Clone> Broker<L> {
         ));
         let checks = tokio::spawn(txns.clone().run_checks());
         let (t, o, g) = (txns.clone(), offsets.clone(), groups.clone());
+        let seen = Arc::new(LastSeen {
+            started_ms: crate::statelog::now_ms(),
+            live: Mutex::default(),
+        });
         let upkeep = tokio::spawn(schedule.run(move || {
-            let (t, o, g) = (t.clone(), o.clone(), g.clone());
+            let (t, o, g, seen) = (t.clone(), o.clone(), g.clone(), seen.clone());
             async move {
                 if let Err(e) = t.maintain().await {
                     tracing::error!(error = %e, "transaction log upkeep failed");
                 }
                 if !offsets_retention.is_zero() {
-                    expire_offsets(&o, &g, offsets_retention).await;
+                    expire_offsets(&o, &g, &seen, offsets_retention).await;
                 }
             }
         }));
@@ -354,23 +358,47 @@ fn partition_for(m: &Outgoing, meta: TopicMeta, sticky: u32) -> u32 {
     }
 }
 
+/// When each (group, topic) was last seen with a member, for the offsets
+/// expiry: a group is "unused" only once it has been empty (and committed
+/// nothing) for the whole retention, as Kafka counts since the group became
+/// empty; after a restart every group counts as seen at start-up.
+struct LastSeen {
+    started_ms: i64,
+    live: Mutex<std::collections::HashMap<(String, String), i64>>,
+}
+
 /// Forgets the committed offsets of groups that have had no member and no
 /// commit for `retention` (see `Offsets::expire`).
 async fn expire_offsets<L: Log + Clone>(
     offsets: &Offsets,
     groups: &Groups<L>,
+    seen: &LastSeen,
     retention: Duration,
 ) {
-    let mut live = std::collections::HashSet::new();
+    let now = crate::statelog::now_ms();
+    let mut live_now = Vec::new();
     for topic in offsets.topics() {
         for (group, members) in groups.members_of(&topic).await {
             if members > 0 {
-                live.insert((group, topic.clone()));
+                live_now.push((group, topic.clone()));
             }
         }
     }
-    let before = crate::statelog::now_ms() - retention.as_millis() as i64;
-    let n = offsets.expire(before, |g, t| live.contains(&(g.to_owned(), t.to_owned())));
+    let before = now - retention.as_millis() as i64;
+    let n = {
+        let mut last = seen.live.lock().unwrap_or_else(PoisonError::into_inner);
+        for k in live_now {
+            last.insert(k, now);
+        }
+        let n = offsets.expire(before, |g, t| {
+            seen.started_ms >= before
+                || last
+                    .get(&(g.to_owned(), t.to_owned()))
+                    .is_some_and(|at| *at >= before)
+        });
+        last.retain(|_, at| *at >= before);
+        n
+    };
     if n > 0 {
         tracing::info!(
             partitions = n,

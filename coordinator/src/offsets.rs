@@ -134,7 +134,8 @@ impl Offsets {
     }
 
     /// Forgets the offsets of every (group, topic) that committed nothing
-    /// since `before_ms` and has no live member (`live(group, topic)`), as
+    /// since `before_ms` and was not in use since then (`live(group,
+    /// topic)` false: no member seen since `before_ms`), as
     /// Kafka expires the offsets of empty groups: group names are chosen by
     /// clients, and what nobody uses any more must not be kept for ever.
     /// Returns how many partition offsets were forgotten. A group that

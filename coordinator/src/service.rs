@@ -73,6 +73,18 @@ impl<L> CoordinatorService<L> {
 }
 
 /// Turns a wire message into a checked record for a topic of `partitions`.
+/// Runs a state-changing step to its end even if the caller goes away: a
+/// prepare, commit or rollback cancelled half way (its append queued, its
+/// state record not yet written) would leave a message in the topic while
+/// its transaction still looks open, and the retry would append it again.
+async fn detached<T: Send + 'static>(
+    step: impl std::future::Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(step)
+        .await
+        .map_err(|e| Error::Internal(format!("transaction step failed: {e}")))?
+}
+
 pub(crate) fn outgoing(
     field: &str,
     m: pb::Message,
@@ -388,15 +400,19 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         if !req.instance.is_empty() {
             check_id("instance", &req.instance)?;
         }
-        let half = crate::broker::HalfMessage {
-            service: &req.service,
-            instance: &req.instance,
-            txn_id: &txn_id,
-            topic,
-            message,
-            context: req.context,
-        };
-        let prepared_at_ms = self.broker.prepare(half, meta).await?;
+        let (broker, topic, id) = (self.broker.clone(), topic.to_owned(), txn_id.clone());
+        let prepared_at_ms = detached(async move {
+            let half = crate::broker::HalfMessage {
+                service: &req.service,
+                instance: &req.instance,
+                txn_id: &id,
+                topic: &topic,
+                message,
+                context: req.context,
+            };
+            broker.prepare(half, meta).await
+        })
+        .await?;
         Ok(Response::new(pb::PrepareResponse {
             txn_id,
             prepared_at_ms,
@@ -409,8 +425,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
         let req = req.into_inner();
         end_request(&req)?;
+        let broker = self.broker.clone();
         Ok(Response::new(
-            self.broker.txns.commit(&req.service, &req.txn_id).await?,
+            detached(async move { broker.txns.commit(&req.service, &req.txn_id).await }).await?,
         ))
     }
 
@@ -420,8 +437,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
         let req = req.into_inner();
         end_request(&req)?;
+        let broker = self.broker.clone();
         Ok(Response::new(
-            self.broker.txns.rollback(&req.service, &req.txn_id).await?,
+            detached(async move { broker.txns.rollback(&req.service, &req.txn_id).await }).await?,
         ))
     }
 

@@ -1,8 +1,10 @@
 //! Producer-service sessions: the long-lived stream each sidecar holds to
 //! the coordinator. A check-back travels down the session of the instance
 //! that prepared the transaction while it is live (only that instance knows
-//! whether its app is still running the local transaction), else down any
-//! live instance of the service (in turn); answers come back up. An answer
+//! whether its app is still running the local transaction) for the first
+//! two attempts and every odd one after; other attempts, and every attempt
+//! once the preparer is gone, go down the live instances of the service in
+//! turn; answers come back up. An answer
 //! counts only if it names the transaction that was asked about and comes
 //! from a session of that transaction's service. Sending never waits
 //! longer than the check's timeout for room in a session's queue.
@@ -81,8 +83,14 @@ impl Sessions {
         let tx = {
             let services = lock(&self.services);
             let v = services.get(service).filter(|v| !v.is_empty())?;
+            // The preparer is asked first and on every odd attempt; even
+            // attempts after the second go to the instances in turn, so a
+            // preparer whose app is gone (its sidecar still connected)
+            // cannot make every check of a committed transaction go
+            // unanswered until the final action rolls it back.
+            let prefer = req.attempt <= 2 || !req.attempt.is_multiple_of(2);
             let preparer = v.iter().rfind(|e| e.instance == instance);
-            match preparer.filter(|_| !instance.is_empty()) {
+            match preparer.filter(|_| !instance.is_empty() && prefer) {
                 Some(e) => e.tx.clone(),
                 None => v[self.turn.fetch_add(1, Ordering::Relaxed) % v.len()]
                     .tx

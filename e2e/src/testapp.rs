@@ -41,6 +41,35 @@ use tonic::{Request, Response, Status};
 
 struct TestApp {
     db: SqlitePool,
+    /// Local transactions being executed now (for the careful check).
+    executing: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+/// Header asking `CheckLocalTransaction` to follow the README's rule (the
+/// fault campaign sets it): UNKNOWN while this app is still executing the
+/// transaction, instead of the naive "row not there → ROLLBACK" the fault
+/// tests use to show what the sidecar's own guard protects.
+pub const CHECK_HEADER: &str = "test.check";
+
+fn careful(m: Option<&tandem_proto::coordinator::Message>) -> bool {
+    m.is_some_and(|m| {
+        m.headers
+            .iter()
+            .any(|h| h.name == CHECK_HEADER && &h.value[..] == b"careful")
+    })
+}
+
+/// Marks a local transaction as executing until dropped.
+struct Running<'a>(&'a TestApp, String);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0
+            .executing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.1);
+    }
 }
 
 fn internal(e: sqlx::Error) -> Status {
@@ -133,6 +162,11 @@ impl App for TestApp {
     ) -> Result<Response<app_pb::LocalTransactionResponse>, Status> {
         let req = req.into_inner();
         let v = value_of(req.message.as_ref());
+        self.executing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(req.txn_id.clone());
+        let _running = Running(self, req.txn_id.clone());
         let state = if v.starts_with("commit") {
             self.insert_business(&req.txn_id, &v, false).await?;
             LocalState::Commit
@@ -170,6 +204,15 @@ impl App for TestApp {
             std::future::pending::<()>().await;
         }
         if v.starts_with("check-unknown") && req.attempt == 1 {
+            return Ok(answer(LocalState::Unknown));
+        }
+        if careful(req.message.as_ref())
+            && self
+                .executing
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains(&req.txn_id)
+        {
             return Ok(answer(LocalState::Unknown));
         }
         let committed = self.has_business(&req.txn_id).await?;
@@ -255,7 +298,10 @@ pub async fn run(
     let listener = TcpListener::bind(addr).await?;
     println!("test app listening on {}", listener.local_addr()?);
     tonic::transport::Server::builder()
-        .add_service(AppServer::new(TestApp { db: pool }))
+        .add_service(AppServer::new(TestApp {
+            db: pool,
+            executing: Default::default(),
+        }))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             shutdown,

@@ -385,6 +385,55 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> TestResult {
         (Code::InvalidArgument, true),
         "{e}"
     );
+    // a subscription the coordinator would refuse is refused at once, not
+    // saved and retried for ever
+    for (bad, field) in [
+        (
+            sc::SubscribeRequest {
+                group: "bad group\n".into(),
+                ..subscribe_orders()
+            },
+            "group",
+        ),
+        (
+            sc::SubscribeRequest {
+                group: "g".repeat(256),
+                ..subscribe_orders()
+            },
+            "group",
+        ),
+        (
+            sc::SubscribeRequest {
+                retry_backoff_ms: 4_000_000_000,
+                ..subscribe_orders()
+            },
+            "retry_backoff_ms",
+        ),
+        (
+            sc::SubscribeRequest {
+                max_attempts: 4_000_000_000,
+                ..subscribe_orders()
+            },
+            "max_attempts",
+        ),
+    ] {
+        let e = other.subscribe(bad).await.expect_err(field);
+        assert_eq!(
+            (e.code(), e.message().contains(field)),
+            (Code::InvalidArgument, true),
+            "{e}"
+        );
+    }
+    let listed = other
+        .list_subscriptions(sc::ListSubscriptionsRequest {})
+        .await?
+        .into_inner();
+    assert!(listed.subscriptions.is_empty(), "{listed:?}");
+    let e = other
+        .unsubscribe(sc::UnsubscribeRequest::default())
+        .await
+        .expect_err("no topic");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
     // nothing changed: the transaction is still open, nothing else exists
     assert_eq!(c.txn(&id).await?.state, Prepared as i32);
     // the app asks its own sidecar what became of its transaction
@@ -731,4 +780,12 @@ async fn a_failed_fsync_stops_the_coordinator_and_unacknowledged_bytes_do_not_co
     let retry = client.publish(to_p0("unsynced")).await?.into_inner();
     assert_eq!(retry.positions[0].offset, 1);
     c.done()
+}
+
+fn subscribe_orders() -> sc::SubscribeRequest {
+    sc::SubscribeRequest {
+        topic: "orders".into(),
+        group: "cart".into(),
+        ..Default::default()
+    }
 }

@@ -299,6 +299,9 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         req: Request<sc::UnsubscribeRequest>,
     ) -> Result<Response<sc::UnsubscribeResponse>, Status> {
         let req = req.into_inner();
+        if req.topic.is_empty() {
+            return Err(Error::invalid("topic", "is required").into());
+        }
         let group = if req.group.is_empty() {
             self.node.config.service.clone()
         } else {

@@ -169,23 +169,21 @@ pub(crate) async fn handle(
     cancel: &mut watch::Receiver<bool>,
 ) -> Outcome {
     let dedup = sc::DedupMode::try_from(spec.dedup).unwrap_or(sc::DedupMode::Sidecar);
-    let dedup_on = dedup != sc::DedupMode::Off;
     let row = InboxRow {
         group: spec.group.clone(),
         topic: spec.topic.clone(),
         message_id: d.message.as_ref().map(|m| m.id.clone()).unwrap_or_default(),
     };
-    let _claim = if dedup_on {
-        tokio::select! {
-            c = node.claims.claim(row.clone()) => Some(c),
-            _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
-        }
-    } else {
-        None
+    // Every mode, OFF too: a handler left running by a broken session and
+    // the next session's redelivery of the same message never run at once
+    // (and the key's successors wait behind the redelivery).
+    let _claim = tokio::select! {
+        c = node.claims.claim(row.clone()) => c,
+        _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
     };
     let mut claimed = false;
     let outcome = attempts(node, spec, d, dedup, &row, &mut claimed, cancel).await;
-    if outcome != Outcome::Done && claimed {
+    if outcome == Outcome::Abandoned && claimed {
         // Let the partition's next holder go at once rather than after the
         // claim expires (best effort: it expires anyway).
         if let Err(e) = node.db.unclaim(&row, &node.config.instance).await {
@@ -226,10 +224,17 @@ async fn attempts(
             }
         }
         if dedup == sc::DedupMode::Sidecar {
-            let now = crate::check::now_ms();
-            let until = now.saturating_add(node.config.revoke_timeout().as_millis() as i64);
+            let lifetime = node.config.revoke_timeout().as_millis() as i64;
             let mine = db_step(cancel, || {
-                node.db.claim(row, &node.config.instance, now, until)
+                // taken at each try: a claim written after a long database
+                // outage still lives its whole lifetime
+                let now = crate::check::now_ms();
+                node.db.claim(
+                    row,
+                    &node.config.instance,
+                    now,
+                    now.saturating_add(lifetime),
+                )
             })
             .await;
             match mine {
@@ -294,12 +299,25 @@ async fn attempts(
             }
         }
     }
-    if dedup_on
-        && db_step(cancel, || node.inbox.add(row.clone()))
-            .await
-            .is_none()
-    {
-        return Outcome::Abandoned;
+    // The effect happened (or the message was dead-lettered): its record is
+    // written whatever else happens meanwhile (revocation, a broken
+    // session), or the next holder would hand the message to the app again.
+    // Bounded by the claim's lifetime; past it the next holder may go on.
+    if dedup_on {
+        let (_never, mut not_cancelled) = watch::channel(false);
+        let recorded = tokio::time::timeout(
+            node.config.revoke_timeout(),
+            db_step(&mut not_cancelled, || node.inbox.add(row.clone())),
+        )
+        .await;
+        if !matches!(recorded, Ok(Some(()))) {
+            tracing::error!(group = %row.group, topic = %row.topic, id = %row.message_id,
+                "handled, but its dedup row could not be written: it may be handled again");
+            return Outcome::Stuck(format!(
+                "message {:?} was handled but its dedup row could not be written",
+                row.message_id
+            ));
+        }
     }
     failpoint::hit("sidecar.consume.before_ack");
     Outcome::Done

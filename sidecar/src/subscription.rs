@@ -45,6 +45,14 @@ pub(crate) fn normalize(node: &Node, mut s: sc::SubscribeRequest) -> Result<sc::
     if s.group.is_empty() {
         s.group = node.config.service.clone();
     }
+    // The coordinator's rule, checked here so that a subscription it would
+    // refuse is never saved and retried for ever.
+    if s.group.len() > 255 || s.group.chars().any(char::is_control) {
+        return Err(Error::invalid(
+            "group",
+            "must be 1 to 255 bytes without control characters",
+        ));
+    }
     if s.max_in_flight == 0 {
         s.max_in_flight = 32;
     }
@@ -54,8 +62,17 @@ pub(crate) fn normalize(node: &Node, mut s: sc::SubscribeRequest) -> Result<sc::
     if s.max_attempts == 0 {
         s.max_attempts = 5;
     }
+    if s.max_attempts > 1000 {
+        return Err(Error::invalid("max_attempts", "must be at most 1000"));
+    }
     if s.retry_backoff_ms == 0 {
         s.retry_backoff_ms = 200;
+    }
+    if s.retry_backoff_ms > 60_000 {
+        return Err(Error::invalid(
+            "retry_backoff_ms",
+            "must be at most 60000 (retries back off up to 30 s anyway)",
+        ));
     }
     if sc::DedupMode::try_from(s.dedup).is_err() {
         return Err(Error::invalid("dedup", format!("unknown mode {}", s.dedup)));

@@ -75,6 +75,9 @@ pub struct History {
     pub effects: Vec<String>,
     /// Dead letters: original message id → the error recorded with it.
     pub dead_letters: Vec<(String, String)>,
+    /// Each partition of the topic as stored: (partition, log start,
+    /// high-water mark); the records read must cover exactly that range.
+    pub ranges: Vec<(u32, u64, u64)>,
     /// Set when the cluster did not settle (lag or open transactions left)
     /// within the bound after the faults stopped: what was left.
     pub stalled: Option<String>,
@@ -143,6 +146,20 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
             }
         }
     }
+    for &(p, start, end) in &h.ranges {
+        let got = by_partition.get(&p).map(Vec::as_slice).unwrap_or_default();
+        let (first, last) = (got.first().copied(), got.last().copied());
+        let want = (start < end).then(|| (start, end - 1));
+        if first.zip(last) != want || got.len() as u64 != end.saturating_sub(start) {
+            bad(
+                "offset gap",
+                format!(
+                    "partition {p}: stored {start}..{end}, read {} records from {first:?} to {last:?}",
+                    got.len()
+                ),
+            );
+        }
+    }
     for (id, records) in &logged {
         if records.len() > 1 {
             bad(
@@ -175,6 +192,28 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
             None => bad("unknown message", format!("{id} was never sent")),
         }
     }
+    // What the workload was told holds.
+    for s in &h.sent {
+        let appended = logged.contains_key(s.id.as_str());
+        if s.answers.iter().any(|a| a == "COMMITTED") && !appended {
+            bad(
+                "told committed, never appended",
+                format!("{}: answers {:?}", s.id, s.answers),
+            );
+        }
+        if s.answers.iter().any(|a| a == "ROLLED_BACK") && appended {
+            bad(
+                "told rolled back, appended",
+                format!("{}: answers {:?}", s.id, s.answers),
+            );
+        }
+        if s.answers.iter().any(|a| a.starts_with("ALREADY_EXISTS")) {
+            bad(
+                "identical retry refused",
+                format!("{}: answers {:?}", s.id, s.answers),
+            );
+        }
+    }
     for id in &h.local_committed {
         if !logged.contains_key(id.as_str()) {
             bad(
@@ -190,11 +229,12 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
     for id in &h.effects {
         *effects.entry(id.as_str()).or_default() += 1;
     }
-    let dead: BTreeMap<&str, &str> = h
-        .dead_letters
-        .iter()
-        .map(|(id, e)| (id.as_str(), e.as_str()))
-        .collect();
+    let mut dead: BTreeMap<&str, &str> = BTreeMap::new();
+    for (id, e) in &h.dead_letters {
+        if dead.insert(id.as_str(), e.as_str()).is_some() {
+            bad("dead-lettered twice", id.clone());
+        }
+    }
     for (id, n) in &effects {
         if *n > 1 {
             bad("effect applied twice", format!("{id}: {n} effects"));
@@ -338,6 +378,7 @@ mod tests {
             ],
             effects: vec!["a".into(), "b".into()],
             dead_letters: vec![("c".into(), "Unknown: boom".into())],
+            ranges: vec![(0, 0, 2), (1, 0, 1), (2, 0, 0)],
             stalled: None,
         }
     }
@@ -369,7 +410,9 @@ mod tests {
 
         let mut h = good();
         h.log.push(logged("r", "k", 0, 2));
+        h.ranges[0].2 = 3;
         h.sent[3].value = "commit-r".into();
+        h.sent[3].answers = vec!["PREPARED".into()];
         h.effects.push("r".into());
         assert_eq!(kinds(&h), vec!["rolled back but appended"]);
 
@@ -383,7 +426,29 @@ mod tests {
 
         let mut h = good();
         h.log[1].offset = 2;
-        assert_eq!(kinds(&h), vec!["offset gap"]);
+        h.ranges[0].2 = 3;
+        assert_eq!(kinds(&h), vec!["offset gap", "offset gap"]);
+
+        let mut h = good();
+        h.log.remove(1); // the tail of partition 0 was not read back
+        h.effects.pop();
+        assert!(kinds(&h).contains(&"offset gap"), "{:?}", kinds(&h));
+
+        let mut h = good();
+        h.sent[3].answers = vec!["COMMITTED".into()];
+        assert_eq!(kinds(&h), vec!["told committed, never appended"]);
+
+        let mut h = good();
+        h.sent[0].answers.push("ROLLED_BACK".into());
+        assert_eq!(kinds(&h), vec!["told rolled back, appended"]);
+
+        let mut h = good();
+        h.sent[0].answers.push("ALREADY_EXISTS: no".into());
+        assert_eq!(kinds(&h), vec!["identical retry refused"]);
+
+        let mut h = good();
+        h.dead_letters.push(("c".into(), "again".into()));
+        assert_eq!(kinds(&h), vec!["dead-lettered twice"]);
 
         let mut h = good();
         h.log.push(logged("a", "k", 0, 2));

@@ -12,8 +12,8 @@
 //! fail (poison), or crash the consumer app; some calls are retried with the
 //! same id and content, and some ids are reused with other content. Meanwhile
 //! faults: SIGKILL and restart of any process, SIGSTOP/SIGCONT of any
-//! process, the proxy cutting, black-holing or delaying connections, a
-//! consumer leaving and rejoining. Then the faults stop, everything is
+//! process (also past the session timeouts), the proxy cutting,
+//! black-holing or delaying connections, a consumer leaving and rejoining. Then the faults stop, everything is
 //! brought back, the cluster must settle (no open transaction, no lag)
 //! within a bound, and the history is checked: committed lost, rolled back
 //! delivered, appended or applied twice, content replaced, per-key order,
@@ -41,7 +41,7 @@ use tandem_storage::{EmbeddedLog, Log, LogConfig, ReadBudget, TopicPartition};
 use tokio::sync::Mutex;
 
 use crate::process::Process;
-use crate::testapp::HANDLE_HEADER;
+use crate::testapp::{CHECK_HEADER, HANDLE_HEADER};
 use check::{Conflict, Handling, History, Logged, Sent, Tally, Violation};
 use proxy::{Mode, Proxy};
 
@@ -73,7 +73,10 @@ const MAX_ATTEMPTS: u32 = 3;
 const COORDINATOR_SETTINGS: &[&str] = &[
     "check_after_ms=1000",
     "check_timeout_ms=1000",
-    "max_checks=4",
+    // checks span ~25 s: longer than the longest stall a cycle injects, so
+    // the final action never decides a transaction whose app is merely
+    // stopped for a while
+    "max_checks=8",
     "max_check_interval_ms=2000",
     "session_timeout_ms=3000",
     "revoke_timeout_ms=3000",
@@ -710,6 +713,10 @@ async fn workload(
                         headers: Vec::new(),
                         partition: None,
                     };
+                    message.headers.push(pb::Header {
+                        name: CHECK_HEADER.into(),
+                        value: b"careful".to_vec().into(),
+                    });
                     if let Some(h) = &m.handle {
                         message.headers.push(pb::Header {
                             name: HANDLE_HEADER.into(),
@@ -794,8 +801,25 @@ async fn inject_faults(
         tokio::time::sleep(rng.ms(200, 1200)).await;
         let role = ROLES[rng.below(ROLES.len() as u64) as usize];
         let consumer_side = matches!(role, Role::CartApp | Role::Cart1 | Role::Cart2);
-        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8]) {
+        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6]) {
             0 if consumer_side && !kill_consumers => continue,
+            // A stall longer than session timeouts (members expelled,
+            // partitions moved, sessions broken while calls are in flight).
+            // Not in SIDECAR cycles: a consumer stalled past its handler
+            // timeout may legitimately run a handler twice there.
+            6 if !kill_consumers => continue,
+            6 => {
+                let d = rng.ms(6000, 12_000);
+                cluster.lock().await.pause(role)?;
+                tokio::time::sleep(d).await;
+                cluster.lock().await.resume(role)?;
+                lines.push(format!(
+                    "{:?} long SIGSTOP {} for {d:?}",
+                    start.elapsed(),
+                    role.name()
+                ));
+                "long SIGSTOP (past timeouts)"
+            }
             0 => {
                 let down = rng.ms(0, 1000);
                 cluster.lock().await.kill(role);
@@ -962,8 +986,12 @@ async fn gather(
         EmbeddedLog::open(dir.join("coordinator").join("topics"), LogConfig::default()).await?;
     let mut logged = Vec::new();
     let mut dead_letters = Vec::new();
+    let mut ranges = Vec::new();
     for tp in log.partitions() {
         let offsets = log.offsets(&tp)?;
+        if tp.topic == TOPIC {
+            ranges.push((tp.partition, offsets.log_start, offsets.high_water_mark));
+        }
         let mut at = offsets.log_start;
         while at < offsets.high_water_mark {
             let batch = log.read(&tp, at, ReadBudget::default()).await?;
@@ -1004,6 +1032,7 @@ async fn gather(
         log: logged,
         effects,
         dead_letters,
+        ranges,
         stalled,
     })
 }
