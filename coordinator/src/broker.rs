@@ -154,13 +154,18 @@ impl<L: Log + Clone> Broker<L> {
 
     /// Stores a half message (see `Transactions::prepare`); returns when
     /// it was first prepared.
-    pub async fn prepare(&self, half: HalfMessage<'_>, meta: TopicMeta) -> Result<i64> {
-        if !self.txns.knows(half.txn_id) && self.recent.has(half.topic, half.txn_id) {
-            return Err(crate::Error::IdConflict {
-                id: half.txn_id.to_owned(),
-                what: "a plain message published to its topic under that id within publish_dedup_window_ms",
-            });
-        }
+    pub async fn prepare(
+        &self,
+        half: HalfMessage<'_>,
+        meta: TopicMeta,
+    ) -> Result<crate::transactions::Prepared> {
+        // A transaction's id must not be a plain message's id in its topic:
+        // held while preparing, so a concurrent publish of it is refused.
+        let _held = if self.txns.knows(half.txn_id) {
+            None // a retry of a transaction
+        } else {
+            self.recent.hold_for_prepare(half.topic, half.txn_id)?
+        };
         let partition = partition_for(&half.message, meta, self.sticky.next(meta.partitions));
         self.txns.prepare(half, partition).await
     }
@@ -229,14 +234,6 @@ impl<L: Log + Clone> Broker<L> {
         meta: TopicMeta,
         messages: Vec<Outgoing>,
     ) -> Result<Vec<Position>> {
-        for (i, m) in messages.iter().enumerate() {
-            if m.chosen_id && self.txns.knows(&String::from_utf8_lossy(&m.record.id)) {
-                return Err(crate::Error::TransactionId {
-                    field: format!("messages[{i}].id"),
-                    id: String::from_utf8_lossy(&m.record.id).into_owned(),
-                });
-            }
-        }
         let records: Vec<Record> = messages.iter().map(|m| m.record.clone()).collect();
         let chosen: Vec<bool> = messages.iter().map(|m| m.chosen_id).collect();
         let (fresh, known, same_as, reservation) =
@@ -249,6 +246,17 @@ impl<L: Log + Clone> Broker<L> {
                     reservation,
                 } => (fresh, known, same_as, reservation),
             };
+        // Checked while the ids are held: a transaction prepared with one of
+        // them meanwhile is seen here (its prepare held the id until done).
+        for &i in &fresh {
+            let m = &messages[i];
+            if m.chosen_id && self.txns.knows(&String::from_utf8_lossy(&m.record.id)) {
+                return Err(crate::Error::TransactionId {
+                    field: format!("messages[{i}].id"),
+                    id: String::from_utf8_lossy(&m.record.id).into_owned(),
+                });
+            }
+        }
         let ids: Vec<Bytes> = fresh.iter().map(|&i| records[i].id.clone()).collect();
         let batch: Vec<Outgoing> = {
             let mut messages: Vec<Option<Outgoing>> = messages.into_iter().map(Some).collect();

@@ -505,7 +505,18 @@ impl<L: Log + Clone> Groups<L> {
             (None, StartFrom::Earliest) => offsets.log_start,
             (None, StartFrom::Latest) => offsets.high_water_mark,
         };
+        let committed = self.offsets.get(&gp);
         let start = start.clamp(offsets.log_start, offsets.high_water_mark);
+        if committed.is_some_and(|c| c > start) {
+            // The log is shorter than what the group had committed (records
+            // acknowledged under fsync interval/never were lost in a crash,
+            // or a failed sync cut them off): the offsets written from here
+            // on must count, or later acks would be ignored below the stale
+            // mark and the next holder would skip the new records.
+            tracing::warn!(group = %gp.group, topic = %gp.topic, partition, committed = committed.unwrap_or_default(),
+                high_water_mark = offsets.high_water_mark, "committed offset above the log's end: reset to it");
+            self.offsets.reset(&gp, start);
+        }
         let (stop, stop_rx) = watch::channel(false);
         let lease = Arc::new(Lease {
             gp,

@@ -133,6 +133,18 @@ impl Offsets {
         self.wake.notify_one();
     }
 
+    /// Sets the committed offset to `offset` even if that moves it back
+    /// (the log is shorter than the old mark: see the consumer's grant).
+    pub(crate) fn reset(&self, key: &GroupPartition, offset: u64) {
+        let mut t = self.table();
+        t.committed.insert(key.clone(), offset);
+        t.at.insert(key.clone(), now_ms());
+        t.deleted.remove(key);
+        t.dirty.insert(key.clone());
+        drop(t);
+        self.wake.notify_one();
+    }
+
     /// Forgets the offsets of every (group, topic) that committed nothing
     /// since `before_ms` and was not in use since then (`live(group,
     /// topic)` false: no member seen since `before_ms`), as
@@ -309,6 +321,9 @@ mod tests {
         offsets.commit(&gp("a", 0), 10);
         offsets.commit(&gp("a", 0), 7);
         offsets.commit(&gp("a/b", 3), 5);
+        offsets.commit(&gp("shrunk", 0), 100);
+        offsets.reset(&gp("shrunk", 0), 95);
+        offsets.commit(&gp("shrunk", 0), 96);
         offsets.flush().await?;
         assert_eq!(offsets.get(&gp("a", 0)), Some(10));
         offsets.close().await;
@@ -319,8 +334,13 @@ mod tests {
         assert_eq!(offsets.get(&gp("a", 0)), Some(10));
         assert_eq!(offsets.get(&gp("a/b", 3)), Some(5));
         assert_eq!(offsets.get(&gp("c", 0)), None);
+        assert_eq!(
+            offsets.get(&gp("shrunk", 0)),
+            Some(96),
+            "after a reset, commits count from the new mark"
+        );
         let by_group = offsets.for_topic("orders");
-        assert_eq!(by_group.len(), 2);
+        assert_eq!(by_group.len(), 3);
         Ok(())
     }
 

@@ -355,16 +355,42 @@ impl Recent {
         self.settled.send_modify(|n| *n += 1);
     }
 
-    /// Whether `id` was appended to `topic` within the window (or is being).
-    pub(crate) fn has(&self, topic: &str, id: &str) -> bool {
-        let cutoff = self.cutoff();
-        self.lock()
-            .get(topic)
-            .and_then(|t| t.by_id.get(id.as_bytes()))
-            .is_some_and(|s| match s {
-                Seen::InFlight { .. } => true,
-                Seen::Done { at_ms, .. } => *at_ms >= cutoff,
-            })
+    /// Holds `id` on `topic` while a transaction with that id is prepared,
+    /// so that a plain publish of the same id meanwhile is refused (it sees
+    /// the id in flight with other content) and a prepare of an id
+    /// published within the window is refused: `Err` names the conflict.
+    /// `None` when the window is off.
+    pub(crate) fn hold_for_prepare(
+        self: &Arc<Self>,
+        topic: &str,
+        id: &str,
+    ) -> Result<Option<Reservation>> {
+        if self.window.is_zero() {
+            return Ok(None);
+        }
+        let mut topics = self.lock();
+        let ids = topics.entry(topic.to_owned()).or_default();
+        ids.expire(self.cutoff());
+        let key = bytes::Bytes::copy_from_slice(id.as_bytes());
+        if let Some(Seen::InFlight { digest: u64::MAX }) = ids.by_id.get(&key) {
+            // held by another prepare of the same id: the transaction
+            // table decides between the two
+            return Ok(None);
+        }
+        if ids.by_id.contains_key(&key) {
+            return Err(Error::IdConflict {
+                id: id.to_owned(),
+                what: "a plain message published to its topic under that id within publish_dedup_window_ms",
+            });
+        }
+        // A digest no message has: a publish of this id meanwhile conflicts.
+        ids.by_id
+            .insert(key.clone(), Seen::InFlight { digest: u64::MAX });
+        Ok(Some(Reservation {
+            recent: self.clone(),
+            topic: topic.to_owned(),
+            ids: vec![(key, u64::MAX)],
+        }))
     }
 
     /// Ids remembered now, over all topics.
@@ -511,5 +537,32 @@ mod tests {
             panic!("appends");
         };
         assert_eq!(fresh, vec![0, 1]);
+    }
+
+    #[tokio::test]
+    async fn a_prepare_and_a_publish_of_one_id_exclude_each_other() {
+        let r = Arc::new(Recent::new(Duration::from_secs(60)));
+        let held = r
+            .hold_for_prepare("t", "x")
+            .expect("free")
+            .expect("window on");
+        assert!(
+            r.hold_for_prepare("t", "x").expect("same id").is_none(),
+            "a second prepare of the id is left to the transaction table"
+        );
+        r.plan("t", &[record("x", "1")], &[true])
+            .await
+            .expect_err("the id is being prepared");
+        drop(held);
+        let Plan::Append { reservation, .. } = r
+            .plan("t", &[record("x", "1")], &[true])
+            .await
+            .expect("free again")
+        else {
+            panic!("appends");
+        };
+        reservation.finish(&[(Bytes::from("x"), pos(0))].into_iter().collect());
+        r.hold_for_prepare("t", "x")
+            .expect_err("published within the window");
     }
 }

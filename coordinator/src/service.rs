@@ -401,7 +401,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             check_id("instance", &req.instance)?;
         }
         let (broker, topic, id) = (self.broker.clone(), topic.to_owned(), txn_id.clone());
-        let prepared_at_ms = detached(async move {
+        let prepared = detached(async move {
             let half = crate::broker::HalfMessage {
                 service: &req.service,
                 instance: &req.instance,
@@ -415,7 +415,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         .await?;
         Ok(Response::new(pb::PrepareResponse {
             txn_id,
-            prepared_at_ms,
+            prepared_at_ms: prepared.at_ms,
+            existed: prepared.existed,
+            state: prepared.state as i32,
         }))
     }
 

@@ -84,6 +84,17 @@ struct Performing<'a, L: Log + Clone> {
     guard: Option<OwnedMutexGuard<Entry>>,
 }
 
+/// What a prepare found or did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prepared {
+    /// When the transaction was first prepared.
+    pub at_ms: i64,
+    /// A retry of a transaction prepared before.
+    pub existed: bool,
+    /// Where it stands now.
+    pub state: pb::TransactionState,
+}
+
 impl<L: Log + Clone> Performing<'_, L> {
     fn entry(&mut self) -> &mut Entry {
         self.guard.as_mut().expect("held until done()")
@@ -448,7 +459,7 @@ impl<L: Log + Clone> Transactions<L> {
         self: &Arc<Self>,
         half: HalfMessage<'_>,
         partition: u32,
-    ) -> Result<i64> {
+    ) -> Result<Prepared> {
         let HalfMessage {
             service,
             instance,
@@ -479,7 +490,15 @@ impl<L: Log + Clone> Transactions<L> {
             .drive(id, &slot, guard, Event::Prepare(Box::new(prepare)))
             .await?;
         match out.reply {
-            Some(Ok(Reply::Prepared { at_ms })) => Ok(at_ms),
+            Some(Ok(Reply::Prepared {
+                at_ms,
+                existed,
+                state,
+            })) => Ok(Prepared {
+                at_ms,
+                existed,
+                state,
+            }),
             Some(Err(e)) => Err(e),
             _ => Err(no_reply(id)),
         }
@@ -837,7 +856,8 @@ mod tests {
         assert!(matches!(t.get(&id).await, Err(Error::NotFound { .. })));
         assert!(!t.knows(&id));
         let at = t.prepare(prep(&id, outgoing("x")), 0).await?;
-        assert_eq!(t.get(&id).await?.prepared_at_ms, at);
+        assert_eq!(t.get(&id).await?.prepared_at_ms, at.at_ms);
+        assert!(!at.existed, "the cut prepare left nothing behind");
         Ok(())
     }
 

@@ -223,6 +223,10 @@ pub(crate) enum Reply {
     Prepared {
         /// When it was first prepared.
         at_ms: i64,
+        /// This was a retry of a transaction prepared before.
+        existed: bool,
+        /// Where it stands now (PREPARED unless a retry found it decided).
+        state: pb::TransactionState,
     },
     /// The transaction's outcome.
     Ended(pb::EndTransactionResponse),
@@ -534,7 +538,7 @@ impl TxnState {
 
     /// Steps 1–2. Identity: while the id is remembered, a retry with the
     /// same service and content is idempotent (answered with the first
-    /// prepare's time while it is prepared, FAILED_PRECONDITION once it is
+    /// prepare's time and where the transaction stands now: prepared or
     /// decided), and anything else with the same id is ALREADY_EXISTS.
     fn prepare(&mut self, s: &TxnSettings, p: Prepare) -> Vec<Effect> {
         let digest = digest(&p.topic, &p.message);
@@ -551,16 +555,12 @@ impl TxnState {
                         "another topic or message"
                     },
                 })
-            } else if rec.state == PREPARED {
+            } else {
                 Ok(Reply::Prepared {
                     at_ms: rec.prepared_at_ms,
+                    existed: true,
+                    state: api_state(rec.state),
                 })
-            } else {
-                Err(Error::FailedPrecondition(format!(
-                    "transaction {:?} is already {}",
-                    self.id,
-                    state_name(rec.state)
-                )))
             };
             return vec![Effect::Reply(r)];
         }
@@ -591,7 +591,11 @@ impl TxnState {
             Effect::Persist(rec),
             Effect::Note(Note::Prepared),
             Effect::Schedule { at_ms: first_check },
-            Effect::Reply(Ok(Reply::Prepared { at_ms: p.now })),
+            Effect::Reply(Ok(Reply::Prepared {
+                at_ms: p.now,
+                existed: false,
+                state: pb::TransactionState::Prepared,
+            })),
         ]
     }
 
@@ -947,7 +951,7 @@ mod tests {
 
     fn prepared_at(reply: Option<&Result<Reply>>) -> Option<i64> {
         match reply {
-            Some(Ok(Reply::Prepared { at_ms })) => Some(*at_ms),
+            Some(Ok(Reply::Prepared { at_ms, .. })) => Some(*at_ms),
             _ => None,
         }
     }
@@ -1484,9 +1488,15 @@ mod tests {
             if !same {
                 let conflict = matches!(reply, Some(Err(Error::IdConflict { .. })));
                 prop_assert!(conflict, "{:?}", reply);
-            } else if self.outcome.contains_key(&l.marker) {
-                let refused = matches!(reply, Some(Err(Error::FailedPrecondition(_))));
-                prop_assert!(refused, "{:?}", reply);
+            } else if let Some(&committed) = self.outcome.get(&l.marker) {
+                // a retry of a decided transaction learns its outcome
+                let want = if committed {
+                    pb::TransactionState::Committed
+                } else {
+                    pb::TransactionState::RolledBack
+                };
+                let told = matches!(reply, Some(Ok(Reply::Prepared { existed: true, state, .. })) if *state == want);
+                prop_assert!(told, "{:?}", reply);
             } else {
                 prop_assert_eq!(prepared_at(reply), Some(l.prepared_at), "{:?}", reply);
             }
@@ -1685,7 +1695,11 @@ mod tests {
         let retry = t.apply(&s, prepare("x", "svc", 1, 0, 0, 200));
         assert!(matches!(
             retry.as_slice(),
-            [Effect::Reply(Ok(Reply::Prepared { at_ms: 100 }))]
+            [Effect::Reply(Ok(Reply::Prepared {
+                at_ms: 100,
+                existed: true,
+                state: pb::TransactionState::Prepared
+            }))]
         ));
         for other in [
             prepare("x", "svc", 2, 0, 0, 300),

@@ -789,3 +789,37 @@ fn subscribe_orders() -> sc::SubscribeRequest {
         ..Default::default()
     }
 }
+
+/// A PublishTransactional retried after its answer was lost (same id, same
+/// content) is answered with the transaction's outcome and does not run
+/// the local transaction again; other content under the id is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_publish_transactional_is_answered_with_its_outcome() -> TestResult {
+    let c = Cluster::start().await?;
+    let mut s = c.producer_client().await?;
+    let first = publish_transactional(&mut s, "again-1", "commit-again").await?;
+    assert_eq!(first.state, Committed as i32);
+    let retry = publish_transactional(&mut s, "again-1", "commit-again").await?;
+    assert_eq!(
+        (retry.state, retry.position),
+        (Committed as i32, first.position),
+        "the retry learns the outcome and where the message went"
+    );
+    let rolled = publish_transactional(&mut s, "again-2", "rollback-again").await?;
+    assert_eq!(rolled.state, RolledBack as i32);
+    let retry = publish_transactional(&mut s, "again-2", "rollback-again").await?;
+    assert_eq!(retry.state, RolledBack as i32);
+    let e = publish_transactional(&mut s, "again-1", "commit-other")
+        .await
+        .expect_err("other content");
+    let status = e.downcast_ref::<tonic::Status>().ok_or("a status")?;
+    assert_eq!(status.code(), Code::AlreadyExists, "{status}");
+    // the local transaction ran once: one business row, no error from a
+    // second insert
+    let db = c.producer_db().await?;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM business WHERE txn_id = 'again-1'")
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(rows, 1);
+    c.done()
+}

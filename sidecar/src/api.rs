@@ -57,7 +57,7 @@ impl SidecarService {
         message: Option<pb::Message>,
         txn_id: String,
         mode: Mode,
-    ) -> Result<String> {
+    ) -> Result<pb::PrepareResponse> {
         let reply = self
             .node
             .coordinator()
@@ -71,7 +71,7 @@ impl SidecarService {
             })
             .await
             .map_err(Error::Coordinator)?;
-        Ok(reply.into_inner().txn_id)
+        Ok(reply.into_inner())
     }
 
     /// Sends an outcome, retrying while the coordinator is unreachable.
@@ -140,7 +140,7 @@ impl sc::sidecar_server::Sidecar for SidecarService {
             req.txn_id
         };
         let running = self.node.executing.start(&txn_id)?;
-        let txn_id = self
+        let prepared = self
             .prepare(
                 req.topic.clone(),
                 req.message.clone(),
@@ -148,6 +148,30 @@ impl sc::sidecar_server::Sidecar for SidecarService {
                 Mode::Callback,
             )
             .await?;
+        let txn_id = prepared.txn_id;
+        if prepared.existed {
+            // A retry (the answer to an earlier call was lost): the local
+            // transaction is not run again. A decided one is answered with
+            // its outcome; an open one is left to check-back, which asks
+            // CheckLocalTransaction.
+            drop(running);
+            if prepared.state == pb::TransactionState::Prepared as i32 {
+                return Ok(Response::new(left_to_check_back(txn_id)));
+            }
+            let t = self
+                .node
+                .coordinator()
+                .get_transaction(pb::GetTransactionRequest {
+                    txn_id: txn_id.clone(),
+                })
+                .await?
+                .into_inner();
+            return Ok(Response::new(sc::TransactionResponse {
+                txn_id,
+                state: t.state,
+                position: t.position,
+            }));
+        }
         let execute = app_pb::ExecuteLocalTransactionRequest {
             txn_id: txn_id.clone(),
             topic: req.topic,
@@ -208,7 +232,8 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         };
         let txn_id = self
             .prepare(req.topic, req.message, req.txn_id, mode)
-            .await?;
+            .await?
+            .txn_id;
         failpoint::hit("sidecar.begin.after_prepare");
         Ok(Response::new(sc::BeginResponse { txn_id }))
     }

@@ -10,7 +10,7 @@
 //! - **One at a time per id**: within a sidecar, deliveries with the same
 //!   dedup key wait for each other ([`Claims`]). In SIDECAR mode each
 //!   attempt is also claimed in the database (`tandem_claim`, owner = this
-//!   instance, expiring `handler_timeout` + 15 s later): a second sidecar of
+//!   process: instance name and a per-process suffix, expiring `handler_timeout` + 15 s later): a second sidecar of
 //!   the group holding the same message (its partition moved while the old
 //!   holder still ran the handler, or one id on two partitions) waits for
 //!   the claim to be released or to expire, then finds the dedup row. So
@@ -186,7 +186,7 @@ pub(crate) async fn handle(
     if outcome == Outcome::Abandoned && claimed {
         // Let the partition's next holder go at once rather than after the
         // claim expires (best effort: it expires anyway).
-        if let Err(e) = node.db.unclaim(&row, &node.config.instance).await {
+        if let Err(e) = node.db.unclaim(&row, &node.claim_owner).await {
             tracing::debug!(error = %e, "claim not released; it will expire");
         }
     }
@@ -229,12 +229,8 @@ async fn attempts(
                 // taken at each try: a claim written after a long database
                 // outage still lives its whole lifetime
                 let now = crate::check::now_ms();
-                node.db.claim(
-                    row,
-                    &node.config.instance,
-                    now,
-                    now.saturating_add(lifetime),
-                )
+                node.db
+                    .claim(row, &node.claim_owner, now, now.saturating_add(lifetime))
             })
             .await;
             match mine {

@@ -75,7 +75,9 @@ impl From<Error> for tonic::Status {
         use tonic::Code;
         match e {
             Error::InvalidArgument { .. } => tonic::Status::invalid_argument(e.to_string()),
-            Error::InProgress(_) => tonic::Status::already_exists(e.to_string()),
+            // Not ALREADY_EXISTS (that means "other content"): the same call
+            // is still running; try again later or ask GetTransaction.
+            Error::InProgress(_) => tonic::Status::aborted(e.to_string()),
             // The coordinator's verdict (NOT_FOUND, PERMISSION_DENIED, ...) is the answer.
             Error::Coordinator(s) => tonic::Status::new(s.code(), s.message().to_owned()),
             Error::App { .. } | Error::NoApp(_) => {

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use tandem_proto::app::app_client::AppClient;
 use tandem_proto::coordinator as pb;
@@ -171,6 +172,11 @@ pub(crate) struct Node {
     pub(crate) coordinator: CoordinatorClient<Channel>,
     app: Option<AppClient<Channel>>,
     pub(crate) counters: Counters,
+    /// Owner name of this process's claims in `tandem_claim`: the instance
+    /// plus a per-process suffix, so a restarted sidecar (same instance
+    /// name, e.g. pid 1 in a container) never takes its predecessor's claim
+    /// for its own while that call may still run in the app.
+    pub(crate) claim_owner: String,
 }
 
 fn endpoint(url: &str) -> Result<Endpoint> {
@@ -183,6 +189,13 @@ impl Node {
         let coordinator = CoordinatorClient::new(
             endpoint(&config.coordinator)?
                 .tcp_nodelay(true)
+                // A connection that died silently (a black-holed network, a
+                // peer that vanished) is noticed within seconds, not after
+                // the kernel's TCP timeout: sessions reconnect instead of
+                // stalling.
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5))
+                .keep_alive_while_idle(true)
                 .connect_lazy(),
         )
         .max_decoding_message_size(max)
@@ -196,6 +209,7 @@ impl Node {
             None => None,
         };
         Ok(Node {
+            claim_owner: format!("{}#{}", config.instance, uuid::Uuid::now_v7().simple()),
             config,
             inbox: Inbox::start(db.clone()),
             claims: Claims::default(),

@@ -508,38 +508,53 @@ impl Partition {
         });
     }
 
+    /// Writes a group, acknowledging it in parts: the appends before a
+    /// segment roll are acknowledged once synced, before anything goes into
+    /// the new segment, so a failure there never reports as failed an append
+    /// that is durable (and would come back after a restart).
     fn write_group(&self, st: &mut WriterState, group: Vec<AppendRequest>) {
-        let result = self
-            .check_poisoned()
-            .and_then(|()| self.try_write_group(st, &group));
-        match result {
-            Ok(acks) => {
-                for (req, ack) in group.into_iter().zip(acks) {
-                    let _ = req.reply.send(Ok(ack));
-                }
+        let mut group = group;
+        while !group.is_empty() {
+            let result = self
+                .check_poisoned()
+                .and_then(|()| self.try_write_group(st, &group));
+            let (acks, done) = match result {
+                Ok(r) => r,
+                Err(e) => return self.refuse(st, group, e),
+            };
+            let rest = group.split_off(done);
+            for (req, ack) in group.into_iter().zip(acks) {
+                let _ = req.reply.send(Ok(ack));
             }
-            Err(e) => {
-                if !matches!(e, Error::Poisoned { .. }) {
-                    self.fail(st, &e);
-                }
-                let cause = lock(&self.poisoned)
-                    .clone()
-                    .unwrap_or_else(|| e.to_string());
-                for req in group {
-                    let _ = req.reply.send(Err(Error::Poisoned {
-                        tp: self.tp.clone(),
-                        cause: cause.clone(),
-                    }));
-                }
-            }
+            group = rest;
         }
     }
 
+    /// Answers every append of `group` with the failure `e` (after
+    /// failing the partition, unless it already was).
+    fn refuse(&self, st: &mut WriterState, group: Vec<AppendRequest>, e: Error) {
+        if !matches!(e, Error::Poisoned { .. }) {
+            self.fail(st, &e);
+        }
+        let cause = lock(&self.poisoned)
+            .clone()
+            .unwrap_or_else(|| e.to_string());
+        for req in group {
+            let _ = req.reply.send(Err(Error::Poisoned {
+                tp: self.tp.clone(),
+                cause: cause.clone(),
+            }));
+        }
+    }
+
+    /// Writes the appends of `group` that fit before the next segment roll
+    /// (all of them if none is needed; at least one); returns their acks
+    /// and how many were written.
     fn try_write_group(
         &self,
         st: &mut WriterState,
         group: &[AppendRequest],
-    ) -> Result<Vec<AppendAck>> {
+    ) -> Result<(Vec<AppendAck>, usize)> {
         let cfg = &self.config;
         let mut buf = Vec::with_capacity(
             group
@@ -552,6 +567,10 @@ impl Partition {
         for req in group {
             let pos = st.size + buf.len() as u64;
             if pos > 0 && pos + req.bytes as u64 > cfg.segment_bytes {
+                if !acks.is_empty() {
+                    // acknowledge what is before the roll first
+                    break;
+                }
                 self.write_out(st, &mut buf)?;
                 self.roll(st)?;
             }
@@ -568,8 +587,9 @@ impl Partition {
             st.next_offset = h.next_offset();
         }
         self.write_out(st, &mut buf)?;
+        let done = acks.len();
         let due = match cfg.fsync {
-            FsyncPolicy::Always => group.iter().any(|r| r.sync),
+            FsyncPolicy::Always => group[..done].iter().any(|r| r.sync),
             FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
             FsyncPolicy::Never => false,
         };
@@ -578,7 +598,7 @@ impl Partition {
         }
         self.publish(st);
         self.published.send_modify(|p| p.hwm = st.next_offset);
-        Ok(acks)
+        Ok((acks, done))
     }
 
     fn write_out(&self, st: &mut WriterState, buf: &mut Vec<u8>) -> Result<()> {
