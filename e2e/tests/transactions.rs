@@ -229,16 +229,11 @@ async fn the_coordinator_dying_inside_commit_delivers_exactly_once() -> TestResu
         let r = commit.await??.into_inner();
         assert_eq!(r.state, Committed as i32, "{failpoint}");
         c.expect_effects(&[value]).await?;
-        let d = c
-            .coordinator_client()
-            .await?
-            .describe_topic(pb::DescribeTopicRequest {
-                name: "orders".into(),
-            })
-            .await?
-            .into_inner();
-        let stored: u64 = d.partitions.iter().map(|p| p.high_water_mark).sum();
-        assert_eq!(stored, 1, "{failpoint}: appended exactly once");
+        assert_eq!(
+            c.stored("orders").await?,
+            1,
+            "{failpoint}: appended exactly once"
+        );
         c.done()?;
     }
     Ok(())
@@ -489,25 +484,8 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> TestResult {
 async fn failing_handlers_are_retried_then_dead_lettered_and_keys_stay_in_order() -> TestResult {
     let c = Cluster::start().await?;
     c.subscribe(sc::DedupMode::Strong).await?;
-    let mut s = c.producer_client().await?;
-    let key = |v: &str| pb::Message {
-        key: Some(bytes::Bytes::from_static(b"same-key")),
-        ..message(v)
-    };
-    let mut messages = vec![key("fail-poison")];
-    messages.extend((0..20).map(|i| key(&format!("in-order-{i:02}"))));
-    s.publish(pb::PublishRequest {
-        topic: "orders".into(),
-        messages,
-    })
-    .await?;
     let expected: Vec<String> = (0..20).map(|i| format!("in-order-{i:02}")).collect();
-    let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
-    c.expect_effects(&refs).await?;
-    let db = c.consumer_db().await?;
-    let order: Vec<String> = sqlx::query_scalar("SELECT value FROM effects ORDER BY seq")
-        .fetch_all(&db)
-        .await?;
+    let order = c.poison_then("fail-poison", &expected).await?;
     assert_eq!(order, expected, "one key, one order");
     // the poison message went to orders.dlq with the error
     assert_eq!(c.dead_letters().await?, 1);
@@ -588,21 +566,9 @@ async fn table_mode_works_on_postgresql() -> TestResult {
 async fn a_raising_handler_is_counted_dead_lettered_and_does_not_stall_its_key() -> TestResult {
     let mut c = Cluster::start().await?;
     c.subscribe(sc::DedupMode::Sidecar).await?;
-    let mut s = c.producer_client().await?;
-    let key = |v: &str| pb::Message {
-        key: Some(bytes::Bytes::from_static(b"same-key")),
-        ..message(v)
-    };
-    let mut messages = vec![key("raise-poison")];
-    messages.extend((0..5).map(|i| key(&format!("after-{i}"))));
-    s.publish(pb::PublishRequest {
-        topic: "orders".into(),
-        messages,
-    })
-    .await?;
     let expected: Vec<String> = (0..5).map(|i| format!("after-{i}")).collect();
-    let refs: Vec<&str> = expected.iter().map(String::as_str).collect();
-    c.expect_effects(&refs).await?;
+    let order = c.poison_then("raise-poison", &expected).await?;
+    assert_eq!(order, expected, "its successors, in order");
     let db = c.consumer_db().await?;
     let attempts: Vec<i64> =
         sqlx::query_scalar("SELECT attempt FROM calls WHERE value = 'raise-poison' ORDER BY seq")

@@ -237,12 +237,15 @@ impl Cluster {
 
     /// Messages in `orders.dlq`.
     pub async fn dead_letters(&self) -> TestResult<u64> {
+        self.stored("orders.dlq").await
+    }
+
+    /// Records stored in `topic` (its high-water marks added up).
+    pub async fn stored(&self, topic: &str) -> TestResult<u64> {
         let d = self
             .coordinator_client()
             .await?
-            .describe_topic(pb::DescribeTopicRequest {
-                name: "orders.dlq".into(),
-            })
+            .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
             .await?
             .into_inner();
         Ok(d.partitions.iter().map(|p| p.high_water_mark).sum())
@@ -268,6 +271,37 @@ impl Cluster {
             Ok((lag == Some(0)).then_some(()))
         })
         .await
+    }
+
+    /// Publishes `poison` and then `successors` on one key through the
+    /// producer's sidecar, and waits until every successor took effect;
+    /// returns the effects' values in the order they were applied.
+    pub async fn poison_then(
+        &self,
+        poison: &str,
+        successors: &[String],
+    ) -> TestResult<Vec<String>> {
+        let key = |v: &str| pb::Message {
+            key: Some(bytes::Bytes::from_static(b"same-key")),
+            ..message(v)
+        };
+        let mut messages = vec![key(poison)];
+        messages.extend(successors.iter().map(|v| key(v)));
+        self.producer_client()
+            .await?
+            .publish(pb::PublishRequest {
+                topic: "orders".into(),
+                messages,
+            })
+            .await?;
+        let refs: Vec<&str> = successors.iter().map(String::as_str).collect();
+        self.expect_effects(&refs).await?;
+        let db = self.consumer_db().await?;
+        let order = sqlx::query_scalar("SELECT value FROM effects ORDER BY seq")
+            .fetch_all(&db)
+            .await?;
+        db.close().await;
+        Ok(order)
     }
 
     /// The consumer sidecar's counters.
