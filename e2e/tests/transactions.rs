@@ -789,3 +789,58 @@ async fn a_retried_publish_transactional_is_answered_with_its_outcome() -> TestR
     assert_eq!(rows, 1);
     c.done()
 }
+
+/// An app that is down (connection refused) for a while is waited for,
+/// however long: its messages are not counted as failures and none goes to
+/// the dead-letter topic. One that dies during every call with a message is
+/// taken for a message that crashes it and dead-lettered, so its key moves
+/// on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_down_app_is_waited_for_and_an_app_killing_message_is_dead_lettered() -> TestResult {
+    let mut c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Sidecar).await?;
+    c.consumer_app.kill();
+    let mut s = c.producer_client().await?;
+    s.publish(pb::PublishRequest {
+        topic: "orders".into(),
+        messages: vec![message("while-down")],
+    })
+    .await?;
+    // five retries' worth of "connection refused"
+    tokio::time::sleep(std::time::Duration::from_secs(10)).await;
+    c.restart_consumer_app(&[])?;
+    c.expect_effects(&["while-down"]).await?;
+    assert_eq!(c.dead_letters().await?, 0, "a down app is not a failure");
+
+    // the app aborts in every call with this message (after its effect, so
+    // each crash is after the call reached it); restarted each time
+    c.restart_consumer_app(&["app.handle.after_commit"])?;
+    s.publish(pb::PublishRequest {
+        topic: "orders".into(),
+        messages: vec![message("killer")],
+    })
+    .await?;
+    let mut restarts = 0;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while c.dead_letters().await? == 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the killer was not dead-lettered ({restarts} crashes)"
+        );
+        if c.consumer_app.has_exited() {
+            restarts += 1;
+            c.restart_consumer_app(&["app.handle.after_commit"])?;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let db = c.consumer_db().await?;
+    let calls: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE value = 'killer'")
+        .fetch_one(&db)
+        .await?;
+    assert_eq!(
+        calls, 3,
+        "three calls, each ending in a crash, then dead-lettered"
+    );
+    assert!(restarts >= 2, "{restarts}");
+    c.done()
+}

@@ -23,7 +23,11 @@
 //!   limit and not counted. Every other status, `UNKNOWN` included (how
 //!   Python, Java and Go servers report an uncaught exception), and a call
 //!   that outlives `handler_timeout` count as a failed attempt; after
-//!   `max_attempts` the message goes to `<topic>.dlq`.
+//!   `max_attempts` the message goes to `<topic>.dlq`. A call whose
+//!   connection breaks mid-way (the app died during it) is not counted,
+//!   but after `max(max_attempts, 3)` such calls the message is taken for
+//!   one that crashes the app and dead-lettered, so it cannot stall its key
+//!   for ever.
 //! - **Dead letters** are published with a bounded number of retries; when
 //!   that fails too the delivery is [`Outcome::Stuck`]: not acknowledged, and
 //!   the session ends so that it comes again later, before its key's
@@ -51,6 +55,10 @@ use crate::node::{Counters, Node};
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 const UNREACHABLE_DELAY: Duration = Duration::from_secs(2);
+/// Calls broken mid-way (the app's connection lost during the call) before
+/// a message is taken for one that crashes the app (at least; more when
+/// `max_attempts` is larger).
+const MIN_CRASHES: u32 = 3;
 /// How often a message another sidecar has claimed is looked at again.
 const CLAIM_POLL: Duration = Duration::from_millis(500);
 /// Publish attempts of one dead letter before the delivery is stuck.
@@ -207,6 +215,7 @@ async fn attempts(
     let message = d.message.clone().unwrap_or_default();
     let dedup_on = dedup != sc::DedupMode::Off;
     let mut failures = 0u32;
+    let mut crashes = 0u32;
     loop {
         if dedup_on {
             let seen = db_step(cancel, || {
@@ -268,7 +277,37 @@ async fn attempts(
                 break;
             }
             Err(status) if unreachable(&status) => {
-                tracing::warn!(id = %message.id, code = ?status.code(), error = %status.message(), "app unreachable; retrying");
+                // The connection broke during the call (not refused): the
+                // app may be dying on this very message. Retried without
+                // counting a few times (a restart mid-call is ordinary), but
+                // a message that keeps killing the app must not stall its
+                // key for ever: past the limit it is dead-lettered.
+                if status.code() != Code::Unavailable {
+                    crashes += 1;
+                }
+                let limit = spec.max_attempts.max(MIN_CRASHES);
+                if crashes >= limit {
+                    Counters::bump(&node.counters.handler_failures);
+                    let error = format!(
+                        "the app's connection broke during {crashes} calls with this message (it may crash on it): {}",
+                        status.message()
+                    );
+                    if let Err(why) = dead_letter(
+                        node,
+                        spec,
+                        d,
+                        message.clone(),
+                        failures + crashes,
+                        &error,
+                        cancel,
+                    )
+                    .await
+                    {
+                        return why;
+                    }
+                    break;
+                }
+                tracing::warn!(id = %message.id, code = ?status.code(), error = %status.message(), crashes, "app unreachable; retrying");
                 if !pause(UNREACHABLE_DELAY, cancel).await {
                     return Outcome::Abandoned;
                 }
