@@ -69,6 +69,10 @@ pub struct History {
     pub conflicts: Vec<Conflict>,
     /// Ids whose local transaction committed (the producer's business rows).
     pub local_committed: BTreeSet<String>,
+    /// Ids of plain (non-transactional) messages in `sent`, published with
+    /// their own id and retried: each is appended once at most, and once
+    /// for sure if any call was answered `OK`.
+    pub plain: BTreeSet<String>,
     /// The topic's records, as stored.
     pub log: Vec<Logged>,
     /// The consumer's effects, in the order they were committed: message id.
@@ -173,7 +177,7 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
                 ),
             );
         }
-        if !h.local_committed.contains(*id) {
+        if !h.local_committed.contains(*id) && !h.plain.contains(*id) {
             bad(
                 "rolled back but appended",
                 format!("{id} (its local transaction never committed)"),
@@ -195,6 +199,12 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
     // What the workload was told holds.
     for s in &h.sent {
         let appended = logged.contains_key(s.id.as_str());
+        if h.plain.contains(&s.id) && s.answers.iter().any(|a| a == "OK") && !appended {
+            bad(
+                "told published, never appended",
+                format!("{}: answers {:?}", s.id, s.answers),
+            );
+        }
         if s.answers.iter().any(|a| a == "COMMITTED") && !appended {
             bad(
                 "told committed, never appended",
@@ -376,6 +386,7 @@ mod tests {
                 answer: "ALREADY_EXISTS: exists".into(),
             }],
             local_committed: ["a", "b", "c"].into_iter().map(String::from).collect(),
+            plain: BTreeSet::new(),
             log: vec![
                 logged("a", "k", 0, 0),
                 logged("b", "k", 0, 1),
@@ -420,6 +431,16 @@ mod tests {
         h.sent[3].answers = vec!["PREPARED".into()];
         h.effects.push("r".into());
         assert_eq!(kinds(&h), vec!["rolled back but appended"]);
+        h.plain.insert("r".into());
+        assert!(
+            kinds(&h).is_empty(),
+            "a plain message has no local transaction"
+        );
+        h.sent[3].answers = vec!["OK".into()];
+        h.log.pop();
+        h.ranges[0].2 = 2;
+        h.effects.pop();
+        assert_eq!(kinds(&h), vec!["told published, never appended"]);
 
         let mut h = good();
         h.effects.push("a".into());

@@ -407,28 +407,28 @@ fn print_summary(reports: &[CycleReport]) {
         .map(|r| r.seed)
         .collect();
     println!("\n== campaign summary: {} cycles ==", reports.len());
-    println!("{:<32}{:>10}", "messages sent", t.sent);
-    println!("{:<32}{:>10}", "local transactions committed", t.committed);
-    println!("{:<32}{:>10}", "messages appended", t.appended);
-    println!("{:<32}{:>10}", "effects", t.effects);
-    println!("{:<32}{:>10}", "dead letters (poison)", t.dead_lettered);
+    println!("{:<36}{:>10}", "messages sent", t.sent);
+    println!("{:<36}{:>10}", "local transactions committed", t.committed);
+    println!("{:<36}{:>10}", "messages appended", t.appended);
+    println!("{:<36}{:>10}", "effects", t.effects);
+    println!("{:<36}{:>10}", "dead letters (poison)", t.dead_lettered);
     println!(
-        "{:<32}{:>10}",
+        "{:<36}{:>10}",
         "conflicting reuses refused", t.conflicts_refused
     );
     println!(
-        "{:<32}{:>10}",
+        "{:<36}{:>10}",
         "unplanned restarts",
         reports.iter().map(|r| r.unplanned_restarts).sum::<u32>()
     );
     for (k, n) in &faults {
-        println!("{:<32}{:>10}", format!("fault: {k}"), n);
+        println!("{:<36}{:>10}", format!("fault: {k}"), n);
     }
     if kinds.is_empty() {
-        println!("{:<32}{:>10}", "violations", 0);
+        println!("{:<36}{:>10}", "violations", 0);
     }
     for (k, n) in &kinds {
-        println!("{:<32}{:>10}", format!("VIOLATION: {k}"), n);
+        println!("{:<36}{:>10}", format!("VIOLATION: {k}"), n);
     }
     if !failed.is_empty() {
         println!("failing seeds: {failed:?}");
@@ -536,7 +536,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         dir.join("faults.log"),
     ));
     let (proxy, faults) = faults.await??;
-    let (sent, conflicts) = workload.await??;
+    let (sent, plain, conflicts) = workload.await??;
     let _ = reviving.send(true);
     reviver.await??;
 
@@ -569,7 +569,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
             .map_or("none", |a| a.split(':').next().unwrap_or(a));
         *answers.entry(last.to_owned()).or_default() += 1;
     }
-    let history = gather(&dir, sent, conflicts, stalled).await?;
+    let history = gather(&dir, sent, plain, conflicts, stalled).await?;
     let (tally, violations) = check::check(&history);
     let kept = if violations.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -607,6 +607,8 @@ struct Planned {
     retry_same: bool,
     /// After a definitive answer: reuse the id with other content.
     reuse_other: bool,
+    /// Also publish a plain message with an id of its own, retried.
+    plain_too: bool,
 }
 
 fn plan_messages(rng: &mut Rng, seed: u64, n: usize) -> Vec<Vec<Planned>> {
@@ -654,6 +656,7 @@ fn plan_messages(rng: &mut Rng, seed: u64, n: usize) -> Vec<Vec<Planned>> {
             handling,
             retry_same: rng.below(100) < 6,
             reuse_other: rng.below(100) < 6,
+            plain_too: rng.below(100) < 15,
         });
     }
     per_key
@@ -690,7 +693,7 @@ async fn workload(
     plan: Vec<Vec<Planned>>,
     seed: u64,
     pace: Duration,
-) -> anyhow::Result<(Vec<Sent>, Vec<Conflict>)> {
+) -> anyhow::Result<(Vec<Sent>, Vec<Sent>, Vec<Conflict>)> {
     let mut workers = Vec::new();
     for (w, messages) in plan.into_iter().enumerate() {
         let producer = producer.clone();
@@ -701,6 +704,7 @@ async fn workload(
                 .connect_lazy();
             let mut client = SidecarClient::new(channel);
             let mut sent = Vec::new();
+            let mut plain = Vec::new();
             let mut conflicts = Vec::new();
             for m in messages {
                 let pause = pace.as_millis() as u64;
@@ -753,6 +757,41 @@ async fn workload(
                     let r = client.publish_transactional(request(&m.value)).await;
                     answers.push(answer_of(&r));
                 }
+                if m.plain_too {
+                    // a plain message with its own id, published and
+                    // retried (an answer lost, or on purpose): one append
+                    let id = format!("{}-plain", m.id);
+                    let value = format!("plain-{}", m.id);
+                    let publish = || pb::PublishRequest {
+                        topic: TOPIC.into(),
+                        messages: vec![pb::Message {
+                            id: id.clone(),
+                            key: Some(m.key.clone().into_bytes().into()),
+                            value: value.clone().into_bytes().into(),
+                            headers: Vec::new(),
+                            partition: None,
+                        }],
+                    };
+                    let mut plain_answers = Vec::new();
+                    for attempt in 0..3 {
+                        let r = client.publish(publish()).await;
+                        plain_answers.push(match &r {
+                            Ok(_) => "OK".to_owned(),
+                            Err(s) => format!("{}: {}", code_name(s.code()), s.message()),
+                        });
+                        if r.is_ok() && attempt > 0 {
+                            break;
+                        }
+                        tokio::time::sleep(rng.ms(50, 500)).await;
+                    }
+                    plain.push(Sent {
+                        id,
+                        key: m.key.clone(),
+                        value,
+                        handling: Handling::Plain,
+                        answers: plain_answers,
+                    });
+                }
                 if definitive && m.reuse_other {
                     let other = format!("commit-other-{}", m.id);
                     let r = client.publish_transactional(request(&other)).await;
@@ -770,17 +809,19 @@ async fn workload(
                     answers,
                 });
             }
-            anyhow::Ok((sent, conflicts))
+            anyhow::Ok((sent, plain, conflicts))
         }));
     }
     let mut sent = Vec::new();
+    let mut plain = Vec::new();
     let mut conflicts = Vec::new();
     for w in workers {
-        let (s, c) = w.await??;
+        let (s, p, c) = w.await??;
         sent.extend(s);
+        plain.extend(p);
         conflicts.extend(c);
     }
-    Ok((sent, conflicts))
+    Ok((sent, plain, conflicts))
 }
 
 /// Injects seeded faults for `chaos`, one at a time, keeping processes that
@@ -964,7 +1005,8 @@ async fn pending(url: &str, sent: &[Sent]) -> anyhow::Result<Option<String>> {
 /// rows, the topic and its dead letters as stored, the consumer's effects.
 async fn gather(
     dir: &Path,
-    sent: Vec<Sent>,
+    mut sent: Vec<Sent>,
+    plain: Vec<Sent>,
     conflicts: Vec<Conflict>,
     stalled: Option<String>,
 ) -> anyhow::Result<History> {
@@ -1025,10 +1067,13 @@ async fn gather(
     }
     log.close().await;
     logged.sort_by_key(|r| (r.partition, r.offset));
+    let plain_ids = plain.iter().map(|p| p.id.clone()).collect();
+    sent.extend(plain);
     Ok(History {
         sent,
         conflicts,
         local_committed,
+        plain: plain_ids,
         log: logged,
         effects,
         dead_letters,
