@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use futures_util::future::try_join_all;
+use futures_util::future::join_all;
 use tandem_storage::{Log, Offsets as LogOffsets, Record, TopicPartition};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -271,14 +271,20 @@ impl<L: Log + Clone> Broker<L> {
         let data = self.data.clone();
         let owned_topic = topic.to_owned();
         let appended = tokio::spawn(async move {
-            let result = append(&data, &owned_topic, meta, batch, sticky).await;
-            match &result {
-                Ok(positions) => {
-                    reservation.finish(&ids.into_iter().zip(positions.iter().copied()).collect())
-                }
-                Err(_) => drop(reservation),
+            // Per partition: the ids of partitions whose append succeeded are
+            // remembered even when another partition's failed, so a retry
+            // cannot append them a second time.
+            let (positions, failure) = append(&data, &owned_topic, meta, batch, sticky).await;
+            reservation.finish(
+                &ids.into_iter()
+                    .zip(positions.iter().copied())
+                    .filter_map(|(id, p)| Some((id, p?)))
+                    .collect(),
+            );
+            match failure {
+                Some(e) => Err(e),
+                None => Ok(positions.into_iter().flatten().collect::<Vec<_>>()),
             }
-            result
         })
         .await
         .map_err(|e| crate::Error::Internal(format!("append task failed: {e}")))??;
@@ -323,7 +329,7 @@ async fn append<L: Log>(
     meta: TopicMeta,
     messages: Vec<Outgoing>,
     sticky: u32,
-) -> Result<Vec<Position>> {
+) -> (Vec<Option<Position>>, Option<crate::Error>) {
     let mut by_partition: BTreeMap<u32, (Vec<usize>, Vec<Record>)> = BTreeMap::new();
     let total = messages.len();
     for (i, m) in messages.into_iter().enumerate() {
@@ -335,25 +341,25 @@ async fn append<L: Log>(
     let appends = by_partition
         .into_iter()
         .map(|(p, (idx, records))| async move {
-            let ack = data.append(&TopicPartition::new(topic, p), records).await?;
-            Ok::<_, crate::Error>((p, idx, ack.base_offset))
+            let ack = data.append(&TopicPartition::new(topic, p), records).await;
+            (p, idx, ack)
         });
-    let mut out = vec![
-        Position {
-            partition: 0,
-            offset: 0
-        };
-        total
-    ];
-    for (p, idx, base) in try_join_all(appends).await? {
-        for (k, i) in idx.into_iter().enumerate() {
-            out[i] = Position {
-                partition: p,
-                offset: base + k as u64,
-            };
+    let mut out = vec![None; total];
+    let mut failure = None;
+    for (p, idx, ack) in join_all(appends).await {
+        match ack {
+            Ok(ack) => {
+                for (k, i) in idx.into_iter().enumerate() {
+                    out[i] = Some(Position {
+                        partition: p,
+                        offset: ack.base_offset + k as u64,
+                    });
+                }
+            }
+            Err(e) => failure = Some(e.into()),
         }
     }
-    Ok(out)
+    (out, failure)
 }
 
 /// The partition a message goes to: its own choice, its key's, or the
