@@ -40,13 +40,7 @@ pub(crate) fn content_digest(r: &Record) -> u64 {
         parts.push(h.name.as_bytes());
         parts.push(&h.value);
     }
-    let (mut a, mut b) = (0u32, 0x85eb_ca6bu32);
-    for p in parts {
-        let len = (p.len() as u64).to_le_bytes();
-        a = crc32c::crc32c_append(crc32c::crc32c_append(a, &len), p);
-        b = crc32c::crc32c_append(crc32c::crc32c_append(b, p), &len);
-    }
-    (u64::from(a) << 32) | u64::from(b)
+    crate::wire::fingerprint(&parts, 0x85eb_ca6b)
 }
 
 #[derive(Clone, Copy, Debug)]
