@@ -33,7 +33,8 @@ pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};
 pub use server::{Coordinator, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};
 pub use service::{
-    CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, SIDECAR_SESSION_TIMEOUT, check_id,
+    CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, SIDECAR_SESSION_TIMEOUT, check_group,
+    check_id,
 };
 pub use settings::ConfigError;
 pub use topics::{MAX_PARTITIONS, TopicMeta};

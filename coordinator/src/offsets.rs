@@ -120,23 +120,20 @@ impl Offsets {
 
     /// Commits `offset` (the next offset the group wants) if it moves forward.
     pub(crate) fn commit(&self, key: &GroupPartition, offset: u64) {
-        let mut t = self.table();
-        let current = t.committed.get(key).copied();
-        if current.is_some_and(|c| c >= offset) {
-            return;
-        }
-        t.committed.insert(key.clone(), offset);
-        t.at.insert(key.clone(), now_ms());
-        t.deleted.remove(key);
-        t.dirty.insert(key.clone());
-        drop(t);
-        self.wake.notify_one();
+        self.set(key, offset, false);
     }
 
     /// Sets the committed offset to `offset` even if that moves it back
     /// (the log is shorter than the old mark: see the consumer's grant).
     pub(crate) fn reset(&self, key: &GroupPartition, offset: u64) {
+        self.set(key, offset, true);
+    }
+
+    fn set(&self, key: &GroupPartition, offset: u64, backwards: bool) {
         let mut t = self.table();
+        if !backwards && t.committed.get(key).is_some_and(|&c| c >= offset) {
+            return;
+        }
         t.committed.insert(key.clone(), offset);
         t.at.insert(key.clone(), now_ms());
         t.deleted.remove(key);

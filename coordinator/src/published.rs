@@ -222,7 +222,18 @@ impl Recent {
         records: &[Record],
         chosen: &[bool],
     ) -> Result<Plan> {
-        let digests: Vec<u64> = records.iter().map(content_digest).collect();
+        // Only ids the publisher chose are compared (0 stands for the rest).
+        let digests: Vec<u64> = records
+            .iter()
+            .zip(chosen)
+            .map(|(r, &c)| {
+                if c && !self.window.is_zero() {
+                    content_digest(r)
+                } else {
+                    0
+                }
+            })
+            .collect();
         loop {
             let mut settled = self.settled.subscribe();
             let wait = {

@@ -40,7 +40,7 @@ pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
 }
 
 /// Checks a consumer group name: 1 to 255 bytes, no control characters.
-pub(crate) fn check_group(field: &str, group: &str) -> Result<(), Error> {
+pub fn check_group(field: &str, group: &str) -> Result<(), Error> {
     if group.is_empty() || group.len() > 255 || group.chars().any(char::is_control) {
         return Err(Error::invalid(
             field,

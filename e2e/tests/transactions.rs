@@ -719,11 +719,10 @@ async fn a_failed_fsync_stops_the_coordinator_and_unacknowledged_bytes_do_not_co
     };
     let first = client.publish(to_p0("kept")).await?.into_inner();
     assert_eq!(first.positions[0].offset, 0);
-    let e = client
+    client
         .publish(to_p0("unsynced"))
         .await
         .expect_err("its fsync fails");
-    assert_ne!(e.code(), Code::Ok, "{e}");
     let status = c.coordinator.wait(std::time::Duration::from_secs(20))?;
     assert!(
         !status.success(),

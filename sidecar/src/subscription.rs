@@ -47,12 +47,7 @@ pub(crate) fn normalize(node: &Node, mut s: sc::SubscribeRequest) -> Result<sc::
     }
     // The coordinator's rule, checked here so that a subscription it would
     // refuse is never saved and retried for ever.
-    if s.group.len() > 255 || s.group.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            "group",
-            "must be 1 to 255 bytes without control characters",
-        ));
-    }
+    tandem_coordinator::check_group("group", &s.group).map_err(|e| Error::Coordinator(e.into()))?;
     if s.max_in_flight == 0 {
         s.max_in_flight = 32;
     }

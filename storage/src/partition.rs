@@ -492,6 +492,9 @@ impl Partition {
                     tracing::warn!(partition = %self.tp, file = %st.path.display(), kept = st.synced_size,
                         dropped = st.size.saturating_sub(st.synced_size), "unsynced bytes cut off");
                     st.size = st.synced_size;
+                    // nothing unsynced is left: no further sync (which
+                    // would fail again) is attempted on close or tick
+                    st.dirty = false;
                 }
                 Err(c) => tracing::error!(partition = %self.tp, error = %c,
                     "cannot cut the unsynced bytes off; recovery at restart decides"),

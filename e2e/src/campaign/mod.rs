@@ -851,9 +851,7 @@ async fn inject_faults(
             6 if !kill_consumers => continue,
             6 => {
                 let d = rng.ms(6000, 12_000);
-                cluster.lock().await.pause(role)?;
-                tokio::time::sleep(d).await;
-                cluster.lock().await.resume(role)?;
+                stall(&cluster, role, d).await?;
                 lines.push(format!(
                     "{:?} long SIGSTOP {} for {d:?}",
                     start.elapsed(),
@@ -877,9 +875,7 @@ async fn inject_faults(
                 // SIDECAR mode: short enough that a call in progress stays
                 // within the handler timeout (5 s)
                 let d = rng.ms(300, if kill_consumers { 4000 } else { 2500 });
-                cluster.lock().await.pause(role)?;
-                tokio::time::sleep(d).await;
-                cluster.lock().await.resume(role)?;
+                stall(&cluster, role, d).await?;
                 lines.push(format!(
                     "{:?} SIGSTOP {} for {d:?}",
                     start.elapsed(),
@@ -933,6 +929,13 @@ async fn inject_faults(
     }
     std::fs::write(&log, lines.join("\n"))?;
     Ok((proxy, counts))
+}
+
+/// Stops `role` (SIGSTOP) for `d`, then lets it go on.
+async fn stall(cluster: &Mutex<Cluster>, role: Role, d: Duration) -> anyhow::Result<()> {
+    cluster.lock().await.pause(role)?;
+    tokio::time::sleep(d).await;
+    cluster.lock().await.resume(role)
 }
 
 /// Waits until every sent transaction is decided and the group has
