@@ -240,6 +240,25 @@ fn sigterm_ends_sessions_commits_and_exits_cleanly() -> TestResult {
         .take(10)
         .collect::<Result<_, _>>()?;
     assert_eq!(lines.len(), 10);
+    // The consumer prints a batch before it acknowledges it: wait (bounded)
+    // until the coordinator has the acknowledgements, so the test asks
+    // whether acknowledged offsets survive SIGTERM, not whether an ack in
+    // flight wins a race with the signal.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let describe = tandem(&url, &["topic", "describe", "t"])?;
+        if describe
+            .lines()
+            .any(|l| l.starts_with("group g (1 members)") && l.ends_with("lag 0"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acknowledgements never reached the coordinator: {describe}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let pid = coord.0.id().to_string();
     assert!(
         Command::new("kill")
