@@ -3,7 +3,6 @@
 //! recovered at start-up.
 
 use std::collections::HashMap;
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use tokio::sync::watch;
@@ -18,6 +17,7 @@ use crate::partition::{Partition, sync_dir};
 use crate::record::{Record, StoredRecord, TopicPartition, validate_topic_name};
 use crate::schedule::CronSchedule;
 use crate::segment::ReadBudget;
+use crate::vfs::{OsFs, Vfs};
 
 /// The embedded log: segment files on local disk. Cheap to clone.
 #[derive(Clone)]
@@ -26,6 +26,7 @@ pub struct EmbeddedLog {
 }
 
 struct Inner {
+    fs: Arc<dyn Vfs>,
     root: PathBuf,
     config: Arc<LogConfig>,
     partitions: RwLock<HashMap<TopicPartition, Arc<Partition>>>,
@@ -89,43 +90,63 @@ fn check_config(c: &LogConfig) -> Result<()> {
 }
 
 /// Lists the entries of `dir` that are folders.
-fn subdirs(dir: &Path) -> Result<Vec<(String, PathBuf)>> {
-    let mut out = Vec::new();
-    for entry in fs::read_dir(dir).map_err(Error::io("list", dir))? {
-        let entry = entry.map_err(Error::io("list", dir))?;
-        if entry
-            .file_type()
-            .map_err(Error::io("stat", entry.path()))?
-            .is_dir()
-        {
-            out.push((
-                entry.file_name().to_string_lossy().into_owned(),
-                entry.path(),
-            ));
+fn subdirs(fs: &dyn Vfs, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
+    Ok(fs
+        .list(dir)
+        .map_err(Error::io("list", dir))?
+        .into_iter()
+        .filter(|(_, is_dir)| *is_dir)
+        .map(|(name, _)| {
+            let path = dir.join(&name);
+            (name, path)
+        })
+        .collect())
+}
+
+/// Creates `dir` and its missing parents, and syncs the folder holding
+/// each one created, so that the new folders outlast a power cut.
+fn create_dirs(fs: &dyn Vfs, dir: &Path) -> Result<()> {
+    let created = fs
+        .create_dir_all(dir)
+        .map_err(Error::io("create folder", dir))?;
+    for d in created {
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(fs, parent)?;
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 impl EmbeddedLog {
     /// Opens the log under `root` (creating the folder if needed), recovering
     /// every partition found there. Must run inside a Tokio runtime.
     pub async fn open(root: impl Into<PathBuf>, config: LogConfig) -> Result<EmbeddedLog> {
+        EmbeddedLog::open_on(Arc::new(OsFs), root, config).await
+    }
+
+    /// [`open`](EmbeddedLog::open) on the files of `fs` (the operating
+    /// system's, or a model of them in tests).
+    pub async fn open_on(
+        fs: Arc<dyn Vfs>,
+        root: impl Into<PathBuf>,
+        config: LogConfig,
+    ) -> Result<EmbeddedLog> {
         check_config(&config)?;
         let root = root.into();
         let config = Arc::new(config);
         let (r, c) = (root.clone(), config.clone());
         let failed = Arc::new(watch::channel(None).0);
         let f = failed.clone();
+        let vfs = fs.clone();
         let partitions = tokio::task::spawn_blocking(move || -> Result<_> {
-            fs::create_dir_all(&r).map_err(Error::io("create folder", &r))?;
+            create_dirs(&*vfs, &r)?;
             let mut map = HashMap::new();
-            for (topic, tdir) in subdirs(&r)? {
+            for (topic, tdir) in subdirs(&*vfs, &r)? {
                 if validate_topic_name(&topic).is_err() {
                     tracing::warn!(folder = %tdir.display(), "ignoring folder that is not a topic");
                     continue;
                 }
-                for (part, pdir) in subdirs(&tdir)? {
+                for (part, pdir) in subdirs(&*vfs, &tdir)? {
                     let Ok(partition) = part.parse::<u32>() else {
                         tracing::warn!(folder = %pdir.display(), "ignoring folder that is not a partition");
                         continue;
@@ -133,7 +154,7 @@ impl EmbeddedLog {
                     let tp = TopicPartition::new(topic.clone(), partition);
                     map.insert(
                         tp.clone(),
-                        Partition::open(tp, pdir, c.clone(), f.clone())?,
+                        Partition::open(vfs.clone(), tp, pdir, c.clone(), f.clone())?,
                     );
                 }
             }
@@ -144,6 +165,7 @@ impl EmbeddedLog {
         tracing::info!(root = %root.display(), partitions = partitions.len(), "log opened");
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
+                fs,
                 root,
                 config,
                 partitions: RwLock::new(partitions),
@@ -257,17 +279,12 @@ impl Log for EmbeddedLog {
         let root = self.inner.root.clone();
         let config = self.inner.config.clone();
         let failed = self.inner.failed.clone();
+        let fs = self.inner.fs.clone();
         let tp2 = tp.clone();
         let p = tokio::task::spawn_blocking(move || {
-            let tdir = root.join(&tp2.topic);
-            let pdir = tdir.join(tp2.partition.to_string());
-            let new_topic = !tdir.exists();
-            fs::create_dir_all(&pdir).map_err(Error::io("create folder", &pdir))?;
-            sync_dir(&tdir)?;
-            if new_topic {
-                sync_dir(&root)?;
-            }
-            Partition::open(tp2, pdir, config, failed)
+            let pdir = root.join(&tp2.topic).join(tp2.partition.to_string());
+            create_dirs(&*fs, &pdir)?;
+            Partition::open(fs, tp2, pdir, config, failed)
         })
         .await
         .map_err(|e| Error::io("create partition", &self.inner.root)(std::io::Error::other(e)))??;

@@ -8,13 +8,12 @@
 //! and a CRC, so opening a partition need not re-read sealed segments. An
 //! index file that does not match its log is ignored and rebuilt by a scan.
 
-use std::fs::{self, File};
-use std::io::Write;
 use std::path::Path;
 
 use bytes::{Buf, BufMut};
 
 use crate::error::{Error, Result};
+use crate::vfs::{OpenMode, Vfs};
 
 /// One index entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +98,7 @@ const FIXED: usize = 4 + 8 + 8 + 8 + 8 + 4;
 impl SealedSummary {
     /// Writes the summary to `path` (via a temporary file and a rename) and
     /// syncs it; the caller syncs the folder.
-    pub(crate) fn write(&self, path: &Path) -> Result<()> {
+    pub(crate) fn write(&self, fs: &dyn Vfs, path: &Path) -> Result<()> {
         let mut buf = Vec::with_capacity(FIXED + 8 * self.index.entries.len() + 4);
         buf.put_slice(MAGIC);
         buf.put_u64_le(self.base_offset);
@@ -113,16 +112,23 @@ impl SealedSummary {
         }
         buf.put_u32_le(crc32c::crc32c(&buf));
         let tmp = path.with_extension("index.tmp");
-        let mut f = File::create(&tmp).map_err(Error::io("create", &tmp))?;
-        f.write_all(&buf).map_err(Error::io("write", &tmp))?;
+        let f = fs
+            .open(&tmp, OpenMode::Truncate)
+            .map_err(Error::io("create", &tmp))?;
+        f.write_all_at(&buf, 0).map_err(Error::io("write", &tmp))?;
         f.sync_data().map_err(Error::io("fdatasync", &tmp))?;
-        fs::rename(&tmp, path).map_err(Error::io("rename", &tmp))
+        fs.rename(&tmp, path).map_err(Error::io("rename", &tmp))
     }
 
     /// Reads a summary; `None` when the file is missing, damaged, or does not
     /// describe a segment with this base offset and size.
-    pub(crate) fn read(path: &Path, base_offset: u64, log_size: u64) -> Option<SealedSummary> {
-        let buf = fs::read(path).ok()?;
+    pub(crate) fn read(
+        fs: &dyn Vfs,
+        path: &Path,
+        base_offset: u64,
+        log_size: u64,
+    ) -> Option<SealedSummary> {
+        let buf = fs.read(path).ok()?;
         if buf.len() < FIXED + 4 {
             return None;
         }
@@ -165,6 +171,8 @@ impl SealedSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vfs::OsFs;
+    use std::fs;
 
     #[test]
     fn lookup_finds_the_entry_at_or_before_the_offset() {
@@ -194,16 +202,16 @@ mod tests {
             max_timestamp: 99,
             index,
         };
-        s.write(&path)?;
-        let mut back = SealedSummary::read(&path, 10, 5010).expect("summary just written");
+        s.write(&OsFs, &path)?;
+        let mut back = SealedSummary::read(&OsFs, &path, 10, 5010).expect("summary just written");
         back.index.bytes_since_entry = s.index.bytes_since_entry;
         assert_eq!(back, s);
-        assert!(SealedSummary::read(&path, 11, 5010).is_none());
-        assert!(SealedSummary::read(&path, 10, 5011).is_none());
+        assert!(SealedSummary::read(&OsFs, &path, 11, 5010).is_none());
+        assert!(SealedSummary::read(&OsFs, &path, 10, 5011).is_none());
         let mut bytes = fs::read(&path).map_err(Error::io("read", &path))?;
         bytes[9] ^= 1;
         fs::write(&path, bytes).map_err(Error::io("write", &path))?;
-        assert!(SealedSummary::read(&path, 10, 5010).is_none());
+        assert!(SealedSummary::read(&OsFs, &path, 10, 5010).is_none());
         Ok(())
     }
 }

@@ -22,6 +22,7 @@ mod segment;
 mod tail;
 
 pub mod failpoint;
+pub mod vfs;
 
 pub use config::{FsyncPolicy, LogConfig, Retention};
 pub use embedded::EmbeddedLog;
@@ -33,3 +34,4 @@ pub use record::{
 pub use schedule::CronSchedule;
 pub use segment::ReadBudget;
 pub use tail::Tail;
+pub use vfs::{Loss, OsFs, SimFs, Vfs};

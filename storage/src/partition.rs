@@ -25,8 +25,6 @@
 //! kernel may have dropped the dirty pages: retrying it could "succeed"
 //! over lost data).
 
-use std::fs;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -42,6 +40,7 @@ use crate::index::SparseIndex;
 use crate::log::{AppendAck, Offsets};
 use crate::record::{Record, StoredRecord, TopicPartition};
 use crate::segment::{self, ReadBudget, Segment, Stop};
+use crate::vfs::{VFile, Vfs};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
@@ -56,10 +55,8 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 /// Syncs a folder so that file creations, renames and deletions in it last.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io("fsync folder", dir))
+pub(crate) fn sync_dir(fs: &dyn Vfs, dir: &Path) -> Result<()> {
+    fs.sync_dir(dir).map_err(Error::io("fsync folder", dir))
 }
 
 /// What readers may see.
@@ -88,7 +85,7 @@ enum Msg {
 /// The writer's own view of the active segment.
 struct WriterState {
     base_offset: u64,
-    file: Arc<fs::File>,
+    file: Arc<dyn VFile>,
     path: PathBuf,
     size: u64,
     next_offset: u64,
@@ -121,12 +118,19 @@ impl WriterState {
 /// One partition of the embedded log.
 pub(crate) struct Partition {
     tp: TopicPartition,
+    fs: Arc<dyn Vfs>,
     dir: PathBuf,
     config: Arc<LogConfig>,
     segments: RwLock<Vec<Segment>>,
     published: watch::Sender<Published>,
     queue: mpsc::Sender<Msg>,
     poisoned: Mutex<Option<String>>,
+    /// Held while old segments are deleted: one deletion at a time, so that
+    /// files go oldest first whatever the callers (retention, truncation).
+    /// Two at once could each delete and sync a later segment's file before
+    /// the other deleted an earlier one: a power cut in between would leave
+    /// a gap in the log, which then refuses to open.
+    deleting: Mutex<()>,
     /// Resolves when the writer thread has stopped.
     writer_done: Mutex<Option<oneshot::Receiver<()>>>,
     /// Sends [`Msg::Sync`] on the fsync interval.
@@ -148,12 +152,13 @@ impl Partition {
     /// and starts its writer. Blocking: call from a blocking context inside a
     /// Tokio runtime.
     pub(crate) fn open(
+        fs: Arc<dyn Vfs>,
         tp: TopicPartition,
         dir: PathBuf,
         config: Arc<LogConfig>,
         failed: Arc<watch::Sender<Option<String>>>,
     ) -> Result<Arc<Partition>> {
-        let segments = recover(&tp, &dir, &config)?;
+        let segments = recover(&*fs, &tp, &dir, &config)?;
         let active = segments
             .last()
             .expect("recover leaves at least one segment");
@@ -167,6 +172,7 @@ impl Partition {
             fault_write: format!("storage.write:{tp}"),
             fault_sync: format!("storage.fdatasync:{tp}"),
             failed,
+            fs,
             tp,
             dir,
             config,
@@ -174,6 +180,7 @@ impl Partition {
             published,
             queue,
             poisoned: Mutex::new(None),
+            deleting: Mutex::new(()),
             writer_done: Mutex::new(None),
             ticker: Mutex::new(None),
             stopping: AtomicBool::new(false),
@@ -320,7 +327,7 @@ impl Partition {
             };
             let before = out.len();
             used = segment::read_records(
-                &file, &path, size, position, offset, hwm, budget, &mut out, used,
+                &*file, &path, size, position, offset, hwm, budget, &mut out, used,
             )?;
             if let Some(last) = out.last().filter(|_| out.len() > before) {
                 offset = last.offset + 1;
@@ -346,6 +353,7 @@ impl Partition {
         &self,
         mut drop: impl FnMut(&Segment, u64) -> bool,
     ) -> Result<(u64, usize)> {
+        let _one_at_a_time = lock(&self.deleting);
         let removed: Vec<Segment> = {
             let mut segs = write(&self.segments);
             let mut total: u64 = segs.iter().map(|s| s.size).sum();
@@ -357,9 +365,11 @@ impl Partition {
             segs.drain(..n).collect()
         };
         for s in &removed {
-            fs::remove_file(&s.path).map_err(Error::io("delete", &s.path))?;
+            self.fs
+                .remove_file(&s.path)
+                .map_err(Error::io("delete", &s.path))?;
             let idx = segment::index_path(&self.dir, s.base_offset);
-            match fs::remove_file(&idx) {
+            match self.fs.remove_file(&idx) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(Error::io("delete", idx)(e));
                 }
@@ -367,7 +377,7 @@ impl Partition {
             }
         }
         if !removed.is_empty() {
-            sync_dir(&self.dir)?;
+            sync_dir(&*self.fs, &self.dir)?;
             tracing::info!(partition = %self.tp, segments = removed.len(), "deleted old segments");
         }
         Ok((self.offsets().log_start, removed.len()))
@@ -662,9 +672,9 @@ impl Partition {
         read(&self.segments)
             .last()
             .expect("a partition always has a segment")
-            .write_index(&self.dir)?;
-        let seg = Segment::create(&self.dir, st.next_offset)?;
-        sync_dir(&self.dir)?;
+            .write_index(&*self.fs, &self.dir)?;
+        let seg = Segment::create(&*self.fs, &self.dir, st.next_offset)?;
+        sync_dir(&*self.fs, &self.dir)?;
         let mut next = WriterState::of(&seg);
         next.last_sync = st.last_sync;
         *st = next;
@@ -675,28 +685,30 @@ impl Partition {
 
 /// Opens every segment in `dir` (creating the first if there is none),
 /// truncating a torn tail and refusing other damage unless `repair`.
-fn recover(tp: &TopicPartition, dir: &Path, config: &LogConfig) -> Result<Vec<Segment>> {
+fn recover(
+    fs: &dyn Vfs,
+    tp: &TopicPartition,
+    dir: &Path,
+    config: &LogConfig,
+) -> Result<Vec<Segment>> {
     let mut bases = Vec::new();
-    for entry in fs::read_dir(dir).map_err(Error::io("list", dir))? {
-        let entry = entry.map_err(Error::io("list", dir))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
+    for (name, _) in fs.list(dir).map_err(Error::io("list", dir))? {
         if let Some(base) = segment::parse_log_name(&name) {
             bases.push(base);
         } else if name.ends_with(".index.tmp") {
-            let _ = fs::remove_file(entry.path());
+            let _ = fs.remove_file(&dir.join(&name));
         }
     }
     bases.sort_unstable();
     if bases.is_empty() {
-        let seg = Segment::create(dir, 0)?;
-        sync_dir(dir)?;
+        let seg = Segment::create(fs, dir, 0)?;
+        sync_dir(fs, dir)?;
         return Ok(vec![seg]);
     }
     let mut segments: Vec<Segment> = Vec::with_capacity(bases.len());
     for (i, &base) in bases.iter().enumerate() {
         let last = i + 1 == bases.len();
-        let (seg, stop) = Segment::open(dir, base, !last, config.index_interval_bytes)?;
+        let (seg, stop) = Segment::open(fs, dir, base, !last, config.index_interval_bytes)?;
         let gap = segments
             .last()
             .map(|p| p.next_offset)
@@ -736,7 +748,7 @@ fn recover(tp: &TopicPartition, dir: &Path, config: &LogConfig) -> Result<Vec<Se
         let doomed = if gap.is_some() { &bases[i..] } else { later };
         for &b in doomed {
             for p in [segment::log_path(dir, b), segment::index_path(dir, b)] {
-                match fs::remove_file(&p) {
+                match fs.remove_file(&p) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                         return Err(Error::io("delete", p)(e));
                     }
@@ -748,7 +760,7 @@ fn recover(tp: &TopicPartition, dir: &Path, config: &LogConfig) -> Result<Vec<Se
             seg.truncate_to_valid()?;
             segments.push(seg);
         }
-        sync_dir(dir)?;
+        sync_dir(fs, dir)?;
         break;
     }
     Ok(segments)

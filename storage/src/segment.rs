@@ -8,8 +8,6 @@
 //! its declared end, which only in-place damage of written data produces:
 //! that is *corruption*, and opening fails unless repair was asked for.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -19,6 +17,7 @@ use crate::batch::{self, BatchHeader, Found, HEADER_LEN, MAX_ON_DISK};
 use crate::error::{Error, Result};
 use crate::index::{SealedSummary, SparseIndex};
 use crate::record::StoredRecord;
+use crate::vfs::{OpenMode, VFile, Vfs};
 
 /// Bytes read at a time while scanning or reading.
 const CHUNK: usize = 256 << 10;
@@ -33,7 +32,7 @@ pub(crate) struct Segment {
     pub(crate) size: u64,
     pub(crate) max_timestamp: i64,
     pub(crate) index: SparseIndex,
-    pub(crate) file: Arc<File>,
+    pub(crate) file: Arc<dyn VFile>,
     pub(crate) path: PathBuf,
 }
 
@@ -54,12 +53,13 @@ pub(crate) fn parse_log_name(name: &str) -> Option<u64> {
         .flatten()
 }
 
-fn open_rw(path: &Path, create: bool) -> Result<File> {
-    OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(create)
-        .open(path)
+fn open_rw(fs: &dyn Vfs, path: &Path, create: bool) -> Result<Arc<dyn VFile>> {
+    let mode = if create {
+        OpenMode::CreateNew
+    } else {
+        OpenMode::Existing
+    };
+    fs.open(path, mode)
         .map_err(Error::io(if create { "create" } else { "open" }, path))
 }
 
@@ -87,7 +87,7 @@ pub(crate) struct Stop {
 
 /// Reads a file in chunks, keeping the last chunk as shared bytes.
 struct Window<'a> {
-    file: &'a File,
+    file: &'a dyn VFile,
     path: &'a Path,
     end: u64,
     buf: Bytes,
@@ -95,7 +95,7 @@ struct Window<'a> {
 }
 
 impl<'a> Window<'a> {
-    fn new(file: &'a File, path: &'a Path, end: u64) -> Self {
+    fn new(file: &'a dyn VFile, path: &'a Path, end: u64) -> Self {
         Window {
             file,
             path,
@@ -146,16 +146,16 @@ impl<'a> Window<'a> {
 
 impl Segment {
     /// Creates an empty segment file; the caller syncs the folder.
-    pub(crate) fn create(dir: &Path, base_offset: u64) -> Result<Segment> {
+    pub(crate) fn create(fs: &dyn Vfs, dir: &Path, base_offset: u64) -> Result<Segment> {
         let path = log_path(dir, base_offset);
-        let file = open_rw(&path, true)?;
+        let file = open_rw(fs, &path, true)?;
         Ok(Segment {
             base_offset,
             next_offset: base_offset,
             size: 0,
             max_timestamp: i64::MIN,
             index: SparseIndex::default(),
-            file: Arc::new(file),
+            file,
             path,
         })
     }
@@ -164,16 +164,18 @@ impl Segment {
     /// matches, else by a scan. Returns the segment (holding the valid prefix)
     /// and where the scan stopped early, if it did.
     pub(crate) fn open(
+        fs: &dyn Vfs,
         dir: &Path,
         base_offset: u64,
         trust_index: bool,
         interval: u32,
     ) -> Result<(Segment, Option<Stop>)> {
         let path = log_path(dir, base_offset);
-        let file = open_rw(&path, false)?;
-        let len = file.metadata().map_err(Error::io("stat", &path))?.len();
+        let file = open_rw(fs, &path, false)?;
+        let len = file.size().map_err(Error::io("stat", &path))?;
         if trust_index
-            && let Some(s) = SealedSummary::read(&index_path(dir, base_offset), base_offset, len)
+            && let Some(s) =
+                SealedSummary::read(fs, &index_path(dir, base_offset), base_offset, len)
         {
             let seg = Segment {
                 base_offset,
@@ -181,19 +183,19 @@ impl Segment {
                 size: s.size,
                 max_timestamp: s.max_timestamp,
                 index: s.index,
-                file: Arc::new(file),
+                file,
                 path,
             };
             return Ok((seg, None));
         }
-        let scan = scan(&file, &path, base_offset, len, interval)?;
+        let scan = scan(&*file, &path, base_offset, len, interval)?;
         let seg = Segment {
             base_offset,
             next_offset: scan.next_offset,
             size: scan.valid_len,
             max_timestamp: scan.max_timestamp,
             index: scan.index,
-            file: Arc::new(file),
+            file,
             path,
         };
         Ok((seg, scan.stop))
@@ -208,7 +210,7 @@ impl Segment {
     }
 
     /// Writes this (now sealed) segment's index file.
-    pub(crate) fn write_index(&self, dir: &Path) -> Result<()> {
+    pub(crate) fn write_index(&self, fs: &dyn Vfs, dir: &Path) -> Result<()> {
         SealedSummary {
             base_offset: self.base_offset,
             next_offset: self.next_offset,
@@ -216,13 +218,13 @@ impl Segment {
             max_timestamp: self.max_timestamp,
             index: self.index.clone(),
         }
-        .write(&index_path(dir, self.base_offset))
+        .write(fs, &index_path(dir, self.base_offset))
     }
 }
 
 /// Checks every batch of a segment file of `len` bytes.
 pub(crate) fn scan(
-    file: &File,
+    file: &dyn VFile,
     path: &Path,
     base_offset: u64,
     len: u64,
@@ -277,14 +279,44 @@ pub(crate) fn scan(
         let valid_after = claimed >= HEADER_LEN as u64
             && next < len
             && matches!(w.inspect(next)?.0, Found::Batch(_));
+        let lost_page = zero_page_inside(&bytes, pos);
         out.stop = Some(Stop {
             position: pos,
-            reason: problem,
-            torn: !valid_after,
+            reason: if lost_page {
+                format!(
+                    "{problem}; a whole page inside it reads as zeros (a write a power cut lost)"
+                )
+            } else {
+                problem
+            },
+            torn: !valid_after || lost_page,
         });
         break;
     }
     Ok(out)
+}
+
+/// Page size assumed by [`zero_page_inside`].
+const PAGE: u64 = 4096;
+
+/// Whether a whole page-aligned 4 KiB of `batch` (found at byte `pos` of
+/// its file) is zeros. The page cache writes pages back in any order, so a
+/// power cut may keep later pages of an unsynced write and lose an earlier
+/// one, which then reads as zeros: the batch fails its CRC although valid
+/// batches follow it. Such a page means the batch was never synced, nor was
+/// anything written after it (syncs cover the whole file, and the log only
+/// appends), so it is a torn tail, not damage of acknowledged data.
+fn zero_page_inside(batch: &[u8], pos: u64) -> bool {
+    let end = pos + batch.len() as u64;
+    let mut page = pos.div_ceil(PAGE) * PAGE;
+    while page + PAGE <= end {
+        let from = (page - pos) as usize;
+        if batch[from..from + PAGE as usize].iter().all(|&b| b == 0) {
+            return true;
+        }
+        page += PAGE;
+    }
+    false
 }
 
 /// A read's limits: it stops after `max_records`, or once `max_bytes` of
@@ -311,7 +343,7 @@ impl Default for ReadBudget {
 /// number of bytes of batches used.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn read_records(
-    file: &File,
+    file: &dyn VFile,
     path: &Path,
     size: u64,
     position: u64,
