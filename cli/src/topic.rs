@@ -81,6 +81,13 @@ pub async fn topic(url: &str, cmd: TopicCommand, out: &mut impl Write) -> anyhow
                         p.partition, p.committed_offset, p.lag
                     )?;
                 }
+                for m in &g.member_info {
+                    writeln!(
+                        out,
+                        "   member {}: credit {}, partitions {:?}",
+                        m.id, m.credit, m.partitions
+                    )?;
+                }
             }
         }
     }

@@ -77,7 +77,18 @@ pub struct GroupDescription {
     /// Committed offset per partition (absent: nothing committed yet).
     pub committed: BTreeMap<u32, u64>,
     /// Live members.
-    pub members: u32,
+    pub members: Vec<MemberDescription>,
+}
+
+/// A live member of a consumer group.
+#[derive(Clone, Debug)]
+pub struct MemberDescription {
+    /// Member id.
+    pub id: String,
+    /// Deliveries it may still be sent before it grants more.
+    pub credit: u64,
+    /// Partitions it holds, not counting ones being revoked.
+    pub partitions: Vec<u32>,
 }
 
 /// Topics, publishing and consumer groups.
@@ -205,7 +216,7 @@ impl<L: Log + Clone> Broker<L> {
             .for_topic(name)
             .into_iter()
             .map(|(group, committed)| GroupDescription {
-                members: members.remove(&group).unwrap_or(0),
+                members: members.remove(&group).unwrap_or_default(),
                 group,
                 committed,
             })
@@ -393,7 +404,7 @@ async fn expire_offsets<L: Log + Clone>(
     let mut live_now = Vec::new();
     for topic in offsets.topics() {
         for (group, members) in groups.members_of(&topic).await {
-            if members > 0 {
+            if !members.is_empty() {
                 live_now.push((group, topic.clone()));
             }
         }

@@ -265,7 +265,10 @@ impl<L: Log + Clone> Groups<L> {
     }
 
     /// Live members per group consuming `topic`.
-    pub(crate) async fn members_of(&self, topic: &str) -> BTreeMap<String, u32> {
+    pub(crate) async fn members_of(
+        &self,
+        topic: &str,
+    ) -> BTreeMap<String, Vec<crate::broker::MemberDescription>> {
         let groups: Vec<_> = lock(&self.groups)
             .values()
             .filter(|g| g.topic == topic)
@@ -273,8 +276,22 @@ impl<L: Log + Clone> Groups<L> {
             .collect();
         let mut out = BTreeMap::new();
         for g in groups {
-            let n = g.inner.lock().await.state.member_count() as u32;
-            out.insert(g.group.clone(), n);
+            let inner = g.inner.lock().await;
+            let mut members: Vec<_> = inner
+                .members
+                .values()
+                .map(|m| crate::broker::MemberDescription {
+                    id: m.id.clone(),
+                    credit: m.credit.available_permits() as u64,
+                    partitions: lock(&m.leases)
+                        .values()
+                        .filter(|l| !l.revoking())
+                        .map(|l| l.gp.partition)
+                        .collect(),
+                })
+                .collect();
+            members.sort_by(|a, b| a.id.cmp(&b.id));
+            out.insert(g.group.clone(), members);
         }
         out
     }

@@ -68,6 +68,7 @@ impl GroupState {
         }
     }
 
+    #[cfg(test)]
     pub(crate) fn member_count(&self) -> usize {
         self.members.len()
     }

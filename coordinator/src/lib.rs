@@ -27,7 +27,10 @@ mod transactions;
 mod txn_core;
 mod wire;
 
-pub use broker::{Broker, GroupDescription, HalfMessage, Outgoing, PartitionDescription, Position};
+pub use broker::{
+    Broker, GroupDescription, HalfMessage, MemberDescription, Outgoing, PartitionDescription,
+    Position,
+};
 pub use config::{Config, CoordinatorArgs, FinalAction, TxnSettings};
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};

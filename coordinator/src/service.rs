@@ -227,7 +227,16 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                     group: g.group,
                     total_lag: parts.iter().map(|p| p.lag).sum(),
                     partitions: parts,
-                    members: g.members,
+                    members: g.members.len() as u32,
+                    member_info: g
+                        .members
+                        .into_iter()
+                        .map(|m| pb::GroupMember {
+                            id: m.id,
+                            credit: m.credit,
+                            partitions: m.partitions,
+                        })
+                        .collect(),
                 }
             })
             .collect();

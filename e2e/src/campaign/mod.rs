@@ -69,6 +69,8 @@ const PARTITIONS: u32 = 4;
 const KEYS: usize = 6;
 const GROUP: &str = "cart";
 const MAX_ATTEMPTS: u32 = 3;
+/// Credit each consumer sidecar subscribes with.
+const MAX_IN_FLIGHT: u32 = 16;
 
 const COORDINATOR_SETTINGS: &[&str] = &[
     "check_after_ms=1000",
@@ -496,7 +498,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
             group: GROUP.into(),
             start_from: pb::StartFrom::Earliest as i32,
             dedup: dedup as i32,
-            max_in_flight: 16,
+            max_in_flight: MAX_IN_FLIGHT,
             max_attempts: MAX_ATTEMPTS,
             retry_backoff_ms: 50,
         })
@@ -794,11 +796,30 @@ async fn workload(
                 }
                 if definitive && m.reuse_other {
                     let other = format!("commit-other-{}", m.id);
-                    let r = client.publish_transactional(request(&other)).await;
+                    // Asked again while the answer says the request may not
+                    // have been heard (the sidecar down or cut off).
+                    let mut answer = String::new();
+                    for _ in 0..5 {
+                        let r = client.publish_transactional(request(&other)).await;
+                        answer = answer_of(&r);
+                        let unheard = r.as_ref().err().is_some_and(|s| {
+                            matches!(
+                                s.code(),
+                                tonic::Code::Unavailable
+                                    | tonic::Code::DeadlineExceeded
+                                    | tonic::Code::Cancelled
+                                    | tonic::Code::Unknown
+                            )
+                        });
+                        if !unheard {
+                            break;
+                        }
+                        tokio::time::sleep(rng.ms(200, 1000)).await;
+                    }
                     conflicts.push(Conflict {
                         id: m.id.clone(),
                         value: other,
-                        answer: answer_of(&r),
+                        answer,
                     });
                 }
                 sent.push(Sent {
@@ -984,22 +1005,33 @@ async fn pending(url: &str, sent: &[Sent]) -> anyhow::Result<Option<String>> {
         .describe_topic(pb::DescribeTopicRequest { name: TOPIC.into() })
         .await?
         .into_inner();
-    let lag = d
-        .groups
+    let group = d.groups.iter().find(|g| g.group == GROUP);
+    let lag = group.map_or(u64::MAX, |g| g.total_lag);
+    // With nothing left to deliver, every member has all its credit back:
+    // credit lost on the way (a rebalance, a stopped pump) stalls a member
+    // for good once it reaches zero.
+    let short: Vec<String> = group
         .iter()
-        .find(|g| g.group == GROUP)
-        .map_or(u64::MAX, |g| g.total_lag);
-    if open.is_empty() && lag == 0 {
+        .flat_map(|g| &g.member_info)
+        .filter(|m| m.credit != u64::from(MAX_IN_FLIGHT))
+        .map(|m| format!("{} has credit {} of {MAX_IN_FLIGHT}", m.id, m.credit))
+        .collect();
+    if open.is_empty() && lag == 0 && short.is_empty() {
         return Ok(None);
     }
     Ok(Some(format!(
-        "{} open transactions {:?}, group lag {}",
+        "{} open transactions {:?}, group lag {}{}",
         open.len(),
         open.iter().take(5).collect::<Vec<_>>(),
         if lag == u64::MAX {
             "unknown".into()
         } else {
             lag.to_string()
+        },
+        if short.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", short.join(", "))
         }
     )))
 }
