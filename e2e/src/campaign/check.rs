@@ -14,8 +14,9 @@ pub enum Handling {
     Plain,
     /// Fails transiently, then is handled: an effect is expected.
     Transient,
-    /// Fails on every call with a status that counts: dead-lettered.
-    Poison,
+    /// Fails on every call with this status (a gRPC code that counts):
+    /// dead-lettered, for that status.
+    Poison(i32),
 }
 
 /// One message the workload sent through the producer's sidecar.
@@ -241,8 +242,10 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
     }
     let mut dead: BTreeMap<&str, &str> = BTreeMap::new();
     for (id, e) in &h.dead_letters {
-        if dead.insert(id.as_str(), e.as_str()).is_some() {
+        if dead.contains_key(id.as_str()) {
             bad("dead-lettered twice", id.clone());
+        } else {
+            dead.insert(id.as_str(), e.as_str());
         }
     }
     for (id, n) in &effects {
@@ -254,7 +257,11 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
         }
     }
     for id in logged.keys() {
-        let poison = sent.get(id).is_some_and(|s| s.handling == Handling::Poison);
+        let poison_code = sent.get(id).and_then(|s| match s.handling {
+            Handling::Poison(code) => Some(tonic::Code::from_i32(code)),
+            _ => None,
+        });
+        let poison = poison_code.is_some();
         let effect = effects.contains_key(id);
         let dlq = dead.get(id);
         // The sidecar dead-letters a message whose calls the app died
@@ -262,11 +269,22 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
         // handlers crash it): a cause, as long as it did not take effect.
         let crashed = dlq.is_some_and(|why| why.contains("connection broke"));
         match (poison, effect, dlq) {
-            (false, true, None) | (true, false, Some(_)) => {}
+            (false, true, None) => {}
             (false, false, Some(_)) if crashed => {}
             (false, false, None) => bad("never consumed", (*id).to_owned()),
             (false, _, Some(why)) => bad("dead-lettered without cause", format!("{id}: {why}")),
             (true, true, _) => bad("poison message took effect", (*id).to_owned()),
+            // A poison message fails at once: its dead letter names the
+            // status it failed with, not some other cause.
+            (true, false, Some(why)) => {
+                let code = format!("{:?}", poison_code.unwrap_or(tonic::Code::Unknown));
+                if !why.starts_with(&code) {
+                    bad(
+                        "poison message dead-lettered for another cause",
+                        format!("{id} failed with {code}, dead letter says: {why}"),
+                    );
+                }
+            }
             (true, false, None) => bad("poison message not dead-lettered", (*id).to_owned()),
         }
     }
@@ -377,7 +395,7 @@ mod tests {
             sent: vec![
                 sent("a", "k", Handling::Plain),
                 sent("b", "k", Handling::Transient),
-                sent("c", "j", Handling::Poison),
+                sent("c", "j", Handling::Poison(2)),
                 Sent {
                     value: "rollback-r".into(),
                     answers: vec!["ROLLED_BACK".into()],
@@ -511,6 +529,13 @@ mod tests {
         let mut h = good();
         h.dead_letters.clear();
         assert_eq!(kinds(&h), vec!["poison message not dead-lettered"]);
+
+        let mut h = good();
+        h.dead_letters[0].1 = "the app's connection broke during 3 calls".into();
+        assert_eq!(
+            kinds(&h),
+            vec!["poison message dead-lettered for another cause"]
+        );
 
         let mut h = good();
         h.log[0].value = "other".into();

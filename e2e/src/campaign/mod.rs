@@ -644,7 +644,7 @@ fn plan_messages(rng: &mut Rng, seed: u64, n: usize) -> Vec<Vec<Planned>> {
             2 => (Some("fail:14:2".to_owned()), Handling::Transient),
             3 => {
                 let code = COUNTED[rng.below(COUNTED.len() as u64) as usize];
-                (Some(format!("fail:{code}:99")), Handling::Poison)
+                (Some(format!("fail:{code}:99")), Handling::Poison(code))
             }
             4 => (Some("slow".to_owned()), Handling::Plain),
             5 => (Some("crash".to_owned()), Handling::Plain),
