@@ -69,6 +69,9 @@ const PARTITIONS: u32 = 4;
 const KEYS: usize = 6;
 const GROUP: &str = "cart";
 const MAX_ATTEMPTS: u32 = 3;
+/// The fault kind of a long SIGSTOP of the consumer app (past the handler
+/// timeout).
+const CONSUMER_APP_STALLED: &str = "long SIGSTOP of the consumer app";
 /// Credit each consumer sidecar subscribes with.
 const MAX_IN_FLIGHT: u32 = 16;
 
@@ -571,7 +574,8 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
             .map_or("none", |a| a.split(':').next().unwrap_or(a));
         *answers.entry(last.to_owned()).or_default() += 1;
     }
-    let history = gather(&dir, sent, plain, conflicts, stalled).await?;
+    let mut history = gather(&dir, sent, plain, conflicts, stalled).await?;
+    history.consumer_app_stalled = faults.contains_key(CONSUMER_APP_STALLED);
     let (tally, violations) = check::check(&history);
     let kept = if violations.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -878,7 +882,11 @@ async fn inject_faults(
                     start.elapsed(),
                     role.name()
                 ));
-                "long SIGSTOP (past timeouts)"
+                if role == Role::CartApp {
+                    CONSUMER_APP_STALLED
+                } else {
+                    "long SIGSTOP (past timeouts)"
+                }
             }
             0 => {
                 let down = rng.ms(0, 1000);
@@ -1114,6 +1122,7 @@ async fn gather(
         dead_letters,
         ranges,
         stalled,
+        consumer_app_stalled: false,
     })
 }
 
