@@ -162,6 +162,13 @@ impl App for TestApp {
     ) -> Result<Response<app_pb::LocalTransactionResponse>, Status> {
         let req = req.into_inner();
         let v = value_of(req.message.as_ref());
+        // Every start is recorded, whatever follows (the fault campaign
+        // checks that no transaction's local part runs twice).
+        sqlx::query("INSERT INTO executions (txn_id) VALUES ($1)")
+            .bind(&req.txn_id)
+            .execute(&self.db)
+            .await
+            .map_err(internal)?;
         self.executing
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -291,7 +298,8 @@ pub async fn run(
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL);
-         CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL);",
+         CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS executions (seq INTEGER PRIMARY KEY AUTOINCREMENT, txn_id TEXT NOT NULL);",
     )
     .execute(&pool)
     .await?;

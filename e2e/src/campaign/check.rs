@@ -70,6 +70,8 @@ pub struct History {
     pub conflicts: Vec<Conflict>,
     /// Ids whose local transaction committed (the producer's business rows).
     pub local_committed: BTreeSet<String>,
+    /// Transaction ids, once per start of ExecuteLocalTransaction.
+    pub executions: Vec<String>,
     /// Ids of plain (non-transactional) messages in `sent`, published with
     /// their own id and retried: each is appended once at most, and once
     /// for sure if any call was answered `OK`.
@@ -331,6 +333,21 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
         last_by_key.insert(s.key.as_str(), (id.as_str(), pos));
     }
 
+    // A transaction's local part runs once: a retried call learns the
+    // outcome (or leaves it to check-back), it never runs it again.
+    let mut runs: BTreeMap<&str, u32> = BTreeMap::new();
+    for id in &h.executions {
+        *runs.entry(id.as_str()).or_default() += 1;
+    }
+    for (id, n) in runs {
+        if n > 1 {
+            bad(
+                "local transaction executed twice",
+                format!("{id}: ExecuteLocalTransaction started {n} times"),
+            );
+        }
+    }
+
     // Conflicting reuses: refused, and the first content is what is stored.
     let mut refused = 0;
     for c in &h.conflicts {
@@ -412,6 +429,7 @@ mod tests {
                 answer: "ALREADY_EXISTS: exists".into(),
             }],
             local_committed: ["a", "b", "c"].into_iter().map(String::from).collect(),
+            executions: ["a", "b", "c"].into_iter().map(String::from).collect(),
             plain: BTreeSet::new(),
             log: vec![
                 logged("a", "k", 0, 0),
@@ -534,6 +552,10 @@ mod tests {
         let mut h = good();
         h.dead_letters.clear();
         assert_eq!(kinds(&h), vec!["poison message not dead-lettered"]);
+
+        let mut h = good();
+        h.executions.push("a".into());
+        assert_eq!(kinds(&h), vec!["local transaction executed twice"]);
 
         // b fails twice on purpose; with calls timed out while the app was
         // stopped, it may run out of attempts

@@ -1060,6 +1060,9 @@ async fn gather(
         .await?
         .into_iter()
         .collect();
+    let executions = sqlx::query_scalar::<_, String>("SELECT txn_id FROM executions ORDER BY seq")
+        .fetch_all(&orders)
+        .await?;
     orders.close().await;
     let cart = crate::db::open_sqlite(&dir.join("cart-app.db").display().to_string(), 2).await?;
     let effects = sqlx::query_scalar::<_, String>("SELECT message_id FROM effects ORDER BY seq")
@@ -1116,6 +1119,7 @@ async fn gather(
         sent,
         conflicts,
         local_committed,
+        executions,
         plain: plain_ids,
         log: logged,
         effects,
