@@ -241,10 +241,15 @@ impl Cluster {
     }
 
     fn start(&mut self, role: Role) -> anyhow::Result<()> {
+        self.start_with(role, &[])
+    }
+
+    /// Starts `role` with extra environment variables (this start only).
+    fn start_with(&mut self, role: Role, env: &[(&str, String)]) -> anyhow::Result<()> {
         let port = self.ports.get(&role).copied().unwrap_or(0);
         let args = self.args(role, port);
         let p = tokio::task::block_in_place(|| {
-            Process::start(role.name(), &self.bin, &args, &[], &self.dir)
+            Process::start(role.name(), &self.bin, &args, env, &self.dir)
         })
         .with_context(|| format!("starting {}", role.name()))?;
         self.ports.insert(role, p.addr.port());
@@ -867,7 +872,7 @@ async fn inject_faults(
         tokio::time::sleep(rng.ms(200, 1200)).await;
         let role = ROLES[rng.below(ROLES.len() as u64) as usize];
         let consumer_side = matches!(role, Role::CartApp | Role::Cart1 | Role::Cart2);
-        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6]) {
+        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5]) {
             0 if consumer_side && !kill_consumers => continue,
             // A stall longer than session timeouts (members expelled,
             // partitions moved, sessions broken while calls are in flight).
@@ -935,6 +940,22 @@ async fn inject_faults(
                     start.elapsed()
                 ));
                 "proxy delay"
+            }
+            7 => {
+                // The disk fails an fdatasync: the coordinator must stop
+                // (NOT_SERVING, exit) without acknowledging what it could
+                // not sync; it is then restarted without the fault.
+                let (partition, nth) = (rng.below(u64::from(PARTITIONS)), 1 + rng.below(20));
+                let failpoint = format!("storage.fdatasync:{TOPIC}/{partition}@{nth}=error");
+                let mut c = cluster.lock().await;
+                c.kill(Role::Coordinator);
+                c.start_with(
+                    Role::Coordinator,
+                    &[("TANDEM_FAILPOINTS", failpoint.clone())],
+                )?;
+                drop(c);
+                lines.push(format!("{:?} restart with {failpoint}", start.elapsed()));
+                "fdatasync error"
             }
             _ => {
                 // a consumer leaves cleanly and comes back
