@@ -126,10 +126,10 @@ impl TestApp {
 pub const HANDLE_HEADER: &str = "test.handle";
 
 impl TestApp {
-    async fn behave(&self, id: &str, how: &str) -> Result<(), Status> {
+    async fn behave(db: &SqlitePool, id: &str, how: &str) -> Result<(), Status> {
         let calls: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = $1")
             .bind(id)
-            .fetch_one(&self.db)
+            .fetch_one(db)
             .await
             .map_err(internal)?;
         match how.split(':').collect::<Vec<_>>().as_slice() {
@@ -230,23 +230,34 @@ impl App for TestApp {
         }))
     }
 
+    /// Like the servers of grpcio, Java or Go apps, a call the sidecar gives
+    /// up on (its deadline passed, its connection broke) still runs to its
+    /// end: the effect may land after the sidecar stopped waiting.
     async fn handle_message(
         &self,
         req: Request<app_pb::HandleMessageRequest>,
     ) -> Result<Response<app_pb::HandleMessageResponse>, Status> {
-        let req = req.into_inner();
+        tokio::spawn(TestApp::handle(self.db.clone(), req.into_inner()))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(app_pb::HandleMessageResponse {}))
+    }
+}
+
+impl TestApp {
+    async fn handle(db: SqlitePool, req: app_pb::HandleMessageRequest) -> Result<(), Status> {
         let m = req.message.unwrap_or_default();
         let v = String::from_utf8_lossy(&m.value).into_owned();
         sqlx::query("INSERT INTO calls (message_id, value, attempt) VALUES ($1, $2, $3)")
             .bind(&m.id)
             .bind(&v)
             .bind(i64::from(req.attempt))
-            .execute(&self.db)
+            .execute(&db)
             .await
             .map_err(internal)?;
         if let Some(h) = m.headers.iter().find(|h| h.name == HANDLE_HEADER) {
             let how = String::from_utf8_lossy(&h.value).into_owned();
-            self.behave(&m.id, &how).await?;
+            TestApp::behave(&db, &m.id, &how).await?;
         }
         if v.starts_with("raise") {
             return Err(Status::unknown(format!(
@@ -261,7 +272,7 @@ impl App for TestApp {
                 "test app refuses {v:?}"
             )));
         }
-        let mut tx = self.db.begin().await.map_err(internal)?;
+        let mut tx = db.begin().await.map_err(internal)?;
         if req.dedup == "STRONG" {
             let fresh = sqlx::query("INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(&req.group)
@@ -273,7 +284,7 @@ impl App for TestApp {
                 .rows_affected()
                 == 1;
             if !fresh {
-                return Ok(Response::new(app_pb::HandleMessageResponse {}));
+                return Ok(());
             }
         }
         sqlx::query("INSERT INTO effects (message_id, value) VALUES ($1, $2)")
@@ -284,7 +295,7 @@ impl App for TestApp {
             .map_err(internal)?;
         tx.commit().await.map_err(internal)?;
         failpoint::hit("app.handle.after_commit");
-        Ok(Response::new(app_pb::HandleMessageResponse {}))
+        Ok(())
     }
 }
 
