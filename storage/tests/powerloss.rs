@@ -314,6 +314,13 @@ async fn check_partitions(log: &EmbeddedLog, acks: &mut Acks) -> Result<(), Stri
 /// One seeded run: rounds of concurrent work, each ended by a power cut,
 /// each checked after it. `lie` names files or folders whose syncs the disk
 /// ignores.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
 /// What a run did, for the report.
 #[derive(Default)]
 struct Tally {
@@ -324,11 +331,7 @@ struct Tally {
 }
 
 fn run(seed: u64, lie: Option<&str>) -> Result<Tally, String> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())?;
+    let rt = runtime().map_err(|e| e.to_string())?;
     rt.block_on(async move {
         let mut fs = SimFs::new();
         if let Some(l) = lie {
@@ -473,15 +476,11 @@ fn the_model_drops_unsynced_writes_and_entries() -> Result<(), Box<dyn std::erro
 /// the page cache kept later pages and lost an earlier one: the damaged
 /// batch has valid batches after it, and is still a torn tail (nothing
 /// after an unsynced byte was synced), not damage that stops the log from
-/// opening. Before the log knew this, 5 to 10 of these 200 cuts left a
-/// log that refused to open.
+/// opening. Before the log knew this, at least 5 of these 200 cuts left
+/// a log that refused to open.
 #[test]
 fn a_write_whose_later_pages_outlived_an_earlier_one_is_a_torn_tail() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime().expect("runtime");
     rt.block_on(async {
         let tp = TopicPartition::new("t", 0);
         let mut cut_inside = 0;
@@ -543,11 +542,7 @@ fn record(id: &str, size: usize) -> Record {
 /// 2"). Deletions now go one at a time, oldest first.
 #[test]
 fn concurrent_deletions_never_leave_a_gap_at_a_power_cut() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let rt = runtime().expect("runtime");
     rt.block_on(async {
         let fs = SimFs::new();
         let log = EmbeddedLog::open_on(Arc::new(fs.clone()), ROOT, config(0))
