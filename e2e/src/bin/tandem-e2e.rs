@@ -91,7 +91,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bin: std::env::current_exe()?,
                 root: dir.unwrap_or_else(|| std::env::temp_dir().join("tandem-campaign")),
             };
-            let reports = tandem_e2e::campaign::run(&opts).await?;
+            // Stopped by SIGINT or SIGTERM: the running cycle is dropped,
+            // and its processes are killed as the runtime shuts down.
+            let reports = tokio::select! {
+                r = tandem_e2e::campaign::run(&opts) => r?,
+                () = shutdown_signal() => anyhow::bail!("stopped by a signal; the cycle in progress was abandoned"),
+            };
             let failed = reports.iter().filter(|r| !r.violations.is_empty()).count();
             if failed > 0 {
                 anyhow::bail!("{failed} of {} cycles broke the promise", reports.len());

@@ -417,28 +417,28 @@ fn print_summary(reports: &[CycleReport]) {
         .map(|r| r.seed)
         .collect();
     println!("\n== campaign summary: {} cycles ==", reports.len());
-    println!("{:<36}{:>10}", "messages sent", t.sent);
-    println!("{:<36}{:>10}", "local transactions committed", t.committed);
-    println!("{:<36}{:>10}", "messages appended", t.appended);
-    println!("{:<36}{:>10}", "effects", t.effects);
-    println!("{:<36}{:>10}", "dead letters (poison)", t.dead_lettered);
+    println!("{:<44}{:>10}", "messages sent", t.sent);
+    println!("{:<44}{:>10}", "local transactions committed", t.committed);
+    println!("{:<44}{:>10}", "messages appended", t.appended);
+    println!("{:<44}{:>10}", "effects", t.effects);
+    println!("{:<44}{:>10}", "dead letters (poison)", t.dead_lettered);
     println!(
-        "{:<36}{:>10}",
+        "{:<44}{:>10}",
         "conflicting reuses refused", t.conflicts_refused
     );
     println!(
-        "{:<36}{:>10}",
+        "{:<44}{:>10}",
         "unplanned restarts",
         reports.iter().map(|r| r.unplanned_restarts).sum::<u32>()
     );
     for (k, n) in &faults {
-        println!("{:<36}{:>10}", format!("fault: {k}"), n);
+        println!("{:<44}{:>10}", format!("fault: {k}"), n);
     }
     if kinds.is_empty() {
-        println!("{:<36}{:>10}", "violations", 0);
+        println!("{:<44}{:>10}", "violations", 0);
     }
     for (k, n) in &kinds {
-        println!("{:<36}{:>10}", format!("VIOLATION: {k}"), n);
+        println!("{:<44}{:>10}", format!("VIOLATION: {k}"), n);
     }
     if !failed.is_empty() {
         println!("failing seeds: {failed:?}");
