@@ -501,16 +501,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         let mut c = SidecarClient::connect(cluster.url(role))
             .await
             .with_context(|| format!("connecting to {}", role.name()))?;
-        c.subscribe(sc::SubscribeRequest {
-            topic: TOPIC.into(),
-            group: GROUP.into(),
-            start_from: pb::StartFrom::Earliest as i32,
-            dedup: dedup as i32,
-            max_in_flight: MAX_IN_FLIGHT,
-            max_attempts: MAX_ATTEMPTS,
-            retry_backoff_ms: 50,
-        })
-        .await?;
+        c.subscribe(subscription(dedup)).await?;
     }
     let producer_url = cluster.url(Role::OrdersSidecar);
     let cluster = Arc::new(Mutex::new(cluster));
@@ -545,8 +536,9 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         dedup == sc::DedupMode::Strong,
         dir.join("faults.log"),
     ));
-    let (proxy, faults) = faults.await??;
-    let (sent, plain, conflicts) = workload.await??;
+    let (proxy, faults, burst) = faults.await??;
+    let (sent, mut plain, conflicts) = workload.await??;
+    plain.extend(burst);
     let _ = reviving.send(true);
     reviver.await??;
 
@@ -863,8 +855,10 @@ async fn inject_faults(
     seed: u64,
     kill_consumers: bool,
     log: PathBuf,
-) -> anyhow::Result<(Arc<Proxy>, BTreeMap<&'static str, u32>)> {
+) -> anyhow::Result<(Arc<Proxy>, BTreeMap<&'static str, u32>, Vec<Sent>)> {
     let mut rng = Rng::new(seed);
+    let mut burst = Vec::new();
+    let mut storms = 0;
     let mut counts: BTreeMap<&'static str, u32> = BTreeMap::new();
     let mut lines = Vec::new();
     let start = Instant::now();
@@ -872,7 +866,7 @@ async fn inject_faults(
         tokio::time::sleep(rng.ms(200, 1200)).await;
         let role = ROLES[rng.below(ROLES.len() as u64) as usize];
         let consumer_side = matches!(role, Role::CartApp | Role::Cart1 | Role::Cart2);
-        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5]) {
+        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5, 5]) {
             0 if consumer_side && !kill_consumers => continue,
             // A stall longer than session timeouts (members expelled,
             // partitions moved, sessions broken while calls are in flight).
@@ -941,6 +935,35 @@ async fn inject_faults(
                 ));
                 "proxy delay"
             }
+            8 => {
+                // A burst of plain messages while the second consumer
+                // leaves its group and joins again and again: partitions
+                // are revoked while their deliveries are being read and
+                // sent (where credit once leaked).
+                let (producer, cart2) = {
+                    let c = cluster.lock().await;
+                    (c.url(Role::OrdersSidecar), c.url(Role::Cart2))
+                };
+                let prefix = format!("burst{storms}");
+                storms += 1;
+                let publisher = tokio::spawn(publish_burst(producer, prefix, 10, 20));
+                let dedup = if kill_consumers {
+                    sc::DedupMode::Strong
+                } else {
+                    sc::DedupMode::Sidecar
+                };
+                let rounds = 3 + rng.below(6);
+                for _ in 0..rounds {
+                    leave_and_rejoin(&cart2, dedup).await;
+                    tokio::time::sleep(rng.ms(20, 300)).await;
+                }
+                burst.extend(publisher.await??);
+                lines.push(format!(
+                    "{:?} burst of 200 plain messages, cart-sidecar-2 left and rejoined {rounds} times",
+                    start.elapsed()
+                ));
+                "rebalance storm under a burst"
+            }
             7 => {
                 // The disk fails an fdatasync: the coordinator must stop
                 // (NOT_SERVING, exit) without acknowledging what it could
@@ -978,7 +1001,96 @@ async fn inject_faults(
         *counts.entry(kind).or_default() += 1;
     }
     std::fs::write(&log, lines.join("\n"))?;
-    Ok((proxy, counts))
+    Ok((proxy, counts, burst))
+}
+
+/// The subscription every consumer sidecar of the campaign has.
+fn subscription(dedup: sc::DedupMode) -> sc::SubscribeRequest {
+    sc::SubscribeRequest {
+        topic: TOPIC.into(),
+        group: GROUP.into(),
+        start_from: pb::StartFrom::Earliest as i32,
+        dedup: dedup as i32,
+        max_in_flight: MAX_IN_FLIGHT,
+        max_attempts: MAX_ATTEMPTS,
+        retry_backoff_ms: 50,
+    }
+}
+
+/// Unsubscribes the sidecar at `url` and subscribes it again (errors
+/// ignored: it may be down or stopped).
+async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode) {
+    let Ok(mut c) = SidecarClient::connect(url.to_owned()).await else {
+        return;
+    };
+    let _ = c
+        .unsubscribe(sc::UnsubscribeRequest {
+            topic: TOPIC.into(),
+            group: GROUP.into(),
+        })
+        .await;
+    let _ = c.subscribe(subscription(dedup)).await;
+}
+
+/// Publishes `batches` batches of `size` plain messages with ids of their
+/// own through the producer's sidecar as fast as it answers, each batch
+/// retried up to three times; returns them as sent.
+async fn publish_burst(
+    producer: String,
+    prefix: String,
+    batches: usize,
+    size: usize,
+) -> anyhow::Result<Vec<Sent>> {
+    let channel = tonic::transport::Endpoint::from_shared(producer)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
+    let mut client = SidecarClient::new(channel);
+    let mut out = Vec::new();
+    for b in 0..batches {
+        let batch: Vec<(String, String, String)> = (0..size)
+            .map(|i| {
+                let n = b * size + i;
+                (
+                    format!("{prefix}-{n:03}"),
+                    format!("{prefix}-k{}", n % 4),
+                    format!("plain-{prefix}-{n:03}"),
+                )
+            })
+            .collect();
+        let request = || pb::PublishRequest {
+            topic: TOPIC.into(),
+            messages: batch
+                .iter()
+                .map(|(id, key, value)| pb::Message {
+                    id: id.clone(),
+                    key: Some(key.clone().into_bytes().into()),
+                    value: value.clone().into_bytes().into(),
+                    headers: Vec::new(),
+                    partition: None,
+                })
+                .collect(),
+        };
+        let mut answers = Vec::new();
+        for _ in 0..3 {
+            let r = client.publish(request()).await;
+            answers.push(match &r {
+                Ok(_) => "OK".to_owned(),
+                Err(s) => format!("{}: {}", code_name(s.code()), s.message()),
+            });
+            if r.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        out.extend(batch.into_iter().map(|(id, key, value)| Sent {
+            id,
+            key,
+            value,
+            handling: Handling::Plain,
+            answers: answers.clone(),
+        }));
+    }
+    Ok(out)
 }
 
 /// Stops `role` (SIGSTOP) for `d`, then lets it go on.
