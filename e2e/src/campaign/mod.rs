@@ -866,7 +866,7 @@ async fn inject_faults(
         tokio::time::sleep(rng.ms(200, 1200)).await;
         let role = ROLES[rng.below(ROLES.len() as u64) as usize];
         let consumer_side = matches!(role, Role::CartApp | Role::Cart1 | Role::Cart2);
-        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5, 5]) {
+        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5, 12]) {
             0 if consumer_side && !kill_consumers => continue,
             // A stall longer than session timeouts (members expelled,
             // partitions moved, sessions broken while calls are in flight).
