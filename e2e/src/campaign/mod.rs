@@ -946,20 +946,20 @@ async fn inject_faults(
                 };
                 let prefix = format!("burst{storms}");
                 storms += 1;
-                let publisher = tokio::spawn(publish_burst(producer, prefix, 10, 20));
+                let publisher = tokio::spawn(publish_burst(producer, prefix, 20, 20));
                 let dedup = if kill_consumers {
                     sc::DedupMode::Strong
                 } else {
                     sc::DedupMode::Sidecar
                 };
-                let rounds = 3 + rng.below(6);
+                let rounds = 8 + rng.below(9);
                 for _ in 0..rounds {
                     leave_and_rejoin(&cart2, dedup).await;
-                    tokio::time::sleep(rng.ms(20, 300)).await;
+                    tokio::time::sleep(rng.ms(10, 100)).await;
                 }
                 burst.extend(publisher.await??);
                 lines.push(format!(
-                    "{:?} burst of 200 plain messages, cart-sidecar-2 left and rejoined {rounds} times",
+                    "{:?} burst of 400 plain messages, cart-sidecar-2 left and rejoined {rounds} times",
                     start.elapsed()
                 ));
                 "rebalance storm under a burst"
