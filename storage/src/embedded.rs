@@ -103,6 +103,17 @@ fn subdirs(fs: &dyn Vfs, dir: &Path) -> Result<Vec<(String, PathBuf)>> {
         .collect())
 }
 
+/// The folder holding `path` (`.` for a bare relative name).
+fn parent_of(path: &Path) -> Option<&Path> {
+    path.parent().map(|p| {
+        if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        }
+    })
+}
+
 /// Creates `dir` and its missing parents, and syncs the folder holding
 /// each one created, so that the new folders outlast a power cut.
 fn create_dirs(fs: &dyn Vfs, dir: &Path) -> Result<()> {
@@ -110,7 +121,7 @@ fn create_dirs(fs: &dyn Vfs, dir: &Path) -> Result<()> {
         .create_dir_all(dir)
         .map_err(Error::io("create folder", dir))?;
     for d in created {
-        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if let Some(parent) = parent_of(&d) {
             sync_dir(fs, parent)?;
         }
     }
@@ -140,6 +151,13 @@ impl EmbeddedLog {
         let vfs = fs.clone();
         let partitions = tokio::task::spawn_blocking(move || -> Result<_> {
             create_dirs(&*vfs, &r)?;
+            // A process that crashed (the machine still up) may have left
+            // folder entries nobody synced: sync the chain of folders
+            // before serving anything (each partition syncs its own).
+            if let Some(parent) = parent_of(&r) {
+                sync_dir(&*vfs, parent)?;
+            }
+            sync_dir(&*vfs, &r)?;
             let mut map = HashMap::new();
             for (topic, tdir) in subdirs(&*vfs, &r)? {
                 if validate_topic_name(&topic).is_err() {
@@ -157,6 +175,7 @@ impl EmbeddedLog {
                         Partition::open(vfs.clone(), tp, pdir, c.clone(), f.clone())?,
                     );
                 }
+                sync_dir(&*vfs, &tdir)?;
             }
             Ok(map)
         })

@@ -7,6 +7,9 @@
 //! was synced and its folder entry is synced before anything in it is
 //! acknowledged. Readers see offsets below the high-water mark only, and the
 //! mark moves only after that sync, so nothing read can later be lost.
+//! Opening syncs the newest segment and the folder before anything is read:
+//! a process that crashed while the machine stayed up leaves unsynced bytes
+//! and entries in the page cache, readable but not yet durable.
 //!
 //! Group commit: appends queue on a bounded channel to the partition's one
 //! writer task. The writer takes everything queued (up to
@@ -664,10 +667,11 @@ impl Partition {
     }
 
     /// Seals the active segment (synced, index written) and starts a new one.
+    /// Synced under every policy: a sealed segment shorter after a crash
+    /// than its index says, or than the segment after it expects, would
+    /// stop the log from opening.
     fn roll(&self, st: &mut WriterState) -> Result<()> {
-        if self.config.fsync != FsyncPolicy::Never {
-            self.sync(st)?;
-        }
+        self.sync(st)?;
         self.publish(st);
         read(&self.segments)
             .last()
@@ -720,6 +724,7 @@ fn recover(
                     "segment starts at offset {base}, the previous one ends at {prev_next}"
                 ),
                 torn: false,
+                valid_after: true,
             }),
             None => stop,
         };
@@ -727,6 +732,7 @@ fn recover(
             position,
             reason,
             torn,
+            valid_after,
         }) = stop
         else {
             segments.push(seg);
@@ -757,11 +763,24 @@ fn recover(
             }
         }
         if gap.is_none() {
+            if valid_after {
+                let kept = seg.keep_what_follows(fs, dir)?;
+                tracing::warn!(partition = %tp, file = %kept.display(),
+                    "valid batches followed the damage: the bytes cut off are kept in this file");
+            }
             seg.truncate_to_valid()?;
             segments.push(seg);
         }
-        sync_dir(fs, dir)?;
         break;
     }
+    // After a crash of the process alone, the page cache may still hold
+    // bytes and folder entries it never synced: readable now, lost at the
+    // next power cut. Sync them before anything is read or acknowledged.
+    if let Some(last) = segments.last() {
+        last.file
+            .sync_data()
+            .map_err(Error::io("fdatasync", &last.path))?;
+    }
+    sync_dir(fs, dir)?;
     Ok(segments)
 }

@@ -83,6 +83,9 @@ pub(crate) struct Stop {
     /// A torn tail (nothing valid follows) rather than damage before
     /// later valid data.
     pub(crate) torn: bool,
+    /// Valid batches follow the spot: what a truncation cuts off is kept
+    /// in a file of its own.
+    pub(crate) valid_after: bool,
 }
 
 /// Reads a file in chunks, keeping the last chunk as shared bytes.
@@ -201,6 +204,36 @@ impl Segment {
         Ok((seg, scan.stop))
     }
 
+    /// Copies what follows the valid prefix to `<base>.log.cut-at-<size>`
+    /// (synced, and its folder entry too) so that a truncation never
+    /// destroys bytes that might be acknowledged data behind damage.
+    pub(crate) fn keep_what_follows(&self, fs: &dyn Vfs, dir: &Path) -> Result<PathBuf> {
+        let len = self.file.size().map_err(Error::io("stat", &self.path))?;
+        let mut rest = vec![0u8; (len - self.size.min(len)) as usize];
+        let mut filled = 0;
+        while filled < rest.len() {
+            match self
+                .file
+                .read_at(&mut rest[filled..], self.size + filled as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io("read", &self.path)(e)),
+            }
+        }
+        rest.truncate(filled);
+        let path = dir.join(format!("{:020}.log.cut-at-{}", self.base_offset, self.size));
+        let f = fs
+            .open(&path, OpenMode::Truncate)
+            .map_err(Error::io("create", &path))?;
+        f.write_all_at(&rest, 0)
+            .map_err(Error::io("write", &path))?;
+        f.sync_data().map_err(Error::io("fdatasync", &path))?;
+        fs.sync_dir(dir).map_err(Error::io("fsync folder", dir))?;
+        Ok(path)
+    }
+
     /// Cuts the file back to its valid prefix and syncs it.
     pub(crate) fn truncate_to_valid(&self) -> Result<()> {
         self.file
@@ -261,6 +294,7 @@ pub(crate) fn scan(
                     position: pos,
                     reason,
                     torn: false,
+                    valid_after: true,
                 });
                 break;
             }
@@ -269,6 +303,7 @@ pub(crate) fn scan(
                     position: pos,
                     reason: "batch cut short at end of file".into(),
                     torn: true,
+                    valid_after: false,
                 });
                 break;
             }
@@ -290,6 +325,7 @@ pub(crate) fn scan(
                 problem
             },
             torn: !valid_after || lost_page,
+            valid_after,
         });
         break;
     }

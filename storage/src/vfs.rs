@@ -15,6 +15,7 @@ use std::fs;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -190,8 +191,9 @@ struct State {
     /// when the count reaches `cut_at`.
     changes: u64,
     cut_at: Option<u64>,
-    /// Syncs of files or folders whose path contains one of these are
-    /// ignored: a disk that lies (to show that a missing sync is caught).
+    /// Syncs of files whose path ends with one of these, or of the folder
+    /// that is one of these, are ignored: a disk that lies (to show that a
+    /// missing sync is caught).
     lying: Vec<String>,
     /// The changes made, for a failing test to show (the last 2 000).
     history: Vec<String>,
@@ -199,10 +201,23 @@ struct State {
 
 /// A model of files in the page cache: see the module documentation.
 /// Cheap to clone; clones share the files.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct SimFs {
     state: Arc<Mutex<State>>,
     gate: Arc<Gate>,
+    /// False once the process using this handle died (see
+    /// [`SimFs::crash_process`]).
+    alive: Arc<AtomicBool>,
+}
+
+impl Default for SimFs {
+    fn default() -> SimFs {
+        SimFs {
+            state: Arc::default(),
+            gate: Arc::default(),
+            alive: Arc::new(AtomicBool::new(true)),
+        }
+    }
 }
 
 /// Deletions held back by a test, to force an interleaving.
@@ -229,6 +244,10 @@ fn not_found(path: &Path) -> io::Error {
 
 fn power_off() -> io::Error {
     io::Error::other("the power is off")
+}
+
+fn process_gone() -> io::Error {
+    io::Error::other("the process using this file system died")
 }
 
 /// SplitMix64, for the seeded choices of a power cut.
@@ -280,9 +299,15 @@ impl State {
         if self.off { Err(power_off()) } else { Ok(()) }
     }
 
-    fn lies_about(&self, path: &Path) -> bool {
+    fn lies_about(&self, path: &Path, folder: bool) -> bool {
         let p = path.to_string_lossy();
-        self.lying.iter().any(|l| p.contains(l.as_str()))
+        self.lying.iter().any(|l| {
+            if folder {
+                p == l.as_str()
+            } else {
+                p.ends_with(l.as_str())
+            }
+        })
     }
 
     fn parent_is_dir(&self, path: &Path) -> io::Result<()> {
@@ -302,6 +327,31 @@ impl SimFs {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The state, if the process using this handle is alive.
+    fn live_state(&self) -> io::Result<MutexGuard<'_, State>> {
+        if self.alive.load(Ordering::Acquire) {
+            Ok(self.lock())
+        } else {
+            Err(process_gone())
+        }
+    }
+
+    /// The process using this file system dies (as by SIGKILL) while the
+    /// machine stays up: every file and folder stays as it is, synced or
+    /// not (the page cache survives), and this handle, its clones and the
+    /// files opened through them fail from now on; a power cut armed with
+    /// [`cut_after`](SimFs::cut_after) is disarmed. Returns a handle for
+    /// the next process.
+    pub fn crash_process(&self) -> SimFs {
+        self.alive.store(false, Ordering::Release);
+        self.lock().cut_at = None;
+        SimFs {
+            state: self.state.clone(),
+            gate: self.gate.clone(),
+            alive: Arc::new(AtomicBool::new(true)),
+        }
     }
 
     /// The power goes off after `changes` more changing operations (writes,
@@ -363,7 +413,8 @@ impl SimFs {
         self.lock().history.clone()
     }
 
-    /// Ignores syncs of files and folders whose path contains `part`.
+    /// Ignores the syncs of files whose path ends with `part`, and of the
+    /// folder whose path is `part`.
     pub fn lie_about_syncs_of(&self, part: &str) {
         self.lock().lying.push(part.to_owned());
     }
@@ -459,13 +510,14 @@ impl SimFs {
                 history: s.history.clone(),
             })),
             gate: Arc::default(),
+            alive: Arc::new(AtomicBool::new(true)),
         }
     }
 }
 
 impl VFile for SimFile {
     fn read_at(&self, buf: &mut [u8], pos: u64) -> io::Result<usize> {
-        let s = self.fs.lock();
+        let s = self.fs.live_state()?;
         s.check_on()?;
         let data = &s.inodes[self.ino].data;
         let pos = (pos as usize).min(data.len());
@@ -474,7 +526,7 @@ impl VFile for SimFile {
         Ok(n)
     }
     fn write_all_at(&self, buf: &[u8], pos: u64) -> io::Result<()> {
-        let mut s = self.fs.lock();
+        let mut s = self.fs.live_state()?;
         s.change(|| format!("write {} +{pos} {}", self.path.display(), buf.len()))?;
         let p = Pending::Write(pos, buf.to_vec());
         let i = &mut s.inodes[self.ino];
@@ -483,7 +535,7 @@ impl VFile for SimFile {
         Ok(())
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
-        let mut s = self.fs.lock();
+        let mut s = self.fs.live_state()?;
         s.change(|| format!("set_len {} {len}", self.path.display()))?;
         let p = Pending::SetLen(len);
         let i = &mut s.inodes[self.ino];
@@ -492,14 +544,14 @@ impl VFile for SimFile {
         Ok(())
     }
     fn size(&self) -> io::Result<u64> {
-        let s = self.fs.lock();
+        let s = self.fs.live_state()?;
         s.check_on()?;
         Ok(s.inodes[self.ino].data.len() as u64)
     }
     fn sync_data(&self) -> io::Result<()> {
-        let mut s = self.fs.lock();
+        let mut s = self.fs.live_state()?;
         s.change(|| format!("sync {}", self.path.display()))?;
-        if !s.lies_about(&self.path) {
+        if !s.lies_about(&self.path, false) {
             let i = &mut s.inodes[self.ino];
             i.durable = i.data.clone();
             i.pending.clear();
@@ -513,7 +565,7 @@ impl VFile for SimFile {
 
 impl Vfs for SimFs {
     fn create_dir_all(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
-        let mut s = self.lock();
+        let mut s = self.live_state()?;
         s.check_on()?;
         let mut created = Vec::new();
         let mut ancestors: Vec<&Path> = dir
@@ -540,7 +592,7 @@ impl Vfs for SimFs {
         Ok(created)
     }
     fn list(&self, dir: &Path) -> io::Result<Vec<(String, bool)>> {
-        let s = self.lock();
+        let s = self.live_state()?;
         s.check_on()?;
         if s.live.get(dir) != Some(&Node::Dir) {
             return Err(not_found(dir));
@@ -555,7 +607,7 @@ impl Vfs for SimFs {
             .collect())
     }
     fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn VFile>> {
-        let mut s = self.lock();
+        let mut s = self.live_state()?;
         s.check_on()?;
         let ino = match (s.live.get(path).copied(), mode) {
             (Some(Node::Dir), _) => {
@@ -592,7 +644,7 @@ impl Vfs for SimFs {
         }))
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
-        let s = self.lock();
+        let s = self.live_state()?;
         s.check_on()?;
         match s.live.get(path) {
             Some(Node::File(ino)) => Ok(s.inodes[*ino].data.clone()),
@@ -600,7 +652,7 @@ impl Vfs for SimFs {
         }
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-        let mut s = self.lock();
+        let mut s = self.live_state()?;
         s.check_on()?;
         let Some(n @ Node::File(_)) = s.live.get(from).copied() else {
             return Err(not_found(from));
@@ -625,7 +677,7 @@ impl Vfs for SimFs {
                 );
             }
         }
-        let mut s = self.lock();
+        let mut s = self.live_state()?;
         s.check_on()?;
         let Some(Node::File(_)) = s.live.get(path) else {
             return Err(not_found(path));
@@ -635,13 +687,13 @@ impl Vfs for SimFs {
         Ok(())
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
-        let mut s = self.lock();
+        let mut s = self.live_state()?;
         s.check_on()?;
         if s.live.get(dir) != Some(&Node::Dir) && dir != Path::new("/") {
             return Err(not_found(dir));
         }
         s.change(|| format!("sync folder {}", dir.display()))?;
-        if s.lies_about(dir) {
+        if s.lies_about(dir, true) {
             return Ok(());
         }
         let in_dir = |p: &PathBuf| p.parent() == Some(dir);

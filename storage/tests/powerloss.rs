@@ -73,12 +73,23 @@ enum Step {
     TruncateBefore(TopicPartition, u64),
 }
 
+/// How a round ends (unless the power went during it).
+#[derive(Clone, Copy, Debug)]
+enum End {
+    /// The power goes.
+    PowerCut,
+    /// The process dies and restarts; the page cache survives.
+    ProcessCrash,
+}
+
 #[derive(Debug)]
 struct Round {
     /// Concurrent appenders, each with its steps in order.
     workers: Vec<Vec<Step>>,
     cut_after: u64,
+    /// What the disk keeps of the unsynced at a power cut.
     loss: Loss,
+    end: End,
 }
 
 fn plan(seed: u64) -> Vec<Round> {
@@ -133,10 +144,16 @@ fn plan(seed: u64) -> Vec<Round> {
                 1 => Loss::Prefix(rng.next()),
                 _ => Loss::Pages(rng.next()),
             };
+            let end = if rng.below(3) == 0 {
+                End::ProcessCrash
+            } else {
+                End::PowerCut
+            };
             Round {
                 workers,
                 cut_after: rng.below(150),
                 loss,
+                end,
             }
         })
         .collect()
@@ -286,8 +303,14 @@ async fn check_partitions(log: &EmbeddedLog, acks: &mut Acks) -> Result<(), Stri
         }
         let durable = acks.durable.get(&tp).copied().unwrap_or(0);
         let truncated = acks.truncated.get(&tp).copied().unwrap_or(0);
+        if o.log_start > truncated {
+            return Err(format!(
+                "{tp}: the log starts at {}, but no truncation asked for more than {truncated}",
+                o.log_start
+            ));
+        }
         for (offset, (id, _)) in acks.records.get(&tp).into_iter().flatten() {
-            if *offset < truncated {
+            if *offset < o.log_start {
                 continue;
             }
             match read.get(offset) {
@@ -297,7 +320,7 @@ async fn check_partitions(log: &EmbeddedLog, acks: &mut Acks) -> Result<(), Stri
                 }
                 None if *offset < durable => {
                     return Err(format!(
-                        "{tp}@{offset}: acknowledged and synced {id:?} is lost (log {}..{})",
+                        "{tp}@{offset}: {id:?}, acknowledged and durable (synced, or read after a restart), is lost (log {}..{})",
                         o.log_start, o.high_water_mark
                     ));
                 }
@@ -307,6 +330,9 @@ async fn check_partitions(log: &EmbeddedLog, acks: &mut Acks) -> Result<(), Stri
         if let Some(m) = acks.records.get_mut(&tp) {
             m.retain(|offset, _| read.contains_key(offset));
         }
+        // What readers saw can never be lost afterwards.
+        let d = acks.durable.entry(tp.clone()).or_insert(0);
+        *d = (*d).max(o.high_water_mark);
     }
     Ok(())
 }
@@ -327,6 +353,7 @@ struct Tally {
     rounds: u64,
     cut_while_opening: u64,
     cut_while_working: u64,
+    process_crashes: u64,
     acknowledged_checked: u64,
 }
 
@@ -361,12 +388,22 @@ fn run(seed: u64, lie: Option<&str>) -> Result<Tally, String> {
                 }
                 if fs.is_off() {
                     tally.cut_while_working += 1;
-                } else {
+                } else if let End::PowerCut = round.end {
                     fs.cut_now();
                 }
-                log.close().await;
+                if fs.is_off() {
+                    log.close().await;
+                } else {
+                    // the process dies: its writers fail from now on
+                    let next = fs.crash_process();
+                    log.close().await;
+                    fs = next;
+                    tally.process_crashes += 1;
+                }
             }
-            fs = fs.after_power_cut(round.loss);
+            if fs.is_off() {
+                fs = fs.after_power_cut(round.loss);
+            }
             let mut a = std::mem::take(&mut *lock(&acks));
             tally.acknowledged_checked += a.records.values().map(|m| m.len() as u64).sum::<u64>();
             let checked = check(&fs, &mut a, seed).await;
@@ -403,15 +440,21 @@ fn every_acknowledged_record_survives_any_power_cut() {
                 total.rounds += t.rounds;
                 total.cut_while_opening += t.cut_while_opening;
                 total.cut_while_working += t.cut_while_working;
+                total.process_crashes += t.process_crashes;
                 total.acknowledged_checked += t.acknowledged_checked;
             }
             Err(e) => failures.push(format!("seed {seed}: {e}")),
         }
     }
     eprintln!(
-        "{} power cuts: {} while recovering, {} while appending, the rest when idle; \
+        "{} rounds: {} ended by a crash of the process alone, the others by a power cut \
+         ({} while recovering, {} while appending, the rest when idle); \
          {} checks of acknowledged records after them",
-        total.rounds, total.cut_while_opening, total.cut_while_working, total.acknowledged_checked
+        total.rounds,
+        total.process_crashes,
+        total.cut_while_opening,
+        total.cut_while_working,
+        total.acknowledged_checked
     );
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     assert!(
@@ -426,11 +469,9 @@ fn every_acknowledged_record_survives_any_power_cut() {
 fn a_missing_fsync_is_caught() {
     for (lie, what) in [
         (".log", "fdatasync of segment files"),
-        ("/t/0", "fsync of a partition folder"),
-        (
-            "/data/log",
-            "fsync of the log's root folder (topic folders)",
-        ),
+        ("/data/log/t/0", "fsync of a partition folder"),
+        ("/data/log/t", "fsync of a topic folder"),
+        ("/data/log", "fsync of the log's root folder"),
         ("/data", "fsync of the folder holding the root"),
     ] {
         let caught = (0..seeds()).find_map(|seed| run(seed, Some(lie)).err());
@@ -484,6 +525,7 @@ fn a_write_whose_later_pages_outlived_an_earlier_one_is_a_torn_tail() {
     rt.block_on(async {
         let tp = TopicPartition::new("t", 0);
         let mut cut_inside = 0;
+        let mut kept = 0;
         for seed in 0..200u64 {
             let fs = SimFs::new();
             let log = EmbeddedLog::open_on(Arc::new(fs.clone()), ROOT, config(1))
@@ -503,6 +545,7 @@ fn a_write_whose_later_pages_outlived_an_earlier_one_is_a_torn_tail() {
             fs.cut_now();
             log.close().await;
             let disk = fs.after_power_cut(Loss::Pages(seed));
+            let disk_view = disk.clone();
             let log = EmbeddedLog::open_on(Arc::new(disk), ROOT, config(1))
                 .await
                 .unwrap_or_else(|e| panic!("seed {seed}: the log does not open: {e}"));
@@ -520,8 +563,15 @@ fn a_write_whose_later_pages_outlived_an_earlier_one_is_a_torn_tail() {
                 cut_inside += 1;
             }
             log.close().await;
+            if segment_files(&disk_view, "cut-at") > 0 {
+                kept += 1;
+            }
         }
         assert!(cut_inside > 0, "no cut fell inside the unsynced write");
+        assert!(
+            kept > 0,
+            "the bytes cut off behind valid batches were never kept"
+        );
     });
 }
 
@@ -584,6 +634,16 @@ fn concurrent_deletions_never_leave_a_gap_at_a_power_cut() {
             .unwrap_or_else(|e| panic!("the log does not open after the power cut: {e}"));
         log.close().await;
     });
+}
+
+/// Files of partition t/0 whose name contains `part`.
+fn segment_files(fs: &SimFs, part: &str) -> usize {
+    use tandem_storage::Vfs;
+    fs.list(&Path::new(ROOT).join("t/0"))
+        .expect("partition folder")
+        .into_iter()
+        .filter(|(n, _)| n.contains(part))
+        .count()
 }
 
 fn segment_bases(fs: &SimFs) -> Vec<u64> {
