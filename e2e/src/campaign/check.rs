@@ -92,6 +92,11 @@ pub struct History {
     /// cycle: calls timed out meanwhile count as failed attempts, so a
     /// message that fails a few times on purpose may be dead-lettered.
     pub consumer_app_stalled: bool,
+    /// The cycle consumed in SIDECAR mode.
+    pub sidecar_mode: bool,
+    /// Messages a consumer sidecar stopped waiting for (a call past its
+    /// handler timeout) at least once.
+    pub timed_out: BTreeSet<String>,
 }
 
 /// A broken promise.
@@ -255,7 +260,11 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
         }
     }
     for (id, n) in &effects {
-        if *n > 1 {
+        // SIDECAR mode's documented limit: a call the sidecar gave up on
+        // (past the handler timeout) may still take effect, and the retry
+        // takes effect again. STRONG mode has no such limit.
+        let excused = h.sidecar_mode && h.timed_out.contains(*id);
+        if *n > 1 && !excused {
             bad("effect applied twice", format!("{id}: {n} effects"));
         }
         if !logged.contains_key(id) {
@@ -441,6 +450,8 @@ mod tests {
             ranges: vec![(0, 0, 2), (1, 0, 1), (2, 0, 0)],
             stalled: None,
             consumer_app_stalled: false,
+            sidecar_mode: false,
+            timed_out: BTreeSet::new(),
         }
     }
 
@@ -552,6 +563,18 @@ mod tests {
         let mut h = good();
         h.dead_letters.clear();
         assert_eq!(kinds(&h), vec!["poison message not dead-lettered"]);
+
+        let mut h = good();
+        h.effects.push("a".into());
+        assert_eq!(kinds(&h), vec!["effect applied twice"]);
+        h.timed_out.insert("a".into());
+        assert_eq!(
+            kinds(&h),
+            vec!["effect applied twice"],
+            "STRONG has no excuse"
+        );
+        h.sidecar_mode = true;
+        assert!(kinds(&h).is_empty(), "SIDECAR's limit: a timed-out call");
 
         let mut h = good();
         h.executions.push("a".into());

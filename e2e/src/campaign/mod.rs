@@ -69,6 +69,17 @@ const PARTITIONS: u32 = 4;
 const KEYS: usize = 6;
 const GROUP: &str = "cart";
 const MAX_ATTEMPTS: u32 = 3;
+/// Aborts its tasks when dropped.
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
 /// The fault kind of a long SIGSTOP of the consumer app (past the handler
 /// timeout).
 const CONSUMER_APP_STALLED: &str = "long SIGSTOP of the consumer app";
@@ -248,10 +259,21 @@ impl Cluster {
     fn start_with(&mut self, role: Role, env: &[(&str, String)]) -> anyhow::Result<()> {
         let port = self.ports.get(&role).copied().unwrap_or(0);
         let args = self.args(role, port);
-        let p = tokio::task::block_in_place(|| {
-            Process::start(role.name(), &self.bin, &args, env, &self.dir)
-        })
-        .with_context(|| format!("starting {}", role.name()))?;
+        // A restart keeps its port (the others know the address); another
+        // process on the machine may hold it for a moment meanwhile.
+        let mut attempt = 0;
+        let p = loop {
+            let started = tokio::task::block_in_place(|| {
+                Process::start(role.name(), &self.bin, &args, env, &self.dir)
+            });
+            match started {
+                Err(e) if attempt < 40 && format!("{e:#}").contains("Address already in use") => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                other => break other.with_context(|| format!("starting {}", role.name()))?,
+            }
+        };
         self.ports.insert(role, p.addr.port());
         self.procs.insert(role, p);
         self.down.insert(role, false);
@@ -353,9 +375,18 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<CycleReport>> {
         "campaign: seed {} cycles {} messages/cycle {} chaos {:?}",
         opts.seed, opts.cycles, opts.messages, opts.chaos
     );
+    let mut abandoned = 0;
     for i in 0..u64::from(opts.cycles) {
         let seed = opts.seed.wrapping_add(i);
-        let r = cycle(opts, seed).await?;
+        let r = match cycle(opts, seed).await {
+            Ok(r) => r,
+            Err(e) => {
+                // Not a verdict on Tandem: the cycle could not be run.
+                abandoned += 1;
+                println!("cycle {i:>4} seed {seed:>20} abandoned, the harness failed: {e:#}");
+                continue;
+            }
+        };
         println!(
             "cycle {:>4} seed {:>20} {:<7} {:>5.1}s sent {:>3} committed {:>3} appended {:>3} effects {:>3} dlq {:>2} conflicts refused {:>2} faults {:>3} crashes {:>2}  {}",
             i,
@@ -390,6 +421,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<CycleReport>> {
         reports.push(r);
     }
     print_summary(&reports);
+    if abandoned > 0 {
+        println!(
+            "{:<44}{:>10}",
+            "cycles abandoned (harness failed)", abandoned
+        );
+    }
+    if reports.is_empty() && abandoned > 0 {
+        bail!("every cycle was abandoned: the harness failed");
+    }
     Ok(reports)
 }
 
@@ -536,6 +576,13 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         dedup == sc::DedupMode::Strong,
         dir.join("faults.log"),
     ));
+    // If the harness fails half-way, these tasks stop with the cycle, and
+    // with them the last handles on its processes (killed when dropped).
+    let _stop_with_cycle = AbortOnDrop(vec![
+        workload.abort_handle(),
+        reviver.abort_handle(),
+        faults.abort_handle(),
+    ]);
     let (proxy, faults, burst) = faults.await??;
     let (sent, mut plain, conflicts) = workload.await??;
     plain.extend(burst);
@@ -573,6 +620,8 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     }
     let mut history = gather(&dir, sent, plain, conflicts, stalled).await?;
     history.consumer_app_stalled = faults.contains_key(CONSUMER_APP_STALLED);
+    history.sidecar_mode = dedup == sc::DedupMode::Sidecar;
+    history.timed_out = timed_out_calls(&dir);
     let (tally, violations) = check::check(&history);
     let kept = if violations.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -1260,7 +1309,27 @@ async fn gather(
         ranges,
         stalled,
         consumer_app_stalled: false,
+        sidecar_mode: false,
+        timed_out: std::collections::BTreeSet::new(),
     })
+}
+
+/// Ids of the messages whose handler call a consumer sidecar gave up on
+/// (past its handler timeout), from the consumer sidecars' logs.
+fn timed_out_calls(dir: &Path) -> std::collections::BTreeSet<String> {
+    [Role::Cart1, Role::Cart2]
+        .iter()
+        .filter_map(|r| std::fs::read_to_string(dir.join(format!("{}.log", r.name()))).ok())
+        .flat_map(|log| {
+            log.lines()
+                .filter(|l| l.contains("did not answer within handler_timeout_ms"))
+                .filter_map(|l| {
+                    let id = l.split(" id=").nth(1)?.split(' ').next()?;
+                    Some(id.to_owned())
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 #[cfg(test)]
