@@ -94,9 +94,10 @@ pub struct History {
     pub consumer_app_stalled: bool,
     /// The cycle consumed in SIDECAR mode.
     pub sidecar_mode: bool,
-    /// Messages a consumer sidecar stopped waiting for (a call past its
-    /// handler timeout) at least once.
-    pub timed_out: BTreeSet<String>,
+    /// Messages with a call whose outcome a consumer sidecar could not
+    /// know: it gave up waiting (past its handler timeout), or the app died
+    /// during the call.
+    pub uncertain: BTreeSet<String>,
 }
 
 /// A broken promise.
@@ -260,10 +261,11 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
         }
     }
     for (id, n) in &effects {
-        // SIDECAR mode's documented limit: a call the sidecar gave up on
-        // (past the handler timeout) may still take effect, and the retry
-        // takes effect again. STRONG mode has no such limit.
-        let excused = h.sidecar_mode && h.timed_out.contains(*id);
+        // SIDECAR mode's documented limits: a call the sidecar gave up on
+        // (past the handler timeout), or during which the app died, may
+        // have taken effect, and the retry takes effect again. STRONG mode
+        // has no such limit.
+        let excused = h.sidecar_mode && h.uncertain.contains(*id);
         if *n > 1 && !excused {
             bad("effect applied twice", format!("{id}: {n} effects"));
         }
@@ -451,7 +453,7 @@ mod tests {
             stalled: None,
             consumer_app_stalled: false,
             sidecar_mode: false,
-            timed_out: BTreeSet::new(),
+            uncertain: BTreeSet::new(),
         }
     }
 
@@ -567,7 +569,7 @@ mod tests {
         let mut h = good();
         h.effects.push("a".into());
         assert_eq!(kinds(&h), vec!["effect applied twice"]);
-        h.timed_out.insert("a".into());
+        h.uncertain.insert("a".into());
         assert_eq!(
             kinds(&h),
             vec!["effect applied twice"],

@@ -621,7 +621,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     let mut history = gather(&dir, sent, plain, conflicts, stalled).await?;
     history.consumer_app_stalled = faults.contains_key(CONSUMER_APP_STALLED);
     history.sidecar_mode = dedup == sc::DedupMode::Sidecar;
-    history.timed_out = timed_out_calls(&dir);
+    history.uncertain = uncertain_calls(&dir);
     let (tally, violations) = check::check(&history);
     let kept = if violations.is_empty() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -1310,19 +1310,23 @@ async fn gather(
         stalled,
         consumer_app_stalled: false,
         sidecar_mode: false,
-        timed_out: std::collections::BTreeSet::new(),
+        uncertain: std::collections::BTreeSet::new(),
     })
 }
 
-/// Ids of the messages whose handler call a consumer sidecar gave up on
-/// (past its handler timeout), from the consumer sidecars' logs.
-fn timed_out_calls(dir: &Path) -> std::collections::BTreeSet<String> {
+/// Ids of the messages with a handler call whose outcome a consumer sidecar
+/// could not know (it gave up past its handler timeout, or the app's
+/// connection broke during the call), from the consumer sidecars' logs.
+fn uncertain_calls(dir: &Path) -> std::collections::BTreeSet<String> {
     [Role::Cart1, Role::Cart2]
         .iter()
         .filter_map(|r| std::fs::read_to_string(dir.join(format!("{}.log", r.name()))).ok())
         .flat_map(|log| {
             log.lines()
-                .filter(|l| l.contains("did not answer within handler_timeout_ms"))
+                .filter(|l| {
+                    l.contains("did not answer within handler_timeout_ms")
+                        || l.contains("app unreachable") && !l.contains("code=Unavailable")
+                })
                 .filter_map(|l| {
                     let id = l.split(" id=").nth(1)?.split(' ').next()?;
                     Some(id.to_owned())
