@@ -624,6 +624,60 @@ async fn a_check_back_racing_a_slow_local_transaction_does_not_lose_it() -> Test
 /// the group's other sidecar gets the partition and the message. It must not
 /// hand the message to the app while the stalled holder's call may still
 /// take effect: it waits for the claim, then finds the dedup row.
+/// A sidecar stopped with SIGTERM (a rolling update) while the app handles
+/// a message lets the call finish and record its dedup row before it exits,
+/// so whoever gets the message next does not hand it to the app again.
+/// Before, calls of a session that had already ended (the coordinator
+/// went away) died with the process: the restarted sidecar waited for the
+/// dead process's claim to expire and called the app a second time (found
+/// by the fault campaign, run E seed 303067).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_stopped_mid_call_records_it_before_exiting() -> TestResult {
+    let mut c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Sidecar).await?;
+    let mut coordinator = c.coordinator_client().await?;
+    coordinator
+        .publish(pb::PublishRequest {
+            topic: "orders".into(),
+            messages: vec![pb::Message {
+                id: "term-1".into(),
+                ..message("slow-term")
+            }],
+        })
+        .await?;
+    let db = c.consumer_db().await?;
+    let calls = |db: sqlx::SqlitePool| async move {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = 'term-1'")
+            .fetch_one(&db)
+            .await?;
+        TestResult::Ok(n)
+    };
+    eventually("the app to be called", || {
+        let db = db.clone();
+        async move { Ok((calls(db).await? >= 1).then_some(())) }
+    })
+    .await?;
+    // The coordinator goes away first: the consumer session ends, and the
+    // call in the app goes on without it (as in the campaign's cycle).
+    c.restart_coordinator(&[])?;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let status = c
+        .consumer
+        .terminate(std::time::Duration::from_secs(20))
+        .map_err(|e| e.to_string())?;
+    assert!(status.success(), "{status}");
+    c.restart_consumer(&[])?;
+    c.consumer_caught_up().await?;
+    assert_eq!(
+        c.consumer_stats().await?.claim_waits,
+        0,
+        "no claim of the stopped sidecar was left to wait for"
+    );
+    assert_eq!(calls(db.clone()).await?, 1, "the app was called once");
+    c.expect_effects(&["slow-term"]).await?;
+    c.done()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_holders_message_is_not_handled_again_by_the_next_holder() -> TestResult {
     // Long handler timeouts: the stalled sidecar's call must still be in

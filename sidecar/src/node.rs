@@ -2,15 +2,15 @@
 //! database, the clients of the coordinator and of the app, and counters.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tandem_proto::app::app_client::AppClient;
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Config;
@@ -101,6 +101,50 @@ impl Inbox {
     }
 }
 
+/// Handler calls in progress, also those of ended sessions (which run to
+/// their end and record their dedup row): shutdown waits for them, so that
+/// a sidecar stopped with SIGTERM (a rolling update) leaves no call whose
+/// effect landed without its record.
+#[derive(Debug, Default)]
+pub(crate) struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+/// One handler call counted in [`InFlight`] until dropped.
+pub(crate) struct InFlightCall(Arc<InFlight>);
+
+impl Drop for InFlightCall {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+impl InFlight {
+    /// Counts a call until the returned value is dropped.
+    pub(crate) fn enter(self: &Arc<Self>) -> InFlightCall {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        InFlightCall(self.clone())
+    }
+
+    /// Waits until no call is in progress, at most `within`; whether none is.
+    pub(crate) async fn idle_within(&self, within: Duration) -> bool {
+        tokio::time::timeout(within, async {
+            loop {
+                let idle = self.idle.notified();
+                if self.count.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                idle.await;
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
 /// Transactions whose `ExecuteLocalTransaction` this sidecar has started
 /// and not yet seen through: a check-back for one of them is answered from
 /// here (UNKNOWN while the callback runs, its answer once it returned)
@@ -169,6 +213,8 @@ pub(crate) struct Node {
     pub(crate) claims: Claims,
     /// Callback-mode transactions being executed.
     pub(crate) executing: Executing,
+    /// Handler calls in progress.
+    pub(crate) in_flight: Arc<InFlight>,
     pub(crate) coordinator: CoordinatorClient<Channel>,
     app: Option<AppClient<Channel>>,
     pub(crate) counters: Counters,
@@ -214,6 +260,7 @@ impl Node {
             inbox: Inbox::start(db.clone()),
             claims: Claims::default(),
             executing: Executing::default(),
+            in_flight: Arc::default(),
             db,
             coordinator,
             app,

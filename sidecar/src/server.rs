@@ -80,6 +80,15 @@ pub async fn serve(
             subs.stop_all().await;
         })
         .await;
+    // Calls already in the app run to their end and record their dedup row
+    // (at most the handler timeout): exiting first would leave effects
+    // without records, handled again by whoever gets the messages next.
+    let within = node.config.handler_timeout + std::time::Duration::from_secs(2);
+    if !node.in_flight.idle_within(within).await {
+        tracing::warn!(
+            "handler calls still running at shutdown; their messages will be delivered again"
+        );
+    }
     let _ = stop.send(true);
     let _ = session.await;
     cleanup.abort();

@@ -263,7 +263,9 @@ impl Session {
             .or_insert_with(|| watch::channel(false).0)
             .subscribe();
         let (node, spec, done_tx) = (self.node.clone(), self.spec.clone(), self.done_tx.clone());
+        let call = node.in_flight.enter();
         self.handlers.spawn(async move {
+            let _call = call;
             let outcome = delivery::handle(&node, &spec, &d, &mut cancel).await;
             let _ = done_tx.send(Done {
                 lease,
