@@ -635,28 +635,7 @@ async fn a_check_back_racing_a_slow_local_transaction_does_not_lose_it() -> Test
 async fn a_sidecar_stopped_mid_call_records_it_before_exiting() -> TestResult {
     let mut c = Cluster::start().await?;
     c.subscribe(sc::DedupMode::Sidecar).await?;
-    let mut coordinator = c.coordinator_client().await?;
-    coordinator
-        .publish(pb::PublishRequest {
-            topic: "orders".into(),
-            messages: vec![pb::Message {
-                id: "term-1".into(),
-                ..message("slow-term")
-            }],
-        })
-        .await?;
-    let db = c.consumer_db().await?;
-    let calls = |db: sqlx::SqlitePool| async move {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = 'term-1'")
-            .fetch_one(&db)
-            .await?;
-        TestResult::Ok(n)
-    };
-    eventually("the app to be called", || {
-        let db = db.clone();
-        async move { Ok((calls(db).await? >= 1).then_some(())) }
-    })
-    .await?;
+    let db = publish_until_called(&c, "term-1", "slow-term").await?;
     // The coordinator goes away first: the consumer session ends, and the
     // call in the app goes on without it (as in the campaign's cycle).
     c.restart_coordinator(&[])?;
@@ -673,7 +652,7 @@ async fn a_sidecar_stopped_mid_call_records_it_before_exiting() -> TestResult {
         0,
         "no claim of the stopped sidecar was left to wait for"
     );
-    assert_eq!(calls(db.clone()).await?, 1, "the app was called once");
+    assert_eq!(calls_of(&db, "term-1").await?, 1, "the app was called once");
     c.expect_effects(&["slow-term"]).await?;
     c.done()
 }
@@ -687,7 +666,7 @@ async fn a_stalled_holders_message_is_not_handled_again_by_the_next_holder() -> 
     c.restart_consumer_with(&[], SETTINGS)?;
     c.subscribe(sc::DedupMode::Sidecar).await?;
     let mut second = c.start_second_consumer(SETTINGS)?;
-    let mut coordinator = c.coordinator_client().await?;
+    let coordinator = c.coordinator_client().await?;
     eventually("both cart sidecars in the group", || {
         let mut coordinator = coordinator.clone();
         async move {
@@ -704,27 +683,7 @@ async fn a_stalled_holders_message_is_not_handled_again_by_the_next_holder() -> 
         }
     })
     .await?;
-    coordinator
-        .publish(pb::PublishRequest {
-            topic: "orders".into(),
-            messages: vec![pb::Message {
-                id: "held-1".into(),
-                ..message("slow-held")
-            }],
-        })
-        .await?;
-    let db = c.consumer_db().await?;
-    let calls = |db: sqlx::SqlitePool| async move {
-        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = 'held-1'")
-            .fetch_one(&db)
-            .await?;
-        TestResult::Ok(n)
-    };
-    eventually("the app to be called", || {
-        let db = db.clone();
-        async move { Ok((calls(db).await? >= 1).then_some(())) }
-    })
-    .await?;
+    let db = publish_until_called(&c, "held-1", "slow-held").await?;
     let first = c.consumer_stats().await?.delivered;
     let second_client =
         tandem_proto::sidecar::sidecar_client::SidecarClient::connect(second.url()).await?;
@@ -745,7 +704,7 @@ async fn a_stalled_holders_message_is_not_handled_again_by_the_next_holder() -> 
                 .await?
                 .into_inner()
                 .claim_waits;
-            Ok((waits >= 1 || calls(db).await? >= 2).then_some(waits))
+            Ok((waits >= 1 || calls_of(&db, "held-1").await? >= 2).then_some(waits))
         }
     })
     .await;
@@ -753,7 +712,7 @@ async fn a_stalled_holders_message_is_not_handled_again_by_the_next_holder() -> 
     assert!(waited? >= 1, "the next holder waited for the claim");
     c.consumer_caught_up().await?;
     c.expect_effects(&["slow-held"]).await?;
-    assert_eq!(calls(db.clone()).await?, 1, "the app was called once");
+    assert_eq!(calls_of(&db, "held-1").await?, 1, "the app was called once");
     drop(second_client);
     second.kill();
     c.done()
@@ -901,4 +860,36 @@ async fn a_down_app_is_waited_for_and_an_app_killing_message_is_dead_lettered() 
     );
     assert!(restarts >= 2, "{restarts}");
     c.done()
+}
+
+/// Publishes the plain message `id` with `value` and waits until the
+/// consumer app is called with it; returns the consumer's database.
+async fn publish_until_called(c: &Cluster, id: &str, value: &str) -> TestResult<sqlx::SqlitePool> {
+    c.coordinator_client()
+        .await?
+        .publish(pb::PublishRequest {
+            topic: "orders".into(),
+            messages: vec![pb::Message {
+                id: id.into(),
+                ..message(value)
+            }],
+        })
+        .await?;
+    let db = c.consumer_db().await?;
+    eventually("the app to be called", || {
+        let db = db.clone();
+        async move { Ok((calls_of(&db, id).await? >= 1).then_some(())) }
+    })
+    .await?;
+    Ok(db)
+}
+
+/// How often the consumer app was called with message `id`.
+async fn calls_of(db: &sqlx::SqlitePool, id: &str) -> TestResult<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = $1")
+            .bind(id)
+            .fetch_one(db)
+            .await?,
+    )
 }
