@@ -402,11 +402,6 @@ impl SimFs {
         self.lock().off
     }
 
-    /// Changing operations made so far.
-    pub fn changes(&self) -> u64 {
-        self.lock().changes
-    }
-
     /// The latest changes, oldest first, across power cuts (for the report
     /// of a failing test).
     pub fn history(&self) -> Vec<String> {

@@ -261,19 +261,21 @@ impl Cluster {
         let args = self.args(role, port);
         // A restart keeps its port (the others know the address); another
         // process on the machine may hold it for a moment meanwhile.
-        let mut attempt = 0;
-        let p = loop {
-            let started = tokio::task::block_in_place(|| {
-                Process::start(role.name(), &self.bin, &args, env, &self.dir)
-            });
-            match started {
-                Err(e) if attempt < 40 && format!("{e:#}").contains("Address already in use") => {
-                    attempt += 1;
-                    std::thread::sleep(Duration::from_millis(250));
+        let p = tokio::task::block_in_place(|| {
+            let mut attempt = 0;
+            loop {
+                match Process::start(role.name(), &self.bin, &args, env, &self.dir) {
+                    Err(e)
+                        if attempt < 40 && format!("{e:#}").contains("Address already in use") =>
+                    {
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(250));
+                    }
+                    other => break other,
                 }
-                other => break other.with_context(|| format!("starting {}", role.name()))?,
             }
-        };
+        })
+        .with_context(|| format!("starting {}", role.name()))?;
         self.ports.insert(role, p.addr.port());
         self.procs.insert(role, p);
         self.down.insert(role, false);
