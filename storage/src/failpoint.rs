@@ -6,20 +6,42 @@
 //! - `a=error` or `a@3=error`: from that hit on, [`error`] reports that the
 //!   operation at `a` fails, as a disk that went bad would (the storage
 //!   writer's `storage.fdatasync:<topic>/<partition>` and
-//!   `storage.write:<topic>/<partition>` points).
+//!   `storage.write:<topic>/<partition>` points);
+//! - `a=delay:20`: every time the operation at `a` runs it first takes 20 ms
+//!   longer, as a slow disk would (the storage `storage.read:<topic>/<partition>`
+//!   point).
+//!
+//! A name ending in `*` arms every point whose name starts with what comes
+//! before it (`storage.read:orders/*`).
 //!
 //! Unset, a point costs one check of an already-parsed list.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Action {
+    Abort,
+    Error,
+    Delay(Duration),
+}
 
 struct Point {
     name: String,
     /// Fire on this hit (1 = the first).
     at: u64,
-    /// Report an error from `at` on instead of aborting.
-    error: bool,
+    action: Action,
     hits: AtomicU64,
+}
+
+impl Point {
+    fn matches(&self, name: &str) -> bool {
+        match self.name.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => self.name == name,
+        }
+    }
 }
 
 static POINTS: OnceLock<Vec<Point>> = OnceLock::new();
@@ -29,9 +51,13 @@ fn parse(spec: &str) -> Vec<Point> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| {
-            let (s, error) = match s.strip_suffix("=error") {
-                Some(rest) => (rest, true),
-                None => (s, false),
+            let (s, action) = match s.split_once('=') {
+                Some((rest, "error")) => (rest, Action::Error),
+                Some((rest, how)) => match how.strip_prefix("delay:").map(str::parse) {
+                    Some(Ok(ms)) => (rest, Action::Delay(Duration::from_millis(ms))),
+                    _ => panic!("failpoint {s:?}: after '=' comes error or delay:<ms>"),
+                },
+                None => (s, Action::Abort),
             };
             let (name, at) = match s.split_once('@') {
                 Some((n, at)) => (n, at.parse().unwrap_or(1)),
@@ -40,7 +66,7 @@ fn parse(spec: &str) -> Vec<Point> {
             Point {
                 name: name.to_owned(),
                 at,
-                error,
+                action,
                 hits: AtomicU64::new(0),
             }
         })
@@ -54,7 +80,10 @@ fn points() -> &'static [Point] {
 /// Aborts the process if `name` is an armed abort point reached for the
 /// armed time.
 pub fn hit(name: &str) {
-    for p in points().iter().filter(|p| p.name == name && !p.error) {
+    for p in points()
+        .iter()
+        .filter(|p| p.action == Action::Abort && p.matches(name))
+    {
         if p.hits.fetch_add(1, Ordering::Relaxed) + 1 == p.at {
             eprintln!("failpoint {name} reached (hit {}): aborting", p.at);
             std::process::abort();
@@ -70,12 +99,33 @@ pub fn error(name: &str) -> bool {
 
 fn error_in(points: &[Point], name: &str) -> bool {
     let mut failed = false;
-    for p in points.iter().filter(|p| p.name == name && p.error) {
+    for p in points
+        .iter()
+        .filter(|p| p.action == Action::Error && p.matches(name))
+    {
         if p.hits.fetch_add(1, Ordering::Relaxed) + 1 >= p.at {
             failed = true;
         }
     }
     failed
+}
+
+/// How long the operation at `name` must be held up first (the longest of
+/// the delay points armed for it and reached their hit).
+pub fn delay(name: &str) -> Option<Duration> {
+    delay_in(points(), name)
+}
+
+fn delay_in(points: &[Point], name: &str) -> Option<Duration> {
+    let mut longest = None;
+    for p in points.iter().filter(|p| p.matches(name)) {
+        if let Action::Delay(d) = p.action
+            && p.hits.fetch_add(1, Ordering::Relaxed) + 1 >= p.at
+        {
+            longest = longest.max(Some(d));
+        }
+    }
+    longest
 }
 
 /// True when any fault point is armed (callers may skip building names).
@@ -97,5 +147,24 @@ mod tests {
         assert!(!error_in(&p, "y"), "an abort point never reports an error");
         assert!(error_in(&p, "z"));
         assert!(!error_in(&p, "other"));
+    }
+
+    #[test]
+    fn delay_points_hold_up_every_name_they_match() {
+        let p = parse("storage.read:t/*=delay:20, x@2=delay:5, y=error");
+        let ms = Duration::from_millis;
+        assert_eq!(delay_in(&p, "storage.read:t/0"), Some(ms(20)));
+        assert_eq!(delay_in(&p, "storage.read:t/3"), Some(ms(20)));
+        assert_eq!(delay_in(&p, "storage.read:u/0"), None);
+        assert_eq!(delay_in(&p, "x"), None, "not before its hit");
+        assert_eq!(delay_in(&p, "x"), Some(ms(5)));
+        assert_eq!(delay_in(&p, "y"), None, "an error point is no delay");
+        assert!(!error_in(&p, "storage.read:t/0"), "a delay is no error");
+    }
+
+    #[test]
+    #[should_panic(expected = "after '=' comes error or delay")]
+    fn a_misspelt_action_is_refused() {
+        parse("x=dealy:5");
     }
 }

@@ -148,6 +148,7 @@ pub(crate) struct Partition {
     /// Fault point names of this partition.
     fault_write: String,
     fault_sync: String,
+    fault_read: String,
 }
 
 impl Partition {
@@ -174,6 +175,7 @@ impl Partition {
         let p = Arc::new(Partition {
             fault_write: format!("storage.write:{tp}"),
             fault_sync: format!("storage.fdatasync:{tp}"),
+            fault_read: format!("storage.read:{tp}"),
             failed,
             fs,
             tp,
@@ -297,6 +299,9 @@ impl Partition {
 
     /// Reads records from `from` within `budget`. Blocking (file reads).
     pub(crate) fn read(&self, from: u64, budget: ReadBudget) -> Result<Vec<StoredRecord>> {
+        if let Some(d) = crate::failpoint::delay(&self.fault_read) {
+            std::thread::sleep(d);
+        }
         let hwm = self.published.borrow().hwm;
         let out_of_range = |start| Error::OffsetOutOfRange {
             tp: self.tp.clone(),

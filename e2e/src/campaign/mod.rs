@@ -69,6 +69,24 @@ const PARTITIONS: u32 = 4;
 const KEYS: usize = 6;
 const GROUP: &str = "cart";
 const MAX_ATTEMPTS: u32 = 3;
+/// Each sidecar's proxy to the coordinator.
+struct Links(BTreeMap<Role, Proxy>);
+
+impl Links {
+    fn set(&self, mode: Mode) {
+        self.0.values().for_each(|p| p.set(mode));
+    }
+
+    /// Every link half the time, one sidecar's otherwise; and which.
+    fn pick(&self, rng: &mut Rng) -> (Vec<&Proxy>, &'static str) {
+        if rng.below(2) == 0 {
+            return (self.0.values().collect(), "every sidecar");
+        }
+        let role = SIDECARS[rng.below(SIDECARS.len() as u64) as usize];
+        (vec![&self.0[&role]], role.name())
+    }
+}
+
 /// Aborts its tasks when dropped.
 struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
 
@@ -153,6 +171,8 @@ enum Role {
     Cart2,
 }
 
+const SIDECARS: [Role; 3] = [Role::OrdersSidecar, Role::Cart1, Role::Cart2];
+
 const ROLES: [Role; 6] = [
     Role::Coordinator,
     Role::OrdersApp,
@@ -185,7 +205,8 @@ struct Cluster {
     down: BTreeMap<Role, bool>,
     /// Stopped (SIGSTOP) by a fault.
     paused: BTreeMap<Role, bool>,
-    proxy_addr: SocketAddr,
+    /// Each sidecar's own proxy to the coordinator.
+    links: BTreeMap<Role, SocketAddr>,
     /// Restarts after an exit nobody asked for (crashes as told, fatal
     /// errors): counted, not hidden.
     unplanned_restarts: u32,
@@ -195,7 +216,6 @@ impl Cluster {
     fn args(&self, role: Role, port: u16) -> Vec<String> {
         let listen = format!("127.0.0.1:{port}");
         let url = |r: Role| format!("http://127.0.0.1:{}", self.ports[&r]);
-        let proxy = format!("http://{}", self.proxy_addr);
         let mut a: Vec<String> = match role {
             Role::Coordinator => vec![
                 "coordinator".into(),
@@ -225,7 +245,7 @@ impl Cluster {
                     "--listen".into(),
                     listen,
                     "--coordinator".into(),
-                    proxy,
+                    format!("http://{}", self.links[&role]),
                     "--service".into(),
                     service.into(),
                     "--app".into(),
@@ -496,7 +516,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     std::fs::create_dir_all(&dir)?;
     let mut rng = Rng::new(seed);
 
-    // The coordinator first (the proxy needs its port), then the rest.
+    // The coordinator first (the proxies need its port), then the rest.
     let mut cluster = Cluster {
         bin: opts.bin.clone(),
         dir: dir.clone(),
@@ -504,13 +524,17 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         ports: BTreeMap::new(),
         down: BTreeMap::new(),
         paused: BTreeMap::new(),
-        proxy_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        links: BTreeMap::new(),
         unplanned_restarts: 0,
     };
     cluster.start(Role::Coordinator)?;
     let coordinator_addr = cluster.procs[&Role::Coordinator].addr;
-    let proxy = Proxy::start(coordinator_addr).await?;
-    cluster.proxy_addr = proxy.addr;
+    let mut links = Links(BTreeMap::new());
+    for role in SIDECARS {
+        let p = Proxy::start(coordinator_addr).await?;
+        cluster.links.insert(role, p.addr);
+        links.0.insert(role, p);
+    }
     for role in [
         Role::OrdersApp,
         Role::CartApp,
@@ -572,7 +596,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     };
     let faults = tokio::spawn(inject_faults(
         cluster.clone(),
-        Arc::new(proxy),
+        Arc::new(links),
         opts.chaos,
         rng.next_u64(),
         dedup == sc::DedupMode::Strong,
@@ -585,14 +609,14 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         reviver.abort_handle(),
         faults.abort_handle(),
     ]);
-    let (proxy, faults, burst) = faults.await??;
+    let (links, faults, burst) = faults.await??;
     let (sent, mut plain, conflicts) = workload.await??;
     plain.extend(burst);
     let _ = reviving.send(true);
     reviver.await??;
 
     // Heal, settle, stop, gather, check.
-    proxy.set(Mode::Pass);
+    links.set(Mode::Pass);
     cluster.lock().await.heal()?;
     let stalled = settle(&cluster, &sent, opts.settle).await?;
     let mut c = cluster.lock().await;
@@ -611,7 +635,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     c.kill(Role::Coordinator);
     let unplanned_restarts = c.unplanned_restarts;
     drop(c);
-    drop(proxy);
+    drop(links);
     let mut answers: BTreeMap<String, u32> = BTreeMap::new();
     for s in &sent {
         let last = s
@@ -901,15 +925,16 @@ async fn workload(
 /// crashed on their own running; logs each to `log`.
 async fn inject_faults(
     cluster: Arc<Mutex<Cluster>>,
-    proxy: Arc<Proxy>,
+    links: Arc<Links>,
     chaos: Duration,
     seed: u64,
     kill_consumers: bool,
     log: PathBuf,
-) -> anyhow::Result<(Arc<Proxy>, BTreeMap<&'static str, u32>, Vec<Sent>)> {
+) -> anyhow::Result<(Arc<Links>, BTreeMap<&'static str, u32>, Vec<Sent>)> {
     let mut rng = Rng::new(seed);
     let mut burst = Vec::new();
     let mut storms = 0;
+    let mut slow_bursts = 0;
     let mut counts: BTreeMap<&'static str, u32> = BTreeMap::new();
     let mut lines = Vec::new();
     let start = Instant::now();
@@ -917,7 +942,7 @@ async fn inject_faults(
         tokio::time::sleep(rng.ms(200, 1200)).await;
         let role = ROLES[rng.below(ROLES.len() as u64) as usize];
         let consumer_side = matches!(role, Role::CartApp | Role::Cart1 | Role::Cart2);
-        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5, 12]) {
+        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5, 12, 8]) {
             0 if consumer_side && !kill_consumers => continue,
             // A stall longer than session timeouts (members expelled,
             // partitions moved, sessions broken while calls are in flight).
@@ -963,25 +988,31 @@ async fn inject_faults(
                 "SIGSTOP/SIGCONT"
             }
             2 => {
-                proxy.cut();
-                lines.push(format!("{:?} proxy cut", start.elapsed()));
+                let (cut, which) = links.pick(&mut rng);
+                cut.iter().for_each(|p| p.cut());
+                lines.push(format!("{:?} proxy cut ({which})", start.elapsed()));
                 "proxy cut"
             }
             3 => {
                 let d = rng.ms(300, 3000);
-                proxy.set(Mode::Blackhole);
+                let (held, which) = links.pick(&mut rng);
+                held.iter().for_each(|p| p.set(Mode::Blackhole));
                 tokio::time::sleep(d).await;
-                proxy.set(Mode::Pass);
-                lines.push(format!("{:?} proxy black hole {d:?}", start.elapsed()));
+                held.iter().for_each(|p| p.set(Mode::Pass));
+                lines.push(format!(
+                    "{:?} proxy black hole {d:?} ({which})",
+                    start.elapsed()
+                ));
                 "proxy black hole"
             }
             4 => {
                 let (d, lag) = (rng.ms(500, 3000), rng.ms(20, 300));
-                proxy.set(Mode::Delay(lag));
+                let (slow, which) = links.pick(&mut rng);
+                slow.iter().for_each(|p| p.set(Mode::Delay(lag)));
                 tokio::time::sleep(d).await;
-                proxy.set(Mode::Pass);
+                slow.iter().for_each(|p| p.set(Mode::Pass));
                 lines.push(format!(
-                    "{:?} proxy delay {lag:?} for {d:?}",
+                    "{:?} proxy delay {lag:?} for {d:?} ({which})",
                     start.elapsed()
                 ));
                 "proxy delay"
@@ -990,14 +1021,23 @@ async fn inject_faults(
                 // A burst of plain messages while the second consumer
                 // leaves its group and joins again and again: partitions
                 // are revoked while their deliveries are being read and
-                // sent (where credit once leaked).
+                // sent (where credit once leaked). Half the storms hit a
+                // coordinator restarted on a slow disk, whose reads take
+                // long enough for revocations to land in the middle of them.
+                let slow_disk = (rng.below(2) == 0).then(|| rng.ms(10, 40));
+                if let Some(d) = slow_disk {
+                    let failpoint = format!("storage.read:{TOPIC}/*=delay:{}", d.as_millis());
+                    let mut c = cluster.lock().await;
+                    c.kill(Role::Coordinator);
+                    c.start_with(Role::Coordinator, &[("TANDEM_FAILPOINTS", failpoint)])?;
+                }
                 let (producer, cart2) = {
                     let c = cluster.lock().await;
                     (c.url(Role::OrdersSidecar), c.url(Role::Cart2))
                 };
                 let prefix = format!("burst{storms}");
                 storms += 1;
-                let publisher = tokio::spawn(publish_burst(producer, prefix, 20, 20));
+                let publisher = tokio::spawn(publish_burst(producer, prefix, 20, 20, None));
                 let dedup = if kill_consumers {
                     sc::DedupMode::Strong
                 } else {
@@ -1010,10 +1050,43 @@ async fn inject_faults(
                 }
                 burst.extend(publisher.await??);
                 lines.push(format!(
-                    "{:?} burst of 400 plain messages, cart-sidecar-2 left and rejoined {rounds} times",
-                    start.elapsed()
+                    "{:?} burst of 400 plain messages, cart-sidecar-2 left and rejoined {rounds} times{}",
+                    start.elapsed(),
+                    slow_disk.map_or(String::new(), |d| format!(
+                        ", coordinator restarted with reads {d:?} slower"
+                    ))
                 ));
-                "rebalance storm under a burst"
+                if slow_disk.is_some() {
+                    "rebalance storm on a slow disk"
+                } else {
+                    "rebalance storm under a burst"
+                }
+            }
+            9 => {
+                // Slow messages reach the consumers; while their handlers
+                // run, one consumer sidecar's link is cut and held black:
+                // its partitions move to the other sidecar, which gets the
+                // same messages while the first one's calls still run
+                // (where SIDECAR dedup's claims keep the app from running
+                // one id twice).
+                let producer = cluster.lock().await.url(Role::OrdersSidecar);
+                let prefix = format!("slow{slow_bursts}");
+                slow_bursts += 1;
+                burst.extend(publish_burst(producer, prefix, 1, 8, Some("slow")).await?);
+                tokio::time::sleep(rng.ms(100, 700)).await;
+                let role = [Role::Cart1, Role::Cart2][rng.below(2) as usize];
+                let link = &links.0[&role];
+                let d = rng.ms(500, 2500);
+                link.set(Mode::Blackhole);
+                link.cut();
+                tokio::time::sleep(d).await;
+                link.set(Mode::Pass);
+                lines.push(format!(
+                    "{:?} 8 slow messages, then {} cut off for {d:?} while handling them",
+                    start.elapsed(),
+                    role.name()
+                ));
+                "consumer cut off mid-call"
             }
             7 => {
                 // The disk fails an fdatasync: the coordinator must stop
@@ -1052,7 +1125,7 @@ async fn inject_faults(
         *counts.entry(kind).or_default() += 1;
     }
     std::fs::write(&log, lines.join("\n"))?;
-    Ok((proxy, counts, burst))
+    Ok((links, counts, burst))
 }
 
 /// The subscription every consumer sidecar of the campaign has.
@@ -1085,12 +1158,14 @@ async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode) {
 
 /// Publishes `batches` batches of `size` plain messages with ids of their
 /// own through the producer's sidecar as fast as it answers, each batch
-/// retried up to three times; returns them as sent.
+/// retried up to three times, each message asking its handler to behave as
+/// `handle` says; returns them as sent.
 async fn publish_burst(
     producer: String,
     prefix: String,
     batches: usize,
     size: usize,
+    handle: Option<&'static str>,
 ) -> anyhow::Result<Vec<Sent>> {
     let channel = tonic::transport::Endpoint::from_shared(producer)?
         .connect_timeout(Duration::from_secs(2))
@@ -1116,7 +1191,13 @@ async fn publish_burst(
                     id: id.clone(),
                     key: Some(key.clone().into_bytes().into()),
                     value: value.clone().into_bytes().into(),
-                    headers: Vec::new(),
+                    headers: handle
+                        .map(|h| pb::Header {
+                            name: HANDLE_HEADER.into(),
+                            value: h.as_bytes().to_vec().into(),
+                        })
+                        .into_iter()
+                        .collect(),
                     partition: None,
                 })
                 .collect(),
