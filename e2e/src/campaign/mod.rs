@@ -372,6 +372,10 @@ pub struct CycleReport {
     pub seed: u64,
     /// The consumer's dedup mode in this cycle.
     pub dedup: &'static str,
+    /// How the producer app answers check-backs in this cycle: `careful`
+    /// (UNKNOWN while its local transaction runs, as the README asks) or
+    /// `naive` (from its table alone).
+    pub checks: &'static str,
     /// Faults injected, by kind.
     pub faults: BTreeMap<&'static str, u32>,
     /// Processes restarted after exiting on their own.
@@ -410,10 +414,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<CycleReport>> {
             }
         };
         println!(
-            "cycle {:>4} seed {:>20} {:<7} {:>5.1}s sent {:>3} committed {:>3} appended {:>3} effects {:>3} dlq {:>2} conflicts refused {:>2} faults {:>3} crashes {:>2}  {}",
+            "cycle {:>4} seed {:>20} {:<7} {:<7} {:>5.1}s sent {:>3} committed {:>3} appended {:>3} effects {:>3} dlq {:>2} conflicts refused {:>2} faults {:>3} crashes {:>2}  {}",
             i,
             r.seed,
             r.dedup,
+            r.checks,
             r.seconds,
             r.tally.sent,
             r.tally.committed,
@@ -558,6 +563,14 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     // dies), odd ones in SIDECAR mode, whose promise excludes a consumer
     // sidecar or app dying between the effect and its record: those cycles
     // do not SIGKILL the consumer side (everything else still happens).
+    // In every other pair of cycles the producer app's check-back is naive
+    // (COMMIT if its row is there, else ROLLBACK, even while its local
+    // transaction still runs): the sidecar's own UNKNOWN for a callback in
+    // progress must keep that safe. Those cycles never SIGKILL the producer
+    // sidecar (a new one cannot know the app still runs a callback) and
+    // keep the producer app's stops short enough that no callback outlives
+    // the callback timeout.
+    let naive = (seed / 2) % 2 == 1;
     let dedup = if seed.is_multiple_of(2) {
         sc::DedupMode::Strong
     } else {
@@ -578,7 +591,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     // Each worker spreads its messages over the chaos period.
     let per_worker = (opts.messages / KEYS).max(1) as u32;
     let pace = opts.chaos / per_worker;
-    let workload = tokio::spawn(workload(producer_url, plan, rng.next_u64(), pace));
+    let workload = tokio::spawn(workload(producer_url, plan, rng.next_u64(), pace, naive));
     // Processes that exit on their own (crashes the workload asks for, a
     // fatal error) are brought back for as long as the cycle runs.
     let (reviving, mut revive_stop) = tokio::sync::watch::channel(false);
@@ -600,6 +613,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         opts.chaos,
         rng.next_u64(),
         dedup == sc::DedupMode::Strong,
+        naive,
         dir.join("faults.log"),
     ));
     // If the harness fails half-way, these tasks stop with the cycle, and
@@ -663,6 +677,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         } else {
             "SIDECAR"
         },
+        checks: if naive { "naive" } else { "careful" },
         faults,
         unplanned_restarts,
         tally,
@@ -771,6 +786,7 @@ async fn workload(
     plan: Vec<Vec<Planned>>,
     seed: u64,
     pace: Duration,
+    naive: bool,
 ) -> anyhow::Result<(Vec<Sent>, Vec<Sent>, Vec<Conflict>)> {
     let mut workers = Vec::new();
     for (w, messages) in plan.into_iter().enumerate() {
@@ -795,10 +811,12 @@ async fn workload(
                         headers: Vec::new(),
                         partition: None,
                     };
-                    message.headers.push(pb::Header {
-                        name: CHECK_HEADER.into(),
-                        value: b"careful".to_vec().into(),
-                    });
+                    if !naive {
+                        message.headers.push(pb::Header {
+                            name: CHECK_HEADER.into(),
+                            value: b"careful".to_vec().into(),
+                        });
+                    }
                     if let Some(h) = &m.handle {
                         message.headers.push(pb::Header {
                             name: HANDLE_HEADER.into(),
@@ -929,6 +947,7 @@ async fn inject_faults(
     chaos: Duration,
     seed: u64,
     kill_consumers: bool,
+    naive: bool,
     log: PathBuf,
 ) -> anyhow::Result<(Arc<Links>, BTreeMap<&'static str, u32>, Vec<Sent>)> {
     let mut rng = Rng::new(seed);
@@ -944,6 +963,8 @@ async fn inject_faults(
         let consumer_side = matches!(role, Role::CartApp | Role::Cart1 | Role::Cart2);
         let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5, 12, 8]) {
             0 if consumer_side && !kill_consumers => continue,
+            0 if naive && role == Role::OrdersSidecar => continue,
+            6 if naive && role == Role::OrdersApp => continue,
             // A stall longer than session timeouts (members expelled,
             // partitions moved, sessions broken while calls are in flight).
             // Not in SIDECAR cycles: a consumer stalled past its handler
@@ -978,7 +999,13 @@ async fn inject_faults(
             1 => {
                 // SIDECAR mode: short enough that a call in progress stays
                 // within the handler timeout (5 s)
-                let d = rng.ms(300, if kill_consumers { 4000 } else { 2500 });
+                let longest = match (kill_consumers, naive && role == Role::OrdersApp) {
+                    // a slow callback (2.5 s) stays within its timeout (5 s)
+                    (_, true) => 2000,
+                    (true, false) => 4000,
+                    (false, false) => 2500,
+                };
+                let d = rng.ms(300, longest);
                 stall(&cluster, role, d).await?;
                 lines.push(format!(
                     "{:?} SIGSTOP {} for {d:?}",
