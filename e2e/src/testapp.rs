@@ -18,7 +18,7 @@
 //! is only right once the local transaction can no longer commit, which is
 //! what the sidecar's own UNKNOWN for a running callback protects.
 //!
-//! `HandleMessage` inserts `effects(message_id, value)`, with no unique key,
+//! `HandleMessage` inserts `effects(topic, message_id, value)`, with no unique key,
 //! so a duplicate effect would show; in STRONG dedup mode it inserts the
 //! `tandem_inbox` row in the same transaction and treats a conflict as
 //! already done. Values starting with `slow` take 1.5 s before their
@@ -287,7 +287,8 @@ impl TestApp {
                 return Ok(());
             }
         }
-        sqlx::query("INSERT INTO effects (message_id, value) VALUES ($1, $2)")
+        sqlx::query("INSERT INTO effects (topic, message_id, value) VALUES ($1, $2, $3)")
+            .bind(&req.topic)
             .bind(&m.id)
             .bind(&v)
             .execute(&mut *tx)
@@ -308,7 +309,7 @@ pub async fn run(
     let pool = crate::db::open_sqlite(db, 8).await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
-         CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS executions (seq INTEGER PRIMARY KEY AUTOINCREMENT, txn_id TEXT NOT NULL);",
     )

@@ -307,7 +307,8 @@ async fn attempts(
                     }
                     break;
                 }
-                tracing::warn!(id = %message.id, code = ?status.code(), error = %status.message(), crashes, "app unreachable; retrying");
+                tracing::warn!(topic = %spec.topic, group = %spec.group, id = %message.id, code = ?status.code(),
+                    error = %status.message(), crashes, "app unreachable; retrying");
                 if !pause(UNREACHABLE_DELAY, cancel).await {
                     return Outcome::Abandoned;
                 }

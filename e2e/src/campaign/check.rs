@@ -46,16 +46,18 @@ pub struct Conflict {
     pub answer: String,
 }
 
-/// A record of the topic, as stored.
+/// A record of a topic, as stored.
 #[derive(Clone, Debug)]
 pub struct Logged {
+    /// Topic.
+    pub topic: String,
     /// Partition.
     pub partition: u32,
     /// Offset.
     pub offset: u64,
-    /// Message id.
+    /// Message id, prefixed with its topic unless on the main topic.
     pub id: String,
-    /// Key.
+    /// Key, prefixed likewise.
     pub key: String,
     /// Value.
     pub value: String,
@@ -82,9 +84,10 @@ pub struct History {
     pub effects: Vec<String>,
     /// Dead letters: original message id → the error recorded with it.
     pub dead_letters: Vec<(String, String)>,
-    /// Each partition of the topic as stored: (partition, log start,
-    /// high-water mark); the records read must cover exactly that range.
-    pub ranges: Vec<(u32, u64, u64)>,
+    /// Each partition of the topics as stored: (topic, partition, log
+    /// start, high-water mark); the records read must cover exactly that
+    /// range.
+    pub ranges: Vec<(String, u32, u64, u64)>,
     /// Set when the cluster did not settle (lag or open transactions left)
     /// within the bound after the faults stopped: what was left.
     pub stalled: Option<String>,
@@ -147,31 +150,38 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
     }
 
     // The topic: no gaps, each id once, only committed ones, content kept.
-    let mut by_partition: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    let mut by_partition: BTreeMap<(&str, u32), Vec<u64>> = BTreeMap::new();
     let mut logged: BTreeMap<&str, Vec<&Logged>> = BTreeMap::new();
     for r in &h.log {
-        by_partition.entry(r.partition).or_default().push(r.offset);
+        by_partition
+            .entry((r.topic.as_str(), r.partition))
+            .or_default()
+            .push(r.offset);
         logged.entry(r.id.as_str()).or_default().push(r);
     }
-    for (p, offsets) in &by_partition {
+    for ((t, p), offsets) in &by_partition {
         for w in offsets.windows(2) {
             if w[1] != w[0] + 1 {
                 bad(
                     "offset gap",
-                    format!("partition {p}: {} then {}", w[0], w[1]),
+                    format!("{t} partition {p}: {} then {}", w[0], w[1]),
                 );
             }
         }
     }
-    for &(p, start, end) in &h.ranges {
-        let got = by_partition.get(&p).map(Vec::as_slice).unwrap_or_default();
+    for (t, p, start, end) in &h.ranges {
+        let (p, start, end) = (*p, *start, *end);
+        let got = by_partition
+            .get(&(t.as_str(), p))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let (first, last) = (got.first().copied(), got.last().copied());
         let want = (start < end).then(|| (start, end - 1));
         if first.zip(last) != want || got.len() as u64 != end.saturating_sub(start) {
             bad(
                 "offset gap",
                 format!(
-                    "partition {p}: stored {start}..{end}, read {} records from {first:?} to {last:?}",
+                    "{t} partition {p}: stored {start}..{end}, read {} records from {first:?} to {last:?}",
                     got.len()
                 ),
             );
@@ -414,6 +424,7 @@ mod tests {
 
     fn logged(id: &str, key: &str, partition: u32, offset: u64) -> Logged {
         Logged {
+            topic: "t".into(),
             partition,
             offset,
             id: id.into(),
@@ -451,7 +462,11 @@ mod tests {
             ],
             effects: vec!["a".into(), "b".into()],
             dead_letters: vec![("c".into(), "Unknown: boom".into())],
-            ranges: vec![(0, 0, 2), (1, 0, 1), (2, 0, 0)],
+            ranges: vec![
+                ("t".into(), 0, 0, 2),
+                ("t".into(), 1, 0, 1),
+                ("t".into(), 2, 0, 0),
+            ],
             stalled: None,
             consumer_app_stalled: false,
             sidecar_mode: false,
@@ -479,6 +494,22 @@ mod tests {
     }
 
     #[test]
+    fn partitions_of_two_topics_are_apart() {
+        let mut h = good();
+        h.sent.push(sent("u/a", "u/k", Handling::Plain));
+        h.plain.insert("u/a".into());
+        h.log.push(Logged {
+            topic: "u".into(),
+            ..logged("u/a", "u/k", 0, 0)
+        });
+        h.ranges.push(("u".into(), 0, 0, 1));
+        h.effects.push("u/a".into());
+        assert!(kinds(&h).is_empty(), "{:?}", check(&h).1);
+        h.ranges.last_mut().expect("pushed").3 = 2;
+        assert_eq!(kinds(&h), vec!["offset gap"]);
+    }
+
+    #[test]
     fn every_broken_promise_is_named() {
         let mut h = good();
         h.local_committed.insert("r".into());
@@ -486,7 +517,7 @@ mod tests {
 
         let mut h = good();
         h.log.push(logged("r", "k", 0, 2));
-        h.ranges[0].2 = 3;
+        h.ranges[0].3 = 3;
         h.sent[3].value = "commit-r".into();
         h.sent[3].answers = vec!["PREPARED".into()];
         h.effects.push("r".into());
@@ -498,7 +529,7 @@ mod tests {
         );
         h.sent[3].answers = vec!["OK".into()];
         h.log.pop();
-        h.ranges[0].2 = 2;
+        h.ranges[0].3 = 2;
         h.effects.pop();
         assert_eq!(kinds(&h), vec!["told published, never appended"]);
 
@@ -512,7 +543,7 @@ mod tests {
 
         let mut h = good();
         h.log[1].offset = 2;
-        h.ranges[0].2 = 3;
+        h.ranges[0].3 = 3;
         assert_eq!(kinds(&h), vec!["offset gap", "offset gap"]);
 
         let mut h = good();

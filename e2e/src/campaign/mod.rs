@@ -37,7 +37,7 @@ use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;
 use tandem_proto::sidecar::sidecar_client::SidecarClient;
-use tandem_storage::{EmbeddedLog, Log, LogConfig, ReadBudget, TopicPartition};
+use tandem_storage::{EmbeddedLog, Log, LogConfig, ReadBudget};
 use tokio::sync::Mutex;
 
 use crate::process::Process;
@@ -66,6 +66,21 @@ pub struct Options {
 
 const TOPIC: &str = "orders";
 const PARTITIONS: u32 = 4;
+/// A second topic the same group consumes: some plain messages are
+/// published to both topics under one id (the consumer's dedup key names
+/// the topic, so each takes effect once).
+const OTHER_TOPIC: &str = "refunds";
+const OTHER_PARTITIONS: u32 = 2;
+
+/// How the history names a message of `topic` with message id `id` (a key
+/// likewise): as is on [`TOPIC`], prefixed with its topic elsewhere.
+fn logical(topic: &str, id: &str) -> String {
+    if topic == TOPIC {
+        id.to_owned()
+    } else {
+        format!("{topic}/{id}")
+    }
+}
 const KEYS: usize = 6;
 const GROUP: &str = "cart";
 const MAX_ATTEMPTS: u32 = 3;
@@ -552,13 +567,15 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     let mut admin = CoordinatorClient::connect(cluster.url(Role::Coordinator))
         .await
         .context("connecting to the coordinator")?;
-    admin
-        .create_topic(pb::CreateTopicRequest {
-            name: TOPIC.into(),
-            partitions: PARTITIONS,
-        })
-        .await
-        .context("creating the topic")?;
+    for (name, partitions) in [(TOPIC, PARTITIONS), (OTHER_TOPIC, OTHER_PARTITIONS)] {
+        admin
+            .create_topic(pb::CreateTopicRequest {
+                name: name.into(),
+                partitions,
+            })
+            .await
+            .with_context(|| format!("creating topic {name}"))?;
+    }
     // Even seeds consume in STRONG mode (exactly-once effect whatever
     // dies), odd ones in SIDECAR mode, whose promise excludes a consumer
     // sidecar or app dying between the effect and its record: those cycles
@@ -580,7 +597,9 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         let mut c = SidecarClient::connect(cluster.url(role))
             .await
             .with_context(|| format!("connecting to {}", role.name()))?;
-        c.subscribe(subscription(dedup)).await?;
+        for topic in [TOPIC, OTHER_TOPIC] {
+            c.subscribe(subscription(topic, dedup)).await?;
+        }
     }
     let producer_url = cluster.url(Role::OrdersSidecar);
     let cluster = Arc::new(Mutex::new(cluster));
@@ -702,6 +721,8 @@ struct Planned {
     reuse_other: bool,
     /// Also publish a plain message with an id of its own, retried.
     plain_too: bool,
+    /// ... and that id to the other topic as well.
+    other_topic_too: bool,
 }
 
 fn plan_messages(rng: &mut Rng, seed: u64, n: usize) -> Vec<Vec<Planned>> {
@@ -750,6 +771,7 @@ fn plan_messages(rng: &mut Rng, seed: u64, n: usize) -> Vec<Vec<Planned>> {
             retry_same: rng.below(100) < 6,
             reuse_other: rng.below(100) < 6,
             plain_too: rng.below(100) < 15,
+            other_topic_too: rng.below(100) < 50,
         });
     }
     per_key
@@ -853,13 +875,19 @@ async fn workload(
                     let r = client.publish_transactional(request(&m.value)).await;
                     answers.push(answer_of(&r));
                 }
-                if m.plain_too {
-                    // a plain message with its own id, published and
-                    // retried (an answer lost, or on purpose): one append
+                // a plain message with its own id, published and retried
+                // (an answer lost, or on purpose): one append; the same id
+                // also goes to the other topic, with other content
+                let plain_topics: &[&str] = match (m.plain_too, m.other_topic_too) {
+                    (false, _) => &[],
+                    (true, false) => &[TOPIC],
+                    (true, true) => &[TOPIC, OTHER_TOPIC],
+                };
+                for &topic in plain_topics {
                     let id = format!("{}-plain", m.id);
-                    let value = format!("plain-{}", m.id);
+                    let value = format!("plain-{topic}-{}", m.id);
                     let publish = || pb::PublishRequest {
-                        topic: TOPIC.into(),
+                        topic: topic.into(),
                         messages: vec![pb::Message {
                             id: id.clone(),
                             key: Some(m.key.clone().into_bytes().into()),
@@ -881,8 +909,8 @@ async fn workload(
                         tokio::time::sleep(rng.ms(50, 500)).await;
                     }
                     plain.push(Sent {
-                        id,
-                        key: m.key.clone(),
+                        id: logical(topic, &id),
+                        key: logical(topic, &m.key),
                         value,
                         handling: Handling::Plain,
                         answers: plain_answers,
@@ -1156,9 +1184,9 @@ async fn inject_faults(
 }
 
 /// The subscription every consumer sidecar of the campaign has.
-fn subscription(dedup: sc::DedupMode) -> sc::SubscribeRequest {
+fn subscription(topic: &str, dedup: sc::DedupMode) -> sc::SubscribeRequest {
     sc::SubscribeRequest {
-        topic: TOPIC.into(),
+        topic: topic.into(),
         group: GROUP.into(),
         start_from: pb::StartFrom::Earliest as i32,
         dedup: dedup as i32,
@@ -1180,7 +1208,7 @@ async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode) {
             group: GROUP.into(),
         })
         .await;
-    let _ = c.subscribe(subscription(dedup)).await;
+    let _ = c.subscribe(subscription(TOPIC, dedup)).await;
 }
 
 /// Publishes `batches` batches of `size` plain messages with ids of their
@@ -1301,21 +1329,31 @@ async fn pending(url: &str, sent: &[Sent]) -> anyhow::Result<Option<String>> {
             Err(e) => bail!("GetTransaction: {e}"),
         }
     }
-    let d = c
-        .describe_topic(pb::DescribeTopicRequest { name: TOPIC.into() })
-        .await?
-        .into_inner();
-    let group = d.groups.iter().find(|g| g.group == GROUP);
-    let lag = group.map_or(u64::MAX, |g| g.total_lag);
-    // With nothing left to deliver, every member has all its credit back:
-    // credit lost on the way (a rebalance, a stopped pump) stalls a member
-    // for good once it reaches zero.
-    let short: Vec<String> = group
-        .iter()
-        .flat_map(|g| &g.member_info)
-        .filter(|m| m.credit != u64::from(MAX_IN_FLIGHT))
-        .map(|m| format!("{} has credit {} of {MAX_IN_FLIGHT}", m.id, m.credit))
-        .collect();
+    let mut lag = 0u64;
+    let mut short = Vec::new();
+    for topic in [TOPIC, OTHER_TOPIC] {
+        let d = c
+            .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+            .await?
+            .into_inner();
+        let group = d.groups.iter().find(|g| g.group == GROUP);
+        lag = lag.saturating_add(group.map_or(u64::MAX, |g| g.total_lag));
+        // With nothing left to deliver, every member has all its credit
+        // back: credit lost on the way (a rebalance, a stopped pump) stalls
+        // a member for good once it reaches zero.
+        short.extend(
+            group
+                .iter()
+                .flat_map(|g| &g.member_info)
+                .filter(|m| m.credit != u64::from(MAX_IN_FLIGHT))
+                .map(|m| {
+                    format!(
+                        "{} ({topic}) has credit {} of {MAX_IN_FLIGHT}",
+                        m.id, m.credit
+                    )
+                }),
+        );
+    }
     if open.is_empty() && lag == 0 && short.is_empty() {
         return Ok(None);
     }
@@ -1357,9 +1395,13 @@ async fn gather(
         .await?;
     orders.close().await;
     let cart = crate::db::open_sqlite(&dir.join("cart-app.db").display().to_string(), 2).await?;
-    let effects = sqlx::query_scalar::<_, String>("SELECT message_id FROM effects ORDER BY seq")
-        .fetch_all(&cart)
-        .await?;
+    let effects =
+        sqlx::query_as::<_, (String, String)>("SELECT topic, message_id FROM effects ORDER BY seq")
+            .fetch_all(&cart)
+            .await?
+            .into_iter()
+            .map(|(topic, id)| logical(&topic, &id))
+            .collect();
     cart.close().await;
 
     let log =
@@ -1369,8 +1411,18 @@ async fn gather(
     let mut ranges = Vec::new();
     for tp in log.partitions() {
         let offsets = log.offsets(&tp)?;
-        if tp.topic == TOPIC {
-            ranges.push((tp.partition, offsets.log_start, offsets.high_water_mark));
+        let data = tp.topic == TOPIC || tp.topic == OTHER_TOPIC;
+        let dlq = tp
+            .topic
+            .strip_suffix(".dlq")
+            .filter(|t| *t == TOPIC || *t == OTHER_TOPIC);
+        if data {
+            ranges.push((
+                tp.topic.clone(),
+                tp.partition,
+                offsets.log_start,
+                offsets.high_water_mark,
+            ));
         }
         let mut at = offsets.log_start;
         while at < offsets.high_water_mark {
@@ -1386,17 +1438,24 @@ async fn gather(
                         .map(|h| String::from_utf8_lossy(&h.value).into_owned())
                 };
                 let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-                if tp.topic == TOPIC {
+                if data {
                     logged.push(Logged {
+                        topic: tp.topic.clone(),
                         partition: tp.partition,
                         offset: s.offset,
-                        id: text(&s.record.id),
-                        key: text(s.record.key.as_deref().unwrap_or_default()),
+                        id: logical(&tp.topic, &text(&s.record.id)),
+                        key: logical(
+                            &tp.topic,
+                            &text(s.record.key.as_deref().unwrap_or_default()),
+                        ),
                         value: text(&s.record.value),
                     });
-                } else if tp == TopicPartition::new(format!("{TOPIC}.dlq"), tp.partition) {
+                } else if let Some(topic) = dlq {
                     dead_letters.push((
-                        header("tandem.id").unwrap_or_else(|| text(&s.record.id)),
+                        logical(
+                            topic,
+                            &header("tandem.id").unwrap_or_else(|| text(&s.record.id)),
+                        ),
                         header("tandem.error").unwrap_or_default(),
                     ));
                 }
@@ -1404,7 +1463,8 @@ async fn gather(
         }
     }
     log.close().await;
-    logged.sort_by_key(|r| (r.partition, r.offset));
+    logged
+        .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     let plain_ids = plain.iter().map(|p| p.id.clone()).collect();
     sent.extend(plain);
     Ok(History {
@@ -1438,8 +1498,8 @@ fn uncertain_calls(dir: &Path) -> std::collections::BTreeSet<String> {
                         || l.contains("app unreachable") && !l.contains("code=Unavailable")
                 })
                 .filter_map(|l| {
-                    let id = l.split(" id=").nth(1)?.split(' ').next()?;
-                    Some(id.to_owned())
+                    let field = |name: &str| l.split(name).nth(1)?.split(' ').next();
+                    Some(logical(field(" topic=")?, field(" id=")?))
                 })
                 .collect::<Vec<_>>()
         })
