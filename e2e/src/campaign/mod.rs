@@ -1076,10 +1076,10 @@ async fn inject_faults(
                 // A burst of plain messages while the second consumer
                 // leaves its group and joins again and again: partitions
                 // are revoked while their deliveries are being read and
-                // sent (where credit once leaked). Half the storms hit a
-                // coordinator restarted on a slow disk, whose reads take
+                // sent (where credit once leaked). Three storms in four hit
+                // a coordinator restarted on a slow disk, whose reads take
                 // long enough for revocations to land in the middle of them.
-                let slow_disk = (rng.below(2) == 0).then(|| rng.ms(10, 40));
+                let slow_disk = (rng.below(4) != 0).then(|| rng.ms(10, 40));
                 if let Some(d) = slow_disk {
                     let failpoint = format!("storage.read:{TOPIC}/*=delay:{}", d.as_millis());
                     let mut c = cluster.lock().await;
