@@ -1079,7 +1079,7 @@ async fn inject_faults(
                 // sent (where credit once leaked). Three storms in four hit
                 // a coordinator restarted on a slow disk, whose reads take
                 // long enough for revocations to land in the middle of them.
-                let slow_disk = (rng.below(4) != 0).then(|| rng.ms(10, 40));
+                let slow_disk = (rng.below(4) != 0).then(|| rng.ms(100, 400));
                 if let Some(d) = slow_disk {
                     let failpoint = format!("storage.read:{TOPIC}/*=delay:{}", d.as_millis());
                     let mut c = cluster.lock().await;
