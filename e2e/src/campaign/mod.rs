@@ -1086,13 +1086,22 @@ async fn inject_faults(
                     c.kill(Role::Coordinator);
                     c.start_with(Role::Coordinator, &[("TANDEM_FAILPOINTS", failpoint)])?;
                 }
-                let (producer, cart2) = {
+                let (producer, cart2, coordinator) = {
                     let c = cluster.lock().await;
-                    (c.url(Role::OrdersSidecar), c.url(Role::Cart2))
+                    (
+                        c.url(Role::OrdersSidecar),
+                        c.url(Role::Cart2),
+                        c.url(Role::Coordinator),
+                    )
                 };
+                // Both consumers in the group first (after a restart they
+                // take a moment to come back), or no partition is revoked.
+                let joined = members_within(&coordinator, 2, Duration::from_secs(15)).await;
                 let prefix = format!("burst{storms}");
                 storms += 1;
                 let publisher = tokio::spawn(publish_burst(producer, prefix, 20, 20, None));
+                // deliveries under way before the first revocation
+                tokio::time::sleep(Duration::from_millis(300)).await;
                 let dedup = if kill_consumers {
                     sc::DedupMode::Strong
                 } else {
@@ -1105,8 +1114,9 @@ async fn inject_faults(
                 }
                 burst.extend(publisher.await??);
                 lines.push(format!(
-                    "{:?} burst of 400 plain messages, cart-sidecar-2 left and rejoined {rounds} times{}",
+                    "{:?} burst of 400 plain messages, cart-sidecar-2 left and rejoined {rounds} times{}{}",
                     start.elapsed(),
+                    if joined { "" } else { " (the group had not 2 members after 15 s)" },
                     slow_disk.map_or(String::new(), |d| format!(
                         ", coordinator restarted with reads {d:?} slower"
                     ))
@@ -1194,6 +1204,27 @@ fn subscription(topic: &str, dedup: sc::DedupMode) -> sc::SubscribeRequest {
         max_attempts: MAX_ATTEMPTS,
         retry_backoff_ms: 50,
     }
+}
+
+/// Waits until the consumer group has `n` members on the main topic, for
+/// at most `within`; false if it did not.
+async fn members_within(coordinator: &str, n: u32, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(mut c) = CoordinatorClient::connect(coordinator.to_owned()).await
+            && let Ok(d) = c
+                .describe_topic(pb::DescribeTopicRequest { name: TOPIC.into() })
+                .await
+            && d.get_ref()
+                .groups
+                .iter()
+                .any(|g| g.group == GROUP && g.members >= n)
+        {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
 }
 
 /// Unsubscribes the sidecar at `url` and subscribes it again (errors
