@@ -91,6 +91,9 @@ pub struct History {
     /// Set when the cluster did not settle (lag or open transactions left)
     /// within the bound after the faults stopped: what was left.
     pub stalled: Option<String>,
+    /// Consumer members seen short of credit with nothing left to deliver
+    /// during the cycle (after rebalance storms).
+    pub credit_lost: Vec<String>,
     /// The consumer app was stopped past the handler timeout during the
     /// cycle: calls timed out meanwhile count as failed attempts, so a
     /// message that fails a few times on purpose may be dead-lettered.
@@ -148,6 +151,9 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
     if let Some(what) = &h.stalled {
         bad("stalled", what.clone());
     }
+    for what in &h.credit_lost {
+        bad("credit lost", what.clone());
+    }
 
     // The topic: no gaps, each id once, only committed ones, content kept.
     let mut by_partition: BTreeMap<(&str, u32), Vec<u64>> = BTreeMap::new();
@@ -195,7 +201,7 @@ pub fn check(h: &History) -> (Tally, Vec<Violation>) {
                     "{id} at {:?}",
                     records
                         .iter()
-                        .map(|r| (r.partition, r.offset))
+                        .map(|r| (r.topic.as_str(), r.partition, r.offset))
                         .collect::<Vec<_>>()
                 ),
             );
@@ -468,6 +474,7 @@ mod tests {
                 ("t".into(), 2, 0, 0),
             ],
             stalled: None,
+            credit_lost: Vec::new(),
             consumer_app_stalled: false,
             sidecar_mode: false,
             uncertain: BTreeSet::new(),

@@ -584,9 +584,9 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     // (COMMIT if its row is there, else ROLLBACK, even while its local
     // transaction still runs): the sidecar's own UNKNOWN for a callback in
     // progress must keep that safe. Those cycles never SIGKILL the producer
-    // sidecar (a new one cannot know the app still runs a callback) and
-    // keep the producer app's stops short enough that no callback outlives
-    // the callback timeout.
+    // sidecar (a new one cannot know the app still runs a callback) nor
+    // stop the producer app (a callback held up past its timeout may still
+    // commit after the sidecar stopped answering for it).
     let naive = (seed / 2) % 2 == 1;
     let dedup = if seed.is_multiple_of(2) {
         sc::DedupMode::Strong
@@ -642,7 +642,12 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         reviver.abort_handle(),
         faults.abort_handle(),
     ]);
-    let (links, faults, burst) = faults.await??;
+    let Injected {
+        links,
+        counts: faults,
+        burst,
+        credit_lost,
+    } = faults.await??;
     let (sent, mut plain, conflicts) = workload.await??;
     plain.extend(burst);
     let _ = reviving.send(true);
@@ -679,6 +684,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     }
     let mut history = gather(&dir, sent, plain, conflicts, stalled).await?;
     history.consumer_app_stalled = faults.contains_key(CONSUMER_APP_STALLED);
+    history.credit_lost = credit_lost;
     history.sidecar_mode = dedup == sc::DedupMode::Sidecar;
     history.uncertain = uncertain_calls(&dir);
     let (tally, violations) = check::check(&history);
@@ -967,6 +973,18 @@ async fn workload(
     Ok((sent, plain, conflicts))
 }
 
+/// What [`inject_faults`] leaves.
+struct Injected {
+    links: Arc<Links>,
+    /// Faults by kind.
+    counts: BTreeMap<&'static str, u32>,
+    /// Plain messages published by the faults themselves.
+    burst: Vec<Sent>,
+    /// Members found short of credit with nothing left to deliver, after
+    /// rebalance storms.
+    credit_lost: Vec<String>,
+}
+
 /// Injects seeded faults for `chaos`, one at a time, keeping processes that
 /// crashed on their own running; logs each to `log`.
 async fn inject_faults(
@@ -977,11 +995,12 @@ async fn inject_faults(
     kill_consumers: bool,
     naive: bool,
     log: PathBuf,
-) -> anyhow::Result<(Arc<Links>, BTreeMap<&'static str, u32>, Vec<Sent>)> {
+) -> anyhow::Result<Injected> {
     let mut rng = Rng::new(seed);
     let mut burst = Vec::new();
     let mut storms = 0;
     let mut slow_bursts = 0;
+    let mut credit_lost = Vec::new();
     let mut counts: BTreeMap<&'static str, u32> = BTreeMap::new();
     let mut lines = Vec::new();
     let start = Instant::now();
@@ -992,7 +1011,7 @@ async fn inject_faults(
         let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5, 12, 8]) {
             0 if consumer_side && !kill_consumers => continue,
             0 if naive && role == Role::OrdersSidecar => continue,
-            6 if naive && role == Role::OrdersApp => continue,
+            1 | 6 if naive && role == Role::OrdersApp => continue,
             // A stall longer than session timeouts (members expelled,
             // partitions moved, sessions broken while calls are in flight).
             // Not in SIDECAR cycles: a consumer stalled past its handler
@@ -1027,13 +1046,7 @@ async fn inject_faults(
             1 => {
                 // SIDECAR mode: short enough that a call in progress stays
                 // within the handler timeout (5 s)
-                let longest = match (kill_consumers, naive && role == Role::OrdersApp) {
-                    // a slow callback (2.5 s) stays within its timeout (5 s)
-                    (_, true) => 2000,
-                    (true, false) => 4000,
-                    (false, false) => 2500,
-                };
-                let d = rng.ms(300, longest);
+                let d = rng.ms(300, if kill_consumers { 4000 } else { 2500 });
                 stall(&cluster, role, d).await?;
                 lines.push(format!(
                     "{:?} SIGSTOP {} for {d:?}",
@@ -1113,13 +1126,26 @@ async fn inject_faults(
                     tokio::time::sleep(rng.ms(10, 100)).await;
                 }
                 burst.extend(publisher.await??);
+                // Checked now, once the burst is consumed: a later fault
+                // that starts new sessions would hide a leak by settle time.
+                let lost = credit_lost_within(&coordinator, Duration::from_secs(20)).await;
+                if let Some(what) = &lost {
+                    credit_lost.push(format!("after storm {storms}: {what}"));
+                }
+                // and the disk is well again
+                if slow_disk.is_some() {
+                    let mut c = cluster.lock().await;
+                    c.kill(Role::Coordinator);
+                    c.start(Role::Coordinator)?;
+                }
                 lines.push(format!(
-                    "{:?} burst of 400 plain messages, cart-sidecar-2 left and rejoined {rounds} times{}{}",
+                    "{:?} burst of 400 plain messages, cart-sidecar-2 left and rejoined {rounds} times{}{}{}",
                     start.elapsed(),
                     if joined { "" } else { " (the group had not 2 members after 15 s)" },
                     slow_disk.map_or(String::new(), |d| format!(
-                        ", coordinator restarted with reads {d:?} slower"
-                    ))
+                        ", coordinator restarted with reads {d:?} slower, then restarted as it was"
+                    )),
+                    lost.map_or(String::new(), |w| format!("; credit lost: {w}"))
                 ));
                 if slow_disk.is_some() {
                     "rebalance storm on a slow disk"
@@ -1190,7 +1216,12 @@ async fn inject_faults(
         *counts.entry(kind).or_default() += 1;
     }
     std::fs::write(&log, lines.join("\n"))?;
-    Ok((links, counts, burst))
+    Ok(Injected {
+        links,
+        counts,
+        burst,
+        credit_lost,
+    })
 }
 
 /// The subscription every consumer sidecar of the campaign has.
@@ -1360,31 +1391,7 @@ async fn pending(url: &str, sent: &[Sent]) -> anyhow::Result<Option<String>> {
             Err(e) => bail!("GetTransaction: {e}"),
         }
     }
-    let mut lag = 0u64;
-    let mut short = Vec::new();
-    for topic in [TOPIC, OTHER_TOPIC] {
-        let d = c
-            .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
-            .await?
-            .into_inner();
-        let group = d.groups.iter().find(|g| g.group == GROUP);
-        lag = lag.saturating_add(group.map_or(u64::MAX, |g| g.total_lag));
-        // With nothing left to deliver, every member has all its credit
-        // back: credit lost on the way (a rebalance, a stopped pump) stalls
-        // a member for good once it reaches zero.
-        short.extend(
-            group
-                .iter()
-                .flat_map(|g| &g.member_info)
-                .filter(|m| m.credit != u64::from(MAX_IN_FLIGHT))
-                .map(|m| {
-                    format!(
-                        "{} ({topic}) has credit {} of {MAX_IN_FLIGHT}",
-                        m.id, m.credit
-                    )
-                }),
-        );
-    }
+    let (lag, short) = group_state(&mut c).await?;
     if open.is_empty() && lag == 0 && short.is_empty() {
         return Ok(None);
     }
@@ -1403,6 +1410,61 @@ async fn pending(url: &str, sent: &[Sent]) -> anyhow::Result<Option<String>> {
             format!(", {}", short.join(", "))
         }
     )))
+}
+
+/// The consumer group's lag over both topics (`u64::MAX` if the group is
+/// not there) and its members that lack credit. With nothing left to
+/// deliver, every member has all its credit back: credit lost on the way (a
+/// rebalance, a stopped pump) stalls a member for good once it reaches zero.
+async fn group_state(
+    c: &mut CoordinatorClient<tonic::transport::Channel>,
+) -> anyhow::Result<(u64, Vec<String>)> {
+    let mut lag = 0u64;
+    let mut short = Vec::new();
+    for topic in [TOPIC, OTHER_TOPIC] {
+        let d = c
+            .describe_topic(pb::DescribeTopicRequest { name: topic.into() })
+            .await?
+            .into_inner();
+        let group = d.groups.iter().find(|g| g.group == GROUP);
+        lag = lag.saturating_add(group.map_or(u64::MAX, |g| g.total_lag));
+        short.extend(
+            group
+                .iter()
+                .flat_map(|g| &g.member_info)
+                .filter(|m| m.credit != u64::from(MAX_IN_FLIGHT))
+                .map(|m| {
+                    format!(
+                        "{} ({topic}) has credit {} of {MAX_IN_FLIGHT}",
+                        m.id, m.credit
+                    )
+                }),
+        );
+    }
+    Ok((lag, short))
+}
+
+/// Watches the group for at most `within`: `None` once it has nothing to
+/// deliver and every member all its credit (or if that cannot be told:
+/// never idle, coordinator not answering), else what the members lack
+/// while idle until the end.
+async fn credit_lost_within(coordinator: &str, within: Duration) -> Option<String> {
+    let deadline = Instant::now() + within;
+    let mut idle_short = None;
+    while Instant::now() < deadline {
+        idle_short = None;
+        if let Ok(mut c) = CoordinatorClient::connect(coordinator.to_owned()).await
+            && let Ok((lag, short)) = group_state(&mut c).await
+            && lag == 0
+        {
+            if short.is_empty() {
+                return None;
+            }
+            idle_short = Some(short.join(", "));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    idle_short
 }
 
 /// Reads the history from what the processes left: the producer's business
@@ -1509,6 +1571,7 @@ async fn gather(
         dead_letters,
         ranges,
         stalled,
+        credit_lost: Vec::new(),
         consumer_app_stalled: false,
         sidecar_mode: false,
         uncertain: std::collections::BTreeSet::new(),
