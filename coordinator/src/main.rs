@@ -16,6 +16,10 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = tandem_coordinator::failpoint::init() {
+        eprintln!("tandem-coordinator: {e}");
+        return ExitCode::from(2);
+    }
     let config = match Config::load(&cli.args, std::env::vars()) {
         Ok(c) => c,
         Err(e) => {

@@ -12,7 +12,9 @@
 //!   point).
 //!
 //! A name ending in `*` arms every point whose name starts with what comes
-//! before it (`storage.read:orders/*`).
+//! before it (`storage.read:orders/*`: every partition of `orders`, not
+//! `orders.dlq`), and counts the hits of all of them together (`@3` is the
+//! third hit of any).
 //!
 //! Unset, a point costs one check of an already-parsed list.
 
@@ -46,35 +48,57 @@ impl Point {
 
 static POINTS: OnceLock<Vec<Point>> = OnceLock::new();
 
-fn parse(spec: &str) -> Vec<Point> {
+fn parse(spec: &str) -> Result<Vec<Point>, String> {
     spec.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            let (s, action) = match s.split_once('=') {
-                Some((rest, "error")) => (rest, Action::Error),
-                Some((rest, how)) => match how.strip_prefix("delay:").map(str::parse) {
-                    Some(Ok(ms)) => (rest, Action::Delay(Duration::from_millis(ms))),
-                    _ => panic!("failpoint {s:?}: after '=' comes error or delay:<ms>"),
+        .map(|entry| {
+            let bad = |why: &str| format!("TANDEM_FAILPOINTS: {entry:?}: {why}");
+            let (s, action) = match entry.split_once('=') {
+                Some((rest, how)) => match how.trim() {
+                    "error" => (rest.trim(), Action::Error),
+                    how => match how.strip_prefix("delay:").map(|ms| ms.trim().parse()) {
+                        Some(Ok(ms)) => (rest.trim(), Action::Delay(Duration::from_millis(ms))),
+                        _ => return Err(bad("after '=' comes error or delay:<ms>")),
+                    },
                 },
-                None => (s, Action::Abort),
+                None => (entry, Action::Abort),
             };
             let (name, at) = match s.split_once('@') {
-                Some((n, at)) => (n, at.parse().unwrap_or(1)),
+                Some((n, at)) => match at.trim().parse() {
+                    Ok(at) if at >= 1 => (n.trim(), at),
+                    _ => return Err(bad("after '@' comes a hit number from 1")),
+                },
                 None => (s, 1),
             };
-            Point {
+            if name.is_empty() {
+                return Err(bad("no point name"));
+            }
+            Ok(Point {
                 name: name.to_owned(),
                 at,
                 action,
                 hits: AtomicU64::new(0),
-            }
+            })
         })
         .collect()
 }
 
+fn from_env() -> Result<Vec<Point>, String> {
+    parse(&std::env::var("TANDEM_FAILPOINTS").unwrap_or_default())
+}
+
+/// Reads `TANDEM_FAILPOINTS` now. Processes call it first thing, so that
+/// a malformed list stops them at start-up with an error naming the entry
+/// instead of at the first point reached.
+pub fn init() -> Result<(), String> {
+    let points = from_env()?;
+    let _ = POINTS.set(points);
+    Ok(())
+}
+
 fn points() -> &'static [Point] {
-    POINTS.get_or_init(|| parse(&std::env::var("TANDEM_FAILPOINTS").unwrap_or_default()))
+    POINTS.get_or_init(|| from_env().unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// Aborts the process if `name` is an armed abort point reached for the
@@ -139,7 +163,7 @@ mod tests {
 
     #[test]
     fn error_points_fail_from_their_hit_on_and_abort_points_are_apart() {
-        let p = parse("x@3=error, y, z=error");
+        let p = parse("x@3=error, y, z = error").expect("well formed");
         assert_eq!(
             (0..5).map(|_| error_in(&p, "x")).collect::<Vec<_>>(),
             vec![false, false, true, true, true]
@@ -151,7 +175,7 @@ mod tests {
 
     #[test]
     fn delay_points_hold_up_every_name_they_match() {
-        let p = parse("storage.read:t/*=delay:20, x@2=delay:5, y=error");
+        let p = parse("storage.read:t/*=delay:20, x@2=delay:5, y=error").expect("well formed");
         let ms = Duration::from_millis;
         assert_eq!(delay_in(&p, "storage.read:t/0"), Some(ms(20)));
         assert_eq!(delay_in(&p, "storage.read:t/3"), Some(ms(20)));
@@ -163,8 +187,18 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "after '=' comes error or delay")]
-    fn a_misspelt_action_is_refused() {
-        parse("x=dealy:5");
+    fn a_malformed_list_is_refused_naming_the_entry() {
+        for (spec, why) in [
+            (
+                "a, x=dealy:5",
+                "\"x=dealy:5\": after '=' comes error or delay",
+            ),
+            ("x@two", "\"x@two\": after '@' comes a hit number"),
+            ("x@0=error", "\"x@0=error\": after '@' comes a hit number"),
+            ("=error", "no point name"),
+        ] {
+            let e = parse(spec).err().unwrap_or_default();
+            assert!(e.contains(why), "{spec}: {e}");
+        }
     }
 }

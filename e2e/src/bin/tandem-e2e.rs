@@ -44,6 +44,9 @@ enum Cmd {
         /// Folder for the cycles' data (failing cycles are kept there).
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
+        /// Keep every cycle's folder, not only failing ones.
+        #[arg(long)]
+        keep: bool,
     },
     /// The test application.
     TestApp {
@@ -75,6 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             chaos_ms,
             settle_ms,
             dir,
+            keep,
         } => {
             tandem_coordinator::init_tracing("warn");
             let seed = seed.unwrap_or_else(|| {
@@ -90,6 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 settle: std::time::Duration::from_millis(settle_ms),
                 bin: std::env::current_exe()?,
                 root: dir.unwrap_or_else(|| std::env::temp_dir().join("tandem-campaign")),
+                keep,
             };
             // Stopped by SIGINT or SIGTERM: the running cycle is dropped,
             // and its processes are killed as the runtime shuts down.
@@ -112,6 +117,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = tandem_coordinator::failpoint::init() {
+        eprintln!("tandem-e2e: {e}");
+        return ExitCode::from(2);
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -62,6 +62,8 @@ pub struct Options {
     pub bin: PathBuf,
     /// Where cycle folders go (kept for failing cycles).
     pub root: PathBuf,
+    /// Keep every cycle's folder (failing ones are always kept).
+    pub keep: bool,
 }
 
 const TOPIC: &str = "orders";
@@ -688,7 +690,7 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     history.sidecar_mode = dedup == sc::DedupMode::Sidecar;
     history.uncertain = uncertain_calls(&dir);
     let (tally, violations) = check::check(&history);
-    let kept = if violations.is_empty() {
+    let kept = if violations.is_empty() && !opts.keep {
         let _ = std::fs::remove_dir_all(&dir);
         None
     } else {
