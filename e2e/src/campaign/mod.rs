@@ -1130,7 +1130,7 @@ async fn inject_faults(
                 burst.extend(publisher.await??);
                 // Checked now, once the burst is consumed: a later fault
                 // that starts new sessions would hide a leak by settle time.
-                let lost = credit_lost_within(&coordinator, Duration::from_secs(20)).await;
+                let lost = credit_lost_within(&coordinator, Duration::from_secs(90)).await;
                 if let Some(what) = &lost {
                     credit_lost.push(format!("after storm {storms}: {what}"));
                 }
@@ -1446,27 +1446,43 @@ async fn group_state(
     Ok((lag, short))
 }
 
-/// Watches the group for at most `within`: `None` once it has nothing to
-/// deliver and every member all its credit (or if that cannot be told:
-/// never idle, coordinator not answering), else what the members lack
-/// while idle until the end.
+/// Watches the group for at most `within` after a rebalance storm: `None`
+/// once it has nothing left to deliver and every member all its credit, or
+/// if that cannot be told by then (the coordinator not answering, a slow
+/// disk still draining). Credit is lost if members lack some for 3 s on
+/// end while the group has nothing to deliver, or while its lag has not
+/// moved for 20 s (a member left with no credit at all stalls).
 async fn credit_lost_within(coordinator: &str, within: Duration) -> Option<String> {
     let deadline = Instant::now() + within;
-    let mut idle_short = None;
+    let mut last_lag = None;
+    let mut lag_moved = Instant::now();
+    let mut short_since: Option<Instant> = None;
     while Instant::now() < deadline {
-        idle_short = None;
-        if let Ok(mut c) = CoordinatorClient::connect(coordinator.to_owned()).await
-            && let Ok((lag, short)) = group_state(&mut c).await
-            && lag == 0
-        {
-            if short.is_empty() {
+        let state = match CoordinatorClient::connect(coordinator.to_owned()).await {
+            Ok(mut c) => group_state(&mut c).await.ok(),
+            Err(_) => None,
+        };
+        if let Some((lag, short)) = state {
+            if lag == 0 && short.is_empty() {
                 return None;
             }
-            idle_short = Some(short.join(", "));
+            if last_lag != Some(lag) {
+                last_lag = Some(lag);
+                lag_moved = Instant::now();
+            }
+            let stuck = lag == 0 || lag_moved.elapsed() >= Duration::from_secs(20);
+            if stuck && !short.is_empty() {
+                let since = *short_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= Duration::from_secs(3) {
+                    return Some(format!("group lag {lag}, {}", short.join(", ")));
+                }
+            } else {
+                short_since = None;
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    idle_short
+    None
 }
 
 /// Reads the history from what the processes left: the producer's business
