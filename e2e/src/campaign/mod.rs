@@ -1123,9 +1123,13 @@ async fn inject_faults(
                     sc::DedupMode::Sidecar
                 };
                 let rounds = 8 + rng.below(9);
+                // Away and back for about as long as a read takes: the
+                // other consumer's pumps of the partitions it takes over
+                // get credit and start reading before they are revoked.
+                let longest = slow_disk.map_or(100, |d| 2 * d.as_millis() as u64);
                 for _ in 0..rounds {
-                    leave_and_rejoin(&cart2, dedup).await;
-                    tokio::time::sleep(rng.ms(10, 100)).await;
+                    leave_and_rejoin(&cart2, dedup, rng.ms(10, longest)).await;
+                    tokio::time::sleep(rng.ms(10, longest)).await;
                 }
                 burst.extend(publisher.await??);
                 // Checked now, once the burst is consumed: a later fault
@@ -1260,9 +1264,9 @@ async fn members_within(coordinator: &str, n: u32, within: Duration) -> bool {
     false
 }
 
-/// Unsubscribes the sidecar at `url` and subscribes it again (errors
-/// ignored: it may be down or stopped).
-async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode) {
+/// Unsubscribes the sidecar at `url` and subscribes it again `away` later
+/// (errors ignored: it may be down or stopped).
+async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode, away: Duration) {
     let Ok(mut c) = SidecarClient::connect(url.to_owned()).await else {
         return;
     };
@@ -1272,6 +1276,7 @@ async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode) {
             group: GROUP.into(),
         })
         .await;
+    tokio::time::sleep(away).await;
     let _ = c.subscribe(subscription(TOPIC, dedup)).await;
 }
 
