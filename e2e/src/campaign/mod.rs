@@ -1281,7 +1281,8 @@ async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode, away: Duration) {
 }
 
 /// Publishes `batches` batches of `size` plain messages with ids of their
-/// own through the producer's sidecar as fast as it answers, each batch
+/// own over 16 keys (so that every partition gets some) through the
+/// producer's sidecar as fast as it answers, each batch
 /// retried up to three times, each message asking its handler to behave as
 /// `handle` says; returns them as sent.
 async fn publish_burst(
@@ -1302,7 +1303,7 @@ async fn publish_burst(
                 let n = b * size + i;
                 (
                     format!("{prefix}-{n:03}"),
-                    format!("{prefix}-k{}", n % 4),
+                    format!("{prefix}-k{}", n % 16),
                     format!("plain-{prefix}-{n:03}"),
                 )
             })
