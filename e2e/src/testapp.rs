@@ -25,7 +25,7 @@
 //! effect. Values starting with `fail` are refused with
 //! FAILED_PRECONDITION; values starting with `raise` fail with UNKNOWN, as
 //! an uncaught exception in a Python, Java or Go handler does. Every call is
-//! recorded in `calls(message_id, attempt)`. The `test.handle` header
+//! recorded in `calls(topic, message_id, attempt)`. The `test.handle` header
 //! ([`HANDLE_HEADER`]) asks for other behaviours: slow, failing with a given
 //! status for the first calls, crashing.
 
@@ -126,12 +126,14 @@ impl TestApp {
 pub const HANDLE_HEADER: &str = "test.handle";
 
 impl TestApp {
-    async fn behave(db: &SqlitePool, id: &str, how: &str) -> Result<(), Status> {
-        let calls: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE message_id = $1")
-            .bind(id)
-            .fetch_one(db)
-            .await
-            .map_err(internal)?;
+    async fn behave(db: &SqlitePool, topic: &str, id: &str, how: &str) -> Result<(), Status> {
+        let calls: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE topic = $1 AND message_id = $2")
+                .bind(topic)
+                .bind(id)
+                .fetch_one(db)
+                .await
+                .map_err(internal)?;
         match how.split(':').collect::<Vec<_>>().as_slice() {
             ["slow"] => tokio::time::sleep(std::time::Duration::from_millis(1500)).await,
             ["crash"] if calls <= 1 => {
@@ -248,16 +250,19 @@ impl TestApp {
     async fn handle(db: SqlitePool, req: app_pb::HandleMessageRequest) -> Result<(), Status> {
         let m = req.message.unwrap_or_default();
         let v = String::from_utf8_lossy(&m.value).into_owned();
-        sqlx::query("INSERT INTO calls (message_id, value, attempt) VALUES ($1, $2, $3)")
-            .bind(&m.id)
-            .bind(&v)
-            .bind(i64::from(req.attempt))
-            .execute(&db)
-            .await
-            .map_err(internal)?;
+        sqlx::query(
+            "INSERT INTO calls (topic, message_id, value, attempt) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&req.topic)
+        .bind(&m.id)
+        .bind(&v)
+        .bind(i64::from(req.attempt))
+        .execute(&db)
+        .await
+        .map_err(internal)?;
         if let Some(h) = m.headers.iter().find(|h| h.name == HANDLE_HEADER) {
             let how = String::from_utf8_lossy(&h.value).into_owned();
-            TestApp::behave(&db, &m.id, &how).await?;
+            TestApp::behave(&db, &req.topic, &m.id, &how).await?;
         }
         if v.starts_with("raise") {
             return Err(Status::unknown(format!(
@@ -310,7 +315,7 @@ pub async fn run(
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL);
-         CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS executions (seq INTEGER PRIMARY KEY AUTOINCREMENT, txn_id TEXT NOT NULL);",
     )
     .execute(&pool)
