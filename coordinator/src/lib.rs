@@ -1,6 +1,6 @@
 //! The Tandem coordinator: topics and publishing, consumer groups with
-//! credit-based flow control, and (later) transactional messages and sagas,
-//! served over gRPC (`tandem.coordinator.v1`).
+//! credit-based flow control, and transactional messages (half messages,
+//! commit/rollback, check-back), served over gRPC (`tandem.coordinator.v1`).
 //!
 //! [`Broker`] is the coordinator without its gRPC skin, generic over the
 //! [`Log`](tandem_storage::Log) it stores into; [`Coordinator`] opens the

@@ -416,6 +416,20 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> TestResult {
             },
             "max_attempts",
         ),
+        (
+            sc::SubscribeRequest {
+                start_from: 9,
+                ..subscribe_orders()
+            },
+            "start_from",
+        ),
+        (
+            sc::SubscribeRequest {
+                dedup: 99,
+                ..subscribe_orders()
+            },
+            "dedup",
+        ),
     ] {
         let e = other.subscribe(bad).await.expect_err(field);
         assert_eq!(

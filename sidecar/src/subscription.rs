@@ -69,6 +69,12 @@ pub(crate) fn normalize(node: &Node, mut s: sc::SubscribeRequest) -> Result<sc::
             "must be at most 60000 (retries back off up to 30 s anyway)",
         ));
     }
+    if pb::StartFrom::try_from(s.start_from).is_err() {
+        return Err(Error::invalid(
+            "start_from",
+            format!("unknown value {}", s.start_from),
+        ));
+    }
     if sc::DedupMode::try_from(s.dedup).is_err() {
         return Err(Error::invalid("dedup", format!("unknown mode {}", s.dedup)));
     }

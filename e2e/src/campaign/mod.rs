@@ -533,7 +533,11 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     let began = Instant::now();
     let dir = opts.root.join(format!("cycle-{seed}"));
     if dir.exists() {
-        std::fs::remove_dir_all(&dir)?;
+        // a replay keeps what an earlier run of the seed left
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        std::fs::rename(&dir, opts.root.join(format!("cycle-{seed}.before-{now}")))?;
     }
     std::fs::create_dir_all(&dir)?;
     let mut rng = Rng::new(seed);
