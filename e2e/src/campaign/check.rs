@@ -523,6 +523,10 @@ mod tests {
         assert_eq!(kinds(&h), vec!["lost"]);
 
         let mut h = good();
+        h.credit_lost = vec!["after storm 1: group lag 0, m has credit 1 of 16".into()];
+        assert_eq!(kinds(&h), vec!["credit lost"]);
+
+        let mut h = good();
         h.log.push(logged("r", "k", 0, 2));
         h.ranges[0].3 = 3;
         h.sent[3].value = "commit-r".into();

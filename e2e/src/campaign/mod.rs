@@ -798,8 +798,21 @@ fn answer_of(r: &Result<tonic::Response<sc::TransactionResponse>, tonic::Status>
                     .to_owned()
             })
             .unwrap_or_else(|_| "?".into()),
-        Err(s) => format!("{}: {}", code_name(s.code()), s.message()),
+        Err(s) => status_text(s),
     }
+}
+
+/// `OK`, or the status a publish was answered with.
+fn publish_answer<T>(r: &Result<tonic::Response<T>, tonic::Status>) -> String {
+    match r {
+        Ok(_) => "OK".to_owned(),
+        Err(s) => status_text(s),
+    }
+}
+
+/// `CODE: message`, as the checker reads answers.
+fn status_text(s: &tonic::Status) -> String {
+    format!("{}: {}", code_name(s.code()), s.message())
 }
 
 fn code_name(c: tonic::Code) -> String {
@@ -911,10 +924,7 @@ async fn workload(
                     let mut plain_answers = Vec::new();
                     for attempt in 0..3 {
                         let r = client.publish(publish()).await;
-                        plain_answers.push(match &r {
-                            Ok(_) => "OK".to_owned(),
-                            Err(s) => format!("{}: {}", code_name(s.code()), s.message()),
-                        });
+                        plain_answers.push(publish_answer(&r));
                         if r.is_ok() && attempt > 0 {
                             break;
                         }
@@ -1334,10 +1344,7 @@ async fn publish_burst(
         let mut answers = Vec::new();
         for _ in 0..3 {
             let r = client.publish(request()).await;
-            answers.push(match &r {
-                Ok(_) => "OK".to_owned(),
-                Err(s) => format!("{}: {}", code_name(s.code()), s.message()),
-            });
+            answers.push(publish_answer(&r));
             if r.is_ok() {
                 break;
             }
