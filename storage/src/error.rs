@@ -109,6 +109,24 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+    /// A statement to the database behind the log failed.
+    #[error("PostgreSQL: {what}: {cause}")]
+    Store {
+        /// What was being done.
+        what: &'static str,
+        /// The database's or the driver's complaint.
+        cause: String,
+    },
+    /// A write under a lease that another replica has since taken over.
+    #[error("lease {lease:?} is no longer held with epoch {epoch} (now {}): write refused", current.map_or_else(|| "gone".to_owned(), |c| format!("epoch {c}")))]
+    Fenced {
+        /// The lease.
+        lease: String,
+        /// The epoch the writer holds.
+        epoch: i64,
+        /// The lease's epoch now.
+        current: Option<i64>,
+    },
     /// The log was closed.
     #[error("the log is closed")]
     Closed,

@@ -1,12 +1,13 @@
-//! Behaviour of the embedded log through its public API: appends and reads
-//! across segments and reopens, bad input, tail following, retention, and
-//! the difference between a torn tail and corruption before it.
+//! Behaviour of the embedded log through its public API that only it has:
+//! retention by segment, fsync policies, and the difference between a torn
+//! tail and corruption before it. What every backend owes is in
+//! `conformance.rs`.
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_storage::{
-    EmbeddedLog, Error, FsyncPolicy, Header, Log, LogConfig, ReadBudget, Record, Retention, Tail,
+    EmbeddedLog, Error, FsyncPolicy, Header, Log, LogConfig, ReadBudget, Record, Retention,
     TopicPartition,
 };
 
@@ -58,165 +59,6 @@ async fn read_all(
         from = last.offset + 1;
         out.extend(batch);
     }
-}
-
-#[tokio::test]
-async fn records_round_trip_across_segments_and_reopen() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let tp = TopicPartition::new("orders", 0);
-    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
-    log.create_partition(&tp).await?;
-    let mut expected = Vec::new();
-    for chunk in 0..40u64 {
-        let records: Vec<_> = (0..5)
-            .map(|j| rec(chunk * 5 + j, 100 + (j as usize) * 50))
-            .collect();
-        let ack = log.append(&tp, records.clone()).await?;
-        assert_eq!(ack.base_offset, chunk * 5);
-        assert_eq!(ack.last_offset, chunk * 5 + 4);
-        expected.extend(records);
-    }
-    let segments = std::fs::read_dir(dir.path().join("orders/0"))?
-        .filter(|e| {
-            e.as_ref()
-                .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "log"))
-        })
-        .count();
-    assert!(segments > 3, "expected several segments, found {segments}");
-    let check = |got: Vec<tandem_storage::StoredRecord>| {
-        assert_eq!(got.len(), expected.len());
-        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
-            assert_eq!(g.offset, i as u64);
-            assert_eq!(&g.record, e);
-        }
-    };
-    check(read_all(&log, &tp).await?);
-    // a read from the middle starts exactly at its offset
-    let mid = log.read(&tp, 123, ReadBudget::default()).await?;
-    assert_eq!(mid.first().map(|r| r.offset), Some(123));
-    log.close().await;
-
-    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
-    assert_eq!(log.partitions(), vec![tp.clone()]);
-    assert_eq!(log.offsets(&tp)?.high_water_mark, 200);
-    check(read_all(&log, &tp).await?);
-    let ack = log.append(&tp, vec![rec(200, 10)]).await?;
-    assert_eq!(ack.base_offset, 200);
-    Ok(())
-}
-
-#[tokio::test]
-async fn bad_input_gets_clear_errors_and_changes_nothing() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
-    let tp = TopicPartition::new("t", 0);
-    log.create_partition(&tp).await?;
-    log.append(&tp, vec![rec(0, 10)]).await?;
-
-    let err = log.append(&tp, vec![]).await.expect_err("empty batch");
-    assert!(matches!(err, Error::EmptyBatch), "{err}");
-
-    let big = Record {
-        value: Bytes::from(vec![0; 1 << 20]),
-        ..rec(1, 0)
-    };
-    let err = log
-        .append(&tp, vec![rec(1, 10), big])
-        .await
-        .expect_err("over-size record");
-    assert!(
-        matches!(
-            err,
-            Error::RecordTooLarge {
-                index: 1,
-                max: 1_048_576,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(err.to_string().contains("record 1"), "{err}");
-
-    let err = log
-        .read(&tp, 2, ReadBudget::default())
-        .await
-        .expect_err("past the high-water mark");
-    assert!(
-        matches!(
-            err,
-            Error::OffsetOutOfRange {
-                offset: 2,
-                start: 0,
-                end: 1,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(
-        log.read(&tp, 1, ReadBudget::default()).await?.is_empty(),
-        "at the mark: nothing yet"
-    );
-
-    let unknown = TopicPartition::new("t", 1);
-    let err = log
-        .append(&unknown, vec![rec(0, 1)])
-        .await
-        .expect_err("unknown partition");
-    assert!(
-        matches!(&err, Error::UnknownPartition(tp) if tp == &unknown),
-        "{err}"
-    );
-    assert!(err.to_string().contains("t/1"), "{err}");
-    assert!(matches!(
-        log.offsets(&unknown),
-        Err(Error::UnknownPartition(_))
-    ));
-
-    let err = log.create_partition(&tp).await.expect_err("exists");
-    assert!(matches!(err, Error::PartitionExists(_)), "{err}");
-    let err = log
-        .create_partition(&TopicPartition::new("../etc", 0))
-        .await
-        .expect_err("bad name");
-    assert!(matches!(err, Error::InvalidTopicName { .. }), "{err}");
-    assert!(err.is_caller_error());
-
-    // nothing above changed the log
-    let offsets = log.offsets(&tp)?;
-    assert_eq!((offsets.log_start, offsets.high_water_mark), (0, 1));
-    assert_eq!(log.partitions(), vec![tp]);
-    Ok(())
-}
-
-#[tokio::test]
-async fn tail_wakes_when_records_become_durable() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
-    let tp = TopicPartition::new("t", 3);
-    log.create_partition(&tp).await?;
-    let mut tail = Tail::new(log.clone(), tp.clone(), 0);
-    let follower = tokio::spawn(async move {
-        let mut seen = Vec::new();
-        while seen.len() < 30 {
-            seen.extend(
-                tail.next_batch(ReadBudget::default())
-                    .await?
-                    .into_iter()
-                    .map(|r| r.offset),
-            );
-        }
-        Ok::<_, Error>(seen)
-    });
-    for i in 0..30 {
-        log.append(&tp, vec![rec(i, 20)]).await?;
-        if i % 10 == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-    let seen = tokio::time::timeout(Duration::from_secs(10), follower).await???;
-    assert_eq!(seen, (0..30).collect::<Vec<_>>());
-    Ok(())
 }
 
 #[tokio::test]
@@ -483,46 +325,6 @@ async fn relaxed_fsync_policies_acknowledge_and_persist_on_close() -> TestResult
         assert!(matches!(err, Error::Closed), "{err}");
         let log = EmbeddedLog::open(dir.path(), cfg).await?;
         assert_eq!(read_all(&log, &tp).await?.len(), 30, "{fsync:?}");
-    }
-    Ok(())
-}
-
-#[tokio::test]
-async fn concurrent_appenders_get_dense_offsets_in_ack_order() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let tp = TopicPartition::new("t", 0);
-    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
-    log.create_partition(&tp).await?;
-    let mut tasks = Vec::new();
-    for w in 0..8u64 {
-        let (log, tp) = (log.clone(), tp.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut acks = Vec::new();
-            for i in 0..50 {
-                let id = w * 1000 + i;
-                acks.push((log.append(&tp, vec![rec(id, 64)]).await?.base_offset, id));
-            }
-            Ok::<_, Error>(acks)
-        }));
-    }
-    let mut all = Vec::new();
-    for t in tasks {
-        let acks = t.await??;
-        assert!(
-            acks.windows(2).all(|w| w[0].0 < w[1].0),
-            "one appender's acks are in order"
-        );
-        all.extend(acks);
-    }
-    all.sort_unstable();
-    assert_eq!(
-        all.iter().map(|a| a.0).collect::<Vec<_>>(),
-        (0..400).collect::<Vec<_>>()
-    );
-    let stored = read_all(&log, &tp).await?;
-    for ((offset, id), r) in all.iter().zip(&stored) {
-        assert_eq!(r.offset, *offset);
-        assert_eq!(r.record.id, Bytes::from(format!("id-{id:06}")));
     }
     Ok(())
 }

@@ -1,0 +1,215 @@
+//! What only the PostgreSQL backend has: leases and the fencing of writes
+//! by their epoch.
+
+mod common;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tandem_storage::{Error, Log, LogConfig, PgStore, ReadBudget, Record, TopicPartition};
+
+type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+fn rec(v: &str) -> Record {
+    Record {
+        id: Bytes::from(v.to_owned()),
+        key: None,
+        value: Bytes::from(v.to_owned()),
+        headers: Vec::new(),
+        timestamp_ms: 1,
+    }
+}
+
+async fn store() -> Result<Option<PgStore>, Box<dyn std::error::Error>> {
+    Ok(match common::fresh_database().await? {
+        Some(url) => Some(PgStore::connect(&url, Duration::from_secs(10)).await?),
+        None => None,
+    })
+}
+
+#[tokio::test]
+async fn a_lease_has_one_holder_until_it_expires_or_is_released() -> TestResult {
+    let Some(store) = store().await? else {
+        return Ok(());
+    };
+    let ttl = Duration::from_secs(30);
+    let a = store
+        .acquire("p", "a", "10.0.0.1:7000", ttl)
+        .await?
+        .ok_or("a free lease is taken")?;
+    assert!(
+        store
+            .acquire("p", "b", "10.0.0.2:7000", ttl)
+            .await?
+            .is_none()
+    );
+    let holder = store.holder("p").await?.ok_or("a holder")?;
+    assert_eq!(
+        (holder.owner.as_str(), holder.address.as_str()),
+        ("a", "10.0.0.1:7000")
+    );
+    assert_eq!(holder.epoch, a.epoch);
+    assert!(holder.expires_in > 20_000, "{holder:?}");
+    assert!(store.renew(&a, ttl).await?);
+
+    // A short lease not renewed expires; another replica takes it with the
+    // next epoch, and the old holder can no longer renew it.
+    let a = store
+        .acquire("p", "a", "10.0.0.1:7000", Duration::from_millis(200))
+        .await?
+        .ok_or("its holder takes it again")?;
+    assert!(
+        store
+            .acquire("p", "b", "10.0.0.2:7000", ttl)
+            .await?
+            .is_none()
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let b = store
+        .acquire("p", "b", "10.0.0.2:7000", ttl)
+        .await?
+        .ok_or("an expired lease is taken")?;
+    assert_eq!(b.epoch, a.epoch + 1);
+    assert!(!store.renew(&a, ttl).await?);
+
+    // Released, it goes at once.
+    store.release(&b).await?;
+    let a2 = store
+        .acquire("p", "a", "10.0.0.1:7000", ttl)
+        .await?
+        .ok_or("a released lease is taken")?;
+    assert_eq!(a2.epoch, b.epoch + 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn writes_under_a_lease_taken_over_are_refused_and_leave_no_row() -> TestResult {
+    let Some(store) = store().await? else {
+        return Ok(());
+    };
+    let tp = TopicPartition::new("t", 0);
+    let old = store
+        .acquire("p", "a", "a:1", Duration::from_millis(300))
+        .await?
+        .ok_or("free")?;
+    let stale = store.open("topics", &old, LogConfig::default()).await?;
+    stale.create_partition(&tp).await?;
+    stale.append(&tp, vec![rec("a0"), rec("a1")]).await?;
+
+    // The holder is paused past its lease; another replica takes over and
+    // writes.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new = store
+        .acquire("p", "b", "b:1", Duration::from_secs(30))
+        .await?
+        .ok_or("expired")?;
+    let fresh = store.open("topics", &new, LogConfig::default()).await?;
+    assert_eq!(fresh.offsets(&tp)?.high_water_mark, 2);
+    fresh.append(&tp, vec![rec("b2")]).await?;
+
+    // The old holder wakes up and tries: refused, and its log says so.
+    let failed = stale.failed();
+    let err = stale
+        .append(&tp, vec![rec("a2")])
+        .await
+        .expect_err("a fenced write");
+    assert!(
+        err.to_string().contains("no longer held with epoch"),
+        "{err}"
+    );
+    assert!(
+        failed
+            .borrow()
+            .as_deref()
+            .is_some_and(|c| c.contains("write refused")),
+        "{:?}",
+        *failed.borrow()
+    );
+    let err = stale
+        .truncate_before(&tp, 1)
+        .await
+        .expect_err("a failed log refuses writes");
+    assert!(matches!(err, Error::Poisoned { .. }), "{err}");
+    let err = stale
+        .create_partition(&TopicPartition::new("t", 1))
+        .await
+        .expect_err("a failed log refuses writes");
+    assert!(matches!(err, Error::Poisoned { .. }), "{err}");
+
+    // What the new holder reads is exactly its own history.
+    let got = fresh.read(&tp, 0, ReadBudget::default()).await?;
+    let values: Vec<_> = got.iter().map(|r| r.record.value.clone()).collect();
+    assert_eq!(
+        values,
+        vec![Bytes::from("a0"), Bytes::from("a1"), Bytes::from("b2")]
+    );
+    assert_eq!(fresh.partitions(), vec![tp.clone()]);
+    let reopened = store.open("topics", &new, LogConfig::default()).await?;
+    assert_eq!(reopened.offsets(&tp)?.high_water_mark, 3);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_fenced_writer_racing_the_takeover_never_interleaves() -> TestResult {
+    let Some(store) = store().await? else {
+        return Ok(());
+    };
+    let tp = TopicPartition::new("t", 0);
+    let old = store
+        .acquire("p", "a", "a:1", Duration::from_millis(300))
+        .await?
+        .ok_or("free")?;
+    let a = store.open("topics", &old, LogConfig::default()).await?;
+    a.create_partition(&tp).await?;
+    // The old holder appends without pause while the lease expires and
+    // another replica takes over and appends too.
+    let writer = {
+        let (a, tp) = (a.clone(), tp.clone());
+        tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..10_000u32 {
+                match a.append(&tp, vec![rec(&format!("a{i}"))]).await {
+                    Ok(ack) => acked.push((ack.base_offset, format!("a{i}"))),
+                    Err(_) => break,
+                }
+            }
+            acked
+        })
+    };
+    let new = loop {
+        if let Some(l) = store
+            .acquire("p", "b", "b:1", Duration::from_secs(30))
+            .await?
+        {
+            break l;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let b = store.open("topics", &new, LogConfig::default()).await?;
+    let mut b_acked = Vec::new();
+    for i in 0..20 {
+        let ack = b.append(&tp, vec![rec(&format!("b{i}"))]).await?;
+        b_acked.push((ack.base_offset, format!("b{i}")));
+    }
+    let a_acked = tokio::time::timeout(Duration::from_secs(20), writer).await??;
+    assert!(a.failed().borrow().is_some(), "the old holder was fenced");
+    // Every acknowledged append is where its acknowledgement said, and
+    // nothing else is there.
+    let mut expected: Vec<_> = a_acked.into_iter().chain(b_acked).collect();
+    expected.sort();
+    let mut got = Vec::new();
+    let mut from = 0;
+    loop {
+        let batch = b.read(&tp, from, ReadBudget::default()).await?;
+        let Some(last) = batch.last() else { break };
+        from = last.offset + 1;
+        got.extend(batch.into_iter().map(|r| {
+            (
+                r.offset,
+                String::from_utf8_lossy(&r.record.value).into_owned(),
+            )
+        }));
+    }
+    assert_eq!(got, expected);
+    Ok(())
+}
