@@ -27,6 +27,14 @@ pub struct CoordinatorArgs {
     /// When appends are forced to disk: always, interval or never [default: always].
     #[arg(long, value_name = "POLICY")]
     pub fsync: Option<String>,
+    /// Where the logs live: `embedded` (files under --data-dir) or a
+    /// `postgres://…` URL shared by any number of replicas [default: embedded].
+    #[arg(long, value_name = "embedded|URL")]
+    pub store: Option<String>,
+    /// Address other replicas send clients to when this one holds the lease
+    /// [default: the listening address].
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
     /// Any setting of the file, as KEY=VALUE (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub set: Vec<String>,
@@ -37,6 +45,10 @@ const KEYS: &[(&str, Kind)] = &[
     ("listen", Kind::Str),
     ("data_dir", Kind::Str),
     ("fsync", Kind::Str),
+    ("store", Kind::Str),
+    ("advertise", Kind::Str),
+    ("replica_id", Kind::Str),
+    ("lease_ms", Kind::Int),
     ("fsync_interval_ms", Kind::Int),
     ("internal_fsync", Kind::Str),
     ("relaxed_sync_ms", Kind::Int),
@@ -65,6 +77,10 @@ struct Raw {
     listen: Option<String>,
     data_dir: Option<PathBuf>,
     fsync: Option<String>,
+    store: Option<String>,
+    advertise: Option<String>,
+    replica_id: Option<String>,
+    lease_ms: Option<u64>,
     fsync_interval_ms: Option<u64>,
     internal_fsync: Option<String>,
     relaxed_sync_ms: Option<u64>,
@@ -122,13 +138,62 @@ impl Default for TxnSettings {
     }
 }
 
+/// Where the coordinator keeps its logs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// Segment files under `data_dir`: one coordinator.
+    Embedded,
+    /// Tables in a PostgreSQL database: any number of replicas, one holding
+    /// the lease and serving, the others ready to take over.
+    Postgres {
+        /// The connection URL.
+        url: String,
+    },
+}
+
+impl Store {
+    /// The store named by a setting: `embedded` or a `postgres://` URL.
+    pub fn parse(s: &str) -> Result<Store, String> {
+        if s == "embedded" {
+            return Ok(Store::Embedded);
+        }
+        if let Some(rest) = s
+            .strip_prefix("postgres://")
+            .or_else(|| s.strip_prefix("postgresql://"))
+        {
+            if rest.is_empty() {
+                return Err("the URL names no server".into());
+            }
+            return Ok(Store::Postgres { url: s.to_owned() });
+        }
+        Err("expected embedded or a postgres:// URL".into())
+    }
+}
+
+/// How replicas sharing a PostgreSQL store take turns.
+#[derive(Clone, Debug)]
+pub struct Replication {
+    /// This replica's name in the lease row (unique per process).
+    pub replica_id: String,
+    /// Where clients are sent when this replica holds the lease (`None`:
+    /// the listening address).
+    pub advertise: Option<String>,
+    /// How long a lease lasts unless renewed; a dead holder's partitions
+    /// move after at most this long.
+    pub lease: Duration,
+}
+
 /// The checked coordinator settings.
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Address to serve gRPC on.
     pub listen: SocketAddr,
-    /// Folder for the logs.
+    /// Folder for the logs (embedded store).
     pub data_dir: PathBuf,
+    /// Where the logs live.
+    pub store: Store,
+    /// Lease settings (PostgreSQL store).
+    pub replication: Replication,
     /// Settings of the topic logs.
     pub log: LogConfig,
     /// When the internal logs (half messages, transaction states, offsets)
@@ -180,6 +245,8 @@ impl Config {
                 args.data_dir.as_ref().map(|d| d.display().to_string()),
             ),
             ("fsync", args.fsync.clone()),
+            ("store", args.store.clone()),
+            ("advertise", args.advertise.clone()),
         ];
         let layers = Layers {
             file: args.config.as_deref(),
@@ -383,7 +450,41 @@ impl Raw {
                 ),
             ));
         }
+        let store_s = self.store.unwrap_or_else(|| "embedded".into());
+        // The URL may hold a password: the error shows only its scheme.
+        let store = Store::parse(&store_s).map_err(|why| {
+            let shown = store_s.split("://").next().unwrap_or_default();
+            invalid("store", &format!("{shown}://…"), &why)
+        })?;
+        let lease = self.lease_ms.unwrap_or(5_000);
+        if !(500..=600_000).contains(&lease) {
+            return Err(invalid(
+                "lease_ms",
+                &lease,
+                "must be between 500 and 600000",
+            ));
+        }
+        if let Some(a) = &self.advertise
+            && a.rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+        {
+            return Err(invalid("advertise", a, "expected HOST:PORT"));
+        }
+        let replica_id = match self.replica_id {
+            Some(id) => {
+                crate::service::check_id("replica_id", &id)
+                    .map_err(|e| invalid("replica_id", &id, &e.to_string()))?;
+                id
+            }
+            None => uuid::Uuid::now_v7().to_string(),
+        };
         Ok(Config {
+            store,
+            replication: Replication {
+                replica_id,
+                advertise: self.advertise,
+                lease: Duration::from_millis(lease),
+            },
             internal_fsync,
             relaxed_sync: Duration::from_millis(relaxed_sync),
             txn,

@@ -158,7 +158,12 @@ impl From<Error> for tonic::Status {
                 }
                 S::RecordTooLarge { .. } | S::BatchTooLarge { .. } => Code::ResourceExhausted,
                 S::OffsetOutOfRange { .. } => Code::OutOfRange,
-                S::Closed => Code::Unavailable,
+                // The log stopped taking writes (a failed write, a lease
+                // taken over, the database gone): this replica stops serving
+                // and the request may be retried, here or on another.
+                S::Closed | S::Poisoned { .. } | S::Store { .. } | S::Fenced { .. } => {
+                    Code::Unavailable
+                }
                 _ => Code::Internal,
             },
         };

@@ -31,13 +31,13 @@ pub use broker::{
     Broker, GroupDescription, HalfMessage, MemberDescription, Outgoing, PartitionDescription,
     Position,
 };
-pub use config::{Config, CoordinatorArgs, FinalAction, TxnSettings};
+pub use config::{Config, CoordinatorArgs, FinalAction, Replication, Store, TxnSettings};
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};
-pub use server::{Coordinator, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};
+pub use server::{Coordinator, LEASE_NAME, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};
 pub use service::{
-    CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, SIDECAR_SESSION_TIMEOUT, check_group,
-    check_id,
+    CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, OWNER_METADATA, Role,
+    SIDECAR_SESSION_TIMEOUT, check_group, check_id,
 };
 pub use settings::ConfigError;
 pub use topics::{MAX_PARTITIONS, TopicMeta};

@@ -1,68 +1,119 @@
-//! Running the coordinator: open the logs, serve gRPC (with the standard
-//! health service) until the shutdown signal, run retention on its schedule,
-//! and shut down in order: stop accepting, end consumer sessions (committing
-//! what they acknowledged), finish in-flight appends, close the logs.
+//! Running the coordinator: serve gRPC (with the standard health service)
+//! until the shutdown signal, over one of two stores.
+//!
+//! Embedded: open the logs under the data folder, serve, run retention on
+//! its schedule, and shut down in order: stop accepting, end consumer
+//! sessions (committing what they acknowledged), finish in-flight appends,
+//! close the logs. A failed write or fsync stops the process.
+//!
+//! PostgreSQL: any number of replicas share one database and take turns
+//! through the lease row [`LEASE_NAME`]. A replica connects (with backoff),
+//! takes the lease when it is free or expired, opens the logs under it
+//! (recovering the state its predecessor left: open transactions are
+//! checked back, consumers resume from committed offsets), and serves while
+//! it keeps renewing the lease. Until then, and again after it loses the
+//! lease, cannot renew it in time, or a write fails, it reports
+//! NOT_SERVING and refuses requests as UNAVAILABLE naming the holder, so
+//! clients go there; then it tries again. The lease's epoch fences every
+//! write: a replica that was paused past its lease cannot write a row after
+//! its successor took over.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tandem_proto::coordinator::coordinator_server::CoordinatorServer;
-use tandem_storage::{EmbeddedLog, LogConfig};
+use tandem_storage::{EmbeddedLog, LogConfig, PgStore, StoreLog};
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
+use tonic_health::server::HealthReporter;
 
 use crate::broker::Broker;
-use crate::config::Config;
+use crate::config::{Config, Store};
 use crate::error::{Error, Result};
-use crate::service::CoordinatorService;
+use crate::service::{CoordinatorService, Role};
 
 /// Largest gRPC request or response accepted.
 pub const MAX_REQUEST_BYTES: usize = 64 << 20;
 
-/// A coordinator with its logs open, ready to serve.
+/// The lease row replicas on one PostgreSQL database take turns on.
+pub const LEASE_NAME: &str = "coordinator";
+
+type Service = CoordinatorServer<CoordinatorService<StoreLog>>;
+
+/// A coordinator ready to serve.
 pub struct Coordinator {
     config: Config,
+    embedded: Option<Embedded>,
+}
+
+/// The embedded store, opened.
+struct Embedded {
     data: EmbeddedLog,
     internal: EmbeddedLog,
-    broker: Arc<Broker<EmbeddedLog>>,
+    broker: Arc<Broker<StoreLog>>,
+}
+
+/// Settings of the internal state logs, from those of the topics.
+fn internal_config(config: &Config) -> LogConfig {
+    LogConfig {
+        segment_bytes: 4 << 20,
+        retention: Default::default(),
+        fsync: config.internal_fsync,
+        relaxed_sync_within: Some(config.relaxed_sync),
+        ..config.log.clone()
+    }
+}
+
+async fn open_broker(
+    config: &Config,
+    data: StoreLog,
+    internal: StoreLog,
+) -> Result<Arc<Broker<StoreLog>>> {
+    Ok(Arc::new(
+        Broker::open(
+            data,
+            internal,
+            config.revoke_timeout,
+            config.publish_dedup_window,
+            config.offsets_retention,
+            config.txn.clone(),
+        )
+        .await?,
+    ))
 }
 
 impl Coordinator {
-    /// Opens (recovering) the logs under `config.data_dir`.
+    /// Opens (recovering) the logs under `config.data_dir` for the embedded
+    /// store; with PostgreSQL, nothing is opened until [`serve`](Self::serve)
+    /// holds the lease.
     pub async fn open(config: Config) -> Result<Coordinator> {
-        let data = EmbeddedLog::open(config.data_dir.join("topics"), config.log.clone()).await?;
-        let internal_config = LogConfig {
-            segment_bytes: 4 << 20,
-            retention: Default::default(),
-            fsync: config.internal_fsync,
-            relaxed_sync_within: Some(config.relaxed_sync),
-            ..config.log.clone()
+        let embedded = match config.store {
+            Store::Embedded => {
+                let data =
+                    EmbeddedLog::open(config.data_dir.join("topics"), config.log.clone()).await?;
+                let internal =
+                    EmbeddedLog::open(config.data_dir.join("internal"), internal_config(&config))
+                        .await?;
+                let broker = open_broker(
+                    &config,
+                    StoreLog::Embedded(data.clone()),
+                    StoreLog::Embedded(internal.clone()),
+                )
+                .await?;
+                Some(Embedded {
+                    data,
+                    internal,
+                    broker,
+                })
+            }
+            Store::Postgres { .. } => None,
         };
-        let internal = EmbeddedLog::open(config.data_dir.join("internal"), internal_config).await?;
-        let broker = Arc::new(
-            Broker::open(
-                data.clone(),
-                internal.clone(),
-                config.revoke_timeout,
-                config.publish_dedup_window,
-                config.offsets_retention,
-                config.txn.clone(),
-            )
-            .await?,
-        );
-        Ok(Coordinator {
-            config,
-            data,
-            internal,
-            broker,
-        })
-    }
-
-    /// The broker behind the service.
-    pub fn broker(&self) -> &Arc<Broker<EmbeddedLog>> {
-        &self.broker
+        Ok(Coordinator { config, embedded })
     }
 
     /// Serves on `listener` until `shutdown` resolves, then shuts down.
@@ -71,64 +122,273 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send,
     ) -> Result<()> {
-        let retention = self
-            .data
-            .spawn_retention(self.config.retention_schedule.clone());
+        let local = listener
+            .local_addr()
+            .map_err(|e| Error::Serve(e.to_string()))?;
         let (health, health_service) = tonic_health::server::health_reporter();
-        health
-            .set_serving::<CoordinatorServer<CoordinatorService<EmbeddedLog>>>()
-            .await;
-        let service = CoordinatorServer::new(CoordinatorService::new(
-            self.broker.clone(),
+        health.set_not_serving::<Service>().await;
+        let (role, role_rx) = watch::channel(Role::Standby { owner: None });
+        let service = CoordinatorServer::new(CoordinatorService::with_role(
+            role_rx,
             self.config.max_message_bytes,
             self.config.session_timeout,
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-        let broker = self.broker.clone();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let not_serving = health.clone();
-        let server = Server::builder()
-            .add_service(health_service)
-            .add_service(service)
-            .serve_with_incoming_shutdown(incoming, async move {
-                shutdown.await;
-                tracing::info!("shutting down");
-                health
-                    .set_not_serving::<CoordinatorServer<CoordinatorService<EmbeddedLog>>>()
-                    .await;
-                broker.shutdown().await;
-            });
-        // A failed write or fsync of any log stops the process at once,
-        // without the graceful path (which would write to the logs): what
-        // the failure left on disk is unknown, and a restart recovers from
-        // what was synced.
-        let (mut topics_failed, mut internal_failed) = (self.data.failed(), self.internal.failed());
-        let served = tokio::select! {
-            served = server => served,
-            cause = first_failure(&mut topics_failed, &mut internal_failed) => {
-                not_serving
-                    .set_not_serving::<CoordinatorServer<CoordinatorService<EmbeddedLog>>>()
-                    .await;
-                tracing::error!(%cause, "storage failed: stopping; restart to recover from disk");
-                retention.abort();
-                return Err(Error::StorageFailed(cause));
+        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            Server::builder()
+                .add_service(health_service)
+                .add_service(service)
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = server_stopped.await;
+                }),
+        );
+        let ended = match self.embedded {
+            Some(e) => serve_embedded(&self.config, e, &role, &health, shutdown).await,
+            None => {
+                let Store::Postgres { url } = &self.config.store else {
+                    unreachable!("only the embedded store is opened before serving");
+                };
+                let advertise = self
+                    .config
+                    .replication
+                    .advertise
+                    .clone()
+                    .unwrap_or_else(|| local.to_string());
+                let replica = Replica {
+                    config: &self.config,
+                    url,
+                    advertise,
+                    role: &role,
+                    health: &health,
+                };
+                replica.run(shutdown).await
             }
         };
-        retention.abort();
-        self.data.close().await;
-        self.internal.close().await;
+        if let Err(e) = ended {
+            server.abort();
+            return Err(e);
+        }
+        let _ = stop_server.send(());
+        let served = server
+            .await
+            .map_err(|e| Error::Serve(e.to_string()))?
+            .map_err(|e| Error::Serve(e.to_string()));
         tracing::info!("stopped");
-        served.map_err(|e| Error::Serve(e.to_string()))
+        served
+    }
+}
+
+/// Serves the embedded store until `shutdown`; a failed write or fsync of
+/// either log ends it at once with the failure (no graceful path, which
+/// would write to the logs: what the failure left on disk is unknown, and
+/// a restart recovers from what was synced).
+async fn serve_embedded(
+    config: &Config,
+    e: Embedded,
+    role: &watch::Sender<Role<StoreLog>>,
+    health: &HealthReporter,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let retention = e.data.spawn_retention(config.retention_schedule.clone());
+    role.send_replace(Role::Active(e.broker.clone()));
+    health.set_serving::<Service>().await;
+    let (mut a, mut b) = (e.data.failed(), e.internal.failed());
+    tokio::select! {
+        () = shutdown => {
+            tracing::info!("shutting down");
+            health.set_not_serving::<Service>().await;
+            e.broker.shutdown().await;
+            retention.abort();
+            e.data.close().await;
+            e.internal.close().await;
+            Ok(())
+        }
+        cause = first_failure(&mut a, &mut b) => {
+            health.set_not_serving::<Service>().await;
+            tracing::error!(%cause, "storage failed: stopping; restart to recover from disk");
+            retention.abort();
+            Err(Error::StorageFailed(cause))
+        }
+    }
+}
+
+/// One replica on a PostgreSQL store.
+struct Replica<'a> {
+    config: &'a Config,
+    url: &'a str,
+    advertise: String,
+    role: &'a watch::Sender<Role<StoreLog>>,
+    health: &'a HealthReporter,
+}
+
+/// Why a replica stopped serving.
+enum Ended {
+    Shutdown,
+    Lost(String),
+}
+
+/// Longest pause between two attempts to reach the database.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+impl Replica<'_> {
+    async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut backoff = Duration::from_millis(100);
+        let id = &self.config.replication.replica_id;
+        tracing::info!(replica = %id, advertise = %self.advertise, "replica on PostgreSQL starting");
+        loop {
+            let attempt = async {
+                let store = PgStore::connect(self.url, Duration::from_secs(5)).await?;
+                let lease = self.take_lease(&store).await?;
+                Ok::<_, Error>((store, lease))
+            };
+            let (store, lease) = tokio::select! {
+                () = &mut shutdown => return Ok(()),
+                r = attempt => match r {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach PostgreSQL or take the lease");
+                        tokio::select! {
+                            () = &mut shutdown => return Ok(()),
+                            () = tokio::time::sleep(backoff) => {}
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        continue;
+                    }
+                },
+            };
+            backoff = Duration::from_millis(100);
+            match self.serve_lease(&store, &lease, &mut shutdown).await {
+                Ok(Ended::Shutdown) => {
+                    if let Err(e) = store.release(&lease).await {
+                        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+                    }
+                    store.close().await;
+                    return Ok(());
+                }
+                Ok(Ended::Lost(cause)) => {
+                    tracing::error!(epoch = lease.epoch, %cause, "stopped serving: standing by");
+                }
+                Err(e) => {
+                    tracing::error!(epoch = lease.epoch, error = %e, "could not open the logs under the lease: standing by");
+                    let _ = store.release(&lease).await;
+                }
+            }
+            store.close().await;
+        }
+    }
+
+    /// Waits until this replica holds the lease, telling clients meanwhile
+    /// who does.
+    async fn take_lease(&self, store: &PgStore) -> Result<tandem_storage::Lease> {
+        let r = &self.config.replication;
+        let mut shown = None;
+        loop {
+            if let Some(lease) = store
+                .acquire(LEASE_NAME, &r.replica_id, &self.advertise, r.lease)
+                .await?
+            {
+                return Ok(lease);
+            }
+            let holder = store.holder(LEASE_NAME).await?;
+            let owner = holder.as_ref().map(|h| h.address.clone());
+            if owner != shown {
+                tracing::info!(owner = ?owner, "another replica holds the lease: standing by");
+                self.role.send_replace(Role::Standby {
+                    owner: owner.clone(),
+                });
+                shown = owner;
+            }
+            // Try again when it would expire, but at least every third of
+            // a lease.
+            let wait = holder
+                .map(|h| Duration::from_millis(h.expires_in.max(0) as u64 + 10))
+                .unwrap_or_default()
+                .min(r.lease / 3)
+                .max(Duration::from_millis(20));
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// Opens the logs under `lease` and serves until the shutdown, the loss
+    /// of the lease, or a failed write.
+    async fn serve_lease(
+        &self,
+        store: &PgStore,
+        lease: &tandem_storage::Lease,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+    ) -> Result<Ended> {
+        let started = Instant::now();
+        let c = self.config;
+        let data = store.open("topics", lease, c.log.clone()).await?;
+        let internal = store.open("internal", lease, internal_config(c)).await?;
+        let broker = open_broker(
+            c,
+            StoreLog::Postgres(data.clone()),
+            StoreLog::Postgres(internal.clone()),
+        )
+        .await?;
+        let retention = data.spawn_retention(c.retention_schedule.clone());
+        self.role.send_replace(Role::Active(broker.clone()));
+        self.health.set_serving::<Service>().await;
+        tracing::info!(
+            epoch = lease.epoch,
+            recovery_ms = started.elapsed().as_millis() as u64,
+            "holding the lease: serving"
+        );
+        let (mut a, mut b) = (data.failed(), internal.failed());
+        let ended = tokio::select! {
+            () = shutdown.as_mut() => Ended::Shutdown,
+            cause = first_failure(&mut a, &mut b) => Ended::Lost(format!("a write failed: {cause}")),
+            cause = keep(store, lease, c.replication.lease) => Ended::Lost(cause),
+        };
+        self.health.set_not_serving::<Service>().await;
+        self.role.send_replace(Role::Standby { owner: None });
+        retention.abort();
+        if matches!(ended, Ended::Shutdown) {
+            tracing::info!("shutting down");
+        }
+        // Ends consumer sessions and lets in-flight steps finish; after a
+        // loss their writes are refused, which is what they must be.
+        broker.shutdown().await;
+        data.close().await;
+        internal.close().await;
+        Ok(ended)
+    }
+}
+
+/// Renews `lease` every third of its length; resolves with the reason once
+/// it is lost or could not be renewed before it would expire.
+async fn keep(store: &PgStore, lease: &tandem_storage::Lease, ttl: Duration) -> String {
+    // Counted from before the statement that took or renewed it, so this
+    // replica stops before any other may start.
+    let mut valid_until = Instant::now() + ttl;
+    loop {
+        tokio::time::sleep(ttl / 3).await;
+        let sent = Instant::now();
+        match tokio::time::timeout_at(valid_until, store.renew(lease, ttl)).await {
+            Ok(Ok(true)) => valid_until = sent + ttl,
+            Ok(Ok(false)) => return "another replica took the lease over".into(),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not renew the lease; retrying");
+                if Instant::now() >= valid_until {
+                    return "the lease expired before it could be renewed".into();
+                }
+            }
+            Err(_) => return "the lease expired before it could be renewed".into(),
+        }
     }
 }
 
 /// Resolves with the cause of the first failure either log reports.
 async fn first_failure(
-    a: &mut tokio::sync::watch::Receiver<Option<String>>,
-    b: &mut tokio::sync::watch::Receiver<Option<String>>,
+    a: &mut watch::Receiver<Option<String>>,
+    b: &mut watch::Receiver<Option<String>>,
 ) -> String {
-    async fn one(r: &mut tokio::sync::watch::Receiver<Option<String>>) -> String {
+    async fn one(r: &mut watch::Receiver<Option<String>>) -> String {
         let cause = r.wait_for(Option::is_some).await.map(|v| v.clone());
         match cause {
             Ok(v) => v.unwrap_or_default(),

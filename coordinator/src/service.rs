@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tandem_proto::coordinator as pb;
 use tandem_storage::{Log, Record};
+use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::broker::{Broker, Outgoing};
@@ -50,9 +51,37 @@ pub fn check_group(field: &str, group: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// What a replica serves right now.
+pub enum Role<L> {
+    /// It holds the lease: this broker answers.
+    Active(Arc<Broker<L>>),
+    /// It does not: requests are refused as UNAVAILABLE, naming the holder
+    /// when known (in the message and the `tandem-owner` metadata), so that
+    /// clients go there.
+    Standby {
+        /// The holder's advertised address.
+        owner: Option<String>,
+    },
+}
+
+impl<L> Clone for Role<L> {
+    fn clone(&self) -> Self {
+        match self {
+            Role::Active(b) => Role::Active(b.clone()),
+            Role::Standby { owner } => Role::Standby {
+                owner: owner.clone(),
+            },
+        }
+    }
+}
+
+/// Metadata key naming the replica that holds the lease, on refusals of a
+/// standby.
+pub const OWNER_METADATA: &str = "tandem-owner";
+
 /// The coordinator's gRPC service.
 pub struct CoordinatorService<L> {
-    broker: Arc<Broker<L>>,
+    role: watch::Receiver<Role<L>>,
     max_message_bytes: usize,
     default_session_timeout: Duration,
 }
@@ -64,12 +93,44 @@ impl<L> CoordinatorService<L> {
         max_message_bytes: usize,
         default_session_timeout: Duration,
     ) -> Self {
+        Self::with_role(
+            watch::channel(Role::Active(broker)).1,
+            max_message_bytes,
+            default_session_timeout,
+        )
+    }
+
+    /// Serves whichever broker `role` holds at each request.
+    pub fn with_role(
+        role: watch::Receiver<Role<L>>,
+        max_message_bytes: usize,
+        default_session_timeout: Duration,
+    ) -> Self {
         CoordinatorService {
-            broker,
+            role,
             max_message_bytes,
             default_session_timeout,
         }
     }
+
+    fn broker(&self) -> Result<Arc<Broker<L>>, Status> {
+        match &*self.role.borrow() {
+            Role::Active(b) => Ok(b.clone()),
+            Role::Standby { owner } => Err(not_serving(owner.as_deref())),
+        }
+    }
+}
+
+/// The refusal of a replica that does not hold the lease.
+fn not_serving(owner: Option<&str>) -> Status {
+    let mut status = Status::unavailable(match owner {
+        Some(o) => format!("this coordinator replica does not hold the lease; {o} does"),
+        None => "this coordinator replica does not hold the lease (no holder known yet)".into(),
+    });
+    if let Some(v) = owner.and_then(|o| o.parse().ok()) {
+        status.metadata_mut().insert(OWNER_METADATA, v);
+    }
+    status
 }
 
 /// Turns a wire message into a checked record for a topic of `partitions`.
@@ -178,7 +239,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         req: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         let req = req.into_inner();
-        self.broker.create_topic(&req.name, req.partitions).await?;
+        self.broker()?
+            .create_topic(&req.name, req.partitions)
+            .await?;
         Ok(Response::new(pb::CreateTopicResponse {}))
     }
 
@@ -187,7 +250,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         _: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
         let topics = self
-            .broker
+            .broker()?
             .list_topics()
             .into_iter()
             .map(|(name, meta)| pb::TopicSummary {
@@ -204,7 +267,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
         let name = req.into_inner().name;
         required("name", &name)?;
-        let (partitions, groups) = self.broker.describe(&name).await?;
+        let (partitions, groups) = self.broker()?.describe(&name).await?;
         let groups = groups
             .into_iter()
             .map(|g| {
@@ -262,7 +325,8 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
         let topic = required("topic", &req.topic)?;
-        let meta = self.broker.topic(topic)?;
+        let broker = self.broker()?;
+        let meta = broker.topic(topic)?;
         if req.messages.is_empty() {
             return Err(Error::invalid("messages", "at least one message is required").into());
         }
@@ -280,7 +344,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             .map(|(i, m)| outgoing(&format!("messages[{i}]"), m, meta.partitions, limit))
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<Bytes> = messages.iter().map(|m| m.record.id.clone()).collect();
-        let positions = self.broker.publish(topic, meta, messages).await?;
+        let positions = broker.publish(topic, meta, messages).await?;
         Ok(Response::new(pb::PublishResponse {
             positions: positions
                 .into_iter()
@@ -315,7 +379,8 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             .into());
         };
         let topic = required("subscribe.topic", &sub.topic)?;
-        let meta = self.broker.topic(topic)?;
+        let broker = self.broker()?;
+        let meta = broker.topic(topic)?;
         check_group("subscribe.group", &sub.group)?;
         let session_timeout = match sub.session_timeout_ms {
             0 => self.default_session_timeout,
@@ -365,8 +430,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             session_timeout,
             client_id,
         };
-        let out = self
-            .broker
+        let out = broker
             .groups
             .start_session(subscription, meta.partitions, stream);
         Ok(Response::new(Box::pin(out)))
@@ -385,7 +449,8 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             req.txn_id
         };
         let topic = required("topic", &req.topic)?;
-        let meta = self.broker.topic(topic)?;
+        let broker = self.broker()?;
+        let meta = broker.topic(topic)?;
         let message = req
             .message
             .ok_or_else(|| Error::invalid("message", "is required"))?;
@@ -409,7 +474,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         if !req.instance.is_empty() {
             check_id("instance", &req.instance)?;
         }
-        let (broker, topic, id) = (self.broker.clone(), topic.to_owned(), txn_id.clone());
+        let (topic, id) = (topic.to_owned(), txn_id.clone());
         let prepared = detached(async move {
             let half = crate::broker::HalfMessage {
                 service: &req.service,
@@ -436,7 +501,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
         let req = req.into_inner();
         end_request(&req)?;
-        let broker = self.broker.clone();
+        let broker = self.broker()?;
         Ok(Response::new(
             detached(async move { broker.txns.commit(&req.service, &req.txn_id).await }).await?,
         ))
@@ -448,7 +513,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
         let req = req.into_inner();
         end_request(&req)?;
-        let broker = self.broker.clone();
+        let broker = self.broker()?;
         Ok(Response::new(
             detached(async move { broker.txns.rollback(&req.service, &req.txn_id).await }).await?,
         ))
@@ -460,14 +525,14 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::Transaction>, Status> {
         let id = req.into_inner().txn_id;
         check_id("txn_id", &id)?;
-        Ok(Response::new(self.broker.txns.get(&id).await?))
+        Ok(Response::new(self.broker()?.txns.get(&id).await?))
     }
 
     async fn get_stats(
         &self,
         _: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::Stats>, Status> {
-        Ok(Response::new(self.broker.txns.stats()))
+        Ok(Response::new(self.broker()?.txns.stats()))
     }
 
     type SessionStream = SessionStream;
@@ -487,7 +552,8 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         };
         check_id("hello.service", &hello.service)?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let sessions = self.broker.txns.sessions.clone();
+        let broker = self.broker()?;
+        let sessions = broker.txns.sessions.clone();
         let id = sessions.register(&hello.service, &hello.instance, tx.clone());
         let welcome = pb::SessionResponse {
             kind: Some(pb::session_response::Kind::Welcome(pb::Welcome {
@@ -497,7 +563,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         tx.send(Ok(welcome))
             .await
             .map_err(|_| Status::cancelled("session closed"))?;
-        let mut shutdown = self.broker.shutting_down();
+        let mut shutdown = broker.shutting_down();
         tokio::spawn(async move {
             tracing::info!(service = %hello.service, instance = %hello.instance, session = id, "sidecar session opened");
             let reason = loop {

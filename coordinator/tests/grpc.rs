@@ -11,10 +11,24 @@ use tandem_coordinator::Config;
 use tandem_proto::coordinator as pb;
 use tonic::Code;
 
-#[tokio::test]
-async fn per_key_order_holds_within_partitions() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+on_both_stores!(
+    per_key_order_holds_within_partitions,
+    every_group_receives_every_message,
+    two_members_split_partitions_and_never_share_a_message,
+    a_dead_members_unacknowledged_messages_go_to_the_other,
+    committed_offsets_survive_a_restart,
+    credit_bounds_unacknowledged_deliveries,
+    a_silent_member_is_expelled_after_its_session_timeout,
+    bad_input_gets_the_right_status_and_changes_nothing,
+    a_joining_member_gets_partitions_only_after_they_are_acknowledged,
+    credit_survives_members_joining_and_leaving_under_traffic,
+);
+
+async fn per_key_order_holds_within_partitions(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 4).await?;
     let mut key_partition: HashMap<String, u32> = HashMap::new();
@@ -53,10 +67,11 @@ async fn per_key_order_holds_within_partitions() -> TestResult {
     c.stop().await
 }
 
-#[tokio::test]
-async fn every_group_receives_every_message() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn every_group_receives_every_message(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "events", 3).await?;
     let sent: BTreeSet<String> = (0..300).map(|i| format!("m{i}")).collect();
@@ -77,10 +92,11 @@ async fn every_group_receives_every_message() -> TestResult {
     c.stop().await
 }
 
-#[tokio::test]
-async fn two_members_split_partitions_and_never_share_a_message() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn two_members_split_partitions_and_never_share_a_message(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "work", 4).await?;
     let mut a = Member::join(c.addr, "work", "workers", SubscribeOpts::default()).await?;
@@ -132,10 +148,11 @@ async fn two_members_split_partitions_and_never_share_a_message() -> TestResult 
     c.stop().await
 }
 
-#[tokio::test]
-async fn a_dead_members_unacknowledged_messages_go_to_the_other() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn a_dead_members_unacknowledged_messages_go_to_the_other(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "tasks", 2).await?;
     let mut a = Member::join(c.addr, "tasks", "g", SubscribeOpts::default()).await?;
@@ -182,10 +199,11 @@ async fn a_dead_members_unacknowledged_messages_go_to_the_other() -> TestResult 
     c.stop().await
 }
 
-#[tokio::test]
-async fn committed_offsets_survive_a_restart() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn committed_offsets_survive_a_restart(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "t", 2).await?;
     publish(
@@ -211,7 +229,7 @@ async fn committed_offsets_survive_a_restart() -> TestResult {
     m.leave().await?;
     c.stop().await?;
 
-    let c = Running::start(dir.path()).await?;
+    let c = Running::start(&store).await?;
     let mut m = Member::join(c.addr, "t", "g", SubscribeOpts::default()).await?;
     let rest = m.receive(40).await?;
     assert!(
@@ -242,10 +260,11 @@ async fn committed_offsets_survive_a_restart() -> TestResult {
     c.stop().await
 }
 
-#[tokio::test]
-async fn credit_bounds_unacknowledged_deliveries() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn credit_bounds_unacknowledged_deliveries(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "slow", 1).await?;
     publish(
@@ -295,10 +314,11 @@ async fn credit_bounds_unacknowledged_deliveries() -> TestResult {
     c.stop().await
 }
 
-#[tokio::test]
-async fn a_silent_member_is_expelled_after_its_session_timeout() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn a_silent_member_is_expelled_after_its_session_timeout(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "t", 2).await?;
     let opts = || SubscribeOpts {
@@ -343,10 +363,11 @@ fn status<T>(r: Result<tonic::Response<T>, tonic::Status>) -> (Code, String) {
     (s.code(), s.message().to_owned())
 }
 
-#[tokio::test]
-async fn bad_input_gets_the_right_status_and_changes_nothing() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn bad_input_gets_the_right_status_and_changes_nothing(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "t", 2).await?;
     publish(&mut client, "t", vec![msg(None, "first")]).await?;
@@ -520,14 +541,17 @@ async fn bad_input_gets_the_right_status_and_changes_nothing() -> TestResult {
     c.stop().await
 }
 
-#[tokio::test]
-async fn a_joining_member_gets_partitions_only_after_they_are_acknowledged() -> TestResult {
-    let dir = tempfile::tempdir()?;
+async fn a_joining_member_gets_partitions_only_after_they_are_acknowledged(
+    backend: Backend,
+) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
     let config = Config {
         revoke_timeout: Duration::from_secs(10),
         ..Config::default()
     };
-    let c = Running::start_with(dir.path(), config).await?;
+    let c = Running::start_with(&store, config).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "t", 2).await?;
     publish(
@@ -584,10 +608,11 @@ async fn a_joining_member_gets_partitions_only_after_they_are_acknowledged() -> 
 /// under traffic. Afterwards the first member, acknowledging nothing, must
 /// still receive exactly the credit it holds (before the fix the pump forgot
 /// the credit of deliveries it did not hand over, and this fell from 32).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn credit_survives_members_joining_and_leaving_under_traffic() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn credit_survives_members_joining_and_leaving_under_traffic(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "churn", 4).await?;
     let opts = || SubscribeOpts {

@@ -15,6 +15,15 @@ use tokio::sync::mpsc;
 use tonic::Code;
 use tonic::transport::Channel;
 
+on_both_stores!(
+    half_messages_are_invisible_until_committed_and_outcomes_are_fenced,
+    check_back_resolves_what_the_producer_never_decided,
+    open_transactions_survive_a_restart_and_are_checked_back_after_it,
+    a_reused_transaction_id_with_other_content_is_already_exists,
+    the_transaction_marker_header_is_reserved,
+    a_retried_publish_appends_once_even_across_a_restart,
+);
+
 fn fast_checks() -> Config {
     Config {
         txn: TxnSettings {
@@ -128,10 +137,13 @@ async fn wait_state(
     }
 }
 
-#[tokio::test]
-async fn half_messages_are_invisible_until_committed_and_outcomes_are_fenced() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn half_messages_are_invisible_until_committed_and_outcomes_are_fenced(
+    backend: Backend,
+) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 2).await?;
     let mut consumer = Member::join(c.addr, "orders", "cart", SubscribeOpts::default()).await?;
@@ -264,10 +276,11 @@ async fn half_messages_are_invisible_until_committed_and_outcomes_are_fenced() -
     c.stop().await
 }
 
-#[tokio::test]
-async fn check_back_resolves_what_the_producer_never_decided() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start_with(dir.path(), fast_checks()).await?;
+async fn check_back_resolves_what_the_producer_never_decided(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start_with(&store, fast_checks()).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 1).await?;
     use pb::LocalState::{Commit, Rollback, Unknown};
@@ -324,11 +337,14 @@ async fn check_back_resolves_what_the_producer_never_decided() -> TestResult {
     Ok(())
 }
 
-#[tokio::test]
-async fn open_transactions_survive_a_restart_and_are_checked_back_after_it() -> TestResult {
-    let dir = tempfile::tempdir()?;
+async fn open_transactions_survive_a_restart_and_are_checked_back_after_it(
+    backend: Backend,
+) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
     let c = Running::start_with(
-        dir.path(),
+        &store,
         Config {
             txn: TxnSettings {
                 check_after: Duration::from_secs(3600),
@@ -347,7 +363,7 @@ async fn open_transactions_survive_a_restart_and_are_checked_back_after_it() -> 
     c.stop().await?;
 
     // after the restart, check-backs are due at once (check_after has passed)
-    let c = Running::start_with(dir.path(), fast_checks()).await?;
+    let c = Running::start_with(&store, fast_checks()).await?;
     let mut client = c.client().await?;
     let answers = sidecar(c.addr, "svc", vec![Some(pb::LocalState::Commit)]).await?;
     assert_eq!(
@@ -379,10 +395,13 @@ async fn open_transactions_survive_a_restart_and_are_checked_back_after_it() -> 
 /// Identity: a retried Prepare with the same content is the same
 /// transaction; the same id with other content is refused and changes
 /// nothing (before, it was answered OK and its message silently dropped).
-#[tokio::test]
-async fn a_reused_transaction_id_with_other_content_is_already_exists() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn a_reused_transaction_id_with_other_content_is_already_exists(
+    backend: Backend,
+) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 2).await?;
     create_topic(&mut client, "payments", 2).await?;
@@ -442,10 +461,11 @@ async fn a_reused_transaction_id_with_other_content_is_already_exists() -> TestR
 
 /// The marker header is Tandem's: a publish or a prepare that sets it is
 /// refused, naming the field.
-#[tokio::test]
-async fn the_transaction_marker_header_is_reserved() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn the_transaction_marker_header_is_reserved(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 1).await?;
     let mut m = msg(Some("k"), "v");
@@ -469,10 +489,11 @@ async fn the_transaction_marker_header_is_reserved() -> TestResult {
 /// The retry appends nothing and gets the first positions, also after a
 /// restart; the same id with other content, or an id shared between a
 /// transaction and a plain message, is ALREADY_EXISTS and changes nothing.
-#[tokio::test]
-async fn a_retried_publish_appends_once_even_across_a_restart() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let c = Running::start(dir.path()).await?;
+async fn a_retried_publish_appends_once_even_across_a_restart(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 2).await?;
     let with_id = |id: &str, key: &str, value: &str| pb::Message {
@@ -528,7 +549,7 @@ async fn a_retried_publish_appends_once_even_across_a_restart() -> TestResult {
     assert_eq!(hwm(&mut client).await?, 2);
 
     c.stop().await?;
-    let c = Running::start(dir.path()).await?;
+    let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     let retry = publish(&mut client, "orders", batch).await?;
     assert_eq!(retry, first, "the window survives a restart");

@@ -4,10 +4,11 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tandem_coordinator::{Config, Coordinator};
+use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
+use tandem_coordinator::{Config, Coordinator, Store};
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tokio::net::TcpListener;
@@ -20,6 +21,102 @@ pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>
 /// Longest any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// The stores the behavioural tests run on, each test once per store.
+#[derive(Clone, Copy, Debug)]
+pub enum Backend {
+    Embedded,
+    Postgres,
+}
+
+/// Where a test's coordinator keeps its state between restarts: a folder,
+/// and for PostgreSQL a fresh database on the server `scripts/test.sh`
+/// starts (`TANDEM_TEST_POSTGRES`).
+pub struct TestStore {
+    dir: tempfile::TempDir,
+    url: Option<String>,
+}
+
+impl TestStore {
+    /// `None` when PostgreSQL is asked for, no server was given and none is
+    /// required (`TANDEM_REQUIRE_POSTGRES` unset): the test then says it
+    /// skipped. When one is required and missing, this panics.
+    pub async fn new(backend: Backend) -> TestResult<Option<TestStore>> {
+        let dir = tempfile::tempdir()?;
+        let url = match backend {
+            Backend::Embedded => None,
+            Backend::Postgres => match fresh_database().await? {
+                Some(url) => Some(url),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(TestStore { dir, url }))
+    }
+
+    /// `config` pointed at this store; restarts are one replica coming
+    /// back (same id), so it takes its own lease back at once.
+    pub fn apply(&self, mut config: Config) -> Config {
+        config.data_dir = self.dir.path().to_owned();
+        if let Some(url) = &self.url {
+            config.store = Store::Postgres { url: url.clone() };
+            config.replication.replica_id = "test-replica".into();
+        }
+        config
+    }
+}
+
+/// A new, empty database on the test server; `None` when there is none
+/// and none is required.
+pub async fn fresh_database() -> TestResult<Option<String>> {
+    let Ok(admin) = std::env::var("TANDEM_TEST_POSTGRES") else {
+        assert!(
+            std::env::var_os("TANDEM_REQUIRE_POSTGRES").is_none(),
+            "TANDEM_TEST_POSTGRES is not set but PostgreSQL tests are required"
+        );
+        eprintln!("skipped: no TANDEM_TEST_POSTGRES (scripts/test.sh provides one)");
+        return Ok(None);
+    };
+    static N: AtomicU32 = AtomicU32::new(0);
+    let name = format!(
+        "tandem_c{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut conn = PgConnection::connect(&admin).await?;
+    conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
+        .await?;
+    conn.execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .await?;
+    conn.close().await?;
+    let (base, _) = admin
+        .rsplit_once('/')
+        .ok_or("TANDEM_TEST_POSTGRES has no database part")?;
+    Ok(Some(format!("{base}/{name}")))
+}
+
+/// Runs each named `async fn(Backend) -> TestResult` as two tests,
+/// `embedded::<name>` and `postgres::<name>`.
+#[macro_export]
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> $crate::common::TestResult {
+                    super::$name($crate::common::Backend::Embedded).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> $crate::common::TestResult {
+                    super::$name($crate::common::Backend::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
 pub struct Running {
     pub addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
@@ -27,12 +124,14 @@ pub struct Running {
 }
 
 impl Running {
-    pub async fn start(dir: &Path) -> TestResult<Running> {
-        Self::start_with(dir, Config::default()).await
+    pub async fn start(store: &TestStore) -> TestResult<Running> {
+        Self::start_with(store, Config::default()).await
     }
 
-    pub async fn start_with(dir: &Path, mut config: Config) -> TestResult<Running> {
-        config.data_dir = dir.to_owned();
+    /// Starts a coordinator on `store` and waits until it serves (on
+    /// PostgreSQL, until it holds the lease).
+    pub async fn start_with(store: &TestStore, config: Config) -> TestResult<Running> {
+        let config = store.apply(config);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let coordinator = Coordinator::open(config).await?;
@@ -40,11 +139,30 @@ impl Running {
         let task = tokio::spawn(coordinator.serve(listener, async {
             let _ = stopped.await;
         }));
-        Ok(Running {
+        let running = Running {
             addr,
             stop: Some(stop),
             task: Some(task),
-        })
+        };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let r = match running.client().await {
+                Ok(mut c) => c.list_topics(pb::ListTopicsRequest {}).await.map(|_| ()),
+                Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+            };
+            match r {
+                Ok(()) => return Ok(running),
+                Err(s) if s.code() == tonic::Code::Unavailable => {
+                    if tokio::time::Instant::now() > deadline {
+                        return Err(
+                            format!("the coordinator did not serve within {WAIT:?}: {s}").into(),
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(s) => return Err(s.into()),
+            }
+        }
     }
 
     pub async fn client(&self) -> TestResult<CoordinatorClient<Channel>> {
