@@ -13,18 +13,50 @@ pub use demo::{DemoArgs, demo};
 pub use publish::{PublishArgs, publish};
 pub use topic::{TopicCommand, topic};
 
-use anyhow::Context;
+use tandem_proto::coordinator::ListTopicsRequest;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-/// Connects to the coordinator at `url`.
-pub async fn connect(url: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let client = CoordinatorClient::connect(url.to_owned())
-        .await
-        .with_context(|| format!("cannot reach the coordinator at {url}"))?;
-    Ok(client
-        .max_decoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES)
-        .max_encoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES))
+/// Connects to the coordinator replica that serves among `urls`
+/// (comma-separated): a replica that does not hold the lease names the one
+/// that does, which is tried next; one that cannot be reached is skipped.
+pub async fn connect(urls: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let mut queue: std::collections::VecDeque<String> =
+        urls.split(',').map(|u| u.trim().to_owned()).collect();
+    let mut tried = Vec::new();
+    let mut last = anyhow::anyhow!("no coordinator URL given");
+    while let Some(url) = queue.pop_front() {
+        if tried.contains(&url) {
+            continue;
+        }
+        tried.push(url.clone());
+        let client = match CoordinatorClient::connect(url.clone()).await {
+            Ok(c) => c
+                .max_decoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES)
+                .max_encoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES),
+            Err(e) => {
+                last =
+                    anyhow::Error::new(e).context(format!("cannot reach the coordinator at {url}"));
+                continue;
+            }
+        };
+        match client.clone().list_topics(ListTopicsRequest {}).await {
+            Ok(_) => return Ok(client),
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                if let Some(owner) = s
+                    .metadata()
+                    .get(tandem_coordinator::OWNER_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                {
+                    queue.push_front(format!("http://{owner}"));
+                }
+                last = anyhow::anyhow!("the coordinator at {url} does not serve: {}", s.message());
+            }
+            // Any other answer comes from a replica that serves.
+            Err(_) => return Ok(client),
+        }
+    }
+    Err(last)
 }
 
 /// Turns a gRPC status into an error that reads well on a terminal.

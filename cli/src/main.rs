@@ -13,7 +13,8 @@ use tandem_sidecar::SidecarArgs;
 #[derive(Parser)]
 #[command(name = "tandem", version, about)]
 struct Cli {
-    /// Coordinator to talk to.
+    /// Coordinator to talk to: a URL, or several replicas' URLs separated by
+    /// commas (the one holding the lease is found).
     #[arg(
         long,
         global = true,

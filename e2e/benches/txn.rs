@@ -227,7 +227,7 @@ fn main() {
 
         let sidecar = |service: &str, db: &str, app: Option<String>| tandem_sidecar::Config {
             service: service.into(),
-            coordinator: coordinator_url.clone(),
+            coordinator: vec![coordinator_url.clone()],
             db: dir.path().join(db).display().to_string(),
             app,
             ..Default::default()

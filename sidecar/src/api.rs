@@ -58,16 +58,19 @@ impl SidecarService {
         txn_id: String,
         mode: Mode,
     ) -> Result<pb::PrepareResponse> {
+        let req = pb::PrepareRequest {
+            service: self.node.config.service.clone(),
+            txn_id,
+            topic,
+            message,
+            context: Bytes::from_static(mode.context()),
+            instance: self.node.config.instance.clone(),
+        };
         let reply = self
             .node
-            .coordinator()
-            .prepare(pb::PrepareRequest {
-                service: self.node.config.service.clone(),
-                txn_id,
-                topic,
-                message,
-                context: Bytes::from_static(mode.context()),
-                instance: self.node.config.instance.clone(),
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.prepare(req).await }
             })
             .await
             .map_err(Error::Coordinator)?;
@@ -83,12 +86,19 @@ impl SidecarService {
         let deadline = tokio::time::Instant::now() + OUTCOME_RETRY;
         let mut delay = Duration::from_millis(50);
         loop {
-            let mut c = self.node.coordinator();
-            let r = if commit {
-                c.commit(req.clone()).await
-            } else {
-                c.rollback(req.clone()).await
-            };
+            let r = self
+                .node
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move {
+                        if commit {
+                            c.commit(req).await
+                        } else {
+                            c.rollback(req).await
+                        }
+                    }
+                })
+                .await;
             match r {
                 Ok(r) => {
                     Counters::bump(if commit {
@@ -117,10 +127,21 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         &self,
         req: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let mut req = req.into_inner();
+        // Every message gets an id here, so that a publish retried on
+        // another coordinator replica (the first one went down mid-call) is
+        // deduplicated there instead of appended twice.
+        for m in &mut req.messages {
+            if m.id.is_empty() {
+                m.id = uuid::Uuid::now_v7().to_string();
+            }
+        }
         Ok(Response::new(
             self.node
-                .coordinator()
-                .publish(req.into_inner())
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.publish(req).await }
+                })
                 .await?
                 .into_inner(),
         ))
@@ -158,11 +179,14 @@ impl sc::sidecar_server::Sidecar for SidecarService {
             if prepared.state == pb::TransactionState::Prepared as i32 {
                 return Ok(Response::new(left_to_check_back(txn_id)));
             }
+            let req = pb::GetTransactionRequest {
+                txn_id: txn_id.clone(),
+            };
             let t = self
                 .node
-                .coordinator()
-                .get_transaction(pb::GetTransactionRequest {
-                    txn_id: txn_id.clone(),
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.get_transaction(req).await }
                 })
                 .await?
                 .into_inner();
@@ -262,8 +286,10 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         tandem_coordinator::check_id("txn_id", &req.txn_id).map_err(Status::from)?;
         let t = self
             .node
-            .coordinator()
-            .get_transaction(req)
+            .call(|mut c| {
+                let req = req.clone();
+                async move { c.get_transaction(req).await }
+            })
             .await?
             .into_inner();
         if t.service != self.node.config.service {
@@ -296,16 +322,27 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         let spec = subscription::normalize(&self.node, req.into_inner())?;
         self.node.app("Subscribe")?;
         // The topic must exist; its dead-letter topic is created with it.
-        let mut c = self.node.coordinator();
-        c.describe_topic(pb::DescribeTopicRequest {
+        let describe = pb::DescribeTopicRequest {
             name: spec.topic.clone(),
-        })
-        .await?;
+        };
+        self.node
+            .call(|mut c| {
+                let req = describe.clone();
+                async move { c.describe_topic(req).await }
+            })
+            .await?;
         let dlq = pb::CreateTopicRequest {
             name: format!("{}.dlq", spec.topic),
             partitions: 1,
         };
-        match c.create_topic(dlq).await {
+        let created = self
+            .node
+            .call(|mut c| {
+                let req = dlq.clone();
+                async move { c.create_topic(req).await }
+            })
+            .await;
+        match created {
             Ok(_) => {}
             Err(s) if s.code() == Code::AlreadyExists => {}
             Err(s) => return Err(s),

@@ -19,8 +19,10 @@ pub struct SidecarArgs {
     /// Address the app calls [default: 127.0.0.1:7410].
     #[arg(long, value_name = "HOST:PORT")]
     pub listen: Option<String>,
-    /// The coordinator [default: http://127.0.0.1:7400].
-    #[arg(long, value_name = "URL")]
+    /// The coordinator: one URL, or several replicas' URLs separated by
+    /// commas; a host name stands for every address it resolves to
+    /// [default: http://127.0.0.1:7400].
+    #[arg(long, value_name = "URL[,URL…]")]
     pub coordinator: Option<String>,
     /// Name of the service this sidecar serves [default: app].
     #[arg(long, value_name = "NAME")]
@@ -77,8 +79,8 @@ const MAX_HANDLER_TIMEOUT_MS: u64 = 300_000 - 15_000;
 pub struct Config {
     /// Address the app calls.
     pub listen: SocketAddr,
-    /// The coordinator's URL.
-    pub coordinator: String,
+    /// The coordinator replicas' URLs (one for a single coordinator).
+    pub coordinator: Vec<String>,
     /// The service this sidecar serves; it owns the transactions it starts.
     pub service: String,
     /// The app's callback server, if it has one.
@@ -185,11 +187,12 @@ impl Raw {
         });
         Ok(Config {
             listen,
-            coordinator: url(
-                "coordinator",
-                self.coordinator
-                    .unwrap_or_else(|| "http://127.0.0.1:7400".into()),
-            )?,
+            coordinator: self
+                .coordinator
+                .unwrap_or_else(|| "http://127.0.0.1:7400".into())
+                .split(',')
+                .map(|u| url("coordinator", u.trim().to_owned()))
+                .collect::<Result<Vec<_>, _>>()?,
             app: self.app.map(|a| url("app", a)).transpose()?,
             db: self.db.unwrap_or_else(|| "./tandem-sidecar.db".into()),
             instance,
@@ -239,7 +242,7 @@ mod tests {
     fn defaults_suit_a_local_run_and_flags_win() -> Result<(), ConfigError> {
         let c = Config::default();
         assert_eq!(c.listen.to_string(), "127.0.0.1:7410");
-        assert_eq!(c.coordinator, "http://127.0.0.1:7400");
+        assert_eq!(c.coordinator, vec!["http://127.0.0.1:7400".to_owned()]);
         assert_eq!(c.app, None);
         let args = SidecarArgs {
             service: Some("orders".into()),

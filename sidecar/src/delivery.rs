@@ -432,7 +432,13 @@ async fn dead_letter(
     let mut delay = Duration::from_millis(100);
     let mut last = String::new();
     for attempt in 1..=DEAD_LETTER_ATTEMPTS {
-        match node.coordinator().publish(request.clone()).await {
+        let sent = node
+            .call(|mut c| {
+                let req = request.clone();
+                async move { c.publish(req).await }
+            })
+            .await;
+        match sent {
             Ok(_) => {
                 Counters::bump(&node.counters.dead_lettered);
                 tracing::warn!(topic = %spec.topic, group = %spec.group, offset = d.offset, %error, "message dead-lettered");

@@ -13,6 +13,7 @@
 mod api;
 mod check;
 mod config;
+mod coordinators;
 mod db;
 mod delivery;
 mod error;

@@ -12,8 +12,10 @@ use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
+use tonic::{Response, Status};
 
 use crate::config::Config;
+use crate::coordinators::Coordinators;
 use crate::db::{Db, InboxRow};
 use crate::delivery::Claims;
 use crate::error::{Error, Result};
@@ -215,7 +217,8 @@ pub(crate) struct Node {
     pub(crate) executing: Executing,
     /// Handler calls in progress.
     pub(crate) in_flight: Arc<InFlight>,
-    pub(crate) coordinator: CoordinatorClient<Channel>,
+    /// The coordinator replicas.
+    pub(crate) coordinators: Coordinators,
     app: Option<AppClient<Channel>>,
     pub(crate) counters: Counters,
     /// Owner name of this process's claims in `tandem_claim`: the instance
@@ -232,20 +235,7 @@ fn endpoint(url: &str) -> Result<Endpoint> {
 impl Node {
     pub(crate) fn new(config: Config, db: Db) -> Result<Node> {
         let max = tandem_coordinator::MAX_REQUEST_BYTES;
-        let coordinator = CoordinatorClient::new(
-            endpoint(&config.coordinator)?
-                .tcp_nodelay(true)
-                // A connection that died silently (a black-holed network, a
-                // peer that vanished) is noticed within seconds, not after
-                // the kernel's TCP timeout: sessions reconnect instead of
-                // stalling.
-                .http2_keep_alive_interval(Duration::from_secs(5))
-                .keep_alive_timeout(Duration::from_secs(5))
-                .keep_alive_while_idle(true)
-                .connect_lazy(),
-        )
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+        let coordinators = Coordinators::new(&config.coordinator)?;
         let app = match &config.app {
             Some(url) => Some(
                 AppClient::new(endpoint(url)?.tcp_nodelay(true).connect_lazy())
@@ -262,15 +252,20 @@ impl Node {
             executing: Executing::default(),
             in_flight: Arc::default(),
             db,
-            coordinator,
+            coordinators,
             app,
             counters: Counters::default(),
         })
     }
 
-    /// The coordinator client (cheap to clone).
-    pub(crate) fn coordinator(&self) -> CoordinatorClient<Channel> {
-        self.coordinator.clone()
+    /// Runs a unary call on a coordinator replica that serves (see
+    /// [`Coordinators::call`]).
+    pub(crate) async fn call<T, F, Fut>(&self, call: F) -> std::result::Result<Response<T>, Status>
+    where
+        F: FnMut(CoordinatorClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<Response<T>, Status>>,
+    {
+        self.coordinators.call(call).await
     }
 
     /// The app's callback client, or an error naming what needed it.

@@ -107,6 +107,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
     println!("tandem-sidecar listening on {local}");
-    tracing::info!(%local, service = %config.service, coordinator = %config.coordinator, "listening");
+    tracing::info!(%local, service = %config.service, coordinator = %config.coordinator.join(","), "listening");
     serve(config, listener, shutdown).await
 }

@@ -49,12 +49,17 @@ async fn session(
     tx.send(request(pb::session_request::Kind::Hello(hello)))
         .await
         .map_err(|e| e.to_string())?;
-    let mut stream = node
-        .coordinator()
+    let (replica, mut client) = node.coordinators.pick();
+    let opened = client
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|s| s.message().to_owned())?
-        .into_inner();
+        .await;
+    let mut stream = match opened {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            node.coordinators.failed(replica, &s).await;
+            return Err(s.message().to_owned());
+        }
+    };
     let mut heartbeat = tokio::time::interval(HEARTBEAT);
     loop {
         tokio::select! {

@@ -457,12 +457,17 @@ async fn consume(
     })))
     .await
     .map_err(|e| e.to_string())?;
-    let mut stream = node
-        .coordinator()
+    let (replica, mut client) = node.coordinators.pick();
+    let opened = client
         .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(|s| s.message().to_owned())?
-        .into_inner();
+        .await;
+    let mut stream = match opened {
+        Ok(s) => s.into_inner(),
+        Err(s) => {
+            node.coordinators.failed(replica, &s).await;
+            return Err(s.message().to_owned());
+        }
+    };
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
     // Handlers still running when this value is dropped finish their call

@@ -1,0 +1,275 @@
+//! The coordinator replicas a sidecar may talk to, and which one to use.
+//!
+//! The `coordinator` setting is a comma-separated list of URLs; a URL whose
+//! host is a name stands for every address the name resolves to. Calls go
+//! to the replica that served last. A replica that does not hold the lease
+//! refuses as UNAVAILABLE and names the holder (`tandem-owner`): the next
+//! call goes there (added to the list if it was not in it). Any other
+//! UNAVAILABLE (refused connection, a replica going down) moves on to the
+//! next replica, re-resolving names once every replica has failed.
+//! [`Coordinators::call`] retries a unary call this way for up to
+//! [`FAILOVER_WAIT`], which covers a lease expiring and its successor
+//! recovering; the app sees an error only if no replica served within it.
+//! Every call retried so is safe to repeat: outcomes and prepares are
+//! idempotent by transaction id, and publishes carry ids the coordinator
+//! deduplicates.
+
+use std::future::Future;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Response, Status};
+
+use crate::error::{Error, Result};
+
+/// How long a unary call keeps looking for a replica that serves.
+pub(crate) const FAILOVER_WAIT: Duration = Duration::from_secs(20);
+
+/// Metadata naming the lease holder on a standby's refusal.
+const OWNER: &str = "tandem-owner";
+
+struct Replica {
+    /// `http://host:port`.
+    url: String,
+    client: CoordinatorClient<Channel>,
+}
+
+struct State {
+    replicas: Vec<Replica>,
+    current: usize,
+    /// Failures in a row since a call last succeeded.
+    failures: usize,
+}
+
+/// The known replicas and the one in use.
+pub(crate) struct Coordinators {
+    configured: Vec<String>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Coordinators {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinators")
+            .field("configured", &self.configured)
+            .finish()
+    }
+}
+
+fn client(url: &str) -> Result<CoordinatorClient<Channel>> {
+    let max = tandem_coordinator::MAX_REQUEST_BYTES;
+    let endpoint = Endpoint::from_shared(url.to_owned())
+        .map_err(|e| Error::invalid("coordinator", format!("{url}: {e}")))?;
+    Ok(CoordinatorClient::new(
+        endpoint
+            .tcp_nodelay(true)
+            // A connection that died silently (a black-holed network, a
+            // peer that vanished) is noticed within seconds, not after the
+            // kernel's TCP timeout: sessions reconnect instead of stalling.
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy(),
+    )
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max))
+}
+
+/// `http://host:port` split into host and port.
+fn host_port(url: &str) -> Option<(&str, u16)> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.split('/').next()?;
+    let (host, port) = rest.rsplit_once(':')?;
+    Some((
+        host.trim_start_matches('[').trim_end_matches(']'),
+        port.parse().ok()?,
+    ))
+}
+
+impl Coordinators {
+    /// The replicas named by `urls` (not resolved yet: the first failure
+    /// of all of them resolves names).
+    pub(crate) fn new(urls: &[String]) -> Result<Coordinators> {
+        let replicas = urls
+            .iter()
+            .map(|u| {
+                Ok(Replica {
+                    url: u.clone(),
+                    client: client(u)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Coordinators {
+            configured: urls.to_vec(),
+            state: Mutex::new(State {
+                replicas,
+                current: 0,
+                failures: 0,
+            }),
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The replica to use now: its index (for [`failed`](Self::failed))
+    /// and client.
+    pub(crate) fn pick(&self) -> (usize, CoordinatorClient<Channel>) {
+        let s = self.state();
+        (s.current, s.replicas[s.current].client.clone())
+    }
+
+    /// The replica in use served a call.
+    pub(crate) fn served(&self) {
+        self.state().failures = 0;
+    }
+
+    /// A call to replica `index` failed with `status`: if it named the
+    /// lease holder, use that one next, else the next replica. True when
+    /// every replica has now failed in a row (time to pause).
+    pub(crate) async fn failed(&self, index: usize, status: &Status) -> bool {
+        let owner = status
+            .metadata()
+            .get(OWNER)
+            .and_then(|v| v.to_str().ok())
+            .map(|a| format!("http://{a}"));
+        let round_over = {
+            let mut s = self.state();
+            if s.current != index {
+                // Someone else already moved on.
+                return false;
+            }
+            if let Some(owner) = owner {
+                // A fresh round, starting at the holder.
+                s.failures = 0;
+                match s.replicas.iter().position(|r| r.url == owner) {
+                    Some(i) => s.current = i,
+                    None => match client(&owner) {
+                        Ok(c) => {
+                            tracing::info!(coordinator = %owner, "coordinator named as the lease holder added");
+                            s.replicas.push(Replica {
+                                url: owner,
+                                client: c,
+                            });
+                            s.current = s.replicas.len() - 1;
+                        }
+                        Err(_) => s.current = (s.current + 1) % s.replicas.len(),
+                    },
+                }
+                return false;
+            }
+            s.failures += 1;
+            s.current = (s.current + 1) % s.replicas.len();
+            s.failures >= s.replicas.len()
+        };
+        if round_over {
+            self.resolve().await;
+        }
+        round_over
+    }
+
+    /// Adds every address the configured names resolve to.
+    async fn resolve(&self) {
+        for url in &self.configured {
+            let Some((host, port)) = host_port(url) else {
+                continue;
+            };
+            if host.parse::<std::net::IpAddr>().is_ok() {
+                continue;
+            }
+            let Ok(addrs) = tokio::net::lookup_host((host, port)).await else {
+                continue;
+            };
+            let scheme = url.split_once("://").map_or("http", |(s, _)| s);
+            for addr in addrs {
+                let u = format!("{scheme}://{addr}");
+                let mut s = self.state();
+                if s.replicas.iter().any(|r| r.url == u) {
+                    continue;
+                }
+                if let Ok(c) = client(&u) {
+                    tracing::info!(coordinator = %u, name = %host, "coordinator address resolved");
+                    s.replicas.push(Replica { url: u, client: c });
+                }
+            }
+        }
+    }
+
+    /// Runs `call` on the replica in use, moving to another while the
+    /// answer is UNAVAILABLE, for up to [`FAILOVER_WAIT`].
+    pub(crate) async fn call<T, F, Fut>(&self, mut call: F) -> Result<Response<T>, Status>
+    where
+        F: FnMut(CoordinatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
+        let mut pause = Duration::from_millis(50);
+        let mut attempts = 0;
+        loop {
+            let (index, client) = self.pick();
+            match call(client).await {
+                Ok(r) => {
+                    self.served();
+                    return Ok(r);
+                }
+                Err(s)
+                    if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(error = %s.message(), "coordinator unavailable; trying another");
+                    self.failed(index, &s).await;
+                    // The first redirect is followed at once; after that
+                    // (a holder that is gone, every replica down) pause,
+                    // longer each time.
+                    if attempts > 0 {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                    attempts += 1;
+                }
+                Err(s) => return Err(s),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_port_come_out_of_urls() {
+        assert_eq!(host_port("http://a.b:7400"), Some(("a.b", 7400)));
+        assert_eq!(host_port("http://[::1]:7400/"), Some(("::1", 7400)));
+        assert_eq!(host_port("http://a.b"), None);
+    }
+
+    fn refusal(owner: &'static str) -> Status {
+        let mut s = Status::unavailable("not the holder");
+        s.metadata_mut()
+            .insert(OWNER, tonic::metadata::MetadataValue::from_static(owner));
+        s
+    }
+
+    #[tokio::test]
+    async fn a_named_holder_is_used_next_and_added_when_unknown() -> Result<()> {
+        let c = Coordinators::new(&["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()])?;
+        assert!(!c.failed(0, &refusal("127.0.0.1:2")).await);
+        assert_eq!(c.pick().0, 1);
+        assert!(!c.failed(1, &refusal("127.0.0.1:3")).await);
+        assert_eq!(c.pick().0, 2);
+        // Plain failures go round; a full round says so.
+        let down = Status::unavailable("tcp connect error");
+        assert!(!c.failed(2, &down).await);
+        assert_eq!(c.pick().0, 0);
+        c.served();
+        assert!(!c.failed(0, &down).await);
+        assert!(!c.failed(1, &down).await);
+        assert!(c.failed(2, &down).await);
+        // A stale report (another caller moved on already) changes nothing.
+        assert!(!c.failed(2, &down).await);
+        assert_eq!(c.pick().0, 0);
+        Ok(())
+    }
+}
