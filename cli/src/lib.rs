@@ -17,12 +17,33 @@ use tandem_proto::coordinator::ListTopicsRequest;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
+/// How long [`connect`] keeps looking for a replica that serves (a lease
+/// expiring and its successor recovering take a few seconds).
+const FAILOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// Connects to the coordinator replica that serves among `urls`
 /// (comma-separated): a replica that does not hold the lease names the one
 /// that does, which is tried next; one that cannot be reached is skipped.
+/// While none serves (the holder just died), it tries again for up to 20 s.
 pub async fn connect(urls: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
-    let mut queue: std::collections::VecDeque<String> =
-        urls.split(',').map(|u| u.trim().to_owned()).collect();
+    let configured: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+    let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        let err = match connect_round(&configured).await {
+            Ok(c) => return Ok(c),
+            Err(e) => e,
+        };
+        if tokio::time::Instant::now() + pause > deadline {
+            return Err(err);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(1));
+    }
+}
+
+async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClient<Channel>> {
+    let mut queue: std::collections::VecDeque<String> = configured.iter().cloned().collect();
     let mut tried = Vec::new();
     let mut last = anyhow::anyhow!("no coordinator URL given");
     while let Some(url) = queue.pop_front() {
