@@ -49,6 +49,8 @@ pub struct HalfMessage<'a> {
     pub message: Outgoing,
     /// Opaque to the coordinator; handed back with every check-back.
     pub context: Bytes,
+    /// Names the caller's call (`PrepareRequest.attempt`).
+    pub attempt: &'a str,
 }
 
 /// Where an appended message now lives.

@@ -274,10 +274,35 @@ impl Replica<'_> {
                 }
                 Err(e) => {
                     tracing::error!(epoch = lease.epoch, error = %e, "could not open the logs under the lease: standing by");
-                    let _ = store.release(&lease).await;
                 }
             }
+            // Let a healthy replica have the lease first: this one may be
+            // the reason it was lost (writes failing here), and would
+            // otherwise take it straight back. Meanwhile clients are sent
+            // to whoever takes it.
+            let _ = store.release(&lease).await;
+            tokio::select! {
+                () = &mut shutdown => {
+                    store.close().await;
+                    return Ok(());
+                }
+                () = self.point_to_holder(&store, self.config.replication.lease) => {}
+            }
             store.close().await;
+        }
+    }
+
+    /// For `period`, keeps telling clients which replica holds the lease.
+    async fn point_to_holder(&self, store: &PgStore, period: Duration) {
+        let until = Instant::now() + period;
+        while Instant::now() < until {
+            if let Ok(holder) = store.holder(LEASE_NAME).await {
+                let owner = holder
+                    .filter(|h| h.expires_in > 0 && h.owner != self.config.replication.replica_id)
+                    .map(|h| h.address);
+                self.role.send_replace(Role::Standby { owner });
+            }
+            tokio::time::sleep((period / 6).max(Duration::from_millis(20))).await;
         }
     }
 

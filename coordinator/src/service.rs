@@ -474,6 +474,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         if !req.instance.is_empty() {
             check_id("instance", &req.instance)?;
         }
+        if !req.attempt.is_empty() {
+            check_id("attempt", &req.attempt)?;
+        }
         let (topic, id) = (topic.to_owned(), txn_id.clone());
         let prepared = detached(async move {
             let half = crate::broker::HalfMessage {
@@ -483,6 +486,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                 topic: &topic,
                 message,
                 context: req.context,
+                attempt: &req.attempt,
             };
             broker.prepare(half, meta).await
         })

@@ -467,6 +467,7 @@ impl<L: Log + Clone> Transactions<L> {
             topic,
             message,
             context,
+            attempt,
         } = half;
         // Read before the transaction is locked: nothing of it can be
         // appended before it is prepared, so its message will be after.
@@ -482,6 +483,7 @@ impl<L: Log + Clone> Transactions<L> {
             partition,
             message,
             context,
+            attempt: attempt.to_owned(),
             marker: uuid::Uuid::now_v7().simple().to_string(),
             mark,
             now: now_ms(),
@@ -745,6 +747,7 @@ mod tests {
             topic: "t",
             message,
             context: Bytes::new(),
+            attempt: "",
         }
     }
 

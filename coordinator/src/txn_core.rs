@@ -96,6 +96,9 @@ pub(crate) struct TxnRecord {
     /// own record and never another one with the same id.
     #[prost(string, tag = "15")]
     marker: String,
+    /// The call that prepared it (`PrepareRequest.attempt`).
+    #[prost(string, tag = "16")]
+    attempt: String,
 }
 
 /// Fingerprint of a half message's content, for the identity check of a
@@ -165,6 +168,8 @@ pub(crate) struct Prepare {
     pub(crate) message: Outgoing,
     /// Opaque to the coordinator; handed back with every check-back.
     pub(crate) context: Bytes,
+    /// Names the caller's call; empty if it did not say.
+    pub(crate) attempt: String,
     /// A fresh unique marker, used only if this prepare is a new
     /// transaction.
     pub(crate) marker: String,
@@ -550,9 +555,13 @@ impl TxnState {
                     },
                 })
             } else {
+                // The same call again (its first answer was lost) is the
+                // caller's own prepare.
+                let same_call =
+                    !p.attempt.is_empty() && rec.attempt == p.attempt && rec.state == PREPARED;
                 Ok(Reply::Prepared {
                     at_ms: rec.prepared_at_ms,
-                    existed: true,
+                    existed: !same_call,
                     state: api_state(rec.state),
                 })
             };
@@ -574,6 +583,7 @@ impl TxnState {
             }),
             context: p.context,
             instance: p.instance,
+            attempt: p.attempt,
             digest,
             marker: p.marker,
             ..TxnRecord::default()
@@ -937,6 +947,7 @@ mod tests {
                 },
             },
             context: Bytes::new(),
+            attempt: String::new(),
             marker: format!("{id}-{now}-{value}-{service}"),
             mark,
             now,

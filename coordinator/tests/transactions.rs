@@ -20,6 +20,7 @@ on_both_stores!(
     check_back_resolves_what_the_producer_never_decided,
     open_transactions_survive_a_restart_and_are_checked_back_after_it,
     a_reused_transaction_id_with_other_content_is_already_exists,
+    a_prepare_repeated_by_the_same_call_is_that_calls_own,
     the_transaction_marker_header_is_reserved,
     a_retried_publish_appends_once_even_across_a_restart,
 );
@@ -45,6 +46,7 @@ async fn prepare(
 ) -> TestResult<String> {
     Ok(c.prepare(pb::PrepareRequest {
         instance: String::new(),
+        attempt: String::new(),
         service: service.into(),
         txn_id: txn.into(),
         topic: "orders".into(),
@@ -233,6 +235,7 @@ async fn half_messages_are_invisible_until_committed_and_outcomes_are_fenced(
     assert!(e.to_string().contains("already exists"), "{e}");
     let big = pb::PrepareRequest {
         instance: String::new(),
+        attempt: String::new(),
         service: "orders-svc".into(),
         txn_id: "big".into(),
         topic: "orders".into(),
@@ -422,6 +425,7 @@ async fn a_reused_transaction_id_with_other_content_is_already_exists(
     let other_topic = client
         .prepare(pb::PrepareRequest {
             instance: String::new(),
+            attempt: String::new(),
             service: "svc".into(),
             txn_id: "t1".into(),
             topic: "payments".into(),
@@ -558,5 +562,47 @@ async fn a_retried_publish_appends_once_even_across_a_restart(backend: Backend) 
     publish(&mut client, "orders", vec![msg(Some("a"), "one")]).await?;
     publish(&mut client, "orders", vec![msg(Some("a"), "one")]).await?;
     assert_eq!(hwm(&mut client).await?, 4);
+    c.stop().await
+}
+
+/// A caller that lost the answer to its Prepare and sends it again (the
+/// same attempt) is told the transaction is its own (existed = false);
+/// another call with the same id and content is told it existed.
+async fn a_prepare_repeated_by_the_same_call_is_that_calls_own(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 1).await?;
+    let req = |attempt: &str| pb::PrepareRequest {
+        instance: String::new(),
+        attempt: attempt.into(),
+        service: "svc".into(),
+        txn_id: "t1".into(),
+        topic: "orders".into(),
+        message: Some(msg(Some("k"), "v")),
+        context: Default::default(),
+    };
+    let first = client.prepare(req("call-1")).await?.into_inner();
+    assert!(!first.existed);
+    let again = client.prepare(req("call-1")).await?.into_inner();
+    assert!(!again.existed, "the same call: {again:?}");
+    assert_eq!(again.prepared_at_ms, first.prepared_at_ms);
+    let other = client.prepare(req("call-2")).await?.into_inner();
+    assert!(other.existed, "another call: {other:?}");
+    let anonymous = client.prepare(req("")).await?.into_inner();
+    assert!(anonymous.existed, "no attempt named: {anonymous:?}");
+    // Once decided, even the same call is told it existed (with the outcome).
+    client.rollback(end("svc", "t1")).await?;
+    let decided = client.prepare(req("call-1")).await?.into_inner();
+    assert!(decided.existed, "{decided:?}");
+    assert_eq!(decided.state, pb::TransactionState::RolledBack as i32);
+    let err = client
+        .prepare(req("bad\u{1}"))
+        .await
+        .expect_err("a control character");
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("attempt"), "{err:?}");
     c.stop().await
 }

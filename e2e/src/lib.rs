@@ -7,5 +7,6 @@ pub mod campaign;
 pub mod cart;
 pub mod db;
 pub mod order;
+pub mod postgres;
 pub mod process;
 pub mod testapp;

@@ -65,6 +65,9 @@ impl SidecarService {
             message,
             context: Bytes::from_static(mode.context()),
             instance: self.node.config.instance.clone(),
+            // This call's own: retried on another replica after its answer
+            // was lost, the prepare is still recognised as this call's.
+            attempt: uuid::Uuid::now_v7().to_string(),
         };
         let reply = self
             .node

@@ -7,12 +7,14 @@
 //! call goes there (added to the list if it was not in it). Any other
 //! UNAVAILABLE (refused connection, a replica going down) moves on to the
 //! next replica, re-resolving names once every replica has failed.
-//! [`Coordinators::call`] retries a unary call this way for up to
-//! [`FAILOVER_WAIT`], which covers a lease expiring and its successor
+//! [`Coordinators::call`] retries a unary call this way (and a call cut
+//! off mid-way, UNKNOWN or CANCELLED, when a replica dies under it) for up
+//! to [`FAILOVER_WAIT`], which covers a lease expiring and its successor
 //! recovering; the app sees an error only if no replica served within it.
-//! Every call retried so is safe to repeat: outcomes and prepares are
-//! idempotent by transaction id, and publishes carry ids the coordinator
-//! deduplicates.
+//! Every call retried so is safe to repeat: outcomes are idempotent by
+//! transaction id, a prepare names its call (`attempt`) so that its repeat
+//! is still recognised as the same call's, and publishes carry ids the
+//! coordinator deduplicates.
 
 use std::future::Future;
 use std::sync::{Mutex, PoisonError};
@@ -214,8 +216,13 @@ impl Coordinators {
                     self.served();
                     return Ok(r);
                 }
+                // Refused by a standby, not reached, or cut off mid-call
+                // (the replica died): safe to send again, see above.
                 Err(s)
-                    if s.code() == Code::Unavailable && tokio::time::Instant::now() < deadline =>
+                    if matches!(
+                        s.code(),
+                        Code::Unavailable | Code::Unknown | Code::Cancelled
+                    ) && tokio::time::Instant::now() < deadline =>
                 {
                     tracing::debug!(error = %s.message(), "coordinator unavailable; trying another");
                     self.failed(index, &s).await;

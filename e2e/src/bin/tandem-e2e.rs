@@ -47,6 +47,16 @@ enum Cmd {
         /// Keep every cycle's folder, not only failing ones.
         #[arg(long)]
         keep: bool,
+        /// Three coordinator replicas on a PostgreSQL server of the
+        /// campaign's own (its binaries from Debian's packages), instead of
+        /// one coordinator on the embedded store.
+        #[arg(long)]
+        replicated: bool,
+        /// Only these fault kinds, comma-separated: kill, stop, cut,
+        /// blackhole, delay, leave, long-stop, fsync, storm, cutoff,
+        /// kill-holder, stop-holder, pg-restart [default: all of the mode].
+        #[arg(long, value_delimiter = ',')]
+        faults: Vec<String>,
     },
     /// The test application.
     TestApp {
@@ -79,6 +89,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             settle_ms,
             dir,
             keep,
+            replicated,
+            faults,
         } => {
             tandem_coordinator::init_tracing("warn");
             let seed = seed.unwrap_or_else(|| {
@@ -95,6 +107,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 bin: std::env::current_exe()?,
                 root: dir.unwrap_or_else(|| std::env::temp_dir().join("tandem-campaign")),
                 keep,
+                replicated,
+                only: faults,
             };
             // Stopped by SIGINT or SIGTERM: the running cycle is dropped,
             // and its processes are killed as the runtime shuts down.

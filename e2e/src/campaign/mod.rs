@@ -13,7 +13,14 @@
 //! same id and content, and some ids are reused with other content. Meanwhile
 //! faults: SIGKILL and restart of any process, SIGSTOP/SIGCONT of any
 //! process (also past the session timeouts), the proxy cutting,
-//! black-holing or delaying connections, a consumer leaving and rejoining. Then the faults stop, everything is
+//! black-holing or delaying connections, a consumer leaving and rejoining.
+//!
+//! Replicated (`--replicated`): three coordinator replicas on a PostgreSQL
+//! server of the campaign's own (a fresh database per cycle), every sidecar
+//! given all three addresses; the faults add SIGKILL of the lease holder,
+//! SIGSTOP of the holder past its lease, and PostgreSQL crashed and
+//! restarted (`pg_ctl restart -m immediate`); the proxy and disk faults are
+//! left out. Then the faults stop, everything is
 //! brought back, the cluster must settle (no open transaction, no lag)
 //! within a bound, and the history is checked: committed lost, rolled back
 //! delivered, appended or applied twice, content replaced, per-key order,
@@ -37,7 +44,7 @@ use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;
 use tandem_proto::sidecar::sidecar_client::SidecarClient;
-use tandem_storage::{EmbeddedLog, Log, LogConfig, ReadBudget};
+use tandem_storage::{EmbeddedLog, Log, LogConfig, ReadBudget, StoreLog};
 use tokio::sync::Mutex;
 
 use crate::process::Process;
@@ -64,7 +71,40 @@ pub struct Options {
     pub root: PathBuf,
     /// Keep every cycle's folder (failing ones are always kept).
     pub keep: bool,
+    /// Three coordinator replicas on PostgreSQL instead of one on the
+    /// embedded store.
+    pub replicated: bool,
+    /// Inject only these kinds of faults ([`FAULTS`] names them); empty:
+    /// every kind the mode has.
+    pub only: Vec<String>,
 }
+
+/// The fault kinds, by the names `--faults` takes, in the order of their
+/// weights.
+pub const FAULTS: [&str; 13] = [
+    "kill",
+    "stop",
+    "cut",
+    "blackhole",
+    "delay",
+    "leave",
+    "long-stop",
+    "fsync",
+    "storm",
+    "cutoff",
+    "kill-holder",
+    "stop-holder",
+    "pg-restart",
+];
+
+/// Weights of the fault kinds in embedded cycles.
+const WEIGHTS: [u64; 13] = [30, 20, 10, 12, 10, 8, 6, 5, 12, 8, 0, 0, 0];
+/// Weights in replicated cycles: no proxy faults (the sidecars reach the
+/// replicas directly) and no disk faults; the replicated ones instead.
+const REPLICATED_WEIGHTS: [u64; 13] = [30, 20, 0, 0, 0, 8, 6, 0, 12, 0, 14, 10, 6];
+
+/// How long a replica's lease lasts in replicated cycles.
+const LEASE_MS: u64 = 2000;
 
 const TOPIC: &str = "orders";
 const PARTITIONS: u32 = 4;
@@ -181,6 +221,8 @@ impl Rng {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Role {
     Coordinator,
+    Coordinator2,
+    Coordinator3,
     OrdersApp,
     OrdersSidecar,
     CartApp,
@@ -199,10 +241,26 @@ const ROLES: [Role; 6] = [
     Role::Cart2,
 ];
 
+/// The roles of a replicated cycle.
+const REPLICATED_ROLES: [Role; 8] = [
+    Role::Coordinator,
+    Role::Coordinator2,
+    Role::Coordinator3,
+    Role::OrdersApp,
+    Role::OrdersSidecar,
+    Role::CartApp,
+    Role::Cart1,
+    Role::Cart2,
+];
+
+const REPLICAS: [Role; 3] = [Role::Coordinator, Role::Coordinator2, Role::Coordinator3];
+
 impl Role {
     fn name(self) -> &'static str {
         match self {
             Role::Coordinator => "coordinator",
+            Role::Coordinator2 => "coordinator-2",
+            Role::Coordinator3 => "coordinator-3",
             Role::OrdersApp => "orders-app",
             Role::OrdersSidecar => "orders-sidecar",
             Role::CartApp => "cart-app",
@@ -227,20 +285,56 @@ struct Cluster {
     /// Restarts after an exit nobody asked for (crashes as told, fatal
     /// errors): counted, not hidden.
     unplanned_restarts: u32,
+    /// The cycle's database, in replicated cycles.
+    store: Option<String>,
 }
 
 impl Cluster {
+    fn roles(&self) -> &'static [Role] {
+        if self.store.is_some() {
+            &REPLICATED_ROLES
+        } else {
+            &ROLES
+        }
+    }
+
+    fn replicas(&self) -> &'static [Role] {
+        if self.store.is_some() {
+            &REPLICAS
+        } else {
+            &REPLICAS[..1]
+        }
+    }
+
+    /// Every coordinator replica's URL, comma-separated.
+    fn coordinators(&self) -> String {
+        self.replicas()
+            .iter()
+            .map(|r| self.url(*r))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     fn args(&self, role: Role, port: u16) -> Vec<String> {
         let listen = format!("127.0.0.1:{port}");
         let url = |r: Role| format!("http://127.0.0.1:{}", self.ports[&r]);
         let mut a: Vec<String> = match role {
-            Role::Coordinator => vec![
-                "coordinator".into(),
-                "--listen".into(),
-                listen,
-                "--data-dir".into(),
-                self.dir.join("coordinator").display().to_string(),
-            ],
+            Role::Coordinator | Role::Coordinator2 | Role::Coordinator3 => {
+                let mut a = vec!["coordinator".into(), "--listen".into(), listen];
+                match &self.store {
+                    Some(url) => a.extend([
+                        "--store".into(),
+                        url.clone(),
+                        "--set".into(),
+                        format!("lease_ms={LEASE_MS}"),
+                    ]),
+                    None => a.extend([
+                        "--data-dir".into(),
+                        self.dir.join("coordinator").display().to_string(),
+                    ]),
+                }
+                a
+            }
             Role::OrdersApp | Role::CartApp => vec![
                 "test-app".into(),
                 "--listen".into(),
@@ -262,7 +356,10 @@ impl Cluster {
                     "--listen".into(),
                     listen,
                     "--coordinator".into(),
-                    format!("http://{}", self.links[&role]),
+                    match self.store {
+                        Some(_) => self.coordinators(),
+                        None => format!("http://{}", self.links[&role]),
+                    },
                     "--service".into(),
                     service.into(),
                     "--app".into(),
@@ -278,7 +375,7 @@ impl Cluster {
             }
         };
         let settings = match role {
-            Role::Coordinator => COORDINATOR_SETTINGS,
+            Role::Coordinator | Role::Coordinator2 | Role::Coordinator3 => COORDINATOR_SETTINGS,
             Role::OrdersSidecar | Role::Cart1 | Role::Cart2 => SIDECAR_SETTINGS,
             _ => &[],
         };
@@ -348,7 +445,7 @@ impl Cluster {
     /// a fatal error); true if something was restarted.
     fn revive(&mut self) -> anyhow::Result<bool> {
         let mut any = false;
-        for role in ROLES {
+        for &role in self.roles() {
             let exited = match self.procs.get_mut(&role) {
                 Some(p) => p.has_exited(),
                 None => !self.down.get(&role).copied().unwrap_or(false),
@@ -365,7 +462,7 @@ impl Cluster {
 
     /// Everything running and not paused.
     fn heal(&mut self) -> anyhow::Result<()> {
-        for role in ROLES {
+        for &role in self.roles() {
             if self.paused.get(&role).copied().unwrap_or(false) {
                 self.resume(role)?;
             }
@@ -380,6 +477,40 @@ impl Cluster {
     fn url(&self, role: Role) -> String {
         format!("http://127.0.0.1:{}", self.ports[&role])
     }
+
+    /// The replica holding the lease, by the lease row (replicated cycles).
+    async fn holder(&self) -> Option<Role> {
+        let url = self.store.as_ref()?;
+        let store = tandem_storage::PgStore::connect(url, Duration::from_secs(5))
+            .await
+            .ok()?;
+        let lease = store
+            .holder(tandem_coordinator::LEASE_NAME)
+            .await
+            .ok()
+            .flatten();
+        store.close().await;
+        let lease = lease?;
+        let port: u16 = lease.address.rsplit_once(':')?.1.parse().ok()?;
+        REPLICAS.into_iter().find(|r| {
+            self.ports.get(r) == Some(&port) && !self.down.get(r).copied().unwrap_or(true)
+        })
+    }
+}
+
+/// A client of whichever replica among `urls` (comma-separated) serves.
+async fn connect_any(urls: &str) -> anyhow::Result<CoordinatorClient<tonic::transport::Channel>> {
+    let mut last = anyhow::anyhow!("no coordinator URL");
+    for url in urls.split(',') {
+        match CoordinatorClient::connect(url.to_owned()).await {
+            Ok(mut c) => match c.list_topics(pb::ListTopicsRequest {}).await {
+                Ok(_) => return Ok(c),
+                Err(s) => last = anyhow::anyhow!("{url}: {}", s.message()),
+            },
+            Err(e) => last = anyhow::anyhow!("{url}: {e}"),
+        }
+    }
+    Err(last)
 }
 
 /// What one cycle found.
@@ -387,6 +518,8 @@ impl Cluster {
 pub struct CycleReport {
     /// The cycle's seed (replays it).
     pub seed: u64,
+    /// `embedded` (one coordinator) or `replicated` (three on PostgreSQL).
+    pub store: &'static str,
     /// The consumer's dedup mode in this cycle.
     pub dedup: &'static str,
     /// How the producer app answers check-backs in this cycle: `careful`
@@ -413,15 +546,45 @@ pub struct CycleReport {
 /// returns the reports.
 pub async fn run(opts: &Options) -> anyhow::Result<Vec<CycleReport>> {
     std::fs::create_dir_all(&opts.root)?;
+    for f in &opts.only {
+        if !FAULTS.contains(&f.as_str()) {
+            bail!(
+                "unknown fault kind {f:?}: expected one of {}",
+                FAULTS.join(", ")
+            );
+        }
+    }
     let mut reports = Vec::new();
     println!(
-        "campaign: seed {} cycles {} messages/cycle {} chaos {:?}",
-        opts.seed, opts.cycles, opts.messages, opts.chaos
+        "campaign: seed {} cycles {} messages/cycle {} chaos {:?}{}{}",
+        opts.seed,
+        opts.cycles,
+        opts.messages,
+        opts.chaos,
+        if opts.replicated {
+            " replicated: 3 coordinators on PostgreSQL"
+        } else {
+            ""
+        },
+        if opts.only.is_empty() {
+            String::new()
+        } else {
+            format!(" faults {}", opts.only.join(","))
+        }
     );
+    let postgres = if opts.replicated {
+        let dir = opts.root.join(format!("postgres-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        Some(Arc::new(
+            crate::postgres::Postgres::start(&dir).context("starting PostgreSQL")?,
+        ))
+    } else {
+        None
+    };
     let mut abandoned = 0;
     for i in 0..u64::from(opts.cycles) {
         let seed = opts.seed.wrapping_add(i);
-        let r = match cycle(opts, seed).await {
+        let r = match cycle(opts, seed, postgres.clone()).await {
             Ok(r) => r,
             Err(e) => {
                 // Not a verdict on Tandem: the cycle could not be run.
@@ -431,9 +594,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<CycleReport>> {
             }
         };
         println!(
-            "cycle {:>4} seed {:>20} {:<7} {:<7} {:>5.1}s sent {:>3} committed {:>3} appended {:>3} effects {:>3} dlq {:>2} conflicts refused {:>2} faults {:>3} crashes {:>2}  {}",
+            "cycle {:>4} seed {:>20} {:<10} {:<7} {:<7} {:>5.1}s sent {:>3} committed {:>3} appended {:>3} effects {:>3} dlq {:>2} conflicts refused {:>2} faults {:>3} crashes {:>2}  {}",
             i,
             r.seed,
+            r.store,
             r.dedup,
             r.checks,
             r.seconds,
@@ -529,7 +693,11 @@ fn print_summary(reports: &[CycleReport]) {
     }
 }
 
-async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
+async fn cycle(
+    opts: &Options,
+    seed: u64,
+    postgres: Option<Arc<crate::postgres::Postgres>>,
+) -> anyhow::Result<CycleReport> {
     let began = Instant::now();
     let dir = opts.root.join(format!("cycle-{seed}"));
     if dir.exists() {
@@ -541,8 +709,15 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     }
     std::fs::create_dir_all(&dir)?;
     let mut rng = Rng::new(seed);
+    let store = match &postgres {
+        Some(pg) => Some(
+            pg.create_database(&format!("cycle_{seed}_{}", std::process::id()))
+                .await?,
+        ),
+        None => None,
+    };
 
-    // The coordinator first (the proxies need its port), then the rest.
+    // The coordinators first (the proxies need the port), then the rest.
     let mut cluster = Cluster {
         bin: opts.bin.clone(),
         dir: dir.clone(),
@@ -552,14 +727,19 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
         paused: BTreeMap::new(),
         links: BTreeMap::new(),
         unplanned_restarts: 0,
+        store,
     };
-    cluster.start(Role::Coordinator)?;
+    for &role in cluster.replicas() {
+        cluster.start(role)?;
+    }
     let coordinator_addr = cluster.procs[&Role::Coordinator].addr;
     let mut links = Links(BTreeMap::new());
-    for role in SIDECARS {
-        let p = Proxy::start(coordinator_addr).await?;
-        cluster.links.insert(role, p.addr);
-        links.0.insert(role, p);
+    if !opts.replicated {
+        for role in SIDECARS {
+            let p = Proxy::start(coordinator_addr).await?;
+            cluster.links.insert(role, p.addr);
+            links.0.insert(role, p);
+        }
     }
     for role in [
         Role::OrdersApp,
@@ -570,9 +750,19 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     ] {
         cluster.start(role)?;
     }
-    let mut admin = CoordinatorClient::connect(cluster.url(Role::Coordinator))
-        .await
-        .context("connecting to the coordinator")?;
+    let mut admin = {
+        let urls = cluster.coordinators();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match connect_any(&urls).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context("no coordinator served within 30 s"));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    };
     for (name, partitions) in [(TOPIC, PARTITIONS), (OTHER_TOPIC, OTHER_PARTITIONS)] {
         admin
             .create_topic(pb::CreateTopicRequest {
@@ -632,11 +822,42 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
             }
         })
     };
+    let weights = {
+        let base = if opts.replicated {
+            REPLICATED_WEIGHTS
+        } else {
+            WEIGHTS
+        };
+        let mut w = base;
+        if !opts.only.is_empty() {
+            for (i, name) in FAULTS.iter().enumerate() {
+                if !opts.only.iter().any(|o| o == name) {
+                    w[i] = 0;
+                }
+            }
+        }
+        w
+    };
+    if weights.iter().sum::<u64>() == 0 {
+        bail!(
+            "none of the fault kinds {:?} happens in {} cycles",
+            opts.only,
+            if opts.replicated {
+                "replicated"
+            } else {
+                "embedded"
+            }
+        );
+    }
     let faults = tokio::spawn(inject_faults(
         cluster.clone(),
         Arc::new(links),
-        opts.chaos,
-        rng.next_u64(),
+        Schedule {
+            chaos: opts.chaos,
+            seed: rng.next_u64(),
+            weights,
+            postgres,
+        },
         dedup == sc::DedupMode::Strong,
         naive,
         dir.join("faults.log"),
@@ -673,11 +894,14 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     ] {
         c.kill(role);
     }
-    if let Some(p) = c.procs.get_mut(&Role::Coordinator) {
-        let _ = tokio::task::block_in_place(|| p.terminate(Duration::from_secs(20)));
+    for &role in c.replicas() {
+        if let Some(p) = c.procs.get_mut(&role) {
+            let _ = tokio::task::block_in_place(|| p.terminate(Duration::from_secs(20)));
+        }
+        c.kill(role);
     }
-    c.kill(Role::Coordinator);
     let unplanned_restarts = c.unplanned_restarts;
+    let store = c.store.clone();
     drop(c);
     drop(links);
     let mut answers: BTreeMap<String, u32> = BTreeMap::new();
@@ -688,7 +912,25 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
             .map_or("none", |a| a.split(':').next().unwrap_or(a));
         *answers.entry(last.to_owned()).or_default() += 1;
     }
-    let mut history = gather(&dir, sent, plain, conflicts, stalled).await?;
+    let log = match &store {
+        Some(url) => {
+            let pg = tandem_storage::PgStore::connect(url, Duration::from_secs(10)).await?;
+            // Read only: reads are not fenced, so any lease will do.
+            let reader = tandem_storage::Lease {
+                name: tandem_coordinator::LEASE_NAME.into(),
+                owner: "campaign".into(),
+                address: String::new(),
+                epoch: -1,
+                expires_in: 0,
+            };
+            StoreLog::Postgres(pg.open("topics", &reader, LogConfig::default()).await?)
+        }
+        None => StoreLog::Embedded(
+            EmbeddedLog::open(dir.join("coordinator").join("topics"), LogConfig::default()).await?,
+        ),
+    };
+    let mut history = gather(&dir, &log, sent, plain, conflicts, stalled).await?;
+    log.close().await;
     history.consumer_app_stalled = faults.contains_key(CONSUMER_APP_STALLED);
     history.credit_lost = credit_lost;
     history.sidecar_mode = dedup == sc::DedupMode::Sidecar;
@@ -703,6 +945,11 @@ async fn cycle(opts: &Options, seed: u64) -> anyhow::Result<CycleReport> {
     };
     Ok(CycleReport {
         seed,
+        store: if opts.replicated {
+            "replicated"
+        } else {
+            "embedded"
+        },
         dedup: if dedup == sc::DedupMode::Strong {
             "STRONG"
         } else {
@@ -1001,17 +1248,34 @@ struct Injected {
     credit_lost: Vec<String>,
 }
 
+/// What faults a cycle injects, and for how long.
+struct Schedule {
+    chaos: Duration,
+    seed: u64,
+    /// Weight of each kind of [`FAULTS`].
+    weights: [u64; 13],
+    /// The PostgreSQL server of replicated cycles.
+    postgres: Option<Arc<crate::postgres::Postgres>>,
+}
+
 /// Injects seeded faults for `chaos`, one at a time, keeping processes that
 /// crashed on their own running; logs each to `log`.
 async fn inject_faults(
     cluster: Arc<Mutex<Cluster>>,
     links: Arc<Links>,
-    chaos: Duration,
-    seed: u64,
+    schedule: Schedule,
     kill_consumers: bool,
     naive: bool,
     log: PathBuf,
 ) -> anyhow::Result<Injected> {
+    let Schedule {
+        chaos,
+        seed,
+        weights,
+        postgres,
+    } = schedule;
+    let replicated = postgres.is_some();
+    let roles = cluster.lock().await.roles();
     let mut rng = Rng::new(seed);
     let mut burst = Vec::new();
     let mut storms = 0;
@@ -1022,9 +1286,9 @@ async fn inject_faults(
     let start = Instant::now();
     while start.elapsed() < chaos {
         tokio::time::sleep(rng.ms(200, 1200)).await;
-        let role = ROLES[rng.below(ROLES.len() as u64) as usize];
+        let role = roles[rng.below(roles.len() as u64) as usize];
         let consumer_side = matches!(role, Role::CartApp | Role::Cart1 | Role::Cart2);
-        let kind = match rng.weighted(&[30, 20, 10, 12, 10, 8, 6, 5, 12, 8]) {
+        let kind = match rng.weighted(&weights) {
             0 if consumer_side && !kill_consumers => continue,
             0 if naive && role == Role::OrdersSidecar => continue,
             1 | 6 if naive && role == Role::OrdersApp => continue,
@@ -1108,7 +1372,11 @@ async fn inject_faults(
                 // sent (where credit once leaked). Three storms in four hit
                 // a coordinator restarted on a slow disk, whose reads take
                 // long enough for revocations to land in the middle of them.
-                let slow_disk = (rng.below(4) != 0).then(|| rng.ms(100, 400));
+                // (Not with replicas: the restarted one would not be the
+                // one serving.)
+                let slow_disk = (rng.below(4) != 0)
+                    .then(|| rng.ms(100, 400))
+                    .filter(|_| !replicated);
                 if let Some(d) = slow_disk {
                     let failpoint = format!("storage.read:{TOPIC}/*=delay:{}", d.as_millis());
                     let mut c = cluster.lock().await;
@@ -1120,7 +1388,7 @@ async fn inject_faults(
                     (
                         c.url(Role::OrdersSidecar),
                         c.url(Role::Cart2),
-                        c.url(Role::Coordinator),
+                        c.coordinators(),
                     )
                 };
                 // Both consumers in the group first (after a restart they
@@ -1199,6 +1467,48 @@ async fn inject_faults(
                 ));
                 "consumer cut off mid-call"
             }
+            10 => {
+                // The replica serving everything dies: another one takes
+                // over once its lease expires.
+                let Some(holder) = cluster.lock().await.holder().await else {
+                    continue;
+                };
+                let down = rng.ms(0, 3000);
+                cluster.lock().await.kill(holder);
+                tokio::time::sleep(down).await;
+                cluster.lock().await.start(holder)?;
+                lines.push(format!(
+                    "{:?} SIGKILL lease holder {} down {down:?}",
+                    start.elapsed(),
+                    holder.name()
+                ));
+                "SIGKILL of the lease holder"
+            }
+            11 => {
+                // The holder freezes past its lease (a long GC pause, a VM
+                // stalled): another replica takes over; when the first one
+                // wakes up, whatever it was doing must not land.
+                let Some(holder) = cluster.lock().await.holder().await else {
+                    continue;
+                };
+                let d = Duration::from_millis(LEASE_MS) + rng.ms(500, 3000);
+                stall(&cluster, holder, d).await?;
+                lines.push(format!(
+                    "{:?} SIGSTOP lease holder {} for {d:?}",
+                    start.elapsed(),
+                    holder.name()
+                ));
+                "SIGSTOP of the lease holder past its lease"
+            }
+            12 => {
+                let Some(pg) = postgres.clone() else { continue };
+                tokio::task::spawn_blocking(move || pg.restart_immediate()).await??;
+                lines.push(format!(
+                    "{:?} PostgreSQL crashed and restarted",
+                    start.elapsed()
+                ));
+                "PostgreSQL crashed and restarted"
+            }
             7 => {
                 // The disk fails an fdatasync: the coordinator must stop
                 // (NOT_SERVING, exit) without acknowledging what it could
@@ -1262,7 +1572,7 @@ fn subscription(topic: &str, dedup: sc::DedupMode) -> sc::SubscribeRequest {
 async fn members_within(coordinator: &str, n: u32, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        if let Ok(mut c) = CoordinatorClient::connect(coordinator.to_owned()).await
+        if let Ok(mut c) = connect_any(coordinator).await
             && let Ok(d) = c
                 .describe_topic(pb::DescribeTopicRequest { name: TOPIC.into() })
                 .await
@@ -1380,7 +1690,7 @@ async fn settle(
     let mut left = String::new();
     while Instant::now() < deadline {
         cluster.lock().await.revive()?;
-        let url = cluster.lock().await.url(Role::Coordinator);
+        let url = cluster.lock().await.coordinators();
         match pending(&url, sent).await {
             Ok(None) => return Ok(None),
             Ok(Some(what)) => left = what,
@@ -1392,8 +1702,8 @@ async fn settle(
 }
 
 /// What is still in flight: open transactions, consumer lag.
-async fn pending(url: &str, sent: &[Sent]) -> anyhow::Result<Option<String>> {
-    let mut c = CoordinatorClient::connect(url.to_owned()).await?;
+async fn pending(urls: &str, sent: &[Sent]) -> anyhow::Result<Option<String>> {
+    let mut c = connect_any(urls).await?;
     let mut open = Vec::new();
     for s in sent {
         match c
@@ -1475,7 +1785,7 @@ async fn credit_lost_within(coordinator: &str, within: Duration) -> Option<Strin
     let mut lag_moved = Instant::now();
     let mut short_since: Option<Instant> = None;
     while Instant::now() < deadline {
-        let state = match CoordinatorClient::connect(coordinator.to_owned()).await {
+        let state = match connect_any(coordinator).await {
             Ok(mut c) => group_state(&mut c).await.ok(),
             Err(_) => None,
         };
@@ -1506,6 +1816,7 @@ async fn credit_lost_within(coordinator: &str, within: Duration) -> Option<Strin
 /// rows, the topic and its dead letters as stored, the consumer's effects.
 async fn gather(
     dir: &Path,
+    log: &StoreLog,
     mut sent: Vec<Sent>,
     plain: Vec<Sent>,
     conflicts: Vec<Conflict>,
@@ -1532,8 +1843,6 @@ async fn gather(
             .collect();
     cart.close().await;
 
-    let log =
-        EmbeddedLog::open(dir.join("coordinator").join("topics"), LogConfig::default()).await?;
     let mut logged = Vec::new();
     let mut dead_letters = Vec::new();
     let mut ranges = Vec::new();
@@ -1590,7 +1899,6 @@ async fn gather(
             }
         }
     }
-    log.close().await;
     logged
         .sort_by(|a, b| (&a.topic, a.partition, a.offset).cmp(&(&b.topic, b.partition, b.offset)));
     let plain_ids = plain.iter().map(|p| p.id.clone()).collect();

@@ -1,0 +1,447 @@
+//! Three coordinator replicas on one PostgreSQL database, as real
+//! processes: the lease holder SIGKILLed under transactional load, paused
+//! past its lease, PostgreSQL crashed under load, and a sidecar given the
+//! three addresses while each replica in turn is down.
+//!
+//! The load tests are cycles of the fault campaign restricted to one kind
+//! of fault (the campaign starts its own PostgreSQL server, so that it can
+//! crash it); each cycle's whole history is checked: nothing acknowledged
+//! or committed lost, nothing rolled back delivered, nothing applied twice,
+//! per-key order.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tandem_e2e::campaign::{self, CycleReport};
+use tandem_e2e::process::Process;
+use tandem_proto::coordinator as pb;
+use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tandem_proto::sidecar as sc;
+use tandem_proto::sidecar::sidecar_client::SidecarClient;
+use tandem_storage::PgStore;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tandem-e2e");
+
+/// Runs replicated campaign cycles with only fault kind `fault`; `None`
+/// when PostgreSQL is not there and not required.
+async fn campaign_with(fault: &str, seed: u64) -> TestResult<Option<CycleReport>> {
+    if postgres().is_none() {
+        return Ok(None);
+    }
+    let root = tempfile::tempdir()?;
+    let opts = campaign::Options {
+        seed,
+        cycles: 1,
+        messages: 60,
+        chaos: Duration::from_secs(10),
+        settle: Duration::from_secs(90),
+        bin: BIN.into(),
+        root: root.path().to_owned(),
+        keep: false,
+        replicated: true,
+        only: vec![fault.to_owned()],
+    };
+    let mut reports = campaign::run(&opts).await?;
+    let report = reports.pop().ok_or("the cycle could not be run")?;
+    assert!(
+        report.violations.is_empty(),
+        "broken promises: {:#?}",
+        report.violations
+    );
+    // Kept on failure for a look; removed with the test's folder otherwise.
+    if report.kept.is_some() {
+        let _ = root.keep();
+    }
+    Ok(Some(report))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_lease_holder_under_transactional_load_loses_nothing() -> TestResult {
+    let Some(r) = campaign_with("kill-holder", 1001).await? else {
+        return Ok(());
+    };
+    let kills = r.faults.get("SIGKILL of the lease holder").copied();
+    assert!(kills >= Some(1), "the holder was killed: {:?}", r.faults);
+    assert!(
+        r.tally.committed > 0 && r.tally.effects > 0,
+        "{:?}",
+        r.tally
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgresql_crashing_under_load_loses_nothing_acknowledged() -> TestResult {
+    let Some(r) = campaign_with("pg-restart", 1002).await? else {
+        return Ok(());
+    };
+    let crashes = r.faults.get("PostgreSQL crashed and restarted").copied();
+    assert!(crashes >= Some(1), "PostgreSQL was crashed: {:?}", r.faults);
+    assert!(
+        r.tally.committed > 0 && r.tally.effects > 0,
+        "{:?}",
+        r.tally
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_holders_paused_past_their_lease_under_load_lose_nothing() -> TestResult {
+    let Some(r) = campaign_with("stop-holder", 1003).await? else {
+        return Ok(());
+    };
+    let stops = r
+        .faults
+        .get("SIGSTOP of the lease holder past its lease")
+        .copied();
+    assert!(stops >= Some(1), "the holder was paused: {:?}", r.faults);
+    Ok(())
+}
+
+/// Three coordinator processes on one fresh database.
+struct Replicas {
+    dir: tempfile::TempDir,
+    url: String,
+    procs: Vec<Process>,
+    ports: Vec<u16>,
+}
+
+impl Replicas {
+    async fn start() -> TestResult<Option<Replicas>> {
+        let Some(server) = postgres() else {
+            return Ok(None);
+        };
+        let url = fresh_postgres_database(&server).await?;
+        let mut r = Replicas {
+            dir: tempfile::tempdir()?,
+            url,
+            procs: Vec::new(),
+            ports: vec![0; 3],
+        };
+        for i in 0..3 {
+            let p = r.spawn(i)?;
+            r.ports[i] = p.addr.port();
+            r.procs.push(p);
+        }
+        Ok(Some(r))
+    }
+
+    fn spawn(&self, i: usize) -> TestResult<Process> {
+        let args: Vec<String> = [
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{}", self.ports[i]),
+            "--store",
+            &self.url,
+            "--set",
+            "lease_ms=1500",
+            "--set",
+            "check_after_ms=1000",
+        ]
+        .map(String::from)
+        .to_vec();
+        Ok(Process::start(
+            &format!("coordinator-{i}"),
+            BIN.as_ref(),
+            &args,
+            &[],
+            self.dir.path(),
+        )?)
+    }
+
+    fn urls(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| format!("http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The index of the replica holding the lease, and its epoch, once one
+    /// does (other than `not`) and serves.
+    async fn holder(&self, not: Option<(usize, i64)>) -> TestResult<(usize, i64)> {
+        let store = PgStore::connect(&self.url, Duration::from_secs(5)).await?;
+        let found = eventually("a replica holding the lease", || async {
+            let Some(l) = store.holder(tandem_coordinator::LEASE_NAME).await? else {
+                return Ok(None);
+            };
+            let port: u16 = l.address.rsplit_once(':').ok_or("an address")?.1.parse()?;
+            let i = self.ports.iter().position(|p| *p == port);
+            let found = match (i, not) {
+                (Some(i), Some((old, epoch))) if i == old || l.epoch <= epoch => None,
+                (Some(i), _) if l.expires_in > 0 => Some((i, l.epoch)),
+                _ => None,
+            };
+            // Holding it, and done recovering: it serves.
+            Ok(match found {
+                Some((i, _)) => {
+                    let serves = client(self.ports[i])
+                        .await?
+                        .list_topics(pb::ListTopicsRequest {})
+                        .await
+                        .is_ok();
+                    found.filter(|_| serves)
+                }
+                None => None,
+            })
+        })
+        .await;
+        store.close().await;
+        found
+    }
+
+    fn print_logs(&self) {
+        for p in &self.procs {
+            eprintln!("---- {} log (tail) ----\n{}", p.name(), p.log_tail());
+        }
+    }
+}
+
+async fn client(port: u16) -> TestResult<CoordinatorClient<tonic::transport::Channel>> {
+    Ok(CoordinatorClient::connect(format!("http://127.0.0.1:{port}")).await?)
+}
+
+fn msg(id: &str) -> pb::Message {
+    pb::Message {
+        id: id.into(),
+        key: Some(bytes::Bytes::from_static(b"k")),
+        value: bytes::Bytes::from(id.to_owned()),
+        headers: Vec::new(),
+        partition: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_paused_past_its_lease_cannot_write_when_it_wakes() -> TestResult {
+    let Some(mut r) = Replicas::start().await? else {
+        return Ok(());
+    };
+    let result = paused_holder(&mut r).await;
+    if result.is_err() {
+        r.print_logs();
+    }
+    result
+}
+
+async fn paused_holder(r: &mut Replicas) -> TestResult {
+    let (old, epoch) = r.holder(None).await?;
+    let mut c = client(r.ports[old]).await?;
+    c.create_topic(pb::CreateTopicRequest {
+        name: "t".into(),
+        partitions: 1,
+    })
+    .await?;
+    c.publish(pb::PublishRequest {
+        topic: "t".into(),
+        messages: vec![msg("before-1"), msg("before-2")],
+    })
+    .await?;
+
+    // The holder freezes; a request sent to it meanwhile waits in its
+    // socket. Another replica takes the lease over.
+    r.procs[old].pause()?;
+    let stuck = {
+        let mut c = c.clone();
+        tokio::spawn(async move {
+            c.publish(pb::PublishRequest {
+                topic: "t".into(),
+                messages: vec![msg("sent-to-the-frozen-holder")],
+            })
+            .await
+        })
+    };
+    let (new, new_epoch) = r.holder(Some((old, epoch))).await?;
+    let mut n = client(r.ports[new]).await?;
+    n.publish(pb::PublishRequest {
+        topic: "t".into(),
+        messages: vec![msg("after-1")],
+    })
+    .await?;
+
+    // It wakes up: the request it held is refused, not written.
+    r.procs[old].resume()?;
+    let refused = tokio::time::timeout(Duration::from_secs(20), stuck)
+        .await??
+        .expect_err("the woken holder must not acknowledge a write");
+    eprintln!(
+        "the woken holder (epoch {epoch}, taken over at epoch {new_epoch}) answered: {:?}: {}",
+        refused.code(),
+        refused.message()
+    );
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    // And from now on it refuses, soon sending clients to the new holder.
+    let new_addr = format!("127.0.0.1:{}", r.ports[new]);
+    eventually("the old holder naming the new one", || {
+        let mut c = c.clone();
+        let new_addr = new_addr.clone();
+        async move {
+            let again = c
+                .publish(pb::PublishRequest {
+                    topic: "t".into(),
+                    messages: vec![msg("sent-to-the-old-holder-later")],
+                })
+                .await
+                .expect_err("a standby refuses");
+            assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
+            let named = again
+                .metadata()
+                .get(tandem_coordinator::OWNER_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            Ok((named.as_deref() == Some(new_addr.as_str())).then_some(()))
+        }
+    })
+    .await?;
+    n.publish(pb::PublishRequest {
+        topic: "t".into(),
+        messages: vec![msg("after-2")],
+    })
+    .await?;
+
+    // What the log holds: exactly the acknowledged messages, in order, once.
+    let ids = read_ids(&r.url).await?;
+    assert_eq!(ids, ["before-1", "before-2", "after-1", "after-2"]);
+    let woke = r.procs[old].log_tail();
+    assert!(
+        woke.contains("stopped serving"),
+        "the woken holder says it stopped serving:\n{woke}"
+    );
+    Ok(())
+}
+
+/// The ids in topic `t`, read straight from the tables.
+async fn read_ids(url: &str) -> TestResult<Vec<String>> {
+    let pool = sqlx::PgPool::connect(url).await?;
+    let rows: Vec<Vec<u8>> = sqlx::query_scalar(
+        "SELECT id FROM tandem_record WHERE ns = 'topics' AND topic = 't' ORDER BY \"offset\"",
+    )
+    .fetch_all(&pool)
+    .await?;
+    pool.close().await;
+    Ok(rows
+        .into_iter()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_given_three_addresses_keeps_working_while_any_one_replica_is_down() -> TestResult
+{
+    let Some(mut r) = Replicas::start().await? else {
+        return Ok(());
+    };
+    let result = one_down_at_a_time(&mut r).await;
+    if result.is_err() {
+        r.print_logs();
+    }
+    result
+}
+
+async fn one_down_at_a_time(r: &mut Replicas) -> TestResult {
+    let dir = r.dir.path().to_owned();
+    let app = Process::start(
+        "orders-app",
+        BIN.as_ref(),
+        &[
+            "test-app".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--db".into(),
+            dir.join("orders-app.db").display().to_string(),
+        ],
+        &[],
+        &dir,
+    )?;
+    let sidecar = Process::start(
+        "orders-sidecar",
+        BIN.as_ref(),
+        &[
+            "sidecar".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--coordinator".into(),
+            r.urls(),
+            "--service".into(),
+            "orders".into(),
+            "--app".into(),
+            app.url(),
+            "--db".into(),
+            dir.join("orders-app.db").display().to_string(),
+        ],
+        &[],
+        &dir,
+    )?;
+    let mut s = SidecarClient::connect(sidecar.url()).await?;
+    let (first, _) = r.holder(None).await?;
+    client(r.ports[first])
+        .await?
+        .create_topic(pb::CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 2,
+        })
+        .await?;
+    let mut committed = Vec::new();
+    // Each replica down in turn (the holder among them, whichever it is
+    // then), with transactions and plain publishes going on; then back.
+    for down in 0..3 {
+        r.procs[down].kill();
+        for i in 0..5 {
+            let id = format!("txn-{down}-{i}");
+            let t = s
+                .publish_transactional(sc::PublishTransactionalRequest {
+                    topic: "orders".into(),
+                    message: Some(pb::Message {
+                        id: String::new(),
+                        key: Some(bytes::Bytes::from(format!("k{i}"))),
+                        value: bytes::Bytes::from(format!("commit {id}")),
+                        headers: Vec::new(),
+                        partition: None,
+                    }),
+                    txn_id: id.clone(),
+                })
+                .await
+                .map_err(|e| format!("{id} with coordinator-{down} down: {e}"))?
+                .into_inner();
+            assert_eq!(
+                t.state,
+                pb::TransactionState::Committed as i32,
+                "{id} with coordinator-{down} down: {t:?}"
+            );
+            committed.push(id);
+            s.publish(pb::PublishRequest {
+                topic: "orders".into(),
+                messages: vec![msg(&format!("plain-{down}-{i}"))],
+            })
+            .await
+            .map_err(|e| format!("plain publish with coordinator-{down} down: {e}"))?;
+        }
+        let p = r.spawn(down)?;
+        r.procs[down] = p;
+    }
+    // Every committed transaction's message is in the log once, and every
+    // plain one too.
+    let pool = sqlx::PgPool::connect(&r.url).await?;
+    let ids: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT id FROM tandem_record WHERE ns = 'topics' AND topic = 'orders'")
+            .fetch_all(&pool)
+            .await?;
+    pool.close().await;
+    let mut ids: Vec<String> = ids
+        .into_iter()
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .collect();
+    ids.sort();
+    let mut expected: Vec<String> = committed;
+    for down in 0..3 {
+        for i in 0..5 {
+            expected.push(format!("plain-{down}-{i}"));
+        }
+    }
+    expected.sort();
+    assert_eq!(ids, expected);
+    drop(sidecar);
+    drop(app);
+    Ok(())
+}
