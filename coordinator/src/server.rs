@@ -13,8 +13,13 @@
 //! checked back, consumers resume from committed offsets), and serves while
 //! it keeps renewing the lease. Until then, and again after it loses the
 //! lease, cannot renew it in time, or a write fails, it reports
-//! NOT_SERVING and refuses requests as UNAVAILABLE naming the holder, so
-//! clients go there; then it tries again. The lease's epoch fences every
+//! NOT_SERVING for the coordinator service and refuses requests as
+//! UNAVAILABLE naming the holder, so clients go there; then it tries again.
+//! The server's overall health (service name "") says whether the replica
+//! reaches the database, which is what readiness should check: a standby
+//! that does is useful (it sends clients to the holder and is ready to take
+//! over), and marking standbys unready would leave a disruption budget
+//! nothing to allow. The lease's epoch fences every
 //! write: a replica that was paused past its lease cannot write a row after
 //! its successor took over.
 
@@ -127,6 +132,9 @@ impl Coordinator {
             .map_err(|e| Error::Serve(e.to_string()))?;
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_not_serving::<Service>().await;
+        if matches!(self.config.store, Store::Postgres { .. }) {
+            reaches_store(&health, false).await;
+        }
         let (role, role_rx) = watch::channel(Role::Standby { owner: None });
         let service = CoordinatorServer::new(CoordinatorService::with_role(
             role_rx,
@@ -250,6 +258,7 @@ impl Replica<'_> {
                 r = attempt => match r {
                     Ok(v) => v,
                     Err(e) => {
+                        reaches_store(self.health, false).await;
                         tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach PostgreSQL or take the lease");
                         tokio::select! {
                             () = &mut shutdown => return Ok(()),
@@ -296,7 +305,9 @@ impl Replica<'_> {
     async fn point_to_holder(&self, store: &PgStore, period: Duration) {
         let until = Instant::now() + period;
         while Instant::now() < until {
-            if let Ok(holder) = store.holder(LEASE_NAME).await {
+            let holder = store.holder(LEASE_NAME).await;
+            reaches_store(self.health, holder.is_ok()).await;
+            if let Ok(holder) = holder {
                 let owner = holder
                     .filter(|h| h.expires_in > 0 && h.owner != self.config.replication.replica_id)
                     .map(|h| h.address);
@@ -319,6 +330,7 @@ impl Replica<'_> {
                 return Ok(lease);
             }
             let holder = store.holder(LEASE_NAME).await?;
+            reaches_store(self.health, true).await;
             let owner = holder.as_ref().map(|h| h.address.clone());
             if owner != shown {
                 tracing::info!(owner = ?owner, "another replica holds the lease: standing by");
@@ -358,6 +370,7 @@ impl Replica<'_> {
         .await?;
         let retention = data.spawn_retention(c.retention_schedule.clone());
         self.role.send_replace(Role::Active(broker.clone()));
+        reaches_store(self.health, true).await;
         self.health.set_serving::<Service>().await;
         tracing::info!(
             epoch = lease.epoch,
@@ -371,6 +384,10 @@ impl Replica<'_> {
             cause = keep(store, lease, c.replication.lease) => Ended::Lost(cause),
         };
         self.health.set_not_serving::<Service>().await;
+        if matches!(ended, Ended::Lost(_)) {
+            // Until it is seen to reach the database again.
+            reaches_store(self.health, false).await;
+        }
         self.role.send_replace(Role::Standby { owner: None });
         retention.abort();
         if matches!(ended, Ended::Shutdown) {
@@ -383,6 +400,17 @@ impl Replica<'_> {
         internal.close().await;
         Ok(ended)
     }
+}
+
+/// Sets the server's overall health (service "") to whether the replica
+/// reaches its database.
+async fn reaches_store(health: &HealthReporter, yes: bool) {
+    let status = if yes {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    health.set_service_status("", status).await;
 }
 
 /// Renews `lease` every third of its length; resolves with the reason once

@@ -199,6 +199,22 @@ impl Replicas {
     }
 }
 
+/// The health a replica reports for `service` ("" for the server).
+async fn health(port: u16, service: &str) -> TestResult<i32> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+        .connect()
+        .await?;
+    let mut h = HealthClient::new(channel);
+    Ok(h.check(HealthCheckRequest {
+        service: service.into(),
+    })
+    .await?
+    .into_inner()
+    .status)
+}
+
 async fn client(port: u16) -> TestResult<CoordinatorClient<tonic::transport::Channel>> {
     Ok(CoordinatorClient::connect(format!("http://127.0.0.1:{port}")).await?)
 }
@@ -227,6 +243,18 @@ async fn a_holder_paused_past_its_lease_cannot_write_when_it_wakes() -> TestResu
 
 async fn paused_holder(r: &mut Replicas) -> TestResult {
     let (old, epoch) = r.holder(None).await?;
+    // Health: every replica reaches the database (ready); only the holder
+    // serves the coordinator service.
+    let serving = tonic_health::ServingStatus::Serving as i32;
+    let coordinator = "tandem.coordinator.v1.Coordinator";
+    for (i, port) in r.ports.iter().enumerate() {
+        let all = eventually("a replica reaching the database", || async {
+            Ok((health(*port, "").await? == serving).then_some(()))
+        });
+        all.await?;
+        let named = health(*port, coordinator).await?;
+        assert_eq!(named == serving, i == old, "replica {i}: {named}");
+    }
     let mut c = client(r.ports[old]).await?;
     c.create_topic(pb::CreateTopicRequest {
         name: "t".into(),
