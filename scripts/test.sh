@@ -75,8 +75,16 @@ fi
 # real processes, each cycle's history checked. A failing cycle prints its
 # seed; `target/debug/tandem-e2e campaign --seed S --cycles 1` replays it.
 # TANDEM_CAMPAIGN_CYCLES=0 skips it.
+# Then a few cycles with three coordinator replicas on a PostgreSQL server
+# of the campaign's own (TANDEM_REPLICATED_CYCLES, default 2).
 cycles="${TANDEM_CAMPAIGN_CYCLES:-6}"
-if [ "$cycles" -gt 0 ]; then
+replicated="${TANDEM_REPLICATED_CYCLES:-2}"
+if [ "$cycles" -gt 0 ] || [ "$replicated" -gt 0 ]; then
     cargo build -p tandem-e2e --bin tandem-e2e
+fi
+if [ "$cycles" -gt 0 ]; then
     target/debug/tandem-e2e campaign --cycles "$cycles" --dir target/campaign
+fi
+if [ "$replicated" -gt 0 ]; then
+    target/debug/tandem-e2e campaign --replicated --cycles "$replicated" --dir target/campaign
 fi

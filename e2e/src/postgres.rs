@@ -1,5 +1,6 @@
 //! A private PostgreSQL server for fault runs that restart it: initialised
-//! in a folder of its own from the binaries of Debian's packages
+//! in a folder of its own (removed when it stops) from the binaries of
+//! Debian's packages
 //! (`/usr/lib/postgresql/<version>/bin`, which `scripts/test.sh` installs),
 //! listening on a loopback ephemeral port, stopped when dropped. As root it
 //! runs as the `postgres` account the package creates (PostgreSQL refuses
@@ -143,5 +144,6 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         let _ = self.pg_ctl(&["stop", "-m", "immediate"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -573,7 +573,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<CycleReport>> {
         }
     );
     let postgres = if opts.replicated {
-        let dir = opts.root.join(format!("postgres-{}", std::process::id()));
+        // Under the system's temporary folder: as root the server runs as
+        // the postgres account, which must be able to reach its folder.
+        let dir = std::env::temp_dir().join(format!("tandem-campaign-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         Some(Arc::new(
             crate::postgres::Postgres::start(&dir).context("starting PostgreSQL")?,
