@@ -27,6 +27,11 @@ const FAILOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 /// While none serves (the holder just died), it tries again for up to 20 s.
 pub async fn connect(urls: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
     let configured: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+    for u in &configured {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            anyhow::bail!("--coordinator: {u:?} is not an http:// or https:// URL");
+        }
+    }
     let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
     let mut pause = std::time::Duration::from_millis(100);
     loop {
@@ -51,7 +56,11 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
             continue;
         }
         tried.push(url.clone());
-        let client = match CoordinatorClient::connect(url.clone()).await {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.clone())?
+            .connect_timeout(std::time::Duration::from_secs(3))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(2))
+            .keep_alive_timeout(std::time::Duration::from_secs(3));
+        let client = match endpoint.connect().await.map(CoordinatorClient::new) {
             Ok(c) => c
                 .max_decoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES)
                 .max_encoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES),
@@ -61,7 +70,14 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
                 continue;
             }
         };
-        match client.clone().list_topics(ListTopicsRequest {}).await {
+        // A frozen replica answers nothing: not waited for long.
+        let probe = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            client.clone().list_topics(ListTopicsRequest {}),
+        )
+        .await
+        .unwrap_or_else(|_| Err(tonic::Status::unavailable("no answer within 5 s")));
+        match probe {
             Ok(_) => return Ok(client),
             Err(s) if s.code() == tonic::Code::Unavailable => {
                 if let Some(owner) = s

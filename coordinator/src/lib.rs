@@ -37,7 +37,7 @@ pub use error::{Error, Result};
 pub use server::{Coordinator, LEASE_NAME, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};
 pub use service::{
     CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, OWNER_METADATA, Role,
-    SIDECAR_SESSION_TIMEOUT, check_group, check_id,
+    SIDECAR_SESSION_TIMEOUT, Validity, check_group, check_id,
 };
 pub use settings::ConfigError;
 pub use topics::{MAX_PARTITIONS, TopicMeta};

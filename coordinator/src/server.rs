@@ -40,7 +40,7 @@ use tonic_health::server::HealthReporter;
 use crate::broker::Broker;
 use crate::config::{Config, Store};
 use crate::error::{Error, Result};
-use crate::service::{CoordinatorService, Role};
+use crate::service::{CoordinatorService, Role, Validity};
 
 /// Largest gRPC request or response accepted.
 pub const MAX_REQUEST_BYTES: usize = 64 << 20;
@@ -201,7 +201,7 @@ async fn serve_embedded(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let retention = e.data.spawn_retention(config.retention_schedule.clone());
-    role.send_replace(Role::Active(e.broker.clone()));
+    role.send_replace(Role::Active(e.broker.clone(), None));
     health.set_serving::<Service>().await;
     let (mut a, mut b) = (e.data.failed(), e.internal.failed());
     tokio::select! {
@@ -253,7 +253,7 @@ impl Replica<'_> {
                 let lease = self.take_lease(&store).await?;
                 Ok::<_, Error>((store, lease))
             };
-            let (store, lease) = tokio::select! {
+            let (store, (lease, taken_at)) = tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 r = attempt => match r {
                     Ok(v) => v,
@@ -270,7 +270,10 @@ impl Replica<'_> {
                 },
             };
             backoff = Duration::from_millis(100);
-            match self.serve_lease(&store, &lease, &mut shutdown).await {
+            match self
+                .serve_lease(&store, &lease, taken_at, &mut shutdown)
+                .await
+            {
                 Ok(Ended::Shutdown) => {
                     if let Err(e) = store.release(&lease).await {
                         tracing::warn!(error = %e, "could not release the lease; it expires on its own");
@@ -318,19 +321,34 @@ impl Replica<'_> {
     }
 
     /// Waits until this replica holds the lease, telling clients meanwhile
-    /// who does.
-    async fn take_lease(&self, store: &PgStore) -> Result<tandem_storage::Lease> {
+    /// who does; returns it with the moment before the statement that took
+    /// it (its length counts from there for this replica).
+    async fn take_lease(&self, store: &PgStore) -> Result<(tandem_storage::Lease, Instant)> {
         let r = &self.config.replication;
         let mut shown = None;
         loop {
-            if let Some(lease) = store
-                .acquire(LEASE_NAME, &r.replica_id, &self.advertise, r.lease)
+            // Only a lease that looks free is taken (taking it locks the row
+            // and waits for the holder's writes in flight).
+            let holder = store
+                .holder(LEASE_NAME)
                 .await?
-            {
-                return Ok(lease);
-            }
-            let holder = store.holder(LEASE_NAME).await?;
+                .filter(|h| h.expires_in > 0 && h.owner != r.replica_id);
             reaches_store(self.health, true).await;
+            if holder.is_none() {
+                if shown.is_some() {
+                    // The holder's lease ran out: nobody to send clients to.
+                    self.role.send_replace(Role::Standby { owner: None });
+                    shown = None;
+                }
+                let before = Instant::now();
+                if let Some(lease) = store
+                    .acquire(LEASE_NAME, &r.replica_id, &self.advertise, r.lease)
+                    .await?
+                {
+                    return Ok((lease, before));
+                }
+                continue;
+            }
             let owner = holder.as_ref().map(|h| h.address.clone());
             if owner != shown {
                 tracing::info!(owner = ?owner, "another replica holds the lease: standing by");
@@ -350,26 +368,41 @@ impl Replica<'_> {
         }
     }
 
-    /// Opens the logs under `lease` and serves until the shutdown, the loss
-    /// of the lease, or a failed write.
+    /// Opens the logs under `lease` (taken at `taken_at`) and serves until
+    /// the shutdown, the loss of the lease, or a failed write. The lease is
+    /// renewed from the start, recovery included.
     async fn serve_lease(
         &self,
         store: &PgStore,
         lease: &tandem_storage::Lease,
+        taken_at: Instant,
         shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
     ) -> Result<Ended> {
         let started = Instant::now();
         let c = self.config;
-        let data = store.open("topics", lease, c.log.clone()).await?;
-        let internal = store.open("internal", lease, internal_config(c)).await?;
-        let broker = open_broker(
-            c,
-            StoreLog::Postgres(data.clone()),
-            StoreLog::Postgres(internal.clone()),
-        )
-        .await?;
+        let ttl = c.replication.lease;
+        let validity = Arc::new(Validity::new(taken_at + margin(ttl)));
+        let keeper = keep(store, lease, ttl, &validity);
+        tokio::pin!(keeper);
+        let open = async {
+            let data = store.open("topics", lease, c.log.clone()).await?;
+            let internal = store.open("internal", lease, internal_config(c)).await?;
+            let broker = open_broker(
+                c,
+                StoreLog::Postgres(data.clone()),
+                StoreLog::Postgres(internal.clone()),
+            )
+            .await?;
+            Ok::<_, Error>((data, internal, broker))
+        };
+        let (data, internal, broker) = tokio::select! {
+            opened = open => opened?,
+            cause = &mut keeper => return Ok(Ended::Lost(format!("while recovering: {cause}"))),
+            () = shutdown.as_mut() => return Ok(Ended::Shutdown),
+        };
         let retention = data.spawn_retention(c.retention_schedule.clone());
-        self.role.send_replace(Role::Active(broker.clone()));
+        self.role
+            .send_replace(Role::Active(broker.clone(), Some(validity.clone())));
         reaches_store(self.health, true).await;
         self.health.set_serving::<Service>().await;
         tracing::info!(
@@ -381,7 +414,7 @@ impl Replica<'_> {
         let ended = tokio::select! {
             () = shutdown.as_mut() => Ended::Shutdown,
             cause = first_failure(&mut a, &mut b) => Ended::Lost(format!("a write failed: {cause}")),
-            cause = keep(store, lease, c.replication.lease) => Ended::Lost(cause),
+            cause = &mut keeper => Ended::Lost(cause),
         };
         self.health.set_not_serving::<Service>().await;
         if matches!(ended, Ended::Lost(_)) {
@@ -413,25 +446,35 @@ async fn reaches_store(health: &HealthReporter, yes: bool) {
     health.set_service_status("", status).await;
 }
 
-/// Renews `lease` every third of its length; resolves with the reason once
-/// it is lost or could not be renewed before it would expire.
-async fn keep(store: &PgStore, lease: &tandem_storage::Lease, ttl: Duration) -> String {
-    // Counted from before the statement that took or renewed it, so this
-    // replica stops before any other may start.
-    let mut valid_until = Instant::now() + ttl;
+/// How long this replica counts on a lease of length `ttl` from the moment
+/// before the statement that took or renewed it: a tenth less, for the
+/// time the statement took to reach the server and clocks that run apart.
+fn margin(ttl: Duration) -> Duration {
+    ttl - ttl / 10
+}
+
+/// Renews `lease` every third of its length, moving `validity` on; resolves
+/// with the reason once it is lost or could not be renewed before this
+/// replica's count of it runs out.
+async fn keep(
+    store: &PgStore,
+    lease: &tandem_storage::Lease,
+    ttl: Duration,
+    validity: &Validity,
+) -> String {
     loop {
         tokio::time::sleep(ttl / 3).await;
         let sent = Instant::now();
-        match tokio::time::timeout_at(valid_until, store.renew(lease, ttl)).await {
-            Ok(Ok(true)) => valid_until = sent + ttl,
+        match tokio::time::timeout_at(validity.until(), store.renew(lease, ttl)).await {
+            Ok(Ok(true)) => validity.extend(sent + margin(ttl)),
             Ok(Ok(false)) => return "another replica took the lease over".into(),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not renew the lease; retrying");
-                if Instant::now() >= valid_until {
-                    return "the lease expired before it could be renewed".into();
+                if Instant::now() >= validity.until() {
+                    return "the lease ran out before it could be renewed".into();
                 }
             }
-            Err(_) => return "the lease expired before it could be renewed".into(),
+            Err(_) => return "the lease ran out before it could be renewed".into(),
         }
     }
 }

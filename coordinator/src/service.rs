@@ -51,10 +51,49 @@ pub fn check_group(field: &str, group: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// Until when a replica may answer: the end of its lease as it counts it
+/// (renewals move it on). Past it, the replica refuses, even before it
+/// has noticed the loss: another one may hold the lease by then.
+#[derive(Debug)]
+pub struct Validity {
+    base: tokio::time::Instant,
+    until_us: std::sync::atomic::AtomicU64,
+}
+
+impl Validity {
+    /// Valid until `until`.
+    pub fn new(until: tokio::time::Instant) -> Validity {
+        let base = tokio::time::Instant::now();
+        let v = Validity {
+            base,
+            until_us: std::sync::atomic::AtomicU64::new(0),
+        };
+        v.extend(until);
+        v
+    }
+
+    /// Valid until `until` now.
+    pub fn extend(&self, until: tokio::time::Instant) {
+        let us = until.saturating_duration_since(self.base).as_micros() as u64;
+        self.until_us
+            .store(us, std::sync::atomic::Ordering::Release);
+    }
+
+    /// The end of validity.
+    pub fn until(&self) -> tokio::time::Instant {
+        self.base + Duration::from_micros(self.until_us.load(std::sync::atomic::Ordering::Acquire))
+    }
+
+    /// Still valid.
+    pub fn valid(&self) -> bool {
+        tokio::time::Instant::now() < self.until()
+    }
+}
+
 /// What a replica serves right now.
 pub enum Role<L> {
-    /// It holds the lease: this broker answers.
-    Active(Arc<Broker<L>>),
+    /// It serves this broker; on a shared store, while its lease is valid.
+    Active(Arc<Broker<L>>, Option<Arc<Validity>>),
     /// It does not: requests are refused as UNAVAILABLE, naming the holder
     /// when known (in the message and the `tandem-owner` metadata), so that
     /// clients go there.
@@ -67,7 +106,7 @@ pub enum Role<L> {
 impl<L> Clone for Role<L> {
     fn clone(&self) -> Self {
         match self {
-            Role::Active(b) => Role::Active(b.clone()),
+            Role::Active(b, v) => Role::Active(b.clone(), v.clone()),
             Role::Standby { owner } => Role::Standby {
                 owner: owner.clone(),
             },
@@ -94,7 +133,7 @@ impl<L> CoordinatorService<L> {
         default_session_timeout: Duration,
     ) -> Self {
         Self::with_role(
-            watch::channel(Role::Active(broker)).1,
+            watch::channel(Role::Active(broker, None)).1,
             max_message_bytes,
             default_session_timeout,
         )
@@ -115,7 +154,10 @@ impl<L> CoordinatorService<L> {
 
     fn broker(&self) -> Result<Arc<Broker<L>>, Status> {
         match &*self.role.borrow() {
-            Role::Active(b) => Ok(b.clone()),
+            Role::Active(_, Some(v)) if !v.valid() => Err(Status::unavailable(
+                "this coordinator replica's lease ran out before it could renew it",
+            )),
+            Role::Active(b, _) => Ok(b.clone()),
             Role::Standby { owner } => Err(not_serving(owner.as_deref())),
         }
     }
@@ -581,7 +623,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                         Ok(Err(s)) => break format!("stream broke: {}", s.message()),
                         Err(_) => break "no heartbeat within the session timeout".to_owned(),
                     },
-                    _ = shutdown.wait_for(|s| *s) => break "coordinator shutting down".to_owned(),
+                    _ = shutdown.wait_for(|s| *s) => break "the coordinator stopped serving (shutting down or no longer the lease holder)".to_owned(),
                 }
             };
             sessions.unregister(&hello.service, id);

@@ -840,13 +840,21 @@ impl TxnState {
                 let due = rec
                     .prepared_at_ms
                     .saturating_add(millis(check_delay(s, rec.checks)));
-                let at_ms = due.max(now);
+                // Not before the producers' sidecars can have opened their
+                // sessions again (their reconnect backoff is at most 5 s):
+                // a check-back with nobody to ask would spend an attempt.
+                let grace = millis(s.check_after.min(RECONNECT_GRACE));
+                let at_ms = due.max(now.saturating_add(grace));
                 self.due_at = Some(at_ms);
                 vec![Effect::Note(Note::Reopened), Effect::Schedule { at_ms }]
             }
         }
     }
 }
+
+/// How long after a start-up (or a takeover) open transactions wait for
+/// their first check-back at least (capped by `check_after`).
+const RECONNECT_GRACE: Duration = Duration::from_secs(5);
 
 /// The message a commit appends: the half message, its id the transaction
 /// id, marked as this transaction's.

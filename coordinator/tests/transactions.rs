@@ -589,6 +589,13 @@ async fn a_prepare_repeated_by_the_same_call_is_that_calls_own(backend: Backend)
     let again = client.prepare(req("call-1")).await?.into_inner();
     assert!(!again.existed, "the same call: {again:?}");
     assert_eq!(again.prepared_at_ms, first.prepared_at_ms);
+    // Still so after a restart (on PostgreSQL: as another replica would
+    // find it after a takeover).
+    c.stop().await?;
+    let c = Running::start(&store).await?;
+    let mut client = c.client().await?;
+    let after = client.prepare(req("call-1")).await?.into_inner();
+    assert!(!after.existed, "the same call after a restart: {after:?}");
     let other = client.prepare(req("call-2")).await?.into_inner();
     assert!(other.existed, "another call: {other:?}");
     let anonymous = client.prepare(req("")).await?.into_inner();

@@ -2,8 +2,11 @@
 //! at half of the peak rate, with fsync `always`.
 //!
 //! ```text
-//! cargo bench -p tandem-e2e --bench pubsub -- [--seconds S] [--sizes 100,1024]
+//! cargo bench -p tandem-e2e --bench pubsub -- [--seconds S] [--sizes 100,1024] [--postgres URL]
 //! ```
+//!
+//! `--postgres URL` (any database of a PostgreSQL server) runs the
+//! coordinator on PostgreSQL instead, in a fresh database it creates there.
 //!
 //! A coordinator (in this process, serving on 127.0.0.1) holds a topic of
 //! 4 partitions; publisher tasks send batches of 1 000 messages; one
@@ -207,6 +210,7 @@ fn pct(v: &[Duration], p: f64) -> Duration {
 fn main() {
     let mut secs = Duration::from_secs(5);
     let mut sizes = vec![100usize, 1024];
+    let mut postgres = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -225,6 +229,7 @@ fn main() {
                     .map(|s| s.parse().expect("size in bytes"))
                     .collect()
             }
+            "--postgres" => postgres = Some(args.next().expect("--postgres URL")),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -236,8 +241,21 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary folder");
+        let store = match &postgres {
+            Some(url) => tandem_e2e::bench::fresh_store(url).await,
+            None => tandem_coordinator::Store::Embedded,
+        };
+        println!(
+            "store: {}",
+            if postgres.is_some() {
+                "PostgreSQL"
+            } else {
+                "embedded"
+            }
+        );
         let config = Config {
             data_dir: dir.path().to_owned(),
+            store,
             ..Config::default()
         };
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -247,6 +265,7 @@ fn main() {
         let server = tokio::spawn(coordinator.serve(listener, async {
             let _ = stop_rx.await;
         }));
+        tandem_e2e::bench::wait_serving(&addr).await;
         let mut c = client(&addr).await;
         println!(
             "{:>6} {:>14} {:>14} {:>10} {:>14} {:>10} {:>10}",

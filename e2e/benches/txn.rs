@@ -2,8 +2,11 @@
 //! Commit → delivered → deduplicated acknowledgement, with fsync `always`.
 //!
 //! ```text
-//! cargo bench -p tandem-e2e --bench txn -- [--seconds S] [--workers N] [--paced RATE] [--no-local]
+//! cargo bench -p tandem-e2e --bench txn -- [--seconds S] [--workers N] [--paced RATE] [--no-local] [--postgres URL]
 //! ```
+//!
+//! `--postgres URL` (any database of a PostgreSQL server) runs the
+//! coordinator on PostgreSQL instead, in a fresh database it creates there.
 //!
 //! One process holds a coordinator, a producer sidecar (service `orders`), a
 //! consumer sidecar (service `cart`, dedup through `tandem_inbox`) and the
@@ -167,6 +170,7 @@ fn main() {
     let mut workers = 64usize;
     let mut paced = 5000.0f64;
     let mut local = true;
+    let mut postgres = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut num = || {
@@ -179,6 +183,7 @@ fn main() {
             "--workers" => workers = num() as usize,
             "--paced" => paced = num(),
             "--no-local" => local = false,
+            "--postgres" => postgres = Some(args.next().expect("--postgres URL")),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -191,14 +196,20 @@ fn main() {
     rt.block_on(async move {
         let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temporary folder");
         let (cl, caddr) = listener().await;
+        let store = match &postgres {
+            Some(url) => tandem_e2e::bench::fresh_store(url).await,
+            None => tandem_coordinator::Store::Embedded,
+        };
         let coordinator = tandem_coordinator::Coordinator::open(tandem_coordinator::Config {
             data_dir: dir.path().join("coordinator"),
+            store,
             ..Default::default()
         })
         .await
         .expect("coordinator");
         tokio::spawn(coordinator.serve(cl, std::future::pending()));
         let coordinator_url = format!("http://{caddr}");
+        tandem_e2e::bench::wait_serving(&coordinator_url).await;
         CoordinatorClient::connect(coordinator_url.clone())
             .await
             .expect("connect")
@@ -324,9 +335,10 @@ fn main() {
         let mut lat = handler.latencies.lock().await.clone();
         lat.sort_unstable();
         println!(
-            "{workers} workers, local transaction {}, {} s per phase",
+            "{workers} workers, local transaction {}, {} s per phase, coordinator on {}",
             if local { "on SQLite (FULL sync, one writer)" } else { "skipped" },
-            secs.as_secs_f64()
+            secs.as_secs_f64(),
+            if postgres.is_some() { "PostgreSQL" } else { "the embedded store" }
         );
         println!("peak: {committed:.0} transactions/s committed, {handled:.0} messages/s handled (deduplicated ack)");
         println!("  {}", stages.report());

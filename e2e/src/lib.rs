@@ -3,6 +3,7 @@
 //! demo, and the test application the fault tests drive. The fault tests
 //! themselves are in `tests/`, the benchmark drivers in `benches/`.
 
+pub mod bench;
 pub mod campaign;
 pub mod cart;
 pub mod db;

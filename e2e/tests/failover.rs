@@ -92,11 +92,20 @@ async fn lease_holders_paused_past_their_lease_under_load_lose_nothing() -> Test
     let Some(r) = campaign_with("stop-holder", 1003).await? else {
         return Ok(());
     };
-    let stops = r
+    let taken = r
         .faults
-        .get("SIGSTOP of the lease holder past its lease")
+        .get("SIGSTOP of the lease holder past its lease, taken over")
         .copied();
-    assert!(stops >= Some(1), "the holder was paused: {:?}", r.faults);
+    assert!(
+        taken >= Some(1),
+        "another replica took over while the holder was paused: {:?}",
+        r.faults
+    );
+    assert!(
+        r.tally.committed > 0 && r.tally.effects > 0,
+        "{:?}",
+        r.tally
+    );
     Ok(())
 }
 
@@ -106,10 +115,16 @@ struct Replicas {
     url: String,
     procs: Vec<Process>,
     ports: Vec<u16>,
+    /// Failpoints armed in every replica.
+    failpoints: Option<String>,
 }
 
 impl Replicas {
     async fn start() -> TestResult<Option<Replicas>> {
+        Self::start_with(None).await
+    }
+
+    async fn start_with(failpoints: Option<&str>) -> TestResult<Option<Replicas>> {
         let Some(server) = postgres() else {
             return Ok(None);
         };
@@ -119,6 +134,7 @@ impl Replicas {
             url,
             procs: Vec::new(),
             ports: vec![0; 3],
+            failpoints: failpoints.map(str::to_owned),
         };
         for i in 0..3 {
             let p = r.spawn(i)?;
@@ -142,11 +158,16 @@ impl Replicas {
         ]
         .map(String::from)
         .to_vec();
+        let env: Vec<(&str, String)> = self
+            .failpoints
+            .iter()
+            .map(|f| ("TANDEM_FAILPOINTS", f.clone()))
+            .collect();
         Ok(Process::start(
             &format!("coordinator-{i}"),
             BIN.as_ref(),
             &args,
-            &[],
+            &env,
             self.dir.path(),
         )?)
     }
@@ -231,7 +252,10 @@ fn msg(id: &str) -> pb::Message {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_holder_paused_past_its_lease_cannot_write_when_it_wakes() -> TestResult {
-    let Some(mut r) = Replicas::start().await? else {
+    // Every append to a topic waits 1.5 s before its transaction, so that
+    // one is in flight when the holder is frozen.
+    let Some(mut r) = Replicas::start_with(Some("storage.pg.write:topics=delay:1500")).await?
+    else {
         return Ok(());
     };
     let result = paused_holder(&mut r).await;
@@ -267,19 +291,20 @@ async fn paused_holder(r: &mut Replicas) -> TestResult {
     })
     .await?;
 
-    // The holder freezes; a request sent to it meanwhile waits in its
-    // socket. Another replica takes the lease over.
-    r.procs[old].pause()?;
+    // A publish on its way to the log (held up before its transaction);
+    // the holder freezes; another replica takes the lease over.
     let stuck = {
         let mut c = c.clone();
         tokio::spawn(async move {
             c.publish(pb::PublishRequest {
                 topic: "t".into(),
-                messages: vec![msg("sent-to-the-frozen-holder")],
+                messages: vec![msg("in-flight-when-the-holder-froze")],
             })
             .await
         })
     };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    r.procs[old].pause()?;
     let (new, new_epoch) = r.holder(Some((old, epoch))).await?;
     let mut n = client(r.ports[new]).await?;
     n.publish(pb::PublishRequest {
@@ -288,7 +313,7 @@ async fn paused_holder(r: &mut Replicas) -> TestResult {
     })
     .await?;
 
-    // It wakes up: the request it held is refused, not written.
+    // It wakes up: its write goes to PostgreSQL and is refused there.
     r.procs[old].resume()?;
     let refused = tokio::time::timeout(Duration::from_secs(20), stuck)
         .await??
@@ -299,6 +324,12 @@ async fn paused_holder(r: &mut Replicas) -> TestResult {
         refused.message()
     );
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains(&format!(
+            "no longer held with epoch {epoch} (now epoch {new_epoch}): write refused"
+        )),
+        "refused by the fence: {refused:?}"
+    );
     // And from now on it refuses, soon sending clients to the new holder.
     let new_addr = format!("127.0.0.1:{}", r.ports[new]);
     eventually("the old holder naming the new one", || {

@@ -231,8 +231,19 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         };
         running.decided(state);
         let reply = match state {
-            pb::LocalState::Commit => response(txn_id.clone(), self.end(&txn_id, true).await?),
-            pb::LocalState::Rollback => response(txn_id.clone(), self.end(&txn_id, false).await?),
+            pb::LocalState::Commit | pb::LocalState::Rollback => {
+                let commit = state == pb::LocalState::Commit;
+                match self.end(&txn_id, commit).await {
+                    Ok(r) => response(txn_id.clone(), r),
+                    // The local transaction is decided: check-back will
+                    // settle it; the app is told so, not that it failed.
+                    Err(Error::Coordinator(s)) if lost_call(&s) => {
+                        tracing::warn!(txn = %txn_id, commit, error = %s.message(), "outcome not confirmed by any coordinator; left to check-back");
+                        left_to_check_back(txn_id)
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
             _ => left_to_check_back(txn_id),
         };
         Ok(Response::new(reply))

@@ -69,8 +69,9 @@ fn client(url: &str) -> Result<CoordinatorClient<Channel>> {
             // A connection that died silently (a black-holed network, a
             // peer that vanished) is noticed within seconds, not after the
             // kernel's TCP timeout: sessions reconnect instead of stalling.
-            .http2_keep_alive_interval(Duration::from_secs(5))
-            .keep_alive_timeout(Duration::from_secs(5))
+            .connect_timeout(Duration::from_secs(3))
+            .http2_keep_alive_interval(Duration::from_secs(2))
+            .keep_alive_timeout(Duration::from_secs(3))
             .keep_alive_while_idle(true)
             .connect_lazy(),
     )

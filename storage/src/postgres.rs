@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use futures_util::TryStreamExt;
 use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Postgres, Row, SqlStr, Transaction};
@@ -40,6 +41,9 @@ use crate::record::{Header, Record, StoredRecord, TopicPartition, validate_topic
 use crate::schedule::CronSchedule;
 use crate::segment::ReadBudget;
 use crate::{LogConfig, batch};
+
+/// Records deleted per transaction by retention.
+const RETENTION_STEP: u64 = 5_000;
 
 /// A lease held in `tandem_lease`: who holds it and with which epoch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,16 +89,25 @@ fn migrator() -> Migrator {
 
 impl PgStore {
     /// Connects to `url` (`postgres://…`) and creates or updates Tandem's
-    /// tables. Statements that cannot get a connection within
-    /// `acquire_timeout` fail.
-    pub async fn connect(url: &str, acquire_timeout: Duration) -> Result<PgStore> {
+    /// tables. Nothing waits longer than `timeout` (a lease's length, for a
+    /// coordinator): not for a connection, not a statement, not a lock, and
+    /// the server ends a session left idle inside a transaction that long
+    /// (a holder frozen mid-write), so that its locks cannot hold a
+    /// takeover up.
+    pub async fn connect(url: &str, timeout: Duration) -> Result<PgStore> {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| Error::Store {
             what: "parse the PostgreSQL URL",
             cause: e.to_string(),
         })?;
+        let ms = timeout.as_millis().max(1).to_string();
+        let options = options.options([
+            ("statement_timeout", ms.as_str()),
+            ("lock_timeout", ms.as_str()),
+            ("idle_in_transaction_session_timeout", ms.as_str()),
+        ]);
         let pool = PgPoolOptions::new()
             .max_connections(8)
-            .acquire_timeout(acquire_timeout)
+            .acquire_timeout(timeout)
             .connect_with(options)
             .await
             .map_err(db("connect to PostgreSQL"))?;
@@ -134,19 +147,30 @@ impl PgStore {
         .execute(&self.pool)
         .await
         .map_err(db("create a lease"))?;
+        // The row locked FOR UPDATE first: that waits for every write in
+        // flight under the current epoch (they hold it FOR KEY SHARE) to
+        // commit or roll back, so none can land after the epoch moves.
+        // Expiry is judged by the clock at the statement, not at BEGIN.
+        let mut tx = self.pool.begin().await.map_err(db("take a lease"))?;
+        sqlx::query("SELECT 1 FROM tandem_lease WHERE name = $1 FOR UPDATE")
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(db("take a lease"))?;
         let row = sqlx::query(
             "UPDATE tandem_lease SET owner = $2, address = $3, epoch = epoch + 1, \
-                 expires_at = now() + make_interval(secs => $4::bigint / 1000.0) \
-             WHERE name = $1 AND (expires_at <= now() OR owner = $2) \
+                 expires_at = clock_timestamp() + make_interval(secs => $4::bigint / 1000.0) \
+             WHERE name = $1 AND (expires_at <= clock_timestamp() OR owner = $2) \
              RETURNING epoch",
         )
         .bind(name)
         .bind(owner)
         .bind(address)
         .bind(ttl_ms)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await
         .map_err(db("take a lease"))?;
+        tx.commit().await.map_err(db("take a lease"))?;
         Ok(row.map(|r| Lease {
             name: name.to_owned(),
             owner: owner.to_owned(),
@@ -157,10 +181,12 @@ impl PgStore {
     }
 
     /// Extends `lease` by `ttl` from now; false if it is no longer held with
-    /// that epoch.
+    /// that epoch. (Not a key update: it does not wait for writes in
+    /// flight, which hold the row FOR KEY SHARE.)
     pub async fn renew(&self, lease: &Lease, ttl: Duration) -> Result<bool> {
         let r = sqlx::query(
-            "UPDATE tandem_lease SET expires_at = now() + make_interval(secs => $3::bigint / 1000.0) \
+            "UPDATE tandem_lease \
+             SET expires_at = clock_timestamp() + make_interval(secs => $3::bigint / 1000.0) \
              WHERE name = $1 AND epoch = $2",
         )
         .bind(&lease.name)
@@ -174,12 +200,14 @@ impl PgStore {
 
     /// Lets `lease` expire now, so another replica may take it at once.
     pub async fn release(&self, lease: &Lease) -> Result<()> {
-        sqlx::query("UPDATE tandem_lease SET expires_at = now() WHERE name = $1 AND epoch = $2")
-            .bind(&lease.name)
-            .bind(lease.epoch)
-            .execute(&self.pool)
-            .await
-            .map_err(db("release a lease"))?;
+        sqlx::query(
+            "UPDATE tandem_lease SET expires_at = clock_timestamp() WHERE name = $1 AND epoch = $2",
+        )
+        .bind(&lease.name)
+        .bind(lease.epoch)
+        .execute(&self.pool)
+        .await
+        .map_err(db("release a lease"))?;
         Ok(())
     }
 
@@ -187,7 +215,7 @@ impl PgStore {
     pub async fn holder(&self, name: &str) -> Result<Option<Lease>> {
         let row = sqlx::query(
             "SELECT owner, address, epoch, \
-                 (extract(epoch from expires_at - now()) * 1000)::bigint \
+                 (extract(epoch from expires_at - clock_timestamp()) * 1000)::bigint \
              FROM tandem_lease WHERE name = $1",
         )
         .bind(name)
@@ -233,13 +261,15 @@ impl PgStore {
             lease: lease.clone(),
             config,
             parts: RwLock::new(parts),
-            queue: Mutex::new(Some(queue)),
             failed: watch::Sender::new(None),
             writer: Mutex::new(None),
         });
         let task = tokio::spawn(write_loop(inner.clone(), rx));
         *lock(&inner.writer) = Some(task);
-        Ok(PgLog { inner })
+        Ok(PgLog {
+            inner,
+            queue: Arc::new(Mutex::new(Some(queue))),
+        })
     }
 }
 
@@ -291,8 +321,6 @@ struct Inner {
     lease: Lease,
     config: LogConfig,
     parts: RwLock<HashMap<TopicPartition, Arc<Part>>>,
-    /// Taken on close, which ends the writer once the queue is drained.
-    queue: Mutex<Option<mpsc::Sender<Pending>>>,
     failed: watch::Sender<Option<String>>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -301,6 +329,9 @@ struct Inner {
 #[derive(Clone)]
 pub struct PgLog {
     inner: Arc<Inner>,
+    /// The writer's queue, held by the handles only: taken on close, or
+    /// dropped with the last handle, it ends the writer once drained.
+    queue: Arc<Mutex<Option<mpsc::Sender<Pending>>>>,
 }
 
 impl std::fmt::Debug for PgLog {
@@ -369,11 +400,13 @@ fn decode_headers(b: Option<Vec<u8>>) -> std::result::Result<Vec<Header>, String
 }
 
 /// Locks the lease row for the rest of `tx` and checks its epoch: a
-/// replica taking the lease over waits for this transaction, and this one
-/// sees the new epoch if the takeover came first.
+/// replica taking the lease over (which locks the row FOR UPDATE) waits for
+/// this transaction, and this one sees the new epoch if the takeover came
+/// first. KEY SHARE, so that the holder's renewals (which change no key)
+/// never wait for writes.
 async fn fence(tx: &mut Transaction<'_, Postgres>, lease: &Lease) -> Result<()> {
     let epoch: Option<i64> =
-        sqlx::query_scalar("SELECT epoch FROM tandem_lease WHERE name = $1 FOR SHARE")
+        sqlx::query_scalar("SELECT epoch FROM tandem_lease WHERE name = $1 FOR KEY SHARE")
             .bind(&lease.name)
             .fetch_optional(&mut **tx)
             .await
@@ -481,9 +514,18 @@ impl PgLog {
                     target = target.max(o as u64 + 1);
                 }
             }
-            if target > before.log_start {
-                let start = self.truncate_before(&tp, target).await?;
-                deleted += start.saturating_sub(before.log_start) as usize;
+            // In steps, each its own short transaction: a long delete would
+            // hold the lease row (KEY SHARE) and hold a takeover up.
+            let mut start = before.log_start;
+            while start < target {
+                let next = self
+                    .truncate_before(&tp, target.min(start + RETENTION_STEP))
+                    .await?;
+                if next <= start {
+                    break;
+                }
+                deleted += (next - start) as usize;
+                start = next;
             }
         }
         Ok(deleted)
@@ -507,7 +549,7 @@ impl PgLog {
     /// Lets queued appends finish and stops the writer; wakes waiters.
     /// Appends after this fail with [`Error::Closed`].
     pub async fn close(&self) {
-        drop(lock(&self.inner.queue).take());
+        drop(lock(&self.queue).take());
         let task = lock(&self.inner.writer).take();
         if let Some(task) = task {
             let _ = task.await;
@@ -628,7 +670,11 @@ async fn write_group(inner: &Inner, group: &[Pending]) -> Result<Vec<AppendAck>>
             last_offset: entry.1 - 1,
         });
     }
-    if crate::failpoint::error(&format!("storage.pg.write:{}", inner.ns)) {
+    let point = format!("storage.pg.write:{}", inner.ns);
+    if let Some(d) = crate::failpoint::delay(&point) {
+        tokio::time::sleep(d).await;
+    }
+    if crate::failpoint::error(&point) {
         return Err(Error::Store {
             what: "append",
             cause: "failpoint".into(),
@@ -769,7 +815,7 @@ impl Log for PgLog {
         let part = self.part(tp)?;
         self.check_failed(tp)?;
         let (reply, rx) = oneshot::channel();
-        let queue = lock(&self.inner.queue).clone().ok_or(Error::Closed)?;
+        let queue = lock(&self.queue).clone().ok_or(Error::Closed)?;
         queue
             .send(Pending {
                 tp: tp.clone(),
@@ -815,7 +861,9 @@ impl Log for PgLog {
         if let Some(d) = crate::failpoint::delay(&format!("storage.read:{tp}")) {
             tokio::time::sleep(d).await;
         }
-        let rows = sqlx::query(
+        // Streamed, and dropped once the byte budget is spent: a budget of
+        // 1 MiB never fetches more than about that.
+        let mut rows = sqlx::query(
             "SELECT \"offset\", id, key, value, headers, timestamp_ms FROM tandem_record \
              WHERE ns = $1 AND topic = $2 AND partition = $3 AND \"offset\" >= $4 \
                  AND \"offset\" < $5 \
@@ -827,12 +875,10 @@ impl Log for PgLog {
         .bind(from as i64)
         .bind(s.next as i64)
         .bind(budget.max_records.min(i64::MAX as usize) as i64)
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(db("read"))?;
-        let mut out = Vec::with_capacity(rows.len());
+        .fetch(&self.inner.pool);
+        let mut out = Vec::new();
         let mut bytes = 0;
-        for r in rows {
+        while let Some(r) = rows.try_next().await.map_err(db("read"))? {
             let offset = r.get::<i64, _>(0) as u64;
             let headers = decode_headers(r.get(4)).map_err(|reason| Error::Store {
                 what: "read",
@@ -894,7 +940,7 @@ impl Log for PgLog {
                      WHERE ns = $1 AND topic = $2 AND partition = $3 AND \"offset\" < $4 \
                      RETURNING octet_length(id) + coalesce(octet_length(key), 0) \
                          + octet_length(value) + coalesce(octet_length(headers) - 2, 0) + 24 AS n) \
-                 UPDATE tandem_partition SET log_start = $4, \
+                 UPDATE tandem_partition SET log_start = greatest(log_start, $4), \
                      size_bytes = greatest(0, size_bytes - (SELECT coalesce(sum(n), 0) FROM d)) \
                  WHERE ns = $1 AND topic = $2 AND partition = $3 \
                  RETURNING (SELECT coalesce(sum(n), 0) FROM d)::bigint",

@@ -213,3 +213,89 @@ async fn a_fenced_writer_racing_the_takeover_never_interleaves() -> TestResult {
     assert_eq!(got, expected);
     Ok(())
 }
+
+#[tokio::test]
+async fn every_kind_of_write_is_fenced() -> TestResult {
+    let Some(store) = store().await? else {
+        return Ok(());
+    };
+    let tp = TopicPartition::new("t", 0);
+    let old = store
+        .acquire("p", "a", "a:1", Duration::from_millis(200))
+        .await?
+        .ok_or("free")?;
+    let setup = store.open("topics", &old, LogConfig::default()).await?;
+    setup.create_partition(&tp).await?;
+    setup.append(&tp, vec![rec("a0"), rec("a1")]).await?;
+    // Three handles of the old holder, none of which failed yet.
+    let (for_append, for_truncate, for_create) = (
+        store.open("topics", &old, LogConfig::default()).await?,
+        store.open("topics", &old, LogConfig::default()).await?,
+        store.open("topics", &old, LogConfig::default()).await?,
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let new = store
+        .acquire("p", "b", "b:1", Duration::from_secs(30))
+        .await?
+        .ok_or("expired")?;
+    let refused = |r: Result<(), Error>| match r {
+        Err(e) if e.to_string().contains("write refused") => Ok(()),
+        other => Err(format!("not refused by the fence: {other:?}")),
+    };
+    refused(for_append.append(&tp, vec![rec("x")]).await.map(|_| ()))?;
+    refused(for_truncate.truncate_before(&tp, 1).await.map(|_| ()))?;
+    refused(
+        for_create
+            .create_partition(&TopicPartition::new("t", 1))
+            .await,
+    )?;
+    // Nothing changed.
+    let fresh = store.open("topics", &new, LogConfig::default()).await?;
+    assert_eq!(fresh.partitions(), vec![tp.clone()]);
+    let o = fresh.offsets(&tp)?;
+    assert_eq!((o.log_start, o.high_water_mark), (0, 2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_takeover_waits_for_a_write_in_flight_and_renewals_do_not() -> TestResult {
+    let Some(store) = store().await? else {
+        return Ok(());
+    };
+    let lease = store
+        .acquire("p", "a", "a:1", Duration::from_secs(30))
+        .await?
+        .ok_or("free")?;
+    // A write transaction of the holder, open and fenced (as the writer
+    // holds it between its statements).
+    let mut tx = store.pool().begin().await?;
+    sqlx::query("SELECT epoch FROM tandem_lease WHERE name = 'p' FOR KEY SHARE")
+        .execute(&mut *tx)
+        .await?;
+    // The holder renews meanwhile, at once.
+    let renewed = tokio::time::timeout(
+        Duration::from_secs(2),
+        store.renew(&lease, Duration::from_millis(100)),
+    )
+    .await??;
+    assert!(renewed);
+    // The lease expires; a takeover must wait for the write to end.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let takeover = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .acquire("p", "b", "b:1", Duration::from_secs(30))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !takeover.is_finished(),
+        "the takeover waits for the write in flight"
+    );
+    tx.commit().await?;
+    let taken = tokio::time::timeout(Duration::from_secs(5), takeover).await???;
+    assert_eq!(taken.map(|l| l.epoch), Some(lease.epoch + 1));
+    Ok(())
+}

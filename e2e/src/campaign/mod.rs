@@ -1494,13 +1494,26 @@ async fn inject_faults(
                     continue;
                 };
                 let d = Duration::from_millis(LEASE_MS) + rng.ms(500, 3000);
-                stall(&cluster, holder, d).await?;
+                cluster.lock().await.pause(holder)?;
+                tokio::time::sleep(d).await;
+                // Before it wakes: did another replica take over?
+                let now = cluster.lock().await.holder().await;
+                cluster.lock().await.resume(holder)?;
+                let taken = now.is_some_and(|r| r != holder);
                 lines.push(format!(
-                    "{:?} SIGSTOP lease holder {} for {d:?}",
+                    "{:?} SIGSTOP lease holder {} for {d:?}: {}",
                     start.elapsed(),
-                    holder.name()
+                    holder.name(),
+                    match now {
+                        Some(r) if r != holder => format!("{} took over", r.name()),
+                        _ => "not taken over".to_owned(),
+                    }
                 ));
-                "SIGSTOP of the lease holder past its lease"
+                if taken {
+                    "SIGSTOP of the lease holder past its lease, taken over"
+                } else {
+                    "SIGSTOP of the lease holder past its lease, not taken over"
+                }
             }
             12 => {
                 let Some(pg) = postgres.clone() else { continue };
