@@ -200,7 +200,8 @@ async fn serve_embedded(
     health: &HealthReporter,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let retention = e.data.spawn_retention(config.retention_schedule.clone());
+    let retention =
+        StoreLog::Embedded(e.data.clone()).spawn_retention(config.retention_schedule.clone());
     role.send_replace(Role::Active(e.broker.clone(), None));
     health.set_serving::<Service>().await;
     let (mut a, mut b) = (e.data.failed(), e.internal.failed());
@@ -400,7 +401,8 @@ impl Replica<'_> {
             cause = &mut keeper => return Ok(Ended::Lost(format!("while recovering: {cause}"))),
             () = shutdown.as_mut() => return Ok(Ended::Shutdown),
         };
-        let retention = data.spawn_retention(c.retention_schedule.clone());
+        let retention =
+            StoreLog::Postgres(data.clone()).spawn_retention(c.retention_schedule.clone());
         self.role
             .send_replace(Role::Active(broker.clone(), Some(validity.clone())));
         reaches_store(self.health, true).await;

@@ -7,15 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock};
 use tokio::sync::watch;
 
-use tokio::task::JoinHandle;
-
 use crate::batch::MAX_ON_DISK;
 use crate::config::LogConfig;
 use crate::error::{Error, Result};
 use crate::log::{AppendAck, Log, Offsets};
 use crate::partition::{Partition, sync_dir};
 use crate::record::{Record, StoredRecord, TopicPartition, validate_topic_name};
-use crate::schedule::CronSchedule;
 use crate::segment::ReadBudget;
 use crate::vfs::{OsFs, Vfs};
 
@@ -254,21 +251,6 @@ impl EmbeddedLog {
         })
         .await
         .map_err(|e| Error::io("retention", "log")(std::io::Error::other(e)))?
-    }
-
-    /// Runs retention on `schedule` until the returned task is aborted.
-    pub fn spawn_retention(&self, schedule: CronSchedule) -> JoinHandle<()> {
-        let log = self.clone();
-        tokio::spawn(schedule.run(move || {
-            let log = log.clone();
-            async move {
-                match log.enforce_retention().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(segments = n, "retention deleted segments"),
-                    Err(e) => tracing::error!(error = %e, "retention failed"),
-                }
-            }
-        }))
     }
 
     /// Lets queued appends finish, syncs and stops every partition's writer.

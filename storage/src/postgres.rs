@@ -38,7 +38,6 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Result};
 use crate::log::{AppendAck, Log, Offsets};
 use crate::record::{Header, Record, StoredRecord, TopicPartition, validate_topic_name};
-use crate::schedule::CronSchedule;
 use crate::segment::ReadBudget;
 use crate::{LogConfig, batch};
 
@@ -529,21 +528,6 @@ impl PgLog {
             }
         }
         Ok(deleted)
-    }
-
-    /// Runs retention on `schedule` until the returned task is aborted.
-    pub fn spawn_retention(&self, schedule: CronSchedule) -> JoinHandle<()> {
-        let log = self.clone();
-        tokio::spawn(schedule.run(move || {
-            let log = log.clone();
-            async move {
-                match log.enforce_retention().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(records = n, "retention deleted records"),
-                    Err(e) => tracing::error!(error = %e, "retention failed"),
-                }
-            }
-        }))
     }
 
     /// Lets queued appends finish and stops the writer; wakes waiters.

@@ -44,7 +44,20 @@ impl StoreLog {
 
     /// Runs retention on `schedule` until the returned task is aborted.
     pub fn spawn_retention(&self, schedule: CronSchedule) -> JoinHandle<()> {
-        each!(self, l => l.spawn_retention(schedule))
+        let (log, unit) = match self {
+            StoreLog::Embedded(_) => (self.clone(), "segments"),
+            StoreLog::Postgres(_) => (self.clone(), "records"),
+        };
+        tokio::spawn(schedule.run(move || {
+            let log = log.clone();
+            async move {
+                match log.enforce_retention().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(deleted = n, unit, "retention ran"),
+                    Err(e) => tracing::error!(error = %e, "retention failed"),
+                }
+            }
+        }))
     }
 
     /// Finishes queued appends and stops the log's writers.
