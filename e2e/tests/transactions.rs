@@ -244,6 +244,30 @@ async fn the_coordinator_dying_inside_commit_delivers_exactly_once() -> TestResu
     Ok(())
 }
 
+/// A callback-mode transaction whose local part committed, but whose
+/// commit no coordinator confirms within the sidecar's failover wait (the
+/// only coordinator died inside it and stays down): the app is told
+/// PREPARED (settled by check-back), never an error that would read as
+/// "not published"; once the coordinator is back, check-back delivers it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unconfirmed_commit_after_the_local_transaction_answers_prepared() -> TestResult {
+    let mut c = Cluster::start_with(&["coordinator.commit.before_append"], &[]).await?;
+    c.subscribe(sc::DedupMode::Strong).await?;
+    let mut s = c.producer_client().await?;
+    let started = std::time::Instant::now();
+    let r = publish_transactional(&mut s, "cb-unconfirmed", "commit unconfirmed").await?;
+    assert_eq!(r.state, Prepared as i32, "{r:?}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(15),
+        "the sidecar kept trying first: {:?}",
+        started.elapsed()
+    );
+    c.restart_coordinator(&[])?;
+    c.expect_state("cb-unconfirmed", Committed).await?;
+    c.expect_effects(&["commit unconfirmed"]).await?;
+    c.done()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redeliveries_really_happen_and_are_filtered() -> TestResult {
     // The consumer's sidecar dies after the handler succeeded, before its
