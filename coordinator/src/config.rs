@@ -514,7 +514,9 @@ impl Raw {
             offsets_retention: Duration::from_millis(
                 self.offsets_retention_ms.unwrap_or(7 * 24 * 3_600_000),
             ),
-            log_filter: self.log.unwrap_or_else(|| "info".into()),
+            // sqlx's notices ("relation already exists, skipping" at every
+            // start) are not worth an operator's attention.
+            log_filter: self.log.unwrap_or_else(|| "info,sqlx=warn".into()),
         })
     }
 }

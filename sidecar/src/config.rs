@@ -229,7 +229,9 @@ impl Raw {
                 365 * 24 * 3_600_000,
             )?,
             cleanup_schedule,
-            log_filter: self.log.unwrap_or_else(|| "info".into()),
+            // sqlx's notices ("relation already exists, skipping" at every
+            // start) are not worth an operator's attention.
+            log_filter: self.log.unwrap_or_else(|| "info,sqlx=warn".into()),
         })
     }
 }

@@ -36,6 +36,9 @@ struct Replica {
     /// `http://host:port`.
     url: String,
     client: CoordinatorClient<Channel>,
+    /// Learnt from a redirect or a name's addresses, not configured:
+    /// forgotten when it cannot be reached (pods come and go).
+    learnt: bool,
 }
 
 struct State {
@@ -100,6 +103,7 @@ impl Coordinators {
                 Ok(Replica {
                     url: u.clone(),
                     client: client(u)?,
+                    learnt: false,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -155,6 +159,7 @@ impl Coordinators {
                             s.replicas.push(Replica {
                                 url: owner,
                                 client: c,
+                                learnt: true,
                             });
                             s.current = s.replicas.len() - 1;
                         }
@@ -164,7 +169,15 @@ impl Coordinators {
                 return false;
             }
             s.failures += 1;
-            s.current = (s.current + 1) % s.replicas.len();
+            if s.replicas[index].learnt && s.replicas.len() > 1 {
+                // Gone (or not reachable from here): forgotten; the next
+                // one now has its place.
+                let gone = s.replicas.remove(index);
+                tracing::info!(coordinator = %gone.url, "unreachable coordinator address forgotten");
+                s.current = index % s.replicas.len();
+            } else {
+                s.current = (s.current + 1) % s.replicas.len();
+            }
             s.failures >= s.replicas.len()
         };
         if round_over {
@@ -194,7 +207,11 @@ impl Coordinators {
                 }
                 if let Ok(c) = client(&u) {
                     tracing::info!(coordinator = %u, name = %host, "coordinator address resolved");
-                    s.replicas.push(Replica { url: u, client: c });
+                    s.replicas.push(Replica {
+                        url: u,
+                        client: c,
+                        learnt: true,
+                    });
                 }
             }
         }
@@ -267,17 +284,20 @@ mod tests {
         assert_eq!(c.pick().0, 1);
         assert!(!c.failed(1, &refusal("127.0.0.1:3")).await);
         assert_eq!(c.pick().0, 2);
-        // Plain failures go round; a full round says so.
+        // Plain failures go round; a learnt address that fails is
+        // forgotten; a full round says so.
         let down = Status::unavailable("tcp connect error");
         assert!(!c.failed(2, &down).await);
         assert_eq!(c.pick().0, 0);
+        assert_eq!(c.state().replicas.len(), 2, "127.0.0.1:3 forgotten");
         c.served();
         assert!(!c.failed(0, &down).await);
-        assert!(!c.failed(1, &down).await);
-        assert!(c.failed(2, &down).await);
+        assert!(c.failed(1, &down).await);
         // A stale report (another caller moved on already) changes nothing.
-        assert!(!c.failed(2, &down).await);
+        assert!(!c.failed(1, &down).await);
         assert_eq!(c.pick().0, 0);
+        // Configured addresses are never forgotten.
+        assert_eq!(c.state().replicas.len(), 2);
         Ok(())
     }
 }
