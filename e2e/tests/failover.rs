@@ -188,7 +188,11 @@ impl Replicas {
             let Some(l) = store.holder(tandem_coordinator::LEASE_NAME).await? else {
                 return Ok(None);
             };
-            let port: u16 = l.address.rsplit_once(':').ok_or("an address")?.1.parse()?;
+            // (A row not taken yet has no address.)
+            let Some((_, port)) = l.address.rsplit_once(':') else {
+                return Ok(None);
+            };
+            let port: u16 = port.parse()?;
             let i = self.ports.iter().position(|p| *p == port);
             let found = match (i, not) {
                 (Some(i), Some((old, epoch))) if i == old || l.epoch <= epoch => None,
