@@ -8,24 +8,17 @@ use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 /// A fresh database on the PostgreSQL server of `url` (any of its
 /// databases), as a coordinator store.
 pub async fn fresh_store(url: &str) -> tandem_coordinator::Store {
-    use sqlx::Connection;
-    let name = format!("tandem_bench_{}", std::process::id());
-    let mut c = sqlx::PgConnection::connect(url)
-        .await
-        .expect("connect to PostgreSQL");
-    sqlx::query(sqlx::AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name}"
-    )))
-    .execute(&mut c)
-    .await
-    .expect("drop an earlier bench database");
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut c)
-        .await
-        .expect("create the bench database");
-    let (base, _) = url.rsplit_once('/').expect("a URL with a database");
+    let name = format!(
+        "tandem_bench_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    );
     tandem_coordinator::Store::Postgres {
-        url: format!("{base}/{name}"),
+        url: tandem_storage::PgStore::create_database(url, &name)
+            .await
+            .expect("create the bench database"),
     }
 }
 

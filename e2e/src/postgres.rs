@@ -125,13 +125,7 @@ impl Postgres {
 
     /// Creates database `name`.
     pub async fn create_database(&self, name: &str) -> anyhow::Result<String> {
-        use sqlx::Connection;
-        let mut c = sqlx::PgConnection::connect(&self.url("postgres")).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-            .execute(&mut c)
-            .await?;
-        c.close().await?;
-        Ok(self.url(name))
+        Ok(tandem_storage::PgStore::create_database(&self.url("postgres"), name).await?)
     }
 
     /// Crashes the server (`-m immediate`: no checkpoint, as a killed

@@ -117,6 +117,35 @@ impl PgStore {
         Ok(PgStore { pool })
     }
 
+    /// Creates database `name` on the server of `url` (any of its
+    /// databases) and returns its URL. `name` must be a plain SQL
+    /// identifier (letters, digits, `_`).
+    pub async fn create_database(url: &str, name: &str) -> Result<String> {
+        use sqlx::{Connection, Executor};
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        {
+            return Err(Error::Store {
+                what: "create a database",
+                cause: format!("{name:?} is not a plain lower-case identifier"),
+            });
+        }
+        let (base, _) = url.rsplit_once('/').ok_or_else(|| Error::Store {
+            what: "create a database",
+            cause: "the URL names no database".into(),
+        })?;
+        let mut c = sqlx::PgConnection::connect(url)
+            .await
+            .map_err(db("connect to PostgreSQL"))?;
+        c.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .await
+            .map_err(db("create a database"))?;
+        let _ = c.close().await;
+        Ok(format!("{base}/{name}"))
+    }
+
     /// The pool, for callers with statements of their own.
     pub fn pool(&self) -> &PgPool {
         &self.pool

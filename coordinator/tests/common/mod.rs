@@ -7,7 +7,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 use tandem_coordinator::{Config, Coordinator, Store};
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
@@ -81,16 +80,9 @@ pub async fn fresh_database() -> TestResult<Option<String>> {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     );
-    let mut conn = PgConnection::connect(&admin).await?;
-    conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
-        .await?;
-    conn.execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await?;
-    conn.close().await?;
-    let (base, _) = admin
-        .rsplit_once('/')
-        .ok_or("TANDEM_TEST_POSTGRES has no database part")?;
-    Ok(Some(format!("{base}/{name}")))
+    Ok(Some(
+        tandem_storage::PgStore::create_database(&admin, &name).await?,
+    ))
 }
 
 /// Runs each named `async fn(Backend) -> TestResult` as two tests,

@@ -598,7 +598,6 @@ pub fn postgres() -> Option<String> {
 
 /// Creates an empty database on the server of `url`; returns its URL.
 pub async fn fresh_postgres_database(url: &str) -> TestResult<String> {
-    let (base, _) = url.rsplit_once('/').ok_or("a database URL")?;
     let name = format!(
         "e2e_{}_{}",
         std::process::id(),
@@ -606,10 +605,5 @@ pub async fn fresh_postgres_database(url: &str) -> TestResult<String> {
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos()
     );
-    let admin = sqlx::PgPool::connect(url).await?;
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&admin)
-        .await?;
-    admin.close().await;
-    Ok(format!("{base}/{name}"))
+    Ok(tandem_storage::PgStore::create_database(url, &name).await?)
 }

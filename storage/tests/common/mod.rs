@@ -5,8 +5,6 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
-
 /// The URL of a new, empty database; `None` when no server was given and
 /// none is required (`TANDEM_REQUIRE_POSTGRES` unset): the caller then says
 /// it skipped. When one is required and missing, this panics: the test
@@ -26,14 +24,7 @@ pub async fn fresh_database() -> Result<Option<String>, Box<dyn std::error::Erro
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     );
-    let mut conn = PgConnection::connect(&admin).await?;
-    conn.execute(AssertSqlSafe(format!("DROP DATABASE IF EXISTS {name}")))
-        .await?;
-    conn.execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .await?;
-    conn.close().await?;
-    let (base, _) = admin
-        .rsplit_once('/')
-        .ok_or("TANDEM_TEST_POSTGRES has no database part")?;
-    Ok(Some(format!("{base}/{name}")))
+    Ok(Some(
+        tandem_storage::PgStore::create_database(&admin, &name).await?,
+    ))
 }
