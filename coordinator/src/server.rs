@@ -383,8 +383,13 @@ impl Replica<'_> {
         let c = self.config;
         let ttl = c.replication.lease;
         let validity = Arc::new(Validity::new(taken_at + margin(ttl)));
-        let keeper = keep(store, lease, ttl, &validity);
-        tokio::pin!(keeper);
+        // A task of its own, so that recovery runs to its end (a recovery
+        // dropped half way would leave its tasks behind) while the lease is
+        // renewed; a loss meanwhile shows once it is done.
+        let mut keeper = tokio::spawn({
+            let (store, lease, validity) = (store.clone(), lease.clone(), validity.clone());
+            async move { keep(&store, &lease, ttl, &validity).await }
+        });
         let open = async {
             let data = store.open("topics", lease, c.log.clone()).await?;
             let internal = store.open("internal", lease, internal_config(c)).await?;
@@ -396,10 +401,19 @@ impl Replica<'_> {
             .await?;
             Ok::<_, Error>((data, internal, broker))
         };
-        let (data, internal, broker) = tokio::select! {
-            opened = open => opened?,
-            cause = &mut keeper => return Ok(Ended::Lost(format!("while recovering: {cause}"))),
-            () = shutdown.as_mut() => return Ok(Ended::Shutdown),
+        let opened = tokio::select! {
+            opened = open => opened,
+            () = shutdown.as_mut() => {
+                keeper.abort();
+                return Ok(Ended::Shutdown);
+            }
+        };
+        let (data, internal, broker) = match opened {
+            Ok(v) => v,
+            Err(e) => {
+                keeper.abort();
+                return Err(e);
+            }
         };
         let retention =
             StoreLog::Postgres(data.clone()).spawn_retention(c.retention_schedule.clone());
@@ -416,8 +430,9 @@ impl Replica<'_> {
         let ended = tokio::select! {
             () = shutdown.as_mut() => Ended::Shutdown,
             cause = first_failure(&mut a, &mut b) => Ended::Lost(format!("a write failed: {cause}")),
-            cause = &mut keeper => Ended::Lost(cause),
+            cause = &mut keeper => Ended::Lost(cause.unwrap_or_else(|e| format!("the lease keeper failed: {e}"))),
         };
+        keeper.abort();
         self.health.set_not_serving::<Service>().await;
         if matches!(ended, Ended::Lost(_)) {
             // Until it is seen to reach the database again.
