@@ -2,7 +2,6 @@
 //! explicit transactions, subscriptions.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_coordinator::failpoint;
@@ -15,10 +14,6 @@ use crate::check::Mode;
 use crate::error::{Error, Result};
 use crate::node::{Counters, Node};
 use crate::subscription::{self, Subscriptions};
-
-/// How long an outcome is retried while the coordinator is unreachable;
-/// after that check-back settles it.
-const OUTCOME_RETRY: Duration = Duration::from_secs(15);
 
 /// The sidecar's gRPC service.
 pub(crate) struct SidecarService {
@@ -80,47 +75,34 @@ impl SidecarService {
         Ok(reply.into_inner())
     }
 
-    /// Sends an outcome, retrying while the coordinator is unreachable.
+    /// Sends an outcome; `Node::call` retries it on another replica or
+    /// after a lost answer (outcomes are idempotent) for up to its failover
+    /// wait.
     async fn end(&self, txn_id: &str, commit: bool) -> Result<pb::EndTransactionResponse> {
         let req = pb::EndTransactionRequest {
             service: self.node.config.service.clone(),
             txn_id: txn_id.to_owned(),
         };
-        let deadline = tokio::time::Instant::now() + OUTCOME_RETRY;
-        let mut delay = Duration::from_millis(50);
-        loop {
-            let r = self
-                .node
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move {
-                        if commit {
-                            c.commit(req).await
-                        } else {
-                            c.rollback(req).await
-                        }
-                    }
-                })
-                .await;
-            match r {
-                Ok(r) => {
-                    Counters::bump(if commit {
-                        &self.node.counters.committed
+        let r = self
+            .node
+            .call(|mut c| {
+                let req = req.clone();
+                async move {
+                    if commit {
+                        c.commit(req).await
                     } else {
-                        &self.node.counters.rolled_back
-                    });
-                    return Ok(r.into_inner());
+                        c.rollback(req).await
+                    }
                 }
-                // Outcomes are idempotent, so a call the coordinator may
-                // never have seen (it was down or died mid-call) is retried.
-                Err(s) if lost_call(&s) && tokio::time::Instant::now() < deadline => {
-                    tracing::warn!(txn = txn_id, code = ?s.code(), error = %s.message(), "outcome not confirmed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(s) => return Err(Error::Coordinator(s)),
-            }
-        }
+            })
+            .await
+            .map_err(Error::Coordinator)?;
+        Counters::bump(if commit {
+            &self.node.counters.committed
+        } else {
+            &self.node.counters.rolled_back
+        });
+        Ok(r.into_inner())
     }
 }
 
