@@ -3,11 +3,13 @@
 //! themselves; and `tandem demo`, which runs them all as real processes, so
 //! one binary can run and drive a whole Tandem.
 
+mod bench;
 mod consume;
 mod demo;
 mod publish;
 mod topic;
 
+pub use bench::{BenchArgs, Scenario, bench};
 pub use consume::{ConsumeArgs, consume};
 pub use demo::{DemoArgs, demo};
 pub use publish::{PublishArgs, publish};

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 
-use tandem_cli::{ConsumeArgs, DemoArgs, PublishArgs, TopicCommand};
+use tandem_cli::{BenchArgs, ConsumeArgs, DemoArgs, PublishArgs, TopicCommand};
 use tandem_coordinator::{Config, CoordinatorArgs};
 use tandem_sidecar::SidecarArgs;
 
@@ -41,6 +41,9 @@ enum Command {
     Sidecar(SidecarArgs),
     /// Runs the order/cart demo: real processes, injected faults, a verdict.
     Demo(DemoArgs),
+    /// Measures transactional messages through Tandem beside a hand-written
+    /// PostgreSQL outbox, on the same PostgreSQL in the same run.
+    Bench(BenchArgs),
     /// Runs the example order service (used by the demo).
     #[command(hide = true)]
     ExampleOrderService {
@@ -89,6 +92,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tandem_coordinator::init_tracing(&config.log_filter);
             Ok(tandem_coordinator::run(config, tandem_coordinator::shutdown_signal()).await?)
         }
+        Command::Bench(args) => tandem_cli::bench(args, &mut std::io::stdout()).await,
         Command::Demo(args) => {
             let exe = std::env::current_exe()?;
             let mut out = std::io::stdout();

@@ -19,6 +19,7 @@ pub struct Postgres {
     /// The port it listens on (127.0.0.1).
     pub port: u16,
     as_postgres: bool,
+    fsync: bool,
 }
 
 fn newest_bin() -> anyhow::Result<PathBuf> {
@@ -50,8 +51,20 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 impl Postgres {
-    /// Initialises a server under `dir` and starts it.
+    /// Initialises a server under `dir` and starts it with `fsync = off`
+    /// (fault runs: a restart of the server is a crash of the process, not
+    /// a power cut, so its syncs only cost time).
     pub fn start(dir: &Path) -> anyhow::Result<Postgres> {
+        Postgres::start_with(dir, false)
+    }
+
+    /// Initialises a server under `dir` and starts it with the defaults of
+    /// `initdb` (`fsync = on`, `synchronous_commit = on`): benchmarks.
+    pub fn start_durable(dir: &Path) -> anyhow::Result<Postgres> {
+        Postgres::start_with(dir, true)
+    }
+
+    fn start_with(dir: &Path, fsync: bool) -> anyhow::Result<Postgres> {
         let bin = newest_bin()?;
         std::fs::create_dir_all(dir)?;
         // The effective user, from `id -u`.
@@ -72,6 +85,7 @@ impl Postgres {
             dir: dir.to_owned(),
             port: free_port()?,
             as_postgres,
+            fsync,
         };
         let data = pg.data.display().to_string();
         pg.run("initdb", &["-D", &data, "-A", "trust", "-U", "tandem"])?;
@@ -109,9 +123,10 @@ impl Postgres {
         let data = self.data.display().to_string();
         let log = self.dir.join("postgres.log").display().to_string();
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync={} -c max_connections=200",
             self.port,
-            self.dir.display()
+            self.dir.display(),
+            if self.fsync { "on" } else { "off" }
         );
         let mut args = vec!["-D", &data, "-l", &log, "-o", &options];
         args.extend_from_slice(what);

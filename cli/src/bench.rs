@@ -1,0 +1,310 @@
+//! `tandem bench`: transactional messages through Tandem beside the
+//! hand-written PostgreSQL outbox, run alternately in one process on one
+//! PostgreSQL server, so their ratio is taken on the same machine at the
+//! same moment.
+
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use serde_json::json;
+use tandem_e2e::bench::{Percentiles, outbox, txn};
+
+/// A scenario of `tandem bench`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Tandem's own part: Begin → Commit → delivered → deduplicated, no
+    /// local transaction, no effect.
+    Txn,
+    /// Both services' tables on SQLite (FULL sync).
+    TxnSqlite,
+    /// Both services' tables on PostgreSQL, the coordinator on its
+    /// embedded store.
+    TxnPostgres,
+    /// Both services' tables on PostgreSQL, and the coordinator on it too.
+    TxnPostgresStore,
+    /// The baseline: an outbox table and a SKIP LOCKED relay on PostgreSQL.
+    Outbox,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::Txn => "txn",
+            Scenario::TxnSqlite => "txn-sqlite",
+            Scenario::TxnPostgres => "txn-postgres",
+            Scenario::TxnPostgresStore => "txn-postgres-store",
+            Scenario::Outbox => "outbox",
+        }
+    }
+
+    fn needs_postgres(self) -> bool {
+        matches!(
+            self,
+            Scenario::TxnPostgres | Scenario::TxnPostgresStore | Scenario::Outbox
+        )
+    }
+
+    const ALL: [Scenario; 5] = [
+        Scenario::Txn,
+        Scenario::TxnSqlite,
+        Scenario::TxnPostgres,
+        Scenario::TxnPostgresStore,
+        Scenario::Outbox,
+    ];
+}
+
+/// Arguments of `tandem bench`.
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// Scenarios to run, in this order in every round (default: all).
+    #[arg(value_enum)]
+    pub scenarios: Vec<Scenario>,
+    /// Length of each phase (peak, then paced) of each scenario.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Rounds: every scenario runs once per round, alternating.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: u32,
+    /// Producer workers of the Tandem scenarios (each one transaction at a
+    /// time; on PostgreSQL they share 16 connections).
+    #[arg(long, default_value_t = 64)]
+    pub workers: usize,
+    /// Producer connections of the outbox baseline.
+    #[arg(long, default_value_t = 16)]
+    pub clients: usize,
+    /// Relay workers of the outbox baseline.
+    #[arg(long, default_value_t = 4)]
+    pub relays: usize,
+    /// Outbox rows a relay moves per round trip.
+    #[arg(long, default_value_t = 256)]
+    pub relay_batch: i64,
+    /// Transactions per second in the paced phase (default: half of the
+    /// scenario's own peak in that round).
+    #[arg(long)]
+    pub paced: Option<f64>,
+    /// A PostgreSQL server to run on (any of its databases; fresh databases
+    /// are created and dropped). Default: a server of the bench's own, from
+    /// the installed PostgreSQL binaries, with `fsync = on`.
+    #[arg(long, value_name = "URL")]
+    pub postgres: Option<String>,
+    /// Print the results as one JSON document instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+struct Row {
+    scenario: Scenario,
+    round: u32,
+    committed_per_s: f64,
+    applied_per_s: f64,
+    stages_ms: Option<[f64; 3]>,
+    paced_per_s: f64,
+    latency: Percentiles,
+}
+
+/// Runs `tandem bench`, writing the report to `out`.
+pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.seconds > 0.0 && args.seconds.is_finite(),
+        "--seconds must be a positive number of seconds"
+    );
+    anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
+    anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
+    anyhow::ensure!(
+        args.clients > 0 && args.relays > 0,
+        "--clients and --relays must be at least 1"
+    );
+    anyhow::ensure!(args.relay_batch > 0, "--relay-batch must be at least 1");
+    if let Some(p) = args.paced {
+        anyhow::ensure!(p > 0.0 && p.is_finite(), "--paced must be a positive rate");
+    }
+    let scenarios = if args.scenarios.is_empty() {
+        Scenario::ALL.to_vec()
+    } else {
+        args.scenarios.clone()
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("tandem-bench-")
+        .tempdir_in(std::env::temp_dir())?;
+    let mut own = None;
+    let server = match (&args.postgres, scenarios.iter().any(|s| s.needs_postgres())) {
+        (Some(url), _) => Some(url.clone()),
+        (None, true) => {
+            let pg = tandem_e2e::postgres::Postgres::start_durable(&dir.path().join("pg"))
+                .context(
+                    "starting a PostgreSQL server for the bench (or give one with --postgres)",
+                )?;
+            let url = pg.url("postgres");
+            own = Some(pg);
+            Some(url)
+        }
+        (None, false) => None,
+    };
+    let seconds = Duration::from_secs_f64(args.seconds);
+    let mut rows = Vec::new();
+    for round in 1..=args.rounds {
+        for (i, &scenario) in scenarios.iter().enumerate() {
+            let label = format!(
+                "round {round}/{}, {} ({}/{})",
+                args.rounds,
+                scenario.name(),
+                i + 1,
+                scenarios.len()
+            );
+            let server = || server.clone().context("no PostgreSQL server");
+            let row = if scenario == Scenario::Outbox {
+                let r = outbox::run(
+                    &outbox::Options {
+                        seconds,
+                        clients: args.clients,
+                        relays: args.relays,
+                        batch: args.relay_batch,
+                        paced: args.paced,
+                        server: server()?,
+                    },
+                    &label,
+                )
+                .await
+                .with_context(|| format!("scenario {}", scenario.name()))?;
+                Row {
+                    scenario,
+                    round,
+                    committed_per_s: r.committed_per_s,
+                    applied_per_s: r.applied_per_s,
+                    stages_ms: None,
+                    paced_per_s: r.paced_per_s,
+                    latency: r.latency,
+                }
+            } else {
+                let tables = match scenario {
+                    Scenario::Txn => txn::Tables::Skipped,
+                    Scenario::TxnSqlite => txn::Tables::Sqlite,
+                    _ => txn::Tables::Postgres(server()?),
+                };
+                let coordinator_on = if scenario == Scenario::TxnPostgresStore {
+                    Some(server()?)
+                } else {
+                    None
+                };
+                let r = txn::run(
+                    &txn::Options {
+                        seconds,
+                        workers: args.workers,
+                        paced: args.paced,
+                        tables,
+                        coordinator_on,
+                        dir: dir.path().join(format!("{round}-{}", scenario.name())),
+                    },
+                    &label,
+                )
+                .await
+                .with_context(|| format!("scenario {}", scenario.name()))?;
+                Row {
+                    scenario,
+                    round,
+                    committed_per_s: r.committed_per_s,
+                    applied_per_s: r.applied_per_s,
+                    stages_ms: Some(r.stages_ms),
+                    paced_per_s: r.paced_per_s,
+                    latency: r.latency,
+                }
+            };
+            rows.push(row);
+        }
+    }
+    drop(own);
+    let ratios = ratios(&rows);
+    if args.json {
+        let doc = json!({
+            "seconds_per_phase": args.seconds,
+            "workers": args.workers,
+            "outbox": {"clients": args.clients, "relays": args.relays, "relay_batch": args.relay_batch},
+            "postgres": if args.postgres.is_some() { "given" } else { "own server, fsync on" },
+            "results": rows.iter().map(|r| json!({
+                "scenario": r.scenario.name(),
+                "round": r.round,
+                "committed_per_s": r.committed_per_s.round(),
+                "applied_per_s": r.applied_per_s.round(),
+                "mean_begin_local_commit_ms": r.stages_ms,
+                "paced_per_s": r.paced_per_s.round(),
+                "p50_ms": r.latency.p50_ms,
+                "p99_ms": r.latency.p99_ms,
+                "max_ms": r.latency.max_ms,
+                "samples": r.latency.samples,
+            })).collect::<Vec<_>>(),
+            "over_outbox": ratios.iter().map(|(s, round, x)| json!({
+                "scenario": s.name(), "round": round, "applied_ratio": x,
+            })).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else {
+        table(&rows, &ratios, out)?;
+    }
+    Ok(())
+}
+
+/// Applied/s of each PostgreSQL-tables scenario over the outbox's in the
+/// same round.
+fn ratios(rows: &[Row]) -> Vec<(Scenario, u32, f64)> {
+    rows.iter()
+        .filter(|r| {
+            matches!(
+                r.scenario,
+                Scenario::TxnPostgres | Scenario::TxnPostgresStore
+            )
+        })
+        .filter_map(|r| {
+            let base = rows
+                .iter()
+                .find(|b| b.scenario == Scenario::Outbox && b.round == r.round)?;
+            Some((r.scenario, r.round, r.applied_per_s / base.applied_per_s))
+        })
+        .collect()
+}
+
+fn table(
+    rows: &[Row],
+    ratios: &[(Scenario, u32, f64)],
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    writeln!(
+        out,
+        "{:<20} {:>5} {:>12} {:>12} {:>22} {:>9} {:>9} {:>9}",
+        "scenario",
+        "round",
+        "committed/s",
+        "applied/s",
+        "Begin/local/Commit ms",
+        "paced/s",
+        "p50 ms",
+        "p99 ms"
+    )?;
+    for r in rows {
+        let stages = r.stages_ms.map_or_else(
+            || "-".to_owned(),
+            |[b, l, c]| format!("{b:.2}/{l:.2}/{c:.2}"),
+        );
+        writeln!(
+            out,
+            "{:<20} {:>5} {:>12.0} {:>12.0} {:>22} {:>9.0} {:>9.2} {:>9.2}",
+            r.scenario.name(),
+            r.round,
+            r.committed_per_s,
+            r.applied_per_s,
+            stages,
+            r.paced_per_s,
+            r.latency.p50_ms,
+            r.latency.p99_ms
+        )?;
+    }
+    for (s, round, x) in ratios {
+        writeln!(
+            out,
+            "round {round}: {} applied/s over outbox applied/s: {x:.2}",
+            s.name()
+        )?;
+    }
+    Ok(())
+}

@@ -1,0 +1,253 @@
+//! The benchmark scenarios behind `tandem bench`: transactional messages
+//! through Tandem ([`txn`]) with the services' tables nowhere, on SQLite or
+//! on PostgreSQL, and the hand-written PostgreSQL outbox they are measured
+//! against ([`outbox`]), each in a peak phase (clients flat out) and a paced
+//! phase (latency from the start of a transaction to its applied effect).
+
+pub mod outbox;
+pub mod txn;
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tandem_proto::coordinator as pb;
+use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+
+static DATABASES: AtomicU64 = AtomicU64::new(0);
+
+/// A database name no other bench of this or another run uses.
+fn database_name(prefix: &str) -> String {
+    format!(
+        "tandem_bench_{prefix}_{}_{}_{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        DATABASES.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A fresh database on the PostgreSQL server of `url` (any of its
+/// databases), as a coordinator store.
+pub async fn fresh_store(url: &str) -> tandem_coordinator::Store {
+    tandem_coordinator::Store::Postgres {
+        url: fresh_database(url, "store")
+            .await
+            .expect("create the bench database"),
+    }
+}
+
+/// Creates a fresh database on the PostgreSQL server of `url` (any of its
+/// databases) and returns its URL.
+pub async fn fresh_database(url: &str, prefix: &str) -> anyhow::Result<String> {
+    let name = database_name(prefix);
+    tandem_storage::PgStore::create_database(url, &name)
+        .await
+        .with_context(|| format!("creating database {name}"))
+}
+
+/// Drops the database of `url` (made by [`fresh_database`]); errors are
+/// ignored, a left-over database only takes space.
+pub async fn drop_database(url: &str) {
+    let Some((server, name)) = url.rsplit_once('/') else {
+        return;
+    };
+    let admin = format!("{server}/postgres");
+    if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+        let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+        )))
+        .execute(&pool)
+        .await;
+        pool.close().await;
+    }
+}
+
+/// Waits until the coordinator at `url` serves (on PostgreSQL: holds the
+/// lease), at most 30 s.
+pub async fn wait_serving(url: &str) {
+    for _ in 0..3000 {
+        if let Ok(mut c) = CoordinatorClient::connect(url.to_owned()).await
+            && c.list_topics(pb::ListTopicsRequest {}).await.is_ok()
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the coordinator at {url} did not serve within 30 s");
+}
+
+/// Latencies in microseconds, gathered from many tasks.
+#[derive(Default)]
+pub struct Latencies {
+    samples: std::sync::Mutex<Vec<u64>>,
+    on: AtomicBool,
+}
+
+impl Latencies {
+    /// Starts keeping samples.
+    pub fn start(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    /// Keeps `micros` if started.
+    pub fn add(&self, micros: u64) {
+        if self.on.load(Ordering::Relaxed) {
+            self.samples
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(micros);
+        }
+    }
+
+    /// How many samples are kept.
+    pub fn len(&self) -> usize {
+        self.samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
+    }
+
+    /// Whether no sample is kept.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The samples' percentiles.
+    pub fn summary(&self) -> Percentiles {
+        let mut v = self
+            .samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        v.sort_unstable();
+        let at = |p: f64| {
+            if v.is_empty() {
+                f64::NAN
+            } else {
+                v[((v.len() as f64 - 1.0) * p).round() as usize] as f64 / 1000.0
+            }
+        };
+        Percentiles {
+            p50_ms: at(0.5),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+            samples: v.len(),
+        }
+    }
+}
+
+/// Latency percentiles of a paced phase.
+#[derive(Clone, Copy, Debug)]
+pub struct Percentiles {
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Largest sample, ms.
+    pub max_ms: f64,
+    /// Number of samples.
+    pub samples: usize,
+}
+
+/// Microseconds since `epoch`, as carried in messages and rows.
+pub fn micros_since(epoch: Instant) -> u64 {
+    epoch.elapsed().as_micros() as u64
+}
+
+/// A counter read twice to give a rate over a window.
+pub struct Window {
+    count: u64,
+    at: Instant,
+}
+
+impl Window {
+    /// Opens a window on `counter` now.
+    pub fn open(counter: &AtomicU64) -> Window {
+        Window {
+            count: counter.load(Ordering::Relaxed),
+            at: Instant::now(),
+        }
+    }
+
+    /// Events per second of `counter` since the window opened.
+    pub fn rate(&self, counter: &AtomicU64) -> f64 {
+        (counter.load(Ordering::Relaxed) - self.count) as f64 / self.at.elapsed().as_secs_f64()
+    }
+}
+
+/// Waits until `counter` reaches `target`, at most `limit`; says whether it
+/// did.
+pub async fn wait_for(counter: &AtomicU64, target: u64, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while counter.load(Ordering::Relaxed) < target {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    true
+}
+
+/// A progress bar on standard error for one phase of a scenario, drawn
+/// while it lives when standard error is a terminal (one line per phase
+/// otherwise).
+pub struct Phase {
+    stop: Arc<AtomicBool>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Phase {
+    /// Shows `label`, expected to take `length`.
+    pub fn start(label: String, length: Duration) -> Phase {
+        let stop = Arc::new(AtomicBool::new(false));
+        if !std::io::stderr().is_terminal() {
+            eprintln!("{label} ({:.0} s)", length.as_secs_f64());
+            return Phase { stop, task: None };
+        }
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let start = Instant::now();
+            const WIDTH: usize = 30;
+            while !flag.load(Ordering::Relaxed) {
+                let done = (start.elapsed().as_secs_f64() / length.as_secs_f64()).min(1.0);
+                let filled = (done * WIDTH as f64) as usize;
+                {
+                    let mut err = std::io::stderr().lock();
+                    let _ = write!(
+                        err,
+                        "\r\x1b[2K{label} [{}{}] {:.1}/{:.0} s",
+                        "#".repeat(filled),
+                        " ".repeat(WIDTH - filled),
+                        start.elapsed().as_secs_f64(),
+                        length.as_secs_f64()
+                    );
+                    let _ = err.flush();
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        });
+        Phase {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Ends the phase and clears its bar.
+    pub async fn end(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for Phase {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
