@@ -114,6 +114,9 @@ impl<L> Clone for Role<L> {
     }
 }
 
+/// Items of one `Transact` call, at most.
+pub(crate) const MAX_TRANSACT_ITEMS: usize = 4096;
+
 /// Metadata key naming the replica that holds the lease, on refusals of a
 /// standby.
 pub const OWNER_METADATA: &str = "tandem-owner";
@@ -563,6 +566,64 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         Ok(Response::new(
             detached(async move { broker.txns.rollback(&req.service, &req.txn_id).await }).await?,
         ))
+    }
+
+    async fn transact(
+        &self,
+        req: Request<pb::TransactRequest>,
+    ) -> Result<Response<pb::TransactResponse>, Status> {
+        use pb::transact_item::Kind;
+        use pb::transact_result::Kind as Answer;
+        let items = req.into_inner().items;
+        if items.is_empty() {
+            return Err(Error::invalid("items", "at least one item is required").into());
+        }
+        if items.len() > MAX_TRANSACT_ITEMS {
+            return Err(Error::invalid(
+                "items",
+                format!(
+                    "{} items; at most {MAX_TRANSACT_ITEMS} per call",
+                    items.len()
+                ),
+            )
+            .into());
+        }
+        // Not serving: the whole call is refused, naming the holder.
+        self.broker()?;
+        let answers = items.into_iter().enumerate().map(|(i, item)| async move {
+            let answer = match item.kind {
+                Some(Kind::Prepare(p)) => self
+                    .prepare(Request::new(p))
+                    .await
+                    .map(|r| Answer::Prepare(r.into_inner())),
+                Some(Kind::Commit(e)) => self
+                    .commit(Request::new(e))
+                    .await
+                    .map(|r| Answer::End(r.into_inner())),
+                Some(Kind::Rollback(e)) => self
+                    .rollback(Request::new(e))
+                    .await
+                    .map(|r| Answer::End(r.into_inner())),
+                None => Err(Status::invalid_argument(format!(
+                    "items[{i}]: prepare, commit or rollback is required"
+                ))),
+            };
+            match answer {
+                Ok(kind) => pb::TransactResult {
+                    code: 0,
+                    message: String::new(),
+                    kind: Some(kind),
+                },
+                Err(s) => pb::TransactResult {
+                    code: s.code() as i32,
+                    message: s.message().to_owned(),
+                    kind: None,
+                },
+            }
+        });
+        Ok(Response::new(pb::TransactResponse {
+            results: futures_util::future::join_all(answers).await,
+        }))
     }
 
     async fn get_transaction(

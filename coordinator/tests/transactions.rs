@@ -23,6 +23,7 @@ on_both_stores!(
     a_prepare_repeated_by_the_same_call_is_that_calls_own,
     the_transaction_marker_header_is_reserved,
     a_retried_publish_appends_once_even_across_a_restart,
+    transact_answers_each_item_as_its_own_call_would,
 );
 
 fn fast_checks() -> Config {
@@ -611,5 +612,122 @@ async fn a_prepare_repeated_by_the_same_call_is_that_calls_own(backend: Backend)
         .expect_err("a control character");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("attempt"), "{err:?}");
+    c.stop().await
+}
+
+async fn transact_answers_each_item_as_its_own_call_would(backend: Backend) -> TestResult {
+    use pb::transact_item::Kind;
+    use pb::transact_result::Kind as Answer;
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 2).await?;
+    let mut consumer = Member::join(c.addr, "orders", "cart", SubscribeOpts::default()).await?;
+    let req = |txn: &str, topic: &str, value: &str| pb::PrepareRequest {
+        instance: String::new(),
+        attempt: String::new(),
+        service: "svc".into(),
+        txn_id: txn.into(),
+        topic: topic.into(),
+        message: Some(msg(Some("k"), value)),
+        context: Default::default(),
+    };
+    let item = |kind| pb::TransactItem { kind: Some(kind) };
+    let results = client
+        .transact(pb::TransactRequest {
+            items: vec![
+                item(Kind::Prepare(req("t1", "orders", "one"))),
+                item(Kind::Prepare(req("t2", "orders", "two"))),
+                item(Kind::Prepare(req("t3", "nosuch", "three"))),
+                pb::TransactItem { kind: None },
+                item(Kind::Commit(end("svc", "never-prepared"))),
+            ],
+        })
+        .await?
+        .into_inner()
+        .results;
+    let codes: Vec<Code> = results.iter().map(|r| Code::from_i32(r.code)).collect();
+    let unary = client
+        .prepare(req("t3", "nosuch", "three"))
+        .await
+        .expect_err("unknown topic");
+    let unary_commit = client
+        .commit(end("svc", "never-prepared"))
+        .await
+        .expect_err("never prepared");
+    assert_eq!(
+        codes,
+        [
+            Code::Ok,
+            Code::Ok,
+            unary.code(),
+            Code::InvalidArgument,
+            unary_commit.code()
+        ],
+        "{results:?}"
+    );
+    assert_eq!(results[2].message, unary.message());
+    assert!(results[3].message.contains("items[3]"), "{results:?}");
+    assert!(matches!(&results[0].kind, Some(Answer::Prepare(p)) if p.txn_id == "t1" && !p.existed));
+    // Nothing prepared by the failed items; the good ones are half messages.
+    assert_eq!(
+        state(&mut client, "t1").await?.state,
+        pb::TransactionState::Prepared as i32
+    );
+    assert!(
+        client
+            .get_transaction(pb::GetTransactionRequest {
+                txn_id: "t3".into()
+            })
+            .await
+            .is_err()
+    );
+    assert!(
+        consumer
+            .next_deliveries(Duration::from_millis(300))
+            .await?
+            .is_empty(),
+        "half messages are invisible"
+    );
+    // Outcomes in one call: t1 committed and delivered, t2 rolled back.
+    let results = client
+        .transact(pb::TransactRequest {
+            items: vec![
+                item(Kind::Commit(end("svc", "t1"))),
+                item(Kind::Rollback(end("svc", "t2"))),
+                item(Kind::Rollback(end("other-svc", "t1"))),
+            ],
+        })
+        .await?
+        .into_inner()
+        .results;
+    assert_eq!(results[0].code, 0, "{results:?}");
+    assert_eq!(results[1].code, 0, "{results:?}");
+    assert_eq!(
+        Code::from_i32(results[2].code),
+        Code::PermissionDenied,
+        "{results:?}"
+    );
+    assert!(
+        matches!(&results[0].kind, Some(Answer::End(e)) if e.state == pb::TransactionState::Committed as i32)
+    );
+    let got = consumer.receive(1).await?;
+    assert_eq!(value(&got[0]), "one");
+    assert!(
+        consumer
+            .next_deliveries(Duration::from_millis(300))
+            .await?
+            .is_empty(),
+        "the rolled-back message is never delivered"
+    );
+    // A call with no items changes nothing and says which field.
+    let e = client
+        .transact(pb::TransactRequest { items: vec![] })
+        .await
+        .expect_err("no items");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("items"), "{e:?}");
     c.stop().await
 }

@@ -64,18 +64,20 @@ impl SidecarService {
             // was lost, the prepare is still recognised as this call's.
             attempt: uuid::Uuid::now_v7().to_string(),
         };
-        let reply = self
+        match self
             .node
-            .call(|mut c| {
-                let req = req.clone();
-                async move { c.prepare(req).await }
-            })
+            .transact(pb::transact_item::Kind::Prepare(req))
             .await
-            .map_err(Error::Coordinator)?;
-        Ok(reply.into_inner())
+            .map_err(Error::Coordinator)?
+        {
+            pb::transact_result::Kind::Prepare(r) => Ok(r),
+            pb::transact_result::Kind::End(_) => Err(Error::Coordinator(Status::internal(
+                "the coordinator answered a prepare as an outcome",
+            ))),
+        }
     }
 
-    /// Sends an outcome; `Node::call` retries it on another replica or
+    /// Sends an outcome; `Node::transact` retries it on another replica or
     /// after a lost answer (outcomes are idempotent) for up to its failover
     /// wait.
     async fn end(&self, txn_id: &str, commit: bool) -> Result<pb::EndTransactionResponse> {
@@ -83,26 +85,25 @@ impl SidecarService {
             service: self.node.config.service.clone(),
             txn_id: txn_id.to_owned(),
         };
-        let r = self
-            .node
-            .call(|mut c| {
-                let req = req.clone();
-                async move {
-                    if commit {
-                        c.commit(req).await
-                    } else {
-                        c.rollback(req).await
-                    }
-                }
-            })
-            .await
-            .map_err(Error::Coordinator)?;
+        let item = if commit {
+            pb::transact_item::Kind::Commit(req)
+        } else {
+            pb::transact_item::Kind::Rollback(req)
+        };
+        let r = match self.node.transact(item).await.map_err(Error::Coordinator)? {
+            pb::transact_result::Kind::End(r) => r,
+            pb::transact_result::Kind::Prepare(_) => {
+                return Err(Error::Coordinator(Status::internal(
+                    "the coordinator answered an outcome as a prepare",
+                )));
+            }
+        };
         Counters::bump(if commit {
             &self.node.counters.committed
         } else {
             &self.node.counters.rolled_back
         });
-        Ok(r.into_inner())
+        Ok(r)
     }
 }
 

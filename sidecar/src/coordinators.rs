@@ -224,12 +224,28 @@ impl Coordinators {
         F: FnMut(CoordinatorClient<Channel>) -> Fut,
         Fut: Future<Output = Result<Response<T>, Status>>,
     {
+        self.retrying(|| {
+            let (index, client) = self.pick();
+            let answer = call(client);
+            async move { (index, answer.await) }
+        })
+        .await
+    }
+
+    /// Runs `attempt` (which answers with the replica it asked) until it
+    /// succeeds, fails for good, or [`FAILOVER_WAIT`] is over: an answer
+    /// of UNAVAILABLE, UNKNOWN or CANCELLED moves on to another replica.
+    pub(crate) async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<T, Status>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = (usize, Result<T, Status>)>,
+    {
         let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
         let mut pause = Duration::from_millis(50);
         let mut attempts = 0;
         loop {
-            let (index, client) = self.pick();
-            match call(client).await {
+            let (index, answer) = attempt().await;
+            match answer {
                 Ok(r) => {
                     self.served();
                     return Ok(r);

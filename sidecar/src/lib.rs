@@ -21,6 +21,7 @@ mod node;
 mod server;
 mod session;
 mod subscription;
+mod transact;
 
 pub use config::{Config, SidecarArgs};
 pub use db::{Db, InboxRow, TableState};

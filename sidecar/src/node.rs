@@ -19,6 +19,7 @@ use crate::coordinators::Coordinators;
 use crate::db::{Db, InboxRow};
 use crate::delivery::Claims;
 use crate::error::{Error, Result};
+use crate::transact::{self, Batcher};
 
 /// Counters reported by `GetStats`.
 #[derive(Debug, Default)]
@@ -218,7 +219,9 @@ pub(crate) struct Node {
     /// Handler calls in progress.
     pub(crate) in_flight: Arc<InFlight>,
     /// The coordinator replicas.
-    pub(crate) coordinators: Coordinators,
+    pub(crate) coordinators: Arc<Coordinators>,
+    /// Prepares and outcomes gathered into `Transact` calls.
+    batcher: Batcher,
     app: Option<AppClient<Channel>>,
     pub(crate) counters: Counters,
     /// Owner name of this process's claims in `tandem_claim`: the instance
@@ -235,7 +238,7 @@ fn endpoint(url: &str) -> Result<Endpoint> {
 impl Node {
     pub(crate) fn new(config: Config, db: Db) -> Result<Node> {
         let max = tandem_coordinator::MAX_REQUEST_BYTES;
-        let coordinators = Coordinators::new(&config.coordinator)?;
+        let coordinators = Arc::new(Coordinators::new(&config.coordinator)?);
         let app = match &config.app {
             Some(url) => Some(
                 AppClient::new(endpoint(url)?.tcp_nodelay(true).connect_lazy())
@@ -252,6 +255,7 @@ impl Node {
             executing: Executing::default(),
             in_flight: Arc::default(),
             db,
+            batcher: Batcher::start(coordinators.clone()),
             coordinators,
             app,
             counters: Counters::default(),
@@ -266,6 +270,26 @@ impl Node {
         Fut: std::future::Future<Output = std::result::Result<Response<T>, Status>>,
     {
         self.coordinators.call(call).await
+    }
+
+    /// Sends a prepare, commit or rollback to a coordinator replica that
+    /// serves, in a `Transact` call with other transactions' items, retried
+    /// as [`call`](Self::call) retries.
+    pub(crate) async fn transact(
+        &self,
+        item: pb::transact_item::Kind,
+    ) -> std::result::Result<pb::transact_result::Kind, Status> {
+        self.coordinators
+            .retrying(|| async {
+                match self.batcher.submit(item.clone()).await {
+                    (_, Err(s)) if s.code() == tonic::Code::Unimplemented => {
+                        let (index, client) = self.coordinators.pick();
+                        (index, transact::unary(client, item.clone()).await)
+                    }
+                    answer => answer,
+                }
+            })
+            .await
     }
 
     /// The app's callback client, or an error naming what needed it.
