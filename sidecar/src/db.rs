@@ -47,6 +47,50 @@ pub struct InboxRow {
     pub message_id: String,
 }
 
+/// A claim asked for by [`Admit`]: `owner` handles the message until
+/// `expires_at_ms` (taken over from another owner once theirs expired
+/// before `now_ms`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClaimRequest {
+    /// The claiming sidecar process.
+    pub owner: String,
+    /// The time now, ms since the epoch.
+    pub now_ms: i64,
+    /// The claim's end, ms since the epoch.
+    pub expires_at_ms: i64,
+}
+
+/// A delivery about to be handled: is it a duplicate, and (SIDECAR dedup)
+/// may this sidecar handle it now?
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Admit {
+    /// Its dedup key.
+    pub row: InboxRow,
+    /// The claim to take, if any.
+    pub claim: Option<ClaimRequest>,
+}
+
+/// What [`Db::dedup_batch`] found for an [`Admit`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Already processed: skip it.
+    Seen,
+    /// Not processed, and claimed for this owner.
+    Mine,
+    /// Not processed, but another owner's live claim holds it.
+    Taken,
+    /// Not processed (no claim asked).
+    Fresh,
+}
+
+const INBOX_HAS: &str = "SELECT 1 FROM tandem_inbox WHERE consumer_group = $1 AND topic IN ($2, '') AND message_id = $3";
+const INBOX_ADD: &str = "INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
+const CLAIM: &str = "INSERT INTO tandem_claim (consumer_group, topic, message_id, owner, expires_at) \
+     VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (consumer_group, topic, message_id) DO UPDATE \
+     SET owner = excluded.owner, expires_at = excluded.expires_at \
+     WHERE tandem_claim.owner = excluded.owner OR tandem_claim.expires_at < $6";
+
 /// How a check-back found the local transaction in `tandem_txn`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TableState {
@@ -219,48 +263,97 @@ impl Db {
     /// any topic).
     pub async fn inbox_has(&self, group: &str, topic: &str, message_id: &str) -> Result<bool> {
         let row = on_db!(self, |p| {
-            sqlx::query(
-            "SELECT 1 FROM tandem_inbox WHERE consumer_group = $1 AND topic IN ($2, '') AND message_id = $3"
-        )
-        .bind(group)
-        .bind(topic)
-        .bind(message_id)
-        .fetch_optional(p)
-        .await
-        .map_err(db_err("read tandem_inbox"))?
-        .is_some()
+            sqlx::query(INBOX_HAS)
+                .bind(group)
+                .bind(topic)
+                .bind(message_id)
+                .fetch_optional(p)
+                .await
+                .map_err(db_err("read tandem_inbox"))?
+                .is_some()
         });
         Ok(row)
     }
 
-    /// Claims a message for handling by `owner` until `expires_at_ms`: true
-    /// when it is ours now (it was free, expired, or already ours), false
-    /// while another owner's unexpired claim holds it.
-    pub async fn claim(
+    /// Checks and claims one delivery (see [`dedup_batch`](Self::dedup_batch)).
+    pub async fn admit(&self, admit: &Admit) -> Result<Admission> {
+        let mut answers = self.dedup_batch(&[], std::slice::from_ref(admit)).await?;
+        answers
+            .pop()
+            .ok_or_else(|| Error::Inbox("no admission answered".into()))
+    }
+
+    /// One database transaction for many deliveries: records `processed`
+    /// messages in `tandem_inbox`, then for each of `admits`, in order:
+    /// [`Admission::Seen`] if its message is in `tandem_inbox` (the rows
+    /// just recorded included); else, when it asks for a claim,
+    /// [`Admission::Mine`] if the claim in `tandem_claim` is its owner's now
+    /// (it was free, expired, or already the owner's) or
+    /// [`Admission::Taken`] while another owner's unexpired claim holds it;
+    /// else [`Admission::Fresh`]. On SQLite the transaction takes the write
+    /// lock first (`BEGIN IMMEDIATE`), so that its reads and writes see one
+    /// state.
+    pub async fn dedup_batch(
         &self,
-        row: &InboxRow,
-        owner: &str,
-        now_ms: i64,
-        expires_at_ms: i64,
-    ) -> Result<bool> {
-        let n = on_db!(self, |p| sqlx::query(
-            "INSERT INTO tandem_claim (consumer_group, topic, message_id, owner, expires_at) \
-             VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (consumer_group, topic, message_id) DO UPDATE \
-             SET owner = excluded.owner, expires_at = excluded.expires_at \
-             WHERE tandem_claim.owner = excluded.owner OR tandem_claim.expires_at < $6"
-        )
-        .bind(&row.group)
-        .bind(&row.topic)
-        .bind(&row.message_id)
-        .bind(owner)
-        .bind(expires_at_ms)
-        .bind(now_ms)
-        .execute(p)
-        .await
-        .map_err(db_err("claim in tandem_claim"))?
-        .rows_affected());
-        Ok(n == 1)
+        processed: &[InboxRow],
+        admits: &[Admit],
+    ) -> Result<Vec<Admission>> {
+        let mut answers = Vec::with_capacity(admits.len());
+        macro_rules! batch {
+            ($tx:expr) => {{
+                let mut tx = $tx.map_err(db_err("begin a transaction"))?;
+                for r in processed {
+                    sqlx::query(INBOX_ADD)
+                        .bind(&r.group)
+                        .bind(&r.topic)
+                        .bind(&r.message_id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db_err("insert into tandem_inbox"))?;
+                }
+                for a in admits {
+                    let seen = sqlx::query(INBOX_HAS)
+                        .bind(&a.row.group)
+                        .bind(&a.row.topic)
+                        .bind(&a.row.message_id)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db_err("read tandem_inbox"))?
+                        .is_some();
+                    let answer = match &a.claim {
+                        _ if seen => Admission::Seen,
+                        None => Admission::Fresh,
+                        Some(c) => {
+                            let n = sqlx::query(CLAIM)
+                                .bind(&a.row.group)
+                                .bind(&a.row.topic)
+                                .bind(&a.row.message_id)
+                                .bind(&c.owner)
+                                .bind(c.expires_at_ms)
+                                .bind(c.now_ms)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(db_err("claim in tandem_claim"))?
+                                .rows_affected();
+                            if n == 1 {
+                                Admission::Mine
+                            } else {
+                                Admission::Taken
+                            }
+                        }
+                    };
+                    answers.push(answer);
+                }
+                tx.commit()
+                    .await
+                    .map_err(db_err("commit to tandem_inbox and tandem_claim"))?;
+            }};
+        }
+        match self {
+            Db::Sqlite(p) => batch!(p.begin_with("BEGIN IMMEDIATE").await),
+            Db::Postgres(p) => batch!(p.begin().await),
+        }
+        Ok(answers)
     }
 
     /// Gives up `owner`'s claim of a message.
@@ -283,24 +376,7 @@ impl Db {
 
     /// Records many processed messages in one transaction.
     pub async fn inbox_add_all(&self, rows: &[InboxRow]) -> Result<()> {
-        on_db!(self, |p| {
-            let mut tx = p.begin().await.map_err(db_err("begin a transaction"))?;
-            for r in rows {
-                sqlx::query(
-                    "INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                )
-                .bind(&r.group)
-                .bind(&r.topic)
-                .bind(&r.message_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db_err("insert into tandem_inbox"))?;
-            }
-            tx.commit()
-                .await
-                .map_err(db_err("commit to tandem_inbox"))?;
-        });
-        Ok(())
+        self.dedup_batch(rows, &[]).await.map(drop)
     }
 
     /// Deletes dedup rows and rollback markers older than `before_ms`, and
@@ -434,29 +510,56 @@ mod tests {
             !db.inbox_has("g", "u", "m1").await?,
             "the same id on another topic is another message"
         );
-        assert!(db.claim(&row_of("m2"), "a", 100, 200).await?, "free");
-        assert!(
-            db.claim(&row_of("m2"), "a", 150, 300).await?,
+        let claim = |owner: &str, now_ms, expires_at_ms| Admit {
+            row: row_of("m2"),
+            claim: Some(ClaimRequest {
+                owner: owner.into(),
+                now_ms,
+                expires_at_ms,
+            }),
+        };
+        use Admission::*;
+        assert_eq!(db.admit(&claim("a", 100, 200)).await?, Mine, "free");
+        assert_eq!(
+            db.admit(&claim("a", 150, 300)).await?,
+            Mine,
             "ours: renewed"
         );
-        assert!(!db.claim(&row_of("m2"), "b", 250, 400).await?, "held by a");
-        assert!(
-            db.claim(&row_of("m2"), "b", 301, 500).await?,
+        assert_eq!(db.admit(&claim("b", 250, 400)).await?, Taken, "held by a");
+        assert_eq!(
+            db.admit(&claim("b", 301, 500)).await?,
+            Mine,
             "expired: taken over"
         );
         db.unclaim(&row_of("m2"), "a").await?;
-        assert!(
-            !db.claim(&row_of("m2"), "a", 302, 600).await?,
+        assert_eq!(
+            db.admit(&claim("a", 302, 600)).await?,
+            Taken,
             "only the owner unclaims"
         );
         db.unclaim(&row_of("m2"), "b").await?;
-        assert!(db.claim(&row_of("m2"), "a", 303, 700).await?, "released");
+        assert_eq!(db.admit(&claim("a", 303, 700)).await?, Mine, "released");
+        // A processed message is seen before any claim, also when recorded
+        // in the same batch.
+        let m3 = Admit {
+            row: row_of("m3"),
+            claim: None,
+        };
+        assert_eq!(db.admit(&m3).await?, Fresh);
+        let claimed = Admit {
+            claim: claim("c", 304, 800).claim,
+            ..m3.clone()
+        };
+        let seen = db
+            .dedup_batch(std::slice::from_ref(&m3.row), &[m3.clone(), claimed])
+            .await?;
+        assert_eq!(seen, [Seen, Seen]);
         db.save_subscription("t", "g", b"one").await?;
         db.save_subscription("t", "g", b"two").await?;
         assert_eq!(db.subscriptions().await?, vec![b"two".to_vec()]);
         assert!(db.delete_subscription("t", "g").await?);
         assert!(db.subscriptions().await?.is_empty());
-        assert_eq!(db.cleanup(i64::MAX, 0).await?, 3, "the claim is live");
+        assert_eq!(db.cleanup(i64::MAX, 0).await?, 4, "the claim is live");
         assert_eq!(db.cleanup(0, 701).await?, 1, "the claim expired");
         Ok(())
     }

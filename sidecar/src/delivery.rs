@@ -16,7 +16,9 @@
 //!   the claim to be released or to expire, then finds the dedup row. So
 //!   check-then-record never lets two deliveries of one id reach the app at
 //!   once. (STRONG mode needs no claim: the app's own insert of the dedup
-//!   row is the atomic step.)
+//!   row is the atomic step.) The check and the claim are one database
+//!   transaction, batched with other deliveries' by the sidecar's inbox
+//!   writer.
 //! - **Failures**: a transport failure (no gRPC status came from the app:
 //!   connection refused or reset, which the client reports with an error
 //!   source) or `UNAVAILABLE` means the app is not reachable: retried without
@@ -49,7 +51,7 @@ use tokio::sync::{OwnedMutexGuard, watch};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
-use crate::db::InboxRow;
+use crate::db::{Admission, Admit, ClaimRequest, InboxRow};
 use crate::error::Result;
 use crate::node::{Counters, Node};
 
@@ -218,34 +220,32 @@ async fn attempts(
     let mut crashes = 0u32;
     loop {
         if dedup_on {
-            let seen = db_step(cancel, || {
-                node.db.inbox_has(&row.group, &row.topic, &row.message_id)
+            let lifetime = node.config.revoke_timeout().as_millis() as i64;
+            let admission = db_step(cancel, || {
+                // The claim (SIDECAR mode) is timed at each try: a claim
+                // written after a long database outage still lives its
+                // whole lifetime.
+                let now = crate::check::now_ms();
+                node.inbox.admit(Admit {
+                    row: row.clone(),
+                    claim: (dedup == sc::DedupMode::Sidecar).then(|| ClaimRequest {
+                        owner: node.claim_owner.clone(),
+                        now_ms: now,
+                        expires_at_ms: now.saturating_add(lifetime),
+                    }),
+                })
             })
             .await;
-            match seen {
+            match admission {
                 None => return Outcome::Abandoned,
-                Some(true) => {
+                Some(Admission::Seen) => {
                     Counters::bump(&node.counters.duplicates_skipped);
                     tracing::debug!(group = %row.group, topic = %row.topic, id = %row.message_id, "duplicate skipped");
                     return Outcome::Done;
                 }
-                Some(false) => {}
-            }
-        }
-        if dedup == sc::DedupMode::Sidecar {
-            let lifetime = node.config.revoke_timeout().as_millis() as i64;
-            let mine = db_step(cancel, || {
-                // taken at each try: a claim written after a long database
-                // outage still lives its whole lifetime
-                let now = crate::check::now_ms();
-                node.db
-                    .claim(row, &node.claim_owner, now, now.saturating_add(lifetime))
-            })
-            .await;
-            match mine {
-                None => return Outcome::Abandoned,
-                Some(true) => *claimed = true,
-                Some(false) => {
+                Some(Admission::Mine) => *claimed = true,
+                Some(Admission::Fresh) => {}
+                Some(Admission::Taken) => {
                     Counters::bump(&node.counters.claim_waits);
                     tracing::info!(group = %row.group, topic = %row.topic, id = %row.message_id,
                         "another sidecar of the group is handling this message; waiting");

@@ -24,6 +24,6 @@ mod subscription;
 mod transact;
 
 pub use config::{Config, SidecarArgs};
-pub use db::{Db, InboxRow, TableState};
+pub use db::{Admission, Admit, ClaimRequest, Db, InboxRow, TableState};
 pub use error::{Error, Result};
 pub use server::{run, serve};

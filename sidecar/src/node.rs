@@ -16,7 +16,7 @@ use tonic::{Response, Status};
 
 use crate::config::Config;
 use crate::coordinators::Coordinators;
-use crate::db::{Db, InboxRow};
+use crate::db::{Admission, Admit, Db, InboxRow};
 use crate::delivery::Claims;
 use crate::error::{Error, Result};
 use crate::transact::{self, Batcher};
@@ -58,14 +58,26 @@ impl Counters {
     }
 }
 
-type InboxRequest = (InboxRow, oneshot::Sender<Result<(), String>>);
+enum InboxRequest {
+    /// Record a processed message.
+    Record(InboxRow, oneshot::Sender<Result<(), String>>),
+    /// Check (and claim) a delivery about to be handled.
+    Admit(Admit, oneshot::Sender<Result<Admission, String>>),
+}
 
-/// Records processed messages in `tandem_inbox`, many per database
-/// transaction: concurrent handlers' rows are gathered while the previous
-/// batch commits (group commit, as the log does).
+/// The sidecar's one writer to `tandem_inbox` and `tandem_claim`: the rows
+/// of processed messages and the checks and claims of deliveries about to
+/// be handled, gathered from concurrent handlers while the previous batch
+/// commits, go in one database transaction (group commit, as the log
+/// does); one writer means its own batches never wait for each other's
+/// locks.
 #[derive(Debug)]
 pub(crate) struct Inbox {
     tx: mpsc::Sender<InboxRequest>,
+}
+
+fn writer_stopped() -> Error {
+    Error::Inbox("the inbox writer stopped".into())
 }
 
 impl Inbox {
@@ -81,10 +93,37 @@ impl Inbox {
                         Err(_) => break,
                     }
                 }
-                let rows: Vec<InboxRow> = batch.iter().map(|(r, _)| r.clone()).collect();
-                let result = db.inbox_add_all(&rows).await.map_err(|e| e.to_string());
-                for (_, reply) in batch {
-                    let _ = reply.send(result.clone());
+                let mut records = Vec::new();
+                let mut admits = Vec::new();
+                for r in &batch {
+                    match r {
+                        InboxRequest::Record(row, _) => records.push(row.clone()),
+                        InboxRequest::Admit(a, _) => admits.push(a.clone()),
+                    }
+                }
+                let result = db
+                    .dedup_batch(&records, &admits)
+                    .await
+                    .map_err(|e| e.to_string());
+                let mut answers = match &result {
+                    Ok(a) => a.clone().into_iter(),
+                    Err(_) => Vec::new().into_iter(),
+                };
+                for r in batch {
+                    match r {
+                        InboxRequest::Record(_, reply) => {
+                            let _ = reply.send(result.clone().map(drop));
+                        }
+                        InboxRequest::Admit(_, reply) => {
+                            let answer = match &result {
+                                Ok(_) => answers
+                                    .next()
+                                    .ok_or_else(|| "an admission went unanswered".to_owned()),
+                                Err(e) => Err(e.clone()),
+                            };
+                            let _ = reply.send(answer);
+                        }
+                    }
                 }
             }
         });
@@ -95,11 +134,23 @@ impl Inbox {
     pub(crate) async fn add(&self, row: InboxRow) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send((row, reply))
+            .send(InboxRequest::Record(row, reply))
             .await
-            .map_err(|_| Error::Inbox("the inbox writer stopped".into()))?;
+            .map_err(|_| writer_stopped())?;
         rx.await
-            .map_err(|_| Error::Inbox("the inbox writer stopped".into()))?
+            .map_err(|_| writer_stopped())?
+            .map_err(Error::Inbox)
+    }
+
+    /// Checks (and claims) a delivery; resolves once committed.
+    pub(crate) async fn admit(&self, admit: Admit) -> Result<Admission> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(InboxRequest::Admit(admit, reply))
+            .await
+            .map_err(|_| writer_stopped())?;
+        rx.await
+            .map_err(|_| writer_stopped())?
             .map_err(Error::Inbox)
     }
 }
