@@ -621,9 +621,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                 },
             }
         });
-        Ok(Response::new(pb::TransactResponse {
-            results: futures_util::future::join_all(answers).await,
-        }))
+        let results = futures_util::future::join_all(answers).await;
+        // Stopped serving meanwhile: refused as a whole, naming the holder,
+        // so that the caller goes there with every item (each is safe to
+        // send again).
+        self.broker()?;
+        Ok(Response::new(pb::TransactResponse { results }))
     }
 
     async fn get_transaction(

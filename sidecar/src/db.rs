@@ -37,7 +37,7 @@ macro_rules! on_db {
 }
 
 /// One processed message: the dedup key.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct InboxRow {
     /// The consumer group.
     pub group: String,
@@ -90,6 +90,195 @@ const CLAIM: &str = "INSERT INTO tandem_claim (consumer_group, topic, message_id
      ON CONFLICT (consumer_group, topic, message_id) DO UPDATE \
      SET owner = excluded.owner, expires_at = excluded.expires_at \
      WHERE tandem_claim.owner = excluded.owner OR tandem_claim.expires_at < $6";
+
+/// [`Db::dedup_batch`] on SQLite (in-process: one statement per row).
+async fn sqlite_dedup_batch(
+    pool: &SqlitePool,
+    processed: &[InboxRow],
+    admits: &[Admit],
+) -> Result<Vec<Admission>> {
+    // Writes take the write lock first, so that the reads see the state
+    // they write on; checks alone are WAL reads that wait for nobody.
+    let writes = !processed.is_empty() || admits.iter().any(|a| a.claim.is_some());
+    let mut tx = if writes {
+        pool.begin_with("BEGIN IMMEDIATE").await
+    } else {
+        pool.begin().await
+    }
+    .map_err(db_err("begin a transaction"))?;
+    for r in processed {
+        sqlx::query(INBOX_ADD)
+            .bind(&r.group)
+            .bind(&r.topic)
+            .bind(&r.message_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err("insert into tandem_inbox"))?;
+    }
+    let mut answers = Vec::with_capacity(admits.len());
+    for a in admits {
+        let seen = sqlx::query(INBOX_HAS)
+            .bind(&a.row.group)
+            .bind(&a.row.topic)
+            .bind(&a.row.message_id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db_err("read tandem_inbox"))?
+            .is_some();
+        let answer = match &a.claim {
+            _ if seen => Admission::Seen,
+            None => Admission::Fresh,
+            Some(c) => {
+                let n = sqlx::query(CLAIM)
+                    .bind(&a.row.group)
+                    .bind(&a.row.topic)
+                    .bind(&a.row.message_id)
+                    .bind(&c.owner)
+                    .bind(c.expires_at_ms)
+                    .bind(c.now_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("claim in tandem_claim"))?
+                    .rows_affected();
+                if n == 1 {
+                    Admission::Mine
+                } else {
+                    Admission::Taken
+                }
+            }
+        };
+        answers.push(answer);
+    }
+    tx.commit()
+        .await
+        .map_err(db_err("commit to tandem_inbox and tandem_claim"))?;
+    Ok(answers)
+}
+
+/// Columns of many rows, as arrays for `UNNEST`.
+#[derive(Default)]
+struct Columns {
+    groups: Vec<String>,
+    topics: Vec<String>,
+    ids: Vec<String>,
+}
+
+impl Columns {
+    fn push(&mut self, r: &InboxRow) {
+        self.groups.push(r.group.clone());
+        self.topics.push(r.topic.clone());
+        self.ids.push(r.message_id.clone());
+    }
+}
+
+/// [`Db::dedup_batch`] on PostgreSQL: a round trip per step, not per row
+/// (records, then which admits are processed, then claims for the rest).
+async fn postgres_dedup_batch(
+    pool: &PgPool,
+    processed: &[InboxRow],
+    admits: &[Admit],
+) -> Result<Vec<Admission>> {
+    let mut tx = pool.begin().await.map_err(db_err("begin a transaction"))?;
+    if !processed.is_empty() {
+        // In key order, as the claims below: two sidecars' batches lock
+        // rows in one order and never deadlock.
+        let mut sorted: Vec<&InboxRow> = processed.iter().collect();
+        sorted.sort();
+        let mut c = Columns::default();
+        sorted.into_iter().for_each(|r| c.push(r));
+        sqlx::query(
+            "INSERT INTO tandem_inbox (consumer_group, topic, message_id) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(&c.groups)
+        .bind(&c.topics)
+        .bind(&c.ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("insert into tandem_inbox"))?;
+    }
+    let mut answers = vec![Admission::Fresh; admits.len()];
+    if !admits.is_empty() {
+        let mut c = Columns::default();
+        admits.iter().for_each(|a| c.push(&a.row));
+        let seen: Vec<i32> = sqlx::query_scalar(
+            "SELECT q.n::int4 FROM UNNEST($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS q(g, t, m, n) \
+             WHERE EXISTS (SELECT 1 FROM tandem_inbox i \
+               WHERE i.consumer_group = q.g AND i.topic IN (q.t, '') AND i.message_id = q.m)",
+        )
+        .bind(&c.groups)
+        .bind(&c.topics)
+        .bind(&c.ids)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err("read tandem_inbox"))?;
+        for n in seen {
+            if let Some(a) = usize::try_from(n - 1).ok().and_then(|i| answers.get_mut(i)) {
+                *a = Admission::Seen;
+            }
+        }
+        // Claims for the others that ask for one. One sidecar never admits
+        // one key twice at once (its in-process claims see to it); should a
+        // key come twice all the same, its second admit waits (Taken), as
+        // one statement cannot upsert a row twice.
+        let mut c = Columns::default();
+        let (mut owners, mut expiries, mut which) = (Vec::new(), Vec::new(), Vec::new());
+        let mut keys = std::collections::HashSet::new();
+        let mut now = i64::MAX;
+        let mut order: Vec<usize> = (0..admits.len()).collect();
+        order.sort_by(|&a, &b| admits[a].row.cmp(&admits[b].row));
+        for i in order {
+            let a = &admits[i];
+            if let (Admission::Fresh, Some(claim)) = (answers[i], &a.claim) {
+                if !keys.insert(&a.row) {
+                    answers[i] = Admission::Taken;
+                    continue;
+                }
+                c.push(&a.row);
+                owners.push(claim.owner.clone());
+                expiries.push(claim.expires_at_ms);
+                // The earliest: no claim is taken over before it expired
+                // for every admit of the batch.
+                now = now.min(claim.now_ms);
+                which.push(i);
+            }
+        }
+        if !which.is_empty() {
+            let mine: Vec<(String, String, String)> = sqlx::query_as(
+                "INSERT INTO tandem_claim AS c (consumer_group, topic, message_id, owner, expires_at) \
+                 SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[]) \
+                 ON CONFLICT (consumer_group, topic, message_id) DO UPDATE \
+                 SET owner = excluded.owner, expires_at = excluded.expires_at \
+                 WHERE c.owner = excluded.owner OR c.expires_at < $6 \
+                 RETURNING c.consumer_group, c.topic, c.message_id",
+            )
+            .bind(&c.groups)
+            .bind(&c.topics)
+            .bind(&c.ids)
+            .bind(&owners)
+            .bind(&expiries)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("claim in tandem_claim"))?;
+            let mine: std::collections::HashSet<(String, String, String)> =
+                mine.into_iter().collect();
+            for i in which {
+                let r = &admits[i].row;
+                answers[i] =
+                    if mine.contains(&(r.group.clone(), r.topic.clone(), r.message_id.clone())) {
+                        Admission::Mine
+                    } else {
+                        Admission::Taken
+                    };
+            }
+        }
+    }
+    tx.commit()
+        .await
+        .map_err(db_err("commit to tandem_inbox and tandem_claim"))?;
+    Ok(answers)
+}
 
 /// How a check-back found the local transaction in `tandem_txn`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -298,62 +487,10 @@ impl Db {
         processed: &[InboxRow],
         admits: &[Admit],
     ) -> Result<Vec<Admission>> {
-        let mut answers = Vec::with_capacity(admits.len());
-        macro_rules! batch {
-            ($tx:expr) => {{
-                let mut tx = $tx.map_err(db_err("begin a transaction"))?;
-                for r in processed {
-                    sqlx::query(INBOX_ADD)
-                        .bind(&r.group)
-                        .bind(&r.topic)
-                        .bind(&r.message_id)
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(db_err("insert into tandem_inbox"))?;
-                }
-                for a in admits {
-                    let seen = sqlx::query(INBOX_HAS)
-                        .bind(&a.row.group)
-                        .bind(&a.row.topic)
-                        .bind(&a.row.message_id)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(db_err("read tandem_inbox"))?
-                        .is_some();
-                    let answer = match &a.claim {
-                        _ if seen => Admission::Seen,
-                        None => Admission::Fresh,
-                        Some(c) => {
-                            let n = sqlx::query(CLAIM)
-                                .bind(&a.row.group)
-                                .bind(&a.row.topic)
-                                .bind(&a.row.message_id)
-                                .bind(&c.owner)
-                                .bind(c.expires_at_ms)
-                                .bind(c.now_ms)
-                                .execute(&mut *tx)
-                                .await
-                                .map_err(db_err("claim in tandem_claim"))?
-                                .rows_affected();
-                            if n == 1 {
-                                Admission::Mine
-                            } else {
-                                Admission::Taken
-                            }
-                        }
-                    };
-                    answers.push(answer);
-                }
-                tx.commit()
-                    .await
-                    .map_err(db_err("commit to tandem_inbox and tandem_claim"))?;
-            }};
-        }
         match self {
-            Db::Sqlite(p) => batch!(p.begin_with("BEGIN IMMEDIATE").await),
-            Db::Postgres(p) => batch!(p.begin().await),
+            Db::Sqlite(p) => sqlite_dedup_batch(p, processed, admits).await,
+            Db::Postgres(p) => postgres_dedup_batch(p, processed, admits).await,
         }
-        Ok(answers)
     }
 
     /// Gives up `owner`'s claim of a message.
@@ -547,7 +684,7 @@ mod tests {
         };
         assert_eq!(db.admit(&m3).await?, Fresh);
         let claimed = Admit {
-            claim: claim("c", 304, 800).claim,
+            claim: claim("c", 304, 600).claim,
             ..m3.clone()
         };
         let seen = db

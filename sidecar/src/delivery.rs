@@ -222,9 +222,9 @@ async fn attempts(
         if dedup_on {
             let lifetime = node.config.revoke_timeout().as_millis() as i64;
             let admission = db_step(cancel, || {
-                // The claim (SIDECAR mode) is timed at each try: a claim
-                // written after a long database outage still lives its
-                // whole lifetime.
+                // The claim (SIDECAR mode) lives its whole lifetime from
+                // when the inbox writer writes it (after a long database
+                // outage too).
                 let now = crate::check::now_ms();
                 node.inbox.admit(Admit {
                     row: row.clone(),

@@ -101,6 +101,14 @@ impl Inbox {
                         InboxRequest::Admit(a, _) => admits.push(a.clone()),
                     }
                 }
+                // Claims are timed now, when written: time spent queued
+                // does not shorten them.
+                let now = crate::check::now_ms();
+                for c in admits.iter_mut().filter_map(|a| a.claim.as_mut()) {
+                    let life = c.expires_at_ms.saturating_sub(c.now_ms);
+                    c.now_ms = now;
+                    c.expires_at_ms = now.saturating_add(life);
+                }
                 let result = db
                     .dedup_batch(&records, &admits)
                     .await

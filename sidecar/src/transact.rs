@@ -24,6 +24,14 @@ const MAX_ITEMS: usize = 512;
 /// Calls in flight at once.
 const IN_FLIGHT: usize = 2;
 
+/// Encoded bytes per call, at most (a batch closes before it would pass
+/// this; the gRPC limit is `MAX_REQUEST_BYTES`).
+const MAX_BATCH_BYTES: usize = tandem_coordinator::MAX_REQUEST_BYTES / 4;
+
+/// How long a call may take before its items are sent again (a replica
+/// that hangs must not hold every transaction of this sidecar).
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// An item's answer, with the replica that gave it (for failover).
 pub(crate) type Answer = (usize, Result<pb::transact_result::Kind, Status>);
 
@@ -36,6 +44,14 @@ struct Pending {
 #[derive(Debug)]
 pub(crate) struct Batcher {
     tx: mpsc::Sender<Pending>,
+}
+
+/// A call that outlived [`CALL_TIMEOUT`]: its items are sent again.
+fn no_answer() -> Status {
+    Status::unavailable(format!(
+        "the coordinator did not answer within {} s",
+        CALL_TIMEOUT.as_secs()
+    ))
 }
 
 fn stopping() -> Status {
@@ -52,19 +68,37 @@ fn answer_of(r: pb::TransactResult) -> Result<pb::transact_result::Kind, Status>
         .ok_or_else(|| Status::internal("the coordinator answered an item with no result"))
 }
 
-/// Sends one batch on `client` and hands each item its answer.
+/// Sends one batch on `client` and hands each item its answer (a single
+/// item as its own call).
 async fn send(
     mut client: CoordinatorClient<Channel>,
     index: usize,
-    batch: Vec<Pending>,
+    mut batch: Vec<Pending>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
+    if batch.len() == 1
+        && let Some(p) = batch.pop()
+    {
+        let answer = match tokio::time::timeout(CALL_TIMEOUT, unary(client, p.item)).await {
+            Ok(a) => a,
+            Err(_) => Err(no_answer()),
+        };
+        drop(permit);
+        let _ = p.reply.send((index, answer));
+        return;
+    }
     let (items, replies): (Vec<_>, Vec<_>) = batch
         .into_iter()
         .map(|p| (pb::TransactItem { kind: Some(p.item) }, p.reply))
         .unzip();
     let n = items.len();
-    let answer = client.transact(pb::TransactRequest { items }).await;
+    let answer =
+        match tokio::time::timeout(CALL_TIMEOUT, client.transact(pb::TransactRequest { items }))
+            .await
+        {
+            Ok(a) => a,
+            Err(_) => Err(no_answer()),
+        };
     drop(permit);
     let results = match answer {
         Ok(r) if r.get_ref().results.len() == n => r.into_inner().results,
@@ -96,15 +130,33 @@ impl Batcher {
         let (tx, mut rx) = mpsc::channel::<Pending>(8192);
         tokio::spawn(async move {
             let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-            while let Some(first) = rx.recv().await {
+            // An item that did not fit in the previous batch.
+            let mut carried: Option<Pending> = None;
+            loop {
+                let first = match carried.take() {
+                    Some(p) => p,
+                    None => match rx.recv().await {
+                        Some(p) => p,
+                        None => break,
+                    },
+                };
                 // Items queue up while every call is in flight.
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     break;
                 };
+                let mut bytes = encoded_len(&first.item);
                 let mut batch = vec![first];
                 while batch.len() < MAX_ITEMS {
                     match rx.try_recv() {
-                        Ok(p) => batch.push(p),
+                        Ok(p) => {
+                            let len = encoded_len(&p.item);
+                            if bytes + len > MAX_BATCH_BYTES {
+                                carried = Some(p);
+                                break;
+                            }
+                            bytes += len;
+                            batch.push(p);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -125,6 +177,18 @@ impl Batcher {
     }
 }
 
+/// Bytes `item` takes in a `Transact` call.
+fn encoded_len(item: &pb::transact_item::Kind) -> usize {
+    use pb::transact_item::Kind;
+    use prost::Message;
+    let body = match item {
+        Kind::Prepare(p) => p.encoded_len(),
+        Kind::Commit(e) | Kind::Rollback(e) => e.encoded_len(),
+    };
+    // The item's and the field's framing.
+    body + 16
+}
+
 /// The same item as a call of its own, for a coordinator that does not
 /// know `Transact` (an older version during a rolling upgrade).
 pub(crate) async fn unary(
@@ -138,4 +202,130 @@ pub(crate) async fn unary(
         Kind::Commit(e) => Answer::End(client.commit(e).await?.into_inner()),
         Kind::Rollback(e) => Answer::End(client.rollback(e).await?.into_inner()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use pb::transact_item::Kind;
+    use pb::transact_result::Kind as Result_;
+
+    fn prepare(txn: &str, topic: &str, bytes: usize) -> Kind {
+        Kind::Prepare(pb::PrepareRequest {
+            service: "svc".into(),
+            txn_id: txn.into(),
+            topic: topic.into(),
+            message: Some(pb::Message {
+                key: Some(Bytes::from(txn.to_owned())),
+                value: Bytes::from(vec![b'x'; bytes]),
+                ..Default::default()
+            }),
+            attempt: format!("attempt-{txn}"),
+            ..Default::default()
+        })
+    }
+
+    /// Many concurrent items, some refused, some large enough to need
+    /// several calls: each gets its own answer.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_item_gets_its_own_answer() -> std::result::Result<(), Box<dyn std::error::Error>>
+    {
+        let dir = tempfile::tempdir()?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let coordinator = tandem_coordinator::Coordinator::open(tandem_coordinator::Config {
+            data_dir: dir.path().to_owned(),
+            ..Default::default()
+        })
+        .await?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(coordinator.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        let coordinators = Arc::new(Coordinators::new(std::slice::from_ref(&url))?);
+        let (_, mut client) = coordinators.pick();
+        let mut created = false;
+        for _ in 0..300 {
+            let topic = pb::CreateTopicRequest {
+                name: "orders".into(),
+                partitions: 2,
+            };
+            if client.create_topic(topic).await.is_ok() {
+                created = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(created, "the coordinator did not serve");
+        let batcher = Arc::new(Batcher::start(coordinators));
+        // 900 KiB each: 40 of them need at least three calls.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..240 {
+            let b = batcher.clone();
+            tasks.spawn(async move {
+                let (topic, bytes) = match i % 6 {
+                    0 => ("nosuch", 10),
+                    1 => ("orders", 900 << 10),
+                    _ => ("orders", 10),
+                };
+                let txn = format!("t{i}");
+                (
+                    i,
+                    txn.clone(),
+                    b.submit(prepare(&txn, topic, bytes)).await.1,
+                )
+            });
+        }
+        let mut answered = 0;
+        while let Some(r) = tasks.join_next().await {
+            let (i, txn, answer) = r?;
+            match answer {
+                Ok(Result_::Prepare(p)) => {
+                    assert_ne!(i % 6, 0, "{txn} prepared on a missing topic");
+                    assert_eq!(p.txn_id, txn, "another item's answer");
+                    assert!(!p.existed);
+                }
+                Ok(other) => panic!("{txn}: {other:?}"),
+                Err(s) => {
+                    assert_eq!(i % 6, 0, "{txn}: {s:?}");
+                    assert_eq!(s.code(), Code::NotFound, "{s:?}");
+                }
+            }
+            answered += 1;
+        }
+        assert_eq!(answered, 240);
+        // Outcomes too, in one go.
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in (1..240).filter(|i| i % 6 != 0) {
+            let b = batcher.clone();
+            tasks.spawn(async move {
+                let end = pb::EndTransactionRequest {
+                    service: "svc".into(),
+                    txn_id: format!("t{i}"),
+                };
+                let item = if i % 2 == 0 {
+                    Kind::Commit(end)
+                } else {
+                    Kind::Rollback(end)
+                };
+                (i, b.submit(item).await.1)
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            let (i, answer) = r?;
+            let Ok(Result_::End(e)) = answer else {
+                panic!("t{i}: {answer:?}");
+            };
+            let expected = if i % 2 == 0 {
+                pb::TransactionState::Committed
+            } else {
+                pb::TransactionState::RolledBack
+            };
+            assert_eq!(e.state, expected as i32, "t{i}");
+        }
+        let _ = stop.send(());
+        server.await??;
+        Ok(())
+    }
 }
