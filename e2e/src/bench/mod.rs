@@ -192,6 +192,50 @@ pub async fn wait_for(counter: &AtomicU64, target: u64, limit: Duration) -> bool
     true
 }
 
+/// The paced phase of a scenario: starts `one(n)` at `rate` per second for
+/// `secs` (under a progress bar labelled `label`), waits for every one, then
+/// for `latencies` to hold a sample of each, at most 120 s; `what` names
+/// them in the error if they do not.
+pub async fn paced<F, Fut>(
+    label: &str,
+    rate: f64,
+    secs: Duration,
+    latencies: &Latencies,
+    what: &str,
+    mut one: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(u64) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let phase = Phase::start(format!("{label}: paced at {rate:.0}/s"), secs);
+    latencies.start();
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    while start.elapsed() < secs {
+        tick.tick().await;
+        sent += 1;
+        tasks.spawn(one((1 << 40) + sent));
+    }
+    while let Some(t) = tasks.join_next().await {
+        t??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while latencies.len() < sent as usize && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    phase.end().await;
+    anyhow::ensure!(
+        latencies.len() >= sent as usize,
+        "{} of {sent} paced {what} were applied within 120 s",
+        latencies.len()
+    );
+    Ok(())
+}
+
 /// A progress bar on standard error for one phase of a scenario, drawn
 /// while it lives when standard error is a terminal (one line per phase
 /// otherwise).

@@ -251,32 +251,11 @@ async fn phases(opts: &Options, label: &str, s: &Arc<Shared>) -> anyhow::Result<
     );
 
     let paced = opts.paced.unwrap_or(applied_per_s / 2.0).max(1.0);
-    let phase = Phase::start(format!("{label}: paced at {paced:.0}/s"), secs);
-    s.latencies.start();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / paced));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let start = Instant::now();
-    let mut sent = 0u64;
-    let mut tasks = tokio::task::JoinSet::new();
-    while start.elapsed() < secs {
-        tick.tick().await;
-        sent += 1;
+    super::paced(label, paced, secs, &s.latencies, "outbox rows", |n| {
         let s = s.clone();
-        tasks.spawn(async move { transaction(&s, (1 << 40) + sent).await });
-    }
-    while let Some(t) = tasks.join_next().await {
-        t??;
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while s.latencies.len() < sent as usize && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    phase.end().await;
-    anyhow::ensure!(
-        s.latencies.len() >= sent as usize,
-        "{} of {sent} paced outbox rows were relayed within 120 s",
-        s.latencies.len()
-    );
+        async move { transaction(&s, n).await }
+    })
+    .await?;
     Ok(Report {
         committed_per_s,
         applied_per_s,

@@ -520,34 +520,19 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
 
     // Paced: latency from Begin to the applied effect.
     let paced = opts.paced.unwrap_or(applied_per_s / 2.0).max(1.0);
-    let phase = Phase::start(format!("{label}: paced at {paced:.0}/s"), secs);
-    consumer.latencies.start();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / paced));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let paced_stages = Arc::new(Stages::default());
-    let start = Instant::now();
-    let mut sent = 0u64;
-    let mut tasks = tokio::task::JoinSet::new();
-    while start.elapsed() < secs {
-        tick.tick().await;
-        sent += 1;
-        let (mut s, db, stages) = (producer.clone(), local.clone(), paced_stages.clone());
-        tasks
-            .spawn(async move { transaction(&mut s, &db, epoch, (1 << 40) + sent, &stages).await });
-    }
-    while let Some(t) = tasks.join_next().await {
-        t??;
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while consumer.latencies.len() < sent as usize && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    phase.end().await;
-    anyhow::ensure!(
-        consumer.latencies.len() >= sent as usize,
-        "{} of {sent} paced transactions were applied within 120 s",
-        consumer.latencies.len()
-    );
+    super::paced(
+        label,
+        paced,
+        secs,
+        &consumer.latencies,
+        "transactions",
+        |n| {
+            let (mut s, db, stages) = (producer.clone(), local.clone(), paced_stages.clone());
+            async move { transaction(&mut s, &db, epoch, n, &stages).await }
+        },
+    )
+    .await?;
     Ok(Report {
         committed_per_s,
         applied_per_s,
