@@ -44,6 +44,9 @@ struct Replica {
 struct State {
     replicas: Vec<Replica>,
     current: usize,
+    /// Changes of `current` so far: a failure reported against an older
+    /// value came from a call made before someone else moved on.
+    moves: usize,
     /// Failures in a row since a call last succeeded.
     failures: usize,
 }
@@ -112,6 +115,7 @@ impl Coordinators {
             state: Mutex::new(State {
                 replicas,
                 current: 0,
+                moves: 0,
                 failures: 0,
             }),
         })
@@ -121,11 +125,11 @@ impl Coordinators {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The replica to use now: its index (for [`failed`](Self::failed))
-    /// and client.
+    /// The replica to use now: a ticket naming this choice (for
+    /// [`failed`](Self::failed)) and its client.
     pub(crate) fn pick(&self) -> (usize, CoordinatorClient<Channel>) {
         let s = self.state();
-        (s.current, s.replicas[s.current].client.clone())
+        (s.moves, s.replicas[s.current].client.clone())
     }
 
     /// The replica in use served a call.
@@ -133,10 +137,12 @@ impl Coordinators {
         self.state().failures = 0;
     }
 
-    /// A call to replica `index` failed with `status`: if it named the
-    /// lease holder, use that one next, else the next replica. True when
-    /// every replica has now failed in a row (time to pause).
-    pub(crate) async fn failed(&self, index: usize, status: &Status) -> bool {
+    /// A call to the replica picked with `ticket` failed with `status`: if
+    /// it named the lease holder, use that one next, else the next replica.
+    /// True when every replica has now failed in a row (time to pause).
+    /// Only the first report against a choice counts (the calls of one
+    /// failed batch all report it).
+    pub(crate) async fn failed(&self, ticket: usize, status: &Status) -> bool {
         let owner = status
             .metadata()
             .get(OWNER)
@@ -144,10 +150,12 @@ impl Coordinators {
             .map(|a| format!("http://{a}"));
         let round_over = {
             let mut s = self.state();
-            if s.current != index {
+            if s.moves != ticket {
                 // Someone else already moved on.
                 return false;
             }
+            s.moves = s.moves.wrapping_add(1);
+            let index = s.current;
             if let Some(owner) = owner {
                 // A fresh round, starting at the holder.
                 s.failures = 0;
@@ -293,27 +301,61 @@ mod tests {
         s
     }
 
+    impl Coordinators {
+        fn current(&self) -> String {
+            let s = self.state();
+            s.replicas[s.current].url.clone()
+        }
+
+        /// Reports a failure of the replica in use now.
+        async fn fails(&self, status: &Status) -> bool {
+            let ticket = self.pick().0;
+            self.failed(ticket, status).await
+        }
+    }
+
     #[tokio::test]
     async fn a_named_holder_is_used_next_and_added_when_unknown() -> Result<()> {
         let c = Coordinators::new(&["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()])?;
-        assert!(!c.failed(0, &refusal("127.0.0.1:2")).await);
-        assert_eq!(c.pick().0, 1);
-        assert!(!c.failed(1, &refusal("127.0.0.1:3")).await);
-        assert_eq!(c.pick().0, 2);
+        assert!(!c.fails(&refusal("127.0.0.1:2")).await);
+        assert_eq!(c.current(), "http://127.0.0.1:2");
+        assert!(!c.fails(&refusal("127.0.0.1:3")).await);
+        assert_eq!(c.current(), "http://127.0.0.1:3");
         // Plain failures go round; a learnt address that fails is
         // forgotten; a full round says so.
         let down = Status::unavailable("tcp connect error");
-        assert!(!c.failed(2, &down).await);
-        assert_eq!(c.pick().0, 0);
+        assert!(!c.fails(&down).await);
+        assert_eq!(c.current(), "http://127.0.0.1:1");
         assert_eq!(c.state().replicas.len(), 2, "127.0.0.1:3 forgotten");
         c.served();
-        assert!(!c.failed(0, &down).await);
-        assert!(c.failed(1, &down).await);
+        assert!(!c.fails(&down).await);
+        let ticket = c.pick().0;
+        assert!(c.failed(ticket, &down).await);
         // A stale report (another caller moved on already) changes nothing.
-        assert!(!c.failed(1, &down).await);
-        assert_eq!(c.pick().0, 0);
+        assert!(!c.failed(ticket, &down).await);
+        assert_eq!(c.current(), "http://127.0.0.1:1");
         // Configured addresses are never forgotten.
         assert_eq!(c.state().replicas.len(), 2);
+        Ok(())
+    }
+
+    /// The calls of one failed batch all report the replica they used: the
+    /// first report moves on, the others change nothing, also when the
+    /// failed replica was forgotten and another took its place in the list.
+    #[tokio::test]
+    async fn reports_of_one_failed_choice_count_once() -> Result<()> {
+        let c = Coordinators::new(&["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()])?;
+        assert!(!c.fails(&refusal("127.0.0.1:3")).await);
+        assert!(!c.fails(&refusal("127.0.0.1:4")).await);
+        assert!(!c.fails(&refusal("127.0.0.1:3")).await);
+        assert_eq!(c.current(), "http://127.0.0.1:3");
+        let ticket = c.pick().0;
+        let down = Status::unavailable("tcp connect error");
+        for _ in 0..5 {
+            assert!(!c.failed(ticket, &down).await);
+        }
+        assert_eq!(c.current(), "http://127.0.0.1:4", "tried next, not skipped");
+        assert_eq!(c.state().replicas.len(), 3, "only 127.0.0.1:3 forgotten");
         Ok(())
     }
 }

@@ -32,7 +32,8 @@ const MAX_BATCH_BYTES: usize = tandem_coordinator::MAX_REQUEST_BYTES / 4;
 /// that hangs must not hold every transaction of this sidecar).
 const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// An item's answer, with the replica that gave it (for failover).
+/// An item's answer, with the ticket of the replica that gave it (see
+/// [`Coordinators::pick`], for failover).
 pub(crate) type Answer = (usize, Result<pb::transact_result::Kind, Status>);
 
 struct Pending {
