@@ -1,7 +1,8 @@
 //! End-to-end pieces of Tandem: the order/cart example services (written
 //! the way we want users to write theirs), real processes for tests and the
-//! demo, and the test application the fault tests drive. The fault tests
-//! themselves are in `tests/`, the benchmark drivers in `benches/`.
+//! demo, the test application the fault tests drive, and the scenarios of
+//! `tandem bench` ([`bench`]). The fault tests themselves are in `tests/`,
+//! the publish → consume benchmark driver in `benches/`.
 
 pub mod bench;
 pub mod campaign;
