@@ -142,8 +142,85 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
         }
         (None, false) => None,
     };
-    let seconds = Duration::from_secs_f64(args.seconds);
+    let postgres_version = match &server {
+        Some(url) => Some(server_version(url).await?),
+        None => None,
+    };
+    // Stopped by a signal: the own server and the folder go as `own` and
+    // `dir` are dropped, and what was measured is printed.
     let mut rows = Vec::new();
+    let outcome = tokio::select! {
+        r = run_all(&args, &scenarios, server.as_deref(), dir.path(), &mut rows) => r,
+        () = tandem_coordinator::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    drop(own);
+    drop(dir);
+    let ratios = ratios(&rows);
+    if args.json {
+        let doc = json!({
+            "tandem_version": env!("CARGO_PKG_VERSION"),
+            "finished_unix_s": std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "complete": outcome.is_ok(),
+            "seconds_per_phase": args.seconds,
+            "workers": args.workers,
+            "outbox": {"clients": args.clients, "relays": args.relays, "relay_batch": args.relay_batch},
+            "postgres": match (&args.postgres, &postgres_version) {
+                (_, None) => json!(null),
+                (Some(_), Some(v)) => json!({"server": "given", "version": v}),
+                (None, Some(v)) => json!({"server": "own, fsync on", "version": v}),
+            },
+            "results": rows.iter().map(|r| json!({
+                "scenario": r.scenario.name(),
+                "round": r.round,
+                "committed_per_s": r.committed_per_s.round(),
+                "applied_per_s": r.applied_per_s.round(),
+                "mean_begin_local_commit_ms": r.stages_ms.map(|m| m.map(|x| (x * 100.0).round() / 100.0)),
+                "paced_per_s": r.paced_per_s.round(),
+                "p50_ms": r.latency.p50_ms,
+                "p99_ms": r.latency.p99_ms,
+                "max_ms": r.latency.max_ms,
+                "samples": r.latency.samples,
+            })).collect::<Vec<_>>(),
+            "over_outbox": ratios.iter().map(|(s, round, x)| json!({
+                "scenario": s.name(), "round": round, "applied_ratio": x,
+            })).collect::<Vec<_>>(),
+        });
+        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+    } else if !rows.is_empty() {
+        table(&rows, &ratios, out)?;
+    }
+    outcome
+}
+
+/// The PostgreSQL server's version, which also proves it can be reached.
+async fn server_version(url: &str) -> anyhow::Result<String> {
+    let host = url.rsplit_once('@').map_or(url, |(_, h)| h);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .with_context(|| format!("--postgres: cannot reach PostgreSQL at {host}"))?;
+    let version: String = sqlx::query_scalar("SHOW server_version")
+        .fetch_one(&pool)
+        .await
+        .with_context(|| format!("--postgres: asking {host} its version"))?;
+    pool.close().await;
+    Ok(version)
+}
+
+/// Runs every round, adding each scenario's row as it ends.
+async fn run_all(
+    args: &BenchArgs,
+    scenarios: &[Scenario],
+    server: Option<&str>,
+    dir: &std::path::Path,
+    rows: &mut Vec<Row>,
+) -> anyhow::Result<()> {
+    let seconds = Duration::from_secs_f64(args.seconds);
     for round in 1..=args.rounds {
         for (i, &scenario) in scenarios.iter().enumerate() {
             let label = format!(
@@ -153,7 +230,7 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
                 i + 1,
                 scenarios.len()
             );
-            let server = || server.clone().context("no PostgreSQL server");
+            let server = || server.map(str::to_owned).context("no PostgreSQL server");
             let row = if scenario == Scenario::Outbox {
                 let r = outbox::run(
                     &outbox::Options {
@@ -195,7 +272,7 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
                         paced: args.paced,
                         tables,
                         coordinator_on,
-                        dir: dir.path().join(format!("{round}-{}", scenario.name())),
+                        dir: dir.join(format!("{round}-{}", scenario.name())),
                     },
                     &label,
                 )
@@ -213,34 +290,6 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
             };
             rows.push(row);
         }
-    }
-    drop(own);
-    let ratios = ratios(&rows);
-    if args.json {
-        let doc = json!({
-            "seconds_per_phase": args.seconds,
-            "workers": args.workers,
-            "outbox": {"clients": args.clients, "relays": args.relays, "relay_batch": args.relay_batch},
-            "postgres": if args.postgres.is_some() { "given" } else { "own server, fsync on" },
-            "results": rows.iter().map(|r| json!({
-                "scenario": r.scenario.name(),
-                "round": r.round,
-                "committed_per_s": r.committed_per_s.round(),
-                "applied_per_s": r.applied_per_s.round(),
-                "mean_begin_local_commit_ms": r.stages_ms,
-                "paced_per_s": r.paced_per_s.round(),
-                "p50_ms": r.latency.p50_ms,
-                "p99_ms": r.latency.p99_ms,
-                "max_ms": r.latency.max_ms,
-                "samples": r.latency.samples,
-            })).collect::<Vec<_>>(),
-            "over_outbox": ratios.iter().map(|(s, round, x)| json!({
-                "scenario": s.name(), "round": round, "applied_ratio": x,
-            })).collect::<Vec<_>>(),
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
-    } else {
-        table(&rows, &ratios, out)?;
     }
     Ok(())
 }
@@ -282,10 +331,11 @@ fn table(
         "p99 ms"
     )?;
     for r in rows {
-        let stages = r.stages_ms.map_or_else(
-            || "-".to_owned(),
-            |[b, l, c]| format!("{b:.2}/{l:.2}/{c:.2}"),
-        );
+        let stages = match r.stages_ms {
+            None => "-".to_owned(),
+            Some([b, _, c]) if r.scenario == Scenario::Txn => format!("{b:.2}/-/{c:.2}"),
+            Some([b, l, c]) => format!("{b:.2}/{l:.2}/{c:.2}"),
+        };
         writeln!(
             out,
             "{:<20} {:>5} {:>12.0} {:>12.0} {:>22} {:>9.0} {:>9.2} {:>9.2}",
@@ -306,5 +356,11 @@ fn table(
             s.name()
         )?;
     }
+    writeln!(
+        out,
+        "committed/s: over the whole peak phase; applied/s: effects applied by the consumer over \
+         its last 80 %; p50/p99: Begin (the outbox: its local transaction) -> effect applied, in \
+         the paced phase, at the rate shown (each scenario's own half peak unless --paced sets one)"
+    )?;
     Ok(())
 }

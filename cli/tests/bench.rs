@@ -82,11 +82,80 @@ fn bad_arguments_are_refused_naming_them() -> TestResult {
         (&["--paced=-5"][..], "--paced"),
         (&["--relay-batch", "0"][..], "--relay-batch"),
         (&["nosuch"][..], "nosuch"),
+        (
+            &["outbox", "--postgres", "postgres://x@127.0.0.1:1/postgres"][..],
+            "cannot reach PostgreSQL at 127.0.0.1:1",
+        ),
     ] {
         let out = Command::new(TANDEM).arg("bench").args(args).output()?;
         assert!(!out.status.success(), "{args:?} was accepted");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(named), "{args:?}: {err}");
     }
+    Ok(())
+}
+
+/// SIGINT in the middle of a run: the bench's own PostgreSQL server is
+/// stopped and its folder removed, and the process ends with an error.
+#[test]
+fn an_interrupted_run_leaves_no_server_or_folder_behind() -> TestResult {
+    if std::env::var_os("TANDEM_REQUIRE_POSTGRES").is_none()
+        && !std::path::Path::new("/usr/lib/postgresql").exists()
+    {
+        eprintln!("skipped: no PostgreSQL binaries (scripts/test.sh installs them)");
+        return Ok(());
+    }
+    let tmp = tempfile::tempdir()?;
+    // The postgres account must reach the server's folder in it.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let child = Command::new(TANDEM)
+        .args(["bench", "outbox", "--seconds", "20"])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let marker = tmp.path().display().to_string();
+    let running = |marker: &str| -> usize {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
+            })
+            .count()
+    };
+    // Wait until its server runs, at most 60 s.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while running(&marker) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bench's server never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    assert!(sent.success());
+    let out = child.wait_with_output()?;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("interrupted"), "{err}");
+    assert_eq!(
+        running(&marker),
+        0,
+        "a process of the bench's server is left"
+    );
+    assert_eq!(
+        std::fs::read_dir(tmp.path())?.count(),
+        0,
+        "its folder is left"
+    );
     Ok(())
 }
