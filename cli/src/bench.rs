@@ -231,62 +231,70 @@ async fn run_all(
                 scenarios.len()
             );
             let server = || server.map(str::to_owned).context("no PostgreSQL server");
-            let row = if scenario == Scenario::Outbox {
-                let r = outbox::run(
-                    &outbox::Options {
-                        seconds,
-                        clients: args.clients,
-                        relays: args.relays,
-                        batch: args.relay_batch,
-                        paced: args.paced,
-                        server: server()?,
-                    },
-                    &label,
-                )
-                .await
-                .with_context(|| format!("scenario {}", scenario.name()))?;
-                Row {
-                    scenario,
-                    round,
-                    committed_per_s: r.committed_per_s,
-                    applied_per_s: r.applied_per_s,
-                    stages_ms: None,
-                    paced_per_s: r.paced_per_s,
-                    latency: r.latency,
-                }
-            } else {
-                let tables = match scenario {
-                    Scenario::Txn => txn::Tables::Skipped,
-                    Scenario::TxnSqlite => txn::Tables::Sqlite,
-                    _ => txn::Tables::Postgres(server()?),
-                };
-                let coordinator_on = if scenario == Scenario::TxnPostgresStore {
-                    Some(server()?)
+            let context = || format!("scenario {}", scenario.name());
+            let (committed_per_s, applied_per_s, stages_ms, paced_per_s, latency) =
+                if scenario == Scenario::Outbox {
+                    let r = outbox::run(
+                        &outbox::Options {
+                            seconds,
+                            clients: args.clients,
+                            relays: args.relays,
+                            batch: args.relay_batch,
+                            paced: args.paced,
+                            server: server()?,
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    (
+                        r.committed_per_s,
+                        r.applied_per_s,
+                        None,
+                        r.paced_per_s,
+                        r.latency,
+                    )
                 } else {
-                    None
+                    let tables = match scenario {
+                        Scenario::Txn => txn::Tables::Skipped,
+                        Scenario::TxnSqlite => txn::Tables::Sqlite,
+                        _ => txn::Tables::Postgres(server()?),
+                    };
+                    let coordinator_on = if scenario == Scenario::TxnPostgresStore {
+                        Some(server()?)
+                    } else {
+                        None
+                    };
+                    let r = txn::run(
+                        &txn::Options {
+                            seconds,
+                            workers: args.workers,
+                            paced: args.paced,
+                            tables,
+                            coordinator_on,
+                            dir: dir.join(format!("{round}-{}", scenario.name())),
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    let stages = Some(r.stages_ms);
+                    (
+                        r.committed_per_s,
+                        r.applied_per_s,
+                        stages,
+                        r.paced_per_s,
+                        r.latency,
+                    )
                 };
-                let r = txn::run(
-                    &txn::Options {
-                        seconds,
-                        workers: args.workers,
-                        paced: args.paced,
-                        tables,
-                        coordinator_on,
-                        dir: dir.join(format!("{round}-{}", scenario.name())),
-                    },
-                    &label,
-                )
-                .await
-                .with_context(|| format!("scenario {}", scenario.name()))?;
-                Row {
-                    scenario,
-                    round,
-                    committed_per_s: r.committed_per_s,
-                    applied_per_s: r.applied_per_s,
-                    stages_ms: Some(r.stages_ms),
-                    paced_per_s: r.paced_per_s,
-                    latency: r.latency,
-                }
+            let row = Row {
+                scenario,
+                round,
+                committed_per_s,
+                applied_per_s,
+                stages_ms,
+                paced_per_s,
+                latency,
             };
             rows.push(row);
         }
