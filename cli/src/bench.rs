@@ -71,6 +71,12 @@ pub struct BenchArgs {
     /// time; on PostgreSQL they share 16 connections).
     #[arg(long, default_value_t = 64)]
     pub workers: usize,
+    /// Messages per handler call of the Tandem scenarios' consumer (its
+    /// subscription's `max_batch`): above 1 it applies each call's messages
+    /// in one transaction, as the outbox's relay does its batches; 1: one
+    /// HandleMessage call and one transaction per message.
+    #[arg(long, default_value_t = 64)]
+    pub batch: u32,
     /// Producer connections of the outbox baseline.
     #[arg(long, default_value_t = 16)]
     pub clients: usize,
@@ -117,6 +123,10 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
         "--clients and --relays must be at least 1"
     );
     anyhow::ensure!(args.relay_batch > 0, "--relay-batch must be at least 1");
+    anyhow::ensure!(
+        (1..=256).contains(&args.batch),
+        "--batch must be between 1 and 256 (the consumer's max_in_flight)"
+    );
     if let Some(p) = args.paced {
         anyhow::ensure!(p > 0.0 && p.is_finite(), "--paced must be a positive rate");
     }
@@ -166,6 +176,7 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
             "complete": outcome.is_ok(),
             "seconds_per_phase": args.seconds,
             "workers": args.workers,
+            "batch": args.batch,
             "outbox": {"clients": args.clients, "relays": args.relays, "relay_batch": args.relay_batch},
             "postgres": match (&args.postgres, &postgres_version) {
                 (_, None) => json!(null),
@@ -270,6 +281,7 @@ async fn run_all(
                             seconds,
                             workers: args.workers,
                             paced: args.paced,
+                            batch: args.batch,
                             tables,
                             coordinator_on,
                             dir: dir.join(format!("{round}-{}", scenario.name())),

@@ -169,6 +169,15 @@ impl App for CartService {
         failpoint::hit("cart.after_commit");
         Ok(Response::new(app_pb::HandleMessageResponse {}))
     }
+
+    async fn handle_messages(
+        &self,
+        _: Request<app_pb::HandleMessagesRequest>,
+    ) -> Result<Response<app_pb::HandleMessagesResponse>, Status> {
+        Err(Status::unimplemented(
+            "the cart service handles one message per call",
+        ))
+    }
 }
 
 /// Subscribes the cart to `orders` through its sidecar, retrying until the

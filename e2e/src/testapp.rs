@@ -25,7 +25,10 @@
 //! effect. Values starting with `fail` are refused with
 //! FAILED_PRECONDITION; values starting with `raise` fail with UNKNOWN, as
 //! an uncaught exception in a Python, Java or Go handler does. Every call is
-//! recorded in `calls(topic, message_id, attempt)`. The `test.handle` header
+//! recorded in `calls(topic, message_id, attempt, batch)`, `batch` being
+//! the number of messages in the call: `HandleMessages` treats each message
+//! as `HandleMessage` does and writes the effects of those that succeed in
+//! one transaction. The `test.handle` header
 //! ([`HANDLE_HEADER`]) asks for other behaviours: slow, failing with a given
 //! status for the first calls, crashing.
 
@@ -244,25 +247,81 @@ impl App for TestApp {
             .map_err(|e| Status::internal(e.to_string()))??;
         Ok(Response::new(app_pb::HandleMessageResponse {}))
     }
+
+    /// As `HandleMessage` for each message (each behaves as its value
+    /// says), with the effects of those that succeed written in one
+    /// transaction, as a batching app does.
+    async fn handle_messages(
+        &self,
+        req: Request<app_pb::HandleMessagesRequest>,
+    ) -> Result<Response<app_pb::HandleMessagesResponse>, Status> {
+        let db = self.db.clone();
+        let results = tokio::spawn(async move {
+            let messages = req.into_inner().messages;
+            let n = messages.len();
+            let checked = futures_util::future::join_all(
+                messages.into_iter().map(|r| TestApp::check(&db, r, n)),
+            )
+            .await;
+            let mut tx = db.begin().await.map_err(internal)?;
+            let mut results = Vec::with_capacity(checked.len());
+            for c in checked {
+                let result = match c {
+                    Ok(req) => TestApp::apply(&mut tx, &req).await.map(|_| ()),
+                    Err(s) => Err(s),
+                };
+                results.push(app_pb::MessageResult {
+                    code: result.as_ref().err().map_or(0, |s| s.code() as i32),
+                    message: result
+                        .err()
+                        .map(|s| s.message().to_owned())
+                        .unwrap_or_default(),
+                });
+            }
+            tx.commit().await.map_err(internal)?;
+            failpoint::hit("app.handle.after_commit");
+            Ok::<_, Status>(results)
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))??;
+        Ok(Response::new(app_pb::HandleMessagesResponse { results }))
+    }
 }
 
 impl TestApp {
     async fn handle(db: SqlitePool, req: app_pb::HandleMessageRequest) -> Result<(), Status> {
-        let m = req.message.unwrap_or_default();
+        let req = TestApp::check(&db, req, 1).await?;
+        let mut tx = db.begin().await.map_err(internal)?;
+        if TestApp::apply(&mut tx, &req).await? {
+            tx.commit().await.map_err(internal)?;
+            failpoint::hit("app.handle.after_commit");
+        }
+        Ok(())
+    }
+
+    /// Records the call (made with `batch` messages) and behaves as the
+    /// message asks; the request back when its effect is to be applied.
+    async fn check(
+        db: &SqlitePool,
+        req: app_pb::HandleMessageRequest,
+        batch: usize,
+    ) -> Result<app_pb::HandleMessageRequest, Status> {
+        let m = req.message.clone().unwrap_or_default();
         let v = String::from_utf8_lossy(&m.value).into_owned();
         sqlx::query(
-            "INSERT INTO calls (topic, message_id, value, attempt) VALUES ($1, $2, $3, $4)",
+            "INSERT INTO calls (topic, message_id, value, attempt, batch) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(&req.topic)
         .bind(&m.id)
         .bind(&v)
         .bind(i64::from(req.attempt))
-        .execute(&db)
+        .bind(batch as i64)
+        .execute(db)
         .await
         .map_err(internal)?;
         if let Some(h) = m.headers.iter().find(|h| h.name == HANDLE_HEADER) {
             let how = String::from_utf8_lossy(&h.value).into_owned();
-            TestApp::behave(&db, &req.topic, &m.id, &how).await?;
+            TestApp::behave(db, &req.topic, &m.id, &how).await?;
         }
         if v.starts_with("raise") {
             return Err(Status::unknown(format!(
@@ -277,31 +336,39 @@ impl TestApp {
                 "test app refuses {v:?}"
             )));
         }
-        let mut tx = db.begin().await.map_err(internal)?;
+        Ok(req)
+    }
+
+    /// Writes the effect (and in STRONG mode the dedup row) in `tx`; false
+    /// when the dedup row was there already.
+    async fn apply(
+        tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+        req: &app_pb::HandleMessageRequest,
+    ) -> Result<bool, Status> {
+        let m = req.message.clone().unwrap_or_default();
+        let v = String::from_utf8_lossy(&m.value).into_owned();
         if req.dedup == "STRONG" {
             let fresh = sqlx::query("INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
                 .bind(&req.group)
                 .bind(&req.topic)
                 .bind(&m.id)
-                .execute(&mut *tx)
+                .execute(&mut **tx)
                 .await
                 .map_err(internal)?
                 .rows_affected()
                 == 1;
             if !fresh {
-                return Ok(());
+                return Ok(false);
             }
         }
         sqlx::query("INSERT INTO effects (topic, message_id, value) VALUES ($1, $2, $3)")
             .bind(&req.topic)
             .bind(&m.id)
             .bind(&v)
-            .execute(&mut *tx)
+            .execute(&mut **tx)
             .await
             .map_err(internal)?;
-        tx.commit().await.map_err(internal)?;
-        failpoint::hit("app.handle.after_commit");
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -315,7 +382,7 @@ pub async fn run(
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL);
-         CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL, batch INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS executions (seq INTEGER PRIMARY KEY AUTOINCREMENT, txn_id TEXT NOT NULL);",
     )
     .execute(&pool)

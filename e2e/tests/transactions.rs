@@ -454,6 +454,22 @@ async fn bad_input_gets_a_clear_status_and_changes_nothing() -> TestResult {
             },
             "dedup",
         ),
+        (
+            sc::SubscribeRequest {
+                max_batch: 64,
+                max_in_flight: 16,
+                ..subscribe_orders()
+            },
+            "max_batch",
+        ),
+        (
+            sc::SubscribeRequest {
+                max_batch: 5000,
+                max_in_flight: 10_000,
+                ..subscribe_orders()
+            },
+            "max_batch",
+        ),
     ] {
         let e = other.subscribe(bad).await.expect_err(field);
         assert_eq!(
@@ -595,6 +611,69 @@ async fn table_mode_works_on_postgresql() -> TestResult {
         "the rollback marker stops a late local commit"
     );
     c.expect_effects(&["pg-ok", "pg-forgot"]).await?;
+    c.done()
+}
+
+/// With `max_batch`, the app gets its messages in HandleMessages calls of
+/// several, one transaction each, yet every message keeps its own result:
+/// among 40 messages on 8 keys, a refused one and a raising one are each
+/// called 3 times and dead-lettered, every other takes effect once, and
+/// each key keeps its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_handler_calls_keep_each_message_its_own_result() -> TestResult {
+    let c = Cluster::start().await?;
+    c.subscribe_batched(sc::DedupMode::Strong, 16).await?;
+    let mut messages = Vec::new();
+    let mut expected: Vec<Vec<String>> = vec![Vec::new(); 8];
+    for i in 0..40 {
+        let k = i % 8;
+        let value = match i {
+            0 => "fail-poison".to_owned(),
+            1 => "raise-poison".to_owned(),
+            _ => {
+                let v = format!("k{k}-{i:02}");
+                expected[k].push(v.clone());
+                v
+            }
+        };
+        messages.push(pb::Message {
+            key: Some(bytes::Bytes::from(format!("key-{k}"))),
+            ..message(&value)
+        });
+    }
+    c.producer_client()
+        .await?
+        .publish(pb::PublishRequest {
+            topic: "orders".into(),
+            messages,
+        })
+        .await?;
+    let all: Vec<&str> = expected.iter().flatten().map(String::as_str).collect();
+    c.expect_effects(&all).await?;
+    let db = c.consumer_db().await?;
+    let order: Vec<String> = sqlx::query_scalar("SELECT value FROM effects ORDER BY seq")
+        .fetch_all(&db)
+        .await?;
+    for (k, values) in expected.iter().enumerate() {
+        let prefix = format!("k{k}-");
+        let seen: Vec<&String> = order.iter().filter(|v| v.starts_with(&prefix)).collect();
+        assert_eq!(seen, values.iter().collect::<Vec<_>>(), "key {k} in order");
+    }
+    for poison in ["fail-poison", "raise-poison"] {
+        let attempts: Vec<i64> =
+            sqlx::query_scalar("SELECT attempt FROM calls WHERE value = $1 ORDER BY seq")
+                .bind(poison)
+                .fetch_all(&db)
+                .await?;
+        assert_eq!(attempts, vec![1, 2, 3], "{poison}");
+    }
+    let largest: i64 = sqlx::query_scalar("SELECT MAX(batch) FROM calls")
+        .fetch_one(&db)
+        .await?;
+    assert!(largest > 1, "no call carried more than one message");
+    assert_eq!(c.dead_letters().await?, 2);
+    let stats = c.consumer_stats().await?;
+    assert_eq!((stats.dead_lettered, stats.handler_failures), (2, 6));
     c.done()
 }
 

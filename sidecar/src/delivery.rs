@@ -48,11 +48,11 @@ use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
 use tokio::sync::{OwnedMutexGuard, watch};
-use tokio::time::Instant;
 use tonic::{Code, Status};
 
 use crate::db::{Admission, Admit, ClaimRequest, InboxRow};
 use crate::error::Result;
+use crate::handler::Handler;
 use crate::node::{Counters, Node};
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
@@ -174,6 +174,7 @@ where
 /// Handles one delivery to the end (see the module doc).
 pub(crate) async fn handle(
     node: &Node,
+    handler: &Handler,
     spec: &sc::SubscribeRequest,
     d: &pb::Delivery,
     cancel: &mut watch::Receiver<bool>,
@@ -192,7 +193,7 @@ pub(crate) async fn handle(
         _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
     };
     let mut claimed = false;
-    let outcome = attempts(node, spec, d, dedup, &row, &mut claimed, cancel).await;
+    let outcome = attempts(node, handler, spec, d, dedup, &row, &mut claimed, cancel).await;
     if outcome == Outcome::Abandoned && claimed {
         // Let the partition's next holder go at once rather than after the
         // claim expires (best effort: it expires anyway).
@@ -207,6 +208,7 @@ pub(crate) async fn handle(
 #[allow(clippy::too_many_arguments)]
 async fn attempts(
     node: &Node,
+    handler: &Handler,
     spec: &sc::SubscribeRequest,
     d: &pb::Delivery,
     dedup: sc::DedupMode,
@@ -271,7 +273,7 @@ async fn attempts(
                 .trim_start_matches("DEDUP_MODE_")
                 .to_owned(),
         };
-        match call_app(node, request).await {
+        match handler.call(node, request).await {
             Ok(()) => {
                 Counters::bump(&node.counters.handled);
                 break;
@@ -357,32 +359,6 @@ async fn attempts(
     }
     failpoint::hit("sidecar.consume.before_ack");
     Outcome::Done
-}
-
-/// Calls the app's `HandleMessage` once, with the handler timeout as the
-/// call's deadline (sent to the app as `grpc-timeout`).
-async fn call_app(node: &Node, request: app_pb::HandleMessageRequest) -> Result<(), Status> {
-    let mut app = node
-        .app("HandleMessage")
-        .map_err(|e| Status::unavailable(e.to_string()))?;
-    let limit = node.config.handler_timeout;
-    let mut request = tonic::Request::new(request);
-    request.set_timeout(limit);
-    let started = Instant::now();
-    let timed_out = || {
-        Status::deadline_exceeded(format!(
-            "the handler did not answer within handler_timeout_ms ({} ms)",
-            limit.as_millis()
-        ))
-    };
-    match tokio::time::timeout(limit, app.handle_message(request)).await {
-        Ok(Ok(_)) => Ok(()),
-        // The client's own deadline surfaces as a cancelled call: a timeout
-        // of the handler, not an unreachable app.
-        Ok(Err(_)) if started.elapsed() >= limit => Err(timed_out()),
-        Ok(Err(status)) => Err(status),
-        Err(_) => Err(timed_out()),
-    }
 }
 
 /// Publishes a failed message to `<topic>.dlq` with what went wrong in its

@@ -17,6 +17,8 @@ mod coordinators;
 mod db;
 mod delivery;
 mod error;
+mod gather;
+mod handler;
 mod node;
 mod server;
 mod session;

@@ -35,6 +35,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::delivery::{self, Outcome};
 use crate::error::{Error, Result};
+use crate::handler::{self, Handler};
 use crate::node::{Counters, Node, stopped};
 
 /// Fills in defaults and checks a subscription request.
@@ -53,6 +54,24 @@ pub(crate) fn normalize(node: &Node, mut s: sc::SubscribeRequest) -> Result<sc::
     }
     if s.max_in_flight > 10_000 {
         return Err(Error::invalid("max_in_flight", "must be at most 10000"));
+    }
+    if s.max_batch == 0 {
+        s.max_batch = 1;
+    }
+    if s.max_batch > handler::MAX_BATCH {
+        return Err(Error::invalid(
+            "max_batch",
+            format!("must be at most {}", handler::MAX_BATCH),
+        ));
+    }
+    if s.max_batch > s.max_in_flight {
+        return Err(Error::invalid(
+            "max_batch",
+            format!(
+                "{} is more than max_in_flight ({}): a batch is made of the deliveries in flight at once",
+                s.max_batch, s.max_in_flight
+            ),
+        ));
     }
     if s.max_attempts == 0 {
         s.max_attempts = 5;
@@ -174,8 +193,10 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<sc::SubscribeRequest> {
 
 async fn run(node: Arc<Node>, spec: sc::SubscribeRequest, mut stop: watch::Receiver<bool>) {
     let mut backoff = Duration::from_millis(100);
+    // One per subscription: its batches outlive a session's breaks.
+    let handler = Arc::new(Handler::new(&node, &spec));
     loop {
-        match consume(&node, &spec, &mut stop).await {
+        match consume(&node, &handler, &spec, &mut stop).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(topic = %spec.topic, group = %spec.group, error = %e, "subscription session ended; reconnecting")
@@ -219,6 +240,7 @@ fn req(kind: pb::consume_request::Kind) -> pb::ConsumeRequest {
 /// handled, and the ones waiting behind a busy key.
 struct Session {
     node: Arc<Node>,
+    handler: Arc<Handler>,
     spec: Arc<sc::SubscribeRequest>,
     tx: mpsc::Sender<pb::ConsumeRequest>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -269,10 +291,11 @@ impl Session {
             .or_insert_with(|| watch::channel(false).0)
             .subscribe();
         let (node, spec, done_tx) = (self.node.clone(), self.spec.clone(), self.done_tx.clone());
+        let handler = self.handler.clone();
         let call = node.in_flight.enter();
         self.handlers.spawn(async move {
             let _call = call;
-            let outcome = delivery::handle(&node, &spec, &d, &mut cancel).await;
+            let outcome = delivery::handle(&node, &handler, &spec, &d, &mut cancel).await;
             let _ = done_tx.send(Done {
                 lease,
                 offset: d.offset,
@@ -442,6 +465,7 @@ impl Session {
 /// broke or a delivery got stuck.
 async fn consume(
     node: &Arc<Node>,
+    handler: &Arc<Handler>,
     spec: &sc::SubscribeRequest,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), String> {
@@ -475,6 +499,7 @@ async fn consume(
     // is delivered again.
     let mut s = Session {
         node: node.clone(),
+        handler: handler.clone(),
         spec: Arc::new(spec.clone()),
         tx,
         done_tx,

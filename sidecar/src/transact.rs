@@ -12,11 +12,12 @@ use std::sync::Arc;
 
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::coordinators::Coordinators;
+use crate::gather::{self, Gather, Limits};
 
 /// Items per call, at most (the coordinator takes up to 4 096).
 const MAX_ITEMS: usize = 512;
@@ -36,15 +37,12 @@ const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// [`Coordinators::pick`], for failover).
 pub(crate) type Answer = (usize, Result<pb::transact_result::Kind, Status>);
 
-struct Pending {
-    item: pb::transact_item::Kind,
-    reply: oneshot::Sender<Answer>,
-}
+type Pending = gather::Pending<pb::transact_item::Kind, Answer>;
 
 /// Gathers items into calls.
 #[derive(Debug)]
 pub(crate) struct Batcher {
-    tx: mpsc::Sender<Pending>,
+    gather: Gather<pb::transact_item::Kind, Answer>,
 }
 
 /// A call that outlived [`CALL_TIMEOUT`]: its items are sent again.
@@ -128,53 +126,24 @@ async fn send(
 impl Batcher {
     /// Starts gathering; the task ends when the batcher is dropped.
     pub(crate) fn start(coordinators: Arc<Coordinators>) -> Batcher {
-        let (tx, mut rx) = mpsc::channel::<Pending>(8192);
-        tokio::spawn(async move {
-            let permits = Arc::new(Semaphore::new(IN_FLIGHT));
-            // An item that did not fit in the previous batch.
-            let mut carried: Option<Pending> = None;
-            loop {
-                let first = match carried.take() {
-                    Some(p) => p,
-                    None => match rx.recv().await {
-                        Some(p) => p,
-                        None => break,
-                    },
-                };
-                // Items queue up while every call is in flight.
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    break;
-                };
-                let mut bytes = encoded_len(&first.item);
-                let mut batch = vec![first];
-                while batch.len() < MAX_ITEMS {
-                    match rx.try_recv() {
-                        Ok(p) => {
-                            let len = encoded_len(&p.item);
-                            if bytes + len > MAX_BATCH_BYTES {
-                                carried = Some(p);
-                                break;
-                            }
-                            bytes += len;
-                            batch.push(p);
-                        }
-                        Err(_) => break,
-                    }
-                }
-                let (index, client) = coordinators.pick();
-                tokio::spawn(send(client, index, batch, permit));
-            }
+        let limits = Limits {
+            items: MAX_ITEMS,
+            bytes: MAX_BATCH_BYTES,
+            in_flight: IN_FLIGHT,
+        };
+        let gather = Gather::start(limits, encoded_len, move |batch, permit| {
+            let (index, client) = coordinators.pick();
+            tokio::spawn(send(client, index, batch, permit));
         });
-        Batcher { tx }
+        Batcher { gather }
     }
 
     /// Sends `item` in the next call; its answer, and the replica asked.
     pub(crate) async fn submit(&self, item: pb::transact_item::Kind) -> Answer {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Pending { item, reply }).await.is_err() {
-            return (0, Err(stopping()));
-        }
-        rx.await.unwrap_or_else(|_| (0, Err(stopping())))
+        self.gather
+            .submit(item)
+            .await
+            .unwrap_or_else(|| (0, Err(stopping())))
     }
 }
 

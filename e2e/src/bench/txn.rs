@@ -61,6 +61,9 @@ pub struct Options {
     pub workers: usize,
     /// Transactions per second in the paced phase; `None`: half the peak.
     pub paced: Option<f64>,
+    /// The consumer's `max_batch`: above 1 it takes messages in
+    /// `HandleMessages` calls and applies each call's in one transaction.
+    pub batch: u32,
     /// The services' tables.
     pub tables: Tables,
     /// Runs the coordinator on this PostgreSQL server (a fresh database)
@@ -144,6 +147,91 @@ impl Consumer {
         }
         Ok(())
     }
+
+    /// The inbox rows and effects of a batch in one transaction (on
+    /// PostgreSQL set-based, as the outbox's relay writes its batches).
+    async fn apply_batch(&self, reqs: &[app_pb::HandleMessageRequest]) -> Result<(), Status> {
+        match &self.effects {
+            Effects::None => Ok(()),
+            Effects::Sqlite(pool) => {
+                // One writer connection: the batch's statements in a row,
+                // one commit.
+                let mut tx = pool.begin().await.map_err(internal)?;
+                for req in reqs {
+                    let m = req.message.clone().unwrap_or_default();
+                    let fresh = sqlx::query("INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                        .bind(&req.group)
+                        .bind(&req.topic)
+                        .bind(&m.id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(internal)?
+                        .rows_affected()
+                        == 1;
+                    if fresh {
+                        sqlx::query("INSERT INTO effects (message_id, value) VALUES ($1, $2)")
+                            .bind(&m.id)
+                            .bind(&m.value[..])
+                            .execute(&mut *tx)
+                            .await
+                            .map_err(internal)?;
+                    }
+                }
+                tx.commit().await.map_err(internal)
+            }
+            Effects::Postgres(pool) => {
+                let (mut groups, mut topics, mut ids, mut values) =
+                    (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                for req in reqs {
+                    let m = req.message.clone().unwrap_or_default();
+                    groups.push(req.group.clone());
+                    topics.push(req.topic.clone());
+                    ids.push(m.id);
+                    values.push(m.value.to_vec());
+                }
+                let mut tx = pool.begin().await.map_err(internal)?;
+                let fresh: Vec<String> = sqlx::query_scalar(
+                    "INSERT INTO tandem_inbox (consumer_group, topic, message_id) \
+                     SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[]) \
+                     ON CONFLICT DO NOTHING RETURNING message_id",
+                )
+                .bind(&groups)
+                .bind(&topics)
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(internal)?;
+                let fresh: std::collections::HashSet<String> = fresh.into_iter().collect();
+                let (ids, values): (Vec<String>, Vec<Vec<u8>>) = ids
+                    .into_iter()
+                    .zip(values)
+                    .filter(|(id, _)| fresh.contains(id))
+                    .unzip();
+                sqlx::query(
+                    "INSERT INTO effects (message_id, value) SELECT * FROM UNNEST($1::text[], $2::bytea[])",
+                )
+                .bind(&ids)
+                .bind(&values)
+                .execute(&mut *tx)
+                .await
+                .map_err(internal)?;
+                tx.commit().await.map_err(internal)
+            }
+        }
+    }
+
+    /// Counts an applied message and its latency from Begin.
+    fn applied(&self, req: &app_pb::HandleMessageRequest) {
+        let now = micros_since(self.epoch);
+        self.applied.fetch_add(1, Ordering::Relaxed);
+        let begun = req.message.as_ref().and_then(|m| {
+            let h = m.headers.iter().find(|h| h.name == "bench.begin-us")?;
+            std::str::from_utf8(&h.value).ok()?.parse::<u64>().ok()
+        });
+        if let Some(begun) = begun {
+            self.latencies.add(now.saturating_sub(begun));
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -168,16 +256,21 @@ impl App for Consumer {
     ) -> Result<Response<app_pb::HandleMessageResponse>, Status> {
         let req = req.into_inner();
         self.apply(&req).await?;
-        let now = micros_since(self.epoch);
-        self.applied.fetch_add(1, Ordering::Relaxed);
-        let begun = req.message.as_ref().and_then(|m| {
-            let h = m.headers.iter().find(|h| h.name == "bench.begin-us")?;
-            std::str::from_utf8(&h.value).ok()?.parse::<u64>().ok()
-        });
-        if let Some(begun) = begun {
-            self.latencies.add(now.saturating_sub(begun));
-        }
+        self.applied(&req);
         Ok(Response::new(app_pb::HandleMessageResponse {}))
+    }
+
+    async fn handle_messages(
+        &self,
+        req: Request<app_pb::HandleMessagesRequest>,
+    ) -> Result<Response<app_pb::HandleMessagesResponse>, Status> {
+        let reqs = req.into_inner().messages;
+        self.apply_batch(&reqs).await?;
+        for r in &reqs {
+            self.applied(r);
+        }
+        // No results: every message was handled.
+        Ok(Response::new(app_pb::HandleMessagesResponse::default()))
     }
 }
 
@@ -475,6 +568,7 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
             sc::DedupMode::Sidecar
         } as i32,
         max_in_flight: 256,
+        max_batch: opts.batch,
         ..Default::default()
     })
     .await

@@ -522,6 +522,8 @@ pub struct CycleReport {
     pub store: &'static str,
     /// The consumer's dedup mode in this cycle.
     pub dedup: &'static str,
+    /// The consumers' `max_batch` in this cycle (1: HandleMessage).
+    pub batch: u32,
     /// How the producer app answers check-backs in this cycle: `careful`
     /// (UNKNOWN while its local transaction runs, as the README asks) or
     /// `naive` (from its table alone).
@@ -596,12 +598,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Vec<CycleReport>> {
             }
         };
         println!(
-            "cycle {:>4} seed {:>20} {:<10} {:<7} {:<7} {:>5.1}s sent {:>3} committed {:>3} appended {:>3} effects {:>3} dlq {:>2} conflicts refused {:>2} faults {:>3} crashes {:>2}  {}",
+            "cycle {:>4} seed {:>20} {:<10} {:<7} {:<7} batch {:>2} {:>5.1}s sent {:>3} committed {:>3} appended {:>3} effects {:>3} dlq {:>2} conflicts refused {:>2} faults {:>3} crashes {:>2}  {}",
             i,
             r.seed,
             r.store,
             r.dedup,
             r.checks,
+            r.batch,
             r.seconds,
             r.tally.sent,
             r.tally.committed,
@@ -791,12 +794,19 @@ async fn cycle(
     } else {
         sc::DedupMode::Sidecar
     };
+    // In every other four cycles the consumers take their messages in
+    // HandleMessages calls of up to MAX_IN_FLIGHT, one transaction each.
+    let batch = if (seed / 4) % 2 == 1 {
+        MAX_IN_FLIGHT
+    } else {
+        1
+    };
     for role in [Role::Cart1, Role::Cart2] {
         let mut c = SidecarClient::connect(cluster.url(role))
             .await
             .with_context(|| format!("connecting to {}", role.name()))?;
         for topic in [TOPIC, OTHER_TOPIC] {
-            c.subscribe(subscription(topic, dedup)).await?;
+            c.subscribe(subscription(topic, dedup, batch)).await?;
         }
     }
     let producer_url = cluster.url(Role::OrdersSidecar);
@@ -859,6 +869,7 @@ async fn cycle(
             seed: rng.next_u64(),
             weights,
             postgres,
+            batch,
         },
         dedup == sc::DedupMode::Strong,
         naive,
@@ -958,6 +969,7 @@ async fn cycle(
             "SIDECAR"
         },
         checks: if naive { "naive" } else { "careful" },
+        batch,
         faults,
         unplanned_restarts,
         tally,
@@ -1258,6 +1270,8 @@ struct Schedule {
     weights: [u64; 13],
     /// The PostgreSQL server of replicated cycles.
     postgres: Option<Arc<crate::postgres::Postgres>>,
+    /// The consumers' `max_batch`.
+    batch: u32,
 }
 
 /// Injects seeded faults for `chaos`, one at a time, keeping processes that
@@ -1275,6 +1289,7 @@ async fn inject_faults(
         seed,
         weights,
         postgres,
+        batch,
     } = schedule;
     let replicated = postgres.is_some();
     let roles = cluster.lock().await.roles();
@@ -1412,7 +1427,7 @@ async fn inject_faults(
                 // get credit and start reading before they are revoked.
                 let longest = slow_disk.map_or(100, |d| 2 * d.as_millis() as u64);
                 for _ in 0..rounds {
-                    leave_and_rejoin(&cart2, dedup, rng.ms(10, longest)).await;
+                    leave_and_rejoin(&cart2, dedup, batch, rng.ms(10, longest)).await;
                     tokio::time::sleep(rng.ms(10, longest)).await;
                 }
                 burst.extend(publisher.await??);
@@ -1570,7 +1585,7 @@ async fn inject_faults(
 }
 
 /// The subscription every consumer sidecar of the campaign has.
-fn subscription(topic: &str, dedup: sc::DedupMode) -> sc::SubscribeRequest {
+fn subscription(topic: &str, dedup: sc::DedupMode, batch: u32) -> sc::SubscribeRequest {
     sc::SubscribeRequest {
         topic: topic.into(),
         group: GROUP.into(),
@@ -1579,6 +1594,7 @@ fn subscription(topic: &str, dedup: sc::DedupMode) -> sc::SubscribeRequest {
         max_in_flight: MAX_IN_FLIGHT,
         max_attempts: MAX_ATTEMPTS,
         retry_backoff_ms: 50,
+        max_batch: batch,
     }
 }
 
@@ -1605,7 +1621,7 @@ async fn members_within(coordinator: &str, n: u32, within: Duration) -> bool {
 
 /// Unsubscribes the sidecar at `url` and subscribes it again `away` later
 /// (errors ignored: it may be down or stopped).
-async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode, away: Duration) {
+async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode, batch: u32, away: Duration) {
     let Ok(mut c) = SidecarClient::connect(url.to_owned()).await else {
         return;
     };
@@ -1616,7 +1632,7 @@ async fn leave_and_rejoin(url: &str, dedup: sc::DedupMode, away: Duration) {
         })
         .await;
     tokio::time::sleep(away).await;
-    let _ = c.subscribe(subscription(TOPIC, dedup)).await;
+    let _ = c.subscribe(subscription(TOPIC, dedup, batch)).await;
 }
 
 /// Publishes `batches` batches of `size` plain messages with ids of their

@@ -220,6 +220,12 @@ impl Cluster {
 
     /// The cart sidecar consumes `orders` as group `cart`.
     pub async fn subscribe(&self, dedup: sc::DedupMode) -> TestResult {
+        self.subscribe_batched(dedup, 1).await
+    }
+
+    /// As [`Cluster::subscribe`], with messages handed over in
+    /// HandleMessages calls of up to `max_batch`.
+    pub async fn subscribe_batched(&self, dedup: sc::DedupMode, max_batch: u32) -> TestResult {
         self.consumer_client()
             .await?
             .subscribe(sc::SubscribeRequest {
@@ -230,6 +236,7 @@ impl Cluster {
                 max_in_flight: 16,
                 max_attempts: 3,
                 retry_backoff_ms: 50,
+                max_batch,
             })
             .await?;
         Ok(())

@@ -1,0 +1,153 @@
+//! Calls of the app's message handler: one `HandleMessage` per message, or,
+//! for a subscription whose `max_batch` is above 1, the messages ready at
+//! once in one `HandleMessages` call, so that the app can apply them in one
+//! database transaction.
+//!
+//! Each delivery still makes its own calls and gets its own result (see
+//! `delivery.rs`): a batch is only how concurrent calls travel. A batch
+//! never holds two messages of one key, because a key's next delivery
+//! starts only after the previous one ended.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_proto::app as app_pb;
+use tandem_proto::sidecar as sc;
+use tokio::time::Instant;
+use tonic::{Code, Status};
+
+use crate::gather::{Gather, Limits, Pending};
+use crate::node::Node;
+
+/// Encoded bytes per `HandleMessages` call, at most: below the 4 MiB that
+/// gRPC servers accept by default (a larger single message goes alone).
+const MAX_BATCH_BYTES: usize = 3 << 20;
+
+/// Most messages per call a subscription may ask for.
+pub(crate) const MAX_BATCH: u32 = 4096;
+
+type Answer = Result<(), Status>;
+
+/// How a subscription calls its app.
+pub(crate) enum Handler {
+    /// `HandleMessage`, one message per call.
+    One,
+    /// `HandleMessages`, the calls in flight gathered.
+    Batched(Gather<app_pb::HandleMessageRequest, Answer>),
+}
+
+impl Handler {
+    /// The handler of a subscription (its `max_batch` checked already).
+    pub(crate) fn new(node: &Arc<Node>, spec: &sc::SubscribeRequest) -> Handler {
+        if spec.max_batch <= 1 {
+            return Handler::One;
+        }
+        let items = spec.max_batch as usize;
+        // Enough calls at once that the deliveries in flight are never
+        // held back by the batch size, and at least two, so that a batch
+        // fills while the previous one is in the app.
+        let in_flight = (spec.max_in_flight as usize).div_ceil(items).max(2);
+        let limits = Limits {
+            items,
+            bytes: MAX_BATCH_BYTES,
+            in_flight,
+        };
+        let node = node.clone();
+        let size = |r: &app_pb::HandleMessageRequest| prost::Message::encoded_len(r) + 8;
+        Handler::Batched(Gather::start(limits, size, move |batch, permit| {
+            let node = node.clone();
+            tokio::spawn(async move {
+                send(&node, batch).await;
+                drop(permit);
+            });
+        }))
+    }
+
+    /// Hands one message to the app; OK means handled.
+    pub(crate) async fn call(&self, node: &Node, request: app_pb::HandleMessageRequest) -> Answer {
+        match self {
+            Handler::One => {
+                let mut app = node
+                    .app("HandleMessage")
+                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                let limit = node.config.handler_timeout;
+                let mut request = tonic::Request::new(request);
+                request.set_timeout(limit);
+                timed(limit, async move {
+                    app.handle_message(request).await.map(|_| ())
+                })
+                .await
+            }
+            Handler::Batched(gather) => gather
+                .submit(request)
+                .await
+                .unwrap_or_else(|| Err(Status::unavailable("the sidecar is stopping"))),
+        }
+    }
+}
+
+/// One `HandleMessages` call for `batch`, each message answered with its
+/// own result.
+async fn send(node: &Node, batch: Vec<Pending<app_pb::HandleMessageRequest, Answer>>) {
+    let (messages, replies): (Vec<_>, Vec<_>) =
+        batch.into_iter().map(|p| (p.item, p.reply)).unzip();
+    let n = messages.len();
+    let answer = match node.app("HandleMessages") {
+        Err(e) => Err(Status::unavailable(e.to_string())),
+        Ok(mut app) => {
+            let limit = node.config.handler_timeout;
+            let mut request = tonic::Request::new(app_pb::HandleMessagesRequest { messages });
+            request.set_timeout(limit);
+            timed(limit, async move {
+                app.handle_messages(request)
+                    .await
+                    .map(|r| r.into_inner().results)
+            })
+            .await
+        }
+    };
+    let results: Vec<Answer> = match answer {
+        Ok(results) if results.is_empty() => (0..n).map(|_| Ok(())).collect(),
+        Ok(results) if results.len() == n => results
+            .into_iter()
+            .map(|r| match Code::from_i32(r.code) {
+                Code::Ok => Ok(()),
+                code => Err(Status::new(code, r.message)),
+            })
+            .collect(),
+        Ok(results) => {
+            let s = Status::internal(format!(
+                "HandleMessages answered {} results for {n} messages (one per message, or none)",
+                results.len()
+            ));
+            (0..n).map(|_| Err(s.clone())).collect()
+        }
+        Err(s) => (0..n).map(|_| Err(s.clone())).collect(),
+    };
+    for (reply, result) in replies.into_iter().zip(results) {
+        let _ = reply.send(result);
+    }
+}
+
+/// Runs a call of the app with `limit` as its deadline: a call that
+/// outlives it is a timed-out handler (an error of its own), not an
+/// unreachable app.
+async fn timed<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    let started = Instant::now();
+    let timed_out = || {
+        Status::deadline_exceeded(format!(
+            "the handler did not answer within handler_timeout_ms ({} ms)",
+            limit.as_millis()
+        ))
+    };
+    match tokio::time::timeout(limit, call).await {
+        Ok(Ok(v)) => Ok(v),
+        // The client's own deadline surfaces as a cancelled call.
+        Ok(Err(_)) if started.elapsed() >= limit => Err(timed_out()),
+        Ok(Err(status)) => Err(status),
+        Err(_) => Err(timed_out()),
+    }
+}
