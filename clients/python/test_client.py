@@ -1,8 +1,9 @@
 """A Python service on Tandem, end to end.
 
 It places orders through the example order service, and acts as an app
-with its own sidecar: it serves the app callbacks (HandleMessage and, for a
-transactional publish, ExecuteLocalTransaction), subscribes through its
+with its own sidecar: it serves the app callbacks (HandleMessage,
+HandleMessages for a batched subscription and, for a transactional
+publish, ExecuteLocalTransaction), subscribes through its
 sidecar, and publishes through it, both plainly and transactionally.
 
 Usage: test_client.py --coordinator HOST:PORT --order-service HOST:PORT
@@ -25,6 +26,7 @@ from tandem_client import stubs
 
 pb = stubs()
 TOPIC = "py-events"
+BATCH_TOPIC = "py-batched"
 GROUP = "py-app"
 # The longest this app's local transactions may run.
 MAX_LOCAL_TRANSACTION_MS = 30_000
@@ -39,6 +41,10 @@ class App(pb.app_grpc.AppServicer):
         self.committed = set()
         self.raised = []
         self.arrived = threading.Condition(self.lock)
+        # HandleMessages: each call's size, what took effect, refusals.
+        self.batches = []
+        self.batch_handled = []
+        self.refused = []
 
     def ExecuteLocalTransaction(self, request, context):
         # A real app would change its database here, in one transaction,
@@ -74,6 +80,32 @@ class App(pb.app_grpc.AppServicer):
             self.arrived.notify_all()
         return pb.app.HandleMessageResponse()
 
+    def HandleMessages(self, request, context):
+        # A batch, for subscriptions with max_batch > 1. A real app applies
+        # the messages in one database transaction; here a message whose
+        # value starts with "refuse" fails alone and the others succeed:
+        # one result per message, in order (an empty list: all handled).
+        results = []
+        with self.lock:
+            self.batches.append(len(request.messages))
+            for m in request.messages:
+                value = m.message.value.decode()
+                if value.startswith("refuse"):
+                    self.refused.append(m.attempt)
+                    results.append(pb.app.MessageResult(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="refused"))
+                else:
+                    self.batch_handled.append(value)
+                    results.append(pb.app.MessageResult(code=0))
+            self.arrived.notify_all()
+        return pb.app.HandleMessagesResponse(results=results)
+
+    def wait_for_batched(self, n, seconds):
+        deadline = time.monotonic() + seconds
+        with self.lock:
+            while len(self.batch_handled) < n and time.monotonic() < deadline:
+                self.arrived.wait(deadline - time.monotonic())
+            return list(self.batch_handled)
+
     def wait_for(self, n, seconds):
         deadline = time.monotonic() + seconds
         with self.lock:
@@ -95,7 +127,7 @@ def main():
     args = parser.parse_args()
 
     coordinator = pb.coordinator_grpc.CoordinatorStub(grpc.insecure_channel(args.coordinator))
-    for name in ("orders", TOPIC):
+    for name in ("orders", TOPIC, BATCH_TOPIC):
         try:
             coordinator.CreateTopic(pb.coordinator.CreateTopicRequest(name=name, partitions=2), timeout=10)
         except grpc.RpcError as e:
@@ -182,6 +214,39 @@ def main():
     check(raised == [1, 2, 3], f"the raising handler was called with attempts 1, 2, 3 (got {raised})")
     dlq = coordinator.DescribeTopic(pb.coordinator.DescribeTopicRequest(name=TOPIC + ".dlq"), timeout=10)
     check(sum(p.high_water_mark for p in dlq.partitions) == 1, "the raising message is in the dead-letter topic")
+    # 4. Batches: HandleMessages with several messages per call, each
+    # message with its own result.
+    sidecar.Subscribe(
+        pb.sidecar.SubscribeRequest(
+            topic=BATCH_TOPIC,
+            group=GROUP,
+            start_from=pb.coordinator.START_FROM_EARLIEST,
+            max_in_flight=16,
+            max_batch=16,
+            max_attempts=3,
+            retry_backoff_ms=50,
+        ),
+        timeout=10,
+    )
+    batch_values = [f"b{i:02}" for i in range(40)]
+    messages = [pb.coordinator.Message(key=f"k{i % 10}".encode(), value=v.encode()) for i, v in enumerate(batch_values)]
+    messages.insert(0, pb.coordinator.Message(key=b"k0", value=b"refuse-me"))
+    sidecar.Publish(pb.coordinator.PublishRequest(topic=BATCH_TOPIC, messages=messages), timeout=10)
+    handled = app.wait_for_batched(40, 30)
+    check(sorted(handled) == batch_values, "HandleMessages got the other 40 once each")
+    per_key = [[v for v in handled if int(v[1:]) % 10 == k] for k in range(10)]
+    check(all(vs == sorted(vs) for vs in per_key), "each key's messages in order")
+    with app.lock:
+        batches, refused = list(app.batches), list(app.refused)
+    check(max(batches) > 1, f"calls carried several messages (sizes {sorted(set(batches))})")
+    check(refused == [1, 2, 3], f"the refused message had its own attempts 1, 2, 3 (got {refused})")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        dlq = coordinator.DescribeTopic(pb.coordinator.DescribeTopicRequest(name=BATCH_TOPIC + ".dlq"), timeout=10)
+        if sum(p.high_water_mark for p in dlq.partitions) == 1:
+            break
+        time.sleep(0.05)
+    check(sum(p.high_water_mark for p in dlq.partitions) == 1, "the refused message alone is dead-lettered")
     try:
         sidecar.Commit(pb.sidecar.EndRequest(txn_id="no-such-transaction"), timeout=10)
         check(False, "an unknown transaction is refused")
