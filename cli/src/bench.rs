@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use tandem_e2e::bench::{Percentiles, outbox, txn};
+use tandem_e2e::bench::{Percentiles, outbox, txn, unary};
 
 /// A scenario of `tandem bench`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -26,6 +26,9 @@ pub enum Scenario {
     TxnPostgresStore,
     /// The baseline: an outbox table and a SKIP LOCKED relay on PostgreSQL.
     Outbox,
+    /// One empty unary gRPC call per "transaction" over loopback: the floor
+    /// under each of a transaction's hops.
+    Unary,
 }
 
 impl Scenario {
@@ -36,6 +39,7 @@ impl Scenario {
             Scenario::TxnPostgres => "txn-postgres",
             Scenario::TxnPostgresStore => "txn-postgres-store",
             Scenario::Outbox => "outbox",
+            Scenario::Unary => "unary",
         }
     }
 
@@ -46,12 +50,13 @@ impl Scenario {
         )
     }
 
-    const ALL: [Scenario; 5] = [
+    const ALL: [Scenario; 6] = [
         Scenario::Txn,
         Scenario::TxnSqlite,
         Scenario::TxnPostgres,
         Scenario::TxnPostgresStore,
         Scenario::Outbox,
+        Scenario::Unary,
     ];
 }
 
@@ -105,6 +110,8 @@ struct Row {
     round: u32,
     committed_per_s: f64,
     applied_per_s: f64,
+    /// This process's CPU per applied transaction, µs (not PostgreSQL's).
+    cpu_us: Option<f64>,
     stages_ms: Option<[f64; 3]>,
     paced_per_s: f64,
     latency: Percentiles,
@@ -188,6 +195,7 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
                 "round": r.round,
                 "committed_per_s": r.committed_per_s.round(),
                 "applied_per_s": r.applied_per_s.round(),
+                "cpu_us_per_txn": r.cpu_us.map(f64::round),
                 "mean_begin_local_commit_ms": r.stages_ms.map(|m| m.map(|x| (x * 100.0).round() / 100.0)),
                 "paced_per_s": r.paced_per_s.round(),
                 "p50_ms": r.latency.p50_ms,
@@ -243,8 +251,27 @@ async fn run_all(
             );
             let server = || server.map(str::to_owned).context("no PostgreSQL server");
             let context = || format!("scenario {}", scenario.name());
-            let (committed_per_s, applied_per_s, stages_ms, paced_per_s, latency) =
-                if scenario == Scenario::Outbox {
+            let (committed_per_s, applied_per_s, cpu_us, stages_ms, paced_per_s, latency) =
+                if scenario == Scenario::Unary {
+                    let r = unary::run(
+                        &unary::Options {
+                            seconds,
+                            workers: args.workers,
+                            paced: args.paced,
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    (
+                        r.calls_per_s,
+                        r.window_per_s,
+                        Some(r.cpu_us),
+                        None,
+                        r.paced_per_s,
+                        r.latency,
+                    )
+                } else if scenario == Scenario::Outbox {
                     let r = outbox::run(
                         &outbox::Options {
                             seconds,
@@ -261,6 +288,7 @@ async fn run_all(
                     (
                         r.committed_per_s,
                         r.applied_per_s,
+                        None,
                         None,
                         r.paced_per_s,
                         r.latency,
@@ -294,6 +322,7 @@ async fn run_all(
                     (
                         r.committed_per_s,
                         r.applied_per_s,
+                        Some(r.cpu_us),
                         stages,
                         r.paced_per_s,
                         r.latency,
@@ -304,6 +333,7 @@ async fn run_all(
                 round,
                 committed_per_s,
                 applied_per_s,
+                cpu_us,
                 stages_ms,
                 paced_per_s,
                 latency,
@@ -340,11 +370,12 @@ fn table(
 ) -> anyhow::Result<()> {
     writeln!(
         out,
-        "{:<20} {:>5} {:>12} {:>12} {:>22} {:>9} {:>9} {:>9}",
+        "{:<20} {:>5} {:>12} {:>12} {:>7} {:>22} {:>9} {:>9} {:>9}",
         "scenario",
         "round",
         "committed/s",
         "applied/s",
+        "CPU µs",
         "Begin/local/Commit ms",
         "paced/s",
         "p50 ms",
@@ -358,11 +389,14 @@ fn table(
         };
         writeln!(
             out,
-            "{:<20} {:>5} {:>12.0} {:>12.0} {:>22} {:>9.0} {:>9.2} {:>9.2}",
+            "{:<20} {:>5} {:>12.0} {:>12.0} {:>7} {:>22} {:>9.0} {:>9.2} {:>9.2}",
             r.scenario.name(),
             r.round,
             r.committed_per_s,
             r.applied_per_s,
+            r.cpu_us
+                .filter(|c| c.is_finite())
+                .map_or("-".to_owned(), |c| format!("{c:.0}")),
             stages,
             r.paced_per_s,
             r.latency.p50_ms,
@@ -379,7 +413,8 @@ fn table(
     writeln!(
         out,
         "committed/s: over the whole peak phase; applied/s: effects applied by the consumer over \
-         its last 80 %; p50/p99: Begin (the outbox: its local transaction) -> effect applied, in \
+         its last 80 % (unary: calls answered); CPU µs: this process's CPU per applied effect over \
+         that window (PostgreSQL's is not in it); p50/p99: Begin (the outbox: its local transaction) -> effect applied, in \
          the paced phase, at the rate shown (each scenario's own half peak unless --paced sets one)"
     )?;
     Ok(())

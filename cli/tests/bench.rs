@@ -44,8 +44,15 @@ fn check(report: &serde_json::Value, scenarios: &[&str]) -> TestResult {
 
 #[test]
 fn transactions_with_no_tables_and_on_sqlite_report_what_was_applied() -> TestResult {
-    let report = bench(&["txn", "txn-sqlite"])?;
-    check(&report, &["txn", "txn-sqlite"])
+    let report = bench(&["txn", "txn-sqlite", "unary", "--batch", "1"])?;
+    check(&report, &["txn", "txn-sqlite", "unary"])?;
+    assert_eq!(report["batch"], 1);
+    // CPU per transaction is measured (in 10 ms ticks: a short run may
+    // count none, never a negative or missing figure)
+    for r in report["results"].as_array().ok_or("results")? {
+        assert!(r["cpu_us_per_txn"].as_f64().ok_or("cpu")? >= 0.0, "{r}");
+    }
+    Ok(())
 }
 
 #[test]
@@ -81,6 +88,8 @@ fn bad_arguments_are_refused_naming_them() -> TestResult {
         (&["--rounds", "0"][..], "--rounds"),
         (&["--paced=-5"][..], "--paced"),
         (&["--relay-batch", "0"][..], "--relay-batch"),
+        (&["--batch", "0"][..], "--batch"),
+        (&["--batch", "257"][..], "--batch"),
         (&["nosuch"][..], "nosuch"),
         (
             &["outbox", "--postgres", "postgres://x@127.0.0.1:1/postgres"][..],

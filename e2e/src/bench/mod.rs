@@ -1,11 +1,14 @@
 //! The benchmark scenarios behind `tandem bench`: transactional messages
 //! through Tandem ([`txn`]) with the services' tables nowhere, on SQLite or
-//! on PostgreSQL, and the hand-written PostgreSQL outbox they are measured
-//! against ([`outbox`]), each in a peak phase (clients flat out) and a paced
-//! phase (latency from the start of a transaction to its applied effect).
+//! on PostgreSQL, the hand-written PostgreSQL outbox they are measured
+//! against ([`outbox`]), and one empty gRPC call ([`unary`]), the floor each
+//! hop of a transaction pays; each in a peak phase (clients flat out) and a
+//! paced phase (latency from the start of a transaction to its applied
+//! effect).
 
 pub mod outbox;
 pub mod txn;
+pub mod unary;
 
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
@@ -176,6 +179,48 @@ impl Window {
     /// Events per second of `counter` since the window opened.
     pub fn rate(&self, counter: &AtomicU64) -> f64 {
         (counter.load(Ordering::Relaxed) - self.count) as f64 / self.at.elapsed().as_secs_f64()
+    }
+}
+
+/// CPU time this process has used (user and system, all threads), from
+/// `/proc/self/stat`; `None` where that cannot be read.
+pub fn process_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces), from field 3.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i)?.parse::<u64>().ok();
+    // utime and stime are fields 14 and 15, in USER_HZ (100 per second).
+    let total = ticks(11)? + ticks(12)?;
+    Some(Duration::from_millis(total * 10))
+}
+
+/// CPU time per event of a counter over a window: the process's CPU used
+/// since it opened over the events counted meanwhile.
+pub struct CpuWindow {
+    cpu: Option<Duration>,
+    count: u64,
+}
+
+impl CpuWindow {
+    /// Opens a window on `counter` now.
+    pub fn open(counter: &AtomicU64) -> CpuWindow {
+        CpuWindow {
+            cpu: process_cpu(),
+            count: counter.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Microseconds of CPU per event of `counter` since the window opened
+    /// (NaN when unknown).
+    pub fn micros_per_event(&self, counter: &AtomicU64) -> f64 {
+        let events = counter.load(Ordering::Relaxed).saturating_sub(self.count);
+        match (self.cpu, process_cpu()) {
+            (Some(a), Some(b)) if events > 0 => {
+                b.saturating_sub(a).as_micros() as f64 / events as f64
+            }
+            _ => f64::NAN,
+        }
     }
 }
 

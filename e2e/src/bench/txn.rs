@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::{Latencies, Percentiles, Phase, Window, micros_since, wait_for};
+use super::{CpuWindow, Latencies, Percentiles, Phase, Window, micros_since, wait_for};
 
 /// PostgreSQL connections per service.
 const PG_CONNECTIONS: u32 = 16;
@@ -81,6 +81,9 @@ pub struct Report {
     /// Effects applied per second at the consumer while producers ran flat
     /// out (after a warm-up of a fifth of the phase).
     pub applied_per_s: f64,
+    /// This process's CPU per applied transaction over that window, µs (the
+    /// coordinator, both sidecars, both apps and the bench; not PostgreSQL).
+    pub cpu_us: f64,
     /// Mean Begin, local transaction and Commit times under peak load, ms.
     pub stages_ms: [f64; 3],
     /// The paced phase's rate.
@@ -600,10 +603,12 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
     }
     tokio::time::sleep(secs / 5).await;
     let window = Window::open(&consumer.applied);
+    let cpu = CpuWindow::open(&consumer.applied);
     for t in tasks {
         t.await??;
     }
     let applied_per_s = window.rate(&consumer.applied);
+    let cpu_us = cpu.micros_per_event(&consumer.applied);
     let done = stages.count.load(Ordering::Relaxed);
     let committed_per_s = done as f64 / start.elapsed().as_secs_f64();
     phase.end().await;
@@ -630,6 +635,7 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
     Ok(Report {
         committed_per_s,
         applied_per_s,
+        cpu_us,
         stages_ms: stages.means_ms(),
         paced_per_s: paced,
         latency: consumer.latencies.summary(),
