@@ -84,19 +84,21 @@ pub enum Admission {
 }
 
 const INBOX_HAS: &str = "SELECT 1 FROM tandem_inbox WHERE consumer_group = $1 AND topic IN ($2, '') AND message_id = $3";
-const INBOX_ADD: &str = "INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-const CLAIM: &str = "INSERT INTO tandem_claim (consumer_group, topic, message_id, owner, expires_at) \
-     VALUES ($1, $2, $3, $4, $5) \
-     ON CONFLICT (consumer_group, topic, message_id) DO UPDATE \
-     SET owner = excluded.owner, expires_at = excluded.expires_at \
-     WHERE tandem_claim.owner = excluded.owner OR tandem_claim.expires_at < $6";
 
-/// [`Db::dedup_batch`] on SQLite (in-process: one statement per row).
+/// [`Db::dedup_batch`] on SQLite: one statement per step, not per row
+/// (records, then which admits are processed, then claims for the rest),
+/// the rows passed as a JSON array read with `json_each`.
 async fn sqlite_dedup_batch(
     pool: &SqlitePool,
     processed: &[InboxRow],
     admits: &[Admit],
 ) -> Result<Vec<Admission>> {
+    fn keys<'a>(rows: impl Iterator<Item = &'a InboxRow>) -> String {
+        let rows: Vec<[&str; 3]> = rows
+            .map(|r| [r.group.as_str(), r.topic.as_str(), r.message_id.as_str()])
+            .collect();
+        serde_json::Value::from(rows.iter().map(|r| r.to_vec()).collect::<Vec<_>>()).to_string()
+    }
     // Writes take the write lock first, so that the reads see the state
     // they write on; checks alone are WAL reads that wait for nobody.
     let writes = !processed.is_empty() || admits.iter().any(|a| a.claim.is_some());
@@ -106,53 +108,112 @@ async fn sqlite_dedup_batch(
         pool.begin().await
     }
     .map_err(db_err("begin a transaction"))?;
-    for r in processed {
-        sqlx::query(INBOX_ADD)
-            .bind(&r.group)
-            .bind(&r.topic)
-            .bind(&r.message_id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db_err("insert into tandem_inbox"))?;
+    if !processed.is_empty() {
+        // `WHERE true` keeps SQLite from reading ON CONFLICT as a join's.
+        sqlx::query(
+            "INSERT INTO tandem_inbox (consumer_group, topic, message_id) \
+             SELECT value ->> 0, value ->> 1, value ->> 2 FROM json_each($1) WHERE true \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(keys(processed.iter()))
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err("insert into tandem_inbox"))?;
     }
-    let mut answers = Vec::with_capacity(admits.len());
-    for a in admits {
-        let seen = sqlx::query(INBOX_HAS)
-            .bind(&a.row.group)
-            .bind(&a.row.topic)
-            .bind(&a.row.message_id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db_err("read tandem_inbox"))?
-            .is_some();
-        let answer = match &a.claim {
-            _ if seen => Admission::Seen,
-            None => Admission::Fresh,
-            Some(c) => {
-                let n = sqlx::query(CLAIM)
-                    .bind(&a.row.group)
-                    .bind(&a.row.topic)
-                    .bind(&a.row.message_id)
-                    .bind(&c.owner)
-                    .bind(c.expires_at_ms)
-                    .bind(c.now_ms)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db_err("claim in tandem_claim"))?
-                    .rows_affected();
-                if n == 1 {
-                    Admission::Mine
-                } else {
-                    Admission::Taken
-                }
+    let mut answers = vec![Admission::Fresh; admits.len()];
+    if !admits.is_empty() {
+        let seen: Vec<i64> = sqlx::query_scalar(
+            "SELECT q.key FROM json_each($1) AS q WHERE EXISTS (SELECT 1 FROM tandem_inbox i \
+               WHERE i.consumer_group = q.value ->> 0 AND i.topic IN (q.value ->> 1, '') \
+               AND i.message_id = q.value ->> 2)",
+        )
+        .bind(keys(admits.iter().map(|a| &a.row)))
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db_err("read tandem_inbox"))?;
+        for n in seen {
+            if let Some(a) = usize::try_from(n).ok().and_then(|i| answers.get_mut(i)) {
+                *a = Admission::Seen;
             }
-        };
-        answers.push(answer);
+        }
+        let (which, now) = claims_wanted(admits, &mut answers);
+        if !which.is_empty() {
+            let rows: Vec<serde_json::Value> = which
+                .iter()
+                .map(|&(i, c)| {
+                    let r = &admits[i].row;
+                    serde_json::json!([r.group, r.topic, r.message_id, c.owner, c.expires_at_ms])
+                })
+                .collect();
+            let mine: Vec<(String, String, String)> = sqlx::query_as(
+                "INSERT INTO tandem_claim (consumer_group, topic, message_id, owner, expires_at) \
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4 \
+                 FROM json_each($1) WHERE true \
+                 ON CONFLICT (consumer_group, topic, message_id) DO UPDATE \
+                 SET owner = excluded.owner, expires_at = excluded.expires_at \
+                 WHERE tandem_claim.owner = excluded.owner OR tandem_claim.expires_at < $2 \
+                 RETURNING consumer_group, topic, message_id",
+            )
+            .bind(serde_json::Value::from(rows).to_string())
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db_err("claim in tandem_claim"))?;
+            settle_claims(admits, &mut answers, &which, mine);
+        }
     }
     tx.commit()
         .await
         .map_err(db_err("commit to tandem_inbox and tandem_claim"))?;
     Ok(answers)
+}
+
+/// The admits that still need a claim (fresh, asking for one), in key
+/// order, and the earliest `now` among them: no claim is taken over before
+/// it expired for every admit of the batch. One sidecar never admits one
+/// key twice at once (its in-process claims see to it); should a key come
+/// twice all the same, its second admit waits (Taken), as one statement
+/// cannot upsert a row twice.
+fn claims_wanted<'a>(
+    admits: &'a [Admit],
+    answers: &mut [Admission],
+) -> (Vec<(usize, &'a ClaimRequest)>, i64) {
+    let mut keys = std::collections::HashSet::new();
+    let mut now = i64::MAX;
+    let mut which = Vec::new();
+    let mut order: Vec<usize> = (0..admits.len()).collect();
+    order.sort_by(|&a, &b| admits[a].row.cmp(&admits[b].row));
+    for i in order {
+        let a = &admits[i];
+        if let (Admission::Fresh, Some(claim)) = (answers[i], &a.claim) {
+            if !keys.insert(&a.row) {
+                answers[i] = Admission::Taken;
+                continue;
+            }
+            now = now.min(claim.now_ms);
+            which.push((i, claim));
+        }
+    }
+    (which, now)
+}
+
+/// Each admit of `which`: Mine if its key is among the claims the
+/// statement took (`mine`), else Taken.
+fn settle_claims(
+    admits: &[Admit],
+    answers: &mut [Admission],
+    which: &[(usize, &ClaimRequest)],
+    mine: Vec<(String, String, String)>,
+) {
+    let mine: std::collections::HashSet<(String, String, String)> = mine.into_iter().collect();
+    for &(i, _) in which {
+        let r = &admits[i].row;
+        answers[i] = if mine.contains(&(r.group.clone(), r.topic.clone(), r.message_id.clone())) {
+            Admission::Mine
+        } else {
+            Admission::Taken
+        };
+    }
 }
 
 /// Columns of many rows, as arrays for `UNNEST`.
@@ -217,31 +278,14 @@ async fn postgres_dedup_batch(
                 *a = Admission::Seen;
             }
         }
-        // Claims for the others that ask for one. One sidecar never admits
-        // one key twice at once (its in-process claims see to it); should a
-        // key come twice all the same, its second admit waits (Taken), as
-        // one statement cannot upsert a row twice.
+        // Claims for the others that ask for one.
+        let (which, now) = claims_wanted(admits, &mut answers);
         let mut c = Columns::default();
-        let (mut owners, mut expiries, mut which) = (Vec::new(), Vec::new(), Vec::new());
-        let mut keys = std::collections::HashSet::new();
-        let mut now = i64::MAX;
-        let mut order: Vec<usize> = (0..admits.len()).collect();
-        order.sort_by(|&a, &b| admits[a].row.cmp(&admits[b].row));
-        for i in order {
-            let a = &admits[i];
-            if let (Admission::Fresh, Some(claim)) = (answers[i], &a.claim) {
-                if !keys.insert(&a.row) {
-                    answers[i] = Admission::Taken;
-                    continue;
-                }
-                c.push(&a.row);
-                owners.push(claim.owner.clone());
-                expiries.push(claim.expires_at_ms);
-                // The earliest: no claim is taken over before it expired
-                // for every admit of the batch.
-                now = now.min(claim.now_ms);
-                which.push(i);
-            }
+        let (mut owners, mut expiries) = (Vec::new(), Vec::new());
+        for &(i, claim) in &which {
+            c.push(&admits[i].row);
+            owners.push(claim.owner.clone());
+            expiries.push(claim.expires_at_ms);
         }
         if !which.is_empty() {
             let mine: Vec<(String, String, String)> = sqlx::query_as(
@@ -261,17 +305,7 @@ async fn postgres_dedup_batch(
             .fetch_all(&mut *tx)
             .await
             .map_err(db_err("claim in tandem_claim"))?;
-            let mine: std::collections::HashSet<(String, String, String)> =
-                mine.into_iter().collect();
-            for i in which {
-                let r = &admits[i].row;
-                answers[i] =
-                    if mine.contains(&(r.group.clone(), r.topic.clone(), r.message_id.clone())) {
-                        Admission::Mine
-                    } else {
-                        Admission::Taken
-                    };
-            }
+            settle_claims(admits, &mut answers, &which, mine);
         }
     }
     tx.commit()
@@ -698,6 +732,48 @@ mod tests {
         assert!(db.subscriptions().await?.is_empty());
         assert_eq!(db.cleanup(i64::MAX, 0).await?, 4, "the claim is live");
         assert_eq!(db.cleanup(0, 701).await?, 1, "the claim expired");
+        // Many admits in one batch, ids that need quoting among them: each
+        // gets its own answer.
+        let ask = |id: &str, owner: &str| Admit {
+            row: row_of(id),
+            claim: Some(ClaimRequest {
+                owner: owner.into(),
+                now_ms: 1000,
+                expires_at_ms: 2000,
+            }),
+        };
+        let odd = "quote\" back\\slash ünï 💥";
+        db.inbox_add_all(&[row_of("done"), row_of(odd)]).await?;
+        assert_eq!(db.admit(&ask("held", "other")).await?, Mine);
+        let answers = db
+            .dedup_batch(
+                &[row_of("done-now")],
+                &[
+                    ask("free-1", "me"),
+                    ask("done", "me"),
+                    ask("held", "me"),
+                    ask("free-2", "me"),
+                    ask("free-1", "me"),
+                    ask(odd, "me"),
+                    ask("done-now", "me"),
+                    Admit {
+                        row: row_of("unclaimed"),
+                        claim: None,
+                    },
+                ],
+            )
+            .await?;
+        assert_eq!(
+            answers,
+            [Mine, Seen, Taken, Mine, Taken, Seen, Seen, Fresh],
+            "free, processed, another's, free, the same key twice, processed (quoted), \
+             processed in this batch, no claim asked"
+        );
+        assert_eq!(
+            db.admit(&ask("free-2", "other")).await?,
+            Taken,
+            "claimed above"
+        );
         Ok(())
     }
 
