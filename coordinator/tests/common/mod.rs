@@ -280,11 +280,20 @@ impl Member {
             member_id: String::new(),
             early: Vec::new(),
         };
-        // wait for the first assignment, keeping deliveries that come with it
+        // Wait for the first assignment, keeping deliveries that come with
+        // it or before it (the session's deliveries may overtake it). Kept
+        // aside until then: `next_deliveries` hands back `early` first, and
+        // putting them back there would spin for ever without awaiting.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut early = Vec::new();
         while m.member_id.is_empty() {
-            let d = m.next_deliveries(WAIT).await?;
-            m.early.extend(d);
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(format!("no assignment within {WAIT:?}").into());
+            }
+            early.extend(m.next_deliveries(left).await?);
         }
+        m.early = early;
         Ok(m)
     }
 
