@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use tandem_e2e::bench::{Percentiles, outbox, txn, unary};
+use tandem_e2e::bench::{Percentiles, outbox, restart, txn, unary};
 
 /// A scenario of `tandem bench`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -29,6 +29,10 @@ pub enum Scenario {
     /// One empty unary gRPC call per "transaction" over loopback: the floor
     /// under each of a transaction's hops.
     Unary,
+    /// A coordinator restarting with `--open` open half messages: time to
+    /// serve again, memory, and the check-backs that follow (not run by
+    /// default: loading a million takes a minute or more).
+    Restart,
 }
 
 impl Scenario {
@@ -40,6 +44,7 @@ impl Scenario {
             Scenario::TxnPostgresStore => "txn-postgres-store",
             Scenario::Outbox => "outbox",
             Scenario::Unary => "unary",
+            Scenario::Restart => "restart",
         }
     }
 
@@ -100,6 +105,13 @@ pub struct BenchArgs {
     /// the installed PostgreSQL binaries, with `fsync = on`.
     #[arg(long, value_name = "URL")]
     pub postgres: Option<String>,
+    /// Open half messages the `restart` scenario restarts with.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub open: u64,
+    /// The `restart` scenario's check_after_ms: transactions older than
+    /// this are due for a check-back when the coordinator restarts.
+    #[arg(long, default_value_t = 10_000)]
+    pub check_after_ms: u64,
     /// Print the results as one JSON document instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -130,6 +142,14 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
         "--clients and --relays must be at least 1"
     );
     anyhow::ensure!(args.relay_batch > 0, "--relay-batch must be at least 1");
+    anyhow::ensure!(
+        (1..=100_000_000).contains(&args.open),
+        "--open must be between 1 and 100000000"
+    );
+    anyhow::ensure!(
+        (100..=3_600_000).contains(&args.check_after_ms),
+        "--check-after-ms must be between 100 and 3600000"
+    );
     anyhow::ensure!(
         (1..=256).contains(&args.batch),
         "--batch must be between 1 and 256 (the consumer's max_in_flight)"
@@ -166,8 +186,9 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
     // Stopped by a signal: the own server and the folder go as `own` and
     // `dir` are dropped, and what was measured is printed.
     let mut rows = Vec::new();
+    let mut restarts = Vec::new();
     let outcome = tokio::select! {
-        r = run_all(&args, &scenarios, server.as_deref(), dir.path(), &mut rows) => r,
+        r = run_all(&args, &scenarios, server.as_deref(), dir.path(), &mut rows, &mut restarts) => r,
         () = tandem_coordinator::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     drop(own);
@@ -206,10 +227,44 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
             "over_outbox": ratios.iter().map(|(s, round, x)| json!({
                 "scenario": s.name(), "round": round, "applied_ratio": x,
             })).collect::<Vec<_>>(),
+            "restart": restarts.iter().map(|(round, r)| json!({
+                "round": round,
+                "open": r.open,
+                "prepared_per_s": r.prepared_per_s.round(),
+                "stop_s": r.stop.as_secs_f64(),
+                "open_s": r.open_time.as_secs_f64(),
+                "serving_s": r.serving.as_secs_f64(),
+                "open_after": r.open_after,
+                "rss_mib": r.rss_mib.round(),
+                "check_after_ms": args.check_after_ms,
+                "checks_in_10_s": r.checks,
+                "busiest_second": r.busiest_second,
+            })).collect::<Vec<_>>(),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
-    } else if !rows.is_empty() {
-        table(&rows, &ratios, out)?;
+    } else {
+        if !rows.is_empty() {
+            table(&rows, &ratios, out)?;
+        }
+        for (round, r) in &restarts {
+            writeln!(
+                out,
+                "restart, round {round}: {} open half messages (prepared at {:.0}/s); clean stop \
+                 {:.2} s; open {:.2} s; serving {:.2} s after the open began, {} open; {:.0} MiB \
+                 resident (this process); check-backs in the 10 s after a session connected: {} \
+                 ({} in the busiest second; check_after_ms {})",
+                r.open,
+                r.prepared_per_s,
+                r.stop.as_secs_f64(),
+                r.open_time.as_secs_f64(),
+                r.serving.as_secs_f64(),
+                r.open_after,
+                r.rss_mib,
+                r.checks,
+                r.busiest_second,
+                args.check_after_ms
+            )?;
+        }
     }
     outcome
 }
@@ -238,6 +293,7 @@ async fn run_all(
     server: Option<&str>,
     dir: &std::path::Path,
     rows: &mut Vec<Row>,
+    restarts: &mut Vec<(u32, restart::Report)>,
 ) -> anyhow::Result<()> {
     let seconds = Duration::from_secs_f64(args.seconds);
     for round in 1..=args.rounds {
@@ -251,6 +307,20 @@ async fn run_all(
             );
             let server = || server.map(str::to_owned).context("no PostgreSQL server");
             let context = || format!("scenario {}", scenario.name());
+            if scenario == Scenario::Restart {
+                let r = restart::run(
+                    &restart::Options {
+                        open: args.open,
+                        check_after: Duration::from_millis(args.check_after_ms),
+                        dir: dir.join(format!("{round}-restart")),
+                    },
+                    &label,
+                )
+                .await
+                .with_context(context)?;
+                restarts.push((round, r));
+                continue;
+            }
             let (committed_per_s, applied_per_s, cpu_us, stages_ms, paced_per_s, latency) =
                 if scenario == Scenario::Unary {
                     let r = unary::run(

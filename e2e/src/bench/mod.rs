@@ -7,6 +7,7 @@
 //! effect).
 
 pub mod outbox;
+pub mod restart;
 pub mod txn;
 pub mod unary;
 
