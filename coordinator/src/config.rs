@@ -66,6 +66,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("max_checks", Kind::Int),
     ("check_timeout_ms", Kind::Int),
     ("max_check_interval_ms", Kind::Int),
+    ("max_check_rate", Kind::Int),
     ("final_action", Kind::Str),
     ("txn_retention_ms", Kind::Int),
     ("maintenance_schedule", Kind::Str),
@@ -98,6 +99,7 @@ struct Raw {
     max_checks: Option<u32>,
     check_timeout_ms: Option<u64>,
     max_check_interval_ms: Option<u64>,
+    max_check_rate: Option<u32>,
     final_action: Option<String>,
     txn_retention_ms: Option<u64>,
     maintenance_schedule: Option<String>,
@@ -123,6 +125,9 @@ pub struct TxnSettings {
     pub check_timeout: Duration,
     /// Longest wait between two check-backs of a transaction.
     pub max_check_interval: Duration,
+    /// Check-backs started per second, at most (all services together): a
+    /// restart or takeover with a large backlog asks the apps at this pace.
+    pub max_check_rate: u32,
     /// What happens after `max_checks` check-backs without an answer.
     pub final_action: FinalAction,
     /// How long a finished transaction is remembered (repeated outcomes are
@@ -374,6 +379,14 @@ impl Raw {
                 "must be between 1 and 1000",
             ));
         }
+        let max_check_rate = self.max_check_rate.unwrap_or(1000);
+        if !(1..=1_000_000).contains(&max_check_rate) {
+            return Err(invalid(
+                "max_check_rate",
+                &max_check_rate,
+                "must be between 1 and 1000000 check-backs per second",
+            ));
+        }
         let final_action = match self.final_action.as_deref().unwrap_or("rollback") {
             "rollback" => FinalAction::Rollback,
             "commit" => FinalAction::Commit,
@@ -408,6 +421,7 @@ impl Raw {
                 100,
                 86_400_000,
             )?,
+            max_check_rate,
             final_action,
             retention: ms(
                 "txn_retention_ms",
@@ -609,6 +623,8 @@ mod tests {
         assert!(bad("colour=blue").contains("colour"));
         assert!(bad("listen=localhost").contains("listen"));
         assert!(bad("internal_fsync=sometimes").contains("internal_fsync"));
+        assert!(bad("max_check_rate=0").contains("max_check_rate"));
+        assert!(bad("max_check_rate=-3").contains("max_check_rate"));
         assert!(
             bad("max_check_interval_ms=1000").contains("max_check_interval_ms"),
             "below check_after_ms"

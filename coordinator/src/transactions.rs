@@ -598,6 +598,12 @@ impl<L: Log + Clone> Transactions<L> {
 
     /// Runs check-backs as they fall due, until aborted.
     pub(crate) async fn run_checks(self: Arc<Self>) {
+        // Check-backs start at most `max_check_rate` per second: the next
+        // may start at `paced` (a burst of up to a tenth of a second's worth
+        // goes at once).
+        let gap = Duration::from_secs(1) / self.settings.max_check_rate.max(1);
+        let burst = Duration::from_millis(100);
+        let mut paced = tokio::time::Instant::now();
         loop {
             let next = lock(&self.due).first().cloned();
             let now = now_ms();
@@ -610,6 +616,12 @@ impl<L: Log + Clone> Transactions<L> {
                     }
                 }
                 Some(entry) => {
+                    let now = tokio::time::Instant::now();
+                    if paced > now + burst {
+                        tokio::time::sleep_until(paced - burst).await;
+                        continue; // the schedule may have changed meanwhile
+                    }
+                    paced = paced.max(now) + gap;
                     lock(&self.due).remove(&entry);
                     let Ok(permit) = self.checking.clone().acquire_owned().await else {
                         return;

@@ -823,7 +823,8 @@ impl TxnState {
     }
 
     /// Start-up: found, the commit happened; not found, it is still open
-    /// and is checked back when due (at once if that time has passed).
+    /// and is checked back when due (if that time has passed: after the
+    /// reconnect grace, spread over one `check_after`).
     fn found(&mut self, s: &TxnSettings, offset: Option<u64>, now: i64) -> Vec<Effect> {
         let Some(rec) = self.rec.as_mut().filter(|r| r.state == PREPARED) else {
             return Vec::new();
@@ -843,8 +844,15 @@ impl TxnState {
                 // Not before the producers' sidecars can have opened their
                 // sessions again (their reconnect backoff is at most 5 s):
                 // a check-back with nobody to ask would spend an attempt.
-                let grace = millis(s.check_after.min(RECONNECT_GRACE));
-                let at_ms = due.max(now.saturating_add(grace));
+                let grace = now.saturating_add(millis(s.check_after.min(RECONNECT_GRACE)));
+                // Overdue ones are spread over one check_after after the
+                // grace: a restart with many open transactions does not
+                // ask every producer about all of them at once.
+                let at_ms = if due <= grace {
+                    grace.saturating_add(spread(s, &self.id))
+                } else {
+                    due
+                };
                 self.due_at = Some(at_ms);
                 vec![Effect::Note(Note::Reopened), Effect::Schedule { at_ms }]
             }
@@ -855,6 +863,14 @@ impl TxnState {
 /// How long after a start-up (or a takeover) open transactions wait for
 /// their first check-back at least (capped by `check_after`).
 const RECONNECT_GRACE: Duration = Duration::from_secs(5);
+
+/// Where within one `check_after` a start-up puts the check-back of an
+/// overdue transaction: fixed by its id (the same on every replica and
+/// every restart), evenly spread over many ids.
+fn spread(s: &TxnSettings, id: &str) -> i64 {
+    let span = millis(s.check_after).max(1);
+    i64::from(crc32c::crc32c(id.as_bytes())) % span
+}
 
 /// The message a commit appends: the half message, its id the transaction
 /// id, marked as this transaction's.
@@ -1242,7 +1258,10 @@ mod tests {
                         self.asked.push((id.to_owned(), c.fence.clone()));
                     }
                     Effect::Schedule { at_ms } => {
-                        let cap = millis(self.s.max_check_interval.max(self.s.check_after));
+                        // A start-up spreads overdue check-backs over one
+                        // more check_after.
+                        let cap = millis(self.s.max_check_interval.max(self.s.check_after))
+                            + millis(self.s.check_after);
                         prop_assert!(
                             self.now <= *at_ms && *at_ms <= self.now + cap,
                             "scheduled at {} at {}",

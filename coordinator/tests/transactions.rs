@@ -19,6 +19,7 @@ on_both_stores!(
     half_messages_are_invisible_until_committed_and_outcomes_are_fenced,
     check_back_resolves_what_the_producer_never_decided,
     open_transactions_survive_a_restart_and_are_checked_back_after_it,
+    a_restart_with_a_backlog_paces_its_check_backs,
     a_reused_transaction_id_with_other_content_is_already_exists,
     a_prepare_repeated_by_the_same_call_is_that_calls_own,
     the_transaction_marker_header_is_reserved,
@@ -393,6 +394,90 @@ async fn open_transactions_survive_a_restart_and_are_checked_back_after_it(
         asked.iter().map(|c| c.txn_id.as_str()).collect::<Vec<_>>(),
         vec!["open-1"]
     );
+    Ok(())
+}
+
+/// A restart with a backlog of overdue transactions asks about them at
+/// `max_check_rate` per second (here 20, with bursts of a tenth of a
+/// second's worth), each once, rather than all at once.
+async fn a_restart_with_a_backlog_paces_its_check_backs(backend: Backend) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start_with(
+        &store,
+        Config {
+            txn: TxnSettings {
+                check_after: Duration::from_secs(3600),
+                ..fast_checks().txn
+            },
+            ..Config::default()
+        },
+    )
+    .await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "orders", 1).await?;
+    let ids: Vec<String> = (0..60).map(|i| format!("backlog-{i:02}")).collect();
+    for id in &ids {
+        prepare(&mut client, "svc", id, id).await?;
+    }
+    c.stop().await?;
+
+    let mut config = fast_checks();
+    config.txn.max_check_rate = 20;
+    let c = Running::start_with(&store, config).await?;
+    let mut client = c.client().await?;
+    // A producer's sidecar that commits everything it is asked about and
+    // notes when each question came.
+    let mut session = c.client().await?;
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(pb::SessionRequest {
+        kind: Some(pb::session_request::Kind::Hello(pb::Hello {
+            service: "svc".into(),
+            instance: "test".into(),
+        })),
+    })
+    .await?;
+    let mut stream = session
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let asked = tokio::spawn(async move {
+        let mut asked = Vec::new();
+        while let Ok(Some(msg)) = stream.message().await {
+            let Some(pb::session_response::Kind::Check(check)) = msg.kind else {
+                continue;
+            };
+            asked.push((tokio::time::Instant::now(), check.txn_id.clone()));
+            let _ = tx
+                .send(pb::SessionRequest {
+                    kind: Some(pb::session_request::Kind::CheckResult(pb::CheckResult {
+                        check_id: check.check_id,
+                        txn_id: check.txn_id,
+                        state: pb::LocalState::Commit as i32,
+                    })),
+                })
+                .await;
+        }
+        asked
+    });
+    for id in &ids {
+        wait_state(&mut client, id, pb::TransactionState::Committed).await?;
+    }
+    c.stop().await?;
+    let asked = asked.await?;
+    let mut names: Vec<&str> = asked.iter().map(|(_, id)| id.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ids, "each asked about once");
+    // No second holds more than 20 plus the burst of 2 (one more for the
+    // window's edges).
+    for (i, (start, _)) in asked.iter().enumerate() {
+        let within = asked[i..]
+            .iter()
+            .take_while(|(t, _)| *t < *start + Duration::from_secs(1))
+            .count();
+        assert!(within <= 23, "{within} check-backs within a second");
+    }
     Ok(())
 }
 
