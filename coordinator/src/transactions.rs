@@ -168,26 +168,23 @@ impl<L: Log + Clone> Transactions<L> {
     /// interrupted.
     pub(crate) async fn open(data: L, internal: L, settings: TxnSettings) -> Result<Arc<Self>> {
         let (log, records) = StateLog::open(internal, "__txn_state", u64::MAX).await?;
-        let mut latest: HashMap<String, (TxnRecord, u64)> = HashMap::new();
+        // Each transaction's last record, still encoded: only those are
+        // decoded (a restart with a million open ones must not decode and
+        // move every superseded record too).
+        let mut latest: HashMap<bytes::Bytes, (bytes::Bytes, u64)> =
+            HashMap::with_capacity(records.len());
         for r in records {
-            let id =
-                String::from_utf8_lossy(r.record.key.as_deref().unwrap_or_default()).into_owned();
+            let key = r.record.key.unwrap_or_default();
             if r.record.value.is_empty() {
-                latest.remove(&id);
+                latest.remove(&key);
                 continue;
             }
-            let rec =
-                TxnRecord::decode(r.record.value.clone()).map_err(|e| Error::CorruptState {
-                    log: "__txn_state",
-                    offset: r.offset,
-                    reason: format!("transaction {id:?}: {e}"),
-                })?;
-            latest.insert(id, (rec, r.offset));
+            latest.insert(key, (r.record.value, r.offset));
         }
         let t = Arc::new(Transactions {
             data,
             log,
-            txns: Mutex::new(HashMap::new()),
+            txns: Mutex::new(HashMap::with_capacity(latest.len())),
             due: Mutex::new(BTreeSet::new()),
             wake: Notify::new(),
             sessions: Arc::new(Sessions::default()),
@@ -201,7 +198,13 @@ impl<L: Log + Clone> Transactions<L> {
         let now = now_ms();
         // Prepared transactions' messages to look for, by partition.
         let mut seeks: HashMap<TopicPartition, Vec<(String, Seek)>> = HashMap::new();
-        for (id, (rec, log_offset)) in latest {
+        for (key, (value, log_offset)) in latest {
+            let id = String::from_utf8_lossy(&key).into_owned();
+            let rec = TxnRecord::decode(value).map_err(|e| Error::CorruptState {
+                log: "__txn_state",
+                offset: log_offset,
+                reason: format!("transaction {id:?}: {e}"),
+            })?;
             let entry = Entry {
                 core: TxnState::restore(&id, rec),
                 log_offset,
