@@ -40,6 +40,17 @@ fn fast_checks() -> Config {
     }
 }
 
+/// As [`fast_checks`], but nothing is due for an hour.
+fn no_checks() -> Config {
+    Config {
+        txn: TxnSettings {
+            check_after: Duration::from_secs(3600),
+            ..fast_checks().txn
+        },
+        ..Config::default()
+    }
+}
+
 async fn prepare(
     c: &mut CoordinatorClient<Channel>,
     service: &str,
@@ -348,17 +359,7 @@ async fn open_transactions_survive_a_restart_and_are_checked_back_after_it(
     let Some(store) = TestStore::new(backend).await? else {
         return Ok(());
     };
-    let c = Running::start_with(
-        &store,
-        Config {
-            txn: TxnSettings {
-                check_after: Duration::from_secs(3600),
-                ..fast_checks().txn
-            },
-            ..Config::default()
-        },
-    )
-    .await?;
+    let c = Running::start_with(&store, no_checks()).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 1).await?;
     prepare(&mut client, "svc", "open-1", "one").await?;
@@ -404,17 +405,7 @@ async fn a_restart_with_a_backlog_paces_its_check_backs(backend: Backend) -> Tes
     let Some(store) = TestStore::new(backend).await? else {
         return Ok(());
     };
-    let c = Running::start_with(
-        &store,
-        Config {
-            txn: TxnSettings {
-                check_after: Duration::from_secs(3600),
-                ..fast_checks().txn
-            },
-            ..Config::default()
-        },
-    )
-    .await?;
+    let c = Running::start_with(&store, no_checks()).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 1).await?;
     let ids: Vec<String> = (0..60).map(|i| format!("backlog-{i:02}")).collect();

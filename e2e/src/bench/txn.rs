@@ -112,47 +112,9 @@ fn internal(e: sqlx::Error) -> Status {
 }
 
 impl Consumer {
-    /// Inserts the inbox row and the effect in one transaction; a message
-    /// already in the inbox changes nothing.
-    async fn apply(&self, req: &app_pb::HandleMessageRequest) -> Result<(), Status> {
-        let Some(m) = req.message.as_ref() else {
-            return Err(Status::invalid_argument("message is missing"));
-        };
-        const INBOX: &str = "INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING";
-        const EFFECT: &str = "INSERT INTO effects (message_id, value) VALUES ($1, $2)";
-        macro_rules! apply {
-            ($pool:expr) => {{
-                let mut tx = $pool.begin().await.map_err(internal)?;
-                let fresh = sqlx::query(INBOX)
-                    .bind(&req.group)
-                    .bind(&req.topic)
-                    .bind(&m.id)
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(internal)?
-                    .rows_affected()
-                    == 1;
-                if fresh {
-                    sqlx::query(EFFECT)
-                        .bind(&m.id)
-                        .bind(&m.value[..])
-                        .execute(&mut *tx)
-                        .await
-                        .map_err(internal)?;
-                }
-                tx.commit().await.map_err(internal)?;
-            }};
-        }
-        match &self.effects {
-            Effects::None => {}
-            Effects::Sqlite(p) => apply!(p),
-            Effects::Postgres(p) => apply!(p),
-        }
-        Ok(())
-    }
-
     /// The inbox rows and effects of a batch in one transaction (on
-    /// PostgreSQL set-based, as the outbox's relay writes its batches).
+    /// PostgreSQL set-based, as the outbox's relay writes its batches); a
+    /// message already in the inbox changes nothing.
     async fn apply_batch(&self, reqs: &[app_pb::HandleMessageRequest]) -> Result<(), Status> {
         match &self.effects {
             Effects::None => Ok(()),
@@ -258,7 +220,7 @@ impl App for Consumer {
         req: Request<app_pb::HandleMessageRequest>,
     ) -> Result<Response<app_pb::HandleMessageResponse>, Status> {
         let req = req.into_inner();
-        self.apply(&req).await?;
+        self.apply_batch(std::slice::from_ref(&req)).await?;
         self.applied(&req);
         Ok(Response::new(app_pb::HandleMessageResponse {}))
     }
