@@ -155,6 +155,8 @@ pub(crate) struct Transactions<L> {
     /// `due` at once at its end (a million inserts one by one, comparing
     /// ids where times are equal, took about half of a start-up).
     loading: Mutex<Option<Vec<(i64, String)>>>,
+    /// The earliest start of the next check-back ([`Self::pace`]).
+    pacer: Mutex<tokio::time::Instant>,
     wake: Notify,
     pub(crate) sessions: Arc<Sessions>,
     settings: TxnSettings,
@@ -191,6 +193,7 @@ impl<L: Log + Clone> Transactions<L> {
             txns: Mutex::new(HashMap::with_capacity(latest.len())),
             due: Mutex::new(BTreeSet::new()),
             loading: Mutex::new(Some(Vec::new())),
+            pacer: Mutex::new(tokio::time::Instant::now()),
             wake: Notify::new(),
             sessions: Arc::new(Sessions::default()),
             counters: Counters::default(),
@@ -225,6 +228,10 @@ impl<L: Log + Clone> Transactions<L> {
                 seeks.entry(seek.tp.clone()).or_default().push((id, seek));
             }
         }
+        // Open ones are scheduled from the end of the load, not its start:
+        // the reconnect grace is for producers' sidecars to come back once
+        // this coordinator serves (a large table takes seconds to load).
+        let now = now_ms();
         for (tp, txns) in seeks {
             let from = txns.iter().map(|(_, s)| s.from).min().unwrap_or(0);
             let mut wanted: HashMap<Sought, (String, Option<u64>)> = txns
@@ -295,6 +302,18 @@ impl<L: Log + Clone> Transactions<L> {
         if txns.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             txns.remove(id);
         }
+    }
+
+    /// When the next check-back may start: at most `max_check_rate` per
+    /// second, with bursts of up to a tenth of a second's worth.
+    fn pace(&self) -> tokio::time::Instant {
+        let gap = Duration::from_secs(1) / self.settings.max_check_rate.max(1);
+        let now = tokio::time::Instant::now();
+        let mut next = lock(&self.pacer);
+        let slot = (*next).max(now);
+        *next = slot + gap;
+        slot.checked_sub(Duration::from_millis(100))
+            .map_or(now, |s| s.max(now))
     }
 
     fn schedule(&self, id: &str, at_ms: i64) {
@@ -616,12 +635,6 @@ impl<L: Log + Clone> Transactions<L> {
 
     /// Runs check-backs as they fall due, until aborted.
     pub(crate) async fn run_checks(self: Arc<Self>) {
-        // Check-backs start at most `max_check_rate` per second: the next
-        // may start at `paced` (a burst of up to a tenth of a second's worth
-        // goes at once).
-        let gap = Duration::from_secs(1) / self.settings.max_check_rate.max(1);
-        let burst = Duration::from_millis(100);
-        let mut paced = tokio::time::Instant::now();
         loop {
             let next = lock(&self.due).first().cloned();
             let now = now_ms();
@@ -634,12 +647,6 @@ impl<L: Log + Clone> Transactions<L> {
                     }
                 }
                 Some(entry) => {
-                    let now = tokio::time::Instant::now();
-                    if paced > now + burst {
-                        tokio::time::sleep_until(paced - burst).await;
-                        continue; // the schedule may have changed meanwhile
-                    }
-                    paced = paced.max(now) + gap;
                     lock(&self.due).remove(&entry);
                     let Ok(permit) = self.checking.clone().acquire_owned().await else {
                         return;
@@ -684,6 +691,11 @@ impl<L: Log + Clone> Transactions<L> {
         else {
             return Ok(()); // decided meanwhile
         };
+        // Only check-backs that go out are paced: the schedule's entries of
+        // transactions decided meanwhile (most of them under load) cost
+        // nothing. Waiting here holds one of the `checking` permits, so at
+        // most that many wait, a fraction of a second's worth.
+        tokio::time::sleep_until(self.pace()).await;
         let answer = self
             .sessions
             .check(&service, &instance, request, self.settings.check_timeout)

@@ -667,6 +667,15 @@ async fn batched_handler_calls_keep_each_message_its_own_result() -> TestResult 
                 .await?;
         assert_eq!(attempts, vec![1, 2, 3], "{poison}");
     }
+    // the sidecar called the app once with each healthy message (its
+    // batch-mates' failures did not make it call them again)
+    let repeated: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT value FROM calls WHERE value NOT LIKE '%poison' \
+         GROUP BY value HAVING COUNT(*) > 1)",
+    )
+    .fetch_one(&db)
+    .await?;
+    assert_eq!(repeated, 0, "a healthy message was handed to the app twice");
     let largest: i64 = sqlx::query_scalar("SELECT MAX(batch) FROM calls")
         .fetch_one(&db)
         .await?;

@@ -744,6 +744,10 @@ mod tests {
         };
         let odd = "quote\" back\\slash ünï 💥";
         db.inbox_add_all(&[row_of("done"), row_of(odd)]).await?;
+        assert!(
+            db.inbox_has("g", "t", odd).await?,
+            "recorded as written, read with plain binds"
+        );
         assert_eq!(db.admit(&ask("held", "other")).await?, Mine);
         let answers = db
             .dedup_batch(

@@ -52,7 +52,7 @@ use tonic::{Code, Status};
 
 use crate::db::{Admission, Admit, ClaimRequest, InboxRow};
 use crate::error::Result;
-use crate::handler::Handler;
+use crate::handler::{Called, Handler};
 use crate::node::{Counters, Node};
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
@@ -273,7 +273,21 @@ async fn attempts(
                 .trim_start_matches("DEDUP_MODE_")
                 .to_owned(),
         };
-        match handler.call(node, request).await {
+        // A retry goes alone: batch-mates of a message that failed (or of
+        // a call that failed) are not failed again with it.
+        let alone = failures > 0 || crashes > 0;
+        let answer = match handler.call(node, request, alone, cancel).await {
+            Called::Answered(a) => a,
+            // Taken back before it was sent: cancelled, or queued so long
+            // that its claim must be renewed (back to the admission).
+            Called::Withdrawn => {
+                if *cancel.borrow() {
+                    return Outcome::Abandoned;
+                }
+                continue;
+            }
+        };
+        match answer {
             Ok(()) => {
                 Counters::bump(&node.counters.handled);
                 break;

@@ -9,10 +9,12 @@
 //! starts only after the previous one ended.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tandem_proto::app as app_pb;
 use tandem_proto::sidecar as sc;
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
@@ -26,14 +28,39 @@ const MAX_BATCH_BYTES: usize = 3 << 20;
 /// Most messages per call a subscription may ask for.
 pub(crate) const MAX_BATCH: u32 = 4096;
 
+/// Longest a message waits for a place in a call (while the calls allowed
+/// at once are all in the app) before its delivery takes it back, renews
+/// its claim and queues again: its claim must outlive the wait plus the
+/// call, and its claim lives `handler_timeout` plus 15 s.
+const MAX_QUEUED: Duration = Duration::from_secs(5);
+
 type Answer = Result<(), Status>;
+
+/// What became of a call of the app.
+pub(crate) enum Called {
+    /// The app answered (or the call failed).
+    Answered(Answer),
+    /// Taken back before it was sent (cancelled, or queued too long).
+    Withdrawn,
+}
+
+const QUEUED: u8 = 0;
+const SENT: u8 = 1;
+const WITHDRAWN: u8 = 2;
+
+/// A message waiting for a place in a call; its state is decided once,
+/// sent or withdrawn, whichever comes first.
+pub(crate) struct Queued {
+    request: app_pb::HandleMessageRequest,
+    state: Arc<AtomicU8>,
+}
 
 /// How a subscription calls its app.
 pub(crate) enum Handler {
     /// `HandleMessage`, one message per call.
     One,
     /// `HandleMessages`, the calls in flight gathered.
-    Batched(Gather<app_pb::HandleMessageRequest, Answer>),
+    Batched(Gather<Queued, Answer>),
 }
 
 impl Handler {
@@ -53,7 +80,7 @@ impl Handler {
             in_flight,
         };
         let node = node.clone();
-        let size = |r: &app_pb::HandleMessageRequest| prost::Message::encoded_len(r) + 8;
+        let size = |q: &Queued| prost::Message::encoded_len(&q.request) + 8;
         Handler::Batched(Gather::start(limits, size, move |batch, permit| {
             let node = node.clone();
             tokio::spawn(async move {
@@ -63,34 +90,106 @@ impl Handler {
         }))
     }
 
-    /// Hands one message to the app; OK means handled.
-    pub(crate) async fn call(&self, node: &Node, request: app_pb::HandleMessageRequest) -> Answer {
-        match self {
-            Handler::One => {
-                let mut app = node
-                    .app("HandleMessage")
-                    .map_err(|e| Status::unavailable(e.to_string()))?;
-                let limit = node.config.handler_timeout;
-                let mut request = tonic::Request::new(request);
-                request.set_timeout(limit);
-                timed(limit, async move {
-                    app.handle_message(request).await.map(|_| ())
-                })
-                .await
+    /// Hands one message to the app. A batched handler sends it `alone`
+    /// (a retry: a message that failed, or whose call failed, must not
+    /// fail its batch-mates again), or in the next call, unless `cancel`
+    /// fires or [`MAX_QUEUED`] passes before that call takes it.
+    pub(crate) async fn call(
+        &self,
+        node: &Node,
+        request: app_pb::HandleMessageRequest,
+        alone: bool,
+        cancel: &mut watch::Receiver<bool>,
+    ) -> Called {
+        let gather =
+            match self {
+                Handler::Batched(gather) if !alone => gather,
+                Handler::Batched(_) => {
+                    let mut answers = batch_call(node, vec![request]).await;
+                    return Called::Answered(answers.pop().unwrap_or_else(|| {
+                        Err(Status::internal("HandleMessages gave no answer"))
+                    }));
+                }
+                Handler::One => return Called::Answered(one_call(node, request).await),
+            };
+        let state = Arc::new(AtomicU8::new(QUEUED));
+        let withdraw = || {
+            state
+                .compare_exchange(QUEUED, WITHDRAWN, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        };
+        let submit = gather.submit(Queued {
+            request,
+            state: state.clone(),
+        });
+        tokio::pin!(submit);
+        let queued_too_long = tokio::time::sleep(MAX_QUEUED);
+        tokio::pin!(queued_too_long);
+        let (mut cancel_seen, mut timer_seen) = (false, false);
+        loop {
+            tokio::select! {
+                answer = &mut submit => {
+                    return Called::Answered(
+                        answer.unwrap_or_else(|| Err(Status::unavailable("the sidecar is stopping"))),
+                    );
+                }
+                // Once sent, the call runs to its end and its answer is
+                // awaited, as a single call's is.
+                _ = cancel.wait_for(|c| *c), if !cancel_seen => {
+                    cancel_seen = true;
+                    if withdraw() {
+                        return Called::Withdrawn;
+                    }
+                }
+                () = &mut queued_too_long, if !timer_seen => {
+                    timer_seen = true;
+                    if withdraw() {
+                        return Called::Withdrawn;
+                    }
+                }
             }
-            Handler::Batched(gather) => gather
-                .submit(request)
-                .await
-                .unwrap_or_else(|| Err(Status::unavailable("the sidecar is stopping"))),
         }
     }
 }
 
-/// One `HandleMessages` call for `batch`, each message answered with its
-/// own result.
-async fn send(node: &Node, batch: Vec<Pending<app_pb::HandleMessageRequest, Answer>>) {
-    let (messages, replies): (Vec<_>, Vec<_>) =
-        batch.into_iter().map(|p| (p.item, p.reply)).unzip();
+/// `HandleMessage` once, with the handler timeout as the call's deadline.
+async fn one_call(node: &Node, request: app_pb::HandleMessageRequest) -> Answer {
+    let mut app = node
+        .app("HandleMessage")
+        .map_err(|e| Status::unavailable(e.to_string()))?;
+    let limit = node.config.handler_timeout;
+    let mut request = tonic::Request::new(request);
+    request.set_timeout(limit);
+    timed(limit, async move {
+        app.handle_message(request).await.map(|_| ())
+    })
+    .await
+}
+
+/// One `HandleMessages` call for the messages of `batch` still queued,
+/// each answered with its own result; the withdrawn ones are left out.
+async fn send(node: &Node, batch: Vec<Pending<Queued, Answer>>) {
+    let (messages, replies): (Vec<_>, Vec<_>) = batch
+        .into_iter()
+        .filter(|p| {
+            p.item
+                .state
+                .compare_exchange(QUEUED, SENT, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+        .map(|p| (p.item.request, p.reply))
+        .unzip();
+    if messages.is_empty() {
+        return;
+    }
+    let results = batch_call(node, messages).await;
+    for (reply, result) in replies.into_iter().zip(results) {
+        let _ = reply.send(result);
+    }
+}
+
+/// `HandleMessages` once for `messages`: one answer per message.
+async fn batch_call(node: &Node, messages: Vec<app_pb::HandleMessageRequest>) -> Vec<Answer> {
     let n = messages.len();
     let answer = match node.app("HandleMessages") {
         Err(e) => Err(Status::unavailable(e.to_string())),
@@ -106,7 +205,7 @@ async fn send(node: &Node, batch: Vec<Pending<app_pb::HandleMessageRequest, Answ
             .await
         }
     };
-    let results: Vec<Answer> = match answer {
+    match answer {
         Ok(results) if results.is_empty() => (0..n).map(|_| Ok(())).collect(),
         Ok(results) if results.len() == n => results
             .into_iter()
@@ -123,9 +222,6 @@ async fn send(node: &Node, batch: Vec<Pending<app_pb::HandleMessageRequest, Answ
             (0..n).map(|_| Err(s.clone())).collect()
         }
         Err(s) => (0..n).map(|_| Err(s.clone())).collect(),
-    };
-    for (reply, result) in replies.into_iter().zip(results) {
-        let _ = reply.send(result);
     }
 }
 
