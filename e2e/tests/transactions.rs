@@ -621,8 +621,19 @@ async fn table_mode_works_on_postgresql() -> TestResult {
 /// each key keeps its order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batched_handler_calls_keep_each_message_its_own_result() -> TestResult {
+    batched_calls(sc::DedupMode::Strong).await
+}
+
+/// The same in SIDECAR mode, where the sidecar alone keeps a message from
+/// taking effect twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_handler_calls_keep_each_message_its_own_result_in_sidecar_mode() -> TestResult {
+    batched_calls(sc::DedupMode::Sidecar).await
+}
+
+async fn batched_calls(dedup: sc::DedupMode) -> TestResult {
     let c = Cluster::start().await?;
-    c.subscribe_batched(sc::DedupMode::Strong, 16).await?;
+    c.subscribe_batched(dedup, 16).await?;
     let mut messages = Vec::new();
     let mut expected: Vec<Vec<String>> = vec![Vec::new(); 8];
     for i in 0..40 {
