@@ -321,92 +321,86 @@ async fn run_all(
                 restarts.push((round, r));
                 continue;
             }
-            let (committed_per_s, applied_per_s, cpu_us, stages_ms, paced_per_s, latency) =
-                if scenario == Scenario::Unary {
-                    let r = unary::run(
-                        &unary::Options {
-                            seconds,
-                            workers: args.workers,
-                            paced: args.paced,
-                        },
-                        &label,
-                    )
-                    .await
-                    .with_context(context)?;
-                    (
-                        r.calls_per_s,
-                        r.window_per_s,
-                        Some(r.cpu_us),
-                        None,
-                        r.paced_per_s,
-                        r.latency,
-                    )
-                } else if scenario == Scenario::Outbox {
-                    let r = outbox::run(
-                        &outbox::Options {
-                            seconds,
-                            clients: args.clients,
-                            relays: args.relays,
-                            batch: args.relay_batch,
-                            paced: args.paced,
-                            server: server()?,
-                        },
-                        &label,
-                    )
-                    .await
-                    .with_context(context)?;
-                    (
-                        r.committed_per_s,
-                        r.applied_per_s,
-                        None,
-                        None,
-                        r.paced_per_s,
-                        r.latency,
-                    )
-                } else {
-                    let tables = match scenario {
-                        Scenario::Txn => txn::Tables::Skipped,
-                        Scenario::TxnSqlite => txn::Tables::Sqlite,
-                        _ => txn::Tables::Postgres(server()?),
-                    };
-                    let coordinator_on = if scenario == Scenario::TxnPostgresStore {
-                        Some(server()?)
-                    } else {
-                        None
-                    };
-                    let r = txn::run(
-                        &txn::Options {
-                            seconds,
-                            workers: args.workers,
-                            paced: args.paced,
-                            batch: args.batch,
-                            tables,
-                            coordinator_on,
-                            dir: dir.join(format!("{round}-{}", scenario.name())),
-                        },
-                        &label,
-                    )
-                    .await
-                    .with_context(context)?;
-                    let stages = Some(r.stages_ms);
-                    (
-                        r.committed_per_s,
-                        r.applied_per_s,
-                        Some(r.cpu_us),
-                        stages,
-                        r.paced_per_s,
-                        r.latency,
-                    )
+            let row = if scenario == Scenario::Unary {
+                let r = unary::run(
+                    &unary::Options {
+                        seconds,
+                        workers: args.workers,
+                        paced: args.paced,
+                    },
+                    &label,
+                )
+                .await
+                .with_context(context)?;
+                Row {
+                    scenario,
+                    round,
+                    committed_per_s: r.calls_per_s,
+                    applied_per_s: r.window_per_s,
+                    cpu_us: Some(r.cpu_us),
+                    stages_ms: None,
+                    paced_per_s: r.paced_per_s,
+                    latency: r.latency,
+                }
+            } else if scenario == Scenario::Outbox {
+                let r = outbox::run(
+                    &outbox::Options {
+                        seconds,
+                        clients: args.clients,
+                        relays: args.relays,
+                        batch: args.relay_batch,
+                        paced: args.paced,
+                        server: server()?,
+                    },
+                    &label,
+                )
+                .await
+                .with_context(context)?;
+                Row {
+                    scenario,
+                    round,
+                    committed_per_s: r.committed_per_s,
+                    applied_per_s: r.applied_per_s,
+                    cpu_us: None,
+                    stages_ms: None,
+                    paced_per_s: r.paced_per_s,
+                    latency: r.latency,
+                }
+            } else {
+                let tables = match scenario {
+                    Scenario::Txn => txn::Tables::Skipped,
+                    Scenario::TxnSqlite => txn::Tables::Sqlite,
+                    _ => txn::Tables::Postgres(server()?),
                 };
-            let row = Row {
-                scenario,
-                round,
-                committed_per_s,
-                applied_per_s,
-                cpu_us,
-                stages_ms,
-                paced_per_s,
-                latency,
+                let coordinator_on = if scenario == Scenario::TxnPostgresStore {
+                    Some(server()?)
+                } else {
+                    None
+                };
+                let r = txn::run(
+                    &txn::Options {
+                        seconds,
+                        workers: args.workers,
+                        paced: args.paced,
+                        batch: args.batch,
+                        tables,
+                        coordinator_on,
+                        dir: dir.join(format!("{round}-{}", scenario.name())),
+                    },
+                    &label,
+                )
+                .await
+                .with_context(context)?;
+                Row {
+                    scenario,
+                    round,
+                    committed_per_s: r.committed_per_s,
+                    applied_per_s: r.applied_per_s,
+                    cpu_us: Some(r.cpu_us),
+                    stages_ms: Some(r.stages_ms),
+                    paced_per_s: r.paced_per_s,
+                    latency: r.latency,
+                }
             };
             rows.push(row);
         }

@@ -245,11 +245,14 @@ impl<L: Log + Clone> Transactions<L> {
                     .await?;
             }
         }
-        // Sorted once and built in bulk (`append` merges two sets in one
-        // pass; the schedule is empty here anyway).
-        let mut loaded = lock(&t.loading).take().unwrap_or_default();
-        loaded.sort_unstable();
-        lock(&t.due).append(&mut loaded.into_iter().collect());
+        // Built in bulk: collecting into a set sorts once, and `append`
+        // merges two sets in one pass (the schedule is empty here anyway).
+        let mut loaded: BTreeSet<(i64, String)> = lock(&t.loading)
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        lock(&t.due).append(&mut loaded);
         t.wake.notify_one();
         Ok(t)
     }

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
-
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
@@ -45,12 +44,19 @@ pub(crate) struct Batcher {
     gather: Gather<pb::transact_item::Kind, Answer>,
 }
 
-/// A call that outlived [`CALL_TIMEOUT`]: its items are sent again.
-fn no_answer() -> Status {
-    Status::unavailable(format!(
-        "the coordinator did not answer within {} s",
-        CALL_TIMEOUT.as_secs()
-    ))
+/// `call`, or UNAVAILABLE once it outlives [`CALL_TIMEOUT`] (its items
+/// are then sent again).
+async fn within<T>(
+    call: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Status::unavailable(format!(
+                "the coordinator did not answer within {} s",
+                CALL_TIMEOUT.as_secs()
+            )))
+        })
 }
 
 fn stopping() -> Status {
@@ -78,10 +84,7 @@ async fn send(
     if batch.len() == 1
         && let Some(p) = batch.pop()
     {
-        let answer = match tokio::time::timeout(CALL_TIMEOUT, unary(client, p.item)).await {
-            Ok(a) => a,
-            Err(_) => Err(no_answer()),
-        };
+        let answer = within(unary(client, p.item)).await;
         drop(permit);
         let _ = p.reply.send((index, answer));
         return;
@@ -91,13 +94,7 @@ async fn send(
         .map(|p| (pb::TransactItem { kind: Some(p.item) }, p.reply))
         .unzip();
     let n = items.len();
-    let answer =
-        match tokio::time::timeout(CALL_TIMEOUT, client.transact(pb::TransactRequest { items }))
-            .await
-        {
-            Ok(a) => a,
-            Err(_) => Err(no_answer()),
-        };
+    let answer = within(client.transact(pb::TransactRequest { items })).await;
     drop(permit);
     let results = match answer {
         Ok(r) if r.get_ref().results.len() == n => r.into_inner().results,
