@@ -100,6 +100,7 @@ pub struct Broker<L> {
     pub(crate) offsets: Arc<Offsets>,
     pub(crate) groups: Arc<Groups<L>>,
     pub(crate) txns: Arc<Transactions<L>>,
+    pub(crate) sagas: crate::saga::Sagas,
     pub(crate) recent: Arc<Recent>,
     sticky: Sticky,
     shutdown: watch::Sender<bool>,
@@ -115,6 +116,7 @@ impl<L: Log + Clone> Broker<L> {
         revoke_timeout: Duration,
         dedup_window: Duration,
         offsets_retention: Duration,
+        saga_retention: Duration,
         txn: TxnSettings,
     ) -> Result<Broker<L>> {
         let topics = Topics::open(data.clone(), internal.clone()).await?;
@@ -127,8 +129,15 @@ impl<L: Log + Clone> Broker<L> {
         recent.rebuild(&data, &known).await?;
         let offsets = Offsets::open(internal.clone()).await?;
         let schedule = txn.maintenance_schedule.clone();
-        let txns = Transactions::open(data.clone(), internal, txn).await?;
+        let txns = Transactions::open(data.clone(), internal.clone(), txn).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (sagas, driver) = crate::saga::Sagas::open(
+            internal,
+            txns.sessions.clone(),
+            saga_retention,
+            shutdown_rx.clone(),
+        )
+        .await?;
         let groups = Arc::new(Groups::new(
             data.clone(),
             offsets.clone(),
@@ -158,10 +167,11 @@ impl<L: Log + Clone> Broker<L> {
             offsets,
             groups,
             txns,
+            sagas,
             recent,
             sticky: Sticky::default(),
             shutdown,
-            tasks: Mutex::new(vec![checks, upkeep]),
+            tasks: Mutex::new(vec![checks, upkeep, driver]),
         })
     }
 

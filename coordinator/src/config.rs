@@ -61,6 +61,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("revoke_timeout_ms", Kind::Int),
     ("publish_dedup_window_ms", Kind::Int),
     ("offsets_retention_ms", Kind::Int),
+    ("saga_retention_ms", Kind::Int),
     ("log", Kind::Str),
     ("check_after_ms", Kind::Int),
     ("max_checks", Kind::Int),
@@ -94,6 +95,7 @@ struct Raw {
     revoke_timeout_ms: Option<u64>,
     publish_dedup_window_ms: Option<u64>,
     offsets_retention_ms: Option<u64>,
+    saga_retention_ms: Option<u64>,
     log: Option<String>,
     check_after_ms: Option<u64>,
     max_checks: Option<u32>,
@@ -224,6 +226,9 @@ pub struct Config {
     /// Committed offsets of a (group, topic) with no member and no commit
     /// for this long are forgotten (zero: kept for ever).
     pub offsets_retention: Duration,
+    /// A finished saga is remembered (GetSaga, ListSagas, an idempotent
+    /// StartSaga) this long.
+    pub saga_retention: Duration,
     /// Log filter (`tracing` env-filter syntax).
     pub log_filter: String,
     /// Transactional messages.
@@ -404,6 +409,13 @@ impl Raw {
         let maintenance_schedule = maint_s.parse().map_err(|e: tandem_storage::Error| {
             invalid("maintenance_schedule", &maint_s, &e.to_string())
         })?;
+        let saga_retention = ms(
+            "saga_retention_ms",
+            self.saga_retention_ms,
+            7 * 24 * 3_600_000,
+            1_000,
+            30 * 24 * 3_600_000,
+        )?;
         let txn = TxnSettings {
             check_after: ms("check_after_ms", self.check_after_ms, 6_000, 100, 3_600_000)?,
             max_checks,
@@ -528,6 +540,7 @@ impl Raw {
             offsets_retention: Duration::from_millis(
                 self.offsets_retention_ms.unwrap_or(7 * 24 * 3_600_000),
             ),
+            saga_retention,
             // sqlx's notices ("relation already exists, skipping" at every
             // start) are not worth an operator's attention.
             log_filter: self.log.unwrap_or_else(|| "info,sqlx=warn".into()),

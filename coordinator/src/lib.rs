@@ -17,6 +17,7 @@ mod group;
 mod offsets;
 mod partitioner;
 mod published;
+mod saga;
 mod server;
 mod service;
 mod session;

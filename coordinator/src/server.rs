@@ -86,6 +86,7 @@ async fn open_broker(
             config.revoke_timeout,
             config.publish_dedup_window,
             config.offsets_retention,
+            config.saga_retention,
             config.txn.clone(),
         )
         .await?,

@@ -645,6 +645,53 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         Ok(Response::new(self.broker()?.txns.stats()))
     }
 
+    async fn start_saga(
+        &self,
+        req: Request<pb::StartSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let req = req.into_inner();
+        check_id("saga_id", &req.saga_id)?;
+        check_id("service", &req.service)?;
+        let def = req
+            .definition
+            .ok_or_else(|| Error::invalid("definition", "is required"))?;
+        let def = crate::saga::definition_from_wire(def)?;
+        // Once sent, the start is the driver's: a caller going away does
+        // not cut it half way.
+        let sagas = self.broker()?.sagas.clone();
+        Ok(Response::new(
+            sagas.start(req.saga_id, req.service, def).await?,
+        ))
+    }
+
+    async fn get_saga(
+        &self,
+        req: Request<pb::GetSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let id = req.into_inner().saga_id;
+        check_id("saga_id", &id)?;
+        Ok(Response::new(self.broker()?.sagas.get(id).await?))
+    }
+
+    async fn list_sagas(
+        &self,
+        req: Request<pb::ListSagasRequest>,
+    ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let req = req.into_inner();
+        let status = crate::saga::status_from_wire(req.status)?;
+        let limit = match req.limit as usize {
+            0 => crate::saga::MAX_LIST,
+            n if n > crate::saga::MAX_LIST => {
+                return Err(
+                    Error::invalid("limit", format!("at most {}", crate::saga::MAX_LIST)).into(),
+                );
+            }
+            n => n,
+        };
+        let sagas = self.broker()?.sagas.list(status, limit).await?;
+        Ok(Response::new(pb::ListSagasResponse { sagas }))
+    }
+
     type SessionStream = SessionStream;
 
     async fn session(
@@ -681,6 +728,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                     r = tokio::time::timeout(SIDECAR_SESSION_TIMEOUT, stream.message()) => match r {
                         Ok(Ok(Some(pb::SessionRequest { kind: Some(pb::session_request::Kind::CheckResult(c)) }))) => {
                             sessions.answer(&hello.service, c);
+                        }
+                        Ok(Ok(Some(pb::SessionRequest { kind: Some(pb::session_request::Kind::BranchResult(r)) }))) => {
+                            sessions.branch_answer(&hello.service, r);
                         }
                         Ok(Ok(Some(_))) => {}
                         Ok(Ok(None)) => break "closed by the sidecar".to_owned(),

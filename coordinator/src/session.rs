@@ -8,6 +8,11 @@
 //! counts only if it names the transaction that was asked about and comes
 //! from a session of that transaction's service. Sending never waits
 //! longer than the check's timeout for room in a session's queue.
+//!
+//! Saga branch calls travel down the sessions of the branch's service in
+//! turn; a call waits (within its timeout) for a session of that service
+//! to be live, so a participant whose sidecar is reconnecting, or a
+//! coordinator that just started, does not fail it at once.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -27,9 +32,15 @@ struct Entry {
 }
 
 struct Pending {
-    txn_id: String,
+    /// The transaction or saga asked about.
+    about: String,
     service: String,
-    reply: oneshot::Sender<pb::LocalState>,
+    reply: Reply,
+}
+
+enum Reply {
+    Check(oneshot::Sender<pb::LocalState>),
+    Branch(oneshot::Sender<pb::BranchResult>),
 }
 
 /// Live sessions by service, and check-backs awaiting an answer.
@@ -104,9 +115,9 @@ impl Sessions {
         lock(&self.pending).insert(
             check_id,
             Pending {
-                txn_id: req.txn_id.clone(),
+                about: req.txn_id.clone(),
                 service: service.to_owned(),
-                reply,
+                reply: Reply::Check(reply),
             },
         );
         let msg = pb::SessionResponse {
@@ -127,16 +138,91 @@ impl Sessions {
     /// not match the question.
     pub(crate) fn answer(&self, service: &str, result: pb::CheckResult) {
         let mut pending = lock(&self.pending);
-        let matches = pending
-            .get(&result.check_id)
-            .is_some_and(|p| p.txn_id == result.txn_id && p.service == service);
+        let matches = pending.get(&result.check_id).is_some_and(|p| {
+            p.about == result.txn_id && p.service == service && matches!(p.reply, Reply::Check(_))
+        });
         if !matches {
             tracing::warn!(service, check_id = result.check_id, txn = %result.txn_id, "check-back answer does not match a question: ignored");
             return;
         }
-        if let Some(p) = pending.remove(&result.check_id) {
+        if let Some(Pending {
+            reply: Reply::Check(reply),
+            ..
+        }) = pending.remove(&result.check_id)
+        {
             let state = pb::LocalState::try_from(result.state).unwrap_or(pb::LocalState::Unknown);
-            let _ = p.reply.send(state);
+            let _ = reply.send(state);
+        }
+    }
+
+    /// Asks a live session of `service` to run a saga branch operation;
+    /// waits up to `timeout` for a session to be live and for its answer.
+    pub(crate) async fn branch(
+        &self,
+        service: &str,
+        mut req: pb::BranchCall,
+        timeout: Duration,
+    ) -> Option<pb::BranchResult> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let tx = loop {
+            let live = {
+                let services = lock(&self.services);
+                services.get(service).filter(|v| !v.is_empty()).map(|v| {
+                    v[self.turn.fetch_add(1, Ordering::Relaxed) % v.len()]
+                        .tx
+                        .clone()
+                })
+            };
+            if let Some(tx) = live {
+                break tx;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let call_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        req.call_id = call_id;
+        let (reply, rx) = oneshot::channel();
+        lock(&self.pending).insert(
+            call_id,
+            Pending {
+                about: req.saga_id.clone(),
+                service: service.to_owned(),
+                reply: Reply::Branch(reply),
+            },
+        );
+        let msg = pb::SessionResponse {
+            kind: Some(pb::session_response::Kind::Branch(req)),
+        };
+        let answer = match tokio::time::timeout_at(deadline, tx.send(Ok(msg))).await {
+            Ok(Ok(())) => tokio::time::timeout_at(deadline, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            _ => None,
+        };
+        lock(&self.pending).remove(&call_id);
+        answer
+    }
+
+    /// Takes a branch's answer from a session of `service`; ignores answers
+    /// that do not match the call.
+    pub(crate) fn branch_answer(&self, service: &str, result: pb::BranchResult) {
+        let mut pending = lock(&self.pending);
+        let matches = pending.get(&result.call_id).is_some_and(|p| {
+            p.about == result.saga_id && p.service == service && matches!(p.reply, Reply::Branch(_))
+        });
+        if !matches {
+            tracing::warn!(service, call_id = result.call_id, saga = %result.saga_id, "branch answer does not match a call: ignored");
+            return;
+        }
+        if let Some(Pending {
+            reply: Reply::Branch(reply),
+            ..
+        }) = pending.remove(&result.call_id)
+        {
+            let _ = reply.send(result);
         }
     }
 }

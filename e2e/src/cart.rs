@@ -170,6 +170,24 @@ impl App for CartService {
         Ok(Response::new(app_pb::HandleMessageResponse {}))
     }
 
+    async fn execute_branch(
+        &self,
+        _: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Err(Status::unimplemented(
+            "the cart service takes part in no saga",
+        ))
+    }
+
+    async fn compensate_branch(
+        &self,
+        _: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Err(Status::unimplemented(
+            "the cart service takes part in no saga",
+        ))
+    }
+
     async fn handle_messages(
         &self,
         _: Request<app_pb::HandleMessagesRequest>,

@@ -31,6 +31,10 @@
 //! one transaction. The `test.handle` header
 //! ([`HANDLE_HEADER`]) asks for other behaviours: slow, failing with a given
 //! status for the first calls, crashing.
+//!
+//! Saga branches (`ExecuteBranch`, `CompensateBranch`) keep the branch
+//! barrier in their transaction and write `ledger(saga_id, branch, op)`;
+//! the branch's payload tells them how to misbehave (see [`directive`]).
 
 use sqlx::sqlite::SqlitePool;
 use std::future::Future;
@@ -159,8 +163,124 @@ impl TestApp {
     }
 }
 
+/// What a saga branch's payload tells the test app to do, as
+/// comma-separated directives: `fail` (the action answers a business
+/// failure), `action-slow=MS` (the action's first call waits before its transaction),
+/// `action-raise=N` / `comp-raise=N` (the action / compensation fails with
+/// UNKNOWN on its first N calls), `action-crash` (abort the process on the
+/// action's first call, before its effect).
+fn directive(payload: &[u8], name: &str) -> Option<String> {
+    String::from_utf8_lossy(payload)
+        .split(',')
+        .find_map(|d| match d.split_once('=') {
+            Some((k, v)) if k == name => Some(v.to_owned()),
+            None if d == name => Some(String::new()),
+            _ => None,
+        })
+}
+
+impl TestApp {
+    /// A branch operation, the barrier way: every call is recorded in
+    /// `branch_calls`; the effect is a `ledger` row (no unique key, so a
+    /// doubled effect would show) written in one transaction with the
+    /// operation's `tandem_barrier` row, and skipped when that row exists.
+    async fn branch(
+        &self,
+        req: app_pb::BranchRequest,
+        op: &str,
+    ) -> Result<app_pb::BranchResponse, Status> {
+        sqlx::query(
+            "INSERT INTO branch_calls (saga_id, branch, op, attempt) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&req.saga_id)
+        .bind(&req.branch)
+        .bind(op)
+        .bind(req.attempt as i64)
+        .execute(&self.db)
+        .await
+        .map_err(internal)?;
+        let calls: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM branch_calls WHERE saga_id = $1 AND branch = $2 AND op = $3",
+        )
+        .bind(&req.saga_id)
+        .bind(&req.branch)
+        .bind(op)
+        .fetch_one(&self.db)
+        .await
+        .map_err(internal)?;
+        let prefix = if op == "action" { "action" } else { "comp" };
+        let raise = directive(&req.payload, &format!("{prefix}-raise"));
+        if raise.is_some_and(|n| calls <= n.parse::<i64>().unwrap_or(1)) {
+            return Err(Status::unknown(format!(
+                "test app raises on {op} call {calls}"
+            )));
+        }
+        if op == "action" {
+            if directive(&req.payload, "action-crash").is_some() && calls <= 1 {
+                eprintln!(
+                    "test app: crashing in the action of {}/{}",
+                    req.saga_id, req.branch
+                );
+                std::process::abort();
+            }
+            if let Some(ms) = directive(&req.payload, "action-slow").filter(|_| calls <= 1) {
+                let ms = ms.parse().unwrap_or(1000);
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            }
+            if directive(&req.payload, "fail").is_some() {
+                return Ok(app_pb::BranchResponse {
+                    failed: true,
+                    reason: "declined by the test app".into(),
+                });
+            }
+        }
+        let mut tx = self.db.begin().await.map_err(internal)?;
+        let fresh = sqlx::query(
+            "INSERT INTO tandem_barrier (saga_id, branch, op, origin) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&req.saga_id)
+        .bind(&req.branch)
+        .bind(op)
+        .execute(&mut *tx)
+        .await
+        .map_err(internal)?
+        .rows_affected()
+            == 1;
+        if fresh {
+            sqlx::query("INSERT INTO ledger (saga_id, branch, op) VALUES ($1, $2, $3)")
+                .bind(&req.saga_id)
+                .bind(&req.branch)
+                .bind(op)
+                .execute(&mut *tx)
+                .await
+                .map_err(internal)?;
+        }
+        tx.commit().await.map_err(internal)?;
+        Ok(app_pb::BranchResponse::default())
+    }
+}
+
 #[tonic::async_trait]
 impl App for TestApp {
+    async fn execute_branch(
+        &self,
+        req: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Ok(Response::new(
+            self.branch(req.into_inner(), "action").await?,
+        ))
+    }
+
+    async fn compensate_branch(
+        &self,
+        req: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Ok(Response::new(
+            self.branch(req.into_inner(), "compensation").await?,
+        ))
+    }
+
     async fn execute_local_transaction(
         &self,
         req: Request<app_pb::ExecuteLocalTransactionRequest>,
@@ -383,7 +503,9 @@ pub async fn run(
         "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL, batch INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS executions (seq INTEGER PRIMARY KEY AUTOINCREMENT, txn_id TEXT NOT NULL);",
+         CREATE TABLE IF NOT EXISTS executions (seq INTEGER PRIMARY KEY AUTOINCREMENT, txn_id TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS branch_calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, saga_id TEXT NOT NULL, branch TEXT NOT NULL, op TEXT NOT NULL, attempt INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS ledger (seq INTEGER PRIMARY KEY AUTOINCREMENT, saga_id TEXT NOT NULL, branch TEXT NOT NULL, op TEXT NOT NULL);",
     )
     .execute(&pool)
     .await?;

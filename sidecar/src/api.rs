@@ -275,6 +275,41 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         }
     }
 
+    async fn start_saga(
+        &self,
+        req: Request<pb::StartSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let mut req = req.into_inner();
+        // A saga is started on behalf of this service, whatever was sent.
+        req.service = self.node.config.service.clone();
+        Ok(Response::new(
+            self.node
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.start_saga(req).await }
+                })
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    async fn get_saga(
+        &self,
+        req: Request<pb::GetSagaRequest>,
+    ) -> Result<Response<pb::Saga>, Status> {
+        let req = req.into_inner();
+        tandem_coordinator::check_id("saga_id", &req.saga_id).map_err(Status::from)?;
+        Ok(Response::new(
+            self.node
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.get_saga(req).await }
+                })
+                .await?
+                .into_inner(),
+        ))
+    }
+
     async fn get_transaction(
         &self,
         req: Request<pb::GetTransactionRequest>,

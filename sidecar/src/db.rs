@@ -1,5 +1,6 @@
 //! The sidecar's tables in the application's own database: `tandem_txn`
-//! (table mode), `tandem_inbox` (dedup) and `tandem_subscription`. SQLite
+//! (table mode), `tandem_inbox` (dedup), `tandem_barrier` (saga branches)
+//! and `tandem_subscription`. SQLite
 //! (the default; WAL mode and a busy timeout, so the app and the sidecar can
 //! share the file) or PostgreSQL; the same SQL runs on both (`$n`
 //! placeholders, `ON CONFLICT DO NOTHING`). Tables come from migrations
@@ -419,6 +420,10 @@ impl Db {
                         "claims",
                         include_str!("../migrations/sqlite/0003_claims.sql"),
                     ),
+                    (
+                        "saga barrier",
+                        include_str!("../migrations/sqlite/0004_barrier.sql"),
+                    ),
                 ])
                 .run(p)
                 .await
@@ -436,6 +441,10 @@ impl Db {
                     (
                         "claims",
                         include_str!("../migrations/postgres/0003_claims.sql"),
+                    ),
+                    (
+                        "saga barrier",
+                        include_str!("../migrations/postgres/0004_barrier.sql"),
                     ),
                 ])
                 .run(p)
@@ -550,8 +559,72 @@ impl Db {
         self.dedup_batch(rows, &[]).await.map(drop)
     }
 
-    /// Deletes dedup rows and rollback markers older than `before_ms`, and
-    /// claims expired at `now_ms`; returns the rows deleted.
+    /// The origin of barrier row (`saga_id`, `branch`, `op`), if it is
+    /// there: `"action"` or `"compensation"`.
+    pub async fn barrier_origin(
+        &self,
+        saga_id: &str,
+        branch: &str,
+        op: &str,
+    ) -> Result<Option<String>> {
+        let row = on_db!(self, |p| sqlx::query(
+            "SELECT origin FROM tandem_barrier WHERE saga_id = $1 AND branch = $2 AND op = $3"
+        )
+        .bind(saga_id)
+        .bind(branch)
+        .bind(op)
+        .fetch_optional(p)
+        .await
+        .map_err(db_err("read tandem_barrier"))?
+        .map(|r| r.try_get::<String, _>(0)));
+        row.transpose().map_err(db_err("read tandem_barrier"))
+    }
+
+    /// Records the compensation of a branch whose action never committed:
+    /// inserts the action's row with origin `compensation` (so a late
+    /// action conflicts and is refused) and the compensation's row. True if
+    /// the action had not committed (nothing to undo, both rows now there);
+    /// false if the action's own row is there (the app must undo it).
+    pub async fn barrier_null_compensation(&self, saga_id: &str, branch: &str) -> Result<bool> {
+        const MARK: &str = "INSERT INTO tandem_barrier (saga_id, branch, op, origin) \
+             VALUES ($1, $2, $3, 'compensation') ON CONFLICT DO NOTHING";
+        let null = on_db!(self, |p| {
+            let mut tx = p.begin().await.map_err(db_err("write tandem_barrier"))?;
+            sqlx::query(MARK)
+                .bind(saga_id)
+                .bind(branch)
+                .bind("action")
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err("write tandem_barrier"))?;
+            let origin: String = sqlx::query(
+                "SELECT origin FROM tandem_barrier WHERE saga_id = $1 AND branch = $2 AND op = 'action'",
+            )
+            .bind(saga_id)
+            .bind(branch)
+            .fetch_one(&mut *tx)
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(db_err("read tandem_barrier"))?;
+            let null = origin == "compensation";
+            if null {
+                sqlx::query(MARK)
+                    .bind(saga_id)
+                    .bind(branch)
+                    .bind("compensation")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db_err("write tandem_barrier"))?;
+            }
+            tx.commit().await.map_err(db_err("write tandem_barrier"))?;
+            null
+        });
+        Ok(null)
+    }
+
+    /// Deletes dedup rows, rollback markers and barrier rows older than
+    /// `before_ms`, and claims expired at `now_ms`; returns the rows
+    /// deleted.
     pub async fn cleanup(&self, before_ms: i64, now_ms: i64) -> Result<u64> {
         let claims = on_db!(self, |p| sqlx::query(
             "DELETE FROM tandem_claim WHERE expires_at < $1"
@@ -577,7 +650,15 @@ impl Db {
         .await
         .map_err(db_err("clean tandem_txn"))?
         .rows_affected());
-        Ok(inbox + txn + claims)
+        let barrier = on_db!(self, |p| sqlx::query(
+            "DELETE FROM tandem_barrier WHERE created_at < $1"
+        )
+        .bind(before_ms)
+        .execute(p)
+        .await
+        .map_err(db_err("clean tandem_barrier"))?
+        .rows_affected());
+        Ok(inbox + txn + claims + barrier)
     }
 
     /// Saves a subscription (replacing one on the same topic and group).
@@ -778,6 +859,64 @@ mod tests {
             Taken,
             "claimed above"
         );
+        barrier(db).await
+    }
+
+    async fn barrier(db: &Db) -> Result<()> {
+        assert_eq!(db.barrier_origin("s", "b", "action").await?, None);
+        // The action committed: its compensation is the app's to run.
+        let done = on_db!(db, |p| {
+            sqlx::query(
+            "INSERT INTO tandem_barrier (saga_id, branch, op, origin) VALUES ('s', 'b', 'action', 'action') \
+             ON CONFLICT DO NOTHING"
+        )
+        .execute(p)
+        .await
+        .map_err(db_err("insert"))?
+        .rows_affected()
+        });
+        assert_eq!(done, 1);
+        assert_eq!(
+            db.barrier_origin("s", "b", "action").await?.as_deref(),
+            Some("action")
+        );
+        assert!(!db.barrier_null_compensation("s", "b").await?);
+        assert_eq!(db.barrier_origin("s", "b", "compensation").await?, None);
+        // Another branch's action never committed: a null compensation,
+        // after which the late action's own insert conflicts.
+        assert!(db.barrier_null_compensation("s", "late").await?);
+        assert!(
+            db.barrier_null_compensation("s", "late").await?,
+            "repeatable"
+        );
+        assert_eq!(
+            db.barrier_origin("s", "late", "action").await?.as_deref(),
+            Some("compensation")
+        );
+        assert_eq!(
+            db.barrier_origin("s", "late", "compensation")
+                .await?
+                .as_deref(),
+            Some("compensation")
+        );
+        let late = on_db!(db, |p| {
+            sqlx::query(
+            "INSERT INTO tandem_barrier (saga_id, branch, op, origin) VALUES ('s', 'late', 'action', 'action') \
+             ON CONFLICT DO NOTHING"
+        )
+        .execute(p)
+        .await
+        .map_err(db_err("insert"))?
+        .rows_affected()
+        });
+        assert_eq!(late, 0, "the hanging action's insert conflicts");
+        assert_eq!(db.cleanup(0, 0).await?, 0, "nothing old yet");
+        assert!(
+            db.cleanup(i64::MAX, 0).await? >= 3,
+            "barrier rows and the rest"
+        );
+        assert_eq!(db.barrier_origin("s", "late", "action").await?, None);
+        assert_eq!(db.barrier_origin("s", "b", "action").await?, None);
         Ok(())
     }
 

@@ -11,6 +11,7 @@
 //! the app's rows.
 
 mod api;
+mod barrier;
 mod check;
 mod config;
 mod coordinators;

@@ -1,6 +1,6 @@
 //! The sidecar's one long-lived session stream to the coordinator. It says
-//! which service this is, heartbeats, and answers the check-backs that come
-//! down it; when the stream breaks it reconnects with backoff, so check-back
+//! which service this is, heartbeats, and answers the check-backs and saga
+//! branch calls that come down it; when the stream breaks it reconnects with backoff, so check-back
 //! keeps working across coordinator and sidecar restarts.
 
 use std::sync::Arc;
@@ -86,6 +86,20 @@ async fn session(
                             state: state as i32,
                         };
                         let _ = tx.send(request(pb::session_request::Kind::CheckResult(result))).await;
+                    });
+                }
+                Some(pb::SessionResponse { kind: Some(pb::session_response::Kind::Branch(call)) }) => {
+                    let (node, tx) = (node.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        let (outcome, reason) = node.run_branch(&call).await;
+                        tracing::debug!(saga = %call.saga_id, branch = %call.branch, op = call.op, attempt = call.attempt, ?outcome, %reason, "answering a branch call");
+                        let result = pb::BranchResult {
+                            call_id: call.call_id,
+                            saga_id: call.saga_id,
+                            outcome: outcome as i32,
+                            reason,
+                        };
+                        let _ = tx.send(request(pb::session_request::Kind::BranchResult(result))).await;
                     });
                 }
                 Some(_) => {}

@@ -225,6 +225,24 @@ impl App for Consumer {
         Ok(Response::new(app_pb::HandleMessageResponse {}))
     }
 
+    async fn execute_branch(
+        &self,
+        _: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Err(Status::unimplemented(
+            "the transaction bench app takes part in no saga",
+        ))
+    }
+
+    async fn compensate_branch(
+        &self,
+        _: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Err(Status::unimplemented(
+            "the transaction bench app takes part in no saga",
+        ))
+    }
+
     async fn handle_messages(
         &self,
         req: Request<app_pb::HandleMessagesRequest>,

@@ -71,6 +71,24 @@ impl App for Echo {
         Ok(Response::new(app_pb::HandleMessageResponse {}))
     }
 
+    async fn execute_branch(
+        &self,
+        _: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Err(Status::unimplemented(
+            "the unary bench app takes part in no saga",
+        ))
+    }
+
+    async fn compensate_branch(
+        &self,
+        _: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Err(Status::unimplemented(
+            "the unary bench app takes part in no saga",
+        ))
+    }
+
     async fn handle_messages(
         &self,
         _: Request<app_pb::HandleMessagesRequest>,

@@ -1,0 +1,644 @@
+//! The saga driver: the async shell around the pure state machine of
+//! `tandem-sagas`. One task owns every saga; starts, answers and reads come
+//! to it over a channel, time wakes it at the earliest deadline.
+//!
+//! Durability: a saga's whole state (its definition, who started it and its
+//! progress) is upserted in the internal log `__saga_state` under its id
+//! after every change, and the changes of everything handled at once are
+//! appended together (one group commit) before any call they lead to goes
+//! out and before a start is acknowledged. So a call number is durable
+//! before its call, an acknowledged start survives a crash, and start-up
+//! rebuilds every saga from the latest record of each id, repeating the
+//! calls that were out. A finished saga is remembered `saga_retention`
+//! after it ended, then forgotten (a tombstone).
+//!
+//! Branch calls go down a session of the branch's service (see
+//! `session.rs`) and their answers come back here as events; a call whose
+//! answer does not come within its timeout counts as unknown.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tandem_proto::coordinator as pb;
+use tandem_sagas::{
+    BranchDef, Effect, Event, Op, OpRecord, OpStatus, Outcome, Saga, SagaDef, SagaRecord,
+    SagaStatus,
+};
+use tandem_storage::{Log, Record};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinSet;
+
+use crate::error::{Error, Result};
+use crate::session::Sessions;
+use crate::statelog::{StateLog, now_ms, upsert};
+
+/// The internal log holding the sagas.
+const LOG: &str = "__saga_state";
+/// Records appended between two compactions of the log.
+const COMPACT_EVERY: u64 = 10_000;
+/// Most sagas one ListSagas answers with.
+pub(crate) const MAX_LIST: usize = 1000;
+
+/// A saga as stored: everything needed to rebuild it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredSaga {
+    #[prost(string, tag = "1")]
+    service: String,
+    #[prost(message, optional, tag = "2")]
+    definition: Option<SagaDef>,
+    #[prost(message, optional, tag = "3")]
+    progress: Option<SagaRecord>,
+}
+
+enum Command {
+    Start {
+        id: String,
+        service: String,
+        def: SagaDef,
+        reply: oneshot::Sender<Result<pb::Saga>>,
+    },
+    Answer {
+        id: String,
+        branch: u32,
+        op: Op,
+        call: u32,
+        outcome: Outcome,
+    },
+    Get {
+        id: String,
+        reply: oneshot::Sender<Result<pb::Saga>>,
+    },
+    List {
+        status: Option<SagaStatus>,
+        limit: usize,
+        reply: oneshot::Sender<Vec<pb::Saga>>,
+    },
+}
+
+/// The handle the gRPC service uses.
+#[derive(Clone)]
+pub(crate) struct Sagas {
+    tx: mpsc::Sender<Command>,
+}
+
+struct Entry {
+    service: String,
+    saga: Saga,
+    /// Its key in `Driver::due`, if it waits on time.
+    due: Option<i64>,
+}
+
+struct Driver<L> {
+    log: StateLog<L>,
+    sagas: HashMap<String, Entry>,
+    due: BTreeSet<(i64, String)>,
+    finished: BTreeSet<(i64, String)>,
+    retention: i64,
+    sessions: Arc<Sessions>,
+    tx: mpsc::Sender<Command>,
+    calls: JoinSet<()>,
+}
+
+/// What handling a batch of commands produced, performed once it is saved.
+#[derive(Default)]
+struct Work {
+    records: Vec<Record>,
+    calls: Vec<(String, tandem_sagas::Call)>,
+    replies: Vec<(oneshot::Sender<Result<pb::Saga>>, String)>,
+}
+
+impl Sagas {
+    /// Opens `__saga_state` in `internal`, rebuilds the sagas and starts the
+    /// driver; it stops when `shutdown` turns true.
+    pub(crate) async fn open<L: Log + Clone>(
+        internal: L,
+        sessions: Arc<Sessions>,
+        retention: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(Sagas, tokio::task::JoinHandle<()>)> {
+        let (log, records) = StateLog::open(internal, LOG, COMPACT_EVERY).await?;
+        let mut latest: HashMap<Vec<u8>, (u64, bytes::Bytes)> = HashMap::new();
+        for r in records {
+            let key = r.record.key.clone().unwrap_or_default().to_vec();
+            if r.record.value.is_empty() {
+                latest.remove(&key);
+            } else {
+                latest.insert(key, (r.offset, r.record.value));
+            }
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let mut driver = Driver {
+            log,
+            sagas: HashMap::with_capacity(latest.len()),
+            due: BTreeSet::new(),
+            finished: BTreeSet::new(),
+            retention: i64::try_from(retention.as_millis()).unwrap_or(i64::MAX),
+            sessions,
+            tx: tx.clone(),
+            calls: JoinSet::new(),
+        };
+        let now = now_ms();
+        let mut work = Work::default();
+        for (key, (offset, value)) in latest {
+            let id = String::from_utf8_lossy(&key).into_owned();
+            let corrupt = |reason: String| Error::CorruptState {
+                log: LOG,
+                offset,
+                reason: format!("saga {id:?}: {reason}"),
+            };
+            let stored = <StoredSaga as prost::Message>::decode(value)
+                .map_err(|e| corrupt(e.to_string()))?;
+            let (Some(def), Some(progress)) = (stored.definition, stored.progress) else {
+                return Err(corrupt("definition or progress missing".into()));
+            };
+            let saga = Saga::restore(def, progress).map_err(|e| corrupt(e.to_string()))?;
+            driver.insert(id.clone(), stored.service, saga);
+            let effects = driver.apply(&id, Event::Recover, now);
+            driver.take(&id, effects, &mut work);
+        }
+        if !work.records.is_empty() {
+            tracing::info!(
+                open = work.records.len(),
+                "sagas restored: repeating the calls that were out"
+            );
+        }
+        driver.save(&mut work).await?;
+        driver.perform(work);
+        let task = tokio::spawn(driver.run(rx, shutdown));
+        Ok((Sagas { tx }, task))
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        rx.await.map_err(|_| Error::ShuttingDown)
+    }
+
+    /// Starts saga `id` for `service` (see the module doc); answers once it
+    /// is durable.
+    pub(crate) async fn start(
+        &self,
+        id: String,
+        service: String,
+        def: SagaDef,
+    ) -> Result<pb::Saga> {
+        self.ask(|reply| Command::Start {
+            id,
+            service,
+            def,
+            reply,
+        })
+        .await?
+    }
+
+    /// Saga `id`, or NOT_FOUND.
+    pub(crate) async fn get(&self, id: String) -> Result<pb::Saga> {
+        self.ask(|reply| Command::Get { id, reply }).await?
+    }
+
+    /// Up to `limit` sagas, newest first.
+    pub(crate) async fn list(
+        &self,
+        status: Option<SagaStatus>,
+        limit: usize,
+    ) -> Result<Vec<pb::Saga>> {
+        self.ask(|reply| Command::List {
+            status,
+            limit,
+            reply,
+        })
+        .await
+    }
+}
+
+impl<L: Log + Clone> Driver<L> {
+    async fn run(mut self, mut rx: mpsc::Receiver<Command>, mut shutdown: watch::Receiver<bool>) {
+        let mut batch = Vec::new();
+        loop {
+            let wake = self.due.first().map(|(t, _)| *t);
+            let sleep = async {
+                match wake {
+                    Some(t) => {
+                        let ms = u64::try_from(t.saturating_sub(now_ms())).unwrap_or(0);
+                        tokio::time::sleep(Duration::from_millis(ms)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                n = rx.recv_many(&mut batch, 256) => if n == 0 { return },
+                () = sleep => {}
+                Some(_) = self.calls.join_next(), if !self.calls.is_empty() => continue,
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let now = now_ms();
+            let mut work = Work::default();
+            for cmd in batch.drain(..) {
+                self.handle(cmd, now, &mut work);
+            }
+            self.tick(now, &mut work);
+            if let Err(e) = self.save(&mut work).await {
+                // The log refuses writes from now on: stop driving (the
+                // process stops serving on the log's failure signal).
+                tracing::error!(error = %e, "cannot save sagas: the saga driver stops");
+                for (reply, _) in work.replies {
+                    let _ = reply.send(Err(Error::StorageFailed(e.to_string())));
+                }
+                return;
+            }
+            self.perform(work);
+            if self.log.wants_compaction() {
+                let live = self.sagas.keys().map(|id| self.record(id)).collect();
+                if let Err(e) = self.log.compact(live).await {
+                    tracing::error!(error = %e, "cannot compact {LOG}: the saga driver stops");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command, now: i64, work: &mut Work) {
+        match cmd {
+            Command::Start {
+                id,
+                service,
+                def,
+                reply,
+            } => {
+                if let Some(e) = self.sagas.get(&id) {
+                    if e.saga.definition() == &def && e.service == service {
+                        work.replies.push((reply, id));
+                    } else {
+                        let _ = reply.send(Err(Error::AlreadyExists {
+                            what: "saga (with another definition or service)",
+                            name: id,
+                        }));
+                    }
+                    return;
+                }
+                match Saga::start(&id, def, now) {
+                    Ok((saga, effects)) => {
+                        self.insert(id.clone(), service, saga);
+                        self.take(&id, effects, work);
+                        work.replies.push((reply, id));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(definition_error(e)));
+                    }
+                }
+            }
+            Command::Answer {
+                id,
+                branch,
+                op,
+                call,
+                outcome,
+            } => {
+                let event = Event::Answer {
+                    branch,
+                    op,
+                    call,
+                    outcome,
+                };
+                let effects = self.apply(&id, event, now);
+                self.take(&id, effects, work);
+            }
+            Command::Get { id, reply } => match self.sagas.contains_key(&id) {
+                true => work.replies.push((reply, id)),
+                false => {
+                    let _ = reply.send(Err(Error::NotFound {
+                        what: "saga",
+                        name: id,
+                    }));
+                }
+            },
+            Command::List {
+                status,
+                limit,
+                reply,
+            } => {
+                let mut all: Vec<&Entry> = self
+                    .sagas
+                    .values()
+                    .filter(|e| status.is_none_or(|s| e.saga.status() == s))
+                    .collect();
+                all.sort_by(|a, b| {
+                    let key = |e: &Entry| (e.saga.record().started_ms, e.saga.record().id.clone());
+                    key(b).cmp(&key(a))
+                });
+                let list = all
+                    .into_iter()
+                    .take(limit)
+                    .map(|e| to_wire(&e.service, &e.saga, false))
+                    .collect();
+                let _ = reply.send(list);
+            }
+        }
+    }
+
+    /// Fires what is due and forgets sagas finished longer ago than the
+    /// retention.
+    fn tick(&mut self, now: i64, work: &mut Work) {
+        while let Some((t, id)) = self.due.first().cloned() {
+            if t > now {
+                break;
+            }
+            self.due.remove(&(t, id.clone()));
+            if let Some(e) = self.sagas.get_mut(&id) {
+                e.due = None;
+            }
+            let effects = self.apply(&id, Event::Tick, now);
+            self.take(&id, effects, work);
+        }
+        while let Some((t, id)) = self.finished.first().cloned() {
+            if t.saturating_add(self.retention) > now {
+                break;
+            }
+            self.finished.remove(&(t, id.clone()));
+            self.sagas.remove(&id);
+            work.records.push(upsert(id.into_bytes(), Vec::new()));
+        }
+    }
+
+    fn insert(&mut self, id: String, service: String, saga: Saga) {
+        if saga.is_finished() {
+            self.finished
+                .insert((saga.record().finished_ms, id.clone()));
+        }
+        self.sagas.insert(
+            id.clone(),
+            Entry {
+                service,
+                saga,
+                due: None,
+            },
+        );
+        self.reschedule(&id);
+    }
+
+    fn apply(&mut self, id: &str, event: Event, now: i64) -> Vec<Effect> {
+        let Some(e) = self.sagas.get_mut(id) else {
+            return Vec::new(); // forgotten meanwhile: a late answer
+        };
+        let effects = e.saga.apply(event, now);
+        self.reschedule(id);
+        effects
+    }
+
+    fn reschedule(&mut self, id: &str) {
+        let Some(e) = self.sagas.get_mut(id) else {
+            return;
+        };
+        let next = e.saga.next_deadline();
+        if next != e.due {
+            if let Some(old) = e.due {
+                self.due.remove(&(old, id.to_owned()));
+            }
+            if let Some(t) = next {
+                self.due.insert((t, id.to_owned()));
+            }
+            e.due = next;
+        }
+    }
+
+    fn take(&mut self, id: &str, effects: Vec<Effect>, work: &mut Work) {
+        for effect in effects {
+            match effect {
+                Effect::Save(_) => work.records.push(self.record(id)),
+                Effect::Call(c) => work.calls.push((id.to_owned(), c)),
+                Effect::Finish(status) => {
+                    let finished_ms = self.sagas[id].saga.record().finished_ms;
+                    self.finished.insert((finished_ms, id.to_owned()));
+                    tracing::info!(saga = id, ?status, "saga finished");
+                }
+            }
+        }
+    }
+
+    fn record(&self, id: &str) -> Record {
+        let e = &self.sagas[id];
+        let stored = StoredSaga {
+            service: e.service.clone(),
+            definition: Some(e.saga.definition().clone()),
+            progress: Some(e.saga.record().clone()),
+        };
+        upsert(
+            id.as_bytes().to_vec(),
+            prost::Message::encode_to_vec(&stored),
+        )
+    }
+
+    async fn save(&mut self, work: &mut Work) -> Result<()> {
+        let records = std::mem::take(&mut work.records);
+        self.log.append(records).await?;
+        Ok(())
+    }
+
+    /// Sends the calls and the answers of a batch that is saved.
+    fn perform(&mut self, work: Work) {
+        for (reply, id) in work.replies {
+            let answer = match self.sagas.get(&id) {
+                Some(e) => Ok(to_wire(&e.service, &e.saga, true)),
+                None => Err(Error::NotFound {
+                    what: "saga",
+                    name: id,
+                }),
+            };
+            let _ = reply.send(answer);
+        }
+        for (id, c) in work.calls {
+            let Some(e) = self.sagas.get(&id) else {
+                continue;
+            };
+            let b = &e.saga.definition().branches[c.branch as usize];
+            let operation = match c.op {
+                Op::Action => b.action.clone(),
+                Op::Compensation => b.compensation.clone(),
+            };
+            let timeout_ms = u64::try_from(c.deadline_ms.saturating_sub(now_ms())).unwrap_or(0);
+            let req = pb::BranchCall {
+                call_id: 0,
+                saga_id: id.clone(),
+                branch: b.name.clone(),
+                op: match c.op {
+                    Op::Action => pb::BranchOp::Action,
+                    Op::Compensation => pb::BranchOp::Compensation,
+                } as i32,
+                operation,
+                payload: b.payload.clone(),
+                attempt: c.call,
+                timeout_ms,
+            };
+            let (service, sessions, tx) =
+                (b.service.clone(), self.sessions.clone(), self.tx.clone());
+            tracing::debug!(saga = %id, branch = %b.name, op = ?c.op, call = c.call, "calling a branch");
+            self.calls.spawn(async move {
+                let timeout = Duration::from_millis(timeout_ms);
+                let outcome = match sessions.branch(&service, req, timeout).await {
+                    Some(r) => match pb::BranchOutcome::try_from(r.outcome) {
+                        Ok(pb::BranchOutcome::Succeeded) => Outcome::Succeeded,
+                        Ok(pb::BranchOutcome::Failed) => Outcome::Failed(r.reason),
+                        _ => Outcome::Unknown(r.reason),
+                    },
+                    None => Outcome::Unknown(format!(
+                        "no answer from a sidecar of service {service:?} within {timeout_ms} ms"
+                    )),
+                };
+                let answer = Command::Answer {
+                    id,
+                    branch: c.branch,
+                    op: c.op,
+                    call: c.call,
+                    outcome,
+                };
+                let _ = tx.send(answer).await;
+            });
+        }
+    }
+}
+
+fn definition_error(e: tandem_sagas::Error) -> Error {
+    match e {
+        tandem_sagas::Error::InvalidDefinition { field, reason } => {
+            Error::invalid(format!("definition.{field}"), reason)
+        }
+        other => Error::Internal(other.to_string()),
+    }
+}
+
+fn or_default<T: PartialEq + Default>(v: T, default: T) -> T {
+    if v == T::default() { default } else { v }
+}
+
+/// A definition from the wire, defaults filled in; checked by the state
+/// machine when the saga starts.
+pub(crate) fn definition_from_wire(d: pb::SagaDefinition) -> Result<SagaDef> {
+    let mut branches = Vec::with_capacity(d.branches.len());
+    for (i, b) in d.branches.into_iter().enumerate() {
+        if !d.concurrent && !b.after.is_empty() {
+            return Err(Error::invalid(
+                format!("definition.branches[{i}].after"),
+                "only a concurrent saga names what a branch waits for (set definition.concurrent)",
+            ));
+        }
+        branches.push(BranchDef {
+            name: b.name,
+            service: b.service,
+            action: b.action,
+            compensation: b.compensation,
+            payload: b.payload,
+            after: b.after,
+            max_attempts: or_default(b.max_attempts, tandem_sagas::DEFAULT_MAX_ATTEMPTS),
+            timeout_ms: or_default(b.timeout_ms, tandem_sagas::DEFAULT_TIMEOUT_MS),
+            initial_backoff_ms: or_default(
+                b.initial_backoff_ms,
+                tandem_sagas::DEFAULT_INITIAL_BACKOFF_MS,
+            ),
+            max_backoff_ms: or_default(b.max_backoff_ms, tandem_sagas::DEFAULT_MAX_BACKOFF_MS),
+        });
+    }
+    let mut def = match d.concurrent {
+        true => SagaDef {
+            branches,
+            timeout_ms: 0,
+        },
+        false => SagaDef::sequential(branches),
+    };
+    def.timeout_ms = d.timeout_ms;
+    Ok(def)
+}
+
+fn op_to_wire(o: &OpRecord) -> pb::BranchOpState {
+    let status = match o.status() {
+        OpStatus::Pending => pb::BranchOpStatus::Pending,
+        OpStatus::Calling => pb::BranchOpStatus::Calling,
+        OpStatus::Backoff => pb::BranchOpStatus::Backoff,
+        OpStatus::Succeeded => pb::BranchOpStatus::Succeeded,
+        OpStatus::Failed => pb::BranchOpStatus::Failed,
+        OpStatus::Skipped => pb::BranchOpStatus::Skipped,
+    };
+    pb::BranchOpState {
+        status: status as i32,
+        calls: o.calls,
+        failures: o.failures,
+        error: o.error.clone(),
+    }
+}
+
+/// The wire form of a saga's status.
+pub(crate) fn status_to_wire(s: SagaStatus) -> pb::SagaStatus {
+    match s {
+        SagaStatus::Running => pb::SagaStatus::Running,
+        SagaStatus::Compensating => pb::SagaStatus::Compensating,
+        SagaStatus::Succeeded => pb::SagaStatus::Succeeded,
+        SagaStatus::Compensated => pb::SagaStatus::Compensated,
+    }
+}
+
+/// A status filter from the wire: `None` for every status.
+pub(crate) fn status_from_wire(s: i32) -> Result<Option<SagaStatus>> {
+    Ok(match pb::SagaStatus::try_from(s) {
+        Ok(pb::SagaStatus::Unspecified) => None,
+        Ok(pb::SagaStatus::Running) => Some(SagaStatus::Running),
+        Ok(pb::SagaStatus::Compensating) => Some(SagaStatus::Compensating),
+        Ok(pb::SagaStatus::Succeeded) => Some(SagaStatus::Succeeded),
+        Ok(pb::SagaStatus::Compensated) => Some(SagaStatus::Compensated),
+        Err(_) => return Err(Error::invalid("status", format!("unknown status {s}"))),
+    })
+}
+
+fn to_wire(service: &str, saga: &Saga, with_definition: bool) -> pb::Saga {
+    let rec = saga.record();
+    let def = saga.definition();
+    let concurrent = def.branches.iter().enumerate().any(|(i, b)| match i {
+        0 => !b.after.is_empty(),
+        _ => b.after != [(i - 1) as u32],
+    });
+    pb::Saga {
+        saga_id: rec.id.clone(),
+        service: service.to_owned(),
+        status: status_to_wire(saga.status()) as i32,
+        reason: rec.reason.clone(),
+        started_ms: rec.started_ms,
+        finished_ms: rec.finished_ms,
+        branches: def
+            .branches
+            .iter()
+            .zip(&rec.branches)
+            .map(|(d, r)| pb::SagaBranchState {
+                name: d.name.clone(),
+                service: d.service.clone(),
+                action: Some(op_to_wire(r.op(Op::Action))),
+                compensation: Some(op_to_wire(r.op(Op::Compensation))),
+            })
+            .collect(),
+        definition: with_definition.then(|| pb::SagaDefinition {
+            branches: def
+                .branches
+                .iter()
+                .map(|b| pb::SagaBranch {
+                    name: b.name.clone(),
+                    service: b.service.clone(),
+                    action: b.action.clone(),
+                    compensation: b.compensation.clone(),
+                    payload: b.payload.clone(),
+                    after: if concurrent {
+                        b.after.clone()
+                    } else {
+                        Vec::new()
+                    },
+                    max_attempts: b.max_attempts,
+                    timeout_ms: b.timeout_ms,
+                    initial_backoff_ms: b.initial_backoff_ms,
+                    max_backoff_ms: b.max_backoff_ms,
+                })
+                .collect(),
+            concurrent,
+            timeout_ms: def.timeout_ms,
+        }),
+    }
+}
