@@ -131,7 +131,11 @@ impl<L: Log + Clone> Broker<L> {
         let schedule = txn.maintenance_schedule.clone();
         let txns = Transactions::open(data.clone(), internal.clone(), txn).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
+        if topics.get(crate::saga::SAGA_TOPIC).is_none() {
+            topics.create_unchecked(crate::saga::SAGA_TOPIC, 1).await?;
+        }
         let (sagas, driver) = crate::saga::Sagas::open(
+            data.clone(),
             internal,
             txns.sessions.clone(),
             saga_retention,

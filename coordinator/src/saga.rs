@@ -35,6 +35,13 @@ use crate::statelog::{StateLog, now_ms, upsert};
 
 /// The internal log holding the sagas.
 const LOG: &str = "__saga_state";
+/// The topic whose committed messages start sagas: a saga begun with a
+/// local transaction is a transactional message to it, carrying its
+/// `StartSagaRequest`.
+pub(crate) const SAGA_TOPIC: &str = "__sagas";
+/// The key in `__saga_state` of the next offset of `__sagas` to read (no
+/// saga id can contain a control character).
+const CURSOR: &[u8] = b"\0cursor";
 /// Records appended between two compactions of the log.
 const COMPACT_EVERY: u64 = 10_000;
 /// Most sagas one ListSagas answers with.
@@ -74,6 +81,11 @@ enum Command {
         limit: usize,
         reply: oneshot::Sender<Vec<pb::Saga>>,
     },
+    /// A committed start read from `__sagas` at `offset`.
+    Logged {
+        offset: u64,
+        req: pb::StartSagaRequest,
+    },
 }
 
 /// The handle the gRPC service uses.
@@ -97,7 +109,10 @@ struct Driver<L> {
     retention: i64,
     sessions: Arc<Sessions>,
     tx: mpsc::Sender<Command>,
+    /// Branch calls out, and the tail of `__sagas`.
     calls: JoinSet<()>,
+    /// The next offset of `__sagas` to start a saga from.
+    cursor: u64,
 }
 
 /// What handling a batch of commands produced, performed once it is saved.
@@ -112,15 +127,29 @@ impl Sagas {
     /// Opens `__saga_state` in `internal`, rebuilds the sagas and starts the
     /// driver; it stops when `shutdown` turns true.
     pub(crate) async fn open<L: Log + Clone>(
+        data: L,
         internal: L,
         sessions: Arc<Sessions>,
         retention: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Sagas, tokio::task::JoinHandle<()>)> {
         let (log, records) = StateLog::open(internal, LOG, COMPACT_EVERY).await?;
+        let mut cursor = 0u64;
         let mut latest: HashMap<Vec<u8>, (u64, bytes::Bytes)> = HashMap::new();
         for r in records {
             let key = r.record.key.clone().unwrap_or_default().to_vec();
+            if key == CURSOR {
+                let bytes: [u8; 8] =
+                    r.record.value[..]
+                        .try_into()
+                        .map_err(|_| Error::CorruptState {
+                            log: LOG,
+                            offset: r.offset,
+                            reason: "the cursor is not 8 bytes".into(),
+                        })?;
+                cursor = u64::from_le_bytes(bytes);
+                continue;
+            }
             if r.record.value.is_empty() {
                 latest.remove(&key);
             } else {
@@ -137,6 +166,7 @@ impl Sagas {
             sessions,
             tx: tx.clone(),
             calls: JoinSet::new(),
+            cursor,
         };
         let now = now_ms();
         let mut work = Work::default();
@@ -165,6 +195,7 @@ impl Sagas {
         }
         driver.save(&mut work).await?;
         driver.perform(work);
+        driver.calls.spawn(tail(data, cursor, tx.clone()));
         let task = tokio::spawn(driver.run(rx, shutdown));
         Ok((Sagas { tx }, task))
     }
@@ -287,7 +318,7 @@ impl<L: Log + Clone> Driver<L> {
                         work.replies.push((reply, id));
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(definition_error(e)));
+                        let _ = reply.send(Err(definition_error("definition", e)));
                     }
                 }
             }
@@ -316,6 +347,40 @@ impl<L: Log + Clone> Driver<L> {
                     }));
                 }
             },
+            Command::Logged { offset, req } => {
+                if offset < self.cursor {
+                    return; // read again after a restart: started already
+                }
+                self.cursor = offset + 1;
+                work.records
+                    .push(upsert(CURSOR.to_vec(), self.cursor.to_le_bytes().to_vec()));
+                let id = req.saga_id.clone();
+                let def = req
+                    .definition
+                    .ok_or_else(|| Error::invalid("definition", "is required"))
+                    .and_then(|d| definition_from_wire("definition", d));
+                let started = def.and_then(|def| match self.sagas.get(&id) {
+                    Some(e) if e.saga.definition() == &def && e.service == req.service => Ok(None),
+                    Some(_) => Err(Error::AlreadyExists {
+                        what: "saga (with another definition or service)",
+                        name: id.clone(),
+                    }),
+                    None => Saga::start(&id, def, now)
+                        .map(Some)
+                        .map_err(|e| definition_error("definition", e)),
+                });
+                match started {
+                    Ok(Some((saga, effects))) => {
+                        tracing::info!(saga = %id, service = %req.service, offset, "saga started by a committed transaction");
+                        self.insert(id.clone(), req.service, saga);
+                        self.take(&id, effects, work);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::error!(saga = %id, offset, error = %e, "a committed saga start cannot start: dropped");
+                    }
+                }
+            }
             Command::List {
                 status,
                 limit,
@@ -501,13 +566,85 @@ impl<L: Log + Clone> Driver<L> {
     }
 }
 
-fn definition_error(e: tandem_sagas::Error) -> Error {
+/// Reads committed starts from `__sagas`, from `from` on, into the driver.
+async fn tail<L: Log>(data: L, mut from: u64, tx: mpsc::Sender<Command>) {
+    use prost::Message;
+    let tp = tandem_storage::TopicPartition::new(SAGA_TOPIC, 0);
+    loop {
+        if let Err(e) = data.wait_for(&tp, from).await {
+            tracing::error!(error = %e, "cannot follow {SAGA_TOPIC}: sagas begun with a transaction wait");
+            return;
+        }
+        let batch = match data
+            .read(&tp, from, tandem_storage::ReadBudget::default())
+            .await
+        {
+            Ok(b) => b,
+            Err(tandem_storage::Error::OffsetOutOfRange { .. }) => {
+                let start = data.offsets(&tp).map(|o| o.log_start).unwrap_or(from);
+                tracing::error!(
+                    from,
+                    start,
+                    "{SAGA_TOPIC} was cut by retention before its sagas started: skipping ahead"
+                );
+                from = start.max(from);
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read {SAGA_TOPIC}: sagas begun with a transaction wait");
+                return;
+            }
+        };
+        for r in batch {
+            from = r.offset + 1;
+            match pb::StartSagaRequest::decode(r.record.value) {
+                Ok(req) => {
+                    let cmd = Command::Logged {
+                        offset: r.offset,
+                        req,
+                    };
+                    if tx.send(cmd).await.is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(offset = r.offset, error = %e, "undecodable saga start in {SAGA_TOPIC}: skipped");
+                }
+            }
+        }
+    }
+}
+
+fn definition_error(prefix: &str, e: tandem_sagas::Error) -> Error {
     match e {
         tandem_sagas::Error::InvalidDefinition { field, reason } => {
-            Error::invalid(format!("definition.{field}"), reason)
+            Error::invalid(format!("{prefix}.{field}"), reason)
         }
         other => Error::Internal(other.to_string()),
     }
+}
+
+/// Checks the `StartSagaRequest` carried by a half message for
+/// [`SAGA_TOPIC`]; returns the value to store, naming `service` (the
+/// preparing service) as the saga's.
+pub(crate) fn check_start(service: &str, value: &[u8]) -> Result<bytes::Bytes> {
+    use prost::Message;
+    let mut req = pb::StartSagaRequest::decode(value).map_err(|e| {
+        Error::invalid(
+            "message.value",
+            format!("a message for {SAGA_TOPIC} must be a StartSagaRequest: {e}"),
+        )
+    })?;
+    crate::service::check_id("message.value.saga_id", &req.saga_id)?;
+    let def = req
+        .definition
+        .clone()
+        .ok_or_else(|| Error::invalid("message.value.definition", "is required"))?;
+    definition_from_wire("message.value.definition", def)?
+        .validate()
+        .map_err(|e| definition_error("message.value.definition", e))?;
+    req.service = service.to_owned();
+    Ok(req.encode_to_vec().into())
 }
 
 fn or_default<T: PartialEq + Default>(v: T, default: T) -> T {
@@ -516,12 +653,12 @@ fn or_default<T: PartialEq + Default>(v: T, default: T) -> T {
 
 /// A definition from the wire, defaults filled in; checked by the state
 /// machine when the saga starts.
-pub(crate) fn definition_from_wire(d: pb::SagaDefinition) -> Result<SagaDef> {
+pub(crate) fn definition_from_wire(field: &str, d: pb::SagaDefinition) -> Result<SagaDef> {
     let mut branches = Vec::with_capacity(d.branches.len());
     for (i, b) in d.branches.into_iter().enumerate() {
         if !d.concurrent && !b.after.is_empty() {
             return Err(Error::invalid(
-                format!("definition.branches[{i}].after"),
+                format!("{field}.branches[{i}].after"),
                 "only a concurrent saga names what a branch waits for (set definition.concurrent)",
             ));
         }

@@ -298,6 +298,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             .broker()?
             .list_topics()
             .into_iter()
+            // Tandem's own topics (`__sagas`) are left out, as Kafka's
+            // tools leave out internal topics; DescribeTopic shows them.
+            .filter(|(name, _)| !name.starts_with("__"))
             .map(|(name, meta)| pb::TopicSummary {
                 name,
                 partitions: meta.partitions,
@@ -370,6 +373,13 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::PublishResponse>, Status> {
         let req = req.into_inner();
         let topic = required("topic", &req.topic)?;
+        if topic.starts_with("__") {
+            return Err(Error::invalid(
+                "topic",
+                "topics starting with \"__\" are Tandem's own: start sagas with StartSaga, or with a transaction (Prepare)",
+            )
+            .into());
+        }
         let broker = self.broker()?;
         let meta = broker.topic(topic)?;
         if req.messages.is_empty() {
@@ -496,9 +506,14 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let topic = required("topic", &req.topic)?;
         let broker = self.broker()?;
         let meta = broker.topic(topic)?;
-        let message = req
+        let mut message = req
             .message
             .ok_or_else(|| Error::invalid("message", "is required"))?;
+        if topic == crate::saga::SAGA_TOPIC {
+            // A saga started with a local transaction: checked now, and
+            // started when (if) the transaction commits.
+            message.value = crate::saga::check_start(&req.service, &message.value)?;
+        }
         if req.context.len() > MAX_CONTEXT_BYTES {
             return Err(Error::TooLarge {
                 field: "context".into(),
@@ -655,7 +670,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let def = req
             .definition
             .ok_or_else(|| Error::invalid("definition", "is required"))?;
-        let def = crate::saga::definition_from_wire(def)?;
+        let def = crate::saga::definition_from_wire("definition", def)?;
         // Once sent, the start is the driver's: a caller going away does
         // not cut it half way.
         let sagas = self.broker()?.sagas.clone();

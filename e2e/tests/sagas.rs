@@ -43,10 +43,13 @@ async fn finished(c: &Cluster, id: &str) -> TestResult<pb::Saga> {
     eventually(&format!("saga {id} to finish"), || {
         let mut s = s.clone();
         async move {
-            let saga = s
-                .get_saga(pb::GetSagaRequest { saga_id: id.into() })
-                .await?
-                .into_inner();
+            // Not there yet: a saga begun with a transaction starts once
+            // the coordinator reads its committed start.
+            let saga = match s.get_saga(pb::GetSagaRequest { saga_id: id.into() }).await {
+                Ok(r) => r.into_inner(),
+                Err(e) if e.code() == Code::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
             let done = [
                 pb::SagaStatus::Succeeded as i32,
                 pb::SagaStatus::Compensated as i32,
@@ -413,5 +416,93 @@ async fn a_saga_finishes_after_its_coordinator_and_a_participant_are_killed() ->
         calls(&cart, "s-crash", "stock", "action").await? >= 2,
         "the crashed call was repeated"
     );
+    c.done()
+}
+
+async fn begin_saga(
+    s: &mut tandem_proto::sidecar::sidecar_client::SidecarClient<tonic::transport::Channel>,
+    id: &str,
+    branches: Vec<pb::SagaBranch>,
+) -> Result<String, tonic::Status> {
+    Ok(s.begin_saga(tandem_proto::sidecar::BeginSagaRequest {
+        saga: Some(start(id, branches)),
+        txn_id: String::new(),
+        check_mode: 0,
+    })
+    .await?
+    .into_inner()
+    .txn_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saga_begun_with_a_local_transaction_starts_only_if_it_commits() -> TestResult {
+    let c = Cluster::start().await?;
+    let mut s = c.producer_client().await?;
+    let orders = c.producer_db().await?;
+    let two = || vec![branch("stock", "cart", ""), branch("ship", "orders", "")];
+
+    // Committed through the sidecar: the saga starts and runs.
+    let t1 = begin_saga(&mut s, "s-commit", two()).await?;
+    local_transaction(&orders, &t1, "order-1", true).await?;
+    s.commit(end(&t1)).await?;
+    let saga = finished(&c, "s-commit").await?;
+    assert_eq!(saga.status, pb::SagaStatus::Succeeded as i32, "{saga:?}");
+    assert_eq!(saga.service, "orders");
+
+    // Rolled back: it never starts.
+    let t2 = begin_saga(&mut s, "s-rollback", two()).await?;
+    local_transaction(&orders, &t2, "order-2", false).await?;
+    s.rollback(end(&t2)).await?;
+
+    // The app committed its local transaction and died before Commit:
+    // check-back finds the tandem_txn row, and the saga starts.
+    let t3 = begin_saga(&mut s, "s-checked", two()).await?;
+    local_transaction(&orders, &t3, "order-3", true).await?;
+    let saga = finished(&c, "s-checked").await?;
+    assert_eq!(saga.status, pb::SagaStatus::Succeeded as i32, "{saga:?}");
+
+    // The app died before its local transaction committed: check-back
+    // rolls it back, and the saga never starts.
+    let t4 = begin_saga(&mut s, "s-lost", two()).await?;
+    c.expect_state(&t4, pb::TransactionState::RolledBack)
+        .await?;
+    c.expect_state(&t2, pb::TransactionState::RolledBack)
+        .await?;
+    for id in ["s-rollback", "s-lost"] {
+        let e = s
+            .get_saga(pb::GetSagaRequest { saga_id: id.into() })
+            .await
+            .expect_err("never started");
+        assert_eq!(e.code(), Code::NotFound, "{id}");
+    }
+    let cart = c.consumer_db().await?;
+    for id in ["s-rollback", "s-lost"] {
+        assert_eq!(calls(&cart, id, "stock", "action").await?, 0, "{id}");
+    }
+
+    // A bad saga is refused at BeginSaga, naming the field as sent.
+    let mut bad = branch("x", "cart", "");
+    bad.action.clear();
+    let e = begin_saga(&mut s, "s-bad", vec![bad])
+        .await
+        .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .starts_with("saga.definition.branches[0].action:"),
+        "{}",
+        e.message()
+    );
+
+    // A restarted coordinator does not start committed sagas twice.
+    let mut c = c;
+    c.restart_coordinator(&[])?;
+    let t5 = begin_saga(&mut c.producer_client().await?, "s-after", two()).await?;
+    local_transaction(&orders, &t5, "order-5", true).await?;
+    c.producer_client().await?.commit(end(&t5)).await?;
+    finished(&c, "s-after").await?;
+    for id in ["s-commit", "s-checked", "s-after"] {
+        assert_eq!(calls(&cart, id, "stock", "action").await?, 1, "{id}");
+    }
     c.done()
 }

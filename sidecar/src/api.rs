@@ -107,6 +107,36 @@ impl SidecarService {
     }
 }
 
+/// Tandem's topic of committed saga starts (see the coordinator).
+const SAGA_TOPIC: &str = "__sagas";
+
+impl SidecarService {
+    /// Begin of a transactional message or a saga.
+    async fn begin_any(
+        &self,
+        topic: String,
+        message: Option<pb::Message>,
+        txn_id: String,
+        check_mode: i32,
+    ) -> Result<Response<sc::BeginResponse>, Status> {
+        let mode = match sc::CheckMode::try_from(check_mode) {
+            Ok(sc::CheckMode::Callback) => {
+                self.node.app("Begin with CHECK_MODE_CALLBACK")?;
+                Mode::Callback
+            }
+            Ok(_) => Mode::Table,
+            Err(_) => {
+                return Err(
+                    Error::invalid("check_mode", format!("unknown mode {check_mode}")).into(),
+                );
+            }
+        };
+        let txn_id = self.prepare(topic, message, txn_id, mode).await?.txn_id;
+        failpoint::hit("sidecar.begin.after_prepare");
+        Ok(Response::new(sc::BeginResponse { txn_id }))
+    }
+}
+
 #[tonic::async_trait]
 impl sc::sidecar_server::Sidecar for SidecarService {
     async fn publish(
@@ -237,26 +267,34 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         req: Request<sc::BeginRequest>,
     ) -> Result<Response<sc::BeginResponse>, Status> {
         let req = req.into_inner();
-        let mode = match sc::CheckMode::try_from(req.check_mode) {
-            Ok(sc::CheckMode::Callback) => {
-                self.node.app("Begin with CHECK_MODE_CALLBACK")?;
-                Mode::Callback
-            }
-            Ok(_) => Mode::Table,
-            Err(_) => {
-                return Err(Error::invalid(
-                    "check_mode",
-                    format!("unknown mode {}", req.check_mode),
-                )
-                .into());
-            }
+        self.begin_any(req.topic, req.message, req.txn_id, req.check_mode)
+            .await
+    }
+
+    async fn begin_saga(
+        &self,
+        req: Request<sc::BeginSagaRequest>,
+    ) -> Result<Response<sc::BeginResponse>, Status> {
+        let req = req.into_inner();
+        let mut saga = req
+            .saga
+            .ok_or_else(|| Status::from(Error::invalid("saga", "is required")))?;
+        saga.service = self.node.config.service.clone();
+        let message = pb::Message {
+            key: Some(saga.saga_id.clone().into()),
+            value: prost::Message::encode_to_vec(&saga).into(),
+            ..Default::default()
         };
-        let txn_id = self
-            .prepare(req.topic, req.message, req.txn_id, mode)
-            .await?
-            .txn_id;
-        failpoint::hit("sidecar.begin.after_prepare");
-        Ok(Response::new(sc::BeginResponse { txn_id }))
+        self.begin_any(SAGA_TOPIC.into(), Some(message), req.txn_id, req.check_mode)
+            .await
+            .map_err(|s| match s.message().strip_prefix("message.value.") {
+                // The coordinator checked the saga inside the half message:
+                // name the field as the app sent it.
+                Some(rest) if s.code() == Code::InvalidArgument => {
+                    Status::invalid_argument(format!("saga.{rest}"))
+                }
+                _ => s,
+            })
     }
 
     async fn commit(
