@@ -1,4 +1,4 @@
-//! The `tandem` command: admin commands (topics, publish, consume) over the
+//! The `tandem` command: admin commands (topics, publish, consume, sagas) over the
 //! coordinator API; the coordinator, the sidecar and the example services
 //! themselves; and `tandem demo`, which runs them all as real processes, so
 //! one binary can run and drive a whole Tandem.
@@ -7,12 +7,14 @@ mod bench;
 mod consume;
 mod demo;
 mod publish;
+mod saga;
 mod topic;
 
 pub use bench::{BenchArgs, Scenario, bench};
 pub use consume::{ConsumeArgs, consume};
 pub use demo::{DemoArgs, demo};
 pub use publish::{PublishArgs, publish};
+pub use saga::{SagaCommand, saga};
 pub use topic::{TopicCommand, topic};
 
 use tandem_proto::coordinator::ListTopicsRequest;

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 
-use tandem_cli::{BenchArgs, ConsumeArgs, DemoArgs, PublishArgs, TopicCommand};
+use tandem_cli::{BenchArgs, ConsumeArgs, DemoArgs, PublishArgs, SagaCommand, TopicCommand};
 use tandem_coordinator::{Config, CoordinatorArgs};
 use tandem_sidecar::SidecarArgs;
 
@@ -35,6 +35,9 @@ enum Command {
     Publish(PublishArgs),
     /// Consumes messages as a member of a consumer group.
     Consume(ConsumeArgs),
+    /// Saga inspection: list, show.
+    #[command(subcommand)]
+    Saga(SagaCommand),
     /// Runs the coordinator.
     Coordinator(CoordinatorArgs),
     /// Runs a sidecar next to a service.
@@ -74,6 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let url = cli.coordinator;
     match cli.command {
         Command::Topic(cmd) => tandem_cli::topic(&url, cmd, &mut std::io::stdout()).await,
+        Command::Saga(cmd) => tandem_cli::saga(&url, cmd, &mut std::io::stdout()).await,
         Command::Publish(args) => {
             let stdin = tokio::io::BufReader::with_capacity(1 << 20, tokio::io::stdin());
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

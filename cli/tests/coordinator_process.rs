@@ -1,8 +1,9 @@
 //! The real binaries as separate processes: a coordinator killed with
 //! SIGKILL while `tandem publish` sends 100 000 lines loses none of the lines
 //! `tandem publish` printed as acknowledged (after a restart `tandem consume`
-//! returns every one of them, each partition in offset order); and SIGTERM
-//! ends sessions, commits what they acknowledged and exits cleanly.
+//! returns every one of them, each partition in offset order); SIGTERM
+//! ends sessions, commits what they acknowledged and exits cleanly; and
+//! `tandem saga list|show` shows a saga stuck compensating, and why.
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
@@ -290,5 +291,79 @@ fn sigterm_ends_sessions_commits_and_exits_cleanly() -> TestResult {
         describe.contains("group g (0 members): lag 0"),
         "{describe}"
     );
+    Ok(())
+}
+
+#[test]
+fn the_saga_commands_show_a_stuck_saga_and_why() -> TestResult {
+    use tandem_proto::coordinator as pb;
+    let dir = tempfile::tempdir()?;
+    let (_c, url) = coordinator(dir.path())?;
+    // No sidecar of service "gone" ever connects: the action goes
+    // unanswered, the saga gives up and compensates, and its compensation
+    // waits for that service for ever.
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
+        let branch = |name: &str, service: &str| pb::SagaBranch {
+            name: name.into(),
+            service: service.into(),
+            action: "do".into(),
+            compensation: "undo".into(),
+            max_attempts: 1,
+            timeout_ms: 200,
+            ..Default::default()
+        };
+        c.start_saga(pb::StartSagaRequest {
+            saga_id: "order-7".into(),
+            service: "orders".into(),
+            definition: Some(pb::SagaDefinition {
+                branches: vec![branch("reserve", "gone"), branch("charge", "payments")],
+                concurrent: false,
+                timeout_ms: 0,
+            }),
+        })
+        .await?;
+        Ok::<_, Box<dyn std::error::Error>>(())
+    })?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let list = loop {
+        let list = tandem(&url, &["saga", "list", "--status", "compensating"])?;
+        if list.contains("order-7") || Instant::now() > deadline {
+            break list;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(list.contains("order-7"), "{list}");
+    assert!(list.contains("compensating"), "{list}");
+    assert!(
+        list.contains("branch reserve gave up after 1 attempts"),
+        "{list}"
+    );
+    assert!(
+        !tandem(&url, &["saga", "list", "--status", "succeeded"])?.contains("order-7"),
+        "filtered by status"
+    );
+    let show = tandem(&url, &["saga", "show", "order-7"])?;
+    assert!(
+        show.starts_with("saga order-7 of orders: compensating"),
+        "{show}"
+    );
+    assert!(show.contains("failed (1 calls, 1 failed)"), "{show}");
+    // The call task's reason, or the deadline's if that came first.
+    let action = show
+        .lines()
+        .find(|l| l.contains("action: "))
+        .ok_or("action error")?;
+    assert!(action.contains(r#"service "gone""#), "{show}");
+    let charge = show
+        .lines()
+        .find(|l| l.contains("charge"))
+        .ok_or("charge line")?;
+    assert!(charge.contains("pending"), "{charge}");
+    let err = tandem(&url, &["saga", "show", "nope"]).expect_err("unknown saga");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    let err = tandem(&url, &["saga", "list", "--status", "stuck"]).expect_err("bad status");
+    assert!(err.to_string().contains("--status"), "{err}");
     Ok(())
 }

@@ -83,6 +83,7 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
         .arg("test_client.py")
         .args(["--coordinator", &coordinator.addr.to_string()])
         .args(["--order-service", &orders.addr.to_string()])
+        .args(["--db", &d("py.db")])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;

@@ -2,11 +2,15 @@
 
 It places orders through the example order service, and acts as an app
 with its own sidecar: it serves the app callbacks (HandleMessage,
-HandleMessages for a batched subscription and, for a transactional
-publish, ExecuteLocalTransaction), subscribes through its
-sidecar, and publishes through it, both plainly and transactionally.
+HandleMessages for a batched subscription, for a transactional publish
+ExecuteLocalTransaction, and as a saga participant ExecuteBranch and
+CompensateBranch with the branch barrier in its SQLite database),
+subscribes through its sidecar, publishes through it, both plainly and
+transactionally, and starts sagas through it.
 
-Usage: test_client.py --coordinator HOST:PORT --order-service HOST:PORT
+Usage: test_client.py --coordinator HOST:PORT --order-service HOST:PORT --db PATH
+
+PATH is the app's SQLite database, which its sidecar shares.
 
 It serves its app callbacks on a free port and prints
 `app listening on HOST:PORT`; the address of the sidecar started for it
@@ -15,6 +19,7 @@ Exits 0 when every check holds.
 """
 
 import argparse
+import sqlite3
 import sys
 import threading
 import time
@@ -35,7 +40,10 @@ MAX_LOCAL_TRANSACTION_MS = 30_000
 class App(pb.app_grpc.AppServicer):
     """The app callbacks the sidecar calls."""
 
-    def __init__(self):
+    def __init__(self, db_path):
+        self.db_path = db_path
+        # Compensations the app ran (null ones never reach it).
+        self.compensations = []
         self.lock = threading.Lock()
         self.handled = []
         self.committed = set()
@@ -99,6 +107,67 @@ class App(pb.app_grpc.AppServicer):
             self.arrived.notify_all()
         return pb.app.HandleMessagesResponse(results=results)
 
+    def _db(self):
+        db = sqlite3.connect(self.db_path, timeout=10, isolation_level=None)
+        db.execute("CREATE TABLE IF NOT EXISTS reservations (saga_id TEXT, branch TEXT, qty INTEGER)")
+        return db
+
+    def ExecuteBranch(self, request, context):
+        # A saga branch's action: the barrier row and the effect commit
+        # together; a conflict on the barrier row means it ran before (or
+        # was compensated first): do nothing and answer OK.
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            inserted = db.execute(
+                "INSERT INTO tandem_barrier (saga_id, branch, op, origin) VALUES (?, ?, 'action', 'action') "
+                "ON CONFLICT DO NOTHING",
+                (request.saga_id, request.branch),
+            ).rowcount
+            if inserted == 0:
+                db.execute("ROLLBACK")
+                return pb.app.BranchResponse()
+            if request.payload == b"decline":
+                # A business failure: nothing done (the barrier row goes too).
+                db.execute("ROLLBACK")
+                return pb.app.BranchResponse(failed=True, reason="card declined")
+            db.execute(
+                "INSERT INTO reservations (saga_id, branch, qty) VALUES (?, ?, ?)",
+                (request.saga_id, request.branch, int(request.payload or b"1")),
+            )
+            db.execute("COMMIT")
+            return pb.app.BranchResponse()
+        finally:
+            db.close()
+
+    def CompensateBranch(self, request, context):
+        db = self._db()
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            inserted = db.execute(
+                "INSERT INTO tandem_barrier (saga_id, branch, op, origin) "
+                "VALUES (?, ?, 'compensation', 'compensation') ON CONFLICT DO NOTHING",
+                (request.saga_id, request.branch),
+            ).rowcount
+            if inserted == 0:
+                db.execute("ROLLBACK")
+                return pb.app.BranchResponse()
+            db.execute("DELETE FROM reservations WHERE saga_id = ? AND branch = ?", (request.saga_id, request.branch))
+            db.execute("COMMIT")
+            with self.lock:
+                self.compensations.append((request.saga_id, request.branch))
+            return pb.app.BranchResponse()
+        finally:
+            db.close()
+
+    def reservations(self, saga_id):
+        db = self._db()
+        try:
+            rows = db.execute("SELECT branch, qty FROM reservations WHERE saga_id = ? ORDER BY branch", (saga_id,))
+            return rows.fetchall()
+        finally:
+            db.close()
+
     def wait_for_batched(self, n, seconds):
         deadline = time.monotonic() + seconds
         with self.lock:
@@ -124,6 +193,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--order-service", required=True)
+    parser.add_argument("--db", required=True)
     args = parser.parse_args()
 
     coordinator = pb.coordinator_grpc.CoordinatorStub(grpc.insecure_channel(args.coordinator))
@@ -149,7 +219,7 @@ def main():
         check(e.code() == grpc.StatusCode.INVALID_ARGUMENT and "user" in e.details(), "an empty order is refused")
 
     # 2. This process as an app behind its own sidecar.
-    app = App()
+    app = App(args.db)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb.app_grpc.add_AppServicer_to_server(app, server)
     port = server.add_insecure_port("127.0.0.1:0")
@@ -247,6 +317,61 @@ def main():
             break
         time.sleep(0.05)
     check(sum(p.high_water_mark for p in dlq.partitions) == 1, "the refused message alone is dead-lettered")
+    # 5. Sagas: this app is the participant of both branches; one saga
+    # succeeds, one is declined and compensated, one starts with a local
+    # transaction.
+    def saga(saga_id, charge):
+        return pb.coordinator.StartSagaRequest(
+            saga_id=saga_id,
+            definition=pb.coordinator.SagaDefinition(
+                branches=[
+                    pb.coordinator.SagaBranch(
+                        name="reserve", service="py-app", action="reserve", compensation="release", payload=b"3"
+                    ),
+                    pb.coordinator.SagaBranch(
+                        name="charge", service="py-app", action="charge", compensation="refund", payload=charge
+                    ),
+                ]
+            ),
+        )
+
+    def finished(saga_id):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                s = sidecar.GetSaga(pb.coordinator.GetSagaRequest(saga_id=saga_id), timeout=10)
+                if s.status in (pb.coordinator.SAGA_STATUS_SUCCEEDED, pb.coordinator.SAGA_STATUS_COMPENSATED):
+                    return s
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+            time.sleep(0.05)
+        raise AssertionError(f"saga {saga_id} did not finish")
+
+    started = sidecar.StartSaga(saga("py-ok", b"1"), timeout=10)
+    check(started.service == "py-app", "a saga started through the sidecar is its service's")
+    s = finished("py-ok")
+    check(s.status == pb.coordinator.SAGA_STATUS_SUCCEEDED, "the saga succeeded")
+    check(app.reservations("py-ok") == [("charge", 1), ("reserve", 3)], "both actions took effect once")
+    sidecar.StartSaga(saga("py-declined", b"decline"), timeout=10)
+    s = finished("py-declined")
+    check(s.status == pb.coordinator.SAGA_STATUS_COMPENSATED, "the declined saga was compensated")
+    check(s.reason == "branch charge failed: card declined", f"and says why ({s.reason})")
+    check(app.reservations("py-declined") == [], "its reservation was released")
+    with app.lock:
+        compensations = [c for c in app.compensations if c[0] == "py-declined"]
+    check(compensations == [("py-declined", "reserve")], "the declined charge was a null compensation, never called")
+    txn = sidecar.BeginSaga(pb.sidecar.BeginSagaRequest(saga=saga("py-atomic", b"2")), timeout=10).txn_id
+    db = app._db()
+    db.execute("CREATE TABLE IF NOT EXISTS py_orders (id TEXT PRIMARY KEY)")
+    db.execute("BEGIN IMMEDIATE")
+    db.execute("INSERT INTO py_orders (id) VALUES ('py-atomic')")
+    db.execute("INSERT INTO tandem_txn (txn_id) VALUES (?)", (txn,))
+    db.execute("COMMIT")
+    db.close()
+    sidecar.Commit(pb.sidecar.EndRequest(txn_id=txn), timeout=10)
+    s = finished("py-atomic")
+    check(s.status == pb.coordinator.SAGA_STATUS_SUCCEEDED, "a saga begun with a local transaction ran once it committed")
     try:
         sidecar.Commit(pb.sidecar.EndRequest(txn_id="no-such-transaction"), timeout=10)
         check(False, "an unknown transaction is refused")

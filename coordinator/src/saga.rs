@@ -542,7 +542,10 @@ impl<L: Log + Clone> Driver<L> {
                 (b.service.clone(), self.sessions.clone(), self.tx.clone());
             tracing::debug!(saga = %id, branch = %b.name, op = ?c.op, call = c.call, "calling a branch");
             self.calls.spawn(async move {
-                let timeout = Duration::from_millis(timeout_ms);
+                // Give up a little before the call's deadline, so that the
+                // saga records why (no sidecar, no answer) rather than the
+                // bare deadline, which stays the backstop.
+                let timeout = Duration::from_millis(timeout_ms - (timeout_ms / 10).min(50));
                 let outcome = match sessions.branch(&service, req, timeout).await {
                     Some(r) => match pb::BranchOutcome::try_from(r.outcome) {
                         Ok(pb::BranchOutcome::Succeeded) => Outcome::Succeeded,

@@ -176,10 +176,11 @@ impl Sessions {
             if let Some(tx) = live {
                 break tx;
             }
-            if tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return None;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
         };
         let call_id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         req.call_id = call_id;

@@ -453,11 +453,15 @@ impl Saga {
 
     fn on_time(&mut self, now: i64) {
         for b in 0..self.rec.branches.len() {
-            let timeout = self.def.branches[b].timeout_ms;
+            let def = &self.def.branches[b];
+            let (timeout, service) = (def.timeout_ms, def.service.clone());
             for op in [Op::Action, Op::Compensation] {
                 let o = self.rec.branches[b].op(op);
                 if o.status() == OpStatus::Calling && o.at_ms <= now {
-                    let reason = format!("call {} unanswered after {timeout} ms", o.calls);
+                    let reason = format!(
+                        "call {} to service {service:?} unanswered after {timeout} ms",
+                        o.calls
+                    );
                     match op {
                         Op::Action => self.action_unanswered(b, reason, now),
                         Op::Compensation => self.retry_compensation(b, reason, now),
