@@ -1,9 +1,18 @@
 //! `tandem demo`: the first thing a new user runs. It starts a coordinator,
-//! the order service and the cart service, each with its own SQLite
-//! database and its own sidecar, as real processes on loopback; places
-//! orders from concurrent clients while it injects faults; and then checks,
-//! from both databases and the coordinator, that every committed order left
-//! the cart exactly once and no rolled-back order touched it.
+//! the order service, the cart service and the payments service, each with
+//! its own SQLite database and its own sidecar, as real processes on
+//! loopback; places orders from concurrent clients while it injects faults;
+//! and then checks, from the databases and the coordinator, that every
+//! committed order left the cart exactly once and no rolled-back order
+//! touched it.
+//!
+//! Meanwhile other clients check out: each checkout is a saga (the order
+//! row and the saga's start in one local transaction; the cart reserves
+//! stock, payments charges the user, the order is confirmed). Accounts are
+//! small, so busy users' payments are declined for good and their sagas
+//! release the stock and cancel the order. The verdict checks from all
+//! three databases that every saga ended all done or all undone, with no
+//! double reservation, charge, release or refund.
 //!
 //! Faults: some local transactions fail (rollback), some orders are
 //! committed locally but never confirmed, some abandoned right after Begin
@@ -52,6 +61,9 @@ pub struct DemoArgs {
     /// the verdict must then fail.
     #[arg(long)]
     pub no_dedup: bool,
+    /// Checkouts (sagas) to place, alongside the orders.
+    #[arg(long, default_value_t = 300)]
+    pub checkouts: u32,
 }
 
 const SKUS: [&str; 3] = ["apple", "pear", "plum"];
@@ -118,7 +130,38 @@ struct Cluster {
     order_service: Process,
     cart_sidecar: Process,
     cart_service: Process,
+    payments_sidecar: Process,
+    payments_service: Process,
     no_dedup: bool,
+}
+
+/// Starts a service and its sidecar, which need each other's addresses:
+/// a free port is picked for the service first (and picked again if
+/// something else took it meanwhile).
+fn with_sidecar(
+    exe: &Path,
+    dir: &Path,
+    service: &str,
+    db: &str,
+    coordinator: &str,
+    start: impl Fn(u16, &str) -> anyhow::Result<Process>,
+) -> anyhow::Result<(Process, Process)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut sidecar = Cluster::sidecar(exe, dir, service, coordinator, Some(port), db, 0)?;
+        match start(port, &sidecar.url()) {
+            Ok(p) => return Ok((sidecar, p)),
+            Err(e) if attempt < 5 => {
+                tracing::debug!(error = %e, "{service} port taken; picking another");
+                sidecar.kill();
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 impl Cluster {
@@ -138,58 +181,36 @@ impl Cluster {
         ]);
         a.extend(set(COORDINATOR));
         let coordinator = Process::start("coordinator", exe, &a, &[], dir)?;
-        let order_sidecar =
-            Self::sidecar(exe, dir, "orders", &coordinator.url(), None, "orders.db", 0)?;
-        let order_service = Process::start(
-            "order-service",
-            exe,
-            &args(&[
-                "example-order-service",
-                "--listen",
-                "127.0.0.1:0",
-                "--db",
-                &p("orders.db"),
-                "--sidecar",
-                &order_sidecar.url(),
-            ]),
-            &[],
-            dir,
-        )?;
-        // The cart's sidecar needs the cart's address and the cart needs its
-        // sidecar's: pick a free port for the cart first (and pick again if
-        // something else took it meanwhile).
+        let url = coordinator.url();
+        let (order_sidecar, order_service) =
+            with_sidecar(exe, dir, "orders", "orders.db", &url, |port, sidecar| {
+                let a = args(&[
+                    "example-order-service",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--db",
+                    &p("orders.db"),
+                    "--sidecar",
+                    sidecar,
+                ]);
+                Process::start("order-service", exe, &a, &[], dir)
+            })?;
         let failpoint = format!("cart.after_commit@{cart_crash_at}");
-        let mut attempt = 0;
-        let (cart_sidecar, cart_service) = loop {
-            attempt += 1;
-            let cart_port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let mut sidecar = Self::sidecar(
-                exe,
-                dir,
-                "cart",
-                &coordinator.url(),
-                Some(cart_port),
-                "cart.db",
-                0,
-            )?;
-            match Self::cart(
-                exe,
-                dir,
-                cart_port,
-                &sidecar.url(),
-                no_dedup,
-                Some(&failpoint),
-            ) {
-                Ok(service) => break (sidecar, service),
-                Err(e) if attempt < 5 => {
-                    tracing::debug!(error = %e, "cart port taken; picking another");
-                    sidecar.kill();
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let (cart_sidecar, cart_service) =
+            with_sidecar(exe, dir, "cart", "cart.db", &url, |port, sidecar| {
+                Self::cart(exe, dir, port, sidecar, no_dedup, Some(&failpoint))
+            })?;
+        let (payments_sidecar, payments_service) =
+            with_sidecar(exe, dir, "payments", "payments.db", &url, |port, _| {
+                let a = args(&[
+                    "example-payments-service",
+                    "--listen",
+                    &format!("127.0.0.1:{port}"),
+                    "--db",
+                    &p("payments.db"),
+                ]);
+                Process::start("payments-service", exe, &a, &[], dir)
+            })?;
         Ok(Cluster {
             exe: exe.to_owned(),
             dir: dir.to_owned(),
@@ -198,6 +219,8 @@ impl Cluster {
             order_service,
             cart_sidecar,
             cart_service,
+            payments_sidecar,
+            payments_service,
             no_dedup,
         })
     }
@@ -289,8 +312,10 @@ impl Cluster {
         for p in [
             &mut self.order_service,
             &mut self.cart_service,
+            &mut self.payments_service,
             &mut self.order_sidecar,
             &mut self.cart_sidecar,
+            &mut self.payments_sidecar,
             &mut self.coordinator,
         ] {
             if p.terminate(Duration::from_secs(10)).is_err() {
@@ -410,7 +435,7 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
     }
     writeln!(
         out,
-        "  started: coordinator, order service + sidecar, cart service + sidecar; {} carts filled",
+        "  started: coordinator, order, cart and payments services, each with its sidecar; {} carts filled",
         a.users
     )?;
 
@@ -445,6 +470,42 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
                 }
                 drop(p);
                 done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    // Checkouts, from clients of their own: every twentieth fails in its
+    // local transaction, so its saga never starts.
+    let checkouts = Arc::new(Mutex::new(Placed::default()));
+    let next_checkout = Arc::new(AtomicU32::new(0));
+    for _ in 0..a.checkouts.min(4) {
+        let (mut c, next, placed) = (
+            orders_client.clone(),
+            next_checkout.clone(),
+            checkouts.clone(),
+        );
+        let (total, users) = (a.checkouts, a.users);
+        clients.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= total {
+                    return;
+                }
+                let mut req = order(1_000_000 + i, users);
+                req.fault = if i % 20 == 9 {
+                    shop::Fault::LocalFailure
+                } else {
+                    shop::Fault::None
+                } as i32;
+                let r = c.checkout(req).await;
+                let mut p = placed.lock().await;
+                match r {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        p.answers.insert(r.order_id, r.status);
+                    }
+                    Err(_) => p.failed += 1,
+                }
             }
         }));
     }
@@ -512,7 +573,19 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
             .iter()
             .find(|g| g.group == tandem_e2e::cart::GROUP)
             .map_or(u64::MAX, |g| g.total_lag);
-        if stats.open == 0 && lag == 0 {
+        let mut sagas_out = 0;
+        for status in [pb::SagaStatus::Running, pb::SagaStatus::Compensating] {
+            sagas_out += coordinator
+                .list_sagas(pb::ListSagasRequest {
+                    status: status as i32,
+                    limit: 1,
+                })
+                .await?
+                .into_inner()
+                .sagas
+                .len();
+        }
+        if stats.open == 0 && lag == 0 && sagas_out == 0 {
             settled = true;
             break;
         }
@@ -520,7 +593,10 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     let placed = std::mem::take(&mut *placed.lock().await);
-    let verdict = verdict(&dir, &mut coordinator, &placed).await?;
+    let checkouts = std::mem::take(&mut *checkouts.lock().await);
+    let mut verdict = verdict(&dir, &mut coordinator, &placed).await?;
+    let sagas = saga_verdict(&dir, &mut coordinator, &checkouts).await?;
+    verdict.problems.extend(sagas.problems.iter().cloned());
     tokio::task::block_in_place(|| cluster.stop());
 
     let mut by_state: BTreeMap<&str, u32> = BTreeMap::new();
@@ -545,6 +621,20 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
     )?;
     writeln!(out, "  resolved by check-back      {}", verdict.by_check)?;
     writeln!(out, "  messages delivered          {}", totals.delivered())?;
+    writeln!(
+        out,
+        "  checkouts (sagas)           {}: {} confirmed, {} cancelled ({} payments declined), {} never started (local transaction failed){}",
+        a.checkouts,
+        sagas.succeeded,
+        sagas.compensated,
+        sagas.declined,
+        sagas.not_started,
+        if checkouts.failed > 0 {
+            format!(", {} Checkout calls failed", checkouts.failed)
+        } else {
+            String::new()
+        }
+    )?;
     writeln!(
         out,
         "  duplicates filtered         {} (by the sidecar {}, by the cart's own transaction {})",
@@ -595,7 +685,7 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
         out,
         "Verdict: {}",
         if ok {
-            "PASS: every committed order left the cart exactly once; no rolled-back order touched it"
+            "PASS: every committed order left the cart exactly once; no rolled-back order touched it; every saga ended all done or all undone"
         } else {
             "FAIL: the databases disagree (see the problems above)"
         }
@@ -607,6 +697,174 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
         let _ = t.keep(); // keep the evidence
     }
     Ok(ok)
+}
+
+/// How the checkouts' sagas ended, and what disagrees.
+struct SagaVerdict {
+    succeeded: u32,
+    compensated: u32,
+    declined: u32,
+    not_started: u32,
+    problems: Vec<String>,
+}
+
+/// Checks the checkouts from the three databases and the coordinator:
+/// every committed checkout's saga ended; a confirmed one holds its stock
+/// reservation and its charge, a cancelled one released and refunded
+/// what it took, nothing twice; and stock and balances add up.
+async fn saga_verdict(
+    dir: &Path,
+    coordinator: &mut CoordinatorClient<tonic::transport::Channel>,
+    placed: &Placed,
+) -> anyhow::Result<SagaVerdict> {
+    use tandem_e2e::{cart, payments};
+    let path = |db: &str| dir.join(db).display().to_string();
+    let (orders, carts, pay) = (
+        open_sqlite(&path("orders.db"), 1).await?,
+        open_sqlite(&path("cart.db"), 1).await?,
+        open_sqlite(&path("payments.db"), 1).await?,
+    );
+    let mut local: HashMap<String, (String, shop::Cart)> = HashMap::new();
+    for row in sqlx::query("SELECT order_id, status, items FROM checkouts")
+        .fetch_all(&orders)
+        .await?
+    {
+        let items: Vec<u8> = row.try_get(2)?;
+        local.insert(
+            row.try_get(0)?,
+            (row.try_get(1)?, shop::Cart::decode(items.as_slice())?),
+        );
+    }
+    // saga → (sku, quantity, released) of its reservations.
+    let mut reserved: HashMap<String, Vec<(String, i64, i64)>> = HashMap::new();
+    for row in sqlx::query("SELECT saga_id, sku, quantity, released FROM reservations")
+        .fetch_all(&carts)
+        .await?
+    {
+        reserved.entry(row.try_get(0)?).or_default().push((
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        ));
+    }
+    // saga → (user, amount, refunded) of its charges.
+    let mut charged: HashMap<String, Vec<(String, i64, i64)>> = HashMap::new();
+    for row in sqlx::query("SELECT saga_id, user_id, amount, refunded FROM charges")
+        .fetch_all(&pay)
+        .await?
+    {
+        charged.entry(row.try_get(0)?).or_default().push((
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        ));
+    }
+    let mut v = SagaVerdict {
+        succeeded: 0,
+        compensated: 0,
+        declined: 0,
+        not_started: 0,
+        problems: Vec::new(),
+    };
+    let ids: std::collections::BTreeSet<&String> =
+        placed.answers.keys().chain(local.keys()).collect();
+    for id in ids {
+        let saga = match coordinator
+            .get_saga(pb::GetSagaRequest {
+                saga_id: id.clone(),
+            })
+            .await
+        {
+            Ok(s) => Some(s.into_inner()),
+            Err(e) if e.code() == tonic::Code::NotFound => None,
+            Err(e) => return Err(e.into()),
+        };
+        let reservations = reserved.get(id).map_or(&[][..], Vec::as_slice);
+        let charges = charged.get(id).map_or(&[][..], Vec::as_slice);
+        let (Some(saga), Some((status, order))) = (saga, local.get(id)) else {
+            if local.contains_key(id) {
+                v.problems.push(format!(
+                    "checkout {id} committed but its saga never started"
+                ));
+            } else if !reservations.is_empty() || !charges.is_empty() {
+                v.problems.push(format!(
+                    "checkout {id} never committed but reserved or charged"
+                ));
+            } else {
+                v.not_started += 1;
+            }
+            continue;
+        };
+        let items = order.items.len();
+        match pb::SagaStatus::try_from(saga.status) {
+            Ok(pb::SagaStatus::Succeeded) => {
+                v.succeeded += 1;
+                let held = reservations.len() == items && reservations.iter().all(|r| r.2 == 0);
+                let paid = charges.len() == 1 && charges[0].2 == 0;
+                if status != "confirmed" || !held || !paid {
+                    v.problems.push(format!(
+                        "checkout {id} succeeded but the order is {status}, reservations {reservations:?}, charges {charges:?}"
+                    ));
+                }
+            }
+            Ok(pb::SagaStatus::Compensated) => {
+                v.compensated += 1;
+                if saga.reason.contains("declined") {
+                    v.declined += 1;
+                }
+                let released = reservations.iter().all(|r| r.2 == 1)
+                    && (reservations.is_empty() || reservations.len() == items);
+                let refunded = charges.len() <= 1 && charges.iter().all(|c| c.2 == 1);
+                if status != "cancelled" || !released || !refunded {
+                    v.problems.push(format!(
+                        "checkout {id} was compensated but the order is {status}, reservations {reservations:?}, charges {charges:?}"
+                    ));
+                }
+            }
+            _ => v.problems.push(format!(
+                "checkout {id}'s saga did not finish: {}",
+                saga.reason
+            )),
+        }
+    }
+    // Stock and balances: what is held equals what was taken and kept.
+    for row in sqlx::query("SELECT sku, available FROM stock")
+        .fetch_all(&carts)
+        .await?
+    {
+        let (sku, available): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let kept: i64 = reserved
+            .values()
+            .flatten()
+            .filter(|r| r.0 == sku && r.2 == 0)
+            .map(|r| r.1)
+            .sum();
+        if available != cart::STOCK - kept {
+            v.problems.push(format!(
+                "{sku}: {available} in stock where reservations leave {}",
+                cart::STOCK - kept
+            ));
+        }
+    }
+    for row in sqlx::query("SELECT user_id, balance FROM accounts")
+        .fetch_all(&pay)
+        .await?
+    {
+        let (user, balance): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+        let kept: i64 = charged
+            .values()
+            .flatten()
+            .filter(|c| c.0 == user && c.2 == 0)
+            .map(|c| c.1)
+            .sum();
+        if balance != payments::BALANCE - kept {
+            v.problems.push(format!(
+                "account of {user} holds {balance} where charges leave {}",
+                payments::BALANCE - kept
+            ));
+        }
+    }
+    Ok(v)
 }
 
 struct Verdict {

@@ -57,6 +57,14 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:7410")]
         sidecar: String,
     },
+    /// Runs the example payments service (used by the demo).
+    #[command(hide = true)]
+    ExamplePaymentsService {
+        #[arg(long, default_value = "127.0.0.1:7422")]
+        listen: SocketAddr,
+        #[arg(long, default_value = "./payments.db")]
+        db: String,
+    },
     /// Runs the example cart service (used by the demo).
     #[command(hide = true)]
     ExampleCartService {
@@ -114,6 +122,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tandem_coordinator::init_tracing("warn");
             tandem_e2e::order::run(listen, &db, &sidecar, tandem_coordinator::shutdown_signal())
                 .await
+        }
+        Command::ExamplePaymentsService { listen, db } => {
+            tandem_coordinator::init_tracing("warn");
+            tandem_e2e::payments::run(listen, &db, tandem_coordinator::shutdown_signal()).await
         }
         Command::ExampleCartService {
             listen,

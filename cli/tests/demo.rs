@@ -1,6 +1,7 @@
-//! `tandem demo` as a new user runs it: a passing verdict normally, and a
-//! failing one (with a non-zero exit) when the dedup table is switched off,
-//! which proves the verdict really checks.
+//! `tandem demo` as a new user runs it: a passing verdict normally (orders
+//! through transactional messages, checkouts through sagas), and a failing
+//! one (with a non-zero exit) when the dedup table is switched off, which
+//! proves the verdict really checks.
 
 use std::process::Command;
 
@@ -33,6 +34,25 @@ fn the_demo_passes_its_verdict_through_injected_faults() {
     assert!(out.contains("committed                   276"), "{out}");
     assert!(out.contains("rolled back                 24"), "{out}");
     assert!(out.contains("resolved by check-back      12"), "{out}");
+    // the sagas: one checkout in 20 fails locally; small accounts make
+    // some payments fail for good, and those sagas are compensated
+    let line = out
+        .lines()
+        .find(|l| l.contains("checkouts (sagas)"))
+        .expect("a checkouts line");
+    let number = |after: &str| -> u32 {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let i = words.iter().position(|w| *w == after).expect(after);
+        words[i - 1]
+            .trim_start_matches('(')
+            .parse()
+            .expect("a count")
+    };
+    assert!(line.contains("300:"), "{line}");
+    assert_eq!(number("never"), 15, "{line}");
+    assert!(number("confirmed,") > 0, "{line}");
+    assert!(number("payments") > 0, "{line}");
+    assert_eq!(number("cancelled"), number("payments"), "{line}");
 }
 
 #[test]

@@ -5,6 +5,10 @@
 //! change, and a delivery whose row is already there changes nothing. It
 //! also keeps a log of applied orders, from which the demo's verdict checks
 //! that each committed order was applied exactly once.
+//!
+//! As the inventory of the checkout saga it reserves stock (`stock`,
+//! `reservations`) and releases it, each with the branch barrier in the
+//! same transaction; an order for more than is left is a business failure.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -24,11 +28,15 @@ use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
-use crate::db::open_sqlite;
+use crate::db::{enter_barrier, open_sqlite};
 use crate::order::TOPIC;
 
 /// The consumer group of the cart service.
 pub const GROUP: &str = "cart";
+/// The skus in the warehouse, and how many of each it starts with.
+pub const STOCKED: [&str; 3] = ["apple", "pear", "plum"];
+/// Each stocked sku's initial quantity.
+pub const STOCK: i64 = 1_000_000;
 
 #[derive(Clone)]
 struct CartService {
@@ -172,20 +180,74 @@ impl App for CartService {
 
     async fn execute_branch(
         &self,
-        _: Request<app_pb::BranchRequest>,
+        req: Request<app_pb::BranchRequest>,
     ) -> Result<Response<app_pb::BranchResponse>, Status> {
-        Err(Status::unimplemented(
-            "the cart service takes part in no saga",
-        ))
+        let req = req.into_inner();
+        let order = shop::Cart::decode(req.payload.clone())
+            .map_err(|e| Status::invalid_argument(format!("payload: {e}")))?;
+        let mut tx = self.db.begin().await.map_err(internal)?;
+        if !enter_barrier(&mut tx, &req.saga_id, &req.branch, "action")
+            .await
+            .map_err(internal)?
+        {
+            return Ok(Response::new(app_pb::BranchResponse::default()));
+        }
+        for item in &order.items {
+            let taken = sqlx::query(
+                "UPDATE stock SET available = available - $2 WHERE sku = $1 AND available >= $2",
+            )
+            .bind(&item.sku)
+            .bind(i64::from(item.quantity))
+            .execute(&mut *tx)
+            .await
+            .map_err(internal)?
+            .rows_affected();
+            if taken == 0 {
+                // Out of stock: nothing reserved (the barrier row goes too).
+                return Ok(Response::new(app_pb::BranchResponse {
+                    failed: true,
+                    reason: format!("out of stock: {}", item.sku),
+                }));
+            }
+            sqlx::query("INSERT INTO reservations (saga_id, sku, quantity) VALUES ($1, $2, $3)")
+                .bind(&req.saga_id)
+                .bind(&item.sku)
+                .bind(i64::from(item.quantity))
+                .execute(&mut *tx)
+                .await
+                .map_err(internal)?;
+        }
+        tx.commit().await.map_err(internal)?;
+        Ok(Response::new(app_pb::BranchResponse::default()))
     }
 
     async fn compensate_branch(
         &self,
-        _: Request<app_pb::BranchRequest>,
+        req: Request<app_pb::BranchRequest>,
     ) -> Result<Response<app_pb::BranchResponse>, Status> {
-        Err(Status::unimplemented(
-            "the cart service takes part in no saga",
-        ))
+        let req = req.into_inner();
+        let mut tx = self.db.begin().await.map_err(internal)?;
+        if enter_barrier(&mut tx, &req.saga_id, &req.branch, "compensation")
+            .await
+            .map_err(internal)?
+        {
+            sqlx::query(
+                "UPDATE stock SET available = available + \
+                 (SELECT COALESCE(SUM(quantity), 0) FROM reservations r \
+                  WHERE r.saga_id = $1 AND r.sku = stock.sku AND r.released = 0)",
+            )
+            .bind(&req.saga_id)
+            .execute(&mut *tx)
+            .await
+            .map_err(internal)?;
+            sqlx::query("UPDATE reservations SET released = released + 1 WHERE saga_id = $1")
+                .bind(&req.saga_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(internal)?;
+        }
+        tx.commit().await.map_err(internal)?;
+        Ok(Response::new(app_pb::BranchResponse::default()))
     }
 
     async fn handle_messages(
@@ -253,10 +315,28 @@ pub async fn run(
          CREATE TABLE IF NOT EXISTS duplicate_deliveries (
              seq      INTEGER PRIMARY KEY AUTOINCREMENT,
              order_id TEXT NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS stock (
+             sku       TEXT PRIMARY KEY,
+             available INTEGER NOT NULL
+         );
+         CREATE TABLE IF NOT EXISTS reservations (
+             seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+             saga_id  TEXT NOT NULL,
+             sku      TEXT NOT NULL,
+             quantity INTEGER NOT NULL,
+             released INTEGER NOT NULL DEFAULT 0
          );",
     )
     .execute(&pool)
     .await?;
+    for sku in STOCKED {
+        sqlx::query("INSERT INTO stock (sku, available) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .bind(sku)
+            .bind(STOCK)
+            .execute(&pool)
+            .await?;
+    }
     let listener = TcpListener::bind(listen).await?;
     println!("cart service listening on {}", listener.local_addr()?);
     let subscriber = sidecar.map(|s| {

@@ -20,3 +20,26 @@ pub async fn open_sqlite(path: &str, connections: u32) -> anyhow::Result<SqliteP
         .connect_with(opts)
         .await?)
 }
+
+/// The branch barrier inside a saga participant's local transaction:
+/// inserts (`saga_id`, `branch`, `op`) into `tandem_barrier`; false if the
+/// row was there (the operation ran before, or the action arrives after
+/// its compensation): the caller then changes nothing and answers OK.
+pub async fn enter_barrier(
+    tx: &mut sqlx::SqliteConnection,
+    saga_id: &str,
+    branch: &str,
+    op: &str,
+) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO tandem_barrier (saga_id, branch, op, origin) VALUES ($1, $2, $3, $3) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(saga_id)
+    .bind(branch)
+    .bind(op)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    Ok(inserted == 1)
+}

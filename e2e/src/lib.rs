@@ -9,6 +9,7 @@ pub mod campaign;
 pub mod cart;
 pub mod db;
 pub mod order;
+pub mod payments;
 pub mod postgres;
 pub mod process;
 pub mod testapp;
