@@ -28,6 +28,13 @@ pub enum SagaCommand {
     },
 }
 
+/// Text from participants, on one line.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 fn status_name(s: i32) -> &'static str {
     match pb::SagaStatus::try_from(s) {
         Ok(pb::SagaStatus::Running) => "running",
@@ -99,7 +106,7 @@ pub async fn saga(url: &str, cmd: SagaCommand, out: &mut impl Write) -> anyhow::
                     s.service,
                     s.branches.len(),
                     s.started_ms,
-                    s.reason
+                    one_line(&s.reason)
                 )?;
             }
         }
@@ -118,7 +125,7 @@ pub async fn saga(url: &str, cmd: SagaCommand, out: &mut impl Write) -> anyhow::
                 status_name(s.status)
             )?;
             if !s.reason.is_empty() {
-                writeln!(out, "reason: {}", s.reason)?;
+                writeln!(out, "reason: {}", one_line(&s.reason))?;
             }
             writeln!(
                 out,
@@ -142,7 +149,7 @@ pub async fn saga(url: &str, cmd: SagaCommand, out: &mut impl Write) -> anyhow::
                 )?;
                 for (what, o) in [("action", &b.action), ("compensation", &b.compensation)] {
                     if let Some(o) = o.as_ref().filter(|o| !o.error.is_empty()) {
-                        writeln!(out, "    {what}: {}", o.error)?;
+                        writeln!(out, "    {what}: {}", one_line(&o.error))?;
                     }
                 }
             }

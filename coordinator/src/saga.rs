@@ -15,6 +15,11 @@
 //! Branch calls go down a session of the branch's service (see
 //! `session.rs`) and their answers come back here as events; a call whose
 //! answer does not come within its timeout counts as unknown.
+//!
+//! The log is compacted once it holds twice as many records as there are
+//! sagas (and at least `COMPACT_EVERY`): the snapshot is every saga and the
+//! `__sagas` cursor. A save that fails stops the driver and is reported
+//! through [`Sagas::failed`], which stops the process from serving.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -58,6 +63,12 @@ struct StoredSaga {
     progress: Option<SagaRecord>,
 }
 
+struct List {
+    status: Option<SagaStatus>,
+    limit: usize,
+    reply: oneshot::Sender<Vec<pb::Saga>>,
+}
+
 enum Command {
     Start {
         id: String,
@@ -76,10 +87,13 @@ enum Command {
         id: String,
         reply: oneshot::Sender<Result<pb::Saga>>,
     },
-    List {
-        status: Option<SagaStatus>,
-        limit: usize,
-        reply: oneshot::Sender<Vec<pb::Saga>>,
+    List(List),
+    /// Whether `id` names a saga with another definition or service.
+    Conflicts {
+        id: String,
+        service: String,
+        def: SagaDef,
+        reply: oneshot::Sender<bool>,
     },
     /// A committed start read from `__sagas` at `offset`.
     Logged {
@@ -92,6 +106,7 @@ enum Command {
 #[derive(Clone)]
 pub(crate) struct Sagas {
     tx: mpsc::Sender<Command>,
+    failed: watch::Receiver<Option<String>>,
 }
 
 struct Entry {
@@ -113,6 +128,8 @@ struct Driver<L> {
     calls: JoinSet<()>,
     /// The next offset of `__sagas` to start a saga from.
     cursor: u64,
+    compact_every: u64,
+    failed: watch::Sender<Option<String>>,
 }
 
 /// What handling a batch of commands produced, performed once it is saved.
@@ -121,6 +138,7 @@ struct Work {
     records: Vec<Record>,
     calls: Vec<(String, tandem_sagas::Call)>,
     replies: Vec<(oneshot::Sender<Result<pb::Saga>>, String)>,
+    lists: Vec<List>,
 }
 
 impl Sagas {
@@ -133,7 +151,18 @@ impl Sagas {
         retention: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Result<(Sagas, tokio::task::JoinHandle<()>)> {
-        let (log, records) = StateLog::open(internal, LOG, COMPACT_EVERY).await?;
+        Self::open_with(data, internal, sessions, retention, COMPACT_EVERY, shutdown).await
+    }
+
+    async fn open_with<L: Log + Clone>(
+        data: L,
+        internal: L,
+        sessions: Arc<Sessions>,
+        retention: Duration,
+        compact_every: u64,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<(Sagas, tokio::task::JoinHandle<()>)> {
+        let (log, records) = StateLog::open(internal, LOG, compact_every).await?;
         let mut cursor = 0u64;
         let mut latest: HashMap<Vec<u8>, (u64, bytes::Bytes)> = HashMap::new();
         for r in records {
@@ -156,7 +185,12 @@ impl Sagas {
                 latest.insert(key, (r.offset, r.record.value));
             }
         }
+        // A cursor past the end (the topic's tail lost in a crash with a
+        // relaxed fsync) would skip starts written there later.
+        let tp = tandem_storage::TopicPartition::new(SAGA_TOPIC, 0);
+        cursor = cursor.min(data.offsets(&tp)?.high_water_mark);
         let (tx, rx) = mpsc::channel(1024);
+        let (failed, failed_rx) = watch::channel(None);
         let mut driver = Driver {
             log,
             sagas: HashMap::with_capacity(latest.len()),
@@ -167,6 +201,8 @@ impl Sagas {
             tx: tx.clone(),
             calls: JoinSet::new(),
             cursor,
+            compact_every,
+            failed,
         };
         let now = now_ms();
         let mut work = Work::default();
@@ -197,7 +233,18 @@ impl Sagas {
         driver.perform(work);
         driver.calls.spawn(tail(data, cursor, tx.clone()));
         let task = tokio::spawn(driver.run(rx, shutdown));
-        Ok((Sagas { tx }, task))
+        Ok((
+            Sagas {
+                tx,
+                failed: failed_rx,
+            },
+            task,
+        ))
+    }
+
+    /// Resolves to the cause once the driver could not save and stopped.
+    pub(crate) fn failed(&self) -> watch::Receiver<Option<String>> {
+        self.failed.clone()
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
@@ -226,6 +273,29 @@ impl Sagas {
         .await?
     }
 
+    /// ALREADY_EXISTS if `id` names a saga with another definition or
+    /// service (checked when a saga is begun with a transaction, so that
+    /// its commit does not meet a taken id; a race with another start of
+    /// the same id is still possible, and that start is then dropped).
+    pub(crate) async fn check_free(&self, id: String, service: String, def: SagaDef) -> Result<()> {
+        let name = id.clone();
+        let taken = self
+            .ask(|reply| Command::Conflicts {
+                id,
+                service,
+                def,
+                reply,
+            })
+            .await?;
+        match taken {
+            true => Err(Error::AlreadyExists {
+                what: "saga (with another definition or service)",
+                name,
+            }),
+            false => Ok(()),
+        }
+    }
+
     /// Saga `id`, or NOT_FOUND.
     pub(crate) async fn get(&self, id: String) -> Result<pb::Saga> {
         self.ask(|reply| Command::Get { id, reply }).await?
@@ -237,10 +307,12 @@ impl Sagas {
         status: Option<SagaStatus>,
         limit: usize,
     ) -> Result<Vec<pb::Saga>> {
-        self.ask(|reply| Command::List {
-            status,
-            limit,
-            reply,
+        self.ask(|reply| {
+            Command::List(List {
+                status,
+                limit,
+                reply,
+            })
         })
         .await
     }
@@ -273,19 +345,26 @@ impl<L: Log + Clone> Driver<L> {
             }
             self.tick(now, &mut work);
             if let Err(e) = self.save(&mut work).await {
-                // The log refuses writes from now on: stop driving (the
-                // process stops serving on the log's failure signal).
-                tracing::error!(error = %e, "cannot save sagas: the saga driver stops");
+                // What is in memory is ahead of what is stored: stop, and
+                // make the process stop serving.
+                let cause = format!("cannot save sagas: {e}");
+                tracing::error!(%cause, "the saga driver stops");
                 for (reply, _) in work.replies {
-                    let _ = reply.send(Err(Error::StorageFailed(e.to_string())));
+                    let _ = reply.send(Err(Error::StorageFailed(cause.clone())));
                 }
+                self.failed.send_replace(Some(cause));
                 return;
             }
             self.perform(work);
-            if self.log.wants_compaction() {
-                let live = self.sagas.keys().map(|id| self.record(id)).collect();
-                if let Err(e) = self.log.compact(live).await {
-                    tracing::error!(error = %e, "cannot compact {LOG}: the saga driver stops");
+            let live = self.sagas.len() as u64 + 1;
+            if self.log.appended_since_compaction() >= self.compact_every.max(2 * live) {
+                let mut snapshot: Vec<Record> =
+                    self.sagas.keys().map(|id| self.record(id)).collect();
+                snapshot.push(self.cursor_record());
+                if let Err(e) = self.log.compact(snapshot).await {
+                    let cause = format!("cannot compact {LOG}: {e}");
+                    tracing::error!(%cause, "the saga driver stops");
+                    self.failed.send_replace(Some(cause));
                     return;
                 }
             }
@@ -352,8 +431,7 @@ impl<L: Log + Clone> Driver<L> {
                     return; // read again after a restart: started already
                 }
                 self.cursor = offset + 1;
-                work.records
-                    .push(upsert(CURSOR.to_vec(), self.cursor.to_le_bytes().to_vec()));
+                work.records.push(self.cursor_record());
                 let id = req.saga_id.clone();
                 let def = req
                     .definition
@@ -381,26 +459,19 @@ impl<L: Log + Clone> Driver<L> {
                     }
                 }
             }
-            Command::List {
-                status,
-                limit,
+            // Answered once what this batch changed is saved.
+            Command::List(list) => work.lists.push(list),
+            Command::Conflicts {
+                id,
+                service,
+                def,
                 reply,
             } => {
-                let mut all: Vec<&Entry> = self
+                let taken = self
                     .sagas
-                    .values()
-                    .filter(|e| status.is_none_or(|s| e.saga.status() == s))
-                    .collect();
-                all.sort_by(|a, b| {
-                    let key = |e: &Entry| (e.saga.record().started_ms, e.saga.record().id.clone());
-                    key(b).cmp(&key(a))
-                });
-                let list = all
-                    .into_iter()
-                    .take(limit)
-                    .map(|e| to_wire(&e.service, &e.saga, false))
-                    .collect();
-                let _ = reply.send(list);
+                    .get(&id)
+                    .is_some_and(|e| e.saga.definition() != &def || e.service != service);
+                let _ = reply.send(taken);
             }
         }
     }
@@ -497,14 +568,52 @@ impl<L: Log + Clone> Driver<L> {
         )
     }
 
+    fn cursor_record(&self) -> Record {
+        upsert(CURSOR.to_vec(), self.cursor.to_le_bytes().to_vec())
+    }
+
+    /// Appends the batch's records, only the last of each saga.
     async fn save(&mut self, work: &mut Work) -> Result<()> {
         let records = std::mem::take(&mut work.records);
-        self.log.append(records).await?;
+        let mut last: HashMap<bytes::Bytes, usize> = HashMap::with_capacity(records.len());
+        for (i, r) in records.iter().enumerate() {
+            last.insert(r.key.clone().unwrap_or_default(), i);
+        }
+        let kept: Vec<Record> = records
+            .into_iter()
+            .enumerate()
+            .filter(|(i, r)| last.get(&r.key.clone().unwrap_or_default()) == Some(i))
+            .map(|(_, r)| r)
+            .collect();
+        for chunk in crate::statelog::chunks(kept) {
+            self.log.append(chunk).await?;
+        }
         Ok(())
+    }
+
+    fn list(&self, list: List) {
+        let mut all: Vec<&Entry> = self
+            .sagas
+            .values()
+            .filter(|e| list.status.is_none_or(|s| e.saga.status() == s))
+            .collect();
+        all.sort_by(|a, b| {
+            let key = |e: &Entry| (e.saga.record().started_ms, e.saga.record().id.clone());
+            key(b).cmp(&key(a))
+        });
+        let found = all
+            .into_iter()
+            .take(list.limit)
+            .map(|e| to_wire(&e.service, &e.saga, false))
+            .collect();
+        let _ = list.reply.send(found);
     }
 
     /// Sends the calls and the answers of a batch that is saved.
     fn perform(&mut self, work: Work) {
+        for list in work.lists {
+            self.list(list);
+        }
         for (reply, id) in work.replies {
             let answer = match self.sagas.get(&id) {
                 Some(e) => Ok(to_wire(&e.service, &e.saga, true)),
@@ -526,6 +635,8 @@ impl<L: Log + Clone> Driver<L> {
             };
             let timeout_ms = u64::try_from(c.deadline_ms.saturating_sub(now_ms())).unwrap_or(0);
             let req = pb::BranchCall {
+                saga_started_ms: e.saga.record().started_ms,
+                saga_service: e.service.clone(),
                 call_id: 0,
                 saga_id: id.clone(),
                 branch: b.name.clone(),
@@ -569,33 +680,40 @@ impl<L: Log + Clone> Driver<L> {
     }
 }
 
-/// Reads committed starts from `__sagas`, from `from` on, into the driver.
+/// Reads committed starts from `__sagas`, from `from` on, into the driver;
+/// a read that fails is tried again, with backoff.
 async fn tail<L: Log>(data: L, mut from: u64, tx: mpsc::Sender<Command>) {
     use prost::Message;
     let tp = tandem_storage::TopicPartition::new(SAGA_TOPIC, 0);
+    let mut pause = Duration::from_millis(100);
     loop {
-        if let Err(e) = data.wait_for(&tp, from).await {
-            tracing::error!(error = %e, "cannot follow {SAGA_TOPIC}: sagas begun with a transaction wait");
-            return;
-        }
-        let batch = match data
-            .read(&tp, from, tandem_storage::ReadBudget::default())
-            .await
-        {
-            Ok(b) => b,
-            Err(tandem_storage::Error::OffsetOutOfRange { .. }) => {
-                let start = data.offsets(&tp).map(|o| o.log_start).unwrap_or(from);
+        let read = async {
+            data.wait_for(&tp, from).await?;
+            data.read(&tp, from, tandem_storage::ReadBudget::default())
+                .await
+        };
+        let batch = match read.await {
+            Ok(b) => {
+                pause = Duration::from_millis(100);
+                b
+            }
+            Err(tandem_storage::Error::OffsetOutOfRange { .. })
+                if data.offsets(&tp).is_ok_and(|o| o.log_start > from) =>
+            {
+                let start = data.offsets(&tp).map_or(from, |o| o.log_start);
                 tracing::error!(
                     from,
                     start,
                     "{SAGA_TOPIC} was cut by retention before its sagas started: skipping ahead"
                 );
-                from = start.max(from);
+                from = start;
                 continue;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot read {SAGA_TOPIC}: sagas begun with a transaction wait");
-                return;
+                tracing::error!(error = %e, retry_in_ms = pause.as_millis() as u64, "cannot read {SAGA_TOPIC}: sagas begun with a transaction wait");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+                continue;
             }
         };
         for r in batch {
@@ -629,8 +747,8 @@ fn definition_error(prefix: &str, e: tandem_sagas::Error) -> Error {
 
 /// Checks the `StartSagaRequest` carried by a half message for
 /// [`SAGA_TOPIC`]; returns the value to store, naming `service` (the
-/// preparing service) as the saga's.
-pub(crate) fn check_start(service: &str, value: &[u8]) -> Result<bytes::Bytes> {
+/// preparing service) as the saga's, with the saga's id and definition.
+pub(crate) fn check_start(service: &str, value: &[u8]) -> Result<(bytes::Bytes, String, SagaDef)> {
     use prost::Message;
     let mut req = pb::StartSagaRequest::decode(value).map_err(|e| {
         Error::invalid(
@@ -643,11 +761,11 @@ pub(crate) fn check_start(service: &str, value: &[u8]) -> Result<bytes::Bytes> {
         .definition
         .clone()
         .ok_or_else(|| Error::invalid("message.value.definition", "is required"))?;
-    definition_from_wire("message.value.definition", def)?
-        .validate()
+    let def = definition_from_wire("message.value.definition", def)?;
+    def.validate()
         .map_err(|e| definition_error("message.value.definition", e))?;
     req.service = service.to_owned();
-    Ok(req.encode_to_vec().into())
+    Ok((req.encode_to_vec().into(), req.saga_id, def))
 }
 
 fn or_default<T: PartialEq + Default>(v: T, default: T) -> T {
@@ -780,5 +898,84 @@ fn to_wire(service: &str, saga: &Saga, with_definition: bool) -> pb::Saga {
             concurrent,
             timeout_ms: def.timeout_ms,
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+    use tandem_storage::{EmbeddedLog, LogConfig, TopicPartition};
+
+    use super::*;
+
+    fn start(id: &str) -> Record {
+        let branch = pb::SagaBranch {
+            name: "b".into(),
+            service: "nobody".into(),
+            action: "do".into(),
+            compensation: "undo".into(),
+            max_attempts: 1,
+            timeout_ms: 20,
+            initial_backoff_ms: 10,
+            max_backoff_ms: 20,
+            ..Default::default()
+        };
+        let req = pb::StartSagaRequest {
+            saga_id: id.into(),
+            service: "orders".into(),
+            definition: Some(pb::SagaDefinition {
+                branches: vec![branch],
+                concurrent: false,
+                timeout_ms: 0,
+            }),
+        };
+        upsert(id.as_bytes().to_vec(), req.encode_to_vec())
+    }
+
+    /// Compaction drops old segments of `__saga_state`; the `__sagas`
+    /// cursor must survive it, or a restart would start again every saga
+    /// begun with a transaction that was forgotten meanwhile.
+    #[tokio::test]
+    async fn compaction_keeps_the_cursor_of_committed_starts() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|e| Error::Internal(e.to_string()))?;
+        let small = LogConfig {
+            segment_bytes: 4096,
+            ..LogConfig::default()
+        };
+        let data = EmbeddedLog::open(dir.path().join("d"), small.clone()).await?;
+        let internal = EmbeddedLog::open(dir.path().join("i"), small).await?;
+        let tp = TopicPartition::new(SAGA_TOPIC, 0);
+        data.create_partition(&tp).await?;
+        data.append(&tp, (0..3).map(|i| start(&format!("s{i}"))).collect())
+            .await?;
+        let (stop, stopped) = watch::channel(false);
+        // Nobody answers: the sagas keep retrying their compensations, and
+        // every retry writes a record, so compaction comes soon.
+        let (sagas, task) = Sagas::open_with(
+            data.clone(),
+            internal.clone(),
+            Arc::new(Sessions::default()),
+            Duration::from_secs(3600),
+            1,
+            stopped,
+        )
+        .await?;
+        let state = TopicPartition::new(LOG, 0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while internal.offsets(&state)?.log_start == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never compacted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(sagas.get("s2".into()).await.is_ok());
+        stop.send_replace(true);
+        let _ = task.await;
+        let (_, records) = StateLog::open(internal.clone(), LOG, 1).await?;
+        let cursor = records
+            .iter()
+            .rev()
+            .find(|r| r.record.key.as_deref() == Some(CURSOR))
+            .map(|r| r.record.value.to_vec());
+        assert_eq!(cursor, Some(3u64.to_le_bytes().to_vec()));
+        Ok(())
     }
 }

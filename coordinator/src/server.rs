@@ -205,7 +205,11 @@ async fn serve_embedded(
         StoreLog::Embedded(e.data.clone()).spawn_retention(config.retention_schedule.clone());
     role.send_replace(Role::Active(e.broker.clone(), None));
     health.set_serving::<Service>().await;
-    let (mut a, mut b) = (e.data.failed(), e.internal.failed());
+    let (mut a, mut b, mut c) = (
+        e.data.failed(),
+        e.internal.failed(),
+        e.broker.sagas.failed(),
+    );
     tokio::select! {
         () = shutdown => {
             tracing::info!("shutting down");
@@ -216,7 +220,7 @@ async fn serve_embedded(
             e.internal.close().await;
             Ok(())
         }
-        cause = first_failure(&mut a, &mut b) => {
+        cause = first_failure(&mut a, &mut b, &mut c) => {
             health.set_not_serving::<Service>().await;
             tracing::error!(%cause, "storage failed: stopping; restart to recover from disk");
             retention.abort();
@@ -427,10 +431,10 @@ impl Replica<'_> {
             recovery_ms = started.elapsed().as_millis() as u64,
             "holding the lease: serving"
         );
-        let (mut a, mut b) = (data.failed(), internal.failed());
+        let (mut a, mut b, mut c) = (data.failed(), internal.failed(), broker.sagas.failed());
         let ended = tokio::select! {
             () = shutdown.as_mut() => Ended::Shutdown,
-            cause = first_failure(&mut a, &mut b) => Ended::Lost(format!("a write failed: {cause}")),
+            cause = first_failure(&mut a, &mut b, &mut c) => Ended::Lost(format!("a write failed: {cause}")),
             cause = &mut keeper => Ended::Lost(cause.unwrap_or_else(|e| format!("the lease keeper failed: {e}"))),
         };
         keeper.abort();
@@ -497,10 +501,12 @@ async fn keep(
     }
 }
 
-/// Resolves with the cause of the first failure either log reports.
+/// Resolves with the cause of the first failure a log or the saga driver
+/// reports.
 async fn first_failure(
     a: &mut watch::Receiver<Option<String>>,
     b: &mut watch::Receiver<Option<String>>,
+    c: &mut watch::Receiver<Option<String>>,
 ) -> String {
     async fn one(r: &mut watch::Receiver<Option<String>>) -> String {
         let cause = r.wait_for(Option::is_some).await.map(|v| v.clone());
@@ -511,8 +517,9 @@ async fn first_failure(
         }
     }
     tokio::select! {
-        c = one(a) => c,
-        c = one(b) => c,
+        cause = one(a) => cause,
+        cause = one(b) => cause,
+        cause = one(c) => cause,
     }
 }
 

@@ -512,7 +512,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         if topic == crate::saga::SAGA_TOPIC {
             // A saga started with a local transaction: checked now, and
             // started when (if) the transaction commits.
-            message.value = crate::saga::check_start(&req.service, &message.value)?;
+            let (value, id, def) = crate::saga::check_start(&req.service, &message.value)?;
+            broker
+                .sagas
+                .check_free(id, req.service.clone(), def)
+                .await?;
+            message.value = value;
         }
         if req.context.len() > MAX_CONTEXT_BYTES {
             return Err(Error::TooLarge {

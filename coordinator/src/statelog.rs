@@ -38,6 +38,30 @@ pub(crate) fn upsert(key: Vec<u8>, value: Vec<u8>) -> Record {
     }
 }
 
+/// Most bytes (keys and values) one append of a state log carries: well
+/// under the log's largest batch.
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// `records` cut into appends of at most 1 000 records and about
+/// [`CHUNK_BYTES`] each.
+pub(crate) fn chunks(records: Vec<Record>) -> Vec<Vec<Record>> {
+    let mut out = Vec::new();
+    let (mut chunk, mut bytes) = (Vec::new(), 0);
+    for r in records {
+        let size = r.value.len() + r.key.as_ref().map_or(0, |k| k.len());
+        if !chunk.is_empty() && (chunk.len() == 1000 || bytes + size > CHUNK_BYTES) {
+            out.push(std::mem::take(&mut chunk));
+            bytes = 0;
+        }
+        bytes += size;
+        chunk.push(r);
+    }
+    if !chunk.is_empty() {
+        out.push(chunk);
+    }
+    out
+}
+
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -124,13 +148,18 @@ impl<L: Log> StateLog<L> {
         self.since_compaction.load(Ordering::Relaxed) >= self.compact_every
     }
 
+    /// Records appended since the last compaction (its snapshot included).
+    pub(crate) fn appended_since_compaction(&self) -> u64 {
+        self.since_compaction.load(Ordering::Relaxed)
+    }
+
     /// Appends `live` (the whole current state as upserts) and drops what
     /// lies wholly before it.
     pub(crate) async fn compact(&self, live: Vec<Record>) -> Result<()> {
         let start = self.high_water_mark()?;
         let n = live.len() as u64;
-        for chunk in live.chunks(1000) {
-            self.log.append(&self.tp, chunk.to_vec()).await?;
+        for chunk in chunks(live) {
+            self.log.append(&self.tp, chunk).await?;
         }
         self.truncate_before(start).await?;
         self.since_compaction.store(n, Ordering::Relaxed);

@@ -251,6 +251,15 @@ async fn a_saga_begun_in_a_transaction_starts_when_it_commits(backend: Backend) 
     client.commit(end(&t1)).await?;
     let s = wait_finished(&mut client, "committed").await?;
     assert_eq!(s.service, "orders", "the preparing service starts it");
+    // Its id is taken: another definition under it is refused at prepare.
+    let mut again = prepare("committed");
+    if let Some(m) = again.message.as_mut() {
+        m.value = start("committed", vec![branch("other", "p")])
+            .encode_to_vec()
+            .into();
+    }
+    let e = client.prepare(again).await.expect_err("taken");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
     // A restart reads the log again and starts nothing twice.
     c.stop().await?;
     let c = Running::start(&store).await?;

@@ -179,85 +179,96 @@ fn directive(payload: &[u8], name: &str) -> Option<String> {
         })
 }
 
-impl TestApp {
-    /// A branch operation, the barrier way: every call is recorded in
-    /// `branch_calls`; the effect is a `ledger` row (no unique key, so a
-    /// doubled effect would show) written in one transaction with the
-    /// operation's `tandem_barrier` row, and skipped when that row exists.
-    async fn branch(
-        &self,
-        req: app_pb::BranchRequest,
-        op: &str,
-    ) -> Result<app_pb::BranchResponse, Status> {
-        sqlx::query(
-            "INSERT INTO branch_calls (saga_id, branch, op, attempt) VALUES ($1, $2, $3, $4)",
-        )
+/// A branch operation, the barrier way: every call is recorded in
+/// `branch_calls`; the effect is a `ledger` row (no unique key, so a
+/// doubled effect would show) written in one transaction with the
+/// operation's `tandem_barrier` row, and skipped when that row exists
+/// (recorded in `barrier_conflicts`). It runs detached from the call, so a
+/// call cut short by its deadline still reaches its transaction, as a
+/// real app's work would.
+async fn branch_step(
+    db: SqlitePool,
+    req: app_pb::BranchRequest,
+    op: &'static str,
+) -> Result<app_pb::BranchResponse, Status> {
+    sqlx::query("INSERT INTO branch_calls (saga_id, branch, op, attempt) VALUES ($1, $2, $3, $4)")
         .bind(&req.saga_id)
         .bind(&req.branch)
         .bind(op)
         .bind(req.attempt as i64)
-        .execute(&self.db)
+        .execute(&db)
         .await
         .map_err(internal)?;
-        let calls: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM branch_calls WHERE saga_id = $1 AND branch = $2 AND op = $3",
-        )
-        .bind(&req.saga_id)
-        .bind(&req.branch)
-        .bind(op)
-        .fetch_one(&self.db)
+    let calls: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM branch_calls WHERE saga_id = $1 AND branch = $2 AND op = $3",
+    )
+    .bind(&req.saga_id)
+    .bind(&req.branch)
+    .bind(op)
+    .fetch_one(&db)
+    .await
+    .map_err(internal)?;
+    let prefix = if op == "action" { "action" } else { "comp" };
+    let raise = directive(&req.payload, &format!("{prefix}-raise"));
+    if raise.is_some_and(|n| calls <= n.parse::<i64>().unwrap_or(1)) {
+        return Err(Status::unknown(format!(
+            "test app raises on {op} call {calls}"
+        )));
+    }
+    if op == "action" {
+        if directive(&req.payload, "action-crash").is_some() && calls <= 1 {
+            eprintln!(
+                "test app: crashing in the action of {}/{}",
+                req.saga_id, req.branch
+            );
+            std::process::abort();
+        }
+        if let Some(ms) = directive(&req.payload, "action-slow").filter(|_| calls <= 1) {
+            let ms = ms.parse().unwrap_or(1000);
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+        }
+        if directive(&req.payload, "fail").is_some() {
+            return Ok(app_pb::BranchResponse {
+                failed: true,
+                reason: "declined by the test app".into(),
+            });
+        }
+    }
+    let mut tx = db.begin().await.map_err(internal)?;
+    let fresh = crate::db::enter_barrier(&mut tx, &req.saga_id, &req.branch, op)
         .await
         .map_err(internal)?;
-        let prefix = if op == "action" { "action" } else { "comp" };
-        let raise = directive(&req.payload, &format!("{prefix}-raise"));
-        if raise.is_some_and(|n| calls <= n.parse::<i64>().unwrap_or(1)) {
-            return Err(Status::unknown(format!(
-                "test app raises on {op} call {calls}"
-            )));
-        }
-        if op == "action" {
-            if directive(&req.payload, "action-crash").is_some() && calls <= 1 {
-                eprintln!(
-                    "test app: crashing in the action of {}/{}",
-                    req.saga_id, req.branch
-                );
-                std::process::abort();
-            }
-            if let Some(ms) = directive(&req.payload, "action-slow").filter(|_| calls <= 1) {
-                let ms = ms.parse().unwrap_or(1000);
-                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-            }
-            if directive(&req.payload, "fail").is_some() {
-                return Ok(app_pb::BranchResponse {
-                    failed: true,
-                    reason: "declined by the test app".into(),
-                });
-            }
-        }
-        let mut tx = self.db.begin().await.map_err(internal)?;
-        let fresh = sqlx::query(
-            "INSERT INTO tandem_barrier (saga_id, branch, op, origin) VALUES ($1, $2, $3, $3) \
-             ON CONFLICT DO NOTHING",
-        )
+    if !fresh {
+        tx.rollback().await.map_err(internal)?;
+        sqlx::query("INSERT INTO barrier_conflicts (saga_id, branch, op) VALUES ($1, $2, $3)")
+            .bind(&req.saga_id)
+            .bind(&req.branch)
+            .bind(op)
+            .execute(&db)
+            .await
+            .map_err(internal)?;
+        return Ok(app_pb::BranchResponse::default());
+    }
+    sqlx::query("INSERT INTO ledger (saga_id, branch, op) VALUES ($1, $2, $3)")
         .bind(&req.saga_id)
         .bind(&req.branch)
         .bind(op)
         .execute(&mut *tx)
         .await
-        .map_err(internal)?
-        .rows_affected()
-            == 1;
-        if fresh {
-            sqlx::query("INSERT INTO ledger (saga_id, branch, op) VALUES ($1, $2, $3)")
-                .bind(&req.saga_id)
-                .bind(&req.branch)
-                .bind(op)
-                .execute(&mut *tx)
-                .await
-                .map_err(internal)?;
-        }
-        tx.commit().await.map_err(internal)?;
-        Ok(app_pb::BranchResponse::default())
+        .map_err(internal)?;
+    tx.commit().await.map_err(internal)?;
+    Ok(app_pb::BranchResponse::default())
+}
+
+impl TestApp {
+    async fn branch(
+        &self,
+        req: app_pb::BranchRequest,
+        op: &'static str,
+    ) -> Result<app_pb::BranchResponse, Status> {
+        tokio::spawn(branch_step(self.db.clone(), req, op))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
     }
 }
 
@@ -505,7 +516,8 @@ pub async fn run(
          CREATE TABLE IF NOT EXISTS calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL, attempt INTEGER NOT NULL, batch INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS executions (seq INTEGER PRIMARY KEY AUTOINCREMENT, txn_id TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS branch_calls (seq INTEGER PRIMARY KEY AUTOINCREMENT, saga_id TEXT NOT NULL, branch TEXT NOT NULL, op TEXT NOT NULL, attempt INTEGER NOT NULL);
-         CREATE TABLE IF NOT EXISTS ledger (seq INTEGER PRIMARY KEY AUTOINCREMENT, saga_id TEXT NOT NULL, branch TEXT NOT NULL, op TEXT NOT NULL);",
+         CREATE TABLE IF NOT EXISTS ledger (seq INTEGER PRIMARY KEY AUTOINCREMENT, saga_id TEXT NOT NULL, branch TEXT NOT NULL, op TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS barrier_conflicts (seq INTEGER PRIMARY KEY AUTOINCREMENT, saga_id TEXT NOT NULL, branch TEXT NOT NULL, op TEXT NOT NULL);",
     )
     .execute(&pool)
     .await?;

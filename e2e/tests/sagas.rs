@@ -82,6 +82,19 @@ async fn calls(db: &SqlitePool, id: &str, branch: &str, op: &str) -> TestResult<
     .await?)
 }
 
+/// Times the app's insert of its barrier row for `op` conflicted (a repeat
+/// or a hanging action reached its transaction and did nothing).
+async fn conflicts(db: &SqlitePool, id: &str, branch: &str, op: &str) -> TestResult<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT COUNT(*) FROM barrier_conflicts WHERE saga_id = $1 AND branch = $2 AND op = $3",
+    )
+    .bind(id)
+    .bind(branch)
+    .bind(op)
+    .fetch_one(db)
+    .await?)
+}
+
 async fn barrier(db: &SqlitePool, id: &str, branch: &str) -> TestResult<Vec<(String, String)>> {
     Ok(sqlx::query_as(
         "SELECT op, origin FROM tandem_barrier WHERE saga_id = $1 AND branch = $2 ORDER BY op",
@@ -218,7 +231,11 @@ async fn a_repeated_call_takes_effect_once() -> TestResult {
         }
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    eventually("the slow first call to reach its transaction", || {
+        let cart = cart.clone();
+        async move { Ok((conflicts(&cart, "s-dup", "stock", "action").await? >= 1).then_some(())) }
+    })
+    .await?;
     assert!(calls(&cart, "s-dup", "stock", "action").await? >= 2);
     assert_eq!(ledger(&cart, "s-dup").await?, vec![pair("stock", "action")]);
     c.done()
@@ -247,7 +264,12 @@ async fn an_action_arriving_after_its_compensation_is_refused() -> TestResult {
     );
     let cart = c.consumer_db().await?;
     assert_eq!(calls(&cart, "s-hang", "stock", "action").await?, 1);
-    tokio::time::sleep(Duration::from_millis(2500)).await; // the action wakes up
+    // The action wakes up, reaches its transaction, and does nothing.
+    eventually("the late action to reach its transaction", || {
+        let cart = cart.clone();
+        async move { Ok((conflicts(&cart, "s-hang", "stock", "action").await? == 1).then_some(())) }
+    })
+    .await?;
     assert_eq!(
         ledger(&cart, "s-hang").await?,
         vec![],

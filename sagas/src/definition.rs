@@ -18,7 +18,10 @@ pub const MAX_BRANCHES: usize = 64;
 /// Longest name of a branch, service, action or compensation, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 /// Largest payload of one branch, in bytes.
-pub const MAX_PAYLOAD: usize = 1 << 20;
+pub const MAX_PAYLOAD: usize = 64 << 10;
+/// Largest definition, encoded, in bytes (it is stored with every change
+/// of the saga's progress).
+pub const MAX_DEFINITION_BYTES: usize = 512 << 10;
 /// Most attempts of one action (the first call included).
 pub const MAX_ATTEMPTS: u32 = 1000;
 /// Longest call timeout, backoff or saga timeout, in milliseconds (a day).
@@ -144,6 +147,13 @@ impl SagaDef {
             return Err(invalid(
                 "timeout_ms",
                 format!("at most {MAX_DURATION_MS} (a day), or 0 for none"),
+            ));
+        }
+        let size = prost::Message::encoded_len(self);
+        if size > MAX_DEFINITION_BYTES {
+            return Err(invalid(
+                "",
+                format!("{size} bytes encoded; at most {MAX_DEFINITION_BYTES} (payloads included)"),
             ));
         }
         for (i, b) in self.branches.iter().enumerate() {
@@ -303,6 +313,23 @@ mod tests {
         let mut d = three();
         d.branches[2].compensation.clear();
         d.validate().expect("a branch may have nothing to undo");
+
+        let mut d = three();
+        d.branches[0].payload = vec![0; MAX_PAYLOAD + 1].into();
+        assert_eq!(field_of(&d), "branches[0].payload");
+
+        let mut d = SagaDef::sequential(
+            (0..MAX_BRANCHES)
+                .map(|i| {
+                    let mut b = BranchDef::new(&format!("b{i}"), "s", "do", "undo");
+                    b.payload = vec![0; MAX_PAYLOAD].into();
+                    b
+                })
+                .collect(),
+        );
+        assert_eq!(field_of(&d), "", "the whole definition is too large");
+        d.branches.truncate(7);
+        d.validate().expect("7 full payloads fit");
     }
 
     #[test]

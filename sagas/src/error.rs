@@ -5,9 +5,10 @@
 pub enum Error {
     /// A definition the caller gave breaks a rule; `field` names the first
     /// offending field, such as `branches[2].after`.
-    #[error("invalid saga definition: {field}: {reason}")]
+    #[error("invalid saga definition: {field}{}{reason}", if field.is_empty() { "" } else { ": " })]
     InvalidDefinition {
-        /// The field, as a path from the definition.
+        /// The field, as a path from the definition (empty: the whole
+        /// definition).
         field: String,
         /// What is wrong with it.
         reason: String,

@@ -10,11 +10,11 @@ mod machine;
 
 pub use definition::{
     BranchDef, DEFAULT_INITIAL_BACKOFF_MS, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_BACKOFF_MS,
-    DEFAULT_TIMEOUT_MS, MAX_ATTEMPTS, MAX_BRANCHES, MAX_DURATION_MS, MAX_NAME_LEN, MAX_PAYLOAD,
-    SagaDef,
+    DEFAULT_TIMEOUT_MS, MAX_ATTEMPTS, MAX_BRANCHES, MAX_DEFINITION_BYTES, MAX_DURATION_MS,
+    MAX_NAME_LEN, MAX_PAYLOAD, SagaDef,
 };
 pub use error::{Error, Result};
 pub use machine::{
-    BranchRecord, Call, Effect, Event, Op, OpRecord, OpStatus, Outcome, Saga, SagaRecord,
-    SagaStatus,
+    BranchRecord, Call, Effect, Event, MAX_REASON, Op, OpRecord, OpStatus, Outcome, Saga,
+    SagaRecord, SagaStatus, clip,
 };

@@ -31,6 +31,24 @@
 use crate::definition::SagaDef;
 use crate::error::{Error, Result};
 
+/// Longest failure reason kept in a saga's progress, in bytes.
+pub const MAX_REASON: usize = 1024;
+
+/// `reason` cut to at most [`MAX_REASON`] bytes (at a character boundary):
+/// the text of an answer is the participant's, and the progress record
+/// holding it must stay small.
+pub fn clip(mut reason: String) -> String {
+    if reason.len() > MAX_REASON {
+        let mut end = MAX_REASON - 3;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str("...");
+    }
+    reason
+}
+
 /// Where a saga is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]
@@ -375,6 +393,11 @@ impl Saga {
         if o.status() != OpStatus::Calling || o.calls != call {
             return; // an earlier call's answer, or a repeat: nothing changes
         }
+        let outcome = match outcome {
+            Outcome::Failed(r) => Outcome::Failed(clip(r)),
+            Outcome::Unknown(r) => Outcome::Unknown(clip(r)),
+            o => o,
+        };
         match (op, outcome) {
             (Op::Action, Outcome::Succeeded) => {
                 self.op_mut(b, op).set_status(OpStatus::Succeeded);
@@ -481,6 +504,9 @@ impl Saga {
     /// make them again at once under new numbers, without counting a
     /// failure; an action that was out while compensating is given up.
     fn on_recover(&mut self, now: i64) {
+        // A saga whose timeout passed while the coordinator was down turns
+        // back before anything is called again.
+        self.on_time(now);
         let compensating = self.status() == SagaStatus::Compensating;
         for b in 0..self.rec.branches.len() {
             for op in [Op::Action, Op::Compensation] {
@@ -789,6 +815,35 @@ mod tests {
         assert_eq!(one(&r.apply(answer(&c2, Outcome::Succeeded), 61)).branch, 1);
         // The original, not restored, is a different object: unchanged.
         assert_eq!(s.apply(Event::Tick, 1).len(), 0);
+    }
+
+    #[test]
+    fn a_restart_past_the_saga_timeout_turns_it_back_without_calling_forward() {
+        let mut d = def(2);
+        d.timeout_ms = 1_000;
+        let (s, e) = Saga::start("s1", d.clone(), 0).expect("valid");
+        let c = one(&e);
+        let mut r = Saga::restore(d, s.record().clone()).expect("fits");
+        let e = r.apply(Event::Recover, 5_000);
+        assert_eq!(r.status(), SagaStatus::Compensating);
+        // The action that was out is given up, not repeated; its
+        // compensation goes out (a null one at its barrier).
+        let k = one(&e);
+        assert_eq!((k.branch, k.op), (0, Op::Compensation), "{c:?}");
+    }
+
+    #[test]
+    fn long_reasons_are_clipped() {
+        let (mut s, e) = Saga::start("s1", def(1), 0).expect("valid");
+        let c = one(&e);
+        s.apply(answer(&c, Outcome::Failed("é".repeat(5000))), 1);
+        let err = &s.record().branches[0].op(Op::Action).error;
+        assert!(
+            err.len() <= MAX_REASON && err.ends_with("..."),
+            "{}",
+            err.len()
+        );
+        assert!(s.record().reason.len() <= MAX_REASON + 64);
     }
 
     #[test]

@@ -16,38 +16,78 @@
 //!   app, and an action that was already running finds the row when it
 //!   inserts its own, and is refused once it answers.
 //!
-//! Outcomes: an action's business failure (`BranchResponse.failed`, or the
-//! status ABORTED) is FAILED; any other error, a timeout or a database
-//! error is UNKNOWN, which the coordinator retries.
+//! An app that answers OK without writing its barrier row gets it written
+//! by the sidecar right after (a warning says so): the barrier then still
+//! refuses repeats and hanging actions, though without the app's own
+//! insert a crash between its commit and that row can run an operation
+//! twice.
+//!
+//! A call of a saga older than this sidecar's `retention_ms` is not run:
+//! its barrier rows may have been cleaned up, and a compensation would be
+//! taken for a null one. It is answered UNKNOWN, loudly, until an operator
+//! raises `retention_ms`.
+//!
+//! Outcomes: an action's business failure (`BranchResponse.failed`) is
+//! FAILED; any other error, a timeout or a database error is UNKNOWN, which
+//! the coordinator retries. Reasons are cut to 1 KiB.
 
 use std::time::Duration;
 
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
-use tonic::{Code, Request};
+use tonic::Request;
 
 use crate::node::Node;
 
 const ACTION: &str = "action";
 const COMPENSATION: &str = "compensation";
 
-fn outcome(o: pb::BranchOutcome, reason: impl Into<String>) -> (pb::BranchOutcome, String) {
-    (o, reason.into())
+type Answer = (pb::BranchOutcome, String);
+
+fn outcome(o: pb::BranchOutcome, reason: impl Into<String>) -> Answer {
+    (o, clip(reason.into()))
+}
+
+/// `reason` cut to at most 1 KiB, at a character boundary.
+fn clip(mut reason: String) -> String {
+    const MAX: usize = 1024;
+    if reason.len() > MAX {
+        let mut end = MAX - 3;
+        while !reason.is_char_boundary(end) {
+            end -= 1;
+        }
+        reason.truncate(end);
+        reason.push_str("...");
+    }
+    reason
 }
 
 impl Node {
     /// Runs one branch call through the barrier; its outcome and reason.
-    pub(crate) async fn run_branch(&self, call: &pb::BranchCall) -> (pb::BranchOutcome, String) {
-        let compensation = call.op == pb::BranchOp::Compensation as i32;
-        let result = if compensation {
-            self.compensate(call).await
-        } else {
-            self.act(call).await
+    pub(crate) async fn run_branch(&self, call: &pb::BranchCall) -> Answer {
+        let age = crate::check::now_ms().saturating_sub(call.saga_started_ms);
+        let retention = i64::try_from(self.config.retention.as_millis()).unwrap_or(i64::MAX);
+        if call.saga_started_ms > 0 && age > retention {
+            tracing::error!(saga = %call.saga_id, branch = %call.branch, age_ms = age, retention_ms = retention, "a call of a saga older than retention_ms: not run (its barrier rows may be gone); raise retention_ms");
+            return outcome(
+                pb::BranchOutcome::Unknown,
+                format!(
+                    "the saga is older than the sidecar's retention_ms ({retention}): not run, its barrier may be gone"
+                ),
+            );
+        }
+        let result = match pb::BranchOp::try_from(call.op) {
+            Ok(pb::BranchOp::Action) => self.act(call).await,
+            Ok(pb::BranchOp::Compensation) => self.compensate(call).await,
+            _ => Ok(outcome(
+                pb::BranchOutcome::Unknown,
+                format!("unknown op {}", call.op),
+            )),
         };
         result.unwrap_or_else(|e| outcome(pb::BranchOutcome::Unknown, e.to_string()))
     }
 
-    async fn act(&self, call: &pb::BranchCall) -> crate::Result<(pb::BranchOutcome, String)> {
+    async fn act(&self, call: &pb::BranchCall) -> crate::Result<Answer> {
         let origin = self
             .db
             .barrier_origin(&call.saga_id, &call.branch, ACTION)
@@ -63,25 +103,15 @@ impl Node {
             .await;
         Ok(match answer {
             Ok(r) if r.failed => outcome(pb::BranchOutcome::Failed, r.reason),
-            Ok(_) => {
-                let origin = self
-                    .db
-                    .barrier_origin(&call.saga_id, &call.branch, ACTION)
-                    .await?;
-                match origin.as_deref() {
-                    Some(COMPENSATION) => refused(),
-                    _ => outcome(pb::BranchOutcome::Succeeded, ""),
-                }
-            }
-            Err(s) if s.code() == Code::Aborted => outcome(pb::BranchOutcome::Failed, s.message()),
+            Ok(_) => match self.recorded(call, ACTION).await?.as_str() {
+                COMPENSATION => refused(),
+                _ => outcome(pb::BranchOutcome::Succeeded, ""),
+            },
             Err(s) => outcome(pb::BranchOutcome::Unknown, app_error("ExecuteBranch", &s)),
         })
     }
 
-    async fn compensate(
-        &self,
-        call: &pb::BranchCall,
-    ) -> crate::Result<(pb::BranchOutcome, String)> {
+    async fn compensate(&self, call: &pb::BranchCall) -> crate::Result<Answer> {
         let done = self
             .db
             .barrier_origin(&call.saga_id, &call.branch, COMPENSATION)
@@ -109,7 +139,10 @@ impl Node {
                 pb::BranchOutcome::Unknown,
                 format!("CompensateBranch answered failed: {}", r.reason),
             ),
-            Ok(_) => outcome(pb::BranchOutcome::Succeeded, ""),
+            Ok(_) => {
+                self.recorded(call, COMPENSATION).await?;
+                outcome(pb::BranchOutcome::Succeeded, "")
+            }
             Err(s) => outcome(
                 pb::BranchOutcome::Unknown,
                 app_error("CompensateBranch", &s),
@@ -117,7 +150,24 @@ impl Node {
         })
     }
 
-    /// Calls the app within the call's own timeout and `callback_timeout`.
+    /// The origin of `op`'s barrier row after the app answered OK, writing
+    /// the row if the app did not.
+    async fn recorded(&self, call: &pb::BranchCall, op: &str) -> crate::Result<String> {
+        if let Some(origin) = self
+            .db
+            .barrier_origin(&call.saga_id, &call.branch, op)
+            .await?
+        {
+            return Ok(origin);
+        }
+        tracing::warn!(saga = %call.saga_id, branch = %call.branch, op, "the app answered OK without writing its tandem_barrier row: written by the sidecar (write it in your transaction)");
+        self.db
+            .barrier_record(&call.saga_id, &call.branch, op)
+            .await
+    }
+
+    /// Calls the app within the call's own timeout (`callback_timeout` when
+    /// the call has none).
     async fn call_app<F, Fut>(
         &self,
         call: &pb::BranchCall,
@@ -129,16 +179,17 @@ impl Node {
                 Output = Result<tonic::Response<app_pb::BranchResponse>, tonic::Status>,
             >,
     {
-        let mut limit = self.config.callback_timeout;
-        if call.timeout_ms > 0 {
-            limit = limit.min(Duration::from_millis(call.timeout_ms));
-        }
+        let limit = match call.timeout_ms {
+            0 => self.config.callback_timeout,
+            ms => Duration::from_millis(ms),
+        };
         let mut req = Request::new(app_pb::BranchRequest {
             saga_id: call.saga_id.clone(),
             branch: call.branch.clone(),
             operation: call.operation.clone(),
             payload: call.payload.clone(),
             attempt: call.attempt,
+            saga_service: call.saga_service.clone(),
         });
         req.set_timeout(limit);
         match tokio::time::timeout(limit, f(req)).await {
@@ -151,7 +202,7 @@ impl Node {
     }
 }
 
-fn refused() -> (pb::BranchOutcome, String) {
+fn refused() -> Answer {
     outcome(
         pb::BranchOutcome::Failed,
         "refused: the branch was compensated before its action arrived",

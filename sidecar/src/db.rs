@@ -580,6 +580,29 @@ impl Db {
         row.transpose().map_err(db_err("read tandem_barrier"))
     }
 
+    /// Inserts barrier row (`saga_id`, `branch`, `op`) with origin `op`
+    /// unless one is there (for an app that answered OK without writing
+    /// it); returns the origin of the row there afterwards.
+    pub async fn barrier_record(&self, saga_id: &str, branch: &str, op: &str) -> Result<String> {
+        on_db!(self, |p| sqlx::query(
+            "INSERT INTO tandem_barrier (saga_id, branch, op, origin) VALUES ($1, $2, $3, $3) \
+             ON CONFLICT DO NOTHING"
+        )
+        .bind(saga_id)
+        .bind(branch)
+        .bind(op)
+        .execute(p)
+        .await
+        .map(drop)
+        .map_err(db_err("write tandem_barrier"))?);
+        self.barrier_origin(saga_id, branch, op)
+            .await?
+            .ok_or(Error::Db {
+                what: "read back a tandem_barrier row",
+                source: sqlx::Error::RowNotFound,
+            })
+    }
+
     /// Records the compensation of a branch whose action never committed:
     /// inserts the action's row with origin `compensation` (so a late
     /// action conflicts and is refused) and the compensation's row. True if
@@ -910,6 +933,12 @@ mod tests {
         .rows_affected()
         });
         assert_eq!(late, 0, "the hanging action's insert conflicts");
+        // Rows written for an app that did not write its own.
+        assert_eq!(db.barrier_record("s", "r", "action").await?, "action");
+        assert_eq!(
+            db.barrier_record("s", "late", "action").await?,
+            "compensation"
+        );
         assert_eq!(db.cleanup(0, 0).await?, 0, "nothing old yet");
         assert!(
             db.cleanup(i64::MAX, 0).await? >= 3,
