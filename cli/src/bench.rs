@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use serde_json::json;
-use tandem_e2e::bench::{Percentiles, outbox, restart, txn, unary};
+use tandem_e2e::bench::{Percentiles, outbox, restart, saga, txn, unary};
 
 /// A scenario of `tandem bench`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -29,6 +29,10 @@ pub enum Scenario {
     /// One empty unary gRPC call per "transaction" over loopback: the floor
     /// under each of a transaction's hops.
     Unary,
+    /// Sagas of three branches on three services (each its sidecar and its
+    /// SQLite database), started through a fourth service's sidecar: sagas
+    /// started and done per second.
+    Saga,
     /// A coordinator restarting with `--open` open half messages: time to
     /// serve again, memory, and the check-backs that follow (not run by
     /// default: loading a million takes a minute or more).
@@ -44,6 +48,7 @@ impl Scenario {
             Scenario::TxnPostgresStore => "txn-postgres-store",
             Scenario::Outbox => "outbox",
             Scenario::Unary => "unary",
+            Scenario::Saga => "saga",
             Scenario::Restart => "restart",
         }
     }
@@ -55,13 +60,14 @@ impl Scenario {
         )
     }
 
-    const ALL: [Scenario; 6] = [
+    const ALL: [Scenario; 7] = [
         Scenario::Txn,
         Scenario::TxnSqlite,
         Scenario::TxnPostgres,
         Scenario::TxnPostgresStore,
         Scenario::Outbox,
         Scenario::Unary,
+        Scenario::Saga,
     ];
 }
 
@@ -321,7 +327,29 @@ async fn run_all(
                 restarts.push((round, r));
                 continue;
             }
-            let row = if scenario == Scenario::Unary {
+            let row = if scenario == Scenario::Saga {
+                let r = saga::run(
+                    &saga::Options {
+                        seconds,
+                        workers: args.workers,
+                        paced: args.paced,
+                        dir: dir.join(format!("{round}-saga")),
+                    },
+                    &label,
+                )
+                .await
+                .with_context(context)?;
+                Row {
+                    scenario,
+                    round,
+                    committed_per_s: r.started_per_s,
+                    applied_per_s: r.done_per_s,
+                    cpu_us: Some(r.cpu_us),
+                    stages_ms: None,
+                    paced_per_s: r.paced_per_s,
+                    latency: r.latency,
+                }
+            } else if scenario == Scenario::Unary {
                 let r = unary::run(
                     &unary::Options {
                         seconds,
@@ -477,8 +505,10 @@ fn table(
     writeln!(
         out,
         "committed/s: over the whole peak phase; applied/s: effects applied by the consumer over \
-         its last 80 % (unary: calls answered); CPU µs: this process's CPU per applied effect over \
-         that window (PostgreSQL's is not in it); p50/p99: Begin (the outbox: its local transaction) -> effect applied, in \
+         its last 80 % (unary: calls answered; saga: sagas started, and sagas whose last branch's \
+         effect is committed); CPU µs: this process's CPU per applied effect over \
+         that window (PostgreSQL's is not in it); p50/p99: Begin (the outbox: its local transaction; \
+         saga: StartSaga) -> effect applied, in \
          the paced phase, at the rate shown (each scenario's own half peak unless --paced sets one)"
     )?;
     Ok(())

@@ -43,9 +43,9 @@ fn check(report: &serde_json::Value, scenarios: &[&str]) -> TestResult {
 }
 
 #[test]
-fn transactions_with_no_tables_and_on_sqlite_report_what_was_applied() -> TestResult {
-    let report = bench(&["txn", "txn-sqlite", "unary", "--batch", "1"])?;
-    check(&report, &["txn", "txn-sqlite", "unary"])?;
+fn transactions_with_no_tables_and_on_sqlite_and_sagas_report_what_was_applied() -> TestResult {
+    let report = bench(&["txn", "txn-sqlite", "unary", "saga", "--batch", "1"])?;
+    check(&report, &["txn", "txn-sqlite", "unary", "saga"])?;
     assert_eq!(report["batch"], 1);
     // CPU per transaction is measured (in 10 ms ticks: a short run may
     // count none, never a negative or missing figure)

@@ -8,6 +8,7 @@
 
 pub mod outbox;
 pub mod restart;
+pub mod saga;
 pub mod txn;
 pub mod unary;
 

@@ -340,13 +340,13 @@ async fn transaction(
     Ok(())
 }
 
-async fn listener() -> anyhow::Result<(TcpListener, String)> {
+pub(super) async fn listener() -> anyhow::Result<(TcpListener, String)> {
     let l = TcpListener::bind("127.0.0.1:0").await?;
     let a = format!("http://{}", l.local_addr()?);
     Ok((l, a))
 }
 
-async fn sqlite(path: &std::path::Path) -> anyhow::Result<SqlitePool> {
+pub(super) async fn sqlite(path: &std::path::Path) -> anyhow::Result<SqlitePool> {
     use std::str::FromStr;
     // One connection: SQLite takes one writer at a time, and a queue in
     // the pool beats busy-waiting in SQLite.
