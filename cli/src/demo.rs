@@ -69,12 +69,15 @@ pub struct DemoArgs {
 const SKUS: [&str; 3] = ["apple", "pear", "plum"];
 const INITIAL: i64 = 100_000;
 
-/// Settings that make check-back quick enough to watch.
+/// Settings that make check-back quick enough to watch (a local
+/// transaction still running after `check_after_ms` with no `tandem_txn`
+/// row is rolled back by check-back: 3 s leaves room for the order
+/// database's one writer under the checkouts' load on a busy machine).
 const COORDINATOR: &[&str] = &[
-    "check_after_ms=1000",
+    "check_after_ms=3000",
     "check_timeout_ms=1000",
     "max_checks=5",
-    "max_check_interval_ms=2000",
+    "max_check_interval_ms=3000",
     "session_timeout_ms=3000",
     "revoke_timeout_ms=3000",
     "log=warn",
@@ -708,6 +711,22 @@ struct SagaVerdict {
     problems: Vec<String>,
 }
 
+/// Rows (saga id, text, number, times undone) grouped by saga id.
+async fn by_saga(
+    db: &sqlx::SqlitePool,
+    sql: &'static str,
+) -> anyhow::Result<HashMap<String, Vec<(String, i64, i64)>>> {
+    let mut out: HashMap<String, Vec<(String, i64, i64)>> = HashMap::new();
+    for row in sqlx::query(sql).fetch_all(db).await? {
+        out.entry(row.try_get(0)?).or_default().push((
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+        ));
+    }
+    Ok(out)
+}
+
 /// Checks the checkouts from the three databases and the coordinator:
 /// every committed checkout's saga ended; a confirmed one holds its stock
 /// reservation and its charge, a cancelled one released and refunded
@@ -736,29 +755,17 @@ async fn saga_verdict(
         );
     }
     // saga → (sku, quantity, released) of its reservations.
-    let mut reserved: HashMap<String, Vec<(String, i64, i64)>> = HashMap::new();
-    for row in sqlx::query("SELECT saga_id, sku, quantity, released FROM reservations")
-        .fetch_all(&carts)
-        .await?
-    {
-        reserved.entry(row.try_get(0)?).or_default().push((
-            row.try_get(1)?,
-            row.try_get(2)?,
-            row.try_get(3)?,
-        ));
-    }
+    let reserved = by_saga(
+        &carts,
+        "SELECT saga_id, sku, quantity, released FROM reservations",
+    )
+    .await?;
     // saga → (user, amount, refunded) of its charges.
-    let mut charged: HashMap<String, Vec<(String, i64, i64)>> = HashMap::new();
-    for row in sqlx::query("SELECT saga_id, user_id, amount, refunded FROM charges")
-        .fetch_all(&pay)
-        .await?
-    {
-        charged.entry(row.try_get(0)?).or_default().push((
-            row.try_get(1)?,
-            row.try_get(2)?,
-            row.try_get(3)?,
-        ));
-    }
+    let charged = by_saga(
+        &pay,
+        "SELECT saga_id, user_id, amount, refunded FROM charges",
+    )
+    .await?;
     let mut v = SagaVerdict {
         succeeded: 0,
         compensated: 0,

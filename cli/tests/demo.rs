@@ -28,12 +28,22 @@ fn the_demo_passes_its_verdict_through_injected_faults() {
     // every fault the report names really happened, and each is reported
     assert!(out.contains("cart service killed after commit 1x"), "{out}");
     assert!(out.contains("cart sidecar SIGKILLed 1x"), "{out}");
-    assert!(out.contains("local transactions failed 18x"), "{out}");
     assert!(out.contains("orders left to check-back 12x"), "{out}");
-    // the scheduled faults: 6 in 50 orders roll back, 2 in 50 go through check-back
-    assert!(out.contains("committed                   276"), "{out}");
-    assert!(out.contains("rolled back                 24"), "{out}");
-    assert!(out.contains("resolved by check-back      12"), "{out}");
+    // the scheduled faults: 6 in 50 orders roll back, 2 in 50 go through
+    // check-back; on a loaded machine a local transaction slower than
+    // check_after_ms is rolled back by check-back too, so these are floors
+    let count = |label: &str| -> u32 {
+        let line = out.lines().find(|l| l.contains(label)).expect(label);
+        let n = line[line.find(label).expect(label) + label.len()..]
+            .split_whitespace()
+            .next()
+            .expect("a count");
+        n.trim_end_matches([',', 'x']).parse().expect("a number")
+    };
+    assert!(count("local transactions failed ") >= 18, "{out}");
+    assert!(count("rolled back ") >= 24, "{out}");
+    assert_eq!(count("committed ") + count("rolled back "), 300, "{out}");
+    assert!(count("resolved by check-back ") >= 12, "{out}");
     // the sagas: one checkout in 20 fails locally; small accounts make
     // some payments fail for good, and those sagas are compensated
     let line = out
@@ -49,7 +59,7 @@ fn the_demo_passes_its_verdict_through_injected_faults() {
             .expect("a count")
     };
     assert!(line.contains("300:"), "{line}");
-    assert_eq!(number("never"), 15, "{line}");
+    assert!(number("never") >= 15, "{line}");
     assert!(number("confirmed,") > 0, "{line}");
     assert!(number("payments") > 0, "{line}");
     assert_eq!(number("cancelled"), number("payments"), "{line}");
