@@ -18,6 +18,7 @@ mod offsets;
 mod partitioner;
 mod published;
 mod saga;
+mod saga_wire;
 mod server;
 mod service;
 mod session;

@@ -512,7 +512,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         if topic == crate::saga::SAGA_TOPIC {
             // A saga started with a local transaction: checked now, and
             // started when (if) the transaction commits.
-            let (value, id, def) = crate::saga::check_start(&req.service, &message.value)?;
+            let (value, id, def) = crate::saga_wire::check_start(&req.service, &message.value)?;
             broker
                 .sagas
                 .check_free(id, req.service.clone(), def)
@@ -675,7 +675,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let def = req
             .definition
             .ok_or_else(|| Error::invalid("definition", "is required"))?;
-        let def = crate::saga::definition_from_wire("definition", def)?;
+        let def = crate::saga_wire::definition_from_wire("definition", def)?;
         // Once sent, the start is the driver's: a caller going away does
         // not cut it half way.
         let sagas = self.broker()?.sagas.clone();
@@ -698,7 +698,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         req: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
         let req = req.into_inner();
-        let status = crate::saga::status_from_wire(req.status)?;
+        let status = crate::saga_wire::status_from_wire(req.status)?;
         let limit = match req.limit as usize {
             0 => crate::saga::MAX_LIST,
             n if n > crate::saga::MAX_LIST => {
