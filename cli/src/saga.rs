@@ -145,7 +145,11 @@ pub async fn saga(url: &str, cmd: SagaCommand, out: &mut impl Write) -> anyhow::
                     b.name,
                     b.service,
                     op_name(&b.action),
-                    op_name(&b.compensation)
+                    if s.status == pb::SagaStatus::Succeeded as i32 {
+                        "not needed".to_owned()
+                    } else {
+                        op_name(&b.compensation)
+                    }
                 )?;
                 for (what, o) in [("action", &b.action), ("compensation", &b.compensation)] {
                     if let Some(o) = o.as_ref().filter(|o| !o.error.is_empty()) {

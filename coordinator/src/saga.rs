@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 
 use crate::error::{Error, Result};
 use crate::saga_wire::{definition_error, definition_from_wire, to_wire};
-use crate::session::Sessions;
+use crate::session::{BranchReply, Sessions};
 use crate::statelog::{StateLog, now_ms, upsert};
 
 /// The internal log holding the sagas.
@@ -49,6 +49,11 @@ const CURSOR: &[u8] = b"\0cursor";
 const COMPACT_EVERY: u64 = 10_000;
 /// Most sagas one ListSagas answers with.
 pub(crate) const MAX_LIST: usize = 1000;
+/// How long an id checked for a saga begun with a transaction stays held
+/// for that saga (its service and definition) until the transaction
+/// commits: longer than a transaction stays open with the default
+/// check-back settings.
+const HOLD_MS: i64 = 3_600_000;
 
 /// A saga as stored: everything needed to rebuild it.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -126,6 +131,9 @@ struct Driver<L> {
     calls: JoinSet<()>,
     /// The next offset of `__sagas` to start a saga from.
     cursor: u64,
+    /// Ids held for sagas begun with a transaction not yet started: their
+    /// service, definition and the end of the hold (kept in memory only).
+    held: HashMap<String, (String, SagaDef, i64)>,
     compact_every: u64,
     failed: watch::Sender<Option<String>>,
 }
@@ -199,6 +207,7 @@ impl Sagas {
             tx: tx.clone(),
             calls: JoinSet::new(),
             cursor,
+            held: HashMap::new(),
             compact_every,
             failed,
         };
@@ -272,9 +281,12 @@ impl Sagas {
     }
 
     /// ALREADY_EXISTS if `id` names a saga with another definition or
-    /// service (checked when a saga is begun with a transaction, so that
-    /// its commit does not meet a taken id; a race with another start of
-    /// the same id is still possible, and that start is then dropped).
+    /// service, or is held for one begun with a transaction; otherwise
+    /// holds it for this one (checked when a saga is begun with a
+    /// transaction, so that its commit does not meet a taken id). Holds
+    /// live in memory: a start racing one across a coordinator restart can
+    /// still meet a taken id at commit, and is then dropped, with an error
+    /// in the log.
     pub(crate) async fn check_free(&self, id: String, service: String, def: SagaDef) -> Result<()> {
         let name = id.clone();
         let taken = self
@@ -377,15 +389,15 @@ impl<L: Log + Clone> Driver<L> {
                 def,
                 reply,
             } => {
-                if let Some(e) = self.sagas.get(&id) {
-                    if e.saga.definition() == &def && e.service == service {
-                        work.replies.push((reply, id));
-                    } else {
-                        let _ = reply.send(Err(Error::AlreadyExists {
-                            what: "saga (with another definition or service)",
-                            name: id,
-                        }));
-                    }
+                if self.taken(&id, &service, &def, now) {
+                    let _ = reply.send(Err(Error::AlreadyExists {
+                        what: "saga (with another definition or service)",
+                        name: id,
+                    }));
+                    return;
+                }
+                if self.sagas.contains_key(&id) {
+                    work.replies.push((reply, id));
                     return;
                 }
                 match Saga::start(&id, def, now) {
@@ -431,6 +443,7 @@ impl<L: Log + Clone> Driver<L> {
                 self.cursor = offset + 1;
                 work.records.push(self.cursor_record());
                 let id = req.saga_id.clone();
+                self.held.remove(&id);
                 let def = req
                     .definition
                     .ok_or_else(|| Error::invalid("definition", "is required"))
@@ -465,10 +478,11 @@ impl<L: Log + Clone> Driver<L> {
                 def,
                 reply,
             } => {
-                let taken = self
-                    .sagas
-                    .get(&id)
-                    .is_some_and(|e| e.saga.definition() != &def || e.service != service);
+                let taken = self.taken(&id, &service, &def, now);
+                if !taken && !self.sagas.contains_key(&id) {
+                    self.held
+                        .insert(id, (service, def, now.saturating_add(HOLD_MS)));
+                }
                 let _ = reply.send(taken);
             }
         }
@@ -566,6 +580,20 @@ impl<L: Log + Clone> Driver<L> {
         )
     }
 
+    /// Whether `id` names a saga, or is held for one begun with a
+    /// transaction, with another definition or service.
+    fn taken(&mut self, id: &str, service: &str, def: &SagaDef, now: i64) -> bool {
+        if let Some(e) = self.sagas.get(id) {
+            return e.saga.definition() != def || e.service != service;
+        }
+        if self.held.len() > 100_000 {
+            self.held.retain(|_, h| h.2 > now);
+        }
+        self.held
+            .get(id)
+            .is_some_and(|h| h.2 > now && (&h.1 != def || h.0 != service))
+    }
+
     fn cursor_record(&self) -> Record {
         upsert(CURSOR.to_vec(), self.cursor.to_le_bytes().to_vec())
     }
@@ -656,12 +684,15 @@ impl<L: Log + Clone> Driver<L> {
                 // bare deadline, which stays the backstop.
                 let timeout = Duration::from_millis(timeout_ms - (timeout_ms / 10).min(50));
                 let outcome = match sessions.branch(&service, req, timeout).await {
-                    Some(r) => match pb::BranchOutcome::try_from(r.outcome) {
+                    BranchReply::Answered(r) => match pb::BranchOutcome::try_from(r.outcome) {
                         Ok(pb::BranchOutcome::Succeeded) => Outcome::Succeeded,
                         Ok(pb::BranchOutcome::Failed) => Outcome::Failed(r.reason),
                         _ => Outcome::Unknown(r.reason),
                     },
-                    None => Outcome::Unknown(format!(
+                    BranchReply::NoSession => Outcome::NotDelivered(format!(
+                        "no sidecar of service {service:?} took the call within {timeout_ms} ms"
+                    )),
+                    BranchReply::NoAnswer => Outcome::Unknown(format!(
                         "no answer from a sidecar of service {service:?} within {timeout_ms} ms"
                     )),
                 };
@@ -747,7 +778,8 @@ mod tests {
             service: "nobody".into(),
             action: "do".into(),
             compensation: "undo".into(),
-            max_attempts: 1,
+            // Nobody takes the calls: they are retried, each retry a record.
+            max_attempts: 1000,
             timeout_ms: 20,
             initial_backoff_ms: 10,
             max_backoff_ms: 20,
@@ -782,8 +814,6 @@ mod tests {
         data.append(&tp, (0..3).map(|i| start(&format!("s{i}"))).collect())
             .await?;
         let (stop, stopped) = watch::channel(false);
-        // Nobody answers: the sagas keep retrying their compensations, and
-        // every retry writes a record, so compaction comes soon.
         let (sagas, task) = Sagas::open_with(
             data.clone(),
             internal.clone(),

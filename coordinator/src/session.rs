@@ -31,6 +31,16 @@ struct Entry {
     tx: Outbox,
 }
 
+/// What became of a branch call.
+pub(crate) enum BranchReply {
+    /// The sidecar answered.
+    Answered(pb::BranchResult),
+    /// No session of the service took it: it never reached the service.
+    NoSession,
+    /// A session took it and no answer came in time: it may have run.
+    NoAnswer,
+}
+
 struct Pending {
     /// The transaction or saga asked about.
     about: String,
@@ -162,7 +172,7 @@ impl Sessions {
         service: &str,
         mut req: pb::BranchCall,
         timeout: Duration,
-    ) -> Option<pb::BranchResult> {
+    ) -> BranchReply {
         let deadline = tokio::time::Instant::now() + timeout;
         let tx = loop {
             let live = {
@@ -178,7 +188,7 @@ impl Sessions {
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return None;
+                return BranchReply::NoSession;
             }
             tokio::time::sleep((deadline - now).min(Duration::from_millis(100))).await;
         };
@@ -197,11 +207,13 @@ impl Sessions {
             kind: Some(pb::session_response::Kind::Branch(req)),
         };
         let answer = match tokio::time::timeout_at(deadline, tx.send(Ok(msg))).await {
-            Ok(Ok(())) => tokio::time::timeout_at(deadline, rx)
-                .await
-                .ok()
-                .and_then(Result::ok),
-            _ => None,
+            Ok(Ok(())) => match tokio::time::timeout_at(deadline, rx).await {
+                Ok(Ok(r)) => BranchReply::Answered(r),
+                _ => BranchReply::NoAnswer,
+            },
+            // Not handed to the session (it closed, or its queue stayed
+            // full): the call never left.
+            _ => BranchReply::NoSession,
         };
         lock(&self.pending).remove(&call_id);
         answer

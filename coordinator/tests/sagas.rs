@@ -260,6 +260,24 @@ async fn a_saga_begun_in_a_transaction_starts_when_it_commits(backend: Backend) 
     }
     let e = client.prepare(again).await.expect_err("taken");
     assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    // An id begun in a transaction not committed yet is held: another
+    // definition under it is refused, by a prepare or a plain start.
+    let held = client.prepare(prepare("held")).await?.into_inner().txn_id;
+    let mut other = prepare("held");
+    if let Some(m) = other.message.as_mut() {
+        m.value = start("held", vec![branch("other", "p")])
+            .encode_to_vec()
+            .into();
+    }
+    let e = client.prepare(other).await.expect_err("held");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    let e = client
+        .start_saga(start("held", vec![branch("other", "p")]))
+        .await
+        .expect_err("held");
+    assert_eq!(e.code(), tonic::Code::AlreadyExists, "{e:?}");
+    client.commit(end(&held)).await?;
+    wait_finished(&mut client, "held").await?;
     // A restart reads the log again and starts nothing twice.
     c.stop().await?;
     let c = Running::start(&store).await?;

@@ -15,7 +15,8 @@
 //! (it may have taken effect even if no answer said so) is compensated,
 //! one at a time, in reverse order of the end of their actions;
 //! compensations are retried with backoff until they succeed (they must be
-//! able to). A branch whose action was never called is recorded as not
+//! able to). A branch whose action was never called, or whose calls never
+//! reached its service (no sidecar of it took them), is recorded as not
 //! run (a null compensation) and never called.
 //!
 //! Effects come in the order the shell must perform them: first
@@ -109,6 +110,10 @@ pub struct OpRecord {
     /// The latest failure, or why a compensation was skipped.
     #[prost(string, tag = "5")]
     pub error: String,
+    /// Some call may have reached the service (an action never delivered
+    /// never ran, and is not compensated).
+    #[prost(bool, tag = "6")]
+    pub delivered: bool,
 }
 
 /// Progress of one branch.
@@ -169,6 +174,10 @@ pub enum Outcome {
     /// No usable answer: an error, a lost connection, the participant down.
     /// It may or may not have taken effect; it is called again.
     Unknown(String),
+    /// The call never reached the service (no sidecar of it was there to
+    /// take it): as [`Outcome::Unknown`], except that it certainly did not
+    /// take effect.
+    NotDelivered(String),
 }
 
 /// Something that happened to the saga.
@@ -232,6 +241,7 @@ fn op_record() -> OpRecord {
         failures: 0,
         at_ms: 0,
         error: String::new(),
+        delivered: false,
     }
 }
 
@@ -396,8 +406,12 @@ impl Saga {
         let outcome = match outcome {
             Outcome::Failed(r) => Outcome::Failed(clip(r)),
             Outcome::Unknown(r) => Outcome::Unknown(clip(r)),
+            Outcome::NotDelivered(r) => Outcome::NotDelivered(clip(r)),
             o => o,
         };
+        if !matches!(outcome, Outcome::NotDelivered(_)) {
+            self.op_mut(b, op).delivered = true;
+        }
         match (op, outcome) {
             (Op::Action, Outcome::Succeeded) => {
                 self.op_mut(b, op).set_status(OpStatus::Succeeded);
@@ -411,11 +425,16 @@ impl Saga {
                 let name = &self.def.branches[b].name;
                 self.compensate(format!("branch {name} failed: {reason}"));
             }
-            (Op::Action, Outcome::Unknown(reason)) => self.action_unanswered(b, reason, now),
+            (Op::Action, Outcome::Unknown(reason) | Outcome::NotDelivered(reason)) => {
+                self.action_unanswered(b, reason, now)
+            }
             (Op::Compensation, Outcome::Succeeded) => {
                 self.op_mut(b, op).set_status(OpStatus::Succeeded);
             }
-            (Op::Compensation, Outcome::Failed(reason) | Outcome::Unknown(reason)) => {
+            (
+                Op::Compensation,
+                Outcome::Failed(reason) | Outcome::Unknown(reason) | Outcome::NotDelivered(reason),
+            ) => {
                 self.retry_compensation(b, reason, now);
             }
         }
@@ -481,6 +500,9 @@ impl Saga {
             for op in [Op::Action, Op::Compensation] {
                 let o = self.rec.branches[b].op(op);
                 if o.status() == OpStatus::Calling && o.at_ms <= now {
+                    // Unanswered: it may have reached the service.
+                    self.op_mut(b, op).delivered = true;
+                    let o = self.rec.branches[b].op(op);
                     let reason = format!(
                         "call {} to service {service:?} unanswered after {timeout} ms",
                         o.calls
@@ -514,6 +536,7 @@ impl Saga {
                 if o.status() != OpStatus::Calling {
                     continue;
                 }
+                o.delivered = true; // it may have gone out before the restart
                 if op == Op::Action && compensating {
                     o.set_status(OpStatus::Failed);
                     o.error = "given up: restarted while compensating".into();
@@ -584,13 +607,17 @@ impl Saga {
             return; // wait for every action out to end first
         }
         for b in 0..self.rec.branches.len() {
-            let never_ran = self.rec.branches[b].op(Op::Action).calls == 0;
+            let action = self.rec.branches[b].op(Op::Action);
+            let (never_called, never_delivered) = (action.calls == 0, !action.delivered);
+            let never_ran = never_called || never_delivered;
             let nothing_to_undo = self.def.branches[b].compensation.is_empty();
             let o = self.op_mut(b, Op::Compensation);
             if o.status() == OpStatus::Pending && (never_ran || nothing_to_undo) {
                 o.set_status(OpStatus::Skipped);
-                o.error = if never_ran {
+                o.error = if never_called {
                     "action never ran".into()
+                } else if never_delivered {
+                    "action never reached its service".into()
                 } else {
                     "nothing to undo".into()
                 };

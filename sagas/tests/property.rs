@@ -76,6 +76,9 @@ enum Step {
     Restart,
     /// A compensation fails for a while (database down): answered unknown.
     CompensationDown(usize),
+    /// No sidecar of the service is there to take call k: it is answered
+    /// as never delivered, and the participant never sees it.
+    NoSidecar(usize),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -87,6 +90,7 @@ fn step() -> impl Strategy<Value = Step> {
         2 => (1i64..800).prop_map(Step::Wait),
         1 => Just(Step::Restart),
         1 => any::<usize>().prop_map(Step::CompensationDown),
+        1 => any::<usize>().prop_map(Step::NoSidecar),
     ]
 }
 
@@ -139,6 +143,10 @@ struct Run {
     barriers: Vec<Barrier>,
     used: HashSet<(u32, Op, u32)>,
     action_called: Vec<bool>,
+    /// Per branch, action calls issued and action calls answered as never
+    /// delivered.
+    action_calls: Vec<u32>,
+    undelivered: Vec<u32>,
     compensations_called: Vec<u32>,
     /// Per branch, the number of the event at which its action ended
     /// (actions ending at one event may be undone in any order).
@@ -161,6 +169,8 @@ impl Run {
             barriers: vec![Barrier::default(); n],
             used: HashSet::new(),
             action_called: vec![false; n],
+            action_calls: vec![0; n],
+            undelivered: vec![0; n],
             compensations_called: Vec::new(),
             ended: vec![None; n],
             events: 0,
@@ -217,6 +227,7 @@ impl Run {
                                 );
                             }
                             self.action_called[b] = true;
+                            self.action_calls[b] += 1;
                         }
                         Op::Compensation => {
                             assert!(
@@ -316,6 +327,18 @@ impl Run {
                 std::mem::swap(&mut self.saga, &mut saga);
                 self.apply(Event::Recover);
             }
+            Step::NoSidecar(k) => {
+                if let Some(c) = self.pick(k) {
+                    // Counted only when it is the current call's answer: a
+                    // call the saga already took for unanswered may have
+                    // gone out, for all it knows.
+                    let o = self.saga.record().branches[c.branch as usize].op(c.op);
+                    if c.op == Op::Action && o.status() == OpStatus::Calling && o.calls == c.call {
+                        self.undelivered[c.branch as usize] += 1;
+                    }
+                    self.answer(&c, Outcome::NotDelivered("no sidecar".into()));
+                }
+            }
             Step::CompensationDown(k) => {
                 let Some(i) = (!self.out.is_empty()).then(|| k % self.out.len()) else {
                     return;
@@ -366,7 +389,17 @@ impl Run {
                         assert!(!x.in_effect, "branch {b} still in effect: {x:?}");
                     }
                     let comp = rec.branches[b].op(Op::Compensation).status();
-                    if self.action_called[b] && undo {
+                    // An action none of whose calls was delivered never
+                    // ran: it is not compensated.
+                    let never_delivered =
+                        self.action_calls[b] > 0 && self.undelivered[b] == self.action_calls[b];
+                    if never_delivered {
+                        assert_eq!(comp, OpStatus::Skipped, "branch {b}");
+                        assert!(
+                            !self.compensations_called.contains(&(b as u32)),
+                            "branch {b}"
+                        );
+                    } else if self.action_called[b] && undo {
                         assert_eq!(comp, OpStatus::Succeeded, "branch {b}");
                     } else {
                         assert_eq!(comp, OpStatus::Skipped, "branch {b}");

@@ -102,7 +102,16 @@ impl Node {
             .call_app(call, |req| async move { app.execute_branch(req).await })
             .await;
         Ok(match answer {
-            Ok(r) if r.failed => outcome(pb::BranchOutcome::Failed, r.reason),
+            Ok(r) if r.failed => {
+                let origin = self
+                    .db
+                    .barrier_origin(&call.saga_id, &call.branch, ACTION)
+                    .await?;
+                if origin.as_deref() == Some(ACTION) {
+                    tracing::warn!(saga = %call.saga_id, branch = %call.branch, "ExecuteBranch answered failed but committed its tandem_barrier row: its compensation will be called; roll the row back with the business change");
+                }
+                outcome(pb::BranchOutcome::Failed, r.reason)
+            }
             Ok(_) => match self.recorded(call, ACTION).await?.as_str() {
                 COMPENSATION => refused(),
                 _ => outcome(pb::BranchOutcome::Succeeded, ""),
