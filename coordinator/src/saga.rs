@@ -679,10 +679,9 @@ impl<L: Log + Clone> Driver<L> {
                 (b.service.clone(), self.sessions.clone(), self.tx.clone());
             tracing::debug!(saga = %id, branch = %b.name, op = ?c.op, call = c.call, "calling a branch");
             self.calls.spawn(async move {
-                // Give up a little before the call's deadline, so that the
-                // saga records why (no sidecar, no answer) rather than the
-                // bare deadline, which stays the backstop.
-                let timeout = Duration::from_millis(timeout_ms - (timeout_ms / 10).min(50));
+                // Answered by the deadline, with why when there is no
+                // answer; the saga's own clock is a backstop behind it.
+                let timeout = Duration::from_millis(timeout_ms);
                 let outcome = match sessions.branch(&service, req, timeout).await {
                     BranchReply::Answered(r) => match pb::BranchOutcome::try_from(r.outcome) {
                         Ok(pb::BranchOutcome::Succeeded) => Outcome::Succeeded,

@@ -15,6 +15,6 @@ pub use definition::{
 };
 pub use error::{Error, Result};
 pub use machine::{
-    BranchRecord, Call, Effect, Event, MAX_REASON, Op, OpRecord, OpStatus, Outcome, Saga,
-    SagaRecord, SagaStatus, clip,
+    BranchRecord, CALL_GRACE_MS, Call, Effect, Event, MAX_REASON, Op, OpRecord, OpStatus, Outcome,
+    Saga, SagaRecord, SagaStatus, clip,
 };

@@ -32,6 +32,12 @@
 use crate::definition::SagaDef;
 use crate::error::{Error, Result};
 
+/// How long after a call's deadline the saga takes it for unanswered by
+/// itself: the shell answers every call by its deadline (with the answer,
+/// or why there is none), so this only catches a shell that lost one, and
+/// an answer saying the call reached no one is never beaten by the clock.
+pub const CALL_GRACE_MS: i64 = 1_000;
+
 /// Longest failure reason kept in a saga's progress, in bytes.
 pub const MAX_REASON: usize = 1024;
 
@@ -212,7 +218,9 @@ pub struct Call {
     pub op: Op,
     /// The call's number, to be handed back with its answer.
     pub call: u32,
-    /// After this (ms) the call counts as unanswered.
+    /// The call's limit: the shell answers by then (an answer, or why
+    /// there is none); the saga takes it for unanswered by itself
+    /// [`CALL_GRACE_MS`] later.
     pub deadline_ms: i64,
 }
 
@@ -554,12 +562,13 @@ impl Saga {
         let o = self.op_mut(b, op);
         o.calls += 1;
         o.set_status(OpStatus::Calling);
-        o.at_ms = now.saturating_add(timeout);
+        let deadline_ms = now.saturating_add(timeout);
+        o.at_ms = deadline_ms.saturating_add(CALL_GRACE_MS);
         calls.push(Call {
             branch: b as u32,
             op,
             call: o.calls,
-            deadline_ms: o.at_ms,
+            deadline_ms,
         });
     }
 
@@ -749,10 +758,11 @@ mod tests {
         let c = one(&s.apply(Event::Tick, 110));
         assert_eq!(c.call, 2);
         // The call times out (10 s), the backoff doubles.
-        let e = s.apply(Event::Tick, c.deadline_ms);
+        let e = s.apply(Event::Tick, c.deadline_ms + CALL_GRACE_MS);
         assert!(calls(&e).is_empty());
-        assert_eq!(s.next_deadline(), Some(c.deadline_ms + 200));
-        let c = one(&s.apply(Event::Tick, c.deadline_ms + 200));
+        let retry = c.deadline_ms + CALL_GRACE_MS + 200;
+        assert_eq!(s.next_deadline(), Some(retry));
+        let c = one(&s.apply(Event::Tick, retry));
         assert_eq!(c.call, 3);
         // A late answer to call 2 changes nothing.
         let late = Event::Answer {
@@ -802,7 +812,7 @@ mod tests {
         assert!(calls(&e).is_empty(), "0 and 2 are still out");
         assert!(calls(&s.apply(answer(&c[2], Outcome::Succeeded), 2)).is_empty());
         // Branch 0's answer never comes: it times out and ends last.
-        let k = one(&s.apply(Event::Tick, c[0].deadline_ms));
+        let k = one(&s.apply(Event::Tick, c[0].deadline_ms + CALL_GRACE_MS));
         assert_eq!((k.branch, k.op), (0, Op::Compensation));
         let k = one(&s.apply(answer(&k, Outcome::Succeeded), 10_001));
         assert_eq!(k.branch, 2);
