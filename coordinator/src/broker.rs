@@ -13,12 +13,14 @@ use tandem_storage::{Log, Offsets as LogOffsets, Record, TopicPartition};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::claims::Claims;
 use crate::config::TxnSettings;
 use crate::consumer::Groups;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::offsets::Offsets;
 use crate::partitioner::{self, Sticky};
 use crate::published::{Plan, Recent};
+use crate::session::Sessions;
 use crate::topics::{TopicMeta, Topics};
 use crate::transactions::Transactions;
 
@@ -100,25 +102,55 @@ pub struct Broker<L> {
     pub(crate) offsets: Arc<Offsets>,
     pub(crate) groups: Arc<Groups<L>>,
     pub(crate) txns: Arc<Transactions<L>>,
-    pub(crate) sagas: crate::saga::Sagas,
+    /// In the broker of the shard holding `__sagas` only.
+    pub(crate) sagas: Option<crate::saga::Sagas>,
     pub(crate) recent: Arc<Recent>,
+    shard: u32,
+    claims: Option<Arc<Claims>>,
     sticky: Sticky,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
+/// Where a broker stands among the shards its replica serves, and what it
+/// shares with them.
+pub(crate) struct Place {
+    /// Its shard.
+    pub(crate) shard: u32,
+    /// The replica's sidecar sessions (check-backs and branch calls of
+    /// every shard go down them).
+    pub(crate) sessions: Arc<Sessions>,
+    /// Whether it holds the sagas (the shard of `__sagas`).
+    pub(crate) sagas: bool,
+    /// Transaction ids across shards (several shards only).
+    pub(crate) claims: Option<Arc<Claims>>,
+}
+
+/// A broker's time limits.
+#[derive(Clone)]
+pub(crate) struct Limits {
+    pub(crate) revoke_timeout: Duration,
+    pub(crate) dedup_window: Duration,
+    pub(crate) offsets_retention: Duration,
+    pub(crate) saga_retention: Duration,
+}
+
 impl<L: Log + Clone> Broker<L> {
     /// Opens the broker: topics in `data`, its own state in `internal`;
     /// starts check-backs and the transaction log's upkeep.
-    pub async fn open(
+    pub(crate) async fn open(
         data: L,
         internal: L,
-        revoke_timeout: Duration,
-        dedup_window: Duration,
-        offsets_retention: Duration,
-        saga_retention: Duration,
+        limits: Limits,
         txn: TxnSettings,
+        place: Place,
     ) -> Result<Broker<L>> {
+        let Limits {
+            revoke_timeout,
+            dedup_window,
+            offsets_retention,
+            saga_retention,
+        } = limits;
         let topics = Topics::open(data.clone(), internal.clone()).await?;
         let recent = Arc::new(Recent::new(dedup_window));
         let known: Vec<(String, u32)> = topics
@@ -129,19 +161,28 @@ impl<L: Log + Clone> Broker<L> {
         recent.rebuild(&data, &known).await?;
         let offsets = Offsets::open(internal.clone()).await?;
         let schedule = txn.maintenance_schedule.clone();
-        let txns = Transactions::open(data.clone(), internal.clone(), txn).await?;
+        let txn_retention = txn.retention;
+        let txns =
+            Transactions::open(data.clone(), internal.clone(), txn, place.sessions.clone()).await?;
         let (shutdown, shutdown_rx) = watch::channel(false);
-        if topics.get(crate::saga::SAGA_TOPIC).is_none() {
-            topics.create_unchecked(crate::saga::SAGA_TOPIC, 1).await?;
-        }
-        let (sagas, driver) = crate::saga::Sagas::open(
-            data.clone(),
-            internal,
-            txns.sessions.clone(),
-            saga_retention,
-            shutdown_rx.clone(),
-        )
-        .await?;
+        let mut tasks = Vec::new();
+        let sagas = if place.sagas {
+            if topics.get(crate::saga::SAGA_TOPIC).is_none() {
+                topics.create_unchecked(crate::saga::SAGA_TOPIC, 1).await?;
+            }
+            let (sagas, driver) = crate::saga::Sagas::open(
+                data.clone(),
+                internal,
+                place.sessions.clone(),
+                saga_retention,
+                shutdown_rx.clone(),
+            )
+            .await?;
+            tasks.push(driver);
+            Some(sagas)
+        } else {
+            None
+        };
         let groups = Arc::new(Groups::new(
             data.clone(),
             offsets.clone(),
@@ -154,11 +195,22 @@ impl<L: Log + Clone> Broker<L> {
             started_ms: crate::statelog::now_ms(),
             live: Mutex::default(),
         });
+        let (shard, claims) = (place.shard, place.claims.clone());
         let upkeep = tokio::spawn(schedule.run(move || {
             let (t, o, g, seen) = (t.clone(), o.clone(), g.clone(), seen.clone());
+            let claims = claims.clone();
             async move {
                 if let Err(e) = t.maintain().await {
                     tracing::error!(error = %e, "transaction log upkeep failed");
+                }
+                if let Some(c) = claims {
+                    // Claims outlive their transactions by a retention:
+                    // an id is only forgotten once its shard forgot it.
+                    match c.sweep(shard, txn_retention, |id| t.knows(id)).await {
+                        Ok(n) if n > 0 => tracing::debug!(shard, forgotten = n, "transaction id claims forgotten"),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(shard, error = %e, "could not forget old transaction id claims"),
+                    }
                 }
                 if !offsets_retention.is_zero() {
                     expire_offsets(&o, &g, &seen, offsets_retention).await;
@@ -173,9 +225,14 @@ impl<L: Log + Clone> Broker<L> {
             txns,
             sagas,
             recent,
+            shard: place.shard,
+            claims: place.claims,
             sticky: Sticky::default(),
             shutdown,
-            tasks: Mutex::new(vec![checks, upkeep, driver]),
+            tasks: Mutex::new({
+                tasks.extend([checks, upkeep]);
+                tasks
+            }),
         })
     }
 
@@ -191,6 +248,15 @@ impl<L: Log + Clone> Broker<L> {
         let _held = if self.txns.knows(half.txn_id) {
             None // a retry of a transaction
         } else {
+            if let Some(claims) = &self.claims {
+                let holder = claims.claim(half.txn_id, self.shard).await?;
+                if holder != self.shard {
+                    return Err(Error::IdConflict {
+                        id: half.txn_id.to_owned(),
+                        what: "a message for a topic of another shard",
+                    });
+                }
+            }
             self.recent.hold_for_prepare(half.topic, half.txn_id)?
         };
         let partition = partition_for(&half.message, meta, self.sticky.next(meta.partitions));
@@ -328,11 +394,6 @@ impl<L: Log + Clone> Broker<L> {
             .into_iter()
             .map(|p| p.expect("every message has a position"))
             .collect())
-    }
-
-    /// Resolves to `true` once shutdown began.
-    pub(crate) fn shutting_down(&self) -> watch::Receiver<bool> {
-        self.shutdown.subscribe()
     }
 
     /// Ends every consumer session (each commits what was acknowledged) and

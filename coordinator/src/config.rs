@@ -40,6 +40,9 @@ pub struct CoordinatorArgs {
     pub set: Vec<String>,
 }
 
+/// Shards of a PostgreSQL store unless told otherwise.
+pub const DEFAULT_SHARDS: u32 = 8;
+
 /// Every setting, with its type; environment variable `TANDEM_<KEY>`.
 const KEYS: &[(&str, Kind)] = &[
     ("listen", Kind::Str),
@@ -49,6 +52,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("advertise", Kind::Str),
     ("replica_id", Kind::Str),
     ("lease_ms", Kind::Int),
+    ("shards", Kind::Int),
     ("fsync_interval_ms", Kind::Int),
     ("internal_fsync", Kind::Str),
     ("relaxed_sync_ms", Kind::Int),
@@ -83,6 +87,7 @@ struct Raw {
     advertise: Option<String>,
     replica_id: Option<String>,
     lease_ms: Option<u64>,
+    shards: Option<u32>,
     fsync_interval_ms: Option<u64>,
     internal_fsync: Option<String>,
     relaxed_sync_ms: Option<u64>,
@@ -188,6 +193,12 @@ pub struct Replication {
     /// How long a lease lasts unless renewed; a dead holder's partitions
     /// move after at most this long.
     pub lease: Duration,
+    /// Units of ownership: each topic (its partitions, transactions,
+    /// consumer groups and offsets) belongs to one shard by its name's
+    /// hash, and each shard to one replica at a time through its own
+    /// lease. Replicas balance the shards among themselves. Fixed for a
+    /// database once a replica has used it.
+    pub shards: u32,
 }
 
 /// The checked coordinator settings.
@@ -490,6 +501,14 @@ impl Raw {
                 "must be between 500 and 600000",
             ));
         }
+        let shards = self.shards.unwrap_or(DEFAULT_SHARDS);
+        if !(1..=crate::shards::MAX_SHARDS).contains(&shards) {
+            return Err(invalid(
+                "shards",
+                &shards,
+                &format!("must be between 1 and {}", crate::shards::MAX_SHARDS),
+            ));
+        }
         if let Some(a) = &self.advertise
             && a.rsplit_once(':')
                 .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
@@ -510,6 +529,7 @@ impl Raw {
                 replica_id,
                 advertise: self.advertise,
                 lease: Duration::from_millis(lease),
+                shards,
             },
             internal_fsync,
             relaxed_sync: Duration::from_millis(relaxed_sync),

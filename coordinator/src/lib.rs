@@ -9,6 +9,8 @@
 //! and call [`run`].
 
 mod broker;
+mod claims;
+mod cluster;
 mod config;
 mod consumer;
 mod error;
@@ -23,6 +25,7 @@ mod server;
 mod service;
 mod session;
 pub mod settings;
+pub mod shards;
 mod statelog;
 mod topics;
 mod transactions;
@@ -33,7 +36,9 @@ pub use broker::{
     Broker, GroupDescription, HalfMessage, MemberDescription, Outgoing, PartitionDescription,
     Position,
 };
-pub use config::{Config, CoordinatorArgs, FinalAction, Replication, Store, TxnSettings};
+pub use config::{
+    Config, CoordinatorArgs, DEFAULT_SHARDS, FinalAction, Replication, Store, TxnSettings,
+};
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};
 pub use server::{Coordinator, LEASE_NAME, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};

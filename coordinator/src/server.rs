@@ -6,29 +6,36 @@
 //! sessions (committing what they acknowledged), finish in-flight appends,
 //! close the logs. A failed write or fsync stops the process.
 //!
-//! PostgreSQL: any number of replicas share one database and take turns
-//! through the lease row [`LEASE_NAME`]. A replica connects (with backoff),
-//! takes the lease when it is free or expired, opens the logs under it
-//! (recovering the state its predecessor left: open transactions are
-//! checked back, consumers resume from committed offsets), and serves while
-//! it keeps renewing the lease. Until then, and again after it loses the
-//! lease, cannot renew it in time, or a write fails, it reports
-//! NOT_SERVING for the coordinator service and refuses requests as
-//! UNAVAILABLE naming the holder, so clients go there; then it tries again.
-//! The server's overall health (service name "") says whether the replica
-//! reaches the database, which is what readiness should check: a standby
-//! that does is useful (it sends clients to the holder and is ready to take
-//! over), and marking standbys unready would leave a disruption budget
-//! nothing to allow. The lease's epoch fences every
-//! write: a replica that was paused past its lease cannot write a row after
-//! its successor took over.
+//! PostgreSQL: any number of replicas share one database. Its topics are
+//! divided into `shards` (see `shards.rs`), each with its own lease row and
+//! logs. Every replica heartbeats a lease of its own (`replica/<id>`), so
+//! all know which replicas are live, and balances the shards: it takes free
+//! ones (never held, released, or expired) while it holds fewer than an
+//! even share, and gives one back at a time while it holds more than its
+//! share and another live replica holds less. For each shard it holds, it
+//! opens the shard's logs under the lease (recovering the state the
+//! previous owner left: open transactions are checked back, consumers
+//! resume from committed offsets) and serves it while it keeps renewing the
+//! lease; after losing it, failing to renew it in time, or a failed write,
+//! it drops the shard and leaves it to others for a lease's length. A
+//! request about a shard served elsewhere is forwarded to its owner (see
+//! `cluster.rs`). The coordinator service's health is SERVING while the
+//! replica serves at least one shard; the server's overall health (service
+//! name "") says whether the replica reaches the database, which is what
+//! readiness should check: a replica that does is useful (it forwards
+//! requests and is ready to take shards over), and marking it unready would
+//! leave a disruption budget nothing to allow. Each lease's epoch fences
+//! every write to its shard: a replica that was paused past its lease
+//! cannot write a row after its successor took over.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
 use tandem_proto::coordinator::coordinator_server::CoordinatorServer;
+
 use tandem_storage::{EmbeddedLog, LogConfig, PgStore, StoreLog};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -37,16 +44,24 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::server::HealthReporter;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Limits, Place};
+use crate::claims::Claims;
+use crate::cluster::Cluster;
 use crate::config::{Config, Store};
 use crate::error::{Error, Result};
 use crate::service::{CoordinatorService, Role, Validity};
+use crate::session::Sessions;
+use crate::shards::{lease_name, namespaces, shard_of};
 
 /// Largest gRPC request or response accepted.
 pub const MAX_REQUEST_BYTES: usize = 64 << 20;
 
-/// The lease row replicas on one PostgreSQL database take turns on.
+/// The lease row of a store of one shard (with several, shard `k`'s is
+/// `coordinator/<k>`).
 pub const LEASE_NAME: &str = "coordinator";
+
+/// Prefix of the lease each live replica heartbeats.
+const REPLICA_LEASE: &str = "replica/";
 
 type Service = CoordinatorServer<CoordinatorService<StoreLog>>;
 
@@ -54,6 +69,8 @@ type Service = CoordinatorServer<CoordinatorService<StoreLog>>;
 pub struct Coordinator {
     config: Config,
     embedded: Option<Embedded>,
+    /// Sidecar sessions, shared by every shard this replica serves.
+    sessions: Arc<Sessions>,
 }
 
 /// The embedded store, opened.
@@ -78,19 +95,25 @@ async fn open_broker(
     config: &Config,
     data: StoreLog,
     internal: StoreLog,
+    place: Place,
 ) -> Result<Arc<Broker<StoreLog>>> {
+    let limits = Limits {
+        revoke_timeout: config.revoke_timeout,
+        dedup_window: config.publish_dedup_window,
+        offsets_retention: config.offsets_retention,
+        saga_retention: config.saga_retention,
+    };
     Ok(Arc::new(
-        Broker::open(
-            data,
-            internal,
-            config.revoke_timeout,
-            config.publish_dedup_window,
-            config.offsets_retention,
-            config.saga_retention,
-            config.txn.clone(),
-        )
-        .await?,
+        Broker::open(data, internal, limits, config.txn.clone(), place).await?,
     ))
+}
+
+/// Shards of the store `config` names.
+fn shard_count(config: &Config) -> u32 {
+    match config.store {
+        Store::Embedded => 1,
+        Store::Postgres { .. } => config.replication.shards,
+    }
 }
 
 impl Coordinator {
@@ -98,6 +121,7 @@ impl Coordinator {
     /// store; with PostgreSQL, nothing is opened until [`serve`](Self::serve)
     /// holds the lease.
     pub async fn open(config: Config) -> Result<Coordinator> {
+        let sessions = Arc::new(Sessions::default());
         let embedded = match config.store {
             Store::Embedded => {
                 let data =
@@ -105,10 +129,17 @@ impl Coordinator {
                 let internal =
                     EmbeddedLog::open(config.data_dir.join("internal"), internal_config(&config))
                         .await?;
+                let place = Place {
+                    shard: 0,
+                    sessions: sessions.clone(),
+                    sagas: true,
+                    claims: None,
+                };
                 let broker = open_broker(
                     &config,
                     StoreLog::Embedded(data.clone()),
                     StoreLog::Embedded(internal.clone()),
+                    place,
                 )
                 .await?;
                 Some(Embedded {
@@ -119,7 +150,11 @@ impl Coordinator {
             }
             Store::Postgres { .. } => None,
         };
-        Ok(Coordinator { config, embedded })
+        Ok(Coordinator {
+            config,
+            embedded,
+            sessions,
+        })
     }
 
     /// Serves on `listener` until `shutdown` resolves, then shuts down.
@@ -136,9 +171,20 @@ impl Coordinator {
         if matches!(self.config.store, Store::Postgres { .. }) {
             reaches_store(&health, false).await;
         }
-        let (role, role_rx) = watch::channel(Role::Standby { owner: None });
-        let service = CoordinatorServer::new(CoordinatorService::with_role(
-            role_rx,
+        let count = shard_count(&self.config);
+        let (roles, roles_rx) = watch::channel(vec![Role::Standby { owner: None }; count as usize]);
+        let (replicas, replicas_rx) = watch::channel(Vec::new());
+        let (stopping, stopping_rx) = watch::channel(false);
+        let cluster = Arc::new(Cluster::new(
+            roles_rx,
+            count,
+            self.sessions.clone(),
+            replicas_rx,
+            stopping_rx,
+            self.config.replication.lease,
+        ));
+        let service = CoordinatorServer::new(CoordinatorService::with_cluster(
+            cluster.clone(),
             self.config.max_message_bytes,
             self.config.session_timeout,
         ))
@@ -155,7 +201,7 @@ impl Coordinator {
                 }),
         );
         let ended = match self.embedded {
-            Some(e) => serve_embedded(&self.config, e, &role, &health, shutdown).await,
+            Some(e) => serve_embedded(&self.config, e, &roles, &health, shutdown).await,
             None => {
                 let Store::Postgres { url } = &self.config.store else {
                     unreachable!("only the embedded store is opened before serving");
@@ -167,15 +213,19 @@ impl Coordinator {
                     .clone()
                     .unwrap_or_else(|| local.to_string());
                 let replica = Replica {
-                    config: &self.config,
-                    url,
+                    config: self.config.clone(),
+                    url: url.clone(),
                     advertise,
-                    role: &role,
-                    health: &health,
+                    roles: Arc::new(roles),
+                    health: health.clone(),
+                    replicas,
+                    cluster,
+                    sessions: self.sessions.clone(),
                 };
                 replica.run(shutdown).await
             }
         };
+        stopping.send_replace(true);
         if let Err(e) = ended {
             server.abort();
             return Err(e);
@@ -197,18 +247,18 @@ impl Coordinator {
 async fn serve_embedded(
     config: &Config,
     e: Embedded,
-    role: &watch::Sender<Role<StoreLog>>,
+    roles: &watch::Sender<Vec<Role<StoreLog>>>,
     health: &HealthReporter,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let retention =
         StoreLog::Embedded(e.data.clone()).spawn_retention(config.retention_schedule.clone());
-    role.send_replace(Role::Active(e.broker.clone(), None));
+    roles.send_replace(vec![Role::Active(e.broker.clone(), None)]);
     health.set_serving::<Service>().await;
     let (mut a, mut b, mut c) = (
         e.data.failed(),
         e.internal.failed(),
-        e.broker.sagas.failed(),
+        sagas_failed(&e.broker),
     );
     tokio::select! {
         () = shutdown => {
@@ -229,231 +279,429 @@ async fn serve_embedded(
     }
 }
 
-/// One replica on a PostgreSQL store.
-struct Replica<'a> {
-    config: &'a Config,
-    url: &'a str,
-    advertise: String,
-    role: &'a watch::Sender<Role<StoreLog>>,
-    health: &'a HealthReporter,
+/// Failures of a broker's saga driver (none for a shard without sagas).
+fn sagas_failed(broker: &Broker<StoreLog>) -> watch::Receiver<Option<String>> {
+    match &broker.sagas {
+        Some(s) => s.failed(),
+        None => watch::channel(None).1,
+    }
 }
 
-/// Why a replica stopped serving.
+/// One replica on a PostgreSQL store.
+struct Replica {
+    config: Config,
+    url: String,
+    advertise: String,
+    roles: Arc<watch::Sender<Vec<Role<StoreLog>>>>,
+    health: HealthReporter,
+    replicas: watch::Sender<Vec<String>>,
+    cluster: Arc<Cluster<StoreLog>>,
+    sessions: Arc<Sessions>,
+}
+
+/// Why a replica stopped serving a shard.
 enum Ended {
-    Shutdown,
+    /// Asked to (shutdown, or giving the shard to another replica).
+    Stopped,
     Lost(String),
+    Failed(Error),
+}
+
+/// A shard being served by this replica.
+struct Host {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Longest pause between two attempts to reach the database.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-impl Replica<'_> {
+impl Replica {
     async fn run(&self, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
         let mut shutdown = std::pin::pin!(shutdown);
+        let count = self.config.replication.shards;
+        let id = self.config.replication.replica_id.clone();
+        tracing::info!(replica = %id, advertise = %self.advertise, shards = count, "replica on PostgreSQL starting");
         let mut backoff = Duration::from_millis(100);
-        let id = &self.config.replication.replica_id;
-        tracing::info!(replica = %id, advertise = %self.advertise, "replica on PostgreSQL starting");
-        loop {
+        // Connections: the lease work, and two logs per shard it may serve.
+        let pool = 6 + 2 * count.min(29);
+        let store = loop {
             let attempt = async {
-                let store = PgStore::connect(self.url, Duration::from_secs(5)).await?;
-                let lease = self.take_lease(&store).await?;
-                Ok::<_, Error>((store, lease))
+                let store =
+                    PgStore::connect_sized(&self.url, self.config.replication.lease, pool).await?;
+                // A store written before it had shards is one shard: its
+                // logs are `topics` and `internal`.
+                let proposed = if store.has_log("internal").await? {
+                    1
+                } else {
+                    count
+                };
+                let stored = store.fixed_setting("shards", &proposed.to_string()).await?;
+                Ok::<_, Error>((store, stored))
             };
-            let (store, (lease, taken_at)) = tokio::select! {
+            tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 r = attempt => match r {
-                    Ok(v) => v,
+                    Ok((store, stored)) => {
+                        if stored != count.to_string() {
+                            store.close().await;
+                            return Err(Error::FailedPrecondition(format!(
+                                "shards: this store was set up with {stored} shards and this replica is configured with {count}; every replica of a store needs the same number"
+                            )));
+                        }
+                        break store;
+                    }
                     Err(e) => {
-                        reaches_store(self.health, false).await;
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach PostgreSQL or take the lease");
+                        reaches_store(&self.health, false).await;
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot reach PostgreSQL");
                         tokio::select! {
                             () = &mut shutdown => return Ok(()),
                             () = tokio::time::sleep(backoff) => {}
                         }
                         backoff = (backoff * 2).min(MAX_BACKOFF);
-                        continue;
                     }
                 },
-            };
-            backoff = Duration::from_millis(100);
-            match self
-                .serve_lease(&store, &lease, taken_at, &mut shutdown)
-                .await
-            {
-                Ok(Ended::Shutdown) => {
-                    if let Err(e) = store.release(&lease).await {
-                        tracing::warn!(error = %e, "could not release the lease; it expires on its own");
-                    }
-                    store.close().await;
-                    return Ok(());
-                }
-                Ok(Ended::Lost(cause)) => {
-                    tracing::error!(epoch = lease.epoch, %cause, "stopped serving: standing by");
-                }
-                Err(e) => {
-                    tracing::error!(epoch = lease.epoch, error = %e, "could not open the logs under the lease: standing by");
-                }
             }
-            // Let a healthy replica have the lease first: this one may be
-            // the reason it was lost (writes failing here), and would
-            // otherwise take it straight back. Meanwhile clients are sent
-            // to whoever takes it.
-            let _ = store.release(&lease).await;
-            tokio::select! {
-                () = &mut shutdown => {
-                    store.close().await;
-                    return Ok(());
-                }
-                () = self.point_to_holder(&store, self.config.replication.lease) => {}
-            }
-            store.close().await;
+        };
+        if count > 1 {
+            let _ = self.cluster.claims.set(Claims::start(store.clone()));
         }
-    }
-
-    /// For `period`, keeps telling clients which replica holds the lease.
-    async fn point_to_holder(&self, store: &PgStore, period: Duration) {
-        let until = Instant::now() + period;
-        while Instant::now() < until {
-            let holder = store.holder(LEASE_NAME).await;
-            reaches_store(self.health, holder.is_ok()).await;
-            if let Ok(holder) = holder {
-                let owner = holder
-                    .filter(|h| h.expires_in > 0 && h.owner != self.config.replication.replica_id)
-                    .map(|h| h.address);
-                self.role.send_replace(Role::Standby { owner });
-            }
-            tokio::time::sleep((period / 6).max(Duration::from_millis(20))).await;
-        }
-    }
-
-    /// Waits until this replica holds the lease, telling clients meanwhile
-    /// who does; returns it with the moment before the statement that took
-    /// it (its length counts from there for this replica).
-    async fn take_lease(&self, store: &PgStore) -> Result<(tandem_storage::Lease, Instant)> {
-        let r = &self.config.replication;
-        let mut shown = None;
+        let lease = self.config.replication.lease;
+        let tick = (lease / 4).max(Duration::from_millis(20));
+        let (ended_tx, mut ended_rx) = tokio::sync::mpsc::unbounded_channel::<(u32, Ended)>();
+        let mut hosts: HashMap<u32, Host> = HashMap::new();
+        let mut resting: HashMap<u32, Instant> = HashMap::new();
+        let mut free_since: HashMap<u32, Instant> = HashMap::new();
+        let mut rounds: u64 = 0;
         loop {
-            // Only a lease that looks free is taken (taking it locks the row
-            // and waits for the holder's writes in flight).
-            let holder = store
-                .holder(LEASE_NAME)
-                .await?
-                .filter(|h| h.expires_in > 0 && h.owner != r.replica_id);
-            reaches_store(self.health, true).await;
-            if holder.is_none() {
-                if shown.is_some() {
-                    // The holder's lease ran out: nobody to send clients to.
-                    self.role.send_replace(Role::Standby { owner: None });
-                    shown = None;
-                }
-                let before = Instant::now();
-                if let Some(lease) = store
-                    .acquire(LEASE_NAME, &r.replica_id, &self.advertise, r.lease)
-                    .await?
+            self.balance(&store, &mut hosts, &mut resting, &mut free_since, &ended_tx)
+                .await;
+            rounds += 1;
+            if rounds.is_multiple_of(200) {
+                // Replicas that left long ago (each process start with a
+                // generated id adds one).
+                if let Err(e) = store
+                    .forget_leases(REPLICA_LEASE, Duration::from_secs(3600))
+                    .await
                 {
-                    return Ok((lease, before));
+                    tracing::debug!(error = %e, "could not forget old replica leases");
                 }
-                continue;
             }
-            let owner = holder.as_ref().map(|h| h.address.clone());
-            if owner != shown {
-                tracing::info!(owner = ?owner, "another replica holds the lease: standing by");
-                self.role.send_replace(Role::Standby {
-                    owner: owner.clone(),
-                });
-                shown = owner;
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(tick) => {}
+                Some((k, ended)) = ended_rx.recv() => {
+                    hosts.remove(&k);
+                    match ended {
+                        Ended::Stopped => tracing::info!(shard = k, "shard handed back"),
+                        Ended::Lost(cause) => {
+                            tracing::error!(shard = k, %cause, "stopped serving the shard");
+                            // Let a healthy replica have it first: this one
+                            // may be why it was lost (writes failing here).
+                            resting.insert(k, Instant::now() + lease);
+                        }
+                        Ended::Failed(e) => {
+                            tracing::error!(shard = k, error = %e, "could not open the shard's logs");
+                            resting.insert(k, Instant::now() + lease);
+                        }
+                    }
+                    if hosts.is_empty() {
+                        self.health.set_not_serving::<Service>().await;
+                    }
+                }
             }
-            // Try again when it would expire, but at least every third of
-            // a lease.
-            let wait = holder
-                .map(|h| Duration::from_millis(h.expires_in.max(0) as u64 + 10))
-                .unwrap_or_default()
-                .min(r.lease / 3)
-                .max(Duration::from_millis(20));
-            tokio::time::sleep(wait).await;
         }
+        tracing::info!("shutting down");
+        self.health.set_not_serving::<Service>().await;
+        for h in hosts.values() {
+            h.stop.send_replace(true);
+        }
+        for (_, h) in hosts {
+            let _ = h.task.await;
+        }
+        if let Ok(Some(l)) = store.holder(&format!("{REPLICA_LEASE}{id}")).await
+            && l.owner == id
+        {
+            let _ = store.release(&l).await;
+        }
+        store.close().await;
+        Ok(())
     }
 
-    /// Opens the logs under `lease` (taken at `taken_at`) and serves until
-    /// the shutdown, the loss of the lease, or a failed write. The lease is
-    /// renewed from the start, recovery included.
-    async fn serve_lease(
+    /// One round: heartbeats this replica, learns who holds what, tells
+    /// clients, then takes free shards or gives one back to even the load.
+    async fn balance(
         &self,
         store: &PgStore,
-        lease: &tandem_storage::Lease,
+        hosts: &mut HashMap<u32, Host>,
+        resting: &mut HashMap<u32, Instant>,
+        free_since: &mut HashMap<u32, Instant>,
+        ended: &tokio::sync::mpsc::UnboundedSender<(u32, Ended)>,
+    ) {
+        let r = &self.config.replication;
+        let count = r.shards;
+        let me = &r.replica_id;
+        let looked = async {
+            let name = format!("{REPLICA_LEASE}{me}");
+            if store
+                .acquire(&name, me, &self.advertise, r.lease)
+                .await?
+                .is_none()
+            {
+                tracing::warn!(replica = %me, "another live process uses this replica_id: give each replica its own");
+            }
+            let live = store.live_leases(REPLICA_LEASE).await?;
+            let held = store.live_leases(LEASE_NAME).await?;
+            Ok::<_, Error>((live, held))
+        };
+        let (live, held) = match looked.await {
+            Ok(v) => v,
+            Err(e) => {
+                reaches_store(&self.health, false).await;
+                tracing::warn!(error = %e, "cannot reach PostgreSQL to balance the shards");
+                return;
+            }
+        };
+        reaches_store(&self.health, true).await;
+        let addresses: Vec<String> = live.iter().map(|l| l.address.clone()).collect();
+        self.replicas.send_if_modified(|v| {
+            let changed = *v != addresses;
+            if changed {
+                v.clone_from(&addresses);
+            }
+            changed
+        });
+        // Holders by shard; shards held per live replica.
+        let mut holder: HashMap<u32, tandem_storage::Lease> = HashMap::new();
+        for l in held {
+            if let Some(k) = (0..count).find(|k| lease_name(*k, count) == l.name) {
+                holder.insert(k, l);
+            }
+        }
+        let mut load: HashMap<&str, u32> = live.iter().map(|l| (l.owner.as_str(), 0)).collect();
+        for l in holder.values() {
+            if let Some(n) = load.get_mut(l.owner.as_str()) {
+                *n += 1;
+            }
+        }
+        // What clients are told about shards served elsewhere.
+        self.roles.send_if_modified(|roles| {
+            let mut changed = false;
+            for (k, role) in roles.iter_mut().enumerate() {
+                if matches!(role, Role::Active(..)) {
+                    continue;
+                }
+                let owner = holder
+                    .get(&(k as u32))
+                    .filter(|h| h.owner != *me)
+                    .map(|h| h.address.clone());
+                if !matches!(role, Role::Standby { owner: o } if *o == owner) {
+                    *role = Role::Standby { owner };
+                    changed = true;
+                }
+            }
+            changed
+        });
+        let replicas = live.len().max(1) as u32;
+        let floor = count / replicas;
+        let cap = floor + u32::from(!count.is_multiple_of(replicas));
+        let mine = hosts.len() as u32;
+        let starved = load.values().any(|n| *n < floor);
+        let now = Instant::now();
+        free_since.retain(|k, _| !holder.contains_key(k) && !hosts.contains_key(k));
+        for k in 0..count {
+            if !holder.contains_key(&k) && !hosts.contains_key(&k) {
+                free_since.entry(k).or_insert(now);
+            }
+        }
+        // Given back only while every shard has an owner: a free one goes
+        // to a replica below its share first.
+        if free_since.is_empty() && (mine > cap || (mine > floor && starved)) {
+            // Give one back, the highest, unless one is being given back.
+            if let Some(k) = hosts.keys().copied().max()
+                && let Some(h) = hosts.get(&k)
+                && !*h.stop.borrow()
+            {
+                tracing::info!(
+                    shard = k,
+                    held = mine,
+                    share = cap,
+                    "handing a shard back to even the load"
+                );
+                h.stop.send_replace(true);
+            }
+            return;
+        }
+        resting.retain(|_, until| *until > now);
+        // A replica at its floor leaves free shards to starved ones for a
+        // lease's length (they may be about to take them); after that any
+        // replica below the cap takes them, so none stays unowned.
+        let patient = starved && mine >= floor;
+        // Free shards, looked at from a place of this replica's own so
+        // that replicas starting together do not all race for the same.
+        let start = shard_of(me, count);
+        let mut taking = mine;
+        for i in 0..count {
+            if taking >= cap {
+                break;
+            }
+            let k = (start + i) % count;
+            if hosts.contains_key(&k) || holder.contains_key(&k) || resting.contains_key(&k) {
+                continue;
+            }
+            if patient
+                && free_since
+                    .get(&k)
+                    .is_some_and(|t| now.duration_since(*t) < r.lease)
+            {
+                continue;
+            }
+            let before = Instant::now();
+            match store
+                .acquire(&lease_name(k, count), me, &self.advertise, r.lease)
+                .await
+            {
+                Ok(Some(lease)) => {
+                    hosts.insert(k, self.host(store, k, lease, before, ended.clone()));
+                    taking += 1;
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(shard = k, error = %e, "could not take a shard's lease");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Starts serving shard `k` under `lease` (taken at `taken_at`).
+    fn host(
+        &self,
+        store: &PgStore,
+        k: u32,
+        lease: tandem_storage::Lease,
         taken_at: Instant,
-        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
-    ) -> Result<Ended> {
+        ended: tokio::sync::mpsc::UnboundedSender<(u32, Ended)>,
+    ) -> Host {
+        let (stop, stop_rx) = watch::channel(false);
+        let shard = Shard {
+            config: self.config.clone(),
+            store: store.clone(),
+            k,
+            lease,
+            roles: self.roles.clone(),
+            sessions: self.sessions.clone(),
+            claims: self.cluster.claims.get().cloned(),
+            health: self.health.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let end = shard.serve(taken_at, stop_rx).await;
+            // Free at once for whoever takes it next (after a loss this
+            // replica rests from it meanwhile).
+            if let Err(e) = shard.store.release(&shard.lease).await {
+                tracing::warn!(shard = k, error = %e, "could not release the shard's lease; it expires on its own");
+            }
+            let _ = ended.send((k, end));
+        });
+        Host { stop, task }
+    }
+}
+
+/// One shard served by this replica.
+struct Shard {
+    config: Config,
+    store: PgStore,
+    k: u32,
+    lease: tandem_storage::Lease,
+    roles: Arc<watch::Sender<Vec<Role<StoreLog>>>>,
+    sessions: Arc<Sessions>,
+    claims: Option<Arc<Claims>>,
+    health: HealthReporter,
+}
+
+impl Shard {
+    fn set_role(&self, role: Role<StoreLog>) {
+        self.roles.send_modify(|r| r[self.k as usize] = role);
+    }
+
+    /// Opens the shard's logs under its lease and serves it until told to
+    /// stop, the loss of the lease, or a failed write. The lease is renewed
+    /// from the start, recovery included.
+    async fn serve(&self, taken_at: Instant, mut stop: watch::Receiver<bool>) -> Ended {
         let started = Instant::now();
-        let c = self.config;
+        let c = &self.config;
+        let (k, count) = (self.k, c.replication.shards);
+        let lease = &self.lease;
         let ttl = c.replication.lease;
         let validity = Arc::new(Validity::new(taken_at + margin(ttl)));
         // A task of its own, so that recovery runs to its end (a recovery
         // dropped half way would leave its tasks behind) while the lease is
         // renewed; a loss meanwhile shows once it is done.
         let mut keeper = tokio::spawn({
-            let (store, lease, validity) = (store.clone(), lease.clone(), validity.clone());
+            let (store, lease, validity) = (self.store.clone(), lease.clone(), validity.clone());
             async move { keep(&store, &lease, ttl, &validity).await }
         });
+        let (topics_ns, internal_ns) = namespaces(k, count);
+        let place = Place {
+            shard: k,
+            sessions: self.sessions.clone(),
+            sagas: shard_of(crate::saga::SAGA_TOPIC, count) == k,
+            claims: self.claims.clone(),
+        };
         let open = async {
-            let data = store.open("topics", lease, c.log.clone()).await?;
-            let internal = store.open("internal", lease, internal_config(c)).await?;
+            let data = self.store.open(&topics_ns, lease, c.log.clone()).await?;
+            let internal = self
+                .store
+                .open(&internal_ns, lease, internal_config(c))
+                .await?;
             let broker = open_broker(
                 c,
                 StoreLog::Postgres(data.clone()),
                 StoreLog::Postgres(internal.clone()),
+                place,
             )
             .await?;
             Ok::<_, Error>((data, internal, broker))
         };
         let opened = tokio::select! {
             opened = open => opened,
-            () = shutdown.as_mut() => {
+            _ = stop.wait_for(|s| *s) => {
                 keeper.abort();
-                return Ok(Ended::Shutdown);
+                return Ended::Stopped;
             }
         };
         let (data, internal, broker) = match opened {
             Ok(v) => v,
             Err(e) => {
                 keeper.abort();
-                return Err(e);
+                return Ended::Failed(e);
             }
         };
         let retention =
             StoreLog::Postgres(data.clone()).spawn_retention(c.retention_schedule.clone());
-        self.role
-            .send_replace(Role::Active(broker.clone(), Some(validity.clone())));
-        reaches_store(self.health, true).await;
+        self.set_role(Role::Active(broker.clone(), Some(validity.clone())));
         self.health.set_serving::<Service>().await;
         tracing::info!(
+            shard = k,
             epoch = lease.epoch,
             recovery_ms = started.elapsed().as_millis() as u64,
             "holding the lease: serving"
         );
-        let (mut a, mut b, mut c) = (data.failed(), internal.failed(), broker.sagas.failed());
+        let (mut a, mut b, mut f) = (data.failed(), internal.failed(), sagas_failed(&broker));
         let ended = tokio::select! {
-            () = shutdown.as_mut() => Ended::Shutdown,
-            cause = first_failure(&mut a, &mut b, &mut c) => Ended::Lost(format!("a write failed: {cause}")),
+            _ = stop.wait_for(|s| *s) => Ended::Stopped,
+            cause = first_failure(&mut a, &mut b, &mut f) => Ended::Lost(format!("a write failed: {cause}")),
             cause = &mut keeper => Ended::Lost(cause.unwrap_or_else(|e| format!("the lease keeper failed: {e}"))),
         };
         keeper.abort();
-        self.health.set_not_serving::<Service>().await;
-        if matches!(ended, Ended::Lost(_)) {
-            // Until it is seen to reach the database again.
-            reaches_store(self.health, false).await;
-        }
-        self.role.send_replace(Role::Standby { owner: None });
+        self.set_role(Role::Standby { owner: None });
         retention.abort();
-        if matches!(ended, Ended::Shutdown) {
-            tracing::info!("shutting down");
-        }
         // Ends consumer sessions and lets in-flight steps finish; after a
         // loss their writes are refused, which is what they must be.
         broker.shutdown().await;
         data.close().await;
         internal.close().await;
-        Ok(ended)
+        ended
     }
 }
 

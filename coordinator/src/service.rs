@@ -9,12 +9,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use tandem_proto::coordinator as pb;
 use tandem_storage::{Log, Record};
-use tokio::sync::watch;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::broker::{Broker, Outgoing};
+use crate::broker::Outgoing;
+use crate::cluster::{Cluster, Target, forwarded, was_forwarded};
 use crate::consumer::{StartFrom, Subscription};
 use crate::error::Error;
+use crate::shards::shard_of;
 use crate::statelog::now_ms;
 use crate::transactions::MARKER_HEADER;
 use crate::wire::headers_from_wire;
@@ -90,10 +91,10 @@ impl Validity {
     }
 }
 
-/// What a replica serves right now.
+/// What a replica serves of a shard right now.
 pub enum Role<L> {
     /// It serves this broker; on a shared store, while its lease is valid.
-    Active(Arc<Broker<L>>, Option<Arc<Validity>>),
+    Active(Arc<crate::broker::Broker<L>>, Option<Arc<Validity>>),
     /// It does not: requests are refused as UNAVAILABLE, naming the holder
     /// when known (in the message and the `tandem-owner` metadata), so that
     /// clients go there.
@@ -117,65 +118,60 @@ impl<L> Clone for Role<L> {
 /// Items of one `Transact` call, at most.
 pub(crate) const MAX_TRANSACT_ITEMS: usize = 4096;
 
-/// Metadata key naming the replica that holds the lease, on refusals of a
-/// standby.
+/// Metadata key naming the replica that serves a refused request's shard,
+/// on refusals of a replica that does not.
 pub const OWNER_METADATA: &str = "tandem-owner";
 
 /// The coordinator's gRPC service.
 pub struct CoordinatorService<L> {
-    role: watch::Receiver<Role<L>>,
+    cluster: Arc<Cluster<L>>,
     max_message_bytes: usize,
     default_session_timeout: Duration,
 }
 
-impl<L> CoordinatorService<L> {
-    /// Serves `broker`.
-    pub fn new(
-        broker: Arc<Broker<L>>,
-        max_message_bytes: usize,
-        default_session_timeout: Duration,
-    ) -> Self {
-        Self::with_role(
-            watch::channel(Role::Active(broker, None)).1,
-            max_message_bytes,
-            default_session_timeout,
-        )
-    }
-
-    /// Serves whichever broker `role` holds at each request.
-    pub fn with_role(
-        role: watch::Receiver<Role<L>>,
+impl<L: Log + Clone> CoordinatorService<L> {
+    /// Serves the shards as `cluster` sees them at each request.
+    pub(crate) fn with_cluster(
+        cluster: Arc<Cluster<L>>,
         max_message_bytes: usize,
         default_session_timeout: Duration,
     ) -> Self {
         CoordinatorService {
-            role,
+            cluster,
             max_message_bytes,
             default_session_timeout,
         }
     }
 
-    fn broker(&self) -> Result<Arc<Broker<L>>, Status> {
-        match &*self.role.borrow() {
-            Role::Active(_, Some(v)) if !v.valid() => Err(Status::unavailable(
-                "this coordinator replica's lease ran out before it could renew it",
-            )),
-            Role::Active(b, _) => Ok(b.clone()),
-            Role::Standby { owner } => Err(not_serving(owner.as_deref())),
+    /// Where requests about topic `name` go.
+    async fn for_topic(&self, name: &str, forwarded: bool) -> Result<Target<L>, Status> {
+        self.cluster
+            .target_waiting(shard_of(name, self.cluster.count()), forwarded)
+            .await
+    }
+
+    /// Where requests about transaction `id` go: the shard that knows it
+    /// (asking the store which one when none served here does).
+    async fn for_txn(&self, id: &str, forwarded: bool) -> Result<Target<L>, Status> {
+        let local = self.cluster.local();
+        if let Some((_, b)) = local.iter().find(|(_, b)| b.txns.knows(id)) {
+            return Ok(Target::Here(b.clone()));
+        }
+        if self.cluster.count() <= 1 {
+            return self.cluster.target_waiting(0, forwarded).await;
+        }
+        let claims = self.cluster.claims.get().ok_or_else(|| {
+            Status::unavailable("this coordinator replica has not reached its store yet")
+        })?;
+        match claims.holder(id).await? {
+            Some(k) => self.cluster.target_waiting(k, forwarded).await,
+            None => Err(Error::NotFound {
+                what: "transaction",
+                name: id.to_owned(),
+            }
+            .into()),
         }
     }
-}
-
-/// The refusal of a replica that does not hold the lease.
-fn not_serving(owner: Option<&str>) -> Status {
-    let mut status = Status::unavailable(match owner {
-        Some(o) => format!("this coordinator replica does not hold the lease; {o} does"),
-        None => "this coordinator replica does not hold the lease (no holder known yet)".into(),
-    });
-    if let Some(v) = owner.and_then(|o| o.parse().ok()) {
-        status.metadata_mut().insert(OWNER_METADATA, v);
-    }
-    status
 }
 
 /// Turns a wire message into a checked record for a topic of `partitions`.
@@ -271,10 +267,38 @@ pub(crate) const RESERVED_BYTES: usize = 16 << 10;
 /// Largest opaque producer context kept with a half message.
 pub const MAX_CONTEXT_BYTES: usize = 64 << 10;
 
+/// An item of a `Transact` call answered with `status`.
+fn failed_item(status: &Status) -> pb::TransactResult {
+    pb::TransactResult {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        kind: None,
+    }
+}
+
+/// The sagas of `broker`, which must be of the shard of `__sagas`.
+fn saga_host<L>(broker: &crate::broker::Broker<L>) -> Result<&crate::saga::Sagas, Status> {
+    broker
+        .sagas
+        .as_ref()
+        .ok_or_else(|| Status::internal("sagas asked of a shard that does not hold them"))
+}
+
 /// Checks the service and transaction ids of an outcome request.
 fn end_request(req: &pb::EndTransactionRequest) -> Result<(), Error> {
     check_id("service", &req.service)?;
     check_id("txn_id", &req.txn_id)
+}
+
+/// The broker of a request's shard when it is served here; otherwise the
+/// request, forwarded to the owner, is answered with the owner's answer.
+macro_rules! here_or_forward {
+    ($target:expr, $owner:ident => $forward:expr) => {
+        match $target {
+            Target::Here(b) => b,
+            Target::There($owner) => return $forward.await,
+        }
+    };
 }
 
 #[tonic::async_trait]
@@ -283,21 +307,30 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let fwd = was_forwarded(&req);
         let req = req.into_inner();
-        self.broker()?
-            .create_topic(&req.name, req.partitions)
-            .await?;
+        let broker = here_or_forward!(self.for_topic(&req.name, fwd).await?,
+            o => self.cluster.peer(&o)?.create_topic(forwarded(req)));
+        broker.create_topic(&req.name, req.partitions).await?;
         Ok(Response::new(pb::CreateTopicResponse {}))
     }
 
     async fn list_topics(
         &self,
-        _: Request<pb::ListTopicsRequest>,
+        req: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
-        let topics = self
-            .broker()?
-            .list_topics()
+        // The topics of the shards served here, and those of every other
+        // owner (asked for theirs only).
+        let others = if was_forwarded(&req) {
+            Vec::new()
+        } else {
+            self.cluster.others().await?
+        };
+        let mut topics: Vec<pb::TopicSummary> = self
+            .cluster
+            .local()
             .into_iter()
+            .flat_map(|(_, b)| b.list_topics())
             // Tandem's own topics (`__sagas`) are left out, as Kafka's
             // tools leave out internal topics; DescribeTopic shows them.
             .filter(|(name, _)| !name.starts_with("__"))
@@ -306,6 +339,16 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                 partitions: meta.partitions,
             })
             .collect();
+        for o in others {
+            let theirs = self
+                .cluster
+                .peer(&o)?
+                .list_topics(forwarded(pb::ListTopicsRequest {}))
+                .await?;
+            topics.extend(theirs.into_inner().topics);
+        }
+        topics.sort_by(|a, b| a.name.cmp(&b.name));
+        topics.dedup_by(|a, b| a.name == b.name);
         Ok(Response::new(pb::ListTopicsResponse { topics }))
     }
 
@@ -313,9 +356,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        let fwd = was_forwarded(&req);
         let name = req.into_inner().name;
         required("name", &name)?;
-        let (partitions, groups) = self.broker()?.describe(&name).await?;
+        let broker = here_or_forward!(self.for_topic(&name, fwd).await?,
+            o => self.cluster.peer(&o)?.describe_topic(forwarded(pb::DescribeTopicRequest { name })));
+        let (partitions, groups) = broker.describe(&name).await?;
         let groups = groups
             .into_iter()
             .map(|g| {
@@ -371,6 +417,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let fwd = was_forwarded(&req);
         let req = req.into_inner();
         let topic = required("topic", &req.topic)?;
         if topic.starts_with("__") {
@@ -380,7 +427,8 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             )
             .into());
         }
-        let broker = self.broker()?;
+        let broker = here_or_forward!(self.for_topic(topic, fwd).await?,
+            o => self.cluster.peer(&o)?.publish(forwarded(req)));
         let meta = broker.topic(topic)?;
         if req.messages.is_empty() {
             return Err(Error::invalid("messages", "at least one message is required").into());
@@ -434,7 +482,11 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             .into());
         };
         let topic = required("subscribe.topic", &sub.topic)?;
-        let broker = self.broker()?;
+        // A stream is not forwarded: the client opens it at the owner.
+        let broker = self
+            .cluster
+            .here(shard_of(topic, self.cluster.count()))
+            .await?;
         let meta = broker.topic(topic)?;
         check_group("subscribe.group", &sub.group)?;
         let session_timeout = match sub.session_timeout_ms {
@@ -495,16 +547,19 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let fwd = was_forwarded(&req);
         let req = req.into_inner();
         check_id("service", &req.service)?;
+        let topic = required("topic", &req.topic)?;
+        let broker = here_or_forward!(self.for_topic(topic, fwd).await?,
+            o => self.cluster.peer(&o)?.prepare(forwarded(req)));
         let txn_id = if req.txn_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
         } else {
             check_id("txn_id", &req.txn_id)?;
             req.txn_id
         };
-        let topic = required("topic", &req.topic)?;
-        let broker = self.broker()?;
+        let topic = req.topic.as_str();
         let meta = broker.topic(topic)?;
         let mut message = req
             .message
@@ -513,8 +568,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             // A saga started with a local transaction: checked now, and
             // started when (if) the transaction commits.
             let (value, id, def) = crate::saga_wire::check_start(&req.service, &message.value)?;
-            broker
-                .sagas
+            saga_host(&broker)?
                 .check_free(id, req.service.clone(), def)
                 .await?;
             message.value = value;
@@ -568,9 +622,11 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::EndTransactionRequest>,
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
+        let fwd = was_forwarded(&req);
         let req = req.into_inner();
         end_request(&req)?;
-        let broker = self.broker()?;
+        let broker = here_or_forward!(self.for_txn(&req.txn_id, fwd).await?,
+            o => self.cluster.peer(&o)?.commit(forwarded(req)));
         Ok(Response::new(
             detached(async move { broker.txns.commit(&req.service, &req.txn_id).await }).await?,
         ))
@@ -580,9 +636,11 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::EndTransactionRequest>,
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
+        let fwd = was_forwarded(&req);
         let req = req.into_inner();
         end_request(&req)?;
-        let broker = self.broker()?;
+        let broker = here_or_forward!(self.for_txn(&req.txn_id, fwd).await?,
+            o => self.cluster.peer(&o)?.rollback(forwarded(req)));
         Ok(Response::new(
             detached(async move { broker.txns.rollback(&req.service, &req.txn_id).await }).await?,
         ))
@@ -593,7 +651,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         req: Request<pb::TransactRequest>,
     ) -> Result<Response<pb::TransactResponse>, Status> {
         use pb::transact_item::Kind;
-        use pb::transact_result::Kind as Answer;
+        let fwd = was_forwarded(&req);
         let items = req.into_inner().items;
         if items.is_empty() {
             return Err(Error::invalid("items", "at least one item is required").into());
@@ -608,44 +666,95 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             )
             .into());
         }
-        // Not serving: the whole call is refused, naming the holder.
-        self.broker()?;
-        let answers = items.into_iter().enumerate().map(|(i, item)| async move {
-            let answer = match item.kind {
-                Some(Kind::Prepare(p)) => self
-                    .prepare(Request::new(p))
-                    .await
-                    .map(|r| Answer::Prepare(r.into_inner())),
-                Some(Kind::Commit(e)) => self
-                    .commit(Request::new(e))
-                    .await
-                    .map(|r| Answer::End(r.into_inner())),
-                Some(Kind::Rollback(e)) => self
-                    .rollback(Request::new(e))
-                    .await
-                    .map(|r| Answer::End(r.into_inner())),
+        // Each item goes where its own call would: served here, or sent on
+        // to its shard's owner with the others for that owner in one call.
+        let mut results: Vec<Option<pb::TransactResult>> = vec![None; items.len()];
+        let mut here = Vec::new();
+        let mut there: std::collections::BTreeMap<String, Vec<(usize, pb::TransactItem)>> =
+            Default::default();
+        for (i, item) in items.into_iter().enumerate() {
+            let target = match &item.kind {
+                Some(Kind::Prepare(p)) => match required("topic", &p.topic) {
+                    Ok(t) => self.for_topic(t, fwd).await,
+                    Err(e) => Err(e.into()),
+                },
+                Some(Kind::Commit(e) | Kind::Rollback(e)) => match end_request(e) {
+                    Ok(()) => self.for_txn(&e.txn_id, fwd).await,
+                    Err(e) => Err(e.into()),
+                },
                 None => Err(Status::invalid_argument(format!(
                     "items[{i}]: prepare, commit or rollback is required"
                 ))),
             };
-            match answer {
+            match target {
+                Ok(Target::Here(_)) => here.push((i, item)),
+                Ok(Target::There(o)) => there.entry(o).or_default().push((i, item)),
+                Err(s) => results[i] = Some(failed_item(&s)),
+            }
+        }
+        let local = here.into_iter().map(|(i, item)| async move {
+            // Served here unless the shard moved meanwhile (then refused
+            // as UNAVAILABLE, and the caller sends the item again).
+            let answer = match item.kind {
+                Some(Kind::Prepare(p)) => self
+                    .prepare(forwarded(p))
+                    .await
+                    .map(|r| pb::transact_result::Kind::Prepare(r.into_inner())),
+                Some(Kind::Commit(e)) => self
+                    .commit(forwarded(e))
+                    .await
+                    .map(|r| pb::transact_result::Kind::End(r.into_inner())),
+                Some(Kind::Rollback(e)) => self
+                    .rollback(forwarded(e))
+                    .await
+                    .map(|r| pb::transact_result::Kind::End(r.into_inner())),
+                None => unreachable!("refused above"),
+            };
+            let result = match answer {
                 Ok(kind) => pb::TransactResult {
                     code: 0,
                     message: String::new(),
                     kind: Some(kind),
                 },
-                Err(s) => pb::TransactResult {
-                    code: s.code() as i32,
-                    message: s.message().to_owned(),
-                    kind: None,
-                },
+                Err(s) => failed_item(&s),
+            };
+            vec![(i, result)]
+        });
+        let remote = there.into_iter().map(|(owner, batch)| async move {
+            let (at, items): (Vec<usize>, Vec<pb::TransactItem>) = batch.into_iter().unzip();
+            let n = items.len();
+            let answer = match self.cluster.peer(&owner) {
+                Ok(mut c) => c.transact(forwarded(pb::TransactRequest { items })).await,
+                Err(s) => Err(s),
+            };
+            match answer {
+                Ok(r) if r.get_ref().results.len() == n => {
+                    at.into_iter().zip(r.into_inner().results).collect()
+                }
+                Ok(_) => {
+                    let s = Status::unavailable(format!(
+                        "{owner} answered a Transact call with a different number of items"
+                    ));
+                    at.into_iter().map(|i| (i, failed_item(&s))).collect()
+                }
+                Err(s) => at
+                    .into_iter()
+                    .map(|i| (i, failed_item(&s)))
+                    .collect::<Vec<_>>(),
             }
         });
-        let results = futures_util::future::join_all(answers).await;
-        // Stopped serving meanwhile: refused as a whole, naming the holder,
-        // so that the caller goes there with every item (each is safe to
-        // send again).
-        self.broker()?;
+        let (local, remote) = futures_util::future::join(
+            futures_util::future::join_all(local),
+            futures_util::future::join_all(remote),
+        )
+        .await;
+        for (i, r) in local.into_iter().chain(remote).flatten() {
+            results[i] = Some(r);
+        }
+        let results = results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| failed_item(&Status::internal("an item went unanswered"))))
+            .collect();
         Ok(Response::new(pb::TransactResponse { results }))
     }
 
@@ -653,32 +762,70 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::GetTransactionRequest>,
     ) -> Result<Response<pb::Transaction>, Status> {
+        let fwd = was_forwarded(&req);
         let id = req.into_inner().txn_id;
         check_id("txn_id", &id)?;
-        Ok(Response::new(self.broker()?.txns.get(&id).await?))
+        let broker = here_or_forward!(self.for_txn(&id, fwd).await?,
+            o => self.cluster.peer(&o)?.get_transaction(forwarded(pb::GetTransactionRequest { txn_id: id })));
+        Ok(Response::new(broker.txns.get(&id).await?))
     }
 
     async fn get_stats(
         &self,
-        _: Request<pb::GetStatsRequest>,
+        req: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::Stats>, Status> {
-        Ok(Response::new(self.broker()?.txns.stats()))
+        // The counters of every shard, here and at the other owners.
+        let others = if was_forwarded(&req) {
+            Vec::new()
+        } else {
+            self.cluster.others().await?
+        };
+        let mut all: Vec<pb::Stats> = self
+            .cluster
+            .local()
+            .iter()
+            .map(|(_, b)| b.txns.stats())
+            .collect();
+        for o in others {
+            all.push(
+                self.cluster
+                    .peer(&o)?
+                    .get_stats(forwarded(pb::GetStatsRequest {}))
+                    .await?
+                    .into_inner(),
+            );
+        }
+        Ok(Response::new(all.into_iter().fold(
+            pb::Stats::default(),
+            |t, s| pb::Stats {
+                prepared: t.prepared + s.prepared,
+                committed: t.committed + s.committed,
+                rolled_back: t.rolled_back + s.rolled_back,
+                checks_sent: t.checks_sent + s.checks_sent,
+                resolved_by_check: t.resolved_by_check + s.resolved_by_check,
+                final_actions: t.final_actions + s.final_actions,
+                open: t.open + s.open,
+            },
+        )))
     }
 
     async fn start_saga(
         &self,
         req: Request<pb::StartSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
+        let fwd = was_forwarded(&req);
         let req = req.into_inner();
         check_id("saga_id", &req.saga_id)?;
         check_id("service", &req.service)?;
+        let broker = here_or_forward!(self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
+            o => self.cluster.peer(&o)?.start_saga(forwarded(req)));
         let def = req
             .definition
             .ok_or_else(|| Error::invalid("definition", "is required"))?;
         let def = crate::saga_wire::definition_from_wire("definition", def)?;
         // Once sent, the start is the driver's: a caller going away does
         // not cut it half way.
-        let sagas = self.broker()?.sagas.clone();
+        let sagas = saga_host(&broker)?.clone();
         Ok(Response::new(
             sagas.start(req.saga_id, req.service, def).await?,
         ))
@@ -688,15 +835,19 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
+        let fwd = was_forwarded(&req);
         let id = req.into_inner().saga_id;
         check_id("saga_id", &id)?;
-        Ok(Response::new(self.broker()?.sagas.get(id).await?))
+        let broker = here_or_forward!(self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
+            o => self.cluster.peer(&o)?.get_saga(forwarded(pb::GetSagaRequest { saga_id: id })));
+        Ok(Response::new(saga_host(&broker)?.get(id).await?))
     }
 
     async fn list_sagas(
         &self,
         req: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        let fwd = was_forwarded(&req);
         let req = req.into_inner();
         let status = crate::saga_wire::status_from_wire(req.status)?;
         let limit = match req.limit as usize {
@@ -708,7 +859,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             }
             n => n,
         };
-        let sagas = self.broker()?.sagas.list(status, limit).await?;
+        let broker = here_or_forward!(self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
+            o => self.cluster.peer(&o)?.list_sagas(forwarded(req)));
+        let sagas = saga_host(&broker)?.list(status, limit).await?;
         Ok(Response::new(pb::ListSagasResponse { sagas }))
     }
 
@@ -728,19 +881,22 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             );
         };
         check_id("hello.service", &hello.service)?;
+        // Sessions belong to the replica, whichever shards it serves:
+        // check-backs and branch calls of each of them go down them.
         let (tx, rx) = tokio::sync::mpsc::channel(256);
-        let broker = self.broker()?;
-        let sessions = broker.txns.sessions.clone();
+        let sessions = self.cluster.sessions.clone();
         let id = sessions.register(&hello.service, &hello.instance, tx.clone());
+        let mut replicas = self.cluster.replicas.clone();
         let welcome = pb::SessionResponse {
             kind: Some(pb::session_response::Kind::Welcome(pb::Welcome {
                 session_id: format!("{}-{id}", hello.service),
+                replicas: replicas.borrow_and_update().clone(),
             })),
         };
         tx.send(Ok(welcome))
             .await
             .map_err(|_| Status::cancelled("session closed"))?;
-        let mut shutdown = broker.shutting_down();
+        let mut shutdown = self.cluster.stopping.clone();
         tokio::spawn(async move {
             tracing::info!(service = %hello.service, instance = %hello.instance, session = id, "sidecar session opened");
             let reason = loop {
@@ -757,7 +913,17 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                         Ok(Err(s)) => break format!("stream broke: {}", s.message()),
                         Err(_) => break "no heartbeat within the session timeout".to_owned(),
                     },
-                    _ = shutdown.wait_for(|s| *s) => break "the coordinator stopped serving (shutting down or no longer the lease holder)".to_owned(),
+                    Ok(()) = replicas.changed() => {
+                        let list = replicas.borrow_and_update().clone();
+                        let update = pb::SessionResponse {
+                            kind: Some(pb::session_response::Kind::Replicas(pb::Replicas { replicas: list })),
+                        };
+                        if tx.send(Ok(update)).await.is_err() {
+                            break "the sidecar stopped reading".to_owned();
+                        }
+                    }
+                    // (Not holding the watch's guard across the sends above.)
+                    () = async { let _ = shutdown.wait_for(|s| *s).await; } => break "the coordinator is shutting down".to_owned(),
                 }
             };
             sessions.unregister(&hello.service, id);

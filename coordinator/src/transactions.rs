@@ -172,7 +172,12 @@ pub(crate) struct Transactions<L> {
 impl<L: Log + Clone> Transactions<L> {
     /// Loads the table from `internal` and completes commits a crash
     /// interrupted.
-    pub(crate) async fn open(data: L, internal: L, settings: TxnSettings) -> Result<Arc<Self>> {
+    pub(crate) async fn open(
+        data: L,
+        internal: L,
+        settings: TxnSettings,
+        sessions: Arc<Sessions>,
+    ) -> Result<Arc<Self>> {
         let (log, records) = StateLog::open(internal, "__txn_state", u64::MAX).await?;
         // Each transaction's last record, still encoded: only those are
         // decoded (a restart with a million open ones must not decode and
@@ -195,7 +200,7 @@ impl<L: Log + Clone> Transactions<L> {
             loading: Mutex::new(Some(Vec::new())),
             pacer: Mutex::new(tokio::time::Instant::now()),
             wake: Notify::new(),
-            sessions: Arc::new(Sessions::default()),
+            sessions,
             counters: Counters::default(),
             marks: Mutex::new(VecDeque::new()),
             checking: Arc::new(Semaphore::new(256)),
@@ -830,7 +835,7 @@ mod tests {
                     ..LogConfig::default()
                 };
                 let internal = EmbeddedLog::open(dir.join("internal"), small).await?;
-                Transactions::open(data, internal, settings).await
+                Transactions::open(data, internal, settings, Default::default()).await
             }
         };
         let t = open(settings.clone()).await?;
@@ -881,7 +886,8 @@ mod tests {
         let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
         data.create_partition(&TopicPartition::new("t", 0)).await?;
         let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
-        let t = Transactions::open(data, internal, TxnSettings::default()).await?;
+        let t =
+            Transactions::open(data, internal, TxnSettings::default(), Default::default()).await?;
         // Dropped while its PREPARED record is being written (the caller
         // went away): nothing in memory may claim it was prepared. The
         // future is polled once and dropped; a prepare that happened to
@@ -921,7 +927,13 @@ mod tests {
             check_after: Duration::from_secs(3600),
             ..TxnSettings::default()
         };
-        let t = Transactions::open(data.clone(), internal.clone(), settings.clone()).await?;
+        let t = Transactions::open(
+            data.clone(),
+            internal.clone(),
+            settings.clone(),
+            Default::default(),
+        )
+        .await?;
         t.prepare(prep("x", outgoing("x")), 0).await?;
         t.prepare(prep("y", outgoing("y")), 0).await?;
         // Simulate the crash window: "x" reached its partition, its
@@ -938,7 +950,7 @@ mod tests {
             t.append(&tp, record).await?;
         }
         drop(t);
-        let t = Transactions::open(data.clone(), internal, settings).await?;
+        let t = Transactions::open(data.clone(), internal, settings, Default::default()).await?;
         let x = t.get("x").await?;
         assert_eq!(x.state, pb::TransactionState::Committed as i32);
         assert_eq!(x.position.map(|p| p.offset), Some(0));

@@ -1,7 +1,9 @@
 //! Three coordinator replicas on one PostgreSQL database, as real
-//! processes: the lease holder SIGKILLed under transactional load, paused
-//! past its lease, PostgreSQL crashed under load, and a sidecar given the
-//! three addresses while each replica in turn is down.
+//! processes: the shards spread over them and moving when one dies or
+//! comes back, requests served through any replica, the owner of a busy
+//! shard SIGKILLed under transactional load, paused past its lease,
+//! PostgreSQL crashed under load, and a sidecar given the three addresses
+//! while each replica in turn is down.
 //!
 //! The load tests are cycles of the fault campaign restricted to one kind
 //! of fault (the campaign starts its own PostgreSQL server, so that it can
@@ -111,12 +113,15 @@ async fn lease_holders_paused_past_their_lease_under_load_lose_nothing() -> Test
 
 /// Three coordinator processes on one fresh database.
 struct Replicas {
-    dir: tempfile::TempDir,
     url: String,
     procs: Vec<Process>,
     ports: Vec<u16>,
     /// Failpoints armed in every replica.
     failpoints: Option<String>,
+    /// Shards of the store.
+    shards: u32,
+    /// Last: removed after the processes (whose logs are in it) are gone.
+    dir: tempfile::TempDir,
 }
 
 impl Replicas {
@@ -135,6 +140,7 @@ impl Replicas {
             procs: Vec::new(),
             ports: vec![0; 3],
             failpoints: failpoints.map(str::to_owned),
+            shards: tandem_coordinator::DEFAULT_SHARDS,
         };
         for i in 0..3 {
             let p = r.spawn(i)?;
@@ -155,6 +161,8 @@ impl Replicas {
             "lease_ms=1500",
             "--set",
             "check_after_ms=1000",
+            "--set",
+            &format!("shards={}", self.shards),
         ]
         .map(String::from)
         .to_vec();
@@ -180,12 +188,59 @@ impl Replicas {
             .join(",")
     }
 
-    /// The index of the replica holding the lease, and its epoch, once one
-    /// does (other than `not`) and serves.
+    /// The lease of `topic`'s shard.
+    fn lease_of(&self, topic: &str) -> String {
+        use tandem_coordinator::shards::{lease_name, shard_of};
+        lease_name(shard_of(topic, self.shards), self.shards)
+    }
+
+    /// The namespace of `topic`'s records.
+    fn namespace_of(&self, topic: &str) -> String {
+        use tandem_coordinator::shards::{namespaces, shard_of};
+        namespaces(shard_of(topic, self.shards), self.shards).0
+    }
+
+    /// How many shards each replica holds now (by index).
+    async fn spread(&self) -> TestResult<Vec<u32>> {
+        let store = PgStore::connect(&self.url, Duration::from_secs(5)).await?;
+        let held = store.live_leases(tandem_coordinator::LEASE_NAME).await;
+        store.close().await;
+        let mut spread = vec![0; self.ports.len()];
+        for l in held? {
+            let port: Option<u16> = l.address.rsplit_once(':').and_then(|(_, p)| p.parse().ok());
+            if let Some(i) = self.ports.iter().position(|p| Some(*p) == port) {
+                spread[i] += 1;
+            }
+        }
+        Ok(spread)
+    }
+
+    /// The index of the replica holding the lease of `topic`'s shard now,
+    /// and its epoch.
+    async fn holder_of(&self, topic: &str) -> TestResult<(usize, i64)> {
+        let store = PgStore::connect(&self.url, Duration::from_secs(5)).await?;
+        let lease = self.lease_of(topic);
+        let found = eventually("a holder of the shard", || async {
+            let l = store.holder(&lease).await?.filter(|l| l.expires_in > 0);
+            let port: Option<u16> = l
+                .as_ref()
+                .and_then(|l| l.address.rsplit_once(':'))
+                .and_then(|(_, p)| p.parse().ok());
+            Ok(l.zip(self.ports.iter().position(|p| Some(*p) == port))
+                .map(|(l, i)| (i, l.epoch)))
+        })
+        .await;
+        store.close().await;
+        found
+    }
+
+    /// The index of the replica holding the lease of topic `t`'s shard,
+    /// and its epoch, once one does (other than `not`) and serves.
     async fn holder(&self, not: Option<(usize, i64)>) -> TestResult<(usize, i64)> {
         let store = PgStore::connect(&self.url, Duration::from_secs(5)).await?;
+        let lease = self.lease_of("t");
         let found = eventually("a replica holding the lease", || async {
-            let Some(l) = store.holder(tandem_coordinator::LEASE_NAME).await? else {
+            let Some(l) = store.holder(&lease).await? else {
                 return Ok(None);
             };
             // (A row not taken yet has no address.)
@@ -202,11 +257,12 @@ impl Replicas {
             // Holding it, and done recovering: it serves.
             Ok(match found {
                 Some((i, _)) => {
-                    let serves = client(self.ports[i])
+                    // (Not yet created is an answer too: NOT_FOUND.)
+                    let asked = client(self.ports[i])
                         .await?
-                        .list_topics(pb::ListTopicsRequest {})
-                        .await
-                        .is_ok();
+                        .describe_topic(pb::DescribeTopicRequest { name: "t".into() })
+                        .await;
+                    let serves = !matches!(asked, Err(e) if e.code() == tonic::Code::Unavailable);
                     found.filter(|_| serves)
                 }
                 None => None,
@@ -258,8 +314,13 @@ fn msg(id: &str) -> pb::Message {
 async fn a_holder_paused_past_its_lease_cannot_write_when_it_wakes() -> TestResult {
     // Every append to a topic waits 1.5 s before its transaction, so that
     // one is in flight when the holder is frozen.
-    let Some(mut r) = Replicas::start_with(Some("storage.pg.write:topics=delay:1500")).await?
-    else {
+    let (ns, _) = {
+        use tandem_coordinator::shards::{namespaces, shard_of};
+        let n = tandem_coordinator::DEFAULT_SHARDS;
+        namespaces(shard_of("t", n), n)
+    };
+    let point = format!("storage.pg.write:{ns}=delay:1500");
+    let Some(mut r) = Replicas::start_with(Some(&point)).await? else {
         return Ok(());
     };
     let result = paused_holder(&mut r).await;
@@ -270,9 +331,17 @@ async fn a_holder_paused_past_its_lease_cannot_write_when_it_wakes() -> TestResu
 }
 
 async fn paused_holder(r: &mut Replicas) -> TestResult {
+    // Once the shards have settled (three, three and two), nothing moves
+    // until the pause.
+    eventually("the shards spread evenly", || async {
+        let mut now = r.spread().await?;
+        now.sort();
+        Ok((now == [2, 3, 3]).then_some(()))
+    })
+    .await?;
     let (old, epoch) = r.holder(None).await?;
-    // Health: every replica reaches the database (ready); only the holder
-    // serves the coordinator service.
+    // Health: every replica reaches the database (ready); a replica serves
+    // the coordinator service while it holds a shard.
     let serving = tonic_health::ServingStatus::Serving as i32;
     let coordinator = "tandem.coordinator.v1.Coordinator";
     for (i, port) in r.ports.iter().enumerate() {
@@ -281,7 +350,8 @@ async fn paused_holder(r: &mut Replicas) -> TestResult {
         });
         all.await?;
         let named = health(*port, coordinator).await?;
-        assert_eq!(named == serving, i == old, "replica {i}: {named}");
+        let holds = r.spread().await?[i] > 0;
+        assert_eq!(named == serving, holds, "replica {i}: {named}");
     }
     let mut c = client(r.ports[old]).await?;
     c.create_topic(pb::CreateTopicRequest {
@@ -334,26 +404,25 @@ async fn paused_holder(r: &mut Replicas) -> TestResult {
         )),
         "refused by the fence: {refused:?}"
     );
-    // And from now on it refuses, soon sending clients to the new holder.
-    let new_addr = format!("127.0.0.1:{}", r.ports[new]);
-    eventually("the old holder naming the new one", || {
+    // From now on it forwards what it is sent to the new holder (once it
+    // has noticed; until then it refuses): the message lands once, under
+    // the new epoch.
+    eventually("the old holder forwarding to the new one", || {
         let mut c = c.clone();
-        let new_addr = new_addr.clone();
         async move {
-            let again = c
+            let sent = c
                 .publish(pb::PublishRequest {
                     topic: "t".into(),
                     messages: vec![msg("sent-to-the-old-holder-later")],
                 })
-                .await
-                .expect_err("a standby refuses");
-            assert_eq!(again.code(), tonic::Code::Unavailable, "{again:?}");
-            let named = again
-                .metadata()
-                .get(tandem_coordinator::OWNER_METADATA)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            Ok((named.as_deref() == Some(new_addr.as_str())).then_some(()))
+                .await;
+            match sent {
+                Ok(_) => Ok(Some(())),
+                Err(e) => {
+                    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+                    Ok(None)
+                }
+            }
         }
     })
     .await?;
@@ -364,8 +433,17 @@ async fn paused_holder(r: &mut Replicas) -> TestResult {
     .await?;
 
     // What the log holds: exactly the acknowledged messages, in order, once.
-    let ids = read_ids(&r.url).await?;
-    assert_eq!(ids, ["before-1", "before-2", "after-1", "after-2"]);
+    let ids = read_ids(r).await?;
+    assert_eq!(
+        ids,
+        [
+            "before-1",
+            "before-2",
+            "after-1",
+            "sent-to-the-old-holder-later",
+            "after-2"
+        ]
+    );
     let woke = r.procs[old].log_tail();
     assert!(
         woke.contains("stopped serving"),
@@ -375,11 +453,12 @@ async fn paused_holder(r: &mut Replicas) -> TestResult {
 }
 
 /// The ids in topic `t`, read straight from the tables.
-async fn read_ids(url: &str) -> TestResult<Vec<String>> {
-    let pool = sqlx::PgPool::connect(url).await?;
+async fn read_ids(r: &Replicas) -> TestResult<Vec<String>> {
+    let pool = sqlx::PgPool::connect(&r.url).await?;
     let rows: Vec<Vec<u8>> = sqlx::query_scalar(
-        "SELECT id FROM tandem_record WHERE ns = 'topics' AND topic = 't' ORDER BY \"offset\"",
+        "SELECT id FROM tandem_record WHERE ns = $1 AND topic = 't' ORDER BY \"offset\"",
     )
+    .bind(r.namespace_of("t"))
     .fetch_all(&pool)
     .await?;
     pool.close().await;
@@ -487,7 +566,8 @@ async fn one_down_at_a_time(r: &mut Replicas) -> TestResult {
     // plain one too.
     let pool = sqlx::PgPool::connect(&r.url).await?;
     let ids: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT id FROM tandem_record WHERE ns = 'topics' AND topic = 'orders'")
+        sqlx::query_scalar("SELECT id FROM tandem_record WHERE ns = $1 AND topic = 'orders'")
+            .bind(r.namespace_of("orders"))
             .fetch_all(&pool)
             .await?;
     pool.close().await;
@@ -506,5 +586,195 @@ async fn one_down_at_a_time(r: &mut Replicas) -> TestResult {
     assert_eq!(ids, expected);
     drop(sidecar);
     drop(app);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_spread_over_the_replicas_and_move_when_one_dies_or_returns() -> TestResult {
+    let Some(mut r) = Replicas::start().await? else {
+        return Ok(());
+    };
+    let result = sharded(&mut r).await;
+    if result.is_err() {
+        r.print_logs();
+    }
+    result
+}
+
+fn topic_names() -> Vec<String> {
+    (0..16).map(|i| format!("topic-{i:02}")).collect()
+}
+
+/// The high-water mark of each of `topics`, asked through `port`.
+async fn marks(port: u16, topics: &[String]) -> TestResult<Vec<u64>> {
+    let mut c = client(port).await?;
+    let mut out = Vec::new();
+    for t in topics {
+        let d = c
+            .describe_topic(pb::DescribeTopicRequest { name: t.clone() })
+            .await?
+            .into_inner();
+        out.push(d.partitions.iter().map(|p| p.high_water_mark).sum());
+    }
+    Ok(out)
+}
+
+async fn sharded(r: &mut Replicas) -> TestResult {
+    use tandem_coordinator::shards::shard_of;
+    assert_eq!(r.shards, 8, "the default");
+    let n = r.shards;
+    // Eight shards over three replicas: three, three and two.
+    eventually("the shards spread evenly", || async {
+        let mut now = r.spread().await?;
+        now.sort();
+        Ok((now == [2, 3, 3]).then_some(()))
+    })
+    .await?;
+    let topics = topic_names();
+    let shards: std::collections::BTreeSet<u32> = topics.iter().map(|t| shard_of(t, n)).collect();
+    assert!(
+        shards.len() >= 6,
+        "the topics fall in most shards: {shards:?}"
+    );
+
+    // Any replica serves any request: topics created through one, listed
+    // through each, published to through each in turn.
+    let mut first = client(r.ports[0]).await?;
+    for t in &topics {
+        first
+            .create_topic(pb::CreateTopicRequest {
+                name: t.clone(),
+                partitions: 2,
+            })
+            .await?;
+    }
+    for port in &r.ports {
+        let listed: Vec<String> = client(*port)
+            .await?
+            .list_topics(pb::ListTopicsRequest {})
+            .await?
+            .into_inner()
+            .topics
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert_eq!(listed, topics, "listed through {port}");
+    }
+    for (i, t) in topics.iter().enumerate() {
+        client(r.ports[i % 3])
+            .await?
+            .publish(pb::PublishRequest {
+                topic: t.clone(),
+                messages: vec![msg(&format!("{t}-a"))],
+            })
+            .await?;
+    }
+    assert_eq!(marks(r.ports[1], &topics).await?, vec![1; topics.len()]);
+
+    // A transaction prepared through one replica, committed through a
+    // second and read through the third, whichever owns its topic.
+    let t0 = &topics[0];
+    let prepared = client(r.ports[1])
+        .await?
+        .prepare(pb::PrepareRequest {
+            service: "orders".into(),
+            txn_id: "txn-1".into(),
+            topic: t0.clone(),
+            message: Some(msg("ignored")),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(prepared.txn_id, "txn-1");
+    client(r.ports[2])
+        .await?
+        .commit(pb::EndTransactionRequest {
+            service: "orders".into(),
+            txn_id: "txn-1".into(),
+        })
+        .await?;
+    let seen = client(r.ports[0])
+        .await?
+        .get_transaction(pb::GetTransactionRequest {
+            txn_id: "txn-1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(seen.state, pb::TransactionState::Committed as i32);
+    // Its id names that transaction only, also for a topic of another
+    // shard.
+    let other = topics
+        .iter()
+        .find(|t| shard_of(t, n) != shard_of(t0, n))
+        .expect("a topic of another shard");
+    let reused = client(r.ports[0])
+        .await?
+        .prepare(pb::PrepareRequest {
+            service: "orders".into(),
+            txn_id: "txn-1".into(),
+            topic: other.clone(),
+            message: Some(msg("ignored")),
+            ..Default::default()
+        })
+        .await
+        .expect_err("an id taken in another shard");
+    assert_eq!(reused.code(), tonic::Code::AlreadyExists, "{reused:?}");
+    let unknown = client(r.ports[1])
+        .await?
+        .commit(pb::EndTransactionRequest {
+            service: "orders".into(),
+            txn_id: "never-prepared".into(),
+        })
+        .await
+        .expect_err("an unknown transaction");
+    assert_eq!(unknown.code(), tonic::Code::NotFound, "{unknown:?}");
+
+    // The owner of the first topic's shard dies: the two others take its
+    // shards (four each) and serve what was acknowledged.
+    let victim = {
+        let (i, _) = r.holder_of(t0).await?;
+        i
+    };
+    r.procs[victim].kill();
+    let alive: Vec<usize> = (0..3).filter(|i| *i != victim).collect();
+    eventually("the dead replica's shards taken over", || async {
+        let now = r.spread().await?;
+        Ok((now[alive[0]] == 4 && now[alive[1]] == 4).then_some(()))
+    })
+    .await?;
+    let mut expected = vec![1; topics.len()];
+    expected[0] = 2; // and the committed transaction's message
+    assert_eq!(marks(r.ports[alive[0]], &topics).await?, expected);
+    let after = client(r.ports[alive[1]])
+        .await?
+        .get_transaction(pb::GetTransactionRequest {
+            txn_id: "txn-1".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(after.state, pb::TransactionState::Committed as i32);
+    for (i, t) in topics.iter().enumerate() {
+        client(r.ports[alive[i % 2]])
+            .await?
+            .publish(pb::PublishRequest {
+                topic: t.clone(),
+                messages: vec![msg(&format!("{t}-b"))],
+            })
+            .await?;
+    }
+
+    // It comes back: shards are handed to it until the load is even again,
+    // and nothing acknowledged moved or went missing.
+    r.procs[victim] = r.spawn(victim)?;
+    eventually("the shards spread evenly again", || async {
+        let mut now = r.spread().await?;
+        now.sort();
+        Ok((now == [2, 3, 3]).then_some(()))
+    })
+    .await?;
+    let expected: Vec<u64> = expected.iter().map(|m| m + 1).collect();
+    for port in &r.ports {
+        assert_eq!(marks(*port, &topics).await?, expected, "through {port}");
+    }
     Ok(())
 }

@@ -55,6 +55,17 @@ struct State {
 pub(crate) struct Coordinators {
     configured: Vec<String>,
     state: Mutex<State>,
+    /// Streams about one topic go to the replica that owns its shard, once
+    /// a refusal named it; by topic.
+    routes: Mutex<std::collections::HashMap<String, (String, CoordinatorClient<Channel>)>>,
+}
+
+/// The replica a stream about one topic is opened with.
+pub(crate) struct Route {
+    /// The choice of the replica in use, when no owner is known.
+    ticket: Option<usize>,
+    /// The replica's client.
+    pub(crate) client: CoordinatorClient<Channel>,
 }
 
 impl std::fmt::Debug for Coordinators {
@@ -65,7 +76,7 @@ impl std::fmt::Debug for Coordinators {
     }
 }
 
-fn client(url: &str) -> Result<CoordinatorClient<Channel>> {
+pub(crate) fn client(url: &str) -> Result<CoordinatorClient<Channel>> {
     let max = tandem_coordinator::MAX_REQUEST_BYTES;
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| Error::invalid("coordinator", format!("{url}: {e}")))?;
@@ -118,6 +129,7 @@ impl Coordinators {
                 moves: 0,
                 failures: 0,
             }),
+            routes: Mutex::default(),
         })
     }
 
@@ -130,6 +142,55 @@ impl Coordinators {
     pub(crate) fn pick(&self) -> (usize, CoordinatorClient<Channel>) {
         let s = self.state();
         (s.moves, s.replicas[s.current].client.clone())
+    }
+
+    /// Where to open a stream about topic `key`: its shard's owner when a
+    /// refusal named it, else the replica in use.
+    pub(crate) fn route(&self, key: &str) -> Route {
+        let routes = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, c)) = routes.get(key) {
+            return Route {
+                ticket: None,
+                client: c.clone(),
+            };
+        }
+        drop(routes);
+        let (ticket, client) = self.pick();
+        Route {
+            ticket: Some(ticket),
+            client,
+        }
+    }
+
+    /// A stream about `key` opened by `route` failed with `status`: one
+    /// naming the owner sends the next one there; another failure forgets
+    /// the owner (or, with none known, moves on as [`failed`](Self::failed)
+    /// does).
+    pub(crate) async fn route_failed(&self, key: &str, route: &Route, status: &Status) {
+        let owner = status
+            .metadata()
+            .get(OWNER)
+            .and_then(|v| v.to_str().ok())
+            .map(|a| format!("http://{a}"));
+        if let Some(url) = owner
+            && let Ok(c) = client(&url)
+        {
+            tracing::debug!(topic = %key, coordinator = %url, "streams of this topic go to its owner");
+            self.routes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key.to_owned(), (url, c));
+            return;
+        }
+        let known = self
+            .routes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(key)
+            .is_some();
+        if let (false, Some(ticket)) = (known, route.ticket) {
+            self.failed(ticket, status).await;
+        }
     }
 
     /// The replica in use served a call.

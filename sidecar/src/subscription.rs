@@ -481,14 +481,18 @@ async fn consume(
     })))
     .await
     .map_err(|e| e.to_string())?;
-    let (replica, mut client) = node.coordinators.pick();
-    let opened = client
+    let route = node.coordinators.route(&spec.topic);
+    let opened = route
+        .client
+        .clone()
         .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await;
     let mut stream = match opened {
         Ok(s) => s.into_inner(),
         Err(s) => {
-            node.coordinators.failed(replica, &s).await;
+            node.coordinators
+                .route_failed(&spec.topic, &route, &s)
+                .await;
             return Err(s.message().to_owned());
         }
     };

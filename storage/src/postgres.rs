@@ -74,13 +74,22 @@ fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
 }
 
 fn migrator() -> Migrator {
-    let mut m = Migrator::with_migrations(vec![Migration::new(
-        1,
-        "logs and leases".into(),
-        MigrationType::Simple,
-        SqlStr::from_static(include_str!("../migrations/postgres/0001_logs.sql")),
-        false,
-    )]);
+    let mut m = Migrator::with_migrations(vec![
+        Migration::new(
+            1,
+            "logs and leases".into(),
+            MigrationType::Simple,
+            SqlStr::from_static(include_str!("../migrations/postgres/0001_logs.sql")),
+            false,
+        ),
+        Migration::new(
+            2,
+            "shards".into(),
+            MigrationType::Simple,
+            SqlStr::from_static(include_str!("../migrations/postgres/0002_shards.sql")),
+            false,
+        ),
+    ]);
     // Apart from a sidecar's migrations, should both share one database.
     m.dangerous_set_table_name("_tandem_coordinator_migrations");
     m
@@ -94,6 +103,11 @@ impl PgStore {
     /// (a holder frozen mid-write), so that its locks cannot hold a
     /// takeover up.
     pub async fn connect(url: &str, timeout: Duration) -> Result<PgStore> {
+        PgStore::connect_sized(url, timeout, 8).await
+    }
+
+    /// [`connect`](Self::connect) with a pool of at most `connections`.
+    pub async fn connect_sized(url: &str, timeout: Duration, connections: u32) -> Result<PgStore> {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| Error::Store {
             what: "parse the PostgreSQL URL",
             cause: e.to_string(),
@@ -105,7 +119,7 @@ impl PgStore {
             ("idle_in_transaction_session_timeout", ms.as_str()),
         ]);
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(connections.max(2))
             .acquire_timeout(timeout)
             .connect_with(options)
             .await
@@ -257,6 +271,143 @@ impl PgStore {
             epoch: r.get(2),
             expires_in: r.get(3),
         }))
+    }
+
+    /// Leases whose names start with `prefix` and that have not expired.
+    pub async fn live_leases(&self, prefix: &str) -> Result<Vec<Lease>> {
+        let rows = sqlx::query(
+            "SELECT name, owner, address, epoch, \
+                 (extract(epoch from expires_at - clock_timestamp()) * 1000)::bigint \
+             FROM tandem_lease \
+             WHERE left(name, length($1)) = $1 AND expires_at > clock_timestamp() \
+             ORDER BY name",
+        )
+        .bind(prefix)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("read leases"))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Lease {
+                name: r.get(0),
+                owner: r.get(1),
+                address: r.get(2),
+                epoch: r.get(3),
+                expires_in: r.get(4),
+            })
+            .collect())
+    }
+
+    /// Whether log `ns` has any partition.
+    pub async fn has_log(&self, ns: &str) -> Result<bool> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM tandem_partition WHERE ns = $1)")
+            .bind(ns)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("look for a log"))
+    }
+
+    /// Forgets leases whose names start with `prefix` that expired more
+    /// than `age` ago; answers how many.
+    pub async fn forget_leases(&self, prefix: &str, age: Duration) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM tandem_lease WHERE left(name, length($1)) = $1 \
+             AND expires_at < clock_timestamp() - make_interval(secs => $2::bigint / 1000.0)",
+        )
+        .bind(prefix)
+        .bind(age.as_millis() as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(db("forget old leases"))?;
+        Ok(r.rows_affected())
+    }
+
+    /// Setting `key` of the database: the stored value, or `value` stored
+    /// now if there was none.
+    pub async fn fixed_setting(&self, key: &str, value: &str) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO tandem_cluster (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.pool)
+        .await
+        .map_err(db("store a setting"))?;
+        sqlx::query_scalar("SELECT value FROM tandem_cluster WHERE key = $1")
+            .bind(key)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db("read a setting"))
+    }
+
+    /// Claims each of `ids` for `shard` unless claimed already; answers,
+    /// for each, the shard that holds it now.
+    pub async fn claim_ids(&self, ids: &[String], shard: u32) -> Result<Vec<u32>> {
+        let shards = vec![shard as i32; ids.len()];
+        let rows = sqlx::query(
+            "WITH ins AS ( \
+                 INSERT INTO tandem_txn_claim (id, shard) \
+                 SELECT * FROM unnest($1::text[], $2::integer[]) \
+                 ON CONFLICT (id) DO NOTHING RETURNING id, shard) \
+             SELECT id, shard FROM ins \
+             UNION ALL \
+             SELECT id, shard FROM tandem_txn_claim \
+             WHERE id = ANY($1) AND id NOT IN (SELECT id FROM ins)",
+        )
+        .bind(ids)
+        .bind(&shards)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("claim transaction ids"))?;
+        let held: HashMap<String, u32> = rows
+            .into_iter()
+            .map(|r| (r.get::<String, _>(0), r.get::<i32, _>(1) as u32))
+            .collect();
+        ids.iter()
+            .map(|id| {
+                held.get(id).copied().ok_or_else(|| Error::Store {
+                    what: "claim transaction ids",
+                    cause: format!("no claim came back for {id:?}"),
+                })
+            })
+            .collect()
+    }
+
+    /// The shard holding transaction id `id`, if any.
+    pub async fn claimed_by(&self, id: &str) -> Result<Option<u32>> {
+        let shard: Option<i32> =
+            sqlx::query_scalar("SELECT shard FROM tandem_txn_claim WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db("read a transaction id's claim"))?;
+        Ok(shard.map(|s| s as u32))
+    }
+
+    /// Up to `limit` ids `shard` claimed more than `age` ago.
+    pub async fn old_claims(&self, shard: u32, age: Duration, limit: i64) -> Result<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT id FROM tandem_txn_claim \
+             WHERE shard = $1 AND claimed_at < now() - make_interval(secs => $2::bigint / 1000.0) \
+             ORDER BY claimed_at LIMIT $3",
+        )
+        .bind(shard as i32)
+        .bind(age.as_millis() as i64)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db("read old transaction id claims"))
+    }
+
+    /// Forgets the claims of `shard` on `ids`.
+    pub async fn drop_claims(&self, shard: u32, ids: &[String]) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM tandem_txn_claim WHERE shard = $1 AND id = ANY($2)")
+            .bind(shard as i32)
+            .bind(ids)
+            .execute(&self.pool)
+            .await
+            .map_err(db("forget transaction id claims"))?;
+        Ok(r.rows_affected())
     }
 
     /// Opens log `ns` (its partitions and their offsets) for writing under

@@ -75,10 +75,15 @@ pub async fn fresh_database() -> TestResult<Option<String>> {
         return Ok(None);
     };
     static N: AtomicU32 = AtomicU32::new(0);
+    // The clock too: process ids come round again across runs on one
+    // server.
     let name = format!(
-        "tandem_c{}_{}",
+        "tandem_c{}_{}_{}",
         std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_micros()
     );
     Ok(Some(
         tandem_storage::PgStore::create_database(&admin, &name).await?,

@@ -478,17 +478,21 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.ports[&role])
     }
 
-    /// The replica holding the lease, by the lease row (replicated cycles).
+    /// The replica holding the lease of the shard of the transactions'
+    /// topic, by the lease row (replicated cycles).
     async fn holder(&self) -> Option<Role> {
+        use tandem_coordinator::shards::{lease_name, shard_of};
         let url = self.store.as_ref()?;
         let store = tandem_storage::PgStore::connect(url, Duration::from_secs(5))
             .await
             .ok()?;
+        let n = tandem_coordinator::DEFAULT_SHARDS;
         let lease = store
-            .holder(tandem_coordinator::LEASE_NAME)
+            .holder(&lease_name(shard_of(TOPIC, n), n))
             .await
             .ok()
-            .flatten();
+            .flatten()
+            .filter(|l| l.expires_in > 0);
         store.close().await;
         let lease = lease?;
         let port: u16 = lease.address.rsplit_once(':')?.1.parse().ok()?;
@@ -925,7 +929,7 @@ async fn cycle(
             .map_or("none", |a| a.split(':').next().unwrap_or(a));
         *answers.entry(last.to_owned()).or_default() += 1;
     }
-    let log = match &store {
+    let logs = match &store {
         Some(url) => {
             let pg = tandem_storage::PgStore::connect(url, Duration::from_secs(10)).await?;
             // Read only: reads are not fenced, so any lease will do.
@@ -936,14 +940,25 @@ async fn cycle(
                 epoch: -1,
                 expires_in: 0,
             };
-            StoreLog::Postgres(pg.open("topics", &reader, LogConfig::default()).await?)
+            // The topic logs of every shard.
+            let n = tandem_coordinator::DEFAULT_SHARDS;
+            let mut logs = Vec::new();
+            for k in 0..n {
+                let (ns, _) = tandem_coordinator::shards::namespaces(k, n);
+                logs.push(StoreLog::Postgres(
+                    pg.open(&ns, &reader, LogConfig::default()).await?,
+                ));
+            }
+            logs
         }
-        None => StoreLog::Embedded(
+        None => vec![StoreLog::Embedded(
             EmbeddedLog::open(dir.join("coordinator").join("topics"), LogConfig::default()).await?,
-        ),
+        )],
     };
-    let mut history = gather(&dir, &log, sent, plain, conflicts, stalled).await?;
-    log.close().await;
+    let mut history = gather(&dir, &logs, sent, plain, conflicts, stalled).await?;
+    for log in logs {
+        log.close().await;
+    }
     history.consumer_app_stalled = faults.contains_key(CONSUMER_APP_STALLED);
     history.credit_lost = credit_lost;
     history.sidecar_mode = dedup == sc::DedupMode::Sidecar;
@@ -1847,7 +1862,7 @@ async fn credit_lost_within(coordinator: &str, within: Duration) -> Option<Strin
 /// rows, the topic and its dead letters as stored, the consumer's effects.
 async fn gather(
     dir: &Path,
-    log: &StoreLog,
+    logs: &[StoreLog],
     mut sent: Vec<Sent>,
     plain: Vec<Sent>,
     conflicts: Vec<Conflict>,
@@ -1877,7 +1892,10 @@ async fn gather(
     let mut logged = Vec::new();
     let mut dead_letters = Vec::new();
     let mut ranges = Vec::new();
-    for tp in log.partitions() {
+    let parts = logs
+        .iter()
+        .flat_map(|log| log.partitions().into_iter().map(move |tp| (log, tp)));
+    for (log, tp) in parts {
         let offsets = log.offsets(&tp)?;
         let data = tp.topic == TOPIC || tp.topic == OTHER_TOPIC;
         let dlq = tp
