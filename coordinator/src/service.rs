@@ -19,6 +19,8 @@ use crate::shards::shard_of;
 use crate::statelog::now_ms;
 use crate::transactions::MARKER_HEADER;
 use crate::wire::headers_from_wire;
+use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
 
 /// Longest message id accepted.
 pub const MAX_ID_LEN: usize = 128;
@@ -148,6 +150,38 @@ impl<L: Log + Clone> CoordinatorService<L> {
         self.cluster
             .target_waiting(shard_of(name, self.cluster.count()), forwarded)
             .await
+    }
+
+    /// Sends `req` on to `owner` with `call`. An owner that gave the shard
+    /// away meanwhile refuses naming the next one: the request follows
+    /// once, so that a move is not the client's to see.
+    async fn forward<R, T, F, Fut>(
+        &self,
+        owner: String,
+        req: R,
+        call: F,
+    ) -> Result<Response<T>, Status>
+    where
+        R: Clone,
+        F: Fn(CoordinatorClient<Channel>, Request<R>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
+    {
+        let first = call(self.cluster.peer(&owner)?, forwarded(req.clone())).await;
+        match first {
+            Err(s) if s.code() == tonic::Code::Unavailable => {
+                let next = s
+                    .metadata()
+                    .get(OWNER_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|n| *n != owner)
+                    .map(str::to_owned);
+                match next {
+                    Some(next) => call(self.cluster.peer(&next)?, forwarded(req)).await,
+                    None => Err(s),
+                }
+            }
+            answer => answer,
+        }
     }
 
     /// Where requests about transaction `id` go: the shard that knows it
@@ -291,12 +325,17 @@ fn end_request(req: &pb::EndTransactionRequest) -> Result<(), Error> {
 }
 
 /// The broker of a request's shard when it is served here; otherwise the
-/// request, forwarded to the owner, is answered with the owner's answer.
+/// request, forwarded to the owner with `method`, is answered with the
+/// owner's answer.
 macro_rules! here_or_forward {
-    ($target:expr, $owner:ident => $forward:expr) => {
+    ($self:ident, $target:expr, $req:expr, $method:ident) => {
         match $target {
             Target::Here(b) => b,
-            Target::There($owner) => return $forward.await,
+            Target::There(owner) => {
+                return $self
+                    .forward(owner, $req, |mut c, r| async move { c.$method(r).await })
+                    .await;
+            }
         }
     };
 }
@@ -309,8 +348,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
-        let broker = here_or_forward!(self.for_topic(&req.name, fwd).await?,
-            o => self.cluster.peer(&o)?.create_topic(forwarded(req)));
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(&req.name, fwd).await?,
+            req,
+            create_topic
+        );
         broker.create_topic(&req.name, req.partitions).await?;
         Ok(Response::new(pb::CreateTopicResponse {}))
     }
@@ -359,8 +402,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let fwd = was_forwarded(&req);
         let name = req.into_inner().name;
         required("name", &name)?;
-        let broker = here_or_forward!(self.for_topic(&name, fwd).await?,
-            o => self.cluster.peer(&o)?.describe_topic(forwarded(pb::DescribeTopicRequest { name })));
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(&name, fwd).await?,
+            pb::DescribeTopicRequest { name },
+            describe_topic
+        );
         let (partitions, groups) = broker.describe(&name).await?;
         let groups = groups
             .into_iter()
@@ -427,8 +474,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             )
             .into());
         }
-        let broker = here_or_forward!(self.for_topic(topic, fwd).await?,
-            o => self.cluster.peer(&o)?.publish(forwarded(req)));
+        let broker = here_or_forward!(self, self.for_topic(topic, fwd).await?, req, publish);
         let meta = broker.topic(topic)?;
         if req.messages.is_empty() {
             return Err(Error::invalid("messages", "at least one message is required").into());
@@ -551,8 +597,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let req = req.into_inner();
         check_id("service", &req.service)?;
         let topic = required("topic", &req.topic)?;
-        let broker = here_or_forward!(self.for_topic(topic, fwd).await?,
-            o => self.cluster.peer(&o)?.prepare(forwarded(req)));
+        let broker = here_or_forward!(self, self.for_topic(topic, fwd).await?, req, prepare);
         let txn_id = if req.txn_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
         } else {
@@ -625,8 +670,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         end_request(&req)?;
-        let broker = here_or_forward!(self.for_txn(&req.txn_id, fwd).await?,
-            o => self.cluster.peer(&o)?.commit(forwarded(req)));
+        let broker = here_or_forward!(self, self.for_txn(&req.txn_id, fwd).await?, req, commit);
         Ok(Response::new(
             detached(async move { broker.txns.commit(&req.service, &req.txn_id).await }).await?,
         ))
@@ -639,8 +683,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         end_request(&req)?;
-        let broker = here_or_forward!(self.for_txn(&req.txn_id, fwd).await?,
-            o => self.cluster.peer(&o)?.rollback(forwarded(req)));
+        let broker = here_or_forward!(self, self.for_txn(&req.txn_id, fwd).await?, req, rollback);
         Ok(Response::new(
             detached(async move { broker.txns.rollback(&req.service, &req.txn_id).await }).await?,
         ))
@@ -765,8 +808,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let fwd = was_forwarded(&req);
         let id = req.into_inner().txn_id;
         check_id("txn_id", &id)?;
-        let broker = here_or_forward!(self.for_txn(&id, fwd).await?,
-            o => self.cluster.peer(&o)?.get_transaction(forwarded(pb::GetTransactionRequest { txn_id: id })));
+        let broker = here_or_forward!(
+            self,
+            self.for_txn(&id, fwd).await?,
+            pb::GetTransactionRequest { txn_id: id },
+            get_transaction
+        );
         Ok(Response::new(broker.txns.get(&id).await?))
     }
 
@@ -817,8 +864,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let req = req.into_inner();
         check_id("saga_id", &req.saga_id)?;
         check_id("service", &req.service)?;
-        let broker = here_or_forward!(self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
-            o => self.cluster.peer(&o)?.start_saga(forwarded(req)));
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
+            req,
+            start_saga
+        );
         let def = req
             .definition
             .ok_or_else(|| Error::invalid("definition", "is required"))?;
@@ -838,8 +889,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let fwd = was_forwarded(&req);
         let id = req.into_inner().saga_id;
         check_id("saga_id", &id)?;
-        let broker = here_or_forward!(self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
-            o => self.cluster.peer(&o)?.get_saga(forwarded(pb::GetSagaRequest { saga_id: id })));
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
+            pb::GetSagaRequest { saga_id: id },
+            get_saga
+        );
         Ok(Response::new(saga_host(&broker)?.get(id).await?))
     }
 
@@ -859,8 +914,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             }
             n => n,
         };
-        let broker = here_or_forward!(self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
-            o => self.cluster.peer(&o)?.list_sagas(forwarded(req)));
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
+            req,
+            list_sagas
+        );
         let sagas = saga_host(&broker)?.list(status, limit).await?;
         Ok(Response::new(pb::ListSagasResponse { sagas }))
     }

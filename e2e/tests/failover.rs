@@ -215,6 +215,23 @@ impl Replicas {
         Ok(spread)
     }
 
+    /// Waits until the shards are spread as `want` says (in any order of
+    /// the replicas) and stay so for longer than a lease: no shard moving.
+    async fn settle(&self, what: &str, want: &[u32]) -> TestResult {
+        eventually(what, || async {
+            let mut before = self.spread().await?;
+            before.sort();
+            if before != want {
+                return Ok(None);
+            }
+            tokio::time::sleep(Duration::from_millis(2000)).await;
+            let mut after = self.spread().await?;
+            after.sort();
+            Ok((after == want).then_some(()))
+        })
+        .await
+    }
+
     /// The index of the replica holding the lease of `topic`'s shard now,
     /// and its epoch.
     async fn holder_of(&self, topic: &str) -> TestResult<(usize, i64)> {
@@ -333,12 +350,7 @@ async fn a_holder_paused_past_its_lease_cannot_write_when_it_wakes() -> TestResu
 async fn paused_holder(r: &mut Replicas) -> TestResult {
     // Once the shards have settled (three, three and two), nothing moves
     // until the pause.
-    eventually("the shards spread evenly", || async {
-        let mut now = r.spread().await?;
-        now.sort();
-        Ok((now == [2, 3, 3]).then_some(()))
-    })
-    .await?;
+    r.settle("the shards spread evenly", &[2, 3, 3]).await?;
     let (old, epoch) = r.holder(None).await?;
     // Health: every replica reaches the database (ready); a replica serves
     // the coordinator service while it holds a shard.
@@ -624,12 +636,7 @@ async fn sharded(r: &mut Replicas) -> TestResult {
     assert_eq!(r.shards, 8, "the default");
     let n = r.shards;
     // Eight shards over three replicas: three, three and two.
-    eventually("the shards spread evenly", || async {
-        let mut now = r.spread().await?;
-        now.sort();
-        Ok((now == [2, 3, 3]).then_some(()))
-    })
-    .await?;
+    r.settle("the shards spread evenly", &[2, 3, 3]).await?;
     let topics = topic_names();
     let shards: std::collections::BTreeSet<u32> = topics.iter().map(|t| shard_of(t, n)).collect();
     assert!(
@@ -766,15 +773,114 @@ async fn sharded(r: &mut Replicas) -> TestResult {
     // It comes back: shards are handed to it until the load is even again,
     // and nothing acknowledged moved or went missing.
     r.procs[victim] = r.spawn(victim)?;
-    eventually("the shards spread evenly again", || async {
-        let mut now = r.spread().await?;
-        now.sort();
-        Ok((now == [2, 3, 3]).then_some(()))
-    })
-    .await?;
+    r.settle("the shards spread evenly again", &[2, 3, 3]).await?;
     let expected: Vec<u64> = expected.iter().map(|m| m + 1).collect();
     for port in &r.ports {
         assert_eq!(marks(*port, &topics).await?, expected, "through {port}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_backs_reach_a_sidecar_from_a_replica_it_was_not_given() -> TestResult {
+    let Some(mut r) = Replicas::start().await? else {
+        return Ok(());
+    };
+    let result = check_back_from_elsewhere(&mut r).await;
+    if result.is_err() {
+        r.print_logs();
+    }
+    result
+}
+
+/// A sidecar given one replica's address only; the transaction's topic is
+/// in a shard another replica owns. That owner checks the transaction back
+/// through a session the sidecar opened with it after the first replica
+/// listed the live ones.
+async fn check_back_from_elsewhere(r: &mut Replicas) -> TestResult {
+    r.settle("the shards spread evenly", &[2, 3, 3]).await?;
+    let (owner, _) = r.holder_of("orders").await?;
+    let given = (owner + 1) % 3;
+    let dir = r.dir.path().to_owned();
+    let app = Process::start(
+        "orders-app",
+        BIN.as_ref(),
+        &[
+            "test-app".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--db".into(),
+            dir.join("orders-app.db").display().to_string(),
+        ],
+        &[],
+        &dir,
+    )?;
+    let sidecar = Process::start(
+        "orders-sidecar",
+        BIN.as_ref(),
+        &[
+            "sidecar".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--coordinator".into(),
+            format!("http://127.0.0.1:{}", r.ports[given]),
+            "--service".into(),
+            "orders".into(),
+            "--app".into(),
+            app.url(),
+            "--db".into(),
+            dir.join("orders-app.db").display().to_string(),
+        ],
+        &[],
+        &dir,
+    )?;
+    client(r.ports[given])
+        .await?
+        .create_topic(pb::CreateTopicRequest {
+            name: "orders".into(),
+            partitions: 2,
+        })
+        .await?;
+    let mut s = SidecarClient::connect(sidecar.url()).await?;
+    // Begun and never ended: the app has no row for it, so check-back
+    // (after check_after_ms = 1000) learns that it rolled back.
+    let begun = s
+        .begin(sc::BeginRequest {
+            topic: "orders".into(),
+            message: Some(msg("left-open")),
+            txn_id: "left-open".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(begun.txn_id, "left-open");
+    let mut c = client(r.ports[given]).await?;
+    let ended = eventually("the transaction settled by check-back", || {
+        let mut c = c.clone();
+        async move {
+            let t = c
+                .get_transaction(pb::GetTransactionRequest {
+                    txn_id: "left-open".into(),
+                })
+                .await?
+                .into_inner();
+            Ok((t.state != pb::TransactionState::Prepared as i32).then_some(t))
+        }
+    })
+    .await?;
+    assert_eq!(
+        ended.state,
+        pb::TransactionState::RolledBack as i32,
+        "{ended:?}"
+    );
+    let stats = c.get_stats(pb::GetStatsRequest {}).await?.into_inner();
+    // Only the owner checks back, through its own sessions: an answer
+    // means the sidecar holds one with it.
+    assert!(
+        stats.resolved_by_check >= 1 && stats.final_actions == 0,
+        "answered by the sidecar, not settled by the final action: {stats:?}"
+    );
+    drop(sidecar);
+    drop(app);
     Ok(())
 }
