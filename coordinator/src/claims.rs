@@ -54,7 +54,9 @@ impl Claims {
     }
 
     /// Forgets claims of `shard` older than `age` whose transactions it no
-    /// longer `knows`; answers how many.
+    /// longer `knows`; answers how many. (A claim renewed meanwhile, by a
+    /// new transaction reusing the id, is kept: the delete checks the age
+    /// again.)
     pub(crate) async fn sweep(
         &self,
         shard: u32,
@@ -67,7 +69,7 @@ impl Claims {
             let n = old.len();
             let gone: Vec<String> = old.into_iter().filter(|id| !knows(id)).collect();
             if !gone.is_empty() {
-                dropped += self.store.drop_claims(shard, &gone).await?;
+                dropped += self.store.drop_claims(shard, &gone, age).await?;
             }
             // A page of ids all still known: the rest are younger.
             if n < 10_000 || gone.is_empty() {

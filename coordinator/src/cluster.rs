@@ -121,7 +121,7 @@ impl<L> Cluster<L> {
     async fn owned(&self, which: impl Fn(u32) -> bool) {
         let deadline = tokio::time::Instant::now() + self.wait;
         let mut roles = self.roles.clone();
-        while (0..self.count).any(|k| which(k) && self.unowned(k)) {
+        while !*self.stopping.borrow() && (0..self.count).any(|k| which(k) && self.unowned(k)) {
             if tokio::time::timeout_at(deadline, roles.changed())
                 .await
                 .is_err()

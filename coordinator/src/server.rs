@@ -175,6 +175,7 @@ impl Coordinator {
         let (roles, roles_rx) = watch::channel(vec![Role::Standby { owner: None }; count as usize]);
         let (replicas, replicas_rx) = watch::channel(Vec::new());
         let (stopping, stopping_rx) = watch::channel(false);
+        let stopping = Arc::new(stopping);
         let cluster = Arc::new(Cluster::new(
             roles_rx,
             count,
@@ -206,13 +207,28 @@ impl Coordinator {
                 let Store::Postgres { url } = &self.config.store else {
                     unreachable!("only the embedded store is opened before serving");
                 };
-                let advertise = self
-                    .config
-                    .replication
-                    .advertise
-                    .clone()
-                    .unwrap_or_else(|| local.to_string());
+                let advertise = match &self.config.replication.advertise {
+                    Some(a) => a.clone(),
+                    // Other replicas forward to it and sidecars open
+                    // sessions with it: it must say where it is.
+                    None if local.ip().is_unspecified() => {
+                        server.abort();
+                        return Err(Error::FailedPrecondition(format!(
+                            "advertise: this replica listens on {local}, which names no machine; with a PostgreSQL store give --advertise HOST:PORT (the address the other replicas and sidecars reach it at)"
+                        )));
+                    }
+                    None => local.to_string(),
+                };
+                // (The last digits of a v7 UUID are random.)
+                let suffix = uuid::Uuid::now_v7().simple().to_string();
+                let me = format!(
+                    "{}#{}",
+                    self.config.replication.replica_id,
+                    &suffix[suffix.len() - 8..]
+                );
                 let replica = Replica {
+                    me,
+                    stopping: stopping.clone(),
                     config: self.config.clone(),
                     url: url.clone(),
                     advertise,
@@ -289,6 +305,14 @@ fn sagas_failed(broker: &Broker<StoreLog>) -> watch::Receiver<Option<String>> {
 
 /// One replica on a PostgreSQL store.
 struct Replica {
+    /// The owner it writes into lease rows: its id and this process's own
+    /// suffix, so that two processes given one id never take each other's
+    /// leases for their own (a restarted replica waits for its old leases
+    /// to expire like anyone else).
+    me: String,
+    /// Set once it shuts down: requests are refused at once instead of
+    /// waiting for shards to find an owner.
+    stopping: Arc<watch::Sender<bool>>,
     config: Config,
     url: String,
     advertise: String,
@@ -325,10 +349,14 @@ impl Replica {
         let mut backoff = Duration::from_millis(100);
         // Connections: the lease work, and two logs per shard it may serve.
         let pool = 6 + 2 * count.min(29);
-        let store = loop {
+        let (store, leases) = loop {
             let attempt = async {
                 let store =
                     PgStore::connect_sized(&self.url, self.config.replication.lease, pool).await?;
+                // Leases on connections of their own: renewals never wait
+                // behind appends and long reads.
+                let leases =
+                    PgStore::connect_sized(&self.url, self.config.replication.lease, 3).await?;
                 // A store written before it had shards is one shard: its
                 // logs are `topics` and `internal`.
                 let proposed = if store.has_log("internal").await? {
@@ -337,19 +365,20 @@ impl Replica {
                     count
                 };
                 let stored = store.fixed_setting("shards", &proposed.to_string()).await?;
-                Ok::<_, Error>((store, stored))
+                Ok::<_, Error>((store, leases, stored))
             };
             tokio::select! {
                 () = &mut shutdown => return Ok(()),
                 r = attempt => match r {
-                    Ok((store, stored)) => {
+                    Ok((store, leases, stored)) => {
                         if stored != count.to_string() {
                             store.close().await;
+                            leases.close().await;
                             return Err(Error::FailedPrecondition(format!(
                                 "shards: this store was set up with {stored} shards and this replica is configured with {count}; every replica of a store needs the same number"
                             )));
                         }
-                        break store;
+                        break (store, leases);
                     }
                     Err(e) => {
                         reaches_store(&self.health, false).await;
@@ -374,13 +403,19 @@ impl Replica {
         let mut free_since: HashMap<u32, Instant> = HashMap::new();
         let mut rounds: u64 = 0;
         loop {
-            self.balance(&store, &mut hosts, &mut resting, &mut free_since, &ended_tx)
-                .await;
+            self.balance(
+                (&store, &leases),
+                &mut hosts,
+                &mut resting,
+                &mut free_since,
+                &ended_tx,
+            )
+            .await;
             rounds += 1;
             if rounds.is_multiple_of(200) {
                 // Replicas that left long ago (each process start with a
                 // generated id adds one).
-                if let Err(e) = store
+                if let Err(e) = leases
                     .forget_leases(REPLICA_LEASE, Duration::from_secs(3600))
                     .await
                 {
@@ -412,6 +447,7 @@ impl Replica {
             }
         }
         tracing::info!("shutting down");
+        self.stopping.send_replace(true);
         self.health.set_not_serving::<Service>().await;
         for h in hosts.values() {
             h.stop.send_replace(true);
@@ -419,12 +455,13 @@ impl Replica {
         for (_, h) in hosts {
             let _ = h.task.await;
         }
-        if let Ok(Some(l)) = store.holder(&format!("{REPLICA_LEASE}{id}")).await
-            && l.owner == id
+        if let Ok(Some(l)) = leases.holder(&format!("{REPLICA_LEASE}{id}")).await
+            && l.owner == self.me
         {
-            let _ = store.release(&l).await;
+            let _ = leases.release(&l).await;
         }
         store.close().await;
+        leases.close().await;
         Ok(())
     }
 
@@ -432,7 +469,7 @@ impl Replica {
     /// clients, then takes free shards or gives one back to even the load.
     async fn balance(
         &self,
-        store: &PgStore,
+        (store, leases): (&PgStore, &PgStore),
         hosts: &mut HashMap<u32, Host>,
         resting: &mut HashMap<u32, Instant>,
         free_since: &mut HashMap<u32, Instant>,
@@ -440,18 +477,18 @@ impl Replica {
     ) {
         let r = &self.config.replication;
         let count = r.shards;
-        let me = &r.replica_id;
+        let me = &self.me;
         let looked = async {
-            let name = format!("{REPLICA_LEASE}{me}");
-            if store
+            let name = format!("{REPLICA_LEASE}{}", r.replica_id);
+            if leases
                 .acquire(&name, me, &self.advertise, r.lease)
                 .await?
                 .is_none()
             {
                 tracing::warn!(replica = %me, "another live process uses this replica_id: give each replica its own");
             }
-            let live = store.live_leases(REPLICA_LEASE).await?;
-            let held = store.live_leases(LEASE_NAME).await?;
+            let live = leases.live_leases(REPLICA_LEASE).await?;
+            let held = leases.live_leases(LEASE_NAME).await?;
             Ok::<_, Error>((live, held))
         };
         let (live, held) = match looked.await {
@@ -539,14 +576,19 @@ impl Replica {
         let patient = starved && mine >= floor;
         // Free shards, looked at from a place of this replica's own so
         // that replicas starting together do not all race for the same.
-        let start = shard_of(me, count);
+        let start = shard_of(&r.replica_id, count);
         let mut taking = mine;
         for i in 0..count {
-            if taking >= cap {
-                break;
-            }
             let k = (start + i) % count;
             if hosts.contains_key(&k) || holder.contains_key(&k) || resting.contains_key(&k) {
+                continue;
+            }
+            // Past the share only for a shard nobody took for a lease's
+            // length (its replicas at their cap, or failing to open it).
+            let abandoned = free_since
+                .get(&k)
+                .is_some_and(|t| now.duration_since(*t) >= r.lease);
+            if taking >= cap && !abandoned {
                 continue;
             }
             if patient
@@ -557,12 +599,13 @@ impl Replica {
                 continue;
             }
             let before = Instant::now();
-            match store
+            match leases
                 .acquire(&lease_name(k, count), me, &self.advertise, r.lease)
                 .await
             {
                 Ok(Some(lease)) => {
-                    hosts.insert(k, self.host(store, k, lease, before, ended.clone()));
+                    let stores = (store.clone(), leases.clone());
+                    hosts.insert(k, self.host(stores, k, lease, before, ended.clone()));
                     taking += 1;
                 }
                 Ok(None) => {}
@@ -577,7 +620,7 @@ impl Replica {
     /// Starts serving shard `k` under `lease` (taken at `taken_at`).
     fn host(
         &self,
-        store: &PgStore,
+        (store, leases): (PgStore, PgStore),
         k: u32,
         lease: tandem_storage::Lease,
         taken_at: Instant,
@@ -586,7 +629,8 @@ impl Replica {
         let (stop, stop_rx) = watch::channel(false);
         let shard = Shard {
             config: self.config.clone(),
-            store: store.clone(),
+            store,
+            leases,
             k,
             lease,
             roles: self.roles.clone(),
@@ -598,7 +642,7 @@ impl Replica {
             let end = shard.serve(taken_at, stop_rx).await;
             // Free at once for whoever takes it next (after a loss this
             // replica rests from it meanwhile).
-            if let Err(e) = shard.store.release(&shard.lease).await {
+            if let Err(e) = shard.leases.release(&shard.lease).await {
                 tracing::warn!(shard = k, error = %e, "could not release the shard's lease; it expires on its own");
             }
             let _ = ended.send((k, end));
@@ -610,7 +654,10 @@ impl Replica {
 /// One shard served by this replica.
 struct Shard {
     config: Config,
+    /// For its logs.
     store: PgStore,
+    /// For its lease.
+    leases: PgStore,
     k: u32,
     lease: tandem_storage::Lease,
     roles: Arc<watch::Sender<Vec<Role<StoreLog>>>>,
@@ -638,7 +685,7 @@ impl Shard {
         // dropped half way would leave its tasks behind) while the lease is
         // renewed; a loss meanwhile shows once it is done.
         let mut keeper = tokio::spawn({
-            let (store, lease, validity) = (self.store.clone(), lease.clone(), validity.clone());
+            let (store, lease, validity) = (self.leases.clone(), lease.clone(), validity.clone());
             async move { keep(&store, &lease, ttl, &validity).await }
         });
         let (topics_ns, internal_ns) = namespaces(k, count);
@@ -648,35 +695,50 @@ impl Shard {
             sagas: shard_of(crate::saga::SAGA_TOPIC, count) == k,
             claims: self.claims.clone(),
         };
-        let open = async {
-            let data = self.store.open(&topics_ns, lease, c.log.clone()).await?;
-            let internal = self
-                .store
-                .open(&internal_ns, lease, internal_config(c))
-                .await?;
-            let broker = open_broker(
-                c,
-                StoreLog::Postgres(data.clone()),
-                StoreLog::Postgres(internal.clone()),
-                place,
-            )
-            .await?;
-            Ok::<_, Error>((data, internal, broker))
-        };
-        let opened = tokio::select! {
-            opened = open => opened,
-            _ = stop.wait_for(|s| *s) => {
+        // Opened to the end even when told to stop meanwhile: a recovery
+        // dropped half way would leave its tasks behind.
+        let data = match self.store.open(&topics_ns, lease, c.log.clone()).await {
+            Ok(d) => d,
+            Err(e) => {
                 keeper.abort();
-                return Ended::Stopped;
+                return Ended::Failed(e.into());
             }
         };
-        let (data, internal, broker) = match opened {
-            Ok(v) => v,
+        let internal = match self
+            .store
+            .open(&internal_ns, lease, internal_config(c))
+            .await
+        {
+            Ok(i) => i,
             Err(e) => {
+                data.close().await;
+                keeper.abort();
+                return Ended::Failed(e.into());
+            }
+        };
+        let broker = match open_broker(
+            c,
+            StoreLog::Postgres(data.clone()),
+            StoreLog::Postgres(internal.clone()),
+            place,
+        )
+        .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                data.close().await;
+                internal.close().await;
                 keeper.abort();
                 return Ended::Failed(e);
             }
         };
+        if *stop.borrow() {
+            broker.shutdown().await;
+            data.close().await;
+            internal.close().await;
+            keeper.abort();
+            return Ended::Stopped;
+        }
         let retention =
             StoreLog::Postgres(data.clone()).spawn_retention(c.retention_schedule.clone());
         self.set_role(Role::Active(broker.clone(), Some(validity.clone())));
@@ -693,14 +755,16 @@ impl Shard {
             cause = first_failure(&mut a, &mut b, &mut f) => Ended::Lost(format!("a write failed: {cause}")),
             cause = &mut keeper => Ended::Lost(cause.unwrap_or_else(|e| format!("the lease keeper failed: {e}"))),
         };
-        keeper.abort();
         self.set_role(Role::Standby { owner: None });
         retention.abort();
-        // Ends consumer sessions and lets in-flight steps finish; after a
-        // loss their writes are refused, which is what they must be.
+        // Ends consumer sessions and lets in-flight steps finish, still
+        // renewing the lease when the shard is handed back (so that what
+        // was acknowledged meanwhile is written under it); after a loss
+        // their writes are refused, which is what they must be.
         broker.shutdown().await;
         data.close().await;
         internal.close().await;
+        keeper.abort();
         ended
     }
 }

@@ -715,20 +715,26 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let mut here = Vec::new();
         let mut there: std::collections::BTreeMap<String, Vec<(usize, pb::TransactItem)>> =
             Default::default();
-        for (i, item) in items.into_iter().enumerate() {
-            let target = match &item.kind {
-                Some(Kind::Prepare(p)) => match required("topic", &p.topic) {
-                    Ok(t) => self.for_topic(t, fwd).await,
-                    Err(e) => Err(e.into()),
-                },
-                Some(Kind::Commit(e) | Kind::Rollback(e)) => match end_request(e) {
-                    Ok(()) => self.for_txn(&e.txn_id, fwd).await,
-                    Err(e) => Err(e.into()),
-                },
-                None => Err(Status::invalid_argument(format!(
-                    "items[{i}]: prepare, commit or rollback is required"
-                ))),
-            };
+        // Routed all at once: one item waiting for its shard's owner (or
+        // for the store to say where a transaction lives) holds up no other.
+        let targets =
+            futures_util::future::join_all(items.iter().enumerate().map(|(i, item)| async move {
+                match &item.kind {
+                    Some(Kind::Prepare(p)) => match required("topic", &p.topic) {
+                        Ok(t) => self.for_topic(t, fwd).await,
+                        Err(e) => Err(e.into()),
+                    },
+                    Some(Kind::Commit(e) | Kind::Rollback(e)) => match end_request(e) {
+                        Ok(()) => self.for_txn(&e.txn_id, fwd).await,
+                        Err(e) => Err(e.into()),
+                    },
+                    None => Err(Status::invalid_argument(format!(
+                        "items[{i}]: prepare, commit or rollback is required"
+                    ))),
+                }
+            }))
+            .await;
+        for ((i, item), target) in items.into_iter().enumerate().zip(targets) {
             match target {
                 Ok(Target::Here(_)) => here.push((i, item)),
                 Ok(Target::There(o)) => there.entry(o).or_default().push((i, item)),

@@ -773,7 +773,8 @@ async fn sharded(r: &mut Replicas) -> TestResult {
     // It comes back: shards are handed to it until the load is even again,
     // and nothing acknowledged moved or went missing.
     r.procs[victim] = r.spawn(victim)?;
-    r.settle("the shards spread evenly again", &[2, 3, 3]).await?;
+    r.settle("the shards spread evenly again", &[2, 3, 3])
+        .await?;
     let expected: Vec<u64> = expected.iter().map(|m| m + 1).collect();
     for port in &r.ports {
         assert_eq!(marks(*port, &topics).await?, expected, "through {port}");

@@ -340,7 +340,8 @@ impl PgStore {
             .map_err(db("read a setting"))
     }
 
-    /// Claims each of `ids` for `shard` unless claimed already; answers,
+    /// Claims each of `ids` (no two alike) for `shard` unless another
+    /// shard holds it (a claim `shard` holds already is renewed); answers,
     /// for each, the shard that holds it now.
     pub async fn claim_ids(&self, ids: &[String], shard: u32) -> Result<Vec<u32>> {
         let shards = vec![shard as i32; ids.len()];
@@ -348,7 +349,9 @@ impl PgStore {
             "WITH ins AS ( \
                  INSERT INTO tandem_txn_claim (id, shard) \
                  SELECT * FROM unnest($1::text[], $2::integer[]) \
-                 ON CONFLICT (id) DO NOTHING RETURNING id, shard) \
+                 ON CONFLICT (id) DO UPDATE SET claimed_at = now() \
+                 WHERE tandem_txn_claim.shard = EXCLUDED.shard \
+                 RETURNING id, shard) \
              SELECT id, shard FROM ins \
              UNION ALL \
              SELECT id, shard FROM tandem_txn_claim \
@@ -359,10 +362,24 @@ impl PgStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db("claim transaction ids"))?;
-        let held: HashMap<String, u32> = rows
+        let mut held: HashMap<String, u32> = rows
             .into_iter()
             .map(|r| (r.get::<String, _>(0), r.get::<i32, _>(1) as u32))
             .collect();
+        // A claim another statement committed while this one ran is not in
+        // its snapshot: read again.
+        let missing: Vec<&String> = ids.iter().filter(|id| !held.contains_key(*id)).collect();
+        if !missing.is_empty() {
+            let rows = sqlx::query("SELECT id, shard FROM tandem_txn_claim WHERE id = ANY($1)")
+                .bind(&missing)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db("claim transaction ids"))?;
+            held.extend(
+                rows.into_iter()
+                    .map(|r| (r.get::<String, _>(0), r.get::<i32, _>(1) as u32)),
+            );
+        }
         ids.iter()
             .map(|id| {
                 held.get(id).copied().ok_or_else(|| Error::Store {
@@ -399,14 +416,19 @@ impl PgStore {
         .map_err(db("read old transaction id claims"))
     }
 
-    /// Forgets the claims of `shard` on `ids`.
-    pub async fn drop_claims(&self, shard: u32, ids: &[String]) -> Result<u64> {
-        let r = sqlx::query("DELETE FROM tandem_txn_claim WHERE shard = $1 AND id = ANY($2)")
-            .bind(shard as i32)
-            .bind(ids)
-            .execute(&self.pool)
-            .await
-            .map_err(db("forget transaction id claims"))?;
+    /// Forgets the claims of `shard` on `ids` made (or renewed) more than
+    /// `age` ago.
+    pub async fn drop_claims(&self, shard: u32, ids: &[String], age: Duration) -> Result<u64> {
+        let r = sqlx::query(
+            "DELETE FROM tandem_txn_claim WHERE shard = $1 AND id = ANY($2) \
+             AND claimed_at < now() - make_interval(secs => $3::bigint / 1000.0)",
+        )
+        .bind(shard as i32)
+        .bind(ids)
+        .bind(age.as_millis() as i64)
+        .execute(&self.pool)
+        .await
+        .map_err(db("forget transaction id claims"))?;
         Ok(r.rows_affected())
     }
 

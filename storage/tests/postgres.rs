@@ -299,3 +299,61 @@ async fn a_takeover_waits_for_a_write_in_flight_and_renewals_do_not() -> TestRes
     assert_eq!(taken.map(|l| l.epoch), Some(lease.epoch + 1));
     Ok(())
 }
+
+/// Transaction ids claimed by shards: the first claim wins, a claim of the
+/// same shard is renewed, concurrent claims of one id agree, and a claim is
+/// forgotten only once old enough.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_is_claimed_by_one_shard() -> TestResult {
+    let Some(store) = store().await? else {
+        return Ok(());
+    };
+    let ids = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    assert_eq!(store.claim_ids(&ids(&["a", "b"]), 1).await?, [1, 1]);
+    assert_eq!(store.claim_ids(&ids(&["b", "c"]), 2).await?, [1, 2]);
+    assert_eq!(store.claimed_by("c").await?, Some(2));
+    assert_eq!(store.claimed_by("d").await?, None);
+    // Too young to forget; then forgotten, only by its own shard.
+    let hour = Duration::from_secs(3600);
+    assert_eq!(store.drop_claims(1, &ids(&["a"]), hour).await?, 0);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(
+        store.old_claims(1, Duration::ZERO, 10).await?,
+        ids(&["a", "b"])
+    );
+    assert_eq!(store.drop_claims(2, &ids(&["a"]), Duration::ZERO).await?, 0);
+    assert_eq!(store.drop_claims(1, &ids(&["a"]), Duration::ZERO).await?, 1);
+    assert_eq!(store.claimed_by("a").await?, None);
+    // A claim renewed by its shard is young again (older than 800 ms
+    // without the renewal).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(store.claim_ids(&ids(&["b"]), 1).await?, [1]);
+    assert_eq!(
+        store
+            .drop_claims(1, &ids(&["b"]), Duration::from_millis(800))
+            .await?,
+        0
+    );
+    // Eight shards racing for the same fresh ids: each id has one holder,
+    // and every racer is told the same one.
+    let racers: Vec<_> = (0..8u32)
+        .map(|shard| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let wanted: Vec<String> = (0..50).map(|i| format!("race-{i}")).collect();
+                store.claim_ids(&wanted, shard).await
+            })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for r in racers {
+        answers.push(r.await??);
+    }
+    for i in 0..50 {
+        let holder = store.claimed_by(&format!("race-{i}")).await?;
+        for a in &answers {
+            assert_eq!(Some(a[i]), holder, "race-{i}");
+        }
+    }
+    Ok(())
+}
