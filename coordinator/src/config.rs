@@ -31,8 +31,8 @@ pub struct CoordinatorArgs {
     /// `postgres://…` URL shared by any number of replicas [default: embedded].
     #[arg(long, value_name = "embedded|URL")]
     pub store: Option<String>,
-    /// Address other replicas send clients to when this one holds the lease
-    /// [default: the listening address].
+    /// Address other replicas forward calls to and sidecars open sessions
+    /// with (PostgreSQL store) [default: the listening address].
     #[arg(long, value_name = "HOST:PORT")]
     pub advertise: Option<String>,
     /// Any setting of the file, as KEY=VALUE (repeatable).
@@ -185,10 +185,11 @@ impl Store {
 /// How replicas sharing a PostgreSQL store take turns.
 #[derive(Clone, Debug)]
 pub struct Replication {
-    /// This replica's name in the lease row (unique per process).
+    /// This replica's name in the lease rows (a suffix of the process is
+    /// added).
     pub replica_id: String,
-    /// Where clients are sent when this replica holds the lease (`None`:
-    /// the listening address).
+    /// Where other replicas and sidecars reach this one (`None`: the
+    /// listening address).
     pub advertise: Option<String>,
     /// How long a lease lasts unless renewed; a dead holder's partitions
     /// move after at most this long.

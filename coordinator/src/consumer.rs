@@ -391,7 +391,7 @@ impl<L: Log + Clone> Groups<L> {
                 _ = expel.changed() => {
                     break Some(expel.borrow().clone().unwrap_or_else(|| Status::aborted("expelled from the group")));
                 }
-                _ = shutdown.wait_for(|s| *s) => break Some(Status::unavailable("the coordinator stopped serving (shutting down or no longer the lease holder)")),
+                _ = shutdown.wait_for(|s| *s) => break Some(Status::unavailable("the coordinator stopped serving this topic's shard (shutting down, handing it to another replica, or no longer its lease holder)")),
             }
         };
         self.leave(&group, &member).await;

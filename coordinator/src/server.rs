@@ -119,7 +119,7 @@ fn shard_count(config: &Config) -> u32 {
 impl Coordinator {
     /// Opens (recovering) the logs under `config.data_dir` for the embedded
     /// store; with PostgreSQL, nothing is opened until [`serve`](Self::serve)
-    /// holds the lease.
+    /// holds a shard's lease.
     pub async fn open(config: Config) -> Result<Coordinator> {
         let sessions = Arc::new(Sessions::default());
         let embedded = match config.store {

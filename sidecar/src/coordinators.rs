@@ -2,9 +2,12 @@
 //!
 //! The `coordinator` setting is a comma-separated list of URLs; a URL whose
 //! host is a name stands for every address the name resolves to. Calls go
-//! to the replica that served last. A replica that does not hold the lease
-//! refuses as UNAVAILABLE and names the holder (`tandem-owner`): the next
-//! call goes there (added to the list if it was not in it). Any other
+//! to the replica that served last; replicas forward a call to the owner
+//! of its shard. A replica that refuses as UNAVAILABLE and names another
+//! (`tandem-owner`: a stream about a shard it does not own, a call about a
+//! shard that moved) sends the next call there (added to the list if it
+//! was not in it), and a stream about that topic goes there from then on
+//! ([`Coordinators::route`]). Any other
 //! UNAVAILABLE (refused connection, a replica going down) moves on to the
 //! next replica, re-resolving names once every replica has failed.
 //! [`Coordinators::call`] retries a unary call this way (and a call cut
@@ -29,7 +32,7 @@ use crate::error::{Error, Result};
 /// How long a unary call keeps looking for a replica that serves.
 pub(crate) const FAILOVER_WAIT: Duration = Duration::from_secs(20);
 
-/// Metadata naming the lease holder on a standby's refusal.
+/// Metadata naming the owner of a shard on a refusal.
 const OWNER: &str = "tandem-owner";
 
 struct Replica {
@@ -199,7 +202,7 @@ impl Coordinators {
     }
 
     /// A call to the replica picked with `ticket` failed with `status`: if
-    /// it named the lease holder, use that one next, else the next replica.
+    /// it named a shard's owner, use that one next, else the next replica.
     /// True when every replica has now failed in a row (time to pause).
     /// Only the first report against a choice counts (the calls of one
     /// failed batch all report it).
