@@ -106,6 +106,10 @@ pub struct BenchArgs {
     /// scenario's own peak in that round).
     #[arg(long)]
     pub paced: Option<f64>,
+    /// Shards of the coordinator's PostgreSQL store in `txn-postgres-store`
+    /// (default: the coordinator's default).
+    #[arg(long)]
+    pub shards: Option<u32>,
     /// A PostgreSQL server to run on (any of its databases; fresh databases
     /// are created and dropped). Default: a server of the bench's own, from
     /// the installed PostgreSQL binaries, with `fsync = on`.
@@ -413,6 +417,7 @@ async fn run_all(
                         batch: args.batch,
                         tables,
                         coordinator_on,
+                        shards: args.shards,
                         dir: dir.join(format!("{round}-{}", scenario.name())),
                     },
                     &label,

@@ -69,6 +69,8 @@ pub struct Options {
     /// Runs the coordinator on this PostgreSQL server (a fresh database)
     /// instead of the embedded store.
     pub coordinator_on: Option<String>,
+    /// Shards of that store (`None`: the coordinator's default).
+    pub shards: Option<u32>,
     /// Folder for the coordinator's data and SQLite files.
     pub dir: PathBuf,
 }
@@ -419,13 +421,17 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
         }
         None => tandem_coordinator::Store::Embedded,
     };
-    let coordinator = tandem_coordinator::Coordinator::open(tandem_coordinator::Config {
+    let mut config = tandem_coordinator::Config {
         data_dir: opts.dir.join("coordinator"),
         store,
         ..Default::default()
-    })
-    .await
-    .context("opening the coordinator")?;
+    };
+    if let Some(n) = opts.shards {
+        config.replication.shards = n;
+    }
+    let coordinator = tandem_coordinator::Coordinator::open(config)
+        .await
+        .context("opening the coordinator")?;
     let shutdown = servers.shutdown();
     servers.tasks.push(tokio::spawn(async move {
         let _ = coordinator.serve(cl, shutdown).await;
