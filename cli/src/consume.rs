@@ -85,8 +85,7 @@ pub async fn consume(
         return Ok(0);
     }
     let window = 1000u64.min(max);
-    let (tx, rx) = mpsc::channel(64);
-    tx.send(pb::ConsumeRequest {
+    let subscribe = pb::ConsumeRequest {
         kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
             revoke_timeout_ms: 0,
             topic: args.topic.clone(),
@@ -99,13 +98,33 @@ pub async fn consume(
             session_timeout_ms: SESSION_TIMEOUT.as_millis() as u32,
             client_id: "tandem-cli".into(),
         })),
-    })
-    .await?;
-    let mut responses = client
-        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .map_err(status)?
-        .into_inner();
+    };
+    // A replica that does not own the topic's shard names the one that
+    // does: the stream is opened there (a few times at most, while the
+    // shard moves).
+    let mut hops = 0;
+    let (tx, mut responses) = loop {
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(subscribe.clone()).await?;
+        match client
+            .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+        {
+            Ok(r) => break (tx, r.into_inner()),
+            Err(s) if s.code() == tonic::Code::Unavailable && hops < 5 => {
+                let Some(owner) = s
+                    .metadata()
+                    .get(tandem_coordinator::OWNER_METADATA)
+                    .and_then(|v| v.to_str().ok())
+                else {
+                    return Err(status(s));
+                };
+                client = connect(&format!("http://{owner}")).await?;
+                hops += 1;
+            }
+            Err(s) => return Err(status(s)),
+        }
+    };
     let mut granted = window;
     let mut printed = 0u64;
     let mut heartbeat = tokio::time::interval(SESSION_TIMEOUT / 3);

@@ -25,10 +25,11 @@ use tonic::transport::Channel;
 /// expiring and its successor recovering take a few seconds).
 const FAILOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
-/// Connects to the coordinator replica that serves among `urls`
-/// (comma-separated): a replica that does not hold the lease names the one
-/// that does, which is tried next; one that cannot be reached is skipped.
-/// While none serves (the holder just died), it tries again for up to 20 s.
+/// Connects to a coordinator replica that serves among `urls`
+/// (comma-separated): replicas forward calls to the owner of their shard,
+/// so any that answers will do; one that cannot be reached is skipped, and
+/// one that refuses naming another sends this there. While none serves, it
+/// tries again for up to 20 s.
 pub async fn connect(urls: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
     let configured: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
     for u in &configured {

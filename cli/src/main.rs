@@ -14,7 +14,8 @@ use tandem_sidecar::SidecarArgs;
 #[command(name = "tandem", version, about)]
 struct Cli {
     /// Coordinator to talk to: a URL, or several replicas' URLs separated by
-    /// commas (the one holding the lease is found).
+    /// commas (any replica that answers serves; a consume stream follows
+    /// the replica that owns its topic).
     #[arg(
         long,
         global = true,
