@@ -27,6 +27,9 @@ use crate::session::Sessions;
 /// Metadata marking a request forwarded by another replica.
 pub(crate) const FORWARDED_METADATA: &str = "tandem-forwarded";
 
+/// Clients of other replicas kept at most.
+const MAX_PEERS: usize = 64;
+
 /// Where a request is served.
 pub(crate) enum Target<L> {
     /// By this replica.
@@ -184,6 +187,11 @@ impl<L> Cluster<L> {
             .connect_timeout(Duration::from_secs(3))
             .http2_keep_alive_interval(Duration::from_secs(2))
             .keep_alive_timeout(Duration::from_secs(3));
+        if peers.len() >= MAX_PEERS {
+            // Replicas come and go with new addresses (pods): the old
+            // ones' clients are dropped rather than kept for ever.
+            peers.clear();
+        }
         let max = crate::MAX_REQUEST_BYTES;
         let client = CoordinatorClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(max)

@@ -19,6 +19,7 @@ mod group;
 mod offsets;
 mod partitioner;
 mod published;
+mod replica;
 mod saga;
 mod saga_wire;
 mod server;
