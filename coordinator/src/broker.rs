@@ -248,6 +248,9 @@ impl<L: Log + Clone> Broker<L> {
         let _held = if self.txns.knows(half.txn_id) {
             None // a retry of a transaction
         } else {
+            // Held first: an id refused here (a plain message's) leaves no
+            // claim behind.
+            let held = self.recent.hold_for_prepare(half.topic, half.txn_id)?;
             if let Some(claims) = &self.claims {
                 let holder = claims.claim(half.txn_id, self.shard).await?;
                 if holder != self.shard {
@@ -257,7 +260,7 @@ impl<L: Log + Clone> Broker<L> {
                     });
                 }
             }
-            self.recent.hold_for_prepare(half.topic, half.txn_id)?
+            held
         };
         let partition = partition_for(&half.message, meta, self.sticky.next(meta.partitions));
         self.txns.prepare(half, partition).await

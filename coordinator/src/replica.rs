@@ -147,6 +147,7 @@ impl Replica {
         let mut hosts: HashMap<u32, Host> = HashMap::new();
         let mut resting: HashMap<u32, Instant> = HashMap::new();
         let mut free_since: HashMap<u32, Instant> = HashMap::new();
+        let mut seen: HashMap<String, Instant> = HashMap::new();
         let mut rounds: u64 = 0;
         loop {
             self.balance(
@@ -154,6 +155,7 @@ impl Replica {
                 &mut hosts,
                 &mut resting,
                 &mut free_since,
+                &mut seen,
                 &ended_tx,
             )
             .await;
@@ -219,6 +221,7 @@ impl Replica {
         hosts: &mut HashMap<u32, Host>,
         resting: &mut HashMap<u32, Instant>,
         free_since: &mut HashMap<u32, Instant>,
+        seen: &mut HashMap<String, Instant>,
         ended: &tokio::sync::mpsc::UnboundedSender<(u32, Ended)>,
     ) {
         let r = &self.config.replication;
@@ -285,12 +288,36 @@ impl Replica {
             }
             changed
         });
-        let replicas = live.len().max(1) as u32;
-        let floor = count / replicas;
-        let cap = floor + u32::from(!count.is_multiple_of(replicas));
+        let now = Instant::now();
+        // Shards are handed only to replicas live for two leases: one that
+        // just came back (restarted, or woken from a pause that cost it
+        // its shards) is not given shards that moved away from it moments
+        // ago, at the cost of a second move in a row.
+        seen.retain(|owner, _| load.contains_key(owner.as_str()));
+        for owner in load.keys() {
+            seen.entry((*owner).to_owned()).or_insert(now);
+        }
+        let settled = |owner: &str| {
+            owner == me.as_str()
+                || seen
+                    .get(owner)
+                    .is_some_and(|t| now.duration_since(*t) >= 2 * r.lease)
+        };
+        let share = |replicas: usize| {
+            let replicas = replicas.max(1) as u32;
+            let floor = count / replicas;
+            (floor, floor + u32::from(!count.is_multiple_of(replicas)))
+        };
+        // Taking free shards counts every live replica; giving shards back
+        // only the settled ones.
+        let (floor, cap) = share(live.len());
+        let settled_live: Vec<&str> = load.keys().copied().filter(|o| settled(o)).collect();
+        let (settled_floor, settled_cap) = share(settled_live.len());
         let mine = hosts.len() as u32;
         let starved = load.values().any(|n| *n < floor);
-        let now = Instant::now();
+        let settled_starved = settled_live
+            .iter()
+            .any(|o| load.get(o).is_some_and(|n| *n < settled_floor));
         free_since.retain(|k, _| !holder.contains_key(k) && !hosts.contains_key(k));
         for k in 0..count {
             if !holder.contains_key(&k) && !hosts.contains_key(&k) {
@@ -299,7 +326,9 @@ impl Replica {
         }
         // Given back only while every shard has an owner: a free one goes
         // to a replica below its share first.
-        if free_since.is_empty() && (mine > cap || (mine > floor && starved)) {
+        if free_since.is_empty()
+            && (mine > settled_cap || (mine > settled_floor && settled_starved))
+        {
             // Give one back, the highest, unless one is being given back.
             if let Some(k) = hosts.keys().copied().max()
                 && let Some(h) = hosts.get(&k)
@@ -308,7 +337,7 @@ impl Replica {
                 tracing::info!(
                     shard = k,
                     held = mine,
-                    share = cap,
+                    share = settled_cap,
                     "handing a shard back to even the load"
                 );
                 h.stop.send_replace(true);

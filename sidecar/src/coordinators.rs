@@ -169,7 +169,8 @@ impl Coordinators {
     /// naming the owner sends the next one there; another failure forgets
     /// the owner (or, with none known, moves on as [`failed`](Self::failed)
     /// does).
-    pub(crate) async fn route_failed(&self, key: &str, route: &Route, status: &Status) {
+    /// True when the refusal named the owner.
+    pub(crate) async fn route_failed(&self, key: &str, route: &Route, status: &Status) -> bool {
         let owner = status
             .metadata()
             .get(OWNER)
@@ -183,7 +184,7 @@ impl Coordinators {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(key.to_owned(), (url, c));
-            return;
+            return true;
         }
         let known = self
             .routes
@@ -194,6 +195,7 @@ impl Coordinators {
         if let (false, Some(ticket)) = (known, route.ticket) {
             self.failed(ticket, status).await;
         }
+        false
     }
 
     /// The replica in use served a call.

@@ -196,11 +196,18 @@ async fn run(node: Arc<Node>, spec: sc::SubscribeRequest, mut stop: watch::Recei
     // One per subscription: its batches outlive a session's breaks.
     let handler = Arc::new(Handler::new(&node, &spec));
     loop {
-        match consume(&node, &handler, &spec, &mut stop).await {
+        let mut opened = false;
+        match consume(&node, &handler, &spec, &mut stop, &mut opened).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(topic = %spec.topic, group = %spec.group, error = %e, "subscription session ended; reconnecting")
             }
+        }
+        if opened {
+            // A session that was open ended (its shard moved, a replica
+            // died): the next one is tried soon, not after the backoff
+            // earlier failures built up.
+            backoff = Duration::from_millis(100);
         }
         tokio::select! {
             () = tokio::time::sleep(backoff) => {}
@@ -468,9 +475,9 @@ async fn consume(
     handler: &Arc<Handler>,
     spec: &sc::SubscribeRequest,
     stop: &mut watch::Receiver<bool>,
+    opened: &mut bool,
 ) -> Result<(), String> {
-    let (tx, rx) = mpsc::channel(256);
-    tx.send(req(pb::consume_request::Kind::Subscribe(pb::Subscribe {
+    let subscribe = req(pb::consume_request::Kind::Subscribe(pb::Subscribe {
         topic: spec.topic.clone(),
         group: spec.group.clone(),
         start_from: spec.start_from,
@@ -478,24 +485,38 @@ async fn consume(
         session_timeout_ms: 10_000,
         client_id: node.config.instance.clone(),
         revoke_timeout_ms: node.config.revoke_timeout().as_millis() as u32,
-    })))
-    .await
-    .map_err(|e| e.to_string())?;
-    let route = node.coordinators.route(&spec.topic);
-    let opened = route
-        .client
-        .clone()
-        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await;
-    let mut stream = match opened {
-        Ok(s) => s.into_inner(),
-        Err(s) => {
-            node.coordinators
-                .route_failed(&spec.topic, &route, &s)
-                .await;
-            return Err(s.message().to_owned());
+    }));
+    // A replica that does not own the topic's shard names the one that
+    // does: followed at once (a few times, while the shard moves).
+    let mut hops = 0;
+    let (tx, mut stream) = loop {
+        let (tx, rx) = mpsc::channel(256);
+        tx.send(subscribe.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let route = node.coordinators.route(&spec.topic);
+        let answer = route
+            .client
+            .clone()
+            .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await;
+        match answer {
+            Ok(s) => break (tx, s.into_inner()),
+            Err(s) => {
+                let redirected = node
+                    .coordinators
+                    .route_failed(&spec.topic, &route, &s)
+                    .await;
+                if redirected && hops < 3 {
+                    hops += 1;
+                    tracing::info!(topic = %spec.topic, group = %spec.group, why = %s.message(), "subscription goes to the replica that owns its topic");
+                    continue;
+                }
+                return Err(s.message().to_owned());
+            }
         }
     };
+    *opened = true;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
     // Handlers still running when this value is dropped finish their call
