@@ -493,8 +493,10 @@ async fn a_sidecar_given_three_addresses_keeps_working_while_any_one_replica_is_
     result
 }
 
-async fn one_down_at_a_time(r: &mut Replicas) -> TestResult {
-    let dir = r.dir.path().to_owned();
+/// The orders service's test app and its sidecar, given `coordinators`.
+fn orders(r: &Replicas, coordinators: &str) -> TestResult<(Process, Process)> {
+    let dir = r.dir.path();
+    let db = dir.join("orders-app.db").display().to_string();
     let app = Process::start(
         "orders-app",
         BIN.as_ref(),
@@ -503,10 +505,10 @@ async fn one_down_at_a_time(r: &mut Replicas) -> TestResult {
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--db".into(),
-            dir.join("orders-app.db").display().to_string(),
+            db.clone(),
         ],
         &[],
-        &dir,
+        dir,
     )?;
     let sidecar = Process::start(
         "orders-sidecar",
@@ -516,17 +518,22 @@ async fn one_down_at_a_time(r: &mut Replicas) -> TestResult {
             "--listen".into(),
             "127.0.0.1:0".into(),
             "--coordinator".into(),
-            r.urls(),
+            coordinators.into(),
             "--service".into(),
             "orders".into(),
             "--app".into(),
             app.url(),
             "--db".into(),
-            dir.join("orders-app.db").display().to_string(),
+            db,
         ],
         &[],
-        &dir,
+        dir,
     )?;
+    Ok((app, sidecar))
+}
+
+async fn one_down_at_a_time(r: &mut Replicas) -> TestResult {
+    let (app, sidecar) = orders(r, &r.urls())?;
     let mut s = SidecarClient::connect(sidecar.url()).await?;
     let (first, _) = r.holder(None).await?;
     client(r.ports[first])
@@ -802,39 +809,7 @@ async fn check_back_from_elsewhere(r: &mut Replicas) -> TestResult {
     r.settle("the shards spread evenly", &[2, 3, 3]).await?;
     let (owner, _) = r.holder_of("orders").await?;
     let given = (owner + 1) % 3;
-    let dir = r.dir.path().to_owned();
-    let app = Process::start(
-        "orders-app",
-        BIN.as_ref(),
-        &[
-            "test-app".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--db".into(),
-            dir.join("orders-app.db").display().to_string(),
-        ],
-        &[],
-        &dir,
-    )?;
-    let sidecar = Process::start(
-        "orders-sidecar",
-        BIN.as_ref(),
-        &[
-            "sidecar".into(),
-            "--listen".into(),
-            "127.0.0.1:0".into(),
-            "--coordinator".into(),
-            format!("http://127.0.0.1:{}", r.ports[given]),
-            "--service".into(),
-            "orders".into(),
-            "--app".into(),
-            app.url(),
-            "--db".into(),
-            dir.join("orders-app.db").display().to_string(),
-        ],
-        &[],
-        &dir,
-    )?;
+    let (app, sidecar) = orders(r, &format!("http://127.0.0.1:{}", r.ports[given]))?;
     client(r.ports[given])
         .await?
         .create_topic(pb::CreateTopicRequest {
