@@ -56,6 +56,13 @@ pub async fn topic(url: &str, cmd: TopicCommand, out: &mut impl Write) -> anyhow
                 .map_err(status)?
                 .into_inner();
             writeln!(out, "topic {} ({} partitions)", d.name, d.partitions.len())?;
+            if !d.owner.is_empty() {
+                writeln!(
+                    out,
+                    "shard {} of {}, served by {}",
+                    d.shard, d.shards, d.owner
+                )?;
+            }
             writeln!(
                 out,
                 "{:>9} {:>12} {:>16} {:>12}",

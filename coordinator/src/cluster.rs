@@ -50,6 +50,8 @@ pub(crate) struct Cluster<L> {
     /// How long a request about a shard nobody owns (it is moving, or its
     /// owner died) waits for an owner before it is refused.
     wait: Duration,
+    /// This replica's advertised address (none for a single coordinator).
+    pub(crate) advertise: Option<String>,
 }
 
 impl<L> Cluster<L> {
@@ -61,6 +63,7 @@ impl<L> Cluster<L> {
         replicas: watch::Receiver<Vec<String>>,
         stopping: watch::Receiver<bool>,
         wait: Duration,
+        advertise: Option<String>,
     ) -> Cluster<L> {
         Cluster {
             roles,
@@ -71,6 +74,7 @@ impl<L> Cluster<L> {
             stopping,
             peers: Mutex::default(),
             wait,
+            advertise,
         }
     }
 

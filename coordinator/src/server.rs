@@ -143,6 +143,20 @@ impl Coordinator {
         if matches!(self.config.store, Store::Postgres { .. }) {
             reaches_store(&health, false).await;
         }
+        let advertise = match self.config.store {
+            Store::Embedded => None,
+            Store::Postgres { .. } => Some(match &self.config.replication.advertise {
+                Some(a) => a.clone(),
+                // Other replicas forward to it and sidecars open sessions
+                // with it: it must say where it is.
+                None if local.ip().is_unspecified() => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "advertise: this replica listens on {local}, which names no machine; with a PostgreSQL store give --advertise HOST:PORT (the address the other replicas and sidecars reach it at)"
+                    )));
+                }
+                None => local.to_string(),
+            }),
+        };
         let count = shard_count(&self.config);
         let (roles, roles_rx) = watch::channel(vec![Role::Standby { owner: None }; count as usize]);
         let (replicas, replicas_rx) = watch::channel(Vec::new());
@@ -155,6 +169,7 @@ impl Coordinator {
             replicas_rx,
             stopping_rx,
             self.config.replication.lease,
+            advertise.clone(),
         ));
         let service = CoordinatorServer::new(CoordinatorService::with_cluster(
             cluster.clone(),
@@ -179,17 +194,8 @@ impl Coordinator {
                 let Store::Postgres { url } = &self.config.store else {
                     unreachable!("only the embedded store is opened before serving");
                 };
-                let advertise = match &self.config.replication.advertise {
-                    Some(a) => a.clone(),
-                    // Other replicas forward to it and sidecars open
-                    // sessions with it: it must say where it is.
-                    None if local.ip().is_unspecified() => {
-                        server.abort();
-                        return Err(Error::FailedPrecondition(format!(
-                            "advertise: this replica listens on {local}, which names no machine; with a PostgreSQL store give --advertise HOST:PORT (the address the other replicas and sidecars reach it at)"
-                        )));
-                    }
-                    None => local.to_string(),
+                let Some(advertise) = advertise.clone() else {
+                    unreachable!("a replica on PostgreSQL has an address");
                 };
                 // (The last digits of a v7 UUID are random.)
                 let suffix = uuid::Uuid::now_v7().simple().to_string();

@@ -453,7 +453,11 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                 size_bytes: p.offsets.size_bytes,
             })
             .collect();
+        let shards = self.cluster.count();
         Ok(Response::new(pb::DescribeTopicResponse {
+            shard: shard_of(&name, shards),
+            shards,
+            owner: self.cluster.advertise.clone().unwrap_or_default(),
             name,
             partitions,
             groups,

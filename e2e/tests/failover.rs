@@ -684,6 +684,17 @@ async fn sharded(r: &mut Replicas) -> TestResult {
             .await?;
     }
     assert_eq!(marks(r.ports[1], &topics).await?, vec![1; topics.len()]);
+    // Describe says where a topic lives, whichever replica is asked.
+    let (owner, _) = r.holder_of(&topics[3]).await?;
+    let d = client(r.ports[(owner + 1) % 3])
+        .await?
+        .describe_topic(pb::DescribeTopicRequest {
+            name: topics[3].clone(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((d.shard, d.shards), (shard_of(&topics[3], n), n));
+    assert_eq!(d.owner, format!("127.0.0.1:{}", r.ports[owner]));
 
     // A transaction prepared through one replica, committed through a
     // second and read through the third, whichever owns its topic.
