@@ -167,6 +167,19 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
     if let Some(p) = args.paced {
         anyhow::ensure!(p > 0.0 && p.is_finite(), "--paced must be a positive rate");
     }
+    if let Some(n) = args.shards {
+        let max = tandem_coordinator::shards::MAX_SHARDS;
+        anyhow::ensure!(
+            (1..=max).contains(&n),
+            "--shards must be between 1 and {max}"
+        );
+    }
+    // Listening from the start: a Ctrl-C while the bench's own PostgreSQL
+    // starts must stop it too, not kill the bench and leave the server.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the signal handlers")?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the signal handlers")?;
     let scenarios = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()
     } else {
@@ -199,7 +212,8 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
     let mut restarts = Vec::new();
     let outcome = tokio::select! {
         r = run_all(&args, &scenarios, server.as_deref(), dir.path(), &mut rows, &mut restarts) => r,
-        () = tandem_coordinator::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+        _ = term.recv() => Err(anyhow::anyhow!("interrupted")),
+        _ = int.recv() => Err(anyhow::anyhow!("interrupted")),
     };
     drop(own);
     drop(dir);

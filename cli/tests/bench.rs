@@ -90,6 +90,8 @@ fn bad_arguments_are_refused_naming_them() -> TestResult {
         (&["--relay-batch", "0"][..], "--relay-batch"),
         (&["--batch", "0"][..], "--batch"),
         (&["--batch", "257"][..], "--batch"),
+        (&["--shards", "0"][..], "--shards"),
+        (&["--shards", "257"][..], "--shards"),
         (&["nosuch"][..], "nosuch"),
         (
             &["outbox", "--postgres", "postgres://x@127.0.0.1:1/postgres"][..],
