@@ -38,6 +38,13 @@ pub struct LogConfig {
     pub max_record_bytes: usize,
     /// Largest encoded batch (one append) accepted.
     pub max_batch_bytes: usize,
+    /// A journal file is checkpointed (every segment written since synced)
+    /// and replaced once it holds this many bytes.
+    pub journal_bytes: u64,
+    /// A partition's share of one group commit at least this large is
+    /// written and synced in its segment file directly rather than through
+    /// the journal (which would write its bytes twice).
+    pub direct_write_bytes: usize,
     /// Most bytes one group commit gathers before writing.
     pub max_group_bytes: usize,
     /// Appends that may wait for a partition's writer before callers wait.
@@ -60,6 +67,8 @@ impl Default for LogConfig {
             fsync: FsyncPolicy::Always,
             max_record_bytes: 1 << 20,
             max_batch_bytes: 16 << 20,
+            journal_bytes: 64 << 20,
+            direct_write_bytes: 128 << 10,
             max_group_bytes: 4 << 20,
             append_queue: 4096,
             retention: Retention::default(),

@@ -1,20 +1,24 @@
 //! The embedded backend: one folder per topic-partition under a root folder
-//! (`<root>/<topic>/<partition>/`), each holding segment files, opened and
-//! recovered at start-up.
+//! (`<root>/<topic>/<partition>/`), each holding segment files, and one
+//! journal beside them (`<root>/journal-<n>.wal`) written by the log's one
+//! writer; opened and recovered at start-up.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::batch::MAX_ON_DISK;
 use crate::config::LogConfig;
 use crate::error::{Error, Result};
+use crate::journal::{self, Active, JournalFile};
 use crate::log::{AppendAck, Log, Offsets};
-use crate::partition::{Partition, sync_dir};
+use crate::partition::{AppendRequest, Partition, Vouched, sync_dir};
 use crate::record::{Record, StoredRecord, TopicPartition, validate_topic_name};
 use crate::segment::ReadBudget;
 use crate::vfs::{OsFs, Vfs};
+use crate::writer::{Job, Writer};
 
 /// The embedded log: segment files on local disk. Cheap to clone.
 #[derive(Clone)]
@@ -28,22 +32,18 @@ struct Inner {
     config: Arc<LogConfig>,
     partitions: RwLock<HashMap<TopicPartition, Arc<Partition>>>,
     create: tokio::sync::Mutex<()>,
-    /// Set to the cause by the first partition whose write or sync failed.
+    /// Number for the next partition created.
+    next_id: AtomicU64,
+    writer: Writer,
+    /// Set to the cause by the first write or sync that failed.
     failed: Arc<watch::Sender<Option<String>>>,
 }
 
 impl Drop for Inner {
-    /// The last handle gone without `close`: let the writers finish what is
+    /// The last handle gone without `close`: let the writer finish what is
     /// queued and stop.
     fn drop(&mut self) {
-        for p in self
-            .partitions
-            .get_mut()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-        {
-            p.stop();
-        }
+        self.writer.stop();
     }
 }
 
@@ -76,6 +76,9 @@ fn check_config(c: &LogConfig) -> Result<()> {
     }
     if c.max_batch_bytes > MAX_ON_DISK {
         return bad("max_batch_bytes", "must be at most 1 GiB");
+    }
+    if c.journal_bytes < 4096 {
+        return bad("journal_bytes", "must be at least 4 KiB");
     }
     if c.max_group_bytes == 0 || c.append_queue == 0 {
         return bad(
@@ -144,9 +147,8 @@ impl EmbeddedLog {
         let config = Arc::new(config);
         let (r, c) = (root.clone(), config.clone());
         let failed = Arc::new(watch::channel(None).0);
-        let f = failed.clone();
         let vfs = fs.clone();
-        let partitions = tokio::task::spawn_blocking(move || -> Result<_> {
+        let opened = tokio::task::spawn_blocking(move || -> Result<_> {
             create_dirs(&*vfs, &r)?;
             // A process that crashed (the machine still up) may have left
             // folder entries nobody synced: sync the chain of folders
@@ -155,7 +157,12 @@ impl EmbeddedLog {
                 sync_dir(&*vfs, parent)?;
             }
             sync_dir(&*vfs, &r)?;
-            let mut map = HashMap::new();
+            let redo = journal::recover(&*vfs, &r)?;
+            if redo.redone > 0 {
+                tracing::info!(root = %r.display(), batches = redo.redone,
+                    "journal redone into the segment files");
+            }
+            let mut opened = Vec::new();
             for (topic, tdir) in subdirs(&*vfs, &r)? {
                 if validate_topic_name(&topic).is_err() {
                     tracing::warn!(folder = %tdir.display(), "ignoring folder that is not a topic");
@@ -167,17 +174,58 @@ impl EmbeddedLog {
                         continue;
                     };
                     let tp = TopicPartition::new(topic.clone(), partition);
-                    map.insert(
-                        tp.clone(),
-                        Partition::open(vfs.clone(), tp, pdir, c.clone(), f.clone())?,
-                    );
+                    let vouched = match (redo.found, redo.vouched.get(&tp)) {
+                        (false, _) => Vouched::Unknown,
+                        (true, Some(&(base, end))) => Vouched::Upto {
+                            base: Some(base),
+                            end,
+                        },
+                        (true, None) => Vouched::Upto { base: None, end: 0 },
+                    };
+                    let id = opened.len() as u64;
+                    opened.push(Partition::open(
+                        vfs.clone(),
+                        tp,
+                        id,
+                        pdir,
+                        c.clone(),
+                        vouched,
+                        redo.clean,
+                    )?);
                 }
                 sync_dir(&*vfs, &tdir)?;
             }
-            Ok(map)
+            let actives: Vec<Active> = opened
+                .iter()
+                .map(|(p, st)| Active {
+                    tp: p.tp.clone(),
+                    base: st.base_offset,
+                    size: st.size,
+                })
+                .collect();
+            let journal = JournalFile::create(&*vfs, &r, redo.next_seq, false, &actives)?;
+            for old in &redo.files {
+                vfs.remove_file(old).map_err(Error::io("delete", old))?;
+            }
+            sync_dir(&*vfs, &r)?;
+            Ok((opened, journal))
         })
         .await
         .map_err(|e| Error::io("open", &root)(std::io::Error::other(e)))??;
+        let (opened, journal) = opened;
+        let partitions: HashMap<_, _> = opened
+            .iter()
+            .map(|(p, _)| (p.tp.clone(), p.clone()))
+            .collect();
+        let next_id = AtomicU64::new(opened.len() as u64);
+        let writer = Writer::start(
+            fs.clone(),
+            root.clone(),
+            config.clone(),
+            journal,
+            opened,
+            failed.clone(),
+        )?;
         tracing::info!(root = %root.display(), partitions = partitions.len(), "log opened");
         Ok(EmbeddedLog {
             inner: Arc::new(Inner {
@@ -186,6 +234,8 @@ impl EmbeddedLog {
                 config,
                 partitions: RwLock::new(partitions),
                 create: tokio::sync::Mutex::new(()),
+                next_id,
+                writer,
                 failed,
             }),
         })
@@ -215,16 +265,37 @@ impl EmbeddedLog {
             .ok_or_else(|| Error::UnknownPartition(tp.clone()))
     }
 
-    /// `fdatasync` calls on segment files made so far, over all partitions
-    /// (for benchmarks and tests of the durability bounds).
+    /// `fdatasync` calls on the journal and segment files made so far (for
+    /// benchmarks and tests of the durability bounds).
     pub fn syncs(&self) -> u64 {
+        self.inner.writer.syncs()
+    }
+
+    /// Hands an append to the writer and waits for its answer.
+    async fn append_to(
+        &self,
+        tp: &TopicPartition,
+        records: Vec<Record>,
+        sync: bool,
+    ) -> Result<AppendAck> {
+        let p = self.partition(tp)?;
+        let bytes = p.check(&records)?;
+        let (reply, rx) = oneshot::channel();
         self.inner
-            .partitions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .map(|p| p.syncs())
-            .sum()
+            .writer
+            .queue
+            .send(Job::Append(
+                p.id,
+                AppendRequest {
+                    records,
+                    bytes,
+                    sync,
+                    reply,
+                },
+            ))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Applies the retention limits to every partition now; returns the
@@ -253,20 +324,12 @@ impl EmbeddedLog {
         .map_err(|e| Error::io("retention", "log")(std::io::Error::other(e)))?
     }
 
-    /// Lets queued appends finish, syncs and stops every partition's writer.
-    /// Appends after this fail with [`Error::Closed`].
+    /// Lets queued appends finish, checkpoints the journal (every segment
+    /// synced, the active segments' indexes written, so that the next open
+    /// need not scan them) and stops the writer. Appends after this fail
+    /// with [`Error::Closed`].
     pub async fn close(&self) {
-        let parts: Vec<_> = self
-            .inner
-            .partitions
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
-        for p in parts {
-            p.close().await;
-        }
+        self.inner.writer.close().await;
     }
 }
 
@@ -279,16 +342,22 @@ impl Log for EmbeddedLog {
         }
         let root = self.inner.root.clone();
         let config = self.inner.config.clone();
-        let failed = self.inner.failed.clone();
         let fs = self.inner.fs.clone();
         let tp2 = tp.clone();
-        let p = tokio::task::spawn_blocking(move || {
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let (p, st) = tokio::task::spawn_blocking(move || {
             let pdir = root.join(&tp2.topic).join(tp2.partition.to_string());
             create_dirs(&*fs, &pdir)?;
-            Partition::open(fs, tp2, pdir, config, failed)
+            Partition::open(fs, tp2, id, pdir, config, Vouched::Unknown, false)
         })
         .await
         .map_err(|e| Error::io("create partition", &self.inner.root)(std::io::Error::other(e)))??;
+        self.inner
+            .writer
+            .queue
+            .send(Job::Register(p.clone(), st))
+            .await
+            .map_err(|_| Error::Closed)?;
         self.inner
             .partitions
             .write()
@@ -311,15 +380,23 @@ impl Log for EmbeddedLog {
     }
 
     async fn append(&self, tp: &TopicPartition, records: Vec<Record>) -> Result<AppendAck> {
-        self.partition(tp)?.append(records, true).await
+        self.append_to(tp, records, true).await
     }
 
     async fn append_relaxed(&self, tp: &TopicPartition, records: Vec<Record>) -> Result<AppendAck> {
-        self.partition(tp)?.append(records, false).await
+        self.append_to(tp, records, false).await
     }
 
     async fn sync(&self, tp: &TopicPartition) -> Result<()> {
-        self.partition(tp)?.sync_now().await
+        let p = self.partition(tp)?;
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .queue
+            .send(Job::Sync(Some((p.id, reply))))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     async fn read(

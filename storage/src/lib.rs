@@ -16,6 +16,7 @@ mod config;
 mod embedded;
 mod error;
 mod index;
+mod journal;
 mod log;
 mod partition;
 mod postgres;
@@ -24,6 +25,7 @@ mod schedule;
 mod segment;
 mod store;
 mod tail;
+mod writer;
 
 pub mod failpoint;
 pub mod vfs;

@@ -1,43 +1,32 @@
-//! One partition: its segments, the writer that group-commits appends, and
-//! reads bounded by the high-water mark.
+//! One partition: its segments, the state its writer keeps, and reads
+//! bounded by the high-water mark.
 //!
-//! Durability contract (fsync `always`): an append is acknowledged only after
-//! the bytes of its batch, and of every batch before it, were written and
-//! `fdatasync`ed; a new segment file is created only after the previous one
-//! was synced and its folder entry is synced before anything in it is
-//! acknowledged. Readers see offsets below the high-water mark only, and the
-//! mark moves only after that sync, so nothing read can later be lost.
-//! Opening syncs the newest segment and the folder before anything is read:
-//! a process that crashed while the machine stayed up leaves unsynced bytes
-//! and entries in the page cache, readable but not yet durable.
+//! Durability contract (fsync `always`): an append is acknowledged only
+//! after its batch, and every batch before it, is durable: in the log's
+//! journal (see `journal`), which the log's one writer syncs for a whole
+//! group of appends to any partitions, then written to the partition's
+//! active segment file. A new segment file is created only after the
+//! previous one was synced, and its folder entry is synced before anything
+//! in it is journaled. Readers see offsets below the high-water mark only,
+//! and the mark moves only once the group is durable and written, so
+//! nothing read can later be lost. Opening syncs the newest segment and the
+//! folder before anything is read: a process that crashed while the machine
+//! stayed up leaves unsynced bytes and entries in the page cache, readable
+//! but not yet durable.
 //!
-//! Group commit: appends queue on a bounded channel to the partition's one
-//! writer task. The writer takes everything queued (up to
-//! `max_group_bytes`), encodes it as consecutive batches, writes them with
-//! one `pwrite`, syncs once, and acknowledges them all. While it syncs, the
-//! next group gathers. The writer is a thread of its own, so its blocking
-//! file I/O never stalls the async runtime. A *relaxed* append is
-//! acknowledged once written and readable, before any sync: it becomes
-//! durable with the next sync of the partition (a later synced append or an
-//! explicit sync), for records a crash may lose; with
-//! `relaxed_sync_within` set, a tick syncs them within that bound even when
-//! nothing else does. A failed write or sync poisons the partition: it
-//! refuses writes from then on and never pretends the data is safe; its
-//! active file is cut back to the last synced length, and the log's
-//! `failed` signal tells the process to stop (after a failed fsync the
-//! kernel may have dropped the dirty pages: retrying it could "succeed"
-//! over lost data).
+//! A failed write or sync poisons the partition: it refuses writes from
+//! then on and never pretends the data is safe, and the log's `failed`
+//! signal tells the process to stop (after a failed fsync the kernel may
+//! have dropped the dirty pages: retrying it could "succeed" over lost
+//! data).
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Instant;
 
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{oneshot, watch};
 
 use crate::batch::{self, HEADER_LEN};
-use crate::config::{FsyncPolicy, LogConfig, Retention};
+use crate::config::{LogConfig, Retention};
 use crate::error::{Error, Result};
 use crate::index::SparseIndex;
 use crate::log::{AppendAck, Offsets};
@@ -69,36 +58,27 @@ struct Published {
     closed: bool,
 }
 
-struct AppendRequest {
-    records: Vec<Record>,
-    bytes: usize,
+/// One append waiting for the log's writer.
+pub(crate) struct AppendRequest {
+    pub(crate) records: Vec<Record>,
+    pub(crate) bytes: usize,
     /// Acknowledge only once synced (fsync `always`); else once written.
-    sync: bool,
-    reply: oneshot::Sender<Result<AppendAck>>,
+    pub(crate) sync: bool,
+    pub(crate) reply: oneshot::Sender<Result<AppendAck>>,
 }
 
-enum Msg {
-    Append(AppendRequest),
-    /// Sync what was written: on the fsync interval (no reply), or because
-    /// a caller asked (reply once durable).
-    Sync(Option<oneshot::Sender<Result<()>>>),
-    Close,
-}
-
-/// The writer's own view of the active segment.
-struct WriterState {
-    base_offset: u64,
+/// The writer's own view of a partition's active segment.
+pub(crate) struct WriterState {
+    pub(crate) base_offset: u64,
     file: Arc<dyn VFile>,
     path: PathBuf,
-    size: u64,
-    next_offset: u64,
+    pub(crate) size: u64,
+    pub(crate) next_offset: u64,
     max_timestamp: i64,
     /// Index entries not yet handed to readers.
     index: SparseIndex,
-    last_sync: Instant,
-    dirty: bool,
-    /// Bytes of the active file known to be on disk (last sync).
-    synced_size: u64,
+    /// Bytes written to the segment file since its last sync.
+    pub(crate) dirty: bool,
 }
 
 impl WriterState {
@@ -111,22 +91,57 @@ impl WriterState {
             next_offset: seg.next_offset,
             max_timestamp: seg.max_timestamp,
             index: seg.index.continuation(),
-            last_sync: Instant::now(),
             dirty: false,
-            synced_size: seg.size,
         }
     }
+
+    /// Encodes `req`'s batch into `buf`, which is written at the end of the
+    /// segment after what `buf` already holds; returns the batch's
+    /// position in the segment and its offsets.
+    pub(crate) fn encode(
+        &mut self,
+        records: &[Record],
+        buf: &mut Vec<u8>,
+        interval: u32,
+    ) -> (u64, AppendAck) {
+        let pos = self.size + buf.len() as u64;
+        let h = batch::encode(self.next_offset, records, buf);
+        let rel = (self.next_offset - self.base_offset) as u32;
+        self.index.on_batch(rel, pos, h.total_len, interval);
+        self.max_timestamp = self.max_timestamp.max(h.max_timestamp);
+        self.next_offset = h.next_offset();
+        (
+            pos,
+            AppendAck {
+                base_offset: h.base_offset,
+                last_offset: h.next_offset() - 1,
+            },
+        )
+    }
+}
+
+/// How far the journal vouches for a partition's active segment (see
+/// `journal`): opening stops at damage before that point, and treats a
+/// stop past it as a torn tail.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Vouched {
+    /// No journal: a log written before it existed.
+    Unknown,
+    /// Segment `base` up to byte `end`; any segment but nothing of it
+    /// when `base` is `None`.
+    Upto { base: Option<u64>, end: u64 },
 }
 
 /// One partition of the embedded log.
 pub(crate) struct Partition {
-    tp: TopicPartition,
+    pub(crate) tp: TopicPartition,
+    /// The log's number for it, which its appends carry to the writer.
+    pub(crate) id: u64,
     fs: Arc<dyn Vfs>,
     dir: PathBuf,
     config: Arc<LogConfig>,
     segments: RwLock<Vec<Segment>>,
     published: watch::Sender<Published>,
-    queue: mpsc::Sender<Msg>,
     poisoned: Mutex<Option<String>>,
     /// Held while old segments are deleted: one deletion at a time, so that
     /// files go oldest first whatever the callers (retention, truncation).
@@ -134,35 +149,25 @@ pub(crate) struct Partition {
     /// the other deleted an earlier one: a power cut in between would leave
     /// a gap in the log, which then refuses to open.
     deleting: Mutex<()>,
-    /// Resolves when the writer thread has stopped.
-    writer_done: Mutex<Option<oneshot::Receiver<()>>>,
-    /// Sends [`Msg::Sync`] on the fsync interval.
-    ticker: Mutex<Option<JoinHandle<()>>>,
-    /// Set when the log is dropped without `close`: the writer stops once
-    /// the queue is empty.
-    stopping: AtomicBool,
-    /// `fdatasync` calls made so far.
-    syncs: AtomicU64,
-    /// The log's failure signal (see `EmbeddedLog::failed`).
-    failed: Arc<watch::Sender<Option<String>>>,
     /// Fault point names of this partition.
     fault_write: String,
-    fault_sync: String,
+    pub(crate) fault_sync: String,
     fault_read: String,
 }
 
 impl Partition {
-    /// Opens (recovering its tail) or creates the partition stored in `dir`,
-    /// and starts its writer. Blocking: call from a blocking context inside a
-    /// Tokio runtime.
+    /// Opens (recovering its tail) or creates the partition stored in `dir`;
+    /// returns it and its writer's state. Blocking.
     pub(crate) fn open(
         fs: Arc<dyn Vfs>,
         tp: TopicPartition,
+        id: u64,
         dir: PathBuf,
         config: Arc<LogConfig>,
-        failed: Arc<watch::Sender<Option<String>>>,
-    ) -> Result<Arc<Partition>> {
-        let segments = recover(&*fs, &tp, &dir, &config)?;
+        vouched: Vouched,
+        clean: bool,
+    ) -> Result<(Arc<Partition>, WriterState)> {
+        let segments = recover(&*fs, &tp, &dir, &config, vouched, clean)?;
         let active = segments
             .last()
             .expect("recover leaves at least one segment");
@@ -171,60 +176,25 @@ impl Partition {
             hwm: state.next_offset,
             closed: false,
         });
-        let (queue, rx) = mpsc::channel(config.append_queue);
         let p = Arc::new(Partition {
             fault_write: format!("storage.write:{tp}"),
             fault_sync: format!("storage.fdatasync:{tp}"),
             fault_read: format!("storage.read:{tp}"),
-            failed,
             fs,
             tp,
+            id,
             dir,
             config,
             segments: RwLock::new(segments),
             published,
-            queue,
             poisoned: Mutex::new(None),
             deleting: Mutex::new(()),
-            writer_done: Mutex::new(None),
-            ticker: Mutex::new(None),
-            stopping: AtomicBool::new(false),
-            syncs: AtomicU64::new(0),
         });
-        let (done_tx, done_rx) = oneshot::channel();
-        let writer = p.clone();
-        std::thread::Builder::new()
-            .name(format!("log-writer {}", p.tp))
-            .spawn(move || {
-                writer.run_writer(rx, state);
-                let _ = done_tx.send(());
-            })
-            .map_err(Error::io("start writer thread for", &p.dir))?;
-        *lock(&p.writer_done) = Some(done_rx);
-        let tick = match p.config.fsync {
-            FsyncPolicy::Interval(d) => Some(d),
-            FsyncPolicy::Always => p.config.relaxed_sync_within,
-            FsyncPolicy::Never => None,
-        };
-        if let Some(d) = tick {
-            let queue = p.queue.clone();
-            *lock(&p.ticker) = Some(tokio::spawn(async move {
-                let mut tick = tokio::time::interval(d);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                loop {
-                    tick.tick().await;
-                    if queue.send(Msg::Sync(None)).await.is_err() {
-                        break;
-                    }
-                }
-            }));
-        }
-        Ok(p)
+        Ok((p, state))
     }
 
-    /// Appends one batch; resolves once it is acknowledged per the fsync
-    /// policy.
-    pub(crate) async fn append(&self, records: Vec<Record>, sync: bool) -> Result<AppendAck> {
+    /// Checks an append against the limits; returns its encoded size.
+    pub(crate) fn check(&self, records: &[Record]) -> Result<usize> {
         if records.is_empty() {
             return Err(Error::EmptyBatch);
         }
@@ -239,31 +209,10 @@ impl Partition {
             });
         }
         self.check_poisoned()?;
-        let (reply, rx) = oneshot::channel();
-        self.queue
-            .send(Msg::Append(AppendRequest {
-                records,
-                bytes,
-                sync,
-                reply,
-            }))
-            .await
-            .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
+        Ok(bytes)
     }
 
-    /// Makes everything written so far durable (per the fsync policy:
-    /// nothing is forced under `never`).
-    pub(crate) async fn sync_now(&self) -> Result<()> {
-        let (reply, rx) = oneshot::channel();
-        self.queue
-            .send(Msg::Sync(Some(reply)))
-            .await
-            .map_err(|_| Error::Closed)?;
-        rx.await.map_err(|_| Error::Closed)?
-    }
-
-    fn check_poisoned(&self) -> Result<()> {
+    pub(crate) fn check_poisoned(&self) -> Result<()> {
         match &*lock(&self.poisoned) {
             Some(cause) => Err(Error::Poisoned {
                 tp: self.tp.clone(),
@@ -271,6 +220,16 @@ impl Partition {
             }),
             None => Ok(()),
         }
+    }
+
+    /// Refuses writes from now on, naming `cause`.
+    pub(crate) fn poison(&self, cause: &str) {
+        lock(&self.poisoned).get_or_insert_with(|| cause.to_owned());
+    }
+
+    /// Tells readers waiting for new records that none will come.
+    pub(crate) fn close_readers(&self) {
+        self.published.send_modify(|p| p.closed = true);
     }
 
     /// Log start and high-water mark.
@@ -410,219 +369,8 @@ impl Partition {
             .1)
     }
 
-    /// Lets queued appends finish, syncs, and stops the writer.
-    /// Asks the writer to stop once its queue is empty, without waiting.
-    pub(crate) fn stop(&self) {
-        if let Some(t) = lock(&self.ticker).take() {
-            t.abort();
-        }
-        self.stopping.store(true, Ordering::Release);
-        let _ = self.queue.try_send(Msg::Close);
-    }
-
-    pub(crate) async fn close(&self) {
-        if let Some(t) = lock(&self.ticker).take() {
-            t.abort();
-        }
-        let _ = self.queue.send(Msg::Close).await;
-        let done = lock(&self.writer_done).take();
-        if let Some(done) = done {
-            let _ = done.await;
-        }
-    }
-
-    /// The writer: one thread per partition doing blocking file I/O, fed by
-    /// the append queue.
-    fn run_writer(self: Arc<Self>, mut rx: mpsc::Receiver<Msg>, mut st: WriterState) {
-        while let Some(msg) = rx.blocking_recv() {
-            let mut group = Vec::new();
-            let mut closing = false;
-            let mut sync_waiters = Vec::new();
-            let mut tick = false;
-            match msg {
-                Msg::Append(r) => group.push(r),
-                Msg::Sync(Some(w)) => sync_waiters.push(w),
-                Msg::Sync(None) => tick = true,
-                Msg::Close => closing = true,
-            }
-            let mut bytes = group.first().map_or(0, |r| r.bytes);
-            while !closing && bytes < self.config.max_group_bytes {
-                match rx.try_recv() {
-                    Ok(Msg::Append(r)) => {
-                        bytes += r.bytes;
-                        group.push(r);
-                    }
-                    Ok(Msg::Sync(Some(w))) => sync_waiters.push(w),
-                    Ok(Msg::Sync(None)) => tick = true,
-                    Ok(Msg::Close) => closing = true,
-                    Err(_) => break,
-                }
-            }
-            if !group.is_empty() {
-                self.write_group(&mut st, group);
-            }
-            let interval_due = tick
-                && match self.config.fsync {
-                    FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
-                    // Only relaxed appends leave the file dirty: bound how
-                    // long they stay unsynced.
-                    FsyncPolicy::Always => true,
-                    FsyncPolicy::Never => false,
-                };
-            let flush = closing || interval_due || !sync_waiters.is_empty();
-            if flush
-                && st.dirty
-                && self.config.fsync != FsyncPolicy::Never
-                && let Err(e) = self.sync(&mut st)
-            {
-                self.fail(&mut st, &e);
-            }
-            for w in sync_waiters {
-                let _ = w.send(self.check_poisoned());
-            }
-            if closing || (self.stopping.load(Ordering::Acquire) && rx.is_empty()) {
-                if !closing && st.dirty && self.config.fsync != FsyncPolicy::Never {
-                    let _ = self.sync(&mut st);
-                }
-                break;
-            }
-        }
-        self.published.send_modify(|p| p.closed = true);
-    }
-
-    /// A write or sync failed: the partition refuses writes from now on,
-    /// its active file is cut back to what the last sync made durable (so
-    /// that bytes nobody was told are safe cannot come back after a restart
-    /// as if they were), and the log's owner is told to stop.
-    fn fail(&self, st: &mut WriterState, e: &Error) {
-        tracing::error!(partition = %self.tp, error = %e,
-            "log write or fdatasync failed; partition stops accepting writes");
-        lock(&self.poisoned).get_or_insert_with(|| e.to_string());
-        // Always: a failed write may have left part of its bytes past
-        // `size`.
-        {
-            let cut = st
-                .file
-                .set_len(st.synced_size)
-                .and_then(|()| st.file.sync_all());
-            match cut {
-                Ok(()) => {
-                    tracing::warn!(partition = %self.tp, file = %st.path.display(), kept = st.synced_size,
-                        dropped = st.size.saturating_sub(st.synced_size), "unsynced bytes cut off");
-                    st.size = st.synced_size;
-                    // nothing unsynced is left: no further sync (which
-                    // would fail again) is attempted on close or tick
-                    st.dirty = false;
-                }
-                Err(c) => tracing::error!(partition = %self.tp, error = %c,
-                    "cannot cut the unsynced bytes off; recovery at restart decides"),
-            }
-        }
-        let cause = format!("{}: {e}", self.tp);
-        self.failed.send_if_modified(|f| {
-            if f.is_none() {
-                *f = Some(cause);
-                true
-            } else {
-                false
-            }
-        });
-    }
-
-    /// Writes a group, acknowledging it in parts: the appends before a
-    /// segment roll are acknowledged once synced, before anything goes into
-    /// the new segment, so a failure there never reports as failed an append
-    /// that is durable (and would come back after a restart).
-    fn write_group(&self, st: &mut WriterState, group: Vec<AppendRequest>) {
-        let mut group = group;
-        while !group.is_empty() {
-            let result = self
-                .check_poisoned()
-                .and_then(|()| self.try_write_group(st, &group));
-            let (acks, done) = match result {
-                Ok(r) => r,
-                Err(e) => return self.refuse(st, group, e),
-            };
-            let rest = group.split_off(done);
-            for (req, ack) in group.into_iter().zip(acks) {
-                let _ = req.reply.send(Ok(ack));
-            }
-            group = rest;
-        }
-    }
-
-    /// Answers every append of `group` with the failure `e` (after
-    /// failing the partition, unless it already was).
-    fn refuse(&self, st: &mut WriterState, group: Vec<AppendRequest>, e: Error) {
-        if !matches!(e, Error::Poisoned { .. }) {
-            self.fail(st, &e);
-        }
-        let cause = lock(&self.poisoned)
-            .clone()
-            .unwrap_or_else(|| e.to_string());
-        for req in group {
-            let _ = req.reply.send(Err(Error::Poisoned {
-                tp: self.tp.clone(),
-                cause: cause.clone(),
-            }));
-        }
-    }
-
-    /// Writes the appends of `group` that fit before the next segment roll
-    /// (all of them if none is needed; at least one); returns their acks
-    /// and how many were written.
-    fn try_write_group(
-        &self,
-        st: &mut WriterState,
-        group: &[AppendRequest],
-    ) -> Result<(Vec<AppendAck>, usize)> {
-        let cfg = &self.config;
-        let mut buf = Vec::with_capacity(
-            group
-                .iter()
-                .map(|r| r.bytes)
-                .sum::<usize>()
-                .min(cfg.max_group_bytes * 2),
-        );
-        let mut acks = Vec::with_capacity(group.len());
-        for req in group {
-            let pos = st.size + buf.len() as u64;
-            if pos > 0 && pos + req.bytes as u64 > cfg.segment_bytes {
-                if !acks.is_empty() {
-                    // acknowledge what is before the roll first
-                    break;
-                }
-                self.write_out(st, &mut buf)?;
-                self.roll(st)?;
-            }
-            let pos = st.size + buf.len() as u64;
-            let h = batch::encode(st.next_offset, &req.records, &mut buf);
-            let rel = (st.next_offset - st.base_offset) as u32;
-            st.index
-                .on_batch(rel, pos, h.total_len, cfg.index_interval_bytes);
-            st.max_timestamp = st.max_timestamp.max(h.max_timestamp);
-            acks.push(AppendAck {
-                base_offset: h.base_offset,
-                last_offset: h.next_offset() - 1,
-            });
-            st.next_offset = h.next_offset();
-        }
-        self.write_out(st, &mut buf)?;
-        let done = acks.len();
-        let due = match cfg.fsync {
-            FsyncPolicy::Always => group[..done].iter().any(|r| r.sync),
-            FsyncPolicy::Interval(d) => st.last_sync.elapsed() >= d,
-            FsyncPolicy::Never => false,
-        };
-        if due {
-            self.sync(st)?;
-        }
-        self.publish(st);
-        self.published.send_modify(|p| p.hwm = st.next_offset);
-        Ok((acks, done))
-    }
-
-    fn write_out(&self, st: &mut WriterState, buf: &mut Vec<u8>) -> Result<()> {
+    /// Writes `buf` at the end of the active segment.
+    pub(crate) fn write_out(&self, st: &mut WriterState, buf: &[u8]) -> Result<()> {
         if buf.is_empty() {
             return Ok(());
         }
@@ -636,46 +384,59 @@ impl Partition {
             .map_err(Error::io("write", &st.path))?;
         st.size += buf.len() as u64;
         st.dirty = true;
-        buf.clear();
         Ok(())
     }
 
-    /// `fdatasync` calls this partition made.
-    pub(crate) fn syncs(&self) -> u64 {
-        self.syncs.load(Ordering::Relaxed)
+    /// Cuts the active segment back to `size` (what a failed group had
+    /// not yet written there) and syncs it.
+    pub(crate) fn cut_back(&self, st: &mut WriterState, size: u64) {
+        match st.file.set_len(size).and_then(|()| st.file.sync_all()) {
+            Ok(()) => st.size = size.min(st.size),
+            Err(e) => tracing::error!(partition = %self.tp, error = %e,
+                "cannot cut the failed group off; recovery at restart decides"),
+        }
     }
 
-    fn sync(&self, st: &mut WriterState) -> Result<()> {
-        self.syncs.fetch_add(1, Ordering::Relaxed);
-        if crate::failpoint::error(&self.fault_sync) {
-            return Err(Error::io("fdatasync", &st.path)(std::io::Error::other(
-                "injected by failpoint",
-            )));
-        }
+    /// Syncs the active segment file.
+    pub(crate) fn sync(&self, st: &mut WriterState) -> Result<()> {
         st.file
             .sync_data()
             .map_err(Error::io("fdatasync", &st.path))?;
-        st.last_sync = Instant::now();
         st.dirty = false;
-        st.synced_size = st.size;
         Ok(())
     }
 
-    /// Hands what the writer wrote to the active segment over to readers.
-    fn publish(&self, st: &mut WriterState) {
-        let mut segs = write(&self.segments);
-        let active = segs.last_mut().expect("a partition always has a segment");
-        active.size = st.size;
-        active.next_offset = st.next_offset;
-        active.max_timestamp = st.max_timestamp;
-        active.index.extend(st.index.take_entries());
+    /// Hands what the writer wrote to the active segment over to readers,
+    /// and moves the high-water mark.
+    pub(crate) fn publish(&self, st: &mut WriterState) {
+        {
+            let mut segs = write(&self.segments);
+            let active = segs.last_mut().expect("a partition always has a segment");
+            active.size = st.size;
+            active.next_offset = st.next_offset;
+            active.max_timestamp = st.max_timestamp;
+            active.index.extend(st.index.take_entries());
+        }
+        self.published.send_modify(|p| p.hwm = st.next_offset);
+    }
+
+    /// Writes the active segment's index file (at a clean close), so that
+    /// the next open need not scan the segment. Its folder is not synced:
+    /// an index file that did not last, or no longer matches the segment,
+    /// is ignored.
+    pub(crate) fn write_active_index(&self, st: &mut WriterState) -> Result<()> {
+        self.publish(st);
+        read(&self.segments)
+            .last()
+            .expect("a partition always has a segment")
+            .write_index(&*self.fs, &self.dir)
     }
 
     /// Seals the active segment (synced, index written) and starts a new one.
     /// Synced under every policy: a sealed segment shorter after a crash
     /// than its index says, or than the segment after it expects, would
     /// stop the log from opening.
-    fn roll(&self, st: &mut WriterState) -> Result<()> {
+    pub(crate) fn roll(&self, st: &mut WriterState) -> Result<()> {
         self.sync(st)?;
         self.publish(st);
         read(&self.segments)
@@ -684,21 +445,23 @@ impl Partition {
             .write_index(&*self.fs, &self.dir)?;
         let seg = Segment::create(&*self.fs, &self.dir, st.next_offset)?;
         sync_dir(&*self.fs, &self.dir)?;
-        let mut next = WriterState::of(&seg);
-        next.last_sync = st.last_sync;
-        *st = next;
+        *st = WriterState::of(&seg);
         write(&self.segments).push(seg);
         Ok(())
     }
 }
 
 /// Opens every segment in `dir` (creating the first if there is none),
-/// truncating a torn tail and refusing other damage unless `repair`.
+/// truncating a torn tail and refusing other damage unless `repair`. The
+/// active segment's index is trusted only after a `clean` close; damage
+/// past what the journal `vouched` for is a torn tail.
 fn recover(
     fs: &dyn Vfs,
     tp: &TopicPartition,
     dir: &Path,
     config: &LogConfig,
+    vouched: Vouched,
+    clean: bool,
 ) -> Result<Vec<Segment>> {
     let mut bases = Vec::new();
     for (name, _) in fs.list(dir).map_err(Error::io("list", dir))? {
@@ -717,7 +480,8 @@ fn recover(
     let mut segments: Vec<Segment> = Vec::with_capacity(bases.len());
     for (i, &base) in bases.iter().enumerate() {
         let last = i + 1 == bases.len();
-        let (seg, stop) = Segment::open(fs, dir, base, !last, config.index_interval_bytes)?;
+        let (seg, stop) =
+            Segment::open(fs, dir, base, !last || clean, config.index_interval_bytes)?;
         let gap = segments
             .last()
             .map(|p| p.next_offset)
@@ -731,7 +495,17 @@ fn recover(
                 torn: false,
                 valid_after: true,
             }),
-            None => stop,
+            None => stop.map(|mut s| {
+                // Past what the journal vouches for, nothing was synced.
+                let unvouched = match vouched {
+                    Vouched::Unknown => false,
+                    Vouched::Upto { base: b, end } => {
+                        last && b.is_none_or(|b| b == base) && s.position >= end
+                    }
+                };
+                s.torn |= unvouched;
+                s
+            }),
         };
         let Some(Stop {
             position,

@@ -36,10 +36,16 @@ use tandem_storage::{
 const ROOT: &str = "/data/log";
 
 /// Small segments roll often; larger ones let an unsynced group of
-/// batches span several pages.
+/// batches span several pages. A small journal is replaced often.
 fn config(seed: u64) -> LogConfig {
     LogConfig {
         segment_bytes: if seed.is_multiple_of(2) { 4096 } else { 40_000 },
+        // a small journal is checkpointed (and replaced) while appends run
+        journal_bytes: if seed.is_multiple_of(3) {
+            4096
+        } else {
+            64 << 20
+        },
         index_interval_bytes: 256,
         ..LogConfig::default()
     }
@@ -469,6 +475,7 @@ fn every_acknowledged_record_survives_any_power_cut() {
 fn a_missing_fsync_is_caught() {
     for (lie, what) in [
         (".log", "fdatasync of segment files"),
+        (".wal", "fdatasync of the journal"),
         ("/data/log/t/0", "fsync of a partition folder"),
         ("/data/log/t", "fsync of a topic folder"),
         ("/data/log", "fsync of the log's root folder"),
