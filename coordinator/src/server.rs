@@ -96,11 +96,18 @@ impl Coordinator {
         let sessions = Arc::new(Sessions::default());
         let embedded = match config.store {
             Store::Embedded => {
-                let data =
-                    EmbeddedLog::open(config.data_dir.join("topics"), config.log.clone()).await?;
-                let internal =
-                    EmbeddedLog::open(config.data_dir.join("internal"), internal_config(&config))
-                        .await?;
+                // one journal and one writer for both, so that one fdatasync
+                // covers a transaction's state and its messages
+                let mut logs = EmbeddedLog::open_group(
+                    &config.data_dir,
+                    vec![
+                        ("topics".into(), config.log.clone()),
+                        ("internal".into(), internal_config(&config)),
+                    ],
+                )
+                .await?;
+                let internal = logs.pop().expect("two logs opened");
+                let data = logs.pop().expect("two logs opened");
                 let place = Place {
                     shard: 0,
                     sessions: sessions.clone(),

@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use tokio::sync::{oneshot, watch};
 
 use crate::batch::MAX_ON_DISK;
-use crate::config::LogConfig;
+use crate::config::{FsyncPolicy, LogConfig};
 use crate::error::{Error, Result};
 use crate::journal::{self, Active, JournalFile};
 use crate::log::{AppendAck, Log, Offsets};
@@ -32,18 +32,25 @@ struct Inner {
     config: Arc<LogConfig>,
     partitions: RwLock<HashMap<TopicPartition, Arc<Partition>>>,
     create: tokio::sync::Mutex<()>,
-    /// Number for the next partition created.
-    next_id: AtomicU64,
-    writer: Writer,
+    /// What journal entries put before a partition's `<topic>/<partition>`
+    /// (the log's folder relative to the journal's, and a slash).
+    jprefix: String,
+    /// The writer this log shares with the others of its group.
+    writer: Arc<Writer>,
+    closed: AtomicBool,
     /// Set to the cause by the first write or sync that failed.
     failed: Arc<watch::Sender<Option<String>>>,
 }
 
 impl Drop for Inner {
     /// The last handle gone without `close`: let the writer finish what is
-    /// queued and stop.
+    /// queued and stop, once no log of the group is open.
     fn drop(&mut self) {
-        self.writer.stop();
+        if !self.closed.swap(true, Ordering::AcqRel)
+            && self.writer.open_logs.fetch_sub(1, Ordering::AcqRel) == 1
+        {
+            self.writer.stop();
+        }
     }
 }
 
@@ -128,6 +135,36 @@ fn create_dirs(fs: &dyn Vfs, dir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// How long opening waits for another open log of the same folder (one
+/// being dropped, say) to let go of it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes the lock file `journal.lock` in `dir` (created with its folder if
+/// missing): one open log group per folder, in this process or any other.
+async fn lock_folder(fs: &dyn Vfs, dir: &Path) -> Result<Option<Box<dyn Send>>> {
+    create_dirs(fs, dir)?;
+    let path = dir.join("journal.lock");
+    let start = std::time::Instant::now();
+    loop {
+        match fs.lock(&path) {
+            Ok(guard) => return Ok(guard),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && start.elapsed() < LOCK_WAIT => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(Error::io("lock", &path)(std::io::Error::other(
+                    "another open log holds this folder (is another coordinator using it?)",
+                )));
+            }
+            Err(e) => return Err(Error::io("lock", &path)(e)),
+        }
+    }
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl EmbeddedLog {
     /// Opens the log under `root` (creating the folder if needed), recovering
     /// every partition found there. Must run inside a Tokio runtime.
@@ -142,103 +179,178 @@ impl EmbeddedLog {
         root: impl Into<PathBuf>,
         config: LogConfig,
     ) -> Result<EmbeddedLog> {
-        check_config(&config)?;
-        let root = root.into();
-        let config = Arc::new(config);
-        let (r, c) = (root.clone(), config.clone());
+        let mut logs = EmbeddedLog::open_group_on(fs, root, vec![(String::new(), config)]).await?;
+        Ok(logs.remove(0))
+    }
+
+    /// Opens logs in the folders `dir/<name>` (each as
+    /// [`open`](EmbeddedLog::open) would) that share one journal in `dir`
+    /// and one writer, so that one `fdatasync` covers the appends of all
+    /// of them. The first log's journal and group-commit settings
+    /// (`journal_bytes`, `direct_write_bytes`, `max_group_bytes`,
+    /// `append_queue`) apply to the group; the writer syncs at the shortest
+    /// interval any log asks for. A failure of the writer fails them all.
+    pub async fn open_group(
+        dir: impl Into<PathBuf>,
+        logs: Vec<(String, LogConfig)>,
+    ) -> Result<Vec<EmbeddedLog>> {
+        EmbeddedLog::open_group_on(Arc::new(OsFs), dir, logs).await
+    }
+
+    /// [`open_group`](EmbeddedLog::open_group) on the files of `fs`.
+    pub async fn open_group_on(
+        fs: Arc<dyn Vfs>,
+        dir: impl Into<PathBuf>,
+        logs: Vec<(String, LogConfig)>,
+    ) -> Result<Vec<EmbeddedLog>> {
+        if logs.is_empty() {
+            return Err(Error::InvalidConfig {
+                field: "logs",
+                reason: "a group needs at least one log".into(),
+            });
+        }
+        for (name, config) in &logs {
+            check_config(config)?;
+            if !name.is_empty() {
+                validate_topic_name(name).map_err(|_| Error::InvalidConfig {
+                    field: "logs",
+                    reason: format!("{name:?} is not a folder name a log can have"),
+                })?;
+            }
+        }
+        let dir = dir.into();
+        let members: Vec<(PathBuf, String, Arc<LogConfig>)> = logs
+            .into_iter()
+            .map(|(name, config)| {
+                let (root, prefix) = if name.is_empty() {
+                    (dir.clone(), String::new())
+                } else {
+                    (dir.join(&name), format!("{name}/"))
+                };
+                (root, prefix, Arc::new(config))
+            })
+            .collect();
         let failed = Arc::new(watch::channel(None).0);
-        let vfs = fs.clone();
+        let lock = lock_folder(&*fs, &dir).await?;
+        let (vfs, d, m) = (fs.clone(), dir.clone(), members.clone());
         let opened = tokio::task::spawn_blocking(move || -> Result<_> {
-            create_dirs(&*vfs, &r)?;
+            create_dirs(&*vfs, &d)?;
             // A process that crashed (the machine still up) may have left
             // folder entries nobody synced: sync the chain of folders
             // before serving anything (each partition syncs its own).
-            if let Some(parent) = parent_of(&r) {
+            if let Some(parent) = parent_of(&d) {
                 sync_dir(&*vfs, parent)?;
             }
-            sync_dir(&*vfs, &r)?;
-            let redo = journal::recover(&*vfs, &r)?;
+            sync_dir(&*vfs, &d)?;
+            for (root, _, _) in &m {
+                if *root != d {
+                    create_dirs(&*vfs, root)?;
+                    sync_dir(&*vfs, root)?;
+                }
+            }
+            let redo = journal::recover(&*vfs, &d)?;
             if redo.redone > 0 {
-                tracing::info!(root = %r.display(), batches = redo.redone,
+                tracing::info!(folder = %d.display(), batches = redo.redone,
                     "journal redone into the segment files");
             }
             let mut opened = Vec::new();
-            for (topic, tdir) in subdirs(&*vfs, &r)? {
-                if validate_topic_name(&topic).is_err() {
-                    tracing::warn!(folder = %tdir.display(), "ignoring folder that is not a topic");
-                    continue;
-                }
-                for (part, pdir) in subdirs(&*vfs, &tdir)? {
-                    let Ok(partition) = part.parse::<u32>() else {
-                        tracing::warn!(folder = %pdir.display(), "ignoring folder that is not a partition");
+            let mut per_log = Vec::new();
+            for (root, prefix, config) in &m {
+                let mut mine = Vec::new();
+                for (topic, tdir) in subdirs(&*vfs, root)? {
+                    if validate_topic_name(&topic).is_err() {
+                        tracing::warn!(folder = %tdir.display(), "ignoring folder that is not a topic");
                         continue;
-                    };
-                    let tp = TopicPartition::new(topic.clone(), partition);
-                    let vouched = match (redo.found, redo.vouched.get(&tp)) {
-                        (false, _) => Vouched::Unknown,
-                        (true, Some(&(base, end))) => Vouched::Upto {
-                            base: Some(base),
-                            end,
-                        },
-                        (true, None) => Vouched::Upto { base: None, end: 0 },
-                    };
-                    let id = opened.len() as u64;
-                    opened.push(Partition::open(
-                        vfs.clone(),
-                        tp,
-                        id,
-                        pdir,
-                        c.clone(),
-                        vouched,
-                        redo.clean,
-                    )?);
+                    }
+                    for (part, pdir) in subdirs(&*vfs, &tdir)? {
+                        let Ok(partition) = part.parse::<u32>() else {
+                            tracing::warn!(folder = %pdir.display(), "ignoring folder that is not a partition");
+                            continue;
+                        };
+                        let tp = TopicPartition::new(topic.clone(), partition);
+                        let jdir = format!("{prefix}{topic}/{partition}");
+                        let vouched = match (redo.found, redo.vouched.get(&jdir)) {
+                            (false, _) => Vouched::Unknown,
+                            (true, Some(&(base, end))) => Vouched::Upto {
+                                base: Some(base),
+                                end,
+                            },
+                            (true, None) => Vouched::Upto { base: None, end: 0 },
+                        };
+                        let id = opened.len() as u64;
+                        let (p, st) = Partition::open(
+                            vfs.clone(),
+                            tp,
+                            id,
+                            jdir,
+                            pdir,
+                            config.clone(),
+                            vouched,
+                            redo.clean,
+                        )?;
+                        mine.push(p.clone());
+                        opened.push((p, st));
+                    }
+                    sync_dir(&*vfs, &tdir)?;
                 }
-                sync_dir(&*vfs, &tdir)?;
+                per_log.push(mine);
             }
             let actives: Vec<Active> = opened
                 .iter()
                 .map(|(p, st)| Active {
-                    tp: p.tp.clone(),
+                    dir: p.jdir.clone(),
                     base: st.base_offset,
                     size: st.size,
                 })
                 .collect();
-            let journal = JournalFile::create(&*vfs, &r, redo.next_seq, false, &actives)?;
+            let journal = JournalFile::create(&*vfs, &d, redo.next_seq, false, &actives)?;
             for old in &redo.files {
-                vfs.remove_file(old).map_err(Error::io("delete", old))?;
+                match vfs.remove_file(old) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(Error::io("delete", old)(e));
+                    }
+                    _ => {}
+                }
             }
-            sync_dir(&*vfs, &r)?;
-            Ok((opened, journal))
+            sync_dir(&*vfs, &d)?;
+            Ok((opened, per_log, journal))
         })
         .await
-        .map_err(|e| Error::io("open", &root)(std::io::Error::other(e)))??;
-        let (opened, journal) = opened;
-        let partitions: HashMap<_, _> = opened
-            .iter()
-            .map(|(p, _)| (p.tp.clone(), p.clone()))
-            .collect();
-        let next_id = AtomicU64::new(opened.len() as u64);
-        let writer = Writer::start(
+        .map_err(|e| Error::io("open", &dir)(std::io::Error::other(e)))??;
+        let (opened, per_log, journal) = opened;
+        let configs: Vec<_> = members.iter().map(|(_, _, c)| c.clone()).collect();
+        let writer = Arc::new(Writer::start(
             fs.clone(),
-            root.clone(),
-            config.clone(),
+            dir.clone(),
+            &configs,
             journal,
             opened,
             failed.clone(),
-        )?;
-        tracing::info!(root = %root.display(), partitions = partitions.len(), "log opened");
-        Ok(EmbeddedLog {
-            inner: Arc::new(Inner {
-                fs,
-                root,
-                config,
-                partitions: RwLock::new(partitions),
-                create: tokio::sync::Mutex::new(()),
-                next_id,
-                writer,
-                failed,
-            }),
-        })
+            lock,
+        )?);
+        let logs = members
+            .into_iter()
+            .zip(per_log)
+            .map(|((root, jprefix, config), parts)| {
+                tracing::info!(root = %root.display(), partitions = parts.len(), "log opened");
+                EmbeddedLog {
+                    inner: Arc::new(Inner {
+                        fs: fs.clone(),
+                        root,
+                        config,
+                        partitions: RwLock::new(
+                            parts.into_iter().map(|p| (p.tp.clone(), p)).collect(),
+                        ),
+                        create: tokio::sync::Mutex::new(()),
+                        jprefix,
+                        writer: writer.clone(),
+                        closed: AtomicBool::new(false),
+                        failed: failed.clone(),
+                    }),
+                }
+            })
+            .collect();
+        Ok(logs)
     }
 
     /// Resolves to the cause once a write or an fsync of any partition
@@ -256,6 +368,9 @@ impl EmbeddedLog {
     }
 
     fn partition(&self, tp: &TopicPartition) -> Result<Arc<Partition>> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
         self.inner
             .partitions
             .read()
@@ -280,6 +395,9 @@ impl EmbeddedLog {
     ) -> Result<AppendAck> {
         let p = self.partition(tp)?;
         let bytes = p.check(&records)?;
+        // whether the writer syncs before acknowledging, per this log's
+        // policy (an interval is kept by the writer's tick)
+        let sync = sync && self.inner.config.fsync == FsyncPolicy::Always;
         let (reply, rx) = oneshot::channel();
         self.inner
             .writer
@@ -328,8 +446,25 @@ impl EmbeddedLog {
     /// synced, the active segments' indexes written, so that the next open
     /// need not scan them) and stops the writer. Appends after this fail
     /// with [`Error::Closed`].
+    ///
+    /// In a group, the writer stops with the last log closed; closing
+    /// another syncs what it wrote.
     pub async fn close(&self) {
-        self.inner.writer.close().await;
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let writer = &self.inner.writer;
+        if writer.open_logs.fetch_sub(1, Ordering::AcqRel) == 1 {
+            writer.close().await;
+            return;
+        }
+        let (tx, rx) = oneshot::channel();
+        if writer.queue.send(Job::Flush(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+        for p in read_lock(&self.inner.partitions).values() {
+            p.close_readers();
+        }
     }
 }
 
@@ -344,11 +479,12 @@ impl Log for EmbeddedLog {
         let config = self.inner.config.clone();
         let fs = self.inner.fs.clone();
         let tp2 = tp.clone();
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let id = self.inner.writer.next_id.fetch_add(1, Ordering::Relaxed);
+        let jdir = format!("{}{}/{}", self.inner.jprefix, tp.topic, tp.partition);
         let (p, st) = tokio::task::spawn_blocking(move || {
             let pdir = root.join(&tp2.topic).join(tp2.partition.to_string());
             create_dirs(&*fs, &pdir)?;
-            Partition::open(fs, tp2, id, pdir, config, Vouched::Unknown, false)
+            Partition::open(fs, tp2, id, jdir, pdir, config, Vouched::Unknown, false)
         })
         .await
         .map_err(|e| Error::io("create partition", &self.inner.root)(std::io::Error::other(e)))??;

@@ -25,7 +25,9 @@
 //! kind 1, checkpoint: clean u8 | count u32 | (partition | size u64)*
 //! kind 2, batch:      partition | position u64 | the batch's bytes
 //! kind 3, synced:     partition | end u64
-//! partition: topic_len u16 | topic | partition u32 | segment base u64
+//! partition: dir_len u16 | dir | segment base u64
+//!         (dir: the partition's folder relative to the journal's, such as
+//!         `topics/orders/3`)
 //! ```
 //! A *synced* entry records that a partition's share of a group large
 //! enough to be written and synced in its segment directly (not through
@@ -41,7 +43,6 @@ use std::sync::Arc;
 use bytes::{Buf, BufMut};
 
 use crate::error::{Error, Result};
-use crate::record::TopicPartition;
 use crate::segment;
 use crate::vfs::{OpenMode, VFile, Vfs};
 
@@ -65,15 +66,15 @@ fn parse_name(name: &str) -> Option<u64> {
 /// A partition's active segment and its size, as a checkpoint lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Active {
-    pub(crate) tp: TopicPartition,
+    /// The partition's folder, relative to the journal's.
+    pub(crate) dir: String,
     pub(crate) base: u64,
     pub(crate) size: u64,
 }
 
-fn put_partition(tp: &TopicPartition, base: u64, out: &mut Vec<u8>) {
-    out.put_u16_le(tp.topic.len() as u16);
-    out.put_slice(tp.topic.as_bytes());
-    out.put_u32_le(tp.partition);
+fn put_partition(dir: &str, base: u64, out: &mut Vec<u8>) {
+    out.put_u16_le(dir.len() as u16);
+    out.put_slice(dir.as_bytes());
     out.put_u64_le(base);
 }
 
@@ -97,33 +98,27 @@ pub(crate) fn encode_checkpoint(clean: bool, actives: &[Active], out: &mut Vec<u
     out.push(u8::from(clean));
     out.put_u32_le(actives.len() as u32);
     for a in actives {
-        put_partition(&a.tp, a.base, out);
+        put_partition(&a.dir, a.base, out);
         out.put_u64_le(a.size);
     }
     finish_entry(start, out);
 }
 
-/// Appends an entry for `batch`, written to `tp`'s segment `base` at
-/// `position`, to `out`.
-pub(crate) fn encode_batch(
-    tp: &TopicPartition,
-    base: u64,
-    position: u64,
-    batch: &[u8],
-    out: &mut Vec<u8>,
-) {
+/// Appends an entry for `batch`, written to segment `base` of the
+/// partition in folder `dir` at `position`, to `out`.
+pub(crate) fn encode_batch(dir: &str, base: u64, position: u64, batch: &[u8], out: &mut Vec<u8>) {
     let start = start_entry(BATCH, out);
-    put_partition(tp, base, out);
+    put_partition(dir, base, out);
     out.put_u64_le(position);
     out.put_slice(batch);
     finish_entry(start, out);
 }
 
-/// Appends an entry saying that `tp`'s segment `base` was synced up to
-/// `end` in place.
-pub(crate) fn encode_synced(tp: &TopicPartition, base: u64, end: u64, out: &mut Vec<u8>) {
+/// Appends an entry saying that segment `base` of the partition in folder
+/// `dir` was synced up to `end` in place.
+pub(crate) fn encode_synced(dir: &str, base: u64, end: u64, out: &mut Vec<u8>) {
     let start = start_entry(SYNCED, out);
-    put_partition(tp, base, out);
+    put_partition(dir, base, out);
     out.put_u64_le(end);
     finish_entry(start, out);
 }
@@ -136,31 +131,38 @@ enum Entry<'a> {
         actives: Vec<Active>,
     },
     Batch {
-        tp: TopicPartition,
+        dir: String,
         base: u64,
         position: u64,
         bytes: &'a [u8],
     },
     Synced {
-        tp: TopicPartition,
+        dir: String,
         base: u64,
         end: u64,
     },
 }
 
-fn take_partition(b: &mut &[u8]) -> Option<(TopicPartition, u64)> {
+fn take_partition(b: &mut &[u8]) -> Option<(String, u64)> {
     if b.len() < 2 {
         return None;
     }
     let n = b.get_u16_le() as usize;
-    if b.len() < n + 12 {
+    if b.len() < n + 8 {
         return None;
     }
-    let topic = std::str::from_utf8(&b[..n]).ok()?.to_owned();
+    let dir = std::str::from_utf8(&b[..n]).ok()?.to_owned();
+    // a folder below the journal's, never above or beside it
+    if dir.is_empty()
+        || dir
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return None;
+    }
     b.advance(n);
-    let partition = b.get_u32_le();
     let base = b.get_u64_le();
-    Some((TopicPartition::new(topic, partition), base))
+    Some((dir, base))
 }
 
 /// The entry at the start of `buf` and its length; `None` where the
@@ -187,12 +189,12 @@ fn next_entry(buf: &[u8]) -> Option<(Entry<'_>, usize)> {
             let count = b.get_u32_le() as usize;
             let mut actives = Vec::with_capacity(count.min(b.len() / 22));
             for _ in 0..count {
-                let (tp, base) = take_partition(&mut b)?;
+                let (dir, base) = take_partition(&mut b)?;
                 if b.len() < 8 {
                     return None;
                 }
                 actives.push(Active {
-                    tp,
+                    dir,
                     base,
                     size: b.get_u64_le(),
                 });
@@ -200,25 +202,25 @@ fn next_entry(buf: &[u8]) -> Option<(Entry<'_>, usize)> {
             Entry::Checkpoint { clean, actives }
         }
         BATCH => {
-            let (tp, base) = take_partition(&mut b)?;
+            let (dir, base) = take_partition(&mut b)?;
             if b.len() < 8 {
                 return None;
             }
             let position = b.get_u64_le();
             Entry::Batch {
-                tp,
+                dir,
                 base,
                 position,
                 bytes: b,
             }
         }
         SYNCED => {
-            let (tp, base) = take_partition(&mut b)?;
+            let (dir, base) = take_partition(&mut b)?;
             if b.len() != 8 {
                 return None;
             }
             Entry::Synced {
-                tp,
+                dir,
                 base,
                 end: b.get_u64_le(),
             }
@@ -238,7 +240,8 @@ pub(crate) struct Recovered {
     pub(crate) clean: bool,
     /// Per partition, the active segment and how far into it the newest
     /// checkpoint and the entries after it vouch for its bytes.
-    pub(crate) vouched: HashMap<TopicPartition, (u64, u64)>,
+    /// Keyed by the partition's folder relative to the journal's.
+    pub(crate) vouched: HashMap<String, (u64, u64)>,
     /// Journal files to delete once the new one is durable.
     pub(crate) files: Vec<PathBuf>,
     /// Sequence number for the next journal file.
@@ -248,9 +251,10 @@ pub(crate) struct Recovered {
 }
 
 impl Recovered {
-    /// Records that `tp`'s segment `base` is vouched for up to `end`.
-    fn vouch(&mut self, tp: TopicPartition, base: u64, end: u64) {
-        let v = self.vouched.entry(tp).or_insert((base, 0));
+    /// Records that segment `base` of the partition in `dir` is vouched
+    /// for up to `end`.
+    fn vouch(&mut self, dir: String, base: u64, end: u64) {
+        let v = self.vouched.entry(dir).or_insert((base, 0));
         if base > v.0 {
             *v = (base, end);
         } else if base == v.0 {
@@ -289,7 +293,7 @@ pub(crate) fn recover(fs: &dyn Vfs, root: &Path) -> Result<Recovered> {
                     out.clean = clean;
                     out.vouched = actives
                         .into_iter()
-                        .map(|a| (a.tp, (a.base, a.size)))
+                        .map(|a| (a.dir, (a.base, a.size)))
                         .collect();
                 }
                 Entry::Checkpoint { .. } => {
@@ -303,19 +307,19 @@ pub(crate) fn recover(fs: &dyn Vfs, root: &Path) -> Result<Recovered> {
                 // when the process stopped: nothing was written to it.
                 Entry::Batch { .. } | Entry::Synced { .. } if first => break,
                 Entry::Batch {
-                    tp,
+                    dir,
                     base,
                     position,
                     bytes,
                 } => {
                     out.clean = false;
-                    redo(fs, root, &tp, base, position, bytes, &mut written)?;
+                    redo(fs, &root.join(&dir), base, position, bytes, &mut written)?;
                     out.redone += 1;
-                    out.vouch(tp, base, position + bytes.len() as u64);
+                    out.vouch(dir, base, position + bytes.len() as u64);
                 }
-                Entry::Synced { tp, base, end } => {
+                Entry::Synced { dir, base, end } => {
                     out.clean = false;
-                    out.vouch(tp, base, end);
+                    out.vouch(dir, base, end);
                 }
             }
             first = false;
@@ -331,22 +335,20 @@ pub(crate) fn recover(fs: &dyn Vfs, root: &Path) -> Result<Recovered> {
 /// Writes one journaled batch back into its segment file.
 fn redo(
     fs: &dyn Vfs,
-    root: &Path,
-    tp: &TopicPartition,
+    dir: &Path,
     base: u64,
     position: u64,
     bytes: &[u8],
     written: &mut HashMap<PathBuf, Arc<dyn VFile>>,
 ) -> Result<()> {
-    let dir = root.join(&tp.topic).join(tp.partition.to_string());
-    let path = segment::log_path(&dir, base);
+    let path = segment::log_path(dir, base);
     if !written.contains_key(&path) {
         let file = match fs.open(&path, OpenMode::Existing) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 // Retention deleted the (sealed, synced) segment since.
                 let later = fs
-                    .list(&dir)
+                    .list(dir)
                     .ok()
                     .into_iter()
                     .flatten()
@@ -416,16 +418,16 @@ mod tests {
 
     #[test]
     fn entries_round_trip_and_damage_ends_them() {
-        let tp = TopicPartition::new("orders", 3);
+        let dir = "topics/orders/3";
         let mut buf = Vec::new();
         let actives = vec![Active {
-            tp: tp.clone(),
+            dir: dir.into(),
             base: 40,
             size: 1234,
         }];
         encode_checkpoint(true, &actives, &mut buf);
         let first = buf.len();
-        encode_batch(&tp, 40, 1234, b"batch bytes", &mut buf);
+        encode_batch(dir, 40, 1234, b"batch bytes", &mut buf);
         let (e, n) = next_entry(&buf).expect("checkpoint");
         assert_eq!(n, first);
         assert!(matches!(e, Entry::Checkpoint { clean: true, actives: a } if a == actives));

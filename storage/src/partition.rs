@@ -135,11 +135,13 @@ pub(crate) enum Vouched {
 /// One partition of the embedded log.
 pub(crate) struct Partition {
     pub(crate) tp: TopicPartition,
-    /// The log's number for it, which its appends carry to the writer.
+    /// The writer's number for it, which its appends carry.
     pub(crate) id: u64,
+    /// Its folder relative to the journal's, as journal entries name it.
+    pub(crate) jdir: String,
     fs: Arc<dyn Vfs>,
     dir: PathBuf,
-    config: Arc<LogConfig>,
+    pub(crate) config: Arc<LogConfig>,
     segments: RwLock<Vec<Segment>>,
     published: watch::Sender<Published>,
     poisoned: Mutex<Option<String>>,
@@ -158,10 +160,12 @@ pub(crate) struct Partition {
 impl Partition {
     /// Opens (recovering its tail) or creates the partition stored in `dir`;
     /// returns it and its writer's state. Blocking.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn open(
         fs: Arc<dyn Vfs>,
         tp: TopicPartition,
         id: u64,
+        jdir: String,
         dir: PathBuf,
         config: Arc<LogConfig>,
         vouched: Vouched,
@@ -183,6 +187,7 @@ impl Partition {
             fs,
             tp,
             id,
+            jdir,
             dir,
             config,
             segments: RwLock::new(segments),

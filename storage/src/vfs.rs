@@ -63,6 +63,14 @@ pub trait Vfs: fmt::Debug + Send + Sync {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// `fsync` of a folder: creations, renames and deletions in it last.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Takes an exclusive lock on the file at `path` (created if missing),
+    /// held until the returned guard is dropped; `WouldBlock` while another
+    /// holder has it. A model of files without other processes may lock
+    /// nothing.
+    fn lock(&self, path: &Path) -> io::Result<Option<Box<dyn Send>>> {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 /// The operating system's files.
@@ -91,6 +99,18 @@ impl VFile for fs::File {
 }
 
 impl Vfs for OsFs {
+    fn lock(&self, path: &Path) -> io::Result<Option<Box<dyn Send>>> {
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        match f.try_lock() {
+            Ok(()) => Ok(Some(Box::new(f))),
+            Err(fs::TryLockError::WouldBlock) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
     fn create_dir_all(&self, dir: &Path) -> io::Result<Vec<PathBuf>> {
         let missing: Vec<PathBuf> = dir
             .ancestors()

@@ -19,7 +19,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -38,12 +37,18 @@ pub(crate) enum Job {
     /// Sync what was written: on the fsync interval (no reply), or because
     /// a caller asked (reply once durable, as seen from that partition).
     Sync(Option<(u64, oneshot::Sender<Result<()>>)>),
+    /// Sync what was written, and say when done.
+    Flush(oneshot::Sender<()>),
     Close,
 }
 
-/// The handle the log keeps on its writer.
+/// The handle the logs sharing a writer keep on it.
 pub(crate) struct Writer {
     pub(crate) queue: mpsc::Sender<Job>,
+    /// Number for the next partition registered.
+    pub(crate) next_id: AtomicU64,
+    /// Logs of the group not yet closed: the last one stops the writer.
+    pub(crate) open_logs: std::sync::atomic::AtomicUsize,
     done: Mutex<Option<oneshot::Receiver<()>>>,
     ticker: Mutex<Option<JoinHandle<()>>>,
     stopping: Arc<AtomicBool>,
@@ -55,16 +60,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Writer {
-    /// Starts the writer on `journal`, with the partitions opened so far.
-    /// Must run inside a Tokio runtime.
+    /// Starts the writer on `journal` (in folder `root`) for a group of
+    /// logs with these settings (the first one's journal and group
+    /// settings apply to all), with the partitions opened so far. Must run
+    /// inside a Tokio runtime.
     pub(crate) fn start(
         fs: Arc<dyn Vfs>,
         root: PathBuf,
-        config: Arc<LogConfig>,
+        configs: &[Arc<LogConfig>],
         journal: JournalFile,
         partitions: Vec<(Arc<Partition>, WriterState)>,
         failed: Arc<watch::Sender<Option<String>>>,
+        lock: Option<Box<dyn Send>>,
     ) -> Result<Writer> {
+        let config = configs[0].clone();
+        let next_id = AtomicU64::new(partitions.len() as u64);
         let (queue, rx) = mpsc::channel(config.append_queue);
         let stopping = Arc::new(AtomicBool::new(false));
         let syncs = Arc::new(AtomicU64::new(0));
@@ -77,25 +87,32 @@ impl Writer {
             root: root.clone(),
             config: config.clone(),
             journal,
-            last_sync: Instant::now(),
             failed: None,
             failed_signal: failed,
             stopping: stopping.clone(),
             syncs: syncs.clone(),
         };
         let (done_tx, done_rx) = oneshot::channel();
+        let name = root
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
         std::thread::Builder::new()
-            .name("log-writer".into())
+            .name(format!("log-writer {name}"))
             .spawn(move || {
                 run.run(rx);
+                // the folder is free for the next open once all is written
+                drop(lock);
                 let _ = done_tx.send(());
             })
             .map_err(Error::io("start writer thread for", &root))?;
-        let tick = match config.fsync {
-            FsyncPolicy::Interval(d) => Some(d),
-            FsyncPolicy::Always => config.relaxed_sync_within,
-            FsyncPolicy::Never => None,
-        };
+        let tick = configs
+            .iter()
+            .filter_map(|c| match c.fsync {
+                FsyncPolicy::Interval(d) => Some(d),
+                FsyncPolicy::Always => c.relaxed_sync_within,
+                FsyncPolicy::Never => None,
+            })
+            .min();
         let ticker = tick.map(|d| {
             let queue = queue.clone();
             tokio::spawn(async move {
@@ -111,6 +128,8 @@ impl Writer {
         });
         Ok(Writer {
             queue,
+            next_id,
+            open_logs: std::sync::atomic::AtomicUsize::new(configs.len()),
             done: Mutex::new(Some(done_rx)),
             ticker: Mutex::new(ticker),
             stopping,
@@ -168,7 +187,6 @@ struct Run {
     root: PathBuf,
     config: Arc<LogConfig>,
     journal: JournalFile,
-    last_sync: Instant,
     /// Set once a write or sync failed: nothing is written from then on.
     failed: Option<String>,
     failed_signal: Arc<watch::Sender<Option<String>>>,
@@ -182,6 +200,7 @@ impl Run {
             let mut group = Vec::new();
             let mut bytes = 0;
             let mut waiters = Vec::new();
+            let mut flushes = Vec::new();
             let mut tick = false;
             let mut closing = false;
             let mut next = Some(job);
@@ -196,6 +215,7 @@ impl Run {
                     }
                     Job::Sync(Some(w)) => waiters.push(w),
                     Job::Sync(None) => tick = true,
+                    Job::Flush(w) => flushes.push(w),
                     Job::Close => closing = true,
                 }
                 if !closing && bytes < self.config.max_group_bytes {
@@ -205,19 +225,17 @@ impl Run {
             if !group.is_empty() {
                 self.write_group(group);
             }
-            let interval_due = tick
-                && match self.config.fsync {
-                    FsyncPolicy::Interval(d) => self.last_sync.elapsed() >= d,
-                    // Only relaxed appends leave the journal unsynced:
-                    // bound how long they stay so.
-                    FsyncPolicy::Always => true,
-                    FsyncPolicy::Never => false,
-                };
-            if (interval_due || !waiters.is_empty())
-                && self.config.fsync != FsyncPolicy::Never
+            // The tick comes at the shortest interval of the group's logs
+            // (or bound on relaxed appends); a log that never syncs asks
+            // for none but is synced with the others.
+            if (tick || !waiters.is_empty() || !flushes.is_empty())
+                && self.failed.is_none()
                 && let Err(e) = self.sync_journal(&[])
             {
                 self.fail(&e);
+            }
+            for w in flushes {
+                let _ = w.send(());
             }
             for (id, w) in waiters {
                 let answer = match self.slots.get(&id) {
@@ -279,7 +297,7 @@ impl Run {
                 });
                 let share = &mut shares[i];
                 let end = slot.st.size + share.buf.len() as u64;
-                if end > 0 && end + req.bytes as u64 > self.config.segment_bytes {
+                if end > 0 && end + req.bytes as u64 > slot.part.config.segment_bytes {
                     if !share.buf.is_empty() {
                         blocked.insert(id);
                         deferred.push((id, req));
@@ -298,11 +316,8 @@ impl Run {
                     share.size_before = slot.st.size;
                 }
                 let start = share.buf.len();
-                let (pos, ack) = slot.st.encode(
-                    &req.records,
-                    &mut share.buf,
-                    self.config.index_interval_bytes,
-                );
+                let interval = slot.part.config.index_interval_bytes;
+                let (pos, ack) = slot.st.encode(&req.records, &mut share.buf, interval);
                 share.batches.push((slot.st.base_offset, pos, start));
                 want_sync |= req.sync;
                 done.push((id, req, ack));
@@ -346,11 +361,8 @@ impl Run {
     /// instead, since journaling would write its bytes twice. Then the pass
     /// is handed to readers.
     fn write_pass(&mut self, shares: &[Share], want_sync: bool) -> Result<()> {
-        let due = match self.config.fsync {
-            FsyncPolicy::Always => want_sync,
-            FsyncPolicy::Interval(d) => self.last_sync.elapsed() >= d,
-            FsyncPolicy::Never => false,
-        };
+        // (a log whose policy is not `always` never asks to sync an append)
+        let due = want_sync;
         // Only a share synced now may skip the journal: an unsynced one
         // must become durable with the journal's next sync.
         let limit = self.config.direct_write_bytes;
@@ -358,18 +370,18 @@ impl Run {
         let mut journal = Vec::new();
         let mut journaled = Vec::new();
         for sh in shares {
-            let tp = &self.slots[&sh.id].part.tp;
+            let dir = &self.slots[&sh.id].part.jdir;
             if direct(sh) {
                 // vouches for the bytes synced in place (see `journal`)
                 if let Some(&(base, pos, start)) = sh.batches.last() {
                     let end = pos + (sh.buf.len() - start) as u64;
-                    journal::encode_synced(tp, base, end, &mut journal);
+                    journal::encode_synced(dir, base, end, &mut journal);
                 }
                 continue;
             }
             for (i, &(base, pos, start)) in sh.batches.iter().enumerate() {
                 let end = sh.batches.get(i + 1).map_or(sh.buf.len(), |b| b.2);
-                journal::encode_batch(tp, base, pos, &sh.buf[start..end], &mut journal);
+                journal::encode_batch(dir, base, pos, &sh.buf[start..end], &mut journal);
             }
             journaled.push(sh.id);
         }
@@ -447,7 +459,6 @@ impl Run {
             .sync_data()
             .map_err(Error::io("fdatasync", path))?;
         self.journal.dirty = false;
-        self.last_sync = Instant::now();
         Ok(())
     }
 
@@ -476,12 +487,12 @@ impl Run {
                 s.part.write_active_index(&mut s.st)?;
             }
             actives.push(Active {
-                tp: s.part.tp.clone(),
+                dir: s.part.jdir.clone(),
                 base: s.st.base_offset,
                 size: s.st.size,
             });
         }
-        actives.sort_by(|a, b| a.tp.cmp(&b.tp));
+        actives.sort_by(|a, b| a.dir.cmp(&b.dir));
         let next =
             JournalFile::create(&*self.fs, &self.root, self.journal.seq + 1, clean, &actives)?;
         self.syncs.fetch_add(1, Ordering::Relaxed);

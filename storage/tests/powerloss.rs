@@ -664,3 +664,68 @@ fn segment_bases(fs: &SimFs) -> Vec<u64> {
     v.sort_unstable();
     v
 }
+
+/// Two logs opened as a group (as the coordinator opens its topics and
+/// its internal state) share one journal in the folder above them: a power
+/// cut that loses every unsynced page loses nothing either log
+/// acknowledged, and no journal is left inside either log's folder.
+#[test]
+fn logs_of_a_group_share_one_journal_through_a_power_cut() {
+    let rt = runtime().expect("runtime");
+    rt.block_on(async {
+        let tp = TopicPartition::new("t", 0);
+        for seed in 0..40u64 {
+            let open = |fs: SimFs| {
+                EmbeddedLog::open_group_on(
+                    Arc::new(fs),
+                    "/data",
+                    vec![
+                        ("topics".to_owned(), config(seed)),
+                        ("internal".to_owned(), config(seed)),
+                    ],
+                )
+            };
+            let fs = SimFs::new();
+            let logs = open(fs.clone()).await.expect("open");
+            for l in &logs {
+                l.create_partition(&tp).await.expect("create");
+            }
+            for i in 0..20 {
+                let (a, b) = tokio::join!(
+                    logs[0].append(&tp, vec![record(&format!("a{i}"), 300)]),
+                    logs[1].append_relaxed(&tp, vec![record(&format!("b{i}"), 200)]),
+                );
+                assert_eq!(a.expect("append").base_offset, i);
+                assert_eq!(b.expect("append").base_offset, i);
+            }
+            // the relaxed ones become durable with this sync of the journal
+            logs[1].sync(&tp).await.expect("sync");
+            fs.cut_now();
+            for l in &logs {
+                l.close().await;
+            }
+            let disk = fs.after_power_cut(Loss::Pages(seed));
+            let view = disk.clone();
+            let logs = open(disk)
+                .await
+                .unwrap_or_else(|e| panic!("seed {seed}: does not open: {e}"));
+            for (l, prefix) in logs.iter().zip(["a", "b"]) {
+                let read = l.read(&tp, 0, ReadBudget::default()).await.expect("read");
+                let ids: Vec<_> = read.iter().map(|r| r.record.id.clone()).collect();
+                let expected: Vec<Bytes> = (0..20).map(|i| format!("{prefix}{i}").into()).collect();
+                assert_eq!(ids, expected, "seed {seed}");
+                l.close().await;
+            }
+            let journals = |dir: &str| {
+                use tandem_storage::Vfs;
+                view.list(Path::new(dir))
+                    .expect("list")
+                    .into_iter()
+                    .filter(|(name, _)| name.ends_with(".wal"))
+                    .count()
+            };
+            assert_eq!(journals("/data"), 1, "seed {seed}");
+            assert_eq!(journals("/data/topics") + journals("/data/internal"), 0);
+        }
+    });
+}

@@ -951,9 +951,20 @@ async fn cycle(
             }
             logs
         }
-        None => vec![StoreLog::Embedded(
-            EmbeddedLog::open(dir.join("coordinator").join("topics"), LogConfig::default()).await?,
-        )],
+        None => {
+            // as the coordinator opens them: one journal for both logs
+            let mut both = EmbeddedLog::open_group(
+                dir.join("coordinator"),
+                vec![
+                    ("topics".into(), LogConfig::default()),
+                    ("internal".into(), LogConfig::default()),
+                ],
+            )
+            .await?;
+            let internal = both.pop().expect("two logs opened");
+            internal.close().await;
+            vec![StoreLog::Embedded(both.pop().expect("two logs opened"))]
+        }
     };
     let mut history = gather(&dir, &logs, sent, plain, conflicts, stalled).await?;
     for log in logs {
