@@ -110,6 +110,10 @@ pub struct BenchArgs {
     /// (default: the coordinator's default).
     #[arg(long)]
     pub shards: Option<u32>,
+    /// The coordinator's `group_commit_wait_us` in the transactional
+    /// scenarios (default: the coordinator's default).
+    #[arg(long, value_name = "US")]
+    pub group_commit_wait_us: Option<u64>,
     /// A PostgreSQL server to run on (any of its databases; fresh databases
     /// are created and dropped). Default: a server of the bench's own, from
     /// the installed PostgreSQL binaries, with `fsync = on`.
@@ -166,6 +170,12 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
     );
     if let Some(p) = args.paced {
         anyhow::ensure!(p > 0.0 && p.is_finite(), "--paced must be a positive rate");
+    }
+    if let Some(us) = args.group_commit_wait_us {
+        anyhow::ensure!(
+            us <= 100_000,
+            "--group-commit-wait-us must be between 0 and 100000"
+        );
     }
     if let Some(n) = args.shards {
         let max = tandem_coordinator::shards::MAX_SHARDS;
@@ -432,6 +442,9 @@ async fn run_all(
                         tables,
                         coordinator_on,
                         shards: args.shards,
+                        group_commit_wait: args
+                            .group_commit_wait_us
+                            .map(std::time::Duration::from_micros),
                         dir: dir.join(format!("{round}-{}", scenario.name())),
                     },
                     &label,

@@ -56,6 +56,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("fsync_interval_ms", Kind::Int),
     ("internal_fsync", Kind::Str),
     ("relaxed_sync_ms", Kind::Int),
+    ("group_commit_wait_us", Kind::Int),
     ("segment_bytes", Kind::Int),
     ("max_message_bytes", Kind::Int),
     ("retention_ms", Kind::Int),
@@ -91,6 +92,7 @@ struct Raw {
     fsync_interval_ms: Option<u64>,
     internal_fsync: Option<String>,
     relaxed_sync_ms: Option<u64>,
+    group_commit_wait_us: Option<u64>,
     segment_bytes: Option<u64>,
     max_message_bytes: Option<u64>,
     retention_ms: Option<i64>,
@@ -312,6 +314,17 @@ impl Raw {
                 "must be between 1 and 60000",
             ));
         }
+        let group_commit_wait = match self.group_commit_wait_us {
+            None => LogConfig::default().group_commit_wait,
+            Some(us) if us <= 100_000 => Duration::from_micros(us),
+            Some(us) => {
+                return Err(invalid(
+                    "group_commit_wait_us",
+                    &us,
+                    "must be between 0 and 100000",
+                ));
+            }
+        };
         let segment_bytes = self.segment_bytes.unwrap_or(64 << 20);
         if !(1 << 20..=1 << 30).contains(&segment_bytes) {
             return Err(invalid(
@@ -542,6 +555,7 @@ impl Raw {
             log: LogConfig {
                 segment_bytes,
                 fsync,
+                group_commit_wait,
                 // Room for what Tandem adds: a transaction's marker header,
                 // a dead letter's error headers.
                 max_record_bytes: max_message + crate::service::RESERVED_BYTES,

@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! cargo bench -p tandem-storage --bench append -- [--seconds S] [--dir DIR]
+//!     [--group-commit-wait-us N]
 //! ```
 //!
-//! Prints one row per case: records/s, MiB/s of record payload, and bytes
-//! written to disk per second. `--dir` should be on the disk to measure
-//! (default: a temporary folder under `target/`).
+//! Prints one row per case: records/s, MiB/s of record payload, bytes
+//! written to disk per second, and `fdatasync` calls per record. `--dir`
+//! should be on the disk to measure (default: a temporary folder under
+//! `target/`). The last case spreads small records over 16 partitions, where
+//! the log's one journal lets one `fdatasync` cover all of them.
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -24,7 +27,9 @@ const MIB: f64 = (1 << 20) as f64;
 struct Row {
     name: String,
     records: u64,
+    size: usize,
     disk_bytes: u64,
+    syncs: Option<u64>,
     elapsed: Duration,
 }
 
@@ -33,18 +38,18 @@ impl Row {
         self.records as f64 / self.elapsed.as_secs_f64()
     }
     fn payload_mib(&self) -> f64 {
-        self.per_sec() * RECORD as f64 / MIB
+        self.per_sec() * self.size as f64 / MIB
     }
     fn disk_mib(&self) -> f64 {
         self.disk_bytes as f64 / self.elapsed.as_secs_f64() / MIB
     }
 }
 
-fn record(i: u64) -> Record {
+fn record(i: u64, size: usize) -> Record {
     Record {
         id: Bytes::from(i.to_string()),
         key: None,
-        value: Bytes::from(vec![(i % 251) as u8; RECORD]),
+        value: Bytes::from(vec![(i % 251) as u8; size]),
         headers: Vec::new(),
         timestamp_ms: 0,
     }
@@ -77,28 +82,39 @@ fn raw(dir: &Path, name: &str, chunk: usize, secs: Duration) -> Row {
     Row {
         name: name.into(),
         records: pos / RECORD as u64,
+        size: RECORD,
         disk_bytes: pos,
+        syncs: None,
         elapsed,
     }
 }
 
-async fn log_case(
-    dir: &Path,
-    name: &str,
+/// How a log case appends.
+struct Case {
+    name: &'static str,
     appenders: usize,
     in_flight: usize,
-    secs: Duration,
-) -> Row {
-    let root = dir.join(format!("log-{appenders}-{in_flight}"));
-    let log = EmbeddedLog::open(&root, LogConfig::default())
+    partitions: u32,
+    size: usize,
+}
+
+async fn log_case(dir: &Path, config: &LogConfig, case: Case, secs: Duration) -> Row {
+    let root = dir.join(format!("log-{}-{}", case.appenders, case.partitions));
+    let log = EmbeddedLog::open(&root, config.clone())
         .await
         .expect("open log");
-    let tp = TopicPartition::new("bench", 0);
-    log.create_partition(&tp).await.expect("create partition");
+    let tps: Vec<_> = (0..case.partitions)
+        .map(|p| TopicPartition::new("bench", p))
+        .collect();
+    for tp in &tps {
+        log.create_partition(tp).await.expect("create partition");
+    }
+    let syncs_before = log.syncs();
     let start = Instant::now();
     let mut tasks = JoinSet::new();
-    for a in 0..appenders {
-        let (log, tp) = (log.clone(), tp.clone());
+    for a in 0..case.appenders {
+        let (log, tp) = (log.clone(), tps[a % tps.len()].clone());
+        let (in_flight, size) = (case.in_flight, case.size);
         tasks.spawn(async move {
             let mut pending = JoinSet::new();
             let mut done = 0u64;
@@ -107,7 +123,7 @@ async fn log_case(
                 while pending.len() < in_flight {
                     let (log, tp) = (log.clone(), tp.clone());
                     i += 1;
-                    pending.spawn(async move { log.append(&tp, vec![record(i)]).await });
+                    pending.spawn(async move { log.append(&tp, vec![record(i, size)]).await });
                 }
                 pending
                     .join_next()
@@ -129,13 +145,19 @@ async fn log_case(
         records += n.expect("appender");
     }
     let elapsed = start.elapsed();
-    let disk_bytes = log.offsets(&tp).expect("offsets").size_bytes;
+    let syncs = log.syncs() - syncs_before;
+    let disk_bytes = tps
+        .iter()
+        .map(|tp| log.offsets(tp).expect("offsets").size_bytes)
+        .sum();
     log.close().await;
     std::fs::remove_dir_all(&root).expect("remove bench log");
     Row {
-        name: name.into(),
+        name: case.name.into(),
         records,
+        size: case.size,
         disk_bytes,
+        syncs: Some(syncs),
         elapsed,
     }
 }
@@ -143,6 +165,7 @@ async fn log_case(
 fn main() {
     let mut secs = Duration::from_secs(3);
     let mut dir: Option<PathBuf> = None;
+    let mut config = LogConfig::default();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
@@ -154,6 +177,13 @@ fn main() {
                 )
             }
             "--dir" => dir = args.next().map(PathBuf::from),
+            "--group-commit-wait-us" => {
+                config.group_commit_wait = Duration::from_micros(
+                    args.next()
+                        .and_then(|s| s.parse().ok())
+                        .expect("--group-commit-wait-us N"),
+                )
+            }
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
@@ -181,30 +211,56 @@ fn main() {
         ),
         rt.block_on(log_case(
             tmp.path(),
-            "log: 1 appender, waits on each",
-            1,
-            1,
+            &config,
+            Case {
+                name: "log: 1 appender, waits on each",
+                appenders: 1,
+                in_flight: 1,
+                partitions: 1,
+                size: RECORD,
+            },
             secs,
         )),
         rt.block_on(log_case(
             tmp.path(),
-            "log: 16 appenders x 64 in flight",
-            16,
-            64,
+            &config,
+            Case {
+                name: "log: 16 appenders x 64 in flight",
+                appenders: 16,
+                in_flight: 64,
+                partitions: 1,
+                size: RECORD,
+            },
+            secs,
+        )),
+        rt.block_on(log_case(
+            tmp.path(),
+            &config,
+            Case {
+                name: "log: 16 partitions x 4 in flight, 100 B",
+                appenders: 16,
+                in_flight: 4,
+                partitions: 16,
+                size: 100,
+            },
             secs,
         )),
     ];
     println!(
-        "{:<36} {:>12} {:>14} {:>12}",
-        "case", "records/s", "payload MiB/s", "disk MiB/s"
+        "{:<40} {:>10} {:>14} {:>11} {:>15}",
+        "case", "records/s", "payload MiB/s", "disk MiB/s", "fdatasync/rec"
     );
     for r in &rows {
+        let syncs = r.syncs.map_or("1".into(), |n| {
+            format!("{:.3}", n as f64 / r.records.max(1) as f64)
+        });
         println!(
-            "{:<36} {:>12.0} {:>14.1} {:>12.1}",
+            "{:<40} {:>10.0} {:>14.1} {:>11.1} {:>15}",
             r.name,
             r.per_sec(),
             r.payload_mib(),
-            r.disk_mib()
+            r.disk_mib(),
+            syncs
         );
     }
     let (per_record, seq, log16) = (&rows[0], &rows[1], &rows[3]);

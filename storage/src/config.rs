@@ -45,6 +45,13 @@ pub struct LogConfig {
     /// written and synced in its segment file directly rather than through
     /// the journal (which would write its bytes twice).
     pub direct_write_bytes: usize,
+    /// While several appends are waiting to be synced, the writer waits
+    /// until this long after its last sync for more to join the group
+    /// (fewer `fdatasync` calls at the cost of up to this much latency);
+    /// an append alone is synced at once. Zero (the default): never wait;
+    /// groups then form while the disk syncs the previous one, which on a
+    /// disk with slow syncs (network block storage) is enough.
+    pub group_commit_wait: Duration,
     /// Most bytes one group commit gathers before writing.
     pub max_group_bytes: usize,
     /// Appends that may wait for a partition's writer before callers wait.
@@ -69,6 +76,7 @@ impl Default for LogConfig {
             max_batch_bytes: 16 << 20,
             journal_bytes: 64 << 20,
             direct_write_bytes: 128 << 10,
+            group_commit_wait: Duration::ZERO,
             max_group_bytes: 4 << 20,
             append_queue: 4096,
             retention: Retention::default(),

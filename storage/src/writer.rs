@@ -19,6 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -26,6 +27,7 @@ use tokio::task::JoinHandle;
 use crate::config::{FsyncPolicy, LogConfig};
 use crate::error::{Error, Result};
 use crate::journal::{self, Active, JournalFile};
+use crate::log::AppendAck;
 use crate::partition::{AppendRequest, Partition, WriterState};
 use crate::vfs::Vfs;
 
@@ -87,6 +89,7 @@ impl Writer {
             root: root.clone(),
             config: config.clone(),
             journal,
+            last_sync: Instant::now(),
             failed: None,
             failed_signal: failed,
             stopping: stopping.clone(),
@@ -174,8 +177,6 @@ struct Share {
     id: u64,
     /// The batches, encoded one after the other.
     buf: Vec<u8>,
-    /// The active segment's size before them (where a failure cuts back).
-    size_before: u64,
     /// Each batch's segment, position in it, and start in `buf`.
     batches: Vec<(u64, u64, usize)>,
 }
@@ -187,6 +188,8 @@ struct Run {
     root: PathBuf,
     config: Arc<LogConfig>,
     journal: JournalFile,
+    /// When the journal's last sync ended.
+    last_sync: Instant,
     /// Set once a write or sync failed: nothing is written from then on.
     failed: Option<String>,
     failed_signal: Arc<watch::Sender<Option<String>>>,
@@ -194,57 +197,82 @@ struct Run {
     syncs: Arc<AtomicU64>,
 }
 
+/// What one round of the writer gathered and wrote, until it is synced
+/// and acknowledged.
+#[derive(Default)]
+struct Cycle {
+    /// Appends gathered, not yet written.
+    group: Vec<(u64, AppendRequest)>,
+    /// Bytes gathered so far this cycle.
+    bytes: usize,
+    /// Appends written, with their offsets, to acknowledge once synced.
+    written: Vec<(u64, AppendRequest, AppendAck)>,
+    /// Partitions written to, in order, to hand to readers.
+    touched: Vec<u64>,
+    /// Each touched partition's active segment size before this cycle.
+    sizes: HashMap<u64, u64>,
+    /// The journal's size before this cycle.
+    journal_at: Option<u64>,
+    /// Partitions whose journaled appends the sync covers.
+    journaled: HashSet<u64>,
+    /// Appends that asked to be synced.
+    synced: usize,
+    waiters: Vec<(u64, oneshot::Sender<Result<()>>)>,
+    flushes: Vec<oneshot::Sender<()>>,
+    tick: bool,
+    closing: bool,
+}
+
 impl Run {
     fn run(mut self, mut rx: mpsc::Receiver<Job>) {
-        while let Some(job) = rx.blocking_recv() {
-            let mut group = Vec::new();
-            let mut bytes = 0;
-            let mut waiters = Vec::new();
-            let mut flushes = Vec::new();
-            let mut tick = false;
-            let mut closing = false;
-            let mut next = Some(job);
-            while let Some(job) = next.take() {
-                match job {
-                    Job::Register(p, st) => {
-                        self.slots.insert(p.id, Slot { part: p, st });
+        let mut siblings_before = 0;
+        // appends left for the next cycle by a segment roll
+        let mut carry = Vec::new();
+        loop {
+            let mut cy = Cycle::default();
+            if carry.is_empty() {
+                let Some(job) = rx.blocking_recv() else { break };
+                self.take(job, &mut cy);
+            } else {
+                cy.bytes = carry
+                    .iter()
+                    .map(|(_, r): &(u64, AppendRequest)| r.bytes)
+                    .sum();
+                cy.group = std::mem::take(&mut carry);
+            }
+            self.drain(&mut rx, &mut cy);
+            self.write_group(&mut cy);
+            // Group commit: while others are appending too (this cycle or
+            // the last one had several appends to sync), wait until
+            // `group_commit_wait` after the last sync for more to join
+            // this one, as PostgreSQL's commit_delay does.
+            let wait = self.config.group_commit_wait;
+            if cy.synced > 0 && !wait.is_zero() && (cy.synced > 1 || siblings_before > 1) {
+                let until = self.last_sync + wait;
+                loop {
+                    let now = Instant::now();
+                    if cy.closing
+                        || !cy.group.is_empty()
+                        || now >= until
+                        || cy.bytes >= self.config.max_group_bytes
+                    {
+                        break;
                     }
-                    Job::Append(id, r) => {
-                        bytes += r.bytes;
-                        group.push((id, r));
-                    }
-                    Job::Sync(Some(w)) => waiters.push(w),
-                    Job::Sync(None) => tick = true,
-                    Job::Flush(w) => flushes.push(w),
-                    Job::Close => closing = true,
-                }
-                if !closing && bytes < self.config.max_group_bytes {
-                    next = rx.try_recv().ok();
+                    std::thread::sleep((until - now).min(Duration::from_micros(200)));
+                    self.drain(&mut rx, &mut cy);
+                    self.write_group(&mut cy);
                 }
             }
-            if !group.is_empty() {
-                self.write_group(group);
-            }
-            // The tick comes at the shortest interval of the group's logs
-            // (or bound on relaxed appends); a log that never syncs asks
-            // for none but is synced with the others.
-            if (tick || !waiters.is_empty() || !flushes.is_empty())
-                && self.failed.is_none()
-                && let Err(e) = self.sync_journal(&[])
+            siblings_before = cy.synced;
+            self.finish(&mut cy);
+            carry = std::mem::take(&mut cy.group);
+            if self.failed.is_none()
+                && self.journal.size >= self.config.journal_bytes
+                && let Err(e) = self.checkpoint(false)
             {
                 self.fail(&e);
             }
-            for w in flushes {
-                let _ = w.send(());
-            }
-            for (id, w) in waiters {
-                let answer = match self.slots.get(&id) {
-                    Some(s) => s.part.check_poisoned(),
-                    None => Err(Error::Closed),
-                };
-                let _ = w.send(answer);
-            }
-            if closing || (self.stopping.load(Ordering::Acquire) && rx.is_empty()) {
+            if cy.closing || (self.stopping.load(Ordering::Acquire) && rx.is_empty()) {
                 break;
             }
         }
@@ -258,11 +286,95 @@ impl Run {
         }
     }
 
-    /// Journals and writes a group of appends, in passes: an append that
-    /// needs its partition's segment rolled after others of the same
-    /// partition in this pass waits for the next pass, so that a segment is
-    /// sealed only with everything before the roll written.
-    fn write_group(&mut self, mut pending: Vec<(u64, AppendRequest)>) {
+    fn take(&mut self, job: Job, cy: &mut Cycle) {
+        match job {
+            Job::Register(p, st) => {
+                self.slots.insert(p.id, Slot { part: p, st });
+            }
+            Job::Append(id, r) => {
+                cy.bytes += r.bytes;
+                cy.group.push((id, r));
+            }
+            Job::Sync(Some(w)) => cy.waiters.push(w),
+            Job::Sync(None) => cy.tick = true,
+            Job::Flush(w) => cy.flushes.push(w),
+            Job::Close => cy.closing = true,
+        }
+    }
+
+    /// Takes what is queued, up to `max_group_bytes` for the cycle.
+    fn drain(&mut self, rx: &mut mpsc::Receiver<Job>, cy: &mut Cycle) {
+        while !cy.closing && cy.bytes < self.config.max_group_bytes {
+            match rx.try_recv() {
+                Ok(job) => self.take(job, cy),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Syncs what the cycle wrote (if any append asked, a tick came, or a
+    /// caller asked), hands it to readers and acknowledges it.
+    fn finish(&mut self, cy: &mut Cycle) {
+        let sync = cy.synced > 0 || cy.tick || !cy.waiters.is_empty() || !cy.flushes.is_empty();
+        if sync && self.failed.is_none() {
+            let touched: Vec<u64> = cy.journaled.iter().copied().collect();
+            if let Err(e) = self.sync_journal(&touched) {
+                self.fail_cycle(cy, &e);
+            }
+        }
+        for id in &cy.touched {
+            let s = self
+                .slots
+                .get_mut(id)
+                .expect("a touched partition is registered");
+            s.part.publish(&mut s.st);
+        }
+        for (_, req, ack) in cy.written.drain(..) {
+            let _ = req.reply.send(Ok(ack));
+        }
+        for w in cy.flushes.drain(..) {
+            let _ = w.send(());
+        }
+        for (id, w) in cy.waiters.drain(..) {
+            let answer = match self.slots.get(&id) {
+                Some(s) => s.part.check_poisoned(),
+                None => Err(Error::Closed),
+            };
+            let _ = w.send(answer);
+        }
+    }
+
+    /// A write or sync of the cycle failed: the log fails, the journal and
+    /// every segment the cycle wrote to are cut back to where the cycle
+    /// began (so that a restart does not bring back appends reported as
+    /// failed), and every append of the cycle is answered with the failure.
+    fn fail_cycle(&mut self, cy: &mut Cycle, e: &Error) {
+        self.fail(e);
+        if let Some(at) = cy.journal_at {
+            self.cut_journal(at);
+        }
+        for (id, size) in &cy.sizes {
+            if let Some(s) = self.slots.get_mut(id) {
+                s.part.cut_back(&mut s.st, *size);
+            }
+        }
+        cy.touched.clear();
+        let cause = self.failed.clone().unwrap_or_else(|| e.to_string());
+        for (id, req, _) in cy.written.drain(..) {
+            let tp = self.slots[&id].part.tp.clone();
+            let _ = req.reply.send(Err(Error::Poisoned {
+                tp,
+                cause: cause.clone(),
+            }));
+        }
+    }
+
+    /// Journals and writes the appends the cycle gathered, in passes: an
+    /// append that needs its partition's segment rolled after others of the
+    /// same partition in this pass waits for the next pass, so that a
+    /// segment is sealed only with everything before the roll written.
+    fn write_group(&mut self, cy: &mut Cycle) {
+        let mut pending = std::mem::take(&mut cy.group);
         while !pending.is_empty() {
             let mut shares: Vec<Share> = Vec::new();
             let mut share_of: HashMap<u64, usize> = HashMap::new();
@@ -270,6 +382,7 @@ impl Run {
             let mut deferred = Vec::new();
             let mut blocked = HashSet::new();
             let mut want_sync = false;
+            let mut roll_next = false;
             for (id, req) in pending {
                 let Some(slot) = self.slots.get_mut(&id) else {
                     let _ = req.reply.send(Err(Error::Closed));
@@ -286,11 +399,11 @@ impl Run {
                     deferred.push((id, req));
                     continue;
                 }
+                cy.sizes.entry(id).or_insert(slot.st.size);
                 let i = *share_of.entry(id).or_insert_with(|| {
                     shares.push(Share {
                         id,
                         buf: Vec::new(),
-                        size_before: slot.st.size,
                         batches: Vec::new(),
                     });
                     shares.len() - 1
@@ -303,64 +416,67 @@ impl Run {
                         deferred.push((id, req));
                         continue;
                     }
+                    if cy.touched.contains(&id) {
+                        // Sealing would make durable what an earlier pass of
+                        // this cycle wrote before it is acknowledged: roll
+                        // in the next cycle, after this one is.
+                        roll_next = true;
+                        blocked.insert(id);
+                        deferred.push((id, req));
+                        continue;
+                    }
+                    // Sealing syncs the segment, and the new one is empty:
+                    // a failure later in the cycle cuts back to its start.
                     self.syncs.fetch_add(1, Ordering::Relaxed);
                     if let Err(e) = slot.part.roll(&mut slot.st) {
                         let tp = slot.part.tp.clone();
-                        self.fail(&e);
                         let _ = req.reply.send(Err(Error::Poisoned {
                             tp,
                             cause: e.to_string(),
                         }));
+                        self.fail_cycle(cy, &e);
                         continue;
                     }
-                    share.size_before = slot.st.size;
+                    cy.sizes.insert(id, 0);
                 }
                 let start = share.buf.len();
                 let interval = slot.part.config.index_interval_bytes;
                 let (pos, ack) = slot.st.encode(&req.records, &mut share.buf, interval);
                 share.batches.push((slot.st.base_offset, pos, start));
                 want_sync |= req.sync;
+                if req.sync {
+                    cy.synced += 1;
+                }
                 done.push((id, req, ack));
             }
-            match self.write_pass(&shares, want_sync) {
+            match self.write_pass(&shares, want_sync, cy) {
                 Ok(()) => {
-                    for (_, req, ack) in done {
-                        let _ = req.reply.send(Ok(ack));
-                    }
-                }
-                Err(e) => {
-                    self.fail(&e);
                     for sh in &shares {
-                        if let Some(s) = self.slots.get_mut(&sh.id) {
-                            s.part.cut_back(&mut s.st, sh.size_before);
+                        if !cy.touched.contains(&sh.id) {
+                            cy.touched.push(sh.id);
                         }
                     }
-                    let cause = self.failed.clone().unwrap_or_else(|| e.to_string());
-                    for (id, req, _) in done {
-                        let tp = self.slots[&id].part.tp.clone();
-                        let _ = req.reply.send(Err(Error::Poisoned {
-                            tp,
-                            cause: cause.clone(),
-                        }));
-                    }
+                    cy.written.extend(done);
                 }
+                Err(e) => {
+                    cy.written.extend(done);
+                    self.fail_cycle(cy, &e);
+                }
+            }
+            if roll_next {
+                cy.group = deferred;
+                return;
             }
             pending = deferred;
         }
-        if self.failed.is_none()
-            && self.journal.size >= self.config.journal_bytes
-            && let Err(e) = self.checkpoint(false)
-        {
-            self.fail(&e);
-        }
     }
 
-    /// Writes one pass. Small shares go to the journal (one write, synced if
-    /// due) and then to their segments; a share of at least
-    /// `direct_write_bytes` is written to its segment and that file synced
-    /// instead, since journaling would write its bytes twice. Then the pass
-    /// is handed to readers.
-    fn write_pass(&mut self, shares: &[Share], want_sync: bool) -> Result<()> {
+    /// Writes one pass, unsynced: small shares go to the journal (one
+    /// write) and then to their segments; a share of at least
+    /// `direct_write_bytes` that must be synced is written to its segment
+    /// and that file synced instead, since journaling would write its bytes
+    /// twice.
+    fn write_pass(&mut self, shares: &[Share], want_sync: bool, cy: &mut Cycle) -> Result<()> {
         // (a log whose policy is not `always` never asks to sync an append)
         let due = want_sync;
         // Only a share synced now may skip the journal: an unsynced one
@@ -368,7 +484,6 @@ impl Run {
         let limit = self.config.direct_write_bytes;
         let direct = move |sh: &Share| due && sh.buf.len() >= limit;
         let mut journal = Vec::new();
-        let mut journaled = Vec::new();
         for sh in shares {
             let dir = &self.slots[&sh.id].part.jdir;
             if direct(sh) {
@@ -383,55 +498,35 @@ impl Run {
                 let end = sh.batches.get(i + 1).map_or(sh.buf.len(), |b| b.2);
                 journal::encode_batch(dir, base, pos, &sh.buf[start..end], &mut journal);
             }
-            journaled.push(sh.id);
-        }
-        let at = self.journal.size;
-        if !journal.is_empty() {
-            let written = self
-                .journal
-                .file
-                .write_all_at(&journal, at)
-                .map_err(Error::io("write", &self.journal.path));
-            if let Err(e) = written {
-                self.cut_journal(at);
-                return Err(e);
-            }
-            self.journal.size += journal.len() as u64;
+            cy.journaled.insert(sh.id);
             // (markers of direct writes alone need no sync: losing one only
             // vouches for less)
-            self.journal.dirty |= !journaled.is_empty();
-            if due && let Err(e) = self.sync_journal(&journaled) {
-                self.cut_journal(at);
-                return Err(e);
-            }
+            self.journal.dirty = true;
+        }
+        let at = self.journal.size;
+        cy.journal_at.get_or_insert(at);
+        if !journal.is_empty() {
+            self.journal
+                .file
+                .write_all_at(&journal, at)
+                .map_err(Error::io("write", &self.journal.path))?;
+            self.journal.size += journal.len() as u64;
         }
         for sh in shares {
             let s = self
                 .slots
                 .get_mut(&sh.id)
                 .expect("a touched partition is registered");
-            let mut written = s.part.write_out(&mut s.st, &sh.buf);
-            if written.is_ok() && due && direct(sh) {
+            s.part.write_out(&mut s.st, &sh.buf)?;
+            if direct(sh) {
                 self.syncs.fetch_add(1, Ordering::Relaxed);
-                written = if crate::failpoint::error(&s.part.fault_sync) {
-                    Err(Error::io("fdatasync", "segment")(std::io::Error::other(
+                if crate::failpoint::error(&s.part.fault_sync) {
+                    return Err(Error::io("fdatasync", "segment")(std::io::Error::other(
                         "injected by failpoint",
-                    )))
-                } else {
-                    s.part.sync(&mut s.st)
-                };
+                    )));
+                }
+                s.part.sync(&mut s.st)?;
             }
-            if let Err(e) = written {
-                self.cut_journal(at);
-                return Err(e);
-            }
-        }
-        for sh in shares {
-            let s = self
-                .slots
-                .get_mut(&sh.id)
-                .expect("a touched partition is registered");
-            s.part.publish(&mut s.st);
         }
         Ok(())
     }
@@ -459,6 +554,7 @@ impl Run {
             .sync_data()
             .map_err(Error::io("fdatasync", path))?;
         self.journal.dirty = false;
+        self.last_sync = Instant::now();
         Ok(())
     }
 

@@ -27,6 +27,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tandem_storage::{
@@ -46,6 +47,14 @@ fn config(seed: u64) -> LogConfig {
         } else {
             64 << 20
         },
+        // and a group's larger shares skip it (written and synced in place)
+        direct_write_bytes: if seed.is_multiple_of(5) {
+            1024
+        } else {
+            128 << 10
+        },
+        // and syncs may wait for more appends to join
+        group_commit_wait: Duration::from_micros(if seed.is_multiple_of(4) { 300 } else { 0 }),
         index_interval_bytes: 256,
         ..LogConfig::default()
     }

@@ -71,6 +71,8 @@ pub struct Options {
     pub coordinator_on: Option<String>,
     /// Shards of that store (`None`: the coordinator's default).
     pub shards: Option<u32>,
+    /// The coordinator's group commit wait (`None`: its default).
+    pub group_commit_wait: Option<std::time::Duration>,
     /// Folder for the coordinator's data and SQLite files.
     pub dir: PathBuf,
 }
@@ -428,6 +430,9 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
     };
     if let Some(n) = opts.shards {
         config.replication.shards = n;
+    }
+    if let Some(w) = opts.group_commit_wait {
+        config.log.group_commit_wait = w;
     }
     let coordinator = tandem_coordinator::Coordinator::open(config)
         .await
