@@ -276,7 +276,7 @@ impl Offsets {
             if result.is_ok() && !waiting.is_empty() {
                 result = state.sync().await.map_err(|e| e.to_string());
             }
-            if result.is_ok() && state.wants_compaction() {
+            if result.is_ok() && state.wants_compaction(self.table().committed.len()) {
                 let live = self
                     .table()
                     .committed

@@ -143,9 +143,12 @@ impl<L: Log> StateLog<L> {
         Ok(self.log.offsets(&self.tp)?.log_start)
     }
 
-    /// True once enough has been appended since the last compaction.
-    pub(crate) fn wants_compaction(&self) -> bool {
-        self.since_compaction.load(Ordering::Relaxed) >= self.compact_every
+    /// True once enough has been appended since the last compaction: at
+    /// least `compact_every` records and twice the `live` state's, so that
+    /// a large state is rewritten only after twice its size in new records
+    /// (each append pays for a bounded share of the rewrites).
+    pub(crate) fn wants_compaction(&self, live: usize) -> bool {
+        self.since_compaction.load(Ordering::Relaxed) >= self.compact_every.max(2 * live as u64)
     }
 
     /// Records appended since the last compaction (its snapshot included).
@@ -220,13 +223,17 @@ mod tests {
             }
             s.append(vec![upsert(key, value)]).await?;
         }
-        assert!(s.wants_compaction());
+        assert!(s.wants_compaction(10));
+        assert!(
+            !s.wants_compaction(1000),
+            "a state of 1000 keys waits for 2000 records"
+        );
         let live = expected
             .iter()
             .map(|(k, v)| upsert(k.to_vec(), v.to_vec()))
             .collect();
         s.compact(live).await?;
-        assert!(!s.wants_compaction());
+        assert!(!s.wants_compaction(10));
         s.append(vec![upsert(b"k1".to_vec(), Vec::new())]).await?;
         expected.remove(&Bytes::from_static(b"k1"));
         log.close().await;

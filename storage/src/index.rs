@@ -45,6 +45,14 @@ impl SparseIndex {
         self.bytes_since_entry += len as u64;
     }
 
+    /// The last entry: where the segment's last indexed batch starts
+    /// (`(0, 0)` when there is none).
+    pub(crate) fn last(&self) -> (u64, u64) {
+        self.entries
+            .last()
+            .map_or((0, 0), |e| (u64::from(e.rel_offset), u64::from(e.position)))
+    }
+
     /// Byte position from which to scan for `rel_offset`.
     pub(crate) fn lookup(&self, rel_offset: u64) -> u64 {
         let i = self

@@ -24,14 +24,13 @@
 //! entry:  len u32 | crc32c u32 | kind u8 | body    (len: bytes after itself)
 //! kind 1, checkpoint: clean u8 | count u32 | (partition | size u64)*
 //! kind 2, batch:      partition | position u64 | the batch's bytes
-//! kind 3, synced:     partition | end u64
 //! partition: dir_len u16 | dir | segment base u64
 //!         (dir: the partition's folder relative to the journal's, such as
 //!         `topics/orders/3`)
 //! ```
-//! A *synced* entry records that a partition's share of a group large
-//! enough to be written and synced in its segment directly (not through
-//! the journal) ends at `end`: it only vouches for those bytes.
+//! A partition's share of a group large enough to be written and synced in
+//! its segment directly skips the journal; nothing vouches for it until the
+//! next checkpoint lists the segment's size.
 //! The CRC covers everything after the CRC field. A checkpoint is `clean`
 //! when the log was closed: every active segment's index was written
 //! then, so opening trusts it instead of scanning the segment.
@@ -48,7 +47,6 @@ use crate::vfs::{OpenMode, VFile, Vfs};
 
 const CHECKPOINT: u8 = 1;
 const BATCH: u8 = 2;
-const SYNCED: u8 = 3;
 const ENTRY_HEADER: usize = 9;
 
 /// File name of the journal file with sequence number `seq`.
@@ -114,15 +112,6 @@ pub(crate) fn encode_batch(dir: &str, base: u64, position: u64, batch: &[u8], ou
     finish_entry(start, out);
 }
 
-/// Appends an entry saying that segment `base` of the partition in folder
-/// `dir` was synced up to `end` in place.
-pub(crate) fn encode_synced(dir: &str, base: u64, end: u64, out: &mut Vec<u8>) {
-    let start = start_entry(SYNCED, out);
-    put_partition(dir, base, out);
-    out.put_u64_le(end);
-    finish_entry(start, out);
-}
-
 /// One entry read back.
 #[derive(Debug)]
 enum Entry<'a> {
@@ -135,11 +124,6 @@ enum Entry<'a> {
         base: u64,
         position: u64,
         bytes: &'a [u8],
-    },
-    Synced {
-        dir: String,
-        base: u64,
-        end: u64,
     },
 }
 
@@ -214,17 +198,6 @@ fn next_entry(buf: &[u8]) -> Option<(Entry<'_>, usize)> {
                 bytes: b,
             }
         }
-        SYNCED => {
-            let (dir, base) = take_partition(&mut b)?;
-            if b.len() != 8 {
-                return None;
-            }
-            Entry::Synced {
-                dir,
-                base,
-                end: b.get_u64_le(),
-            }
-        }
         _ => return None,
     };
     Some((entry, total))
@@ -251,13 +224,16 @@ pub(crate) struct Recovered {
 }
 
 impl Recovered {
-    /// Records that segment `base` of the partition in `dir` is vouched
-    /// for up to `end`.
-    fn vouch(&mut self, dir: String, base: u64, end: u64) {
+    /// Records a batch redone into segment `base` of the partition in
+    /// `dir` at `position..end`. The journal vouches for a segment only up
+    /// to where its coverage is unbroken: bytes written directly (not
+    /// journaled) before a journaled batch may not have been synced when
+    /// the power went, so the batch's end says nothing about them.
+    fn vouch(&mut self, dir: String, base: u64, position: u64, end: u64) {
         let v = self.vouched.entry(dir).or_insert((base, 0));
         if base > v.0 {
-            *v = (base, end);
-        } else if base == v.0 {
+            *v = (base, if position == 0 { end } else { 0 });
+        } else if base == v.0 && position <= v.1 {
             v.1 = v.1.max(end);
         }
     }
@@ -305,7 +281,7 @@ pub(crate) fn recover(fs: &dyn Vfs, root: &Path) -> Result<Recovered> {
                 }
                 // A file whose checkpoint did not make it was being created
                 // when the process stopped: nothing was written to it.
-                Entry::Batch { .. } | Entry::Synced { .. } if first => break,
+                Entry::Batch { .. } if first => break,
                 Entry::Batch {
                     dir,
                     base,
@@ -315,11 +291,7 @@ pub(crate) fn recover(fs: &dyn Vfs, root: &Path) -> Result<Recovered> {
                     out.clean = false;
                     redo(fs, &root.join(&dir), base, position, bytes, &mut written)?;
                     out.redone += 1;
-                    out.vouch(dir, base, position + bytes.len() as u64);
-                }
-                Entry::Synced { dir, base, end } => {
-                    out.clean = false;
-                    out.vouch(dir, base, end);
+                    out.vouch(dir, base, position, position + bytes.len() as u64);
                 }
             }
             first = false;

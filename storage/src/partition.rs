@@ -70,8 +70,8 @@ pub(crate) struct AppendRequest {
 /// The writer's own view of a partition's active segment.
 pub(crate) struct WriterState {
     pub(crate) base_offset: u64,
-    file: Arc<dyn VFile>,
-    path: PathBuf,
+    pub(crate) file: Arc<dyn VFile>,
+    pub(crate) path: PathBuf,
     pub(crate) size: u64,
     pub(crate) next_offset: u64,
     max_timestamp: i64,
@@ -402,15 +402,6 @@ impl Partition {
         }
     }
 
-    /// Syncs the active segment file.
-    pub(crate) fn sync(&self, st: &mut WriterState) -> Result<()> {
-        st.file
-            .sync_data()
-            .map_err(Error::io("fdatasync", &st.path))?;
-        st.dirty = false;
-        Ok(())
-    }
-
     /// Hands what the writer wrote to the active segment over to readers,
     /// and moves the high-water mark.
     pub(crate) fn publish(&self, st: &mut WriterState) {
@@ -437,12 +428,14 @@ impl Partition {
             .write_index(&*self.fs, &self.dir)
     }
 
-    /// Seals the active segment (synced, index written) and starts a new one.
-    /// Synced under every policy: a sealed segment shorter after a crash
-    /// than its index says, or than the segment after it expects, would
-    /// stop the log from opening.
-    pub(crate) fn roll(&self, st: &mut WriterState) -> Result<()> {
-        self.sync(st)?;
+    /// Seals the active segment (index written) and starts a new one. The
+    /// sealed file is not synced here: its unsynced bytes are in the
+    /// journal, which is not deleted before the next checkpoint syncs the
+    /// file returned (a sealed segment shorter after a crash than its index
+    /// says, or than the segment after it expects, would stop the log from
+    /// opening; the journal's redo makes it whole first).
+    pub(crate) fn roll(&self, st: &mut WriterState) -> Result<Option<(Arc<dyn VFile>, PathBuf)>> {
+        let unsynced = st.dirty.then(|| (st.file.clone(), st.path.clone()));
         self.publish(st);
         read(&self.segments)
             .last()
@@ -452,7 +445,7 @@ impl Partition {
         sync_dir(&*self.fs, &self.dir)?;
         *st = WriterState::of(&seg);
         write(&self.segments).push(seg);
-        Ok(())
+        Ok(unsynced)
     }
 }
 
@@ -485,8 +478,14 @@ fn recover(
     let mut segments: Vec<Segment> = Vec::with_capacity(bases.len());
     for (i, &base) in bases.iter().enumerate() {
         let last = i + 1 == bases.len();
-        let (seg, stop) =
-            Segment::open(fs, dir, base, !last || clean, config.index_interval_bytes)?;
+        let (seg, stop) = Segment::open(
+            fs,
+            dir,
+            base,
+            !last || clean,
+            last,
+            config.index_interval_bytes,
+        )?;
         let gap = segments
             .last()
             .map(|p| p.next_offset)

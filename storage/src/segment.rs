@@ -164,13 +164,16 @@ impl Segment {
     }
 
     /// Opens a segment: from its index file when `trust_index` and the file
-    /// matches, else by a scan. Returns the segment (holding the valid prefix)
-    /// and where the scan stopped early, if it did.
+    /// matches (for the active segment, `check_tail` also reads the batches
+    /// after its last index entry and requires them whole, ending where the
+    /// index says), else by a scan. Returns the segment (holding the valid
+    /// prefix) and where the scan stopped early, if it did.
     pub(crate) fn open(
         fs: &dyn Vfs,
         dir: &Path,
         base_offset: u64,
         trust_index: bool,
+        check_tail: bool,
         interval: u32,
     ) -> Result<(Segment, Option<Stop>)> {
         let path = log_path(dir, base_offset);
@@ -179,6 +182,7 @@ impl Segment {
         if trust_index
             && let Some(s) =
                 SealedSummary::read(fs, &index_path(dir, base_offset), base_offset, len)
+            && (!check_tail || tail_is_whole(&*file, &path, base_offset, &s)?)
         {
             let seg = Segment {
                 base_offset,
@@ -253,6 +257,29 @@ impl Segment {
         }
         .write(fs, &index_path(dir, self.base_offset))
     }
+}
+
+/// Whether the batches from the summary's last index entry to its end are
+/// whole and continue the offsets up to its `next_offset`.
+fn tail_is_whole(
+    file: &dyn VFile,
+    path: &Path,
+    base_offset: u64,
+    s: &SealedSummary,
+) -> Result<bool> {
+    let (rel, mut pos) = s.index.last();
+    let mut next = base_offset + rel;
+    let mut w = Window::new(file, path, s.size);
+    while pos < s.size {
+        match w.inspect(pos)?.0 {
+            Found::Batch(h) if h.base_offset == next => {
+                pos += h.total_len as u64;
+                next = h.next_offset();
+            }
+            _ => return Ok(false),
+        }
+    }
+    Ok(pos == s.size && next == s.next_offset)
 }
 
 /// Checks every batch of a segment file of `len` bytes.

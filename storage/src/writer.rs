@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::journal::{self, Active, JournalFile};
 use crate::log::AppendAck;
 use crate::partition::{AppendRequest, Partition, WriterState};
-use crate::vfs::Vfs;
+use crate::vfs::{VFile, Vfs};
 
 /// What the writer is asked to do.
 pub(crate) enum Job {
@@ -90,6 +90,8 @@ impl Writer {
             config: config.clone(),
             journal,
             last_sync: Instant::now(),
+            sealed: Vec::new(),
+            checkpointing: None,
             failed: None,
             failed_signal: failed,
             stopping: stopping.clone(),
@@ -172,6 +174,32 @@ struct Slot {
     st: WriterState,
 }
 
+/// `fdatasync` of each file, on threads of their own when there are
+/// several (the disk may serve them at once).
+fn sync_files(files: &[(Arc<dyn VFile>, PathBuf)]) -> Result<()> {
+    let results: Vec<std::io::Result<()>> = match files {
+        [] => Vec::new(),
+        [(f, _)] => vec![f.sync_data()],
+        _ => std::thread::scope(|scope| {
+            let running: Vec<_> = files
+                .iter()
+                .map(|(f, _)| scope.spawn(|| f.sync_data()))
+                .collect();
+            running
+                .into_iter()
+                .map(|h| {
+                    h.join()
+                        .unwrap_or_else(|_| Err(std::io::Error::other("fdatasync thread panicked")))
+                })
+                .collect()
+        }),
+    };
+    for (r, (_, path)) in results.into_iter().zip(files) {
+        r.map_err(Error::io("fdatasync", path))?;
+    }
+    Ok(())
+}
+
 /// What one pass writes to one partition.
 struct Share {
     id: u64,
@@ -190,6 +218,10 @@ struct Run {
     journal: JournalFile,
     /// When the journal's last sync ended.
     last_sync: Instant,
+    /// Segments sealed since the last checkpoint with bytes not yet synced.
+    sealed: Vec<(Arc<dyn VFile>, PathBuf)>,
+    /// The checkpoint running in the background, if any.
+    checkpointing: Option<std::thread::JoinHandle<Result<()>>>,
     /// Set once a write or sync failed: nothing is written from then on.
     failed: Option<String>,
     failed_signal: Arc<watch::Sender<Option<String>>>,
@@ -215,6 +247,8 @@ struct Cycle {
     journal_at: Option<u64>,
     /// Partitions whose journaled appends the sync covers.
     journaled: HashSet<u64>,
+    /// Partitions whose segment files were written directly, to sync.
+    direct: HashSet<u64>,
     /// Appends that asked to be synced.
     synced: usize,
     waiters: Vec<(u64, oneshot::Sender<Result<()>>)>,
@@ -266,6 +300,11 @@ impl Run {
             siblings_before = cy.synced;
             self.finish(&mut cy);
             carry = std::mem::take(&mut cy.group);
+            if self.checkpointing.as_ref().is_some_and(|h| h.is_finished())
+                && let Err(e) = self.wait_checkpoint()
+            {
+                self.fail(&e);
+            }
             if self.failed.is_none()
                 && self.journal.size >= self.config.journal_bytes
                 && let Err(e) = self.checkpoint(false)
@@ -275,6 +314,9 @@ impl Run {
             if cy.closing || (self.stopping.load(Ordering::Acquire) && rx.is_empty()) {
                 break;
             }
+        }
+        if let Err(e) = self.wait_checkpoint() {
+            self.fail(&e);
         }
         if self.failed.is_none()
             && let Err(e) = self.checkpoint(true)
@@ -316,11 +358,11 @@ impl Run {
     /// caller asked), hands it to readers and acknowledges it.
     fn finish(&mut self, cy: &mut Cycle) {
         let sync = cy.synced > 0 || cy.tick || !cy.waiters.is_empty() || !cy.flushes.is_empty();
-        if sync && self.failed.is_none() {
-            let touched: Vec<u64> = cy.journaled.iter().copied().collect();
-            if let Err(e) = self.sync_journal(&touched) {
-                self.fail_cycle(cy, &e);
-            }
+        if sync
+            && self.failed.is_none()
+            && let Err(e) = self.sync_cycle(cy)
+        {
+            self.fail_cycle(cy, &e);
         }
         for id in &cy.touched {
             let s = self
@@ -425,17 +467,32 @@ impl Run {
                         deferred.push((id, req));
                         continue;
                     }
-                    // Sealing syncs the segment, and the new one is empty:
-                    // a failure later in the cycle cuts back to its start.
-                    self.syncs.fetch_add(1, Ordering::Relaxed);
-                    if let Err(e) = slot.part.roll(&mut slot.st) {
-                        let tp = slot.part.tp.clone();
-                        let _ = req.reply.send(Err(Error::Poisoned {
-                            tp,
-                            cause: e.to_string(),
-                        }));
-                        self.fail_cycle(cy, &e);
-                        continue;
+                    // What the sealed segment holds must be durable in the
+                    // journal before a later segment exists (relaxed
+                    // appends may not be yet). The new segment is empty: a
+                    // failure later in the cycle cuts back to its start.
+                    let journal = &mut self.journal;
+                    let journaled = if journal.dirty {
+                        self.syncs.fetch_add(1, Ordering::Relaxed);
+                        journal
+                            .file
+                            .sync_data()
+                            .map_err(Error::io("fdatasync", &journal.path))
+                            .map(|()| journal.dirty = false)
+                    } else {
+                        Ok(())
+                    };
+                    match journaled.and_then(|()| slot.part.roll(&mut slot.st)) {
+                        Ok(unsynced) => self.sealed.extend(unsynced),
+                        Err(e) => {
+                            let tp = slot.part.tp.clone();
+                            let _ = req.reply.send(Err(Error::Poisoned {
+                                tp,
+                                cause: e.to_string(),
+                            }));
+                            self.fail_cycle(cy, &e);
+                            continue;
+                        }
                     }
                     cy.sizes.insert(id, 0);
                 }
@@ -487,11 +544,10 @@ impl Run {
         for sh in shares {
             let dir = &self.slots[&sh.id].part.jdir;
             if direct(sh) {
-                // vouches for the bytes synced in place (see `journal`)
-                if let Some(&(base, pos, start)) = sh.batches.last() {
-                    let end = pos + (sh.buf.len() - start) as u64;
-                    journal::encode_synced(dir, base, end, &mut journal);
-                }
+                // Synced in place, in this cycle, before it is acknowledged.
+                // Nothing in the journal vouches for it: a record of it
+                // could become durable before its bytes do (the syncs run
+                // at once), and vouch for bytes a power cut then took.
                 continue;
             }
             for (i, &(base, pos, start)) in sh.batches.iter().enumerate() {
@@ -499,8 +555,6 @@ impl Run {
                 journal::encode_batch(dir, base, pos, &sh.buf[start..end], &mut journal);
             }
             cy.journaled.insert(sh.id);
-            // (markers of direct writes alone need no sync: losing one only
-            // vouches for less)
             self.journal.dirty = true;
         }
         let at = self.journal.size;
@@ -519,13 +573,48 @@ impl Run {
                 .expect("a touched partition is registered");
             s.part.write_out(&mut s.st, &sh.buf)?;
             if direct(sh) {
-                self.syncs.fetch_add(1, Ordering::Relaxed);
-                if crate::failpoint::error(&s.part.fault_sync) {
-                    return Err(Error::io("fdatasync", "segment")(std::io::Error::other(
-                        "injected by failpoint",
-                    )));
-                }
-                s.part.sync(&mut s.st)?;
+                cy.direct.insert(sh.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Syncs the journal (if written since its last sync) and the segment
+    /// files the cycle wrote directly, all at once: one `fdatasync` per
+    /// file, each on a thread of its own when there are several.
+    fn sync_cycle(&mut self, cy: &Cycle) -> Result<()> {
+        if cy.direct.is_empty() {
+            let touched: Vec<u64> = cy.journaled.iter().copied().collect();
+            return self.sync_journal(&touched);
+        }
+        let mut files: Vec<(Arc<dyn VFile>, PathBuf)> = Vec::new();
+        if self.journal.dirty {
+            files.push((self.journal.file.clone(), self.journal.path.clone()));
+        }
+        let injected = |path: &PathBuf| {
+            Err(Error::io("fdatasync", path)(std::io::Error::other(
+                "injected by failpoint",
+            )))
+        };
+        for id in &cy.journaled {
+            if crate::failpoint::error(&self.slots[id].part.fault_sync) {
+                return injected(&self.journal.path);
+            }
+        }
+        for id in &cy.direct {
+            let s = &self.slots[id];
+            if crate::failpoint::error(&s.part.fault_sync) {
+                return injected(&s.st.path);
+            }
+            files.push((s.st.file.clone(), s.st.path.clone()));
+        }
+        self.syncs.fetch_add(files.len() as u64, Ordering::Relaxed);
+        sync_files(&files)?;
+        self.journal.dirty = false;
+        self.last_sync = Instant::now();
+        for id in &cy.direct {
+            if let Some(s) = self.slots.get_mut(id) {
+                s.st.dirty = false;
             }
         }
         Ok(())
@@ -569,18 +658,24 @@ impl Run {
         }
     }
 
-    /// Syncs every segment written since the last checkpoint and starts a
-    /// new journal file listing the active segments; deletes the old one.
-    /// At a `clean` close, also writes the active segments' indexes.
+    /// Starts a new journal file listing the active segments, then syncs
+    /// every segment written since the last checkpoint (sealed or active)
+    /// and deletes the old journal file: in the background, while appends
+    /// go on into the new file (a crash meanwhile redoes both files), or at
+    /// once for a `clean` close, which also writes the active segments'
+    /// indexes. One checkpoint runs at a time.
     fn checkpoint(&mut self, clean: bool) -> Result<()> {
+        self.wait_checkpoint()?;
+        // The new file vouches for every segment's size: what the old one
+        // holds unsynced (relaxed appends) must be durable first, as the
+        // segments will not be until the background sync ends.
+        self.sync_journal(&[])?;
+        let mut files = std::mem::take(&mut self.sealed);
         let mut actives = Vec::with_capacity(self.slots.len());
         for s in self.slots.values_mut() {
             if s.st.dirty {
-                self.syncs.fetch_add(1, Ordering::Relaxed);
-                s.part.sync(&mut s.st)?;
-            }
-            if clean {
-                s.part.write_active_index(&mut s.st)?;
+                files.push((s.st.file.clone(), s.st.path.clone()));
+                s.st.dirty = false;
             }
             actives.push(Active {
                 dir: s.part.jdir.clone(),
@@ -589,16 +684,46 @@ impl Run {
             });
         }
         actives.sort_by(|a, b| a.dir.cmp(&b.dir));
+        self.syncs
+            .fetch_add(files.len() as u64 + 1, Ordering::Relaxed);
+        if clean {
+            sync_files(&files)?;
+            for s in self.slots.values_mut() {
+                s.part.write_active_index(&mut s.st)?;
+            }
+        }
         let next =
             JournalFile::create(&*self.fs, &self.root, self.journal.seq + 1, clean, &actives)?;
-        self.syncs.fetch_add(1, Ordering::Relaxed);
         let old = std::mem::replace(&mut self.journal, next);
-        self.fs
-            .remove_file(&old.path)
-            .map_err(Error::io("delete", &old.path))?;
-        self.fs
-            .sync_dir(&self.root)
-            .map_err(Error::io("fsync folder", &self.root))
+        let (fs, root) = (self.fs.clone(), self.root.clone());
+        let finish = move || -> Result<()> {
+            sync_files(&files)?;
+            fs.remove_file(&old.path)
+                .map_err(Error::io("delete", &old.path))?;
+            fs.sync_dir(&root).map_err(Error::io("fsync folder", &root))
+        };
+        if clean {
+            return finish();
+        }
+        let handle = std::thread::Builder::new()
+            .name("log-checkpoint".into())
+            .spawn(finish)
+            .map_err(Error::io("start checkpoint thread for", &self.root))?;
+        self.checkpointing = Some(handle);
+        Ok(())
+    }
+
+    /// Waits for the background checkpoint, if one runs; its failure is
+    /// the log's.
+    fn wait_checkpoint(&mut self) -> Result<()> {
+        match self.checkpointing.take() {
+            Some(h) => h.join().unwrap_or_else(|_| {
+                Err(Error::io("checkpoint", &self.root)(std::io::Error::other(
+                    "the checkpoint thread panicked",
+                )))
+            }),
+            None => Ok(()),
+        }
     }
 
     /// A write or sync failed: every partition refuses writes from now on,
