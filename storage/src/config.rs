@@ -75,7 +75,7 @@ impl Default for LogConfig {
             max_record_bytes: 1 << 20,
             max_batch_bytes: 16 << 20,
             journal_bytes: 64 << 20,
-            direct_write_bytes: 128 << 10,
+            direct_write_bytes: 32 << 10,
             group_commit_wait: Duration::ZERO,
             max_group_bytes: 4 << 20,
             append_queue: 4096,
