@@ -29,6 +29,7 @@ use crate::error::{Error, Result};
 use crate::journal::{self, Active, JournalFile};
 use crate::log::AppendAck;
 use crate::partition::{AppendRequest, Partition, WriterState};
+use crate::record::TopicPartition;
 use crate::vfs::{VFile, Vfs};
 
 /// What the writer is asked to do.
@@ -364,6 +365,17 @@ impl Run {
         {
             self.fail_cycle(cy, &e);
         }
+        // Nothing is handed to readers or acknowledged once the log failed
+        // (a failure in this cycle after these were written).
+        if let Some(cause) = self.failed.clone()
+            && (!cy.written.is_empty() || !cy.touched.is_empty())
+        {
+            let e = Error::Poisoned {
+                tp: TopicPartition::new("", 0),
+                cause,
+            };
+            self.fail_cycle(cy, &e);
+        }
         for id in &cy.touched {
             let s = self
                 .slots
@@ -506,7 +518,16 @@ impl Run {
                 }
                 done.push((id, req, ack));
             }
-            match self.write_pass(&shares, want_sync, cy) {
+            // A roll failed in this pass: the log has failed, and nothing
+            // encoded before it may be written or acknowledged.
+            let result = match &self.failed {
+                Some(cause) => Err(Error::Poisoned {
+                    tp: TopicPartition::new("", 0),
+                    cause: cause.clone(),
+                }),
+                None => self.write_pass(&shares, want_sync, cy),
+            };
+            match result {
                 Ok(()) => {
                     for sh in &shares {
                         if !cy.touched.contains(&sh.id) {
