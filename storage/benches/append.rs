@@ -196,7 +196,7 @@ fn main() {
         .build()
         .expect("runtime");
 
-    let rows = vec![
+    let mut rows = vec![
         raw(
             tmp.path(),
             "raw: 1 KiB write + fdatasync each",
@@ -209,43 +209,22 @@ fn main() {
             1 << 20,
             secs,
         ),
-        rt.block_on(log_case(
-            tmp.path(),
-            &config,
-            Case {
-                name: "log: 1 appender, waits on each",
-                appenders: 1,
-                in_flight: 1,
-                partitions: 1,
-                size: RECORD,
-            },
-            secs,
-        )),
-        rt.block_on(log_case(
-            tmp.path(),
-            &config,
-            Case {
-                name: "log: 16 appenders x 64 in flight",
-                appenders: 16,
-                in_flight: 64,
-                partitions: 1,
-                size: RECORD,
-            },
-            secs,
-        )),
-        rt.block_on(log_case(
-            tmp.path(),
-            &config,
-            Case {
-                name: "log: 16 partitions x 4 in flight, 100 B",
-                appenders: 16,
-                in_flight: 4,
-                partitions: 16,
-                size: 100,
-            },
-            secs,
-        )),
     ];
+    let cases = [
+        ("log: 1 appender, waits on each", 1, 1, 1, RECORD),
+        ("log: 16 appenders x 64 in flight", 16, 64, 1, RECORD),
+        ("log: 16 partitions x 4 in flight, 100 B", 16, 4, 16, 100),
+    ];
+    for (name, appenders, in_flight, partitions, size) in cases {
+        let case = Case {
+            name,
+            appenders,
+            in_flight,
+            partitions,
+            size,
+        };
+        rows.push(rt.block_on(log_case(tmp.path(), &config, case, secs)));
+    }
     println!(
         "{:<40} {:>10} {:>14} {:>11} {:>15}",
         "case", "records/s", "payload MiB/s", "disk MiB/s", "fdatasync/rec"

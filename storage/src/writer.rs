@@ -263,6 +263,7 @@ impl Run {
         let mut siblings_before = 0;
         // appends left for the next cycle by a segment roll
         let mut carry = Vec::new();
+        let mut closing = false;
         loop {
             let mut cy = Cycle::default();
             if carry.is_empty() {
@@ -312,7 +313,11 @@ impl Run {
             {
                 self.fail(&e);
             }
-            if cy.closing || (self.stopping.load(Ordering::Acquire) && rx.is_empty()) {
+            closing |= cy.closing;
+            // (appends a roll carried over are written before stopping)
+            if carry.is_empty()
+                && (closing || (self.stopping.load(Ordering::Acquire) && rx.is_empty()))
+            {
                 break;
             }
         }
