@@ -10,10 +10,14 @@ type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 
 fn bench(args: &[&str]) -> TestResult<serde_json::Value> {
+    bench_for(args, "0.5")
+}
+
+fn bench_for(args: &[&str], seconds: &str) -> TestResult<serde_json::Value> {
     let out = Command::new(TANDEM)
         .arg("bench")
         .args(args)
-        .args(["--seconds", "0.5", "--json"])
+        .args(["--seconds", seconds, "--json"])
         .output()?;
     assert!(
         out.status.success(),
@@ -52,6 +56,74 @@ fn transactions_with_no_tables_and_on_sqlite_and_sagas_report_what_was_applied()
     for r in report["results"].as_array().ok_or("results")? {
         assert!(r["cpu_us_per_txn"].as_f64().ok_or("cpu")? >= 0.0, "{r}");
     }
+    // the coordinator's syncs are counted on its embedded store
+    for r in &report["results"].as_array().ok_or("results")?[..2] {
+        assert!(r["fsyncs_per_op"].as_f64().ok_or("fsyncs")? > 0.0, "{r}");
+    }
+    Ok(())
+}
+
+/// The storage and publish → consume scenarios, with a chart per
+/// scenario: the log's cases beside raw writes measured in the same run,
+/// and the paced points of the curve.
+#[test]
+fn appends_beside_raw_syncs_and_publish_consume_with_their_charts() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let plots = dir.path().join("plots");
+    let plot_arg = plots.display().to_string();
+    let report = bench_for(&["append", "pubsub", "--plot", &plot_arg], "0.3")?;
+    let results = report["results"].as_array().ok_or("results")?;
+    let cases: Vec<&str> = results
+        .iter()
+        .filter(|r| r["scenario"] == "append")
+        .filter_map(|r| r["case"].as_str())
+        .collect();
+    assert_eq!(
+        cases,
+        [
+            "raw 1 KiB write+fdatasync",
+            "raw 1 MiB write+fdatasync",
+            "log 1 appender, waits on each, 1 KiB",
+            "log 16 appenders x 64, 1 KiB",
+            "log 16 partitions x 4, 100 B",
+        ]
+    );
+    for r in results {
+        assert!(r["applied_per_s"].as_f64().ok_or("applied")? > 0.0, "{r}");
+        let fsyncs = r["fsyncs_per_op"].as_f64().ok_or("fsyncs")?;
+        let raw = r["case"].as_str().is_some_and(|c| c.starts_with("raw"));
+        if raw {
+            // no latency for the raw baselines
+            assert!(r["p50_ms"].is_null(), "{r}");
+        } else {
+            assert!(r["samples"].as_u64().ok_or("samples")? > 0, "{r}");
+            assert!(r["p99_ms"].as_f64().ok_or("p99")? >= r["p50_ms"].as_f64().ok_or("p50")?);
+        }
+        if r["case"] == "raw 1 KiB write+fdatasync"
+            || r["case"] == "log 1 appender, waits on each, 1 KiB"
+        {
+            // one sync per record: nothing to group
+            assert!((fsyncs - 1.0).abs() < 1e-9, "{r}");
+        } else {
+            assert!(fsyncs > 0.0 && fsyncs < 1.0, "{r}");
+        }
+    }
+    let pubsub = results
+        .iter()
+        .find(|r| r["scenario"] == "pubsub")
+        .ok_or("pubsub")?;
+    // the main paced phase and the four of the curve, each with samples
+    let curve = pubsub["curve"].as_array().ok_or("curve")?;
+    assert_eq!(curve.len(), 5, "{pubsub}");
+    for p in curve {
+        assert!(p["samples"].as_u64().ok_or("samples")? > 0, "{p}");
+    }
+    for name in ["append", "pubsub"] {
+        let png = std::fs::read(plots.join(format!("{name}.png")))?;
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}.png");
+        assert_eq!(&png[12..16], b"IHDR", "{name}.png");
+    }
+    assert_eq!(std::fs::read_dir(&plots)?.count(), 2);
     Ok(())
 }
 
@@ -92,6 +164,10 @@ fn bad_arguments_are_refused_naming_them() -> TestResult {
         (&["--batch", "257"][..], "--batch"),
         (&["--shards", "0"][..], "--shards"),
         (&["--shards", "257"][..], "--shards"),
+        (&["--workers", "256"][..], "--workers"),
+        (&["--message-bytes", "0"][..], "--message-bytes"),
+        (&["unary", "--plot", "/proc/no/such"][..], "--plot"),
+        (&["--json", "--markdown"][..], "--markdown"),
         (&["nosuch"][..], "nosuch"),
         (
             &["outbox", "--postgres", "postgres://x@127.0.0.1:1/postgres"][..],

@@ -136,6 +136,12 @@ impl Coordinator {
         })
     }
 
+    /// `fdatasync` calls of the embedded store's data folder so far, read
+    /// while it serves (for benchmarks); `None` on PostgreSQL.
+    pub fn sync_counter(&self) -> Option<tandem_storage::SyncCounter> {
+        self.embedded.as_ref().map(|e| e.data.sync_counter())
+    }
+
     /// Serves on `listener` until `shutdown` resolves, then shuts down.
     pub async fn serve(
         self,

@@ -1,8 +1,7 @@
 //! End-to-end pieces of Tandem: the order/cart example services (written
 //! the way we want users to write theirs), real processes for tests and the
 //! demo, the test application the fault tests drive, and the scenarios of
-//! `tandem bench` ([`bench`]). The fault tests themselves are in `tests/`,
-//! the publish → consume benchmark driver in `benches/`.
+//! `tandem bench` ([`bench`]). The fault tests themselves are in `tests/`.
 
 pub mod bench;
 pub mod campaign;

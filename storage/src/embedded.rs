@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use tokio::sync::{oneshot, watch};
 
@@ -386,6 +386,12 @@ impl EmbeddedLog {
         self.inner.writer.syncs()
     }
 
+    /// A reader of [`syncs`](Self::syncs) that holds nothing of the log
+    /// open, and goes on reading the last count once it is closed.
+    pub fn sync_counter(&self) -> SyncCounter {
+        SyncCounter(self.inner.writer.sync_count())
+    }
+
     /// Hands an append to the writer and waits for its answer.
     async fn append_to(
         &self,
@@ -560,5 +566,17 @@ impl Log for EmbeddedLog {
         tokio::task::spawn_blocking(move || p.truncate_before(offset))
             .await
             .map_err(|e| Error::io("truncate", "log")(std::io::Error::other(e)))?
+    }
+}
+
+/// `fdatasync` calls made by a data folder's writer so far (see
+/// [`EmbeddedLog::sync_counter`]).
+#[derive(Clone, Debug)]
+pub struct SyncCounter(Arc<AtomicU64>);
+
+impl SyncCounter {
+    /// The count now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
     }
 }

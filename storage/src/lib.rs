@@ -31,7 +31,7 @@ pub mod failpoint;
 pub mod vfs;
 
 pub use config::{FsyncPolicy, LogConfig, Retention};
-pub use embedded::EmbeddedLog;
+pub use embedded::{EmbeddedLog, SyncCounter};
 pub use error::{Error, Result};
 pub use log::{AppendAck, Log, Offsets};
 pub use postgres::{Lease, PgLog, PgStore};

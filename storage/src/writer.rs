@@ -148,6 +148,11 @@ impl Writer {
         self.syncs.load(Ordering::Relaxed)
     }
 
+    /// The counter behind [`syncs`](Self::syncs).
+    pub(crate) fn sync_count(&self) -> Arc<AtomicU64> {
+        self.syncs.clone()
+    }
+
     /// Asks the writer to stop once its queue is empty, without waiting.
     pub(crate) fn stop(&self) {
         if let Some(t) = lock(&self.ticker).take() {

@@ -1,12 +1,16 @@
 //! The benchmark scenarios behind `tandem bench`: transactional messages
 //! through Tandem ([`txn`]) with the services' tables nowhere, on SQLite or
 //! on PostgreSQL, the hand-written PostgreSQL outbox they are measured
-//! against ([`outbox`]), and one empty gRPC call ([`unary`]), the floor each
-//! hop of a transaction pays; each in a peak phase (clients flat out) and a
-//! paced phase (latency from the start of a transaction to its applied
-//! effect).
+//! against ([`outbox`]), one empty gRPC call ([`unary`]), the floor each
+//! hop of a transaction pays, sagas ([`saga`]) and publish → consume
+//! ([`pubsub`]); each in a peak phase (clients flat out) and paced phases
+//! (latency from the start of a transaction to its applied effect). Beside
+//! them, the embedded log's appends against raw writes and syncs
+//! ([`append`]) and a restart with many open transactions ([`restart`]).
 
+pub mod append;
 pub mod outbox;
+pub mod pubsub;
 pub mod restart;
 pub mod saga;
 pub mod txn;
@@ -93,8 +97,12 @@ pub struct Latencies {
 }
 
 impl Latencies {
-    /// Starts keeping samples.
-    pub fn start(&self) {
+    /// Drops the samples kept so far and keeps the ones that follow.
+    pub fn restart(&self) {
+        self.samples
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         self.on.store(true, Ordering::Relaxed);
     }
 
@@ -239,49 +247,94 @@ pub async fn wait_for(counter: &AtomicU64, target: u64, limit: Duration) -> bool
     true
 }
 
-/// The paced phase of a scenario: starts `one(n)` at `rate` per second for
-/// `secs` (under a progress bar labelled `label`), waits for every one, then
-/// for `latencies` to hold a sample of each, at most 120 s; `what` names
-/// them in the error if they do not.
+/// Which paced phases a scenario runs after its peak.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Pacing {
+    /// The main paced phase's rate; `None`: half the scenario's own peak.
+    pub rate: Option<f64>,
+    /// Also run paced phases at 10, 25, 75 and 90 % of the peak, for a
+    /// throughput/latency curve.
+    pub curve: bool,
+}
+
+impl Pacing {
+    /// The rates to run at given the peak, the main phase's first.
+    pub fn rates(&self, peak: f64) -> Vec<f64> {
+        let mut rates = vec![self.rate.unwrap_or(peak / 2.0)];
+        if self.curve {
+            rates.extend([0.1, 0.25, 0.75, 0.9].map(|f| peak * f));
+        }
+        rates.into_iter().map(|r| r.max(1.0)).collect()
+    }
+}
+
+/// The latency measured in one paced phase.
+#[derive(Clone, Copy, Debug)]
+pub struct Point {
+    /// The phase's rate, per second.
+    pub rate: f64,
+    /// Its latencies.
+    pub latency: Percentiles,
+}
+
+/// Every paced phase of `pacing` after a peak of `peak` per second: at each
+/// rate, starts `one(n)` at that rate for `secs` (under a progress bar
+/// labelled `label`), waits for every one, then for `latencies` to hold a
+/// sample of each, at most 120 s (`what` names them in the error if they do
+/// not). Each phase's `n` are new: no two phases of a run share one.
 pub async fn paced<F, Fut>(
     label: &str,
-    rate: f64,
+    pacing: &Pacing,
+    peak: f64,
     secs: Duration,
     latencies: &Latencies,
     what: &str,
     mut one: F,
-) -> anyhow::Result<()>
+) -> anyhow::Result<Vec<Point>>
 where
     F: FnMut(u64) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let phase = Phase::start(format!("{label}: paced at {rate:.0}/s"), secs);
-    latencies.start();
-    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let start = Instant::now();
-    let mut sent = 0u64;
-    let mut tasks = tokio::task::JoinSet::new();
-    while start.elapsed() < secs {
-        tick.tick().await;
-        sent += 1;
-        tasks.spawn(one((1 << 40) + sent));
+    let mut points = Vec::new();
+    for rate in pacing.rates(peak) {
+        let base = PACED_PHASES.fetch_add(1, Ordering::Relaxed) << 40;
+        latencies.restart();
+        let phase = Phase::start(format!("{label}: paced at {rate:.0}/s"), secs);
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let start = Instant::now();
+        let mut sent = 0u64;
+        let mut tasks = tokio::task::JoinSet::new();
+        while start.elapsed() < secs {
+            tick.tick().await;
+            sent += 1;
+            tasks.spawn(one(base + sent));
+        }
+        while let Some(t) = tasks.join_next().await {
+            t??;
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while latencies.len() < sent as usize && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        phase.end().await;
+        anyhow::ensure!(
+            latencies.len() >= sent as usize,
+            "{} of {sent} paced {what} were applied within 120 s",
+            latencies.len()
+        );
+        points.push(Point {
+            rate,
+            latency: latencies.summary(),
+        });
     }
-    while let Some(t) = tasks.join_next().await {
-        t??;
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while latencies.len() < sent as usize && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    phase.end().await;
-    anyhow::ensure!(
-        latencies.len() >= sent as usize,
-        "{} of {sent} paced {what} were applied within 120 s",
-        latencies.len()
-    );
-    Ok(())
+    Ok(points)
 }
+
+/// Paced phases started in this process: each phase's numbers start at
+/// its count times 2^40, above the peak phases' (worker index times 2^32,
+/// for fewer than 256 workers).
+static PACED_PHASES: AtomicU64 = AtomicU64::new(1);
 
 /// A progress bar on standard error for one phase of a scenario, drawn
 /// while it lives when standard error is a terminal (one line per phase

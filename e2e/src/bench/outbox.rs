@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::{PgPool, Row};
 
-use super::{Latencies, Percentiles, Phase, Window, micros_since, wait_for};
+use super::{Latencies, Phase, Window, micros_since, wait_for};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -34,8 +34,8 @@ pub struct Options {
     pub relays: usize,
     /// Outbox rows a relay moves per round.
     pub batch: i64,
-    /// Transactions per second in the paced phase; `None`: half the peak.
-    pub paced: Option<f64>,
+    /// The paced phases after the peak.
+    pub pacing: super::Pacing,
     /// Any database of the PostgreSQL server to run on.
     pub server: String,
 }
@@ -48,10 +48,8 @@ pub struct Report {
     /// Effects applied per second in the consuming service's database while
     /// clients ran flat out (after a warm-up of a fifth of the phase).
     pub applied_per_s: f64,
-    /// The paced phase's rate.
-    pub paced_per_s: f64,
-    /// Start of the local transaction → effect committed, paced phase.
-    pub latency: Percentiles,
+    /// Latency in each paced phase, the main one first.
+    pub curve: Vec<super::Point>,
 }
 
 const ORDERS_SCHEMA: [&str; 2] = [
@@ -250,16 +248,22 @@ async fn phases(opts: &Options, label: &str, s: &Arc<Shared>) -> anyhow::Result<
         "the peak phase's outbox rows were not all relayed within 120 s"
     );
 
-    let paced = opts.paced.unwrap_or(applied_per_s / 2.0).max(1.0);
-    super::paced(label, paced, secs, &s.latencies, "outbox rows", |n| {
-        let s = s.clone();
-        async move { transaction(&s, n).await }
-    })
+    let curve = super::paced(
+        label,
+        &opts.pacing,
+        applied_per_s,
+        secs,
+        &s.latencies,
+        "outbox rows",
+        |n| {
+            let s = s.clone();
+            async move { transaction(&s, n).await }
+        },
+    )
     .await?;
     Ok(Report {
         committed_per_s,
         applied_per_s,
-        paced_per_s: paced,
-        latency: s.latencies.summary(),
+        curve,
     })
 }

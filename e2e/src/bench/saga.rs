@@ -21,7 +21,7 @@ use tandem_proto::sidecar::sidecar_client::SidecarClient;
 use tokio::sync::oneshot;
 use tonic::{Request, Response, Status};
 
-use super::{CpuWindow, Latencies, Percentiles, Phase, Window, micros_since};
+use super::{CpuWindow, Latencies, Phase, Window, micros_since};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -30,8 +30,8 @@ pub struct Options {
     pub seconds: Duration,
     /// Clients, each one saga at a time.
     pub workers: usize,
-    /// Sagas per second in the paced phase; `None`: half the peak.
-    pub paced: Option<f64>,
+    /// The paced phases after the peak.
+    pub pacing: super::Pacing,
     /// Where the databases and the coordinator's data go.
     pub dir: std::path::PathBuf,
 }
@@ -46,10 +46,8 @@ pub struct Report {
     /// This process's CPU per saga over that window, µs (everything: the
     /// coordinator, four sidecars, three apps, SQLite).
     pub cpu_us: f64,
-    /// Sagas per second in the paced phase.
-    pub paced_per_s: f64,
-    /// Start → last branch's effect committed, in the paced phase.
-    pub latency: Percentiles,
+    /// Latency in each paced phase, the main one first.
+    pub curve: Vec<super::Point>,
 }
 
 /// Sagas waiting for their last branch, by id.
@@ -304,24 +302,30 @@ async fn sagas(
     }
     phase.end().await;
 
-    let paced = opts.paced.unwrap_or(done_per_s / 2.0).max(1.0);
     let latencies = Arc::new(Latencies::default());
     let epoch = Instant::now();
-    super::paced(label, paced, secs, &latencies, "sagas", |n| {
-        let (mut c, waiting, latencies) = (client.clone(), waiting.clone(), latencies.clone());
-        async move {
-            let began = micros_since(epoch);
-            one(&mut c, &waiting, (1 << 62) + n).await?;
-            latencies.add(micros_since(epoch).saturating_sub(began));
-            Ok(())
-        }
-    })
+    let curve = super::paced(
+        label,
+        &opts.pacing,
+        done_per_s,
+        secs,
+        &latencies,
+        "sagas",
+        |n| {
+            let (mut c, waiting, latencies) = (client.clone(), waiting.clone(), latencies.clone());
+            async move {
+                let began = micros_since(epoch);
+                one(&mut c, &waiting, (1 << 62) + n).await?;
+                latencies.add(micros_since(epoch).saturating_sub(began));
+                Ok(())
+            }
+        },
+    )
     .await?;
     Ok(Report {
         started_per_s,
         done_per_s,
         cpu_us,
-        paced_per_s: paced,
-        latency: latencies.summary(),
+        curve,
     })
 }

@@ -36,7 +36,7 @@ use tokio::net::TcpListener;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
-use super::{CpuWindow, Latencies, Percentiles, Phase, Window, micros_since, wait_for};
+use super::{CpuWindow, Latencies, Phase, Window, micros_since, wait_for};
 
 /// PostgreSQL connections per service.
 const PG_CONNECTIONS: u32 = 16;
@@ -59,8 +59,8 @@ pub struct Options {
     pub seconds: Duration,
     /// Producer workers, each one transaction at a time.
     pub workers: usize,
-    /// Transactions per second in the paced phase; `None`: half the peak.
-    pub paced: Option<f64>,
+    /// The paced phases after the peak.
+    pub pacing: super::Pacing,
     /// The consumer's `max_batch`: above 1 it takes messages in
     /// `HandleMessages` calls and applies each call's in one transaction.
     pub batch: u32,
@@ -90,10 +90,11 @@ pub struct Report {
     pub cpu_us: f64,
     /// Mean Begin, local transaction and Commit times under peak load, ms.
     pub stages_ms: [f64; 3],
-    /// The paced phase's rate.
-    pub paced_per_s: f64,
-    /// Begin → applied effect in the paced phase.
-    pub latency: Percentiles,
+    /// The coordinator's `fdatasync` calls per applied transaction over the
+    /// peak's last 80 % (`None` on the PostgreSQL store).
+    pub fsyncs_per_txn: Option<f64>,
+    /// Latency in each paced phase, the main one first.
+    pub curve: Vec<super::Point>,
 }
 
 /// The consumer app: applies each message's effect (or only counts it)
@@ -437,6 +438,7 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
     let coordinator = tandem_coordinator::Coordinator::open(config)
         .await
         .context("opening the coordinator")?;
+    let syncs = coordinator.sync_counter();
     let shutdown = servers.shutdown();
     servers.tasks.push(tokio::spawn(async move {
         let _ = coordinator.serve(cl, shutdown).await;
@@ -595,11 +597,22 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
     tokio::time::sleep(secs / 5).await;
     let window = Window::open(&consumer.applied);
     let cpu = CpuWindow::open(&consumer.applied);
+    let (syncs_before, applied_before) = (
+        syncs.as_ref().map(|s| s.get()),
+        consumer.applied.load(Ordering::Relaxed),
+    );
     for t in tasks {
         t.await??;
     }
     let applied_per_s = window.rate(&consumer.applied);
     let cpu_us = cpu.micros_per_event(&consumer.applied);
+    let fsyncs_per_txn = match (&syncs, syncs_before) {
+        (Some(s), Some(before)) => {
+            let applied = consumer.applied.load(Ordering::Relaxed) - applied_before;
+            Some((s.get() - before) as f64 / applied.max(1) as f64)
+        }
+        _ => None,
+    };
     let done = stages.count.load(Ordering::Relaxed);
     let committed_per_s = done as f64 / start.elapsed().as_secs_f64();
     phase.end().await;
@@ -609,11 +622,11 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
     );
 
     // Paced: latency from Begin to the applied effect.
-    let paced = opts.paced.unwrap_or(applied_per_s / 2.0).max(1.0);
     let paced_stages = Arc::new(Stages::default());
-    super::paced(
+    let curve = super::paced(
         label,
-        paced,
+        &opts.pacing,
+        applied_per_s,
         secs,
         &consumer.latencies,
         "transactions",
@@ -628,7 +641,7 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
         applied_per_s,
         cpu_us,
         stages_ms: stages.means_ms(),
-        paced_per_s: paced,
-        latency: consumer.latencies.summary(),
+        fsyncs_per_txn,
+        curve,
     })
 }

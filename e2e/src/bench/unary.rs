@@ -18,7 +18,7 @@ use tandem_proto::coordinator as pb;
 use tokio::net::TcpListener;
 use tonic::{Request, Response, Status};
 
-use super::{CpuWindow, Latencies, Percentiles, Phase, Window, micros_since};
+use super::{CpuWindow, Latencies, Phase, Window, micros_since};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -27,8 +27,8 @@ pub struct Options {
     pub seconds: Duration,
     /// Callers, each one call at a time.
     pub workers: usize,
-    /// Calls per second in the paced phase; `None`: half the peak.
-    pub paced: Option<f64>,
+    /// The paced phases after the peak.
+    pub pacing: super::Pacing,
 }
 
 /// What one run measured.
@@ -40,10 +40,8 @@ pub struct Report {
     pub window_per_s: f64,
     /// This process's CPU per call over that window, µs.
     pub cpu_us: f64,
-    /// Calls per second in the paced phase.
-    pub paced_per_s: f64,
-    /// Call latency in the paced phase.
-    pub latency: Percentiles,
+    /// Latency in each paced phase, the main one first.
+    pub curve: Vec<super::Point>,
 }
 
 struct Echo;
@@ -166,24 +164,30 @@ async fn calls(opts: &Options, label: &str, url: &str) -> anyhow::Result<Report>
     let calls_per_s = answered.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64();
     phase.end().await;
 
-    let paced = opts.paced.unwrap_or(window_per_s / 2.0).max(1.0);
     let latencies = Arc::new(Latencies::default());
     let epoch = Instant::now();
-    super::paced(label, paced, secs, &latencies, "calls", |n| {
-        let (mut c, latencies) = (client.clone(), latencies.clone());
-        async move {
-            let began = micros_since(epoch);
-            c.handle_message(request(n)).await?;
-            latencies.add(micros_since(epoch).saturating_sub(began));
-            Ok(())
-        }
-    })
+    let curve = super::paced(
+        label,
+        &opts.pacing,
+        window_per_s,
+        secs,
+        &latencies,
+        "calls",
+        |n| {
+            let (mut c, latencies) = (client.clone(), latencies.clone());
+            async move {
+                let began = micros_since(epoch);
+                c.handle_message(request(n)).await?;
+                latencies.add(micros_since(epoch).saturating_sub(began));
+                Ok(())
+            }
+        },
+    )
     .await?;
     Ok(Report {
         calls_per_s,
         window_per_s,
         cpu_us,
-        paced_per_s: paced,
-        latency: latencies.summary(),
+        curve,
     })
 }

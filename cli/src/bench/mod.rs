@@ -1,15 +1,18 @@
 //! `tandem bench`: transactional messages through Tandem beside the
 //! hand-written PostgreSQL outbox, run alternately in one process on one
 //! PostgreSQL server, so their ratio is taken on the same machine at the
-//! same moment.
+//! same moment; and beside them the floor under each part (empty gRPC
+//! calls, raw writes and syncs) and publish → consume.
+
+mod plot;
+mod report;
 
 use std::io::Write;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use serde_json::json;
-use tandem_e2e::bench::{Percentiles, outbox, restart, saga, txn, unary};
+use tandem_e2e::bench::{Pacing, Point, append, outbox, pubsub, restart, saga, txn, unary};
 
 /// A scenario of `tandem bench`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -33,6 +36,15 @@ pub enum Scenario {
     /// SQLite database), started through a fourth service's sidecar: sagas
     /// started and done per second.
     Saga,
+    /// The embedded log's appends (fsync always) against raw write +
+    /// fdatasync in the same folder.
+    Append,
+    /// Publish → consume through a coordinator on its embedded store:
+    /// messages received per second, publish latency paced.
+    Pubsub,
+    /// Publish → consume with the coordinator on PostgreSQL (not run by
+    /// default).
+    PubsubPostgresStore,
     /// A coordinator restarting with `--open` open half messages: time to
     /// serve again, memory, and the check-backs that follow (not run by
     /// default: loading a million takes a minute or more).
@@ -49,18 +61,35 @@ impl Scenario {
             Scenario::Outbox => "outbox",
             Scenario::Unary => "unary",
             Scenario::Saga => "saga",
+            Scenario::Append => "append",
+            Scenario::Pubsub => "pubsub",
+            Scenario::PubsubPostgresStore => "pubsub-postgres-store",
             Scenario::Restart => "restart",
+        }
+    }
+
+    /// What its rates count.
+    fn unit(self) -> &'static str {
+        match self {
+            Scenario::Unary => "calls",
+            Scenario::Saga => "sagas",
+            Scenario::Append => "records",
+            Scenario::Pubsub | Scenario::PubsubPostgresStore => "messages",
+            _ => "transactions",
         }
     }
 
     fn needs_postgres(self) -> bool {
         matches!(
             self,
-            Scenario::TxnPostgres | Scenario::TxnPostgresStore | Scenario::Outbox
+            Scenario::TxnPostgres
+                | Scenario::TxnPostgresStore
+                | Scenario::Outbox
+                | Scenario::PubsubPostgresStore
         )
     }
 
-    const ALL: [Scenario; 7] = [
+    const ALL: [Scenario; 9] = [
         Scenario::Txn,
         Scenario::TxnSqlite,
         Scenario::TxnPostgres,
@@ -68,6 +97,8 @@ impl Scenario {
         Scenario::Outbox,
         Scenario::Unary,
         Scenario::Saga,
+        Scenario::Append,
+        Scenario::Pubsub,
     ];
 }
 
@@ -126,21 +157,37 @@ pub struct BenchArgs {
     /// this are due for a check-back when the coordinator restarts.
     #[arg(long, default_value_t = 10_000)]
     pub check_after_ms: u64,
+    /// Bytes of each message's value in the publish → consume scenarios.
+    #[arg(long, default_value_t = 100)]
+    pub message_bytes: usize,
+    /// Also run paced phases at 10, 25, 75 and 90 % of each scenario's peak
+    /// and write a throughput/latency chart per scenario into this folder
+    /// (`<scenario>.png`).
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<std::path::PathBuf>,
     /// Print the results as one JSON document instead of a table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "markdown")]
     pub json: bool,
+    /// Print the table as Markdown (as BENCHMARKS.md holds it).
+    #[arg(long)]
+    pub markdown: bool,
 }
 
 struct Row {
     scenario: Scenario,
+    /// The case within the scenario (`append` has several).
+    case: Option<&'static str>,
     round: u32,
     committed_per_s: f64,
     applied_per_s: f64,
     /// This process's CPU per applied transaction, µs (not PostgreSQL's).
     cpu_us: Option<f64>,
+    /// The coordinator's (append: the log's) fdatasync per applied unit.
+    fsyncs: Option<f64>,
     stages_ms: Option<[f64; 3]>,
-    paced_per_s: f64,
-    latency: Percentiles,
+    /// Latency at each paced rate, the main one first (append: at its own
+    /// closed-loop rate; its raw baselines: none).
+    curve: Vec<Point>,
 }
 
 /// Runs `tandem bench`, writing the report to `out`.
@@ -150,7 +197,10 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
         "--seconds must be a positive number of seconds"
     );
     anyhow::ensure!(args.rounds > 0, "--rounds must be at least 1");
-    anyhow::ensure!(args.workers > 0, "--workers must be at least 1");
+    anyhow::ensure!(
+        (1..=255).contains(&args.workers),
+        "--workers must be between 1 and 255"
+    );
     anyhow::ensure!(
         args.clients > 0 && args.relays > 0,
         "--clients and --relays must be at least 1"
@@ -168,6 +218,10 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
         (1..=256).contains(&args.batch),
         "--batch must be between 1 and 256 (the consumer's max_in_flight)"
     );
+    anyhow::ensure!(
+        (1..=65_536).contains(&args.message_bytes),
+        "--message-bytes must be between 1 and 65536"
+    );
     if let Some(p) = args.paced {
         anyhow::ensure!(p > 0.0 && p.is_finite(), "--paced must be a positive rate");
     }
@@ -183,6 +237,10 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
             (1..=max).contains(&n),
             "--shards must be between 1 and {max}"
         );
+    }
+    if let Some(dir) = &args.plot {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--plot: cannot create {}", dir.display()))?;
     }
     // Listening from the start: a Ctrl-C while the bench's own PostgreSQL
     // starts must stop it too, not kill the bench and leave the server.
@@ -227,78 +285,18 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
     };
     drop(own);
     drop(dir);
-    let ratios = ratios(&rows);
+    let postgres = match (&args.postgres, &postgres_version) {
+        (_, None) => None,
+        (Some(_), Some(v)) => Some(format!("given, version {v}")),
+        (None, Some(v)) => Some(format!("own, fsync on, version {v}")),
+    };
     if args.json {
-        let doc = json!({
-            "tandem_version": env!("CARGO_PKG_VERSION"),
-            "finished_unix_s": std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-            "complete": outcome.is_ok(),
-            "seconds_per_phase": args.seconds,
-            "workers": args.workers,
-            "batch": args.batch,
-            "outbox": {"clients": args.clients, "relays": args.relays, "relay_batch": args.relay_batch},
-            "postgres": match (&args.postgres, &postgres_version) {
-                (_, None) => json!(null),
-                (Some(_), Some(v)) => json!({"server": "given", "version": v}),
-                (None, Some(v)) => json!({"server": "own, fsync on", "version": v}),
-            },
-            "results": rows.iter().map(|r| json!({
-                "scenario": r.scenario.name(),
-                "round": r.round,
-                "committed_per_s": r.committed_per_s.round(),
-                "applied_per_s": r.applied_per_s.round(),
-                "cpu_us_per_txn": r.cpu_us.map(f64::round),
-                "mean_begin_local_commit_ms": r.stages_ms.map(|m| m.map(|x| (x * 100.0).round() / 100.0)),
-                "paced_per_s": r.paced_per_s.round(),
-                "p50_ms": r.latency.p50_ms,
-                "p99_ms": r.latency.p99_ms,
-                "max_ms": r.latency.max_ms,
-                "samples": r.latency.samples,
-            })).collect::<Vec<_>>(),
-            "over_outbox": ratios.iter().map(|(s, round, x)| json!({
-                "scenario": s.name(), "round": round, "applied_ratio": x,
-            })).collect::<Vec<_>>(),
-            "restart": restarts.iter().map(|(round, r)| json!({
-                "round": round,
-                "open": r.open,
-                "prepared_per_s": r.prepared_per_s.round(),
-                "stop_s": r.stop.as_secs_f64(),
-                "open_s": r.open_time.as_secs_f64(),
-                "serving_s": r.serving.as_secs_f64(),
-                "open_after": r.open_after,
-                "rss_mib": r.rss_mib.round(),
-                "check_after_ms": args.check_after_ms,
-                "checks_in_10_s": r.checks,
-                "busiest_second": r.busiest_second,
-            })).collect::<Vec<_>>(),
-        });
-        writeln!(out, "{}", serde_json::to_string_pretty(&doc)?)?;
+        report::json(&args, &rows, &restarts, postgres, outcome.is_ok(), out)?;
     } else {
-        if !rows.is_empty() {
-            table(&rows, &ratios, out)?;
-        }
-        for (round, r) in &restarts {
-            writeln!(
-                out,
-                "restart, round {round}: {} open half messages (prepared at {:.0}/s); clean stop \
-                 {:.2} s; open {:.2} s; serving {:.2} s after the open began, {} open; {:.0} MiB \
-                 resident (this process); check-backs in the 10 s after a session connected: {} \
-                 ({} in the busiest second; check_after_ms {})",
-                r.open,
-                r.prepared_per_s,
-                r.stop.as_secs_f64(),
-                r.open_time.as_secs_f64(),
-                r.serving.as_secs_f64(),
-                r.open_after,
-                r.rss_mib,
-                r.checks,
-                r.busiest_second,
-                args.check_after_ms
-            )?;
-        }
+        report::human(&args, &rows, &restarts, out)?;
+    }
+    if let Some(dir) = &args.plot {
+        report::plots(&rows, dir)?;
     }
     outcome
 }
@@ -355,193 +353,175 @@ async fn run_all(
                 restarts.push((round, r));
                 continue;
             }
-            let row = if scenario == Scenario::Saga {
-                let r = saga::run(
-                    &saga::Options {
-                        seconds,
-                        workers: args.workers,
-                        paced: args.paced,
-                        dir: dir.join(format!("{round}-saga")),
-                    },
-                    &label,
-                )
-                .await
-                .with_context(context)?;
-                Row {
-                    scenario,
-                    round,
-                    committed_per_s: r.started_per_s,
-                    applied_per_s: r.done_per_s,
-                    cpu_us: Some(r.cpu_us),
-                    stages_ms: None,
-                    paced_per_s: r.paced_per_s,
-                    latency: r.latency,
-                }
-            } else if scenario == Scenario::Unary {
-                let r = unary::run(
-                    &unary::Options {
-                        seconds,
-                        workers: args.workers,
-                        paced: args.paced,
-                    },
-                    &label,
-                )
-                .await
-                .with_context(context)?;
-                Row {
-                    scenario,
-                    round,
-                    committed_per_s: r.calls_per_s,
-                    applied_per_s: r.window_per_s,
-                    cpu_us: Some(r.cpu_us),
-                    stages_ms: None,
-                    paced_per_s: r.paced_per_s,
-                    latency: r.latency,
-                }
-            } else if scenario == Scenario::Outbox {
-                let r = outbox::run(
-                    &outbox::Options {
-                        seconds,
-                        clients: args.clients,
-                        relays: args.relays,
-                        batch: args.relay_batch,
-                        paced: args.paced,
-                        server: server()?,
-                    },
-                    &label,
-                )
-                .await
-                .with_context(context)?;
-                Row {
-                    scenario,
-                    round,
-                    committed_per_s: r.committed_per_s,
-                    applied_per_s: r.applied_per_s,
-                    cpu_us: None,
-                    stages_ms: None,
-                    paced_per_s: r.paced_per_s,
-                    latency: r.latency,
-                }
-            } else {
-                let tables = match scenario {
-                    Scenario::Txn => txn::Tables::Skipped,
-                    Scenario::TxnSqlite => txn::Tables::Sqlite,
-                    _ => txn::Tables::Postgres(server()?),
-                };
-                let coordinator_on = if scenario == Scenario::TxnPostgresStore {
-                    Some(server()?)
-                } else {
-                    None
-                };
-                let r = txn::run(
-                    &txn::Options {
-                        seconds,
-                        workers: args.workers,
-                        paced: args.paced,
-                        batch: args.batch,
-                        tables,
-                        coordinator_on,
-                        shards: args.shards,
-                        group_commit_wait: args
-                            .group_commit_wait_us
-                            .map(std::time::Duration::from_micros),
-                        dir: dir.join(format!("{round}-{}", scenario.name())),
-                    },
-                    &label,
-                )
-                .await
-                .with_context(context)?;
-                Row {
-                    scenario,
-                    round,
-                    committed_per_s: r.committed_per_s,
-                    applied_per_s: r.applied_per_s,
-                    cpu_us: Some(r.cpu_us),
-                    stages_ms: Some(r.stages_ms),
-                    paced_per_s: r.paced_per_s,
-                    latency: r.latency,
-                }
+            let pacing = Pacing {
+                rate: args.paced,
+                curve: args.plot.is_some(),
             };
-            rows.push(row);
+            let row = |committed_per_s, applied_per_s, cpu_us, fsyncs, curve| Row {
+                scenario,
+                case: None,
+                round,
+                committed_per_s,
+                applied_per_s,
+                cpu_us,
+                fsyncs,
+                stages_ms: None,
+                curve,
+            };
+            match scenario {
+                Scenario::Restart => unreachable!("handled above"),
+                Scenario::Saga => {
+                    let r = saga::run(
+                        &saga::Options {
+                            seconds,
+                            workers: args.workers,
+                            pacing,
+                            dir: dir.join(format!("{round}-saga")),
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    rows.push(row(
+                        r.started_per_s,
+                        r.done_per_s,
+                        Some(r.cpu_us),
+                        None,
+                        r.curve,
+                    ));
+                }
+                Scenario::Unary => {
+                    let r = unary::run(
+                        &unary::Options {
+                            seconds,
+                            workers: args.workers,
+                            pacing,
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    rows.push(row(
+                        r.calls_per_s,
+                        r.window_per_s,
+                        Some(r.cpu_us),
+                        None,
+                        r.curve,
+                    ));
+                }
+                Scenario::Outbox => {
+                    let r = outbox::run(
+                        &outbox::Options {
+                            seconds,
+                            clients: args.clients,
+                            relays: args.relays,
+                            batch: args.relay_batch,
+                            pacing,
+                            server: server()?,
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    rows.push(row(r.committed_per_s, r.applied_per_s, None, None, r.curve));
+                }
+                Scenario::Append => {
+                    let r = append::run(
+                        &append::Options {
+                            seconds,
+                            dir: dir.join(format!("{round}-append")),
+                            group_commit_wait: args.group_commit_wait_us.map(Duration::from_micros),
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    for c in r.cases {
+                        let curve = c.latency.map(|latency| Point {
+                            rate: c.records_per_s,
+                            latency,
+                        });
+                        rows.push(Row {
+                            case: Some(c.name),
+                            ..row(
+                                c.records_per_s,
+                                c.records_per_s,
+                                Some(c.cpu_us),
+                                Some(c.fsyncs_per_record),
+                                curve.into_iter().collect(),
+                            )
+                        });
+                    }
+                }
+                Scenario::Pubsub | Scenario::PubsubPostgresStore => {
+                    let store_on = if scenario == Scenario::PubsubPostgresStore {
+                        Some(server()?)
+                    } else {
+                        None
+                    };
+                    let r = pubsub::run(
+                        &pubsub::Options {
+                            seconds,
+                            message_bytes: args.message_bytes,
+                            pacing,
+                            dir: dir.join(format!("{round}-{}", scenario.name())),
+                            store_on,
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    rows.push(row(
+                        r.published_per_s,
+                        r.consumed_per_s,
+                        Some(r.cpu_us),
+                        r.fsyncs_per_message,
+                        r.curve,
+                    ));
+                }
+                Scenario::Txn
+                | Scenario::TxnSqlite
+                | Scenario::TxnPostgres
+                | Scenario::TxnPostgresStore => {
+                    let tables = match scenario {
+                        Scenario::Txn => txn::Tables::Skipped,
+                        Scenario::TxnSqlite => txn::Tables::Sqlite,
+                        _ => txn::Tables::Postgres(server()?),
+                    };
+                    let coordinator_on = if scenario == Scenario::TxnPostgresStore {
+                        Some(server()?)
+                    } else {
+                        None
+                    };
+                    let r = txn::run(
+                        &txn::Options {
+                            seconds,
+                            workers: args.workers,
+                            pacing,
+                            batch: args.batch,
+                            tables,
+                            coordinator_on,
+                            shards: args.shards,
+                            group_commit_wait: args.group_commit_wait_us.map(Duration::from_micros),
+                            dir: dir.join(format!("{round}-{}", scenario.name())),
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    rows.push(Row {
+                        stages_ms: Some(r.stages_ms),
+                        ..row(
+                            r.committed_per_s,
+                            r.applied_per_s,
+                            Some(r.cpu_us),
+                            r.fsyncs_per_txn,
+                            r.curve,
+                        )
+                    });
+                }
+            }
         }
     }
-    Ok(())
-}
-
-/// Applied/s of each PostgreSQL-tables scenario over the outbox's in the
-/// same round.
-fn ratios(rows: &[Row]) -> Vec<(Scenario, u32, f64)> {
-    rows.iter()
-        .filter(|r| {
-            matches!(
-                r.scenario,
-                Scenario::TxnPostgres | Scenario::TxnPostgresStore
-            )
-        })
-        .filter_map(|r| {
-            let base = rows
-                .iter()
-                .find(|b| b.scenario == Scenario::Outbox && b.round == r.round)?;
-            Some((r.scenario, r.round, r.applied_per_s / base.applied_per_s))
-        })
-        .collect()
-}
-
-fn table(
-    rows: &[Row],
-    ratios: &[(Scenario, u32, f64)],
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
-    writeln!(
-        out,
-        "{:<20} {:>5} {:>12} {:>12} {:>7} {:>22} {:>9} {:>9} {:>9}",
-        "scenario",
-        "round",
-        "committed/s",
-        "applied/s",
-        "CPU µs",
-        "Begin/local/Commit ms",
-        "paced/s",
-        "p50 ms",
-        "p99 ms"
-    )?;
-    for r in rows {
-        let stages = match r.stages_ms {
-            None => "-".to_owned(),
-            Some([b, _, c]) if r.scenario == Scenario::Txn => format!("{b:.2}/-/{c:.2}"),
-            Some([b, l, c]) => format!("{b:.2}/{l:.2}/{c:.2}"),
-        };
-        writeln!(
-            out,
-            "{:<20} {:>5} {:>12.0} {:>12.0} {:>7} {:>22} {:>9.0} {:>9.2} {:>9.2}",
-            r.scenario.name(),
-            r.round,
-            r.committed_per_s,
-            r.applied_per_s,
-            r.cpu_us
-                .filter(|c| c.is_finite())
-                .map_or("-".to_owned(), |c| format!("{c:.0}")),
-            stages,
-            r.paced_per_s,
-            r.latency.p50_ms,
-            r.latency.p99_ms
-        )?;
-    }
-    for (s, round, x) in ratios {
-        writeln!(
-            out,
-            "round {round}: {} applied/s over outbox applied/s: {x:.2}",
-            s.name()
-        )?;
-    }
-    writeln!(
-        out,
-        "committed/s: over the whole peak phase; applied/s: effects applied by the consumer over \
-         its last 80 % (unary: calls answered; saga: sagas started, and sagas whose last branch's \
-         effect is committed); CPU µs: this process's CPU per applied effect over \
-         that window (PostgreSQL's is not in it); p50/p99: Begin (the outbox: its local transaction; \
-         saga: StartSaga) -> effect applied, in \
-         the paced phase, at the rate shown (each scenario's own half peak unless --paced sets one)"
-    )?;
     Ok(())
 }
