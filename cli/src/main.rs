@@ -144,11 +144,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Sidecar(args) => {
-            let config = tandem_sidecar::Config::load(&args, std::env::vars())?;
-            tandem_coordinator::init_tracing(&config.log_filter);
-            Ok(tandem_sidecar::run(config, tandem_coordinator::shutdown_signal()).await?)
-        }
+        Command::Sidecar(_) => unreachable!("main runs a sidecar before the runtime starts"),
     }
 }
 
@@ -157,6 +153,10 @@ fn main() -> ExitCode {
     if let Err(e) = tandem_coordinator::failpoint::init() {
         eprintln!("tandem: {e}");
         return ExitCode::from(2);
+    }
+    // a sidecar runs on a runtime of its settings' own
+    if let Command::Sidecar(args) = &cli.command {
+        return tandem_sidecar::run_process("tandem", args);
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -127,6 +127,12 @@ impl Process {
         Ok(())
     }
 
+    /// CPU time it has used so far (user and system, all threads), from
+    /// `/proc`; `None` where that cannot be read.
+    pub fn cpu(&self) -> Option<Duration> {
+        crate::bench::cpu_of(&format!("/proc/{}/stat", self.child.id()))
+    }
+
     /// True once it has exited.
     pub fn has_exited(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(Some(_)))

@@ -50,6 +50,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("retention_ms", Kind::Int),
     ("cleanup_schedule", Kind::Str),
     ("log", Kind::Str),
+    ("worker_threads", Kind::Int),
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -66,6 +67,7 @@ struct Raw {
     retention_ms: Option<u64>,
     cleanup_schedule: Option<String>,
     log: Option<String>,
+    worker_threads: Option<u64>,
 }
 
 /// What a member needs beyond one handler call to finish with a partition
@@ -73,6 +75,11 @@ struct Raw {
 const REVOKE_MARGIN: Duration = Duration::from_secs(15);
 /// The coordinator's upper bound of a member's revoke timeout, less the margin.
 const MAX_HANDLER_TIMEOUT_MS: u64 = 300_000 - 15_000;
+
+/// Runtime threads of a sidecar unless set: a sidecar serves one app, and
+/// one thread spares the CPU that waking a second costs on every call
+/// (measured with `tandem bench sidecar`: see BENCHMARKS.md).
+const DEFAULT_WORKER_THREADS: u64 = 1;
 
 /// The checked sidecar settings.
 #[derive(Clone, Debug)]
@@ -99,6 +106,8 @@ pub struct Config {
     pub cleanup_schedule: CronSchedule,
     /// Log filter.
     pub log_filter: String,
+    /// Threads of the async runtime; `None`: one per CPU.
+    pub worker_threads: Option<usize>,
 }
 
 impl Default for Config {
@@ -108,6 +117,16 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The async runtime the sidecar runs on, with its `worker_threads`.
+    pub fn runtime(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.enable_all();
+        if let Some(n) = self.worker_threads {
+            builder.worker_threads(n);
+        }
+        builder.build()
+    }
+
     /// The revoke timeout this sidecar asks for when it joins a group:
     /// longer than any handler call, so a slow but legal handler is never
     /// expelled mid-call (and its partition never handled twice at once).
@@ -232,6 +251,17 @@ impl Raw {
             // sqlx's notices ("relation already exists, skipping" at every
             // start) are not worth an operator's attention.
             log_filter: self.log.unwrap_or_else(|| "info,sqlx=warn".into()),
+            worker_threads: match self.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS) {
+                0 => None,
+                n @ 1..=256 => Some(n as usize),
+                n => {
+                    return Err(invalid(
+                        "worker_threads",
+                        &n,
+                        "must be between 0 (one per CPU) and 256",
+                    ));
+                }
+            },
         })
     }
 }
@@ -275,5 +305,21 @@ mod tests {
         assert!(bad("service=").contains("service"));
         assert!(bad("handler_timeout_ms=0").contains("handler_timeout_ms"));
         assert!(bad("colour=blue").contains("colour"));
+        assert!(bad("worker_threads=257").contains("worker_threads"));
+    }
+
+    #[test]
+    fn one_runtime_thread_unless_set() -> Result<(), ConfigError> {
+        assert_eq!(Config::default().worker_threads, Some(1));
+        let with = |set: &str| {
+            let args = SidecarArgs {
+                set: vec![set.into()],
+                ..SidecarArgs::default()
+            };
+            Config::load(&args, Vec::new()).map(|c| c.worker_threads)
+        };
+        assert_eq!(with("worker_threads=4")?, Some(4));
+        assert_eq!(with("worker_threads=0")?, None);
+        Ok(())
     }
 }

@@ -29,4 +29,4 @@ mod transact;
 pub use config::{Config, SidecarArgs};
 pub use db::{Admission, Admit, ClaimRequest, Db, InboxRow, TableState};
 pub use error::{Error, Result};
-pub use server::{run, serve};
+pub use server::{run, run_process, serve};

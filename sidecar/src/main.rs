@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tandem_sidecar::{Config, SidecarArgs};
+use tandem_sidecar::SidecarArgs;
 
 /// The Tandem sidecar.
 #[derive(Parser)]
@@ -20,29 +20,5 @@ fn main() -> ExitCode {
         eprintln!("tandem-sidecar: {e}");
         return ExitCode::from(2);
     }
-    let config = match Config::load(&cli.args, std::env::vars()) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("tandem-sidecar: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    tandem_coordinator::init_tracing(&config.log_filter);
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("tandem-sidecar: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(tandem_sidecar::run(
-        config,
-        tandem_coordinator::shutdown_signal(),
-    )) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("tandem-sidecar: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    tandem_sidecar::run_process("tandem-sidecar", &cli.args)
 }

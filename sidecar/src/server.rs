@@ -96,6 +96,38 @@ pub async fn serve(
     served.map_err(|e| Error::Serve(e.to_string()))
 }
 
+/// A sidecar process's life: loads the settings from `args` and the
+/// environment, starts the async runtime with their `worker_threads`, logs
+/// as their `log` says, and serves until SIGTERM or SIGINT. Errors are
+/// printed after `program: `; bad settings exit with 2.
+pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let config = match Config::load(args, std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match config.runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{program}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        tandem_coordinator::init_tracing(&config.log_filter);
+        match run(config, tandem_coordinator::shutdown_signal()).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("{program}: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
 /// Binds `config.listen`, says where it listens on standard output, and
 /// serves until `shutdown`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
-use tandem_e2e::bench::{Pacing, Point, append, outbox, pubsub, restart, saga, txn, unary};
+use tandem_e2e::bench::{
+    Pacing, Point, append, outbox, pubsub, restart, saga, sidecar, txn, unary,
+};
 
 /// A scenario of `tandem bench`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -45,6 +47,9 @@ pub enum Scenario {
     /// Publish → consume with the coordinator on PostgreSQL (not run by
     /// default).
     PubsubPostgresStore,
+    /// One publish per call through a sidecar process, beside the same
+    /// straight to the coordinator: the latency and CPU a sidecar adds.
+    Sidecar,
     /// A coordinator restarting with `--open` open half messages: time to
     /// serve again, memory, and the check-backs that follow (not run by
     /// default: loading a million takes a minute or more).
@@ -64,6 +69,7 @@ impl Scenario {
             Scenario::Append => "append",
             Scenario::Pubsub => "pubsub",
             Scenario::PubsubPostgresStore => "pubsub-postgres-store",
+            Scenario::Sidecar => "sidecar",
             Scenario::Restart => "restart",
         }
     }
@@ -71,7 +77,7 @@ impl Scenario {
     /// What its rates count.
     fn unit(self) -> &'static str {
         match self {
-            Scenario::Unary => "calls",
+            Scenario::Unary | Scenario::Sidecar => "calls",
             Scenario::Saga => "sagas",
             Scenario::Append => "records",
             Scenario::Pubsub | Scenario::PubsubPostgresStore => "messages",
@@ -89,7 +95,7 @@ impl Scenario {
         )
     }
 
-    const ALL: [Scenario; 9] = [
+    const ALL: [Scenario; 10] = [
         Scenario::Txn,
         Scenario::TxnSqlite,
         Scenario::TxnPostgres,
@@ -99,6 +105,7 @@ impl Scenario {
         Scenario::Saga,
         Scenario::Append,
         Scenario::Pubsub,
+        Scenario::Sidecar,
     ];
 }
 
@@ -408,6 +415,41 @@ async fn run_all(
                         None,
                         r.curve,
                     ));
+                }
+                Scenario::Sidecar => {
+                    let r = sidecar::run(
+                        &sidecar::Options {
+                            seconds,
+                            workers: args.workers,
+                            pacing,
+                            dir: dir.join(format!("{round}-sidecar")),
+                            exe: std::env::current_exe()
+                                .context("finding the tandem binary to start a sidecar")?,
+                        },
+                        &label,
+                    )
+                    .await
+                    .with_context(context)?;
+                    rows.push(Row {
+                        case: Some(sidecar::VIA),
+                        ..row(
+                            r.via_peak_per_s,
+                            r.via_peak_per_s,
+                            r.sidecar_cpu_us.first().copied(),
+                            None,
+                            r.via,
+                        )
+                    });
+                    rows.push(Row {
+                        case: Some(sidecar::DIRECT),
+                        ..row(
+                            r.direct_peak_per_s,
+                            r.direct_peak_per_s,
+                            None,
+                            None,
+                            r.direct,
+                        )
+                    });
                 }
                 Scenario::Outbox => {
                     let r = outbox::run(

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use serde_json::json;
-use tandem_e2e::bench::restart;
+use tandem_e2e::bench::{restart, sidecar};
 
 use super::plot::{Chart, Series, png};
 use super::{BenchArgs, Row, Scenario};
@@ -26,6 +26,29 @@ fn ratios(rows: &[Row]) -> Vec<(Scenario, u32, f64)> {
                 .iter()
                 .find(|b| b.scenario == Scenario::Outbox && b.round == r.round)?;
             Some((r.scenario, r.round, r.applied_per_s / base.applied_per_s))
+        })
+        .collect()
+}
+
+/// Per round of the sidecar scenario: p50 and p99 added by the sidecar at
+/// the main paced rate (the same for both ways), that rate, and the
+/// sidecar's CPU per call then.
+fn sidecar_overheads(rows: &[Row]) -> Vec<(u32, f64, f64, f64, f64)> {
+    let case = |r: &&Row, case: &str| r.scenario == Scenario::Sidecar && r.case == Some(case);
+    rows.iter()
+        .filter(|r| case(r, sidecar::VIA))
+        .filter_map(|via| {
+            let direct = rows
+                .iter()
+                .find(|d| case(d, sidecar::DIRECT) && d.round == via.round)?;
+            let (v, d) = (via.curve.first()?, direct.curve.first()?);
+            Some((
+                via.round,
+                v.latency.p50_ms - d.latency.p50_ms,
+                v.latency.p99_ms - d.latency.p99_ms,
+                v.rate,
+                via.cpu_us.unwrap_or(f64::NAN),
+            ))
         })
         .collect()
 }
@@ -127,13 +150,22 @@ pub(super) fn human(
                 s.name()
             )?;
         }
+        for (round, added_p50, added_p99, rate, cpu_us) in sidecar_overheads(rows) {
+            writeln!(
+                out,
+                "round {round}: the sidecar added {added_p50:.2} ms p50 and {added_p99:.2} ms p99 \
+                 per call at {rate:.0} calls/s, and used {cpu_us:.0} µs of CPU per call: {:.2} \
+                 vCPU per 1 000 calls/s",
+                cpu_us / 1000.0
+            )?;
+        }
         writeln!(
             out,
             "committed/s: over the whole peak phase (pubsub: published; append: records); \
              applied/s: effects applied by the consumer over its last 80 % (unary: calls \
              answered; saga: sagas whose last branch's effect is committed; pubsub: messages \
              received); CPU µs: this process's CPU per applied unit over that window \
-             (PostgreSQL's is not in it); fsync/op: the coordinator's fdatasync calls per \
+             (PostgreSQL's is not in it; sidecar: the sidecar process's, paced); fsync/op: the coordinator's fdatasync calls per \
              applied unit over that window (append: the log's per record); p50/p99: Begin (the \
              outbox: its local transaction; saga: StartSaga; pubsub: a publish call of 100) -> \
              effect applied, in the paced phase at the rate shown (each scenario's own half \
@@ -212,6 +244,14 @@ pub(super) fn json(
         "over_outbox": ratios(rows).iter().map(|(s, round, x)| json!({
             "scenario": s.name(), "round": round, "applied_ratio": x,
         })).collect::<Vec<_>>(),
+        "sidecar_overhead": sidecar_overheads(rows).iter().map(|(round, p50, p99, rate, cpu)| json!({
+            "round": round,
+            "rate_per_s": rate.round(),
+            "added_p50_ms": two(*p50),
+            "added_p99_ms": two(*p99),
+            "sidecar_cpu_us_per_call": cpu.round(),
+            "vcpu_per_1000_calls_per_s": (cpu / 10.0).round() / 100.0,
+        })).collect::<Vec<_>>(),
         "restart": restarts.iter().map(|(round, r)| json!({
             "round": round,
             "open": r.open,
@@ -234,6 +274,9 @@ pub(super) fn json(
 /// later rounds.
 const P50: [[u8; 3]; 3] = [[90, 140, 230], [40, 90, 200], [20, 50, 140]];
 const P99: [[u8; 3]; 3] = [[235, 110, 90], [200, 50, 40], [140, 25, 20]];
+/// The sidecar scenario's calls straight to the coordinator: greens.
+const DIRECT_P50: [u8; 3] = [60, 160, 90];
+const DIRECT_P99: [u8; 3] = [30, 110, 50];
 
 /// One chart per scenario in `dir`: p50 and p99 latency over the rate, per
 /// round, with the round's peak marked (append: one point per case, raw
@@ -286,11 +329,16 @@ pub(super) fn plots(rows: &[Row], dir: &Path) -> anyhow::Result<()> {
         } else {
             for r in &mine {
                 let shade = (r.round as usize - 1).min(2);
+                let (p50, p99, case) = match r.case {
+                    Some(c) if c == sidecar::DIRECT => (DIRECT_P50, DIRECT_P99, " direct"),
+                    Some(_) => (P50[shade], P99[shade], " via"),
+                    None => (P50[shade], P99[shade], ""),
+                };
                 let mut by_rate: Vec<_> = r.curve.iter().collect();
                 by_rate.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-                for (name, color, pick) in [("p50", P50[shade], 0), ("p99", P99[shade], 1)] {
+                for (name, color, pick) in [("p50", p50, 0), ("p99", p99, 1)] {
                     series.push(Series {
-                        name: format!("{name} round {}", r.round),
+                        name: format!("{name}{case} round {}", r.round),
                         color,
                         points: by_rate
                             .iter()
@@ -303,7 +351,7 @@ pub(super) fn plots(rows: &[Row], dir: &Path) -> anyhow::Result<()> {
                         labels: Vec::new(),
                     });
                 }
-                marks.push((r.applied_per_s, format!("peak r{}", r.round)));
+                marks.push((r.applied_per_s, format!("peak{case} r{}", r.round)));
             }
         }
         let chart = Chart {

@@ -2,8 +2,9 @@
 //! through Tandem ([`txn`]) with the services' tables nowhere, on SQLite or
 //! on PostgreSQL, the hand-written PostgreSQL outbox they are measured
 //! against ([`outbox`]), one empty gRPC call ([`unary`]), the floor each
-//! hop of a transaction pays, sagas ([`saga`]) and publish → consume
-//! ([`pubsub`]); each in a peak phase (clients flat out) and paced phases
+//! hop of a transaction pays, sagas ([`saga`]), publish → consume
+//! ([`pubsub`]) and a publish through a sidecar process beside one straight
+//! to the coordinator ([`sidecar`]); each in a peak phase (clients flat out) and paced phases
 //! (latency from the start of a transaction to its applied effect). Beside
 //! them, the embedded log's appends against raw writes and syncs
 //! ([`append`]) and a restart with many open transactions ([`restart`]).
@@ -13,6 +14,7 @@ pub mod outbox;
 pub mod pubsub;
 pub mod restart;
 pub mod saga;
+pub mod sidecar;
 pub mod txn;
 pub mod unary;
 
@@ -195,7 +197,13 @@ impl Window {
 /// CPU time this process has used (user and system, all threads), from
 /// `/proc/self/stat`; `None` where that cannot be read.
 pub fn process_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_of("/proc/self/stat")
+}
+
+/// CPU time (user and system, all threads) of the process whose `stat`
+/// file is at `path`; `None` where that cannot be read.
+pub fn cpu_of(path: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(path).ok()?;
     // Fields after the command name (which may hold spaces), from field 3.
     let rest = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = rest.split_whitespace().collect();

@@ -76,11 +76,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tandem_coordinator::init_tracing(&config.log_filter);
             Ok(tandem_coordinator::run(config, shutdown_signal()).await?)
         }
-        Cmd::Sidecar(args) => {
-            let config = tandem_sidecar::Config::load(&args, std::env::vars())?;
-            tandem_coordinator::init_tracing(&config.log_filter);
-            Ok(tandem_sidecar::run(config, shutdown_signal()).await?)
-        }
+        Cmd::Sidecar(_) => unreachable!("main runs a sidecar before the runtime starts"),
         Cmd::Campaign {
             seed,
             cycles,
@@ -134,6 +130,10 @@ fn main() -> ExitCode {
     if let Err(e) = tandem_coordinator::failpoint::init() {
         eprintln!("tandem-e2e: {e}");
         return ExitCode::from(2);
+    }
+    // a sidecar runs on a runtime of its settings' own
+    if let Cmd::Sidecar(args) = &cli.command {
+        return tandem_sidecar::run_process("tandem-e2e", args);
     }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
