@@ -279,7 +279,7 @@ impl Pacing {
 /// The latency measured in one paced phase.
 #[derive(Clone, Copy, Debug)]
 pub struct Point {
-    /// The phase's rate, per second.
+    /// The rate the phase offered, per second.
     pub rate: f64,
     /// Its latencies.
     pub latency: Percentiles,
@@ -313,11 +313,24 @@ where
         let start = Instant::now();
         let mut sent = 0u64;
         let mut tasks = tokio::task::JoinSet::new();
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         while start.elapsed() < secs {
             tick.tick().await;
             sent += 1;
-            tasks.spawn(one(base + sent));
+            let permit = in_flight.clone().acquire_owned().await?;
+            let call = one(base + sent);
+            tasks.spawn(async move {
+                let r = call.await;
+                drop(permit);
+                r
+            });
+            // answered ones are reaped as they go
+            while let Some(t) = tasks.try_join_next() {
+                t??;
+            }
         }
+        // what was offered: below `rate` when MAX_IN_FLIGHT held it back
+        let offered = sent as f64 / start.elapsed().as_secs_f64();
         while let Some(t) = tasks.join_next().await {
             t??;
         }
@@ -332,12 +345,18 @@ where
             latencies.len()
         );
         points.push(Point {
-            rate,
+            rate: offered.min(rate),
             latency: latencies.summary(),
         });
     }
     Ok(points)
 }
+
+/// Calls a paced phase keeps in flight at most, as a client's pool would:
+/// past it the phase offers less than its rate (and says so in its point)
+/// instead of opening streams without bound until the server gives up on
+/// the connection.
+const MAX_IN_FLIGHT: usize = 2048;
 
 /// Paced phases started in this process: each phase's numbers start at
 /// its count times 2^40, above the peak phases' (worker index times 2^32,

@@ -209,7 +209,7 @@ async fn phases(
             .await?;
             let point = points.pop().context("a paced phase measured nothing")?;
             if matches!(caller, Caller::Sidecar(_)) {
-                let calls = (rate * started.elapsed().as_secs_f64()) as u64;
+                let calls = (point.rate * started.elapsed().as_secs_f64()) as u64;
                 sidecar_cpu_us.push(per_call(cpu_before, sidecar.cpu(), calls));
                 via_points.push(point);
             } else {
