@@ -71,7 +71,7 @@ fn appends_beside_raw_syncs_and_publish_consume_with_their_charts() -> TestResul
     let dir = tempfile::tempdir()?;
     let plots = dir.path().join("plots");
     let plot_arg = plots.display().to_string();
-    let report = bench_for(&["append", "pubsub", "--plot", &plot_arg], "0.3")?;
+    let report = bench_for(&["append", "pubsub", "sidecar", "--plot", &plot_arg], "0.3")?;
     let results = report["results"].as_array().ok_or("results")?;
     let cases: Vec<&str> = results
         .iter()
@@ -88,7 +88,7 @@ fn appends_beside_raw_syncs_and_publish_consume_with_their_charts() -> TestResul
             "log 16 partitions x 4, 100 B",
         ]
     );
-    for r in results {
+    for r in results.iter().filter(|r| r["scenario"] != "sidecar") {
         assert!(r["applied_per_s"].as_f64().ok_or("applied")? > 0.0, "{r}");
         let fsyncs = r["fsyncs_per_op"].as_f64().ok_or("fsyncs")?;
         let raw = r["case"].as_str().is_some_and(|c| c.starts_with("raw"));
@@ -118,12 +118,35 @@ fn appends_beside_raw_syncs_and_publish_consume_with_their_charts() -> TestResul
     for p in curve {
         assert!(p["samples"].as_u64().ok_or("samples")? > 0, "{p}");
     }
-    for name in ["append", "pubsub"] {
+    // the sidecar: both ways measured at the same rates, its process's CPU
+    // counted
+    let ways: Vec<&str> = results
+        .iter()
+        .filter(|r| r["scenario"] == "sidecar")
+        .filter_map(|r| r["case"].as_str())
+        .collect();
+    assert_eq!(ways, ["via the sidecar", "direct to the coordinator"]);
+    let rates = |case: &str| -> Vec<f64> {
+        results
+            .iter()
+            .find(|r| r["case"] == case)
+            .and_then(|r| r["curve"].as_array())
+            .map(|c| c.iter().filter_map(|p| p["rate_per_s"].as_f64()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(rates("via the sidecar").len(), 5);
+    let overhead = &report["sidecar_overhead"][0];
+    assert_eq!(overhead["worker_threads"], 1, "{report}");
+    assert!(
+        overhead["sidecar_cpu_us_per_call"].as_f64().ok_or("cpu")? > 0.0,
+        "{overhead}"
+    );
+    for name in ["append", "pubsub", "sidecar"] {
         let png = std::fs::read(plots.join(format!("{name}.png")))?;
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{name}.png");
         assert_eq!(&png[12..16], b"IHDR", "{name}.png");
     }
-    assert_eq!(std::fs::read_dir(&plots)?.count(), 2);
+    assert_eq!(std::fs::read_dir(&plots)?.count(), 3);
     Ok(())
 }
 
@@ -153,6 +176,36 @@ fn on_postgresql_tandem_and_the_outbox_run_side_by_side() -> TestResult {
     Ok(())
 }
 
+/// `--markdown`: one table row per scenario, under its header, scenarios
+/// named twice run once per round.
+#[test]
+fn the_markdown_table_has_a_row_per_scenario_and_round() -> TestResult {
+    let out = Command::new(TANDEM)
+        .args([
+            "bench",
+            "unary",
+            "unary",
+            "--rounds",
+            "2",
+            "--seconds",
+            "0.3",
+        ])
+        .arg("--markdown")
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout)?;
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| ")).collect();
+    assert!(rows[0].starts_with("| scenario | round |"), "{text}");
+    assert_eq!(rows.len(), 3, "{text}");
+    assert!(rows[1].starts_with("| unary | 1 |"), "{text}");
+    assert!(rows[2].starts_with("| unary | 2 |"), "{text}");
+    Ok(())
+}
+
 #[test]
 fn bad_arguments_are_refused_naming_them() -> TestResult {
     for (args, named) in [
@@ -168,6 +221,9 @@ fn bad_arguments_are_refused_naming_them() -> TestResult {
         (&["--message-bytes", "0"][..], "--message-bytes"),
         (&["unary", "--plot", "/proc/no/such"][..], "--plot"),
         (&["--json", "--markdown"][..], "--markdown"),
+        (&["--paced", "1e10"][..], "--paced"),
+        (&["--seconds", "7200"][..], "--seconds"),
+        (&["--sidecar-threads", "300"][..], "--sidecar-threads"),
         (&["nosuch"][..], "nosuch"),
         (
             &["outbox", "--postgres", "postgres://x@127.0.0.1:1/postgres"][..],

@@ -17,7 +17,7 @@ use tandem_e2e::bench::{
 };
 
 /// A scenario of `tandem bench`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
 pub enum Scenario {
     /// Tandem's own part: Begin → Commit → delivered → deduplicated, no
     /// local transaction, no effect.
@@ -140,8 +140,9 @@ pub struct BenchArgs {
     /// Outbox rows a relay moves per round trip.
     #[arg(long, default_value_t = 256)]
     pub relay_batch: i64,
-    /// Transactions per second in the paced phase (default: half of the
-    /// scenario's own peak in that round).
+    /// Rate of the main paced phase, in the scenario's own unit
+    /// (transactions, sagas, calls, or messages for pubsub) per second
+    /// (default: half of the scenario's own peak in that round).
     #[arg(long)]
     pub paced: Option<f64>,
     /// Shards of the coordinator's PostgreSQL store in `txn-postgres-store`
@@ -167,6 +168,10 @@ pub struct BenchArgs {
     /// Bytes of each message's value in the publish → consume scenarios.
     #[arg(long, default_value_t = 100)]
     pub message_bytes: usize,
+    /// The `worker_threads` setting of the sidecar scenario's sidecar (0:
+    /// one per CPU).
+    #[arg(long, default_value_t = 1)]
+    pub sidecar_threads: u32,
     /// Also run paced phases at 10, 25, 75 and 90 % of each scenario's peak
     /// and write a throughput/latency chart per scenario into this folder
     /// (`<scenario>.png`).
@@ -195,6 +200,9 @@ struct Row {
     /// Latency at each paced rate, the main one first (append: at its own
     /// closed-loop rate; its raw baselines: none).
     curve: Vec<Point>,
+    /// The sidecar process's CPU per call at peak, µs (the sidecar
+    /// scenario's row through it).
+    sidecar_cpu_peak_us: Option<f64>,
 }
 
 /// Runs `tandem bench`, writing the report to `out`.
@@ -229,9 +237,20 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
         (1..=65_536).contains(&args.message_bytes),
         "--message-bytes must be between 1 and 65536"
     );
+    anyhow::ensure!(
+        args.seconds <= 3600.0,
+        "--seconds must be at most 3600 (one hour per phase)"
+    );
     if let Some(p) = args.paced {
-        anyhow::ensure!(p > 0.0 && p.is_finite(), "--paced must be a positive rate");
+        anyhow::ensure!(
+            p > 0.0 && p <= 10_000_000.0,
+            "--paced must be a rate between 0 and 10000000 per second"
+        );
     }
+    anyhow::ensure!(
+        args.sidecar_threads <= 256,
+        "--sidecar-threads must be between 0 (one per CPU) and 256"
+    );
     if let Some(us) = args.group_commit_wait_us {
         anyhow::ensure!(
             us <= 100_000,
@@ -255,11 +274,14 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
         .context("installing the signal handlers")?;
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .context("installing the signal handlers")?;
-    let scenarios = if args.scenarios.is_empty() {
+    let mut scenarios = if args.scenarios.is_empty() {
         Scenario::ALL.to_vec()
     } else {
         args.scenarios.clone()
     };
+    // each once per round, in the order first named
+    let mut named = std::collections::HashSet::new();
+    scenarios.retain(|s| named.insert(*s));
     let dir = tempfile::Builder::new()
         .prefix("tandem-bench-")
         .tempdir_in(std::env::temp_dir())?;
@@ -374,6 +396,7 @@ async fn run_all(
                 fsyncs,
                 stages_ms: None,
                 curve,
+                sidecar_cpu_peak_us: None,
             };
             match scenario {
                 Scenario::Restart => unreachable!("handled above"),
@@ -425,6 +448,7 @@ async fn run_all(
                             dir: dir.join(format!("{round}-sidecar")),
                             exe: std::env::current_exe()
                                 .context("finding the tandem binary to start a sidecar")?,
+                            worker_threads: args.sidecar_threads,
                         },
                         &label,
                     )
@@ -432,6 +456,7 @@ async fn run_all(
                     .with_context(context)?;
                     rows.push(Row {
                         case: Some(sidecar::VIA),
+                        sidecar_cpu_peak_us: Some(r.sidecar_cpu_us_at_peak),
                         ..row(
                             r.via_peak_per_s,
                             r.via_peak_per_s,
@@ -481,6 +506,7 @@ async fn run_all(
                     for c in r.cases {
                         let curve = c.latency.map(|latency| Point {
                             rate: c.records_per_s,
+                            sent: c.records,
                             latency,
                         });
                         rows.push(Row {

@@ -30,10 +30,11 @@ fn ratios(rows: &[Row]) -> Vec<(Scenario, u32, f64)> {
         .collect()
 }
 
-/// Per round of the sidecar scenario: p50 and p99 added by the sidecar at
-/// the main paced rate (the same for both ways), that rate, and the
-/// sidecar's CPU per call then.
-fn sidecar_overheads(rows: &[Row]) -> Vec<(u32, f64, f64, f64, f64)> {
+/// Per round of the sidecar scenario: the differences of p50 and of p99
+/// through the sidecar and straight to the coordinator at the main paced
+/// rate (the same for both ways), that rate, and the sidecar's CPU per call
+/// then and at peak.
+fn sidecar_overheads(rows: &[Row]) -> Vec<(u32, f64, f64, f64, f64, f64)> {
     let case = |r: &&Row, case: &str| r.scenario == Scenario::Sidecar && r.case == Some(case);
     rows.iter()
         .filter(|r| case(r, sidecar::VIA))
@@ -48,6 +49,7 @@ fn sidecar_overheads(rows: &[Row]) -> Vec<(u32, f64, f64, f64, f64)> {
                 v.latency.p99_ms - d.latency.p99_ms,
                 v.rate,
                 via.cpu_us.unwrap_or(f64::NAN),
+                via.sidecar_cpu_peak_us.unwrap_or(f64::NAN),
             ))
         })
         .collect()
@@ -150,12 +152,13 @@ pub(super) fn human(
                 s.name()
             )?;
         }
-        for (round, added_p50, added_p99, rate, cpu_us) in sidecar_overheads(rows) {
+        for (round, added_p50, added_p99, rate, cpu_us, peak_us) in sidecar_overheads(rows) {
             writeln!(
                 out,
-                "round {round}: the sidecar added {added_p50:.2} ms p50 and {added_p99:.2} ms p99 \
-                 per call at {rate:.0} calls/s, and used {cpu_us:.0} µs of CPU per call: {:.2} \
-                 vCPU per 1 000 calls/s",
+                "round {round}: through the sidecar, p50 {added_p50:+.2} ms and p99 \
+                 {added_p99:+.2} ms over straight to the coordinator at {rate:.0} calls/s; the \
+                 sidecar process used {cpu_us:.0} µs of CPU per call then ({:.2} vCPU per 1 000 \
+                 calls/s), {peak_us:.0} µs at peak",
                 cpu_us / 1000.0
             )?;
         }
@@ -169,7 +172,9 @@ pub(super) fn human(
              applied unit over that window (append: the log's per record); p50/p99: Begin (the \
              outbox: its local transaction; saga: StartSaga; pubsub: a publish call of 100) -> \
              effect applied, in the paced phase at the rate shown (each scenario's own half \
-             peak unless --paced sets one; append: each append at its closed loop's rate)"
+             peak unless --paced sets one; append: each append at its closed loop's rate), \
+             measured from when each was due; pubsub, unary and sidecar: the call's own latency \
+             (pubsub: publish -> durable acknowledgement)"
         )?;
     }
     for (round, r) in restarts {
@@ -244,13 +249,15 @@ pub(super) fn json(
         "over_outbox": ratios(rows).iter().map(|(s, round, x)| json!({
             "scenario": s.name(), "round": round, "applied_ratio": x,
         })).collect::<Vec<_>>(),
-        "sidecar_overhead": sidecar_overheads(rows).iter().map(|(round, p50, p99, rate, cpu)| json!({
+        "sidecar_overhead": sidecar_overheads(rows).iter().map(|(round, p50, p99, rate, cpu, peak)| json!({
             "round": round,
+            "worker_threads": args.sidecar_threads,
             "rate_per_s": rate.round(),
-            "added_p50_ms": two(*p50),
-            "added_p99_ms": two(*p99),
+            "p50_difference_ms": two(*p50),
+            "p99_difference_ms": two(*p99),
             "sidecar_cpu_us_per_call": cpu.round(),
             "vcpu_per_1000_calls_per_s": (cpu / 10.0).round() / 100.0,
+            "sidecar_cpu_us_per_call_at_peak": peak.round(),
         })).collect::<Vec<_>>(),
         "restart": restarts.iter().map(|(round, r)| json!({
             "round": round,

@@ -44,6 +44,8 @@ pub struct Case {
     pub raw: bool,
     /// Records appended (raw: 1 KiB units written) per second.
     pub records_per_s: f64,
+    /// Records appended (raw: 1 KiB units written) in all.
+    pub records: u64,
     /// Bytes of record payload per record.
     pub record_bytes: usize,
     /// MiB per second written to the raw file or the log's segments,
@@ -147,6 +149,7 @@ fn raw(dir: &Path, name: &'static str, chunk: usize, secs: Duration) -> anyhow::
         name,
         raw: true,
         records_per_s: records as f64 / elapsed,
+        records,
         record_bytes: KIB,
         disk_mib_per_s: pos as f64 / elapsed / MIB,
         fsyncs_per_record: (pos / chunk as u64) as f64 / records.max(1) as f64,
@@ -240,6 +243,7 @@ async fn log_case(
         name,
         raw: false,
         records_per_s: records as f64 / elapsed,
+        records,
         record_bytes: shape.size,
         disk_mib_per_s: disk_bytes as f64 / elapsed / MIB,
         fsyncs_per_record: syncs as f64 / records.max(1) as f64,

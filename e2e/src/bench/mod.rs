@@ -173,6 +173,11 @@ pub fn micros_since(epoch: Instant) -> u64 {
     epoch.elapsed().as_micros() as u64
 }
 
+/// Microseconds from `epoch` to `at`.
+pub fn micros_at(epoch: Instant, at: Instant) -> u64 {
+    at.saturating_duration_since(epoch).as_micros() as u64
+}
+
 /// A counter read twice to give a rate over a window.
 pub struct Window {
     count: u64,
@@ -281,15 +286,19 @@ impl Pacing {
 pub struct Point {
     /// The rate the phase offered, per second.
     pub rate: f64,
+    /// Calls (or transactions) it started.
+    pub sent: u64,
     /// Its latencies.
     pub latency: Percentiles,
 }
 
 /// Every paced phase of `pacing` after a peak of `peak` per second: at each
-/// rate, starts `one(n)` at that rate for `secs` (under a progress bar
+/// rate, starts `one(n, at)` at that rate for `secs` (under a progress bar
 /// labelled `label`), waits for every one, then for `latencies` to hold a
 /// sample of each, at most 120 s (`what` names them in the error if they do
-/// not). Each phase's `n` are new: no two phases of a run share one.
+/// not). `at` is when the call was due: latencies are taken from it, so
+/// that a call the pacer or the in-flight bound held back counts its wait.
+/// Each phase's `n` are new: no two phases of a run share one.
 pub async fn paced<F, Fut>(
     label: &str,
     pacing: &Pacing,
@@ -300,7 +309,7 @@ pub async fn paced<F, Fut>(
     mut one: F,
 ) -> anyhow::Result<Vec<Point>>
 where
-    F: FnMut(u64) -> Fut,
+    F: FnMut(u64, Instant) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let mut points = Vec::new();
@@ -318,7 +327,8 @@ where
             tick.tick().await;
             sent += 1;
             let permit = in_flight.clone().acquire_owned().await?;
-            let call = one(base + sent);
+            let due = start + Duration::from_secs_f64((sent - 1) as f64 / rate);
+            let call = one(base + sent, due);
             tasks.spawn(async move {
                 let r = call.await;
                 drop(permit);
@@ -346,6 +356,7 @@ where
         );
         points.push(Point {
             rate: offered.min(rate),
+            sent,
             latency: latencies.summary(),
         });
     }

@@ -74,8 +74,9 @@ struct Shared {
 }
 
 /// One producer transaction.
-async fn transaction(s: &Shared, n: u64) -> anyhow::Result<()> {
-    let begun = micros_since(s.epoch) as i64;
+/// One producer transaction, due at `due` (its latency counts from there).
+async fn transaction(s: &Shared, n: u64, due: Instant) -> anyhow::Result<()> {
+    let begun = super::micros_at(s.epoch, due) as i64;
     let id = uuid::Uuid::now_v7().to_string();
     let mut tx = s.orders.begin().await?;
     sqlx::query("INSERT INTO business (id, value) VALUES ($1, 'order')")
@@ -211,7 +212,7 @@ async fn baseline(
 
 async fn phases(opts: &Options, label: &str, s: &Arc<Shared>) -> anyhow::Result<Report> {
     // Warm-up: one transaction all the way through.
-    transaction(s, 0).await?;
+    transaction(s, 0, Instant::now()).await?;
     anyhow::ensure!(
         wait_for(&s.applied, 1, Duration::from_secs(30)).await,
         "the first outbox row was not relayed within 30 s"
@@ -228,7 +229,7 @@ async fn phases(opts: &Options, label: &str, s: &Arc<Shared>) -> anyhow::Result<
                 let mut n = (c as u64) << 32;
                 while start.elapsed() < secs {
                     n += 1;
-                    transaction(&s, n).await?;
+                    transaction(&s, n, Instant::now()).await?;
                 }
                 anyhow::Ok(())
             })
@@ -255,9 +256,9 @@ async fn phases(opts: &Options, label: &str, s: &Arc<Shared>) -> anyhow::Result<
         secs,
         &s.latencies,
         "outbox rows",
-        |n| {
+        |n, due| {
             let s = s.clone();
-            async move { transaction(&s, n).await }
+            async move { transaction(&s, n, due).await }
         },
     )
     .await?;

@@ -55,8 +55,9 @@ pub struct Report {
     /// The coordinator's `fdatasync` calls per message over that window
     /// (`None` on PostgreSQL).
     pub fsyncs_per_message: Option<f64>,
-    /// Publish call latency in each paced phase, the main one first, with
-    /// rates in messages per second.
+    /// Publish call latency (sent → durable acknowledgement) in each paced
+    /// phase, the main one first, with rates in messages per second; every
+    /// message published was received before the run ends.
     pub curve: Vec<super::Point>,
 }
 
@@ -222,12 +223,12 @@ async fn measure(
         secs,
         &latencies,
         "publish calls",
-        |n| {
+        |n, due| {
             let (mut c, latencies, topic) = (c.clone(), latencies.clone(), topic.to_owned());
             let mut seq = n << 10;
             let messages = batch(size, PACED_BATCH, &mut seq);
             async move {
-                let began = micros_since(epoch);
+                let began = super::micros_at(epoch, due);
                 c.publish(pb::PublishRequest { topic, messages }).await?;
                 latencies.add(micros_since(epoch).saturating_sub(began));
                 Ok(())
@@ -235,8 +236,16 @@ async fn measure(
         },
     )
     .await?;
+    let paced_total: u64 = curve.iter().map(|p| p.sent * PACED_BATCH as u64).sum();
+    anyhow::ensure!(
+        wait_for(received, total + paced_total, Duration::from_secs(120)).await,
+        "the consumer received {} of the {} messages published within 120 s",
+        received.load(Ordering::Relaxed),
+        total + paced_total
+    );
     for p in &mut curve {
         p.rate *= PACED_BATCH as f64;
+        p.sent *= PACED_BATCH as u64;
     }
     Ok(Report {
         published_per_s,

@@ -311,10 +311,10 @@ async fn sagas(
         secs,
         &latencies,
         "sagas",
-        |n| {
+        |n, due| {
             let (mut c, waiting, latencies) = (client.clone(), waiting.clone(), latencies.clone());
             async move {
-                let began = micros_since(epoch);
+                let began = super::micros_at(epoch, due);
                 one(&mut c, &waiting, (1 << 62) + n).await?;
                 latencies.add(micros_since(epoch).saturating_sub(began));
                 Ok(())

@@ -39,6 +39,8 @@ pub struct Options {
     pub dir: PathBuf,
     /// The `tandem` binary, whose `sidecar` command is started.
     pub exe: PathBuf,
+    /// The sidecar's `worker_threads` setting.
+    pub worker_threads: u32,
 }
 
 /// What one run measured.
@@ -101,6 +103,8 @@ async fn with_coordinator(opts: &Options, label: &str, url: &str) -> anyhow::Res
         "bench",
         "--set",
         "log=warn",
+        "--set",
+        &format!("worker_threads={}", opts.worker_threads),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -186,9 +190,13 @@ async fn phases(
             rate: Some(rate),
             curve: false,
         };
-        for (way, caller) in [(DIRECT, &direct), (VIA, &via)] {
+        // the order alternates from one rate to the next
+        let mut ways = [(DIRECT, &direct), (VIA, &via)];
+        if via_points.len() % 2 == 1 {
+            ways.reverse();
+        }
+        for (way, caller) in ways {
             let cpu_before = sidecar.cpu();
-            let started = Instant::now();
             let mut points = super::paced(
                 &format!("{label}: {way}"),
                 &once,
@@ -196,10 +204,10 @@ async fn phases(
                 opts.seconds,
                 &latencies,
                 "calls",
-                |n| {
+                |n, due| {
                     let (mut c, latencies) = (caller.clone(), latencies.clone());
                     async move {
-                        let began = micros_since(epoch);
+                        let began = super::micros_at(epoch, due);
                         c.publish(n).await?;
                         latencies.add(micros_since(epoch).saturating_sub(began));
                         Ok(())
@@ -209,8 +217,7 @@ async fn phases(
             .await?;
             let point = points.pop().context("a paced phase measured nothing")?;
             if matches!(caller, Caller::Sidecar(_)) {
-                let calls = (point.rate * started.elapsed().as_secs_f64()) as u64;
-                sidecar_cpu_us.push(per_call(cpu_before, sidecar.cpu(), calls));
+                sidecar_cpu_us.push(per_call(cpu_before, sidecar.cpu(), point.sent));
                 via_points.push(point);
             } else {
                 direct_points.push(point);

@@ -101,8 +101,11 @@ pub struct Report {
 /// and notes how long it took from Begin.
 struct Consumer {
     epoch: Instant,
+    /// Distinct messages applied: a redelivery is not counted twice.
     applied: AtomicU64,
     latencies: Latencies,
+    /// Ids of the messages applied so far.
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
     effects: Effects,
 }
 
@@ -190,9 +193,19 @@ impl Consumer {
         }
     }
 
-    /// Counts an applied message and its latency from Begin.
+    /// Counts an applied message and its latency from Begin, the first
+    /// time its id is handed over.
     fn applied(&self, req: &app_pb::HandleMessageRequest) {
         let now = micros_since(self.epoch);
+        let id = req.message.as_ref().map_or("", |m| m.id.as_str());
+        let first = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_owned());
+        if !first && !id.is_empty() {
+            return;
+        }
         self.applied.fetch_add(1, Ordering::Relaxed);
         let begun = req.message.as_ref().and_then(|m| {
             let h = m.headers.iter().find(|h| h.name == "bench.begin-us")?;
@@ -298,6 +311,7 @@ async fn transaction(
     db: &Local,
     epoch: Instant,
     n: u64,
+    due: Instant,
     stages: &Stages,
 ) -> anyhow::Result<()> {
     let t = Instant::now();
@@ -309,7 +323,7 @@ async fn transaction(
             value: Bytes::from(vec![b'x'; 100]),
             headers: vec![pb::Header {
                 name: "bench.begin-us".into(),
-                value: Bytes::from(micros_since(epoch).to_string()),
+                value: Bytes::from(super::micros_at(epoch, due).to_string()),
             }],
             partition: None,
         }),
@@ -541,6 +555,7 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
         epoch,
         applied: AtomicU64::new(0),
         latencies: Latencies::default(),
+        seen: Default::default(),
         effects,
     });
     let shutdown = servers.shutdown();
@@ -571,7 +586,15 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
     .context("Subscribe")?;
 
     // Warm-up: one transaction all the way through.
-    transaction(&mut producer, &local, epoch, 0, &Stages::default()).await?;
+    transaction(
+        &mut producer,
+        &local,
+        epoch,
+        0,
+        Instant::now(),
+        &Stages::default(),
+    )
+    .await?;
     anyhow::ensure!(
         wait_for(&consumer.applied, 1, Duration::from_secs(30)).await,
         "the first transaction was not applied within 30 s"
@@ -589,7 +612,7 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
             let mut n = (w as u64) << 32;
             while start.elapsed() < secs {
                 n += 1;
-                transaction(&mut s, &db, epoch, n, &stages).await?;
+                transaction(&mut s, &db, epoch, n, Instant::now(), &stages).await?;
             }
             anyhow::Ok(())
         }));
@@ -630,9 +653,9 @@ async fn scenario(opts: &Options, label: &str, servers: &mut Servers) -> anyhow:
         secs,
         &consumer.latencies,
         "transactions",
-        |n| {
+        |n, due| {
             let (mut s, db, stages) = (producer.clone(), local.clone(), paced_stages.clone());
-            async move { transaction(&mut s, &db, epoch, n, &stages).await }
+            async move { transaction(&mut s, &db, epoch, n, due, &stages).await }
         },
     )
     .await?;

@@ -173,10 +173,10 @@ async fn calls(opts: &Options, label: &str, url: &str) -> anyhow::Result<Report>
         secs,
         &latencies,
         "calls",
-        |n| {
+        |n, due| {
             let (mut c, latencies) = (client.clone(), latencies.clone());
             async move {
-                let began = micros_since(epoch);
+                let began = super::micros_at(epoch, due);
                 c.handle_message(request(n)).await?;
                 latencies.add(micros_since(epoch).saturating_sub(began));
                 Ok(())
