@@ -224,6 +224,7 @@ fn bad_arguments_are_refused_naming_them() -> TestResult {
         (&["--paced", "1e10"][..], "--paced"),
         (&["--seconds", "7200"][..], "--seconds"),
         (&["--sidecar-threads", "300"][..], "--sidecar-threads"),
+        (&["unary", "--dir", "/proc/no/such"][..], "--dir"),
         (&["nosuch"][..], "nosuch"),
         (
             &["outbox", "--postgres", "postgres://x@127.0.0.1:1/postgres"][..],

@@ -177,6 +177,11 @@ pub struct BenchArgs {
     /// (`<scenario>.png`).
     #[arg(long, value_name = "DIR")]
     pub plot: Option<std::path::PathBuf>,
+    /// Where the scenarios keep their data (a fresh folder in it, removed
+    /// at the end): put it on the disk to measure; on tmpfs every
+    /// fdatasync is free. Default: the temporary folder ($TMPDIR or /tmp).
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<std::path::PathBuf>,
     /// Print the results as one JSON document instead of a table.
     #[arg(long, conflicts_with = "markdown")]
     pub json: bool,
@@ -282,9 +287,11 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
     // each once per round, in the order first named
     let mut named = std::collections::HashSet::new();
     scenarios.retain(|s| named.insert(*s));
+    let base = args.dir.clone().unwrap_or_else(std::env::temp_dir);
     let dir = tempfile::Builder::new()
         .prefix("tandem-bench-")
-        .tempdir_in(std::env::temp_dir())?;
+        .tempdir_in(&base)
+        .with_context(|| format!("--dir: cannot make a folder in {}", base.display()))?;
     let mut own = None;
     let server = match (&args.postgres, scenarios.iter().any(|s| s.needs_postgres())) {
         (Some(url), _) => Some(url.clone()),
