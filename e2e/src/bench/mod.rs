@@ -77,6 +77,45 @@ pub async fn drop_database(url: &str) {
     }
 }
 
+/// A coordinator serving in this process on a loopback port.
+pub struct LocalCoordinator {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its embedded store's fdatasync count (`None` on PostgreSQL).
+    pub syncs: Option<tandem_storage::SyncCounter>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<tandem_coordinator::Result<()>>,
+}
+
+impl LocalCoordinator {
+    /// Opens a coordinator with `config` and waits until it serves.
+    pub async fn start(config: tandem_coordinator::Config) -> anyhow::Result<LocalCoordinator> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let coordinator = tandem_coordinator::Coordinator::open(config)
+            .await
+            .context("opening the coordinator")?;
+        let syncs = coordinator.sync_counter();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(coordinator.serve(listener, async {
+            let _ = stopped.await;
+        }));
+        wait_serving(&url).await;
+        Ok(LocalCoordinator {
+            url,
+            syncs,
+            stop,
+            server,
+        })
+    }
+
+    /// Shuts it down and waits until it has.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+    }
+}
+
 /// Waits until the coordinator at `url` serves (on PostgreSQL: holds the
 /// lease), at most 30 s.
 pub async fn wait_serving(url: &str) {

@@ -14,7 +14,6 @@ use anyhow::Context;
 use bytes::Bytes;
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
@@ -77,20 +76,9 @@ pub async fn run(opts: &Options, label: &str) -> anyhow::Result<Report> {
         store,
         ..Default::default()
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let coordinator = tandem_coordinator::Coordinator::open(config)
-        .await
-        .context("opening the coordinator")?;
-    let syncs = coordinator.sync_counter();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(coordinator.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    super::wait_serving(&url).await;
-    let result = phases(opts, label, &url, syncs).await;
-    let _ = stop.send(());
-    let _ = server.await;
+    let coordinator = super::LocalCoordinator::start(config).await?;
+    let result = phases(opts, label, &coordinator.url, coordinator.syncs.clone()).await;
+    coordinator.stop().await;
     if let Some(url) = database {
         super::drop_database(&url).await;
     }

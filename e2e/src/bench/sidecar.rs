@@ -15,7 +15,6 @@ use bytes::Bytes;
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar::sidecar_client::SidecarClient;
-use tokio::net::TcpListener;
 use tonic::transport::Channel;
 
 use super::{Latencies, Pacing, Phase, Point, Window, micros_since};
@@ -68,19 +67,9 @@ pub async fn run(opts: &Options, label: &str) -> anyhow::Result<Report> {
         data_dir: opts.dir.join("coordinator"),
         ..Default::default()
     };
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let coordinator = tandem_coordinator::Coordinator::open(config)
-        .await
-        .context("opening the coordinator")?;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(coordinator.serve(listener, async {
-        let _ = stopped.await;
-    }));
-    super::wait_serving(&url).await;
-    let result = with_coordinator(opts, label, &url).await;
-    let _ = stop.send(());
-    let _ = server.await;
+    let coordinator = super::LocalCoordinator::start(config).await?;
+    let result = with_coordinator(opts, label, &coordinator.url).await;
+    coordinator.stop().await;
     result
 }
 
