@@ -82,7 +82,7 @@ fn appends_beside_raw_syncs_and_publish_consume_with_their_charts() -> TestResul
         cases,
         [
             "raw 1 KiB write+fdatasync",
-            "raw 1 MiB write+fdatasync",
+            "raw 1 MiB write+fdatasync, in KiB",
             "log 1 appender, waits on each, 1 KiB",
             "log 16 appenders x 64, 1 KiB",
             "log 16 partitions x 4, 100 B",

@@ -249,7 +249,7 @@ pub async fn bench(args: BenchArgs, out: &mut impl Write) -> anyhow::Result<()> 
     if let Some(p) = args.paced {
         anyhow::ensure!(
             p > 0.0 && p <= 10_000_000.0,
-            "--paced must be a rate between 0 and 10000000 per second"
+            "--paced must be a rate above 0 and at most 10000000 per second"
         );
     }
     anyhow::ensure!(

@@ -79,8 +79,9 @@ impl Report {
 
 /// The raw baseline of one 1 KiB write and sync per record.
 pub const RAW_RECORD: &str = "raw 1 KiB write+fdatasync";
-/// The raw baseline of 1 MiB writes, each synced.
-pub const RAW_SEQUENTIAL: &str = "raw 1 MiB write+fdatasync";
+/// The raw baseline of 1 MiB writes, each synced (counted in KiB, the
+/// records' size).
+pub const RAW_SEQUENTIAL: &str = "raw 1 MiB write+fdatasync, in KiB";
 /// The log's case of 16 appenders on one partition.
 pub const LOG_GROUPED: &str = "log 16 appenders x 64, 1 KiB";
 

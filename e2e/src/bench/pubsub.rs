@@ -205,7 +205,7 @@ async fn measure(
         curve: opts.pacing.curve,
     };
     let mut curve = super::paced(
-        label,
+        &format!("{label}, in publish calls of {PACED_BATCH}"),
         &per_call,
         consumed_per_s / PACED_BATCH as f64,
         secs,
