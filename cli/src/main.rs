@@ -9,6 +9,12 @@ use tandem_cli::{BenchArgs, ConsumeArgs, DemoArgs, PublishArgs, SagaCommand, Top
 use tandem_coordinator::{Config, CoordinatorArgs};
 use tandem_sidecar::SidecarArgs;
 
+/// The allocator of the process (cargo feature `mimalloc`, on by default):
+/// glibc's took about a sixth of a transaction's CPU (BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Tandem: transactional messages for services that each own their database.
 #[derive(Parser)]
 #[command(name = "tandem", version, about)]

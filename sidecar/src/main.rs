@@ -6,6 +6,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use tandem_sidecar::SidecarArgs;
 
+/// The allocator of the process (cargo feature `mimalloc`, on by default):
+/// glibc's took about a sixth of a transaction's CPU (BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The Tandem sidecar.
 #[derive(Parser)]
 #[command(name = "tandem-sidecar", version, about)]

@@ -9,6 +9,12 @@ use clap::{Parser, Subcommand};
 use tandem_coordinator::{CoordinatorArgs, shutdown_signal};
 use tandem_sidecar::SidecarArgs;
 
+/// The allocator of the process (cargo feature `mimalloc`, on by default):
+/// glibc's took about a sixth of a transaction's CPU (BENCHMARKS.md).
+#[cfg(feature = "mimalloc")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs one process of an end-to-end test.
 #[derive(Parser)]
 #[command(name = "tandem-e2e")]
