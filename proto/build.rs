@@ -1,6 +1,10 @@
 //! Generates the gRPC code from `tandem/**/*.proto` with protox (pure Rust,
 //! no system `protoc`) feeding tonic-prost-build. The sidecar and app APIs
 //! use the coordinator's message types, which map onto `crate::coordinator`.
+//! It also writes every file's descriptors, imports included, for the
+//! servers' gRPC reflection (`tandem.bin` in `OUT_DIR`).
+
+use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let coordinator = ["tandem/coordinator/v1/coordinator.proto"];
@@ -21,5 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .bytes(".")
         .compile_fds(protox::compile(coordinator, ["."])?)?;
+    let all = protox::compile(coordinator.iter().chain(&others), ["."])?;
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?).join("tandem.bin");
+    std::fs::write(out, all.encode_to_vec())?;
     Ok(())
 }

@@ -108,7 +108,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Coordinator(args) => {
             let config = Config::load(&args, std::env::vars())?;
-            tandem_coordinator::init_tracing(&config.log_filter);
+            tandem_coordinator::init_tracing(&config.log_filter, config.log_format)?;
             Ok(tandem_coordinator::run(config, tandem_coordinator::shutdown_signal()).await?)
         }
         Command::Bench(args) => tandem_cli::bench(args, &mut std::io::stdout()).await,
@@ -126,12 +126,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             db,
             sidecar,
         } => {
-            tandem_coordinator::init_tracing("warn");
+            tandem_coordinator::init_tracing("warn", Default::default())?;
             tandem_e2e::order::run(listen, &db, &sidecar, tandem_coordinator::shutdown_signal())
                 .await
         }
         Command::ExamplePaymentsService { listen, db } => {
-            tandem_coordinator::init_tracing("warn");
+            tandem_coordinator::init_tracing("warn", Default::default())?;
             tandem_e2e::payments::run(listen, &db, tandem_coordinator::shutdown_signal()).await
         }
         Command::ExampleCartService {
@@ -140,7 +140,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             sidecar,
             no_dedup,
         } => {
-            tandem_coordinator::init_tracing("warn");
+            tandem_coordinator::init_tracing("warn", Default::default())?;
             tandem_e2e::cart::run(
                 listen,
                 &db,

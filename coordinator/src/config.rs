@@ -68,6 +68,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("offsets_retention_ms", Kind::Int),
     ("saga_retention_ms", Kind::Int),
     ("log", Kind::Str),
+    ("log_format", Kind::Str),
     ("check_after_ms", Kind::Int),
     ("max_checks", Kind::Int),
     ("check_timeout_ms", Kind::Int),
@@ -104,6 +105,7 @@ struct Raw {
     offsets_retention_ms: Option<u64>,
     saga_retention_ms: Option<u64>,
     log: Option<String>,
+    log_format: Option<String>,
     check_after_ms: Option<u64>,
     max_checks: Option<u32>,
     check_timeout_ms: Option<u64>,
@@ -245,6 +247,8 @@ pub struct Config {
     pub saga_retention: Duration,
     /// Log filter (`tracing` env-filter syntax).
     pub log_filter: String,
+    /// Log lines as text or JSON.
+    pub log_format: crate::LogFormat,
     /// Transactional messages.
     pub txn: TxnSettings,
 }
@@ -287,9 +291,7 @@ impl Raw {
     fn check(self) -> Result<Config, ConfigError> {
         let invalid = ConfigError::invalid;
         let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:7400".into());
-        let listen = listen_s
-            .parse()
-            .map_err(|_| invalid("listen", &listen_s, "expected HOST:PORT with an IP address"))?;
+        let listen = crate::settings::listen_address("listen", &listen_s)?;
         let interval = self.fsync_interval_ms.unwrap_or(100);
         if interval == 0 || interval > 60_000 {
             return Err(invalid(
@@ -578,7 +580,8 @@ impl Raw {
             saga_retention,
             // sqlx's notices ("relation already exists, skipping" at every
             // start) are not worth an operator's attention.
-            log_filter: self.log.unwrap_or_else(|| "info,sqlx=warn".into()),
+            log_filter: crate::logging::filter_setting(self.log, "info,sqlx=warn")?,
+            log_format: crate::LogFormat::from_setting(self.log_format.as_deref())?,
         })
     }
 }

@@ -16,6 +16,7 @@ mod consumer;
 mod error;
 pub use tandem_storage::failpoint;
 mod group;
+pub mod logging;
 mod offsets;
 mod partitioner;
 mod published;
@@ -42,7 +43,8 @@ pub use config::{
 };
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};
-pub use server::{Coordinator, LEASE_NAME, MAX_REQUEST_BYTES, init_tracing, run, shutdown_signal};
+pub use logging::{LogFormat, init_tracing};
+pub use server::{Coordinator, LEASE_NAME, MAX_REQUEST_BYTES, run, shutdown_signal};
 pub use service::{
     CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, OWNER_METADATA, Role,
     SIDECAR_SESSION_TIMEOUT, Validity, check_group, check_id,

@@ -191,16 +191,18 @@ impl Coordinator {
         ))
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(
+        let router = tandem_proto::with_reflection(
             Server::builder()
                 .add_service(health_service)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async {
-                    let _ = server_stopped.await;
-                }),
-        );
+                .add_service(service),
+            &[tandem_proto::coordinator::coordinator_server::SERVICE_NAME],
+        )
+        .map_err(|e| Error::Serve(format!("gRPC reflection: {e}")))?;
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = server_stopped.await;
+        }));
         let ended = match self.embedded {
             Some(e) => serve_embedded(&self.config, e, &roles, &health, shutdown).await,
             None => {
@@ -360,17 +362,4 @@ pub async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
-}
-
-/// Sets up logging to standard error with `filter` (`RUST_LOG` wins).
-pub fn init_tracing(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
 }

@@ -30,11 +30,11 @@ pub enum ConfigError {
         message: String,
     },
     /// A value out of its range.
-    #[error("invalid setting {key} = {value:?}: {reason}")]
+    #[error("invalid setting {key} = {value}: {reason}")]
     Invalid {
         /// The setting.
         key: &'static str,
-        /// Its value as given.
+        /// Its value as given, in Rust's debug form (a string quoted once).
         value: String,
         /// What is allowed.
         reason: String,
@@ -49,6 +49,26 @@ impl ConfigError {
             value: format!("{value:?}"),
             reason: reason.to_owned(),
         }
+    }
+}
+
+/// A `listen` setting: `HOST:PORT` where HOST is an IP address or a name
+/// that resolves (`localhost:7400`); a name is resolved once, here, and
+/// the first address it gives is used.
+pub fn listen_address(key: &'static str, value: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = value.parse() {
+        return Ok(addr);
+    }
+    match value.to_socket_addrs() {
+        Ok(mut addrs) => addrs.next().ok_or_else(|| {
+            ConfigError::invalid(key, &value, "the host name resolves to no address")
+        }),
+        Err(e) => Err(ConfigError::invalid(
+            key,
+            &value,
+            &format!("expected HOST:PORT, HOST an IP address or a host name that resolves ({e})"),
+        )),
     }
 }
 
@@ -151,5 +171,38 @@ impl Layers<'_> {
             origin,
             message: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_takes_addresses_and_host_names() {
+        assert_eq!(
+            listen_address("listen", "127.0.0.1:7400").ok(),
+            Some(std::net::SocketAddr::from(([127, 0, 0, 1], 7400)))
+        );
+        let local = listen_address("listen", "localhost:7400");
+        assert!(
+            local
+                .as_ref()
+                .is_ok_and(|a| a.ip().is_loopback() && a.port() == 7400),
+            "{local:?}"
+        );
+        for bad in [
+            "7400",
+            "localhost",
+            "no-such-host.invalid:7400",
+            "127.0.0.1:99999",
+        ] {
+            let e = listen_address("listen", bad).err().map(|e| e.to_string());
+            assert!(
+                e.as_deref()
+                    .is_some_and(|e| e.contains("listen") && e.contains(bad)),
+                "{bad}: {e:?}"
+            );
+        }
     }
 }

@@ -25,3 +25,40 @@ pub mod examples {
     #![allow(missing_docs, unreachable_pub, clippy::all)]
     tonic::include_proto!("tandem.examples.v1");
 }
+
+/// Every `.proto` file of these APIs as an encoded `FileDescriptorSet`,
+/// imports included: what gRPC reflection serves.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tandem.bin"));
+
+/// `router` with gRPC server reflection added for a port serving
+/// `services` (their full names, e.g. `tandem.sidecar.v1.Sidecar`), the
+/// standard health service and reflection itself, so that `grpcurl` and
+/// `buf curl` list and call them without the `.proto` files. Both versions
+/// of the reflection API: v1, and v1alpha for the tools that still ask it.
+pub fn with_reflection<L>(
+    router: tonic::transport::server::Router<L>,
+    services: &[&str],
+) -> Result<tonic::transport::server::Router<L>, tonic_reflection::server::Error> {
+    use tonic_reflection::server::Builder;
+    let builder = || {
+        let mut b = Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for s in services {
+            b = b.with_service_name(*s);
+        }
+        b
+    };
+    Ok(router
+        .add_service(
+            builder()
+                .with_service_name("grpc.reflection.v1.ServerReflection")
+                .build_v1()?,
+        )
+        .add_service(
+            builder()
+                .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+                .build_v1alpha()?,
+        ))
+}

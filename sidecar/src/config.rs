@@ -50,6 +50,7 @@ const KEYS: &[(&str, Kind)] = &[
     ("retention_ms", Kind::Int),
     ("cleanup_schedule", Kind::Str),
     ("log", Kind::Str),
+    ("log_format", Kind::Str),
     ("worker_threads", Kind::Int),
 ];
 
@@ -67,6 +68,7 @@ struct Raw {
     retention_ms: Option<u64>,
     cleanup_schedule: Option<String>,
     log: Option<String>,
+    log_format: Option<String>,
     worker_threads: Option<u64>,
 }
 
@@ -104,8 +106,10 @@ pub struct Config {
     pub retention: Duration,
     /// When that cleanup runs.
     pub cleanup_schedule: CronSchedule,
-    /// Log filter.
+    /// Log filter (`tracing` env-filter syntax).
     pub log_filter: String,
+    /// Log lines as text or JSON.
+    pub log_format: tandem_coordinator::LogFormat,
     /// Threads of the async runtime; `None`: one per CPU.
     pub worker_threads: Option<usize>,
 }
@@ -175,9 +179,7 @@ impl Raw {
     fn check(self) -> Result<Config, ConfigError> {
         let invalid = ConfigError::invalid;
         let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:7410".into());
-        let listen = listen_s
-            .parse()
-            .map_err(|_| invalid("listen", &listen_s, "expected HOST:PORT with an IP address"))?;
+        let listen = tandem_coordinator::settings::listen_address("listen", &listen_s)?;
         let service = self.service.unwrap_or_else(|| "app".into());
         tandem_coordinator::check_id("service", &service)
             .map_err(|e| invalid("service", &service, &e.to_string()))?;
@@ -250,7 +252,8 @@ impl Raw {
             cleanup_schedule,
             // sqlx's notices ("relation already exists, skipping" at every
             // start) are not worth an operator's attention.
-            log_filter: self.log.unwrap_or_else(|| "info,sqlx=warn".into()),
+            log_filter: tandem_coordinator::logging::filter_setting(self.log, "info,sqlx=warn")?,
+            log_format: tandem_coordinator::LogFormat::from_setting(self.log_format.as_deref())?,
             worker_threads: match self.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS) {
                 0 => None,
                 n @ 1..=256 => Some(n as usize),

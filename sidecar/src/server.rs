@@ -66,11 +66,16 @@ pub async fn serve(
     })
     .max_decoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES)
     .max_encoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES);
+    let router = tandem_proto::with_reflection(
+        Server::builder()
+            .add_service(health_service)
+            .add_service(service),
+        &[tandem_proto::sidecar::sidecar_server::SERVICE_NAME],
+    )
+    .map_err(|e| Error::Serve(format!("gRPC reflection: {e}")))?;
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let subs = subscriptions.clone();
-    let served = Server::builder()
-        .add_service(health_service)
-        .add_service(service)
+    let served = router
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("shutting down");
@@ -97,8 +102,8 @@ pub async fn serve(
 }
 
 /// A sidecar process's life: loads the settings from `args` and the
-/// environment, starts the async runtime with their `worker_threads`, logs
-/// as their `log` says, and serves until SIGTERM or SIGINT. Errors are
+/// environment, logs as their `log` and `log_format` say, starts the async
+/// runtime with their `worker_threads`, and serves until SIGTERM or SIGINT. Errors are
 /// printed after `program: `; bad settings exit with 2.
 pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::ExitCode {
     use std::process::ExitCode;
@@ -109,6 +114,10 @@ pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::Ex
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = tandem_coordinator::init_tracing(&config.log_filter, config.log_format) {
+        eprintln!("{program}: {e}");
+        return ExitCode::from(2);
+    }
     let rt = match config.runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -117,7 +126,6 @@ pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::Ex
         }
     };
     rt.block_on(async {
-        tandem_coordinator::init_tracing(&config.log_filter);
         match run(config, tandem_coordinator::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

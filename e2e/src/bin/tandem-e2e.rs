@@ -79,7 +79,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Coordinator(args) => {
             let config = tandem_coordinator::Config::load(&args, std::env::vars())?;
-            tandem_coordinator::init_tracing(&config.log_filter);
+            tandem_coordinator::init_tracing(&config.log_filter, config.log_format)?;
             Ok(tandem_coordinator::run(config, shutdown_signal()).await?)
         }
         Cmd::Sidecar(_) => unreachable!("main runs a sidecar before the runtime starts"),
@@ -94,7 +94,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             replicated,
             faults,
         } => {
-            tandem_coordinator::init_tracing("warn");
+            tandem_coordinator::init_tracing("warn", Default::default())?;
             let seed = seed.unwrap_or_else(|| {
                 std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -125,7 +125,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::TestApp { listen, db } => {
-            tandem_coordinator::init_tracing("info");
+            tandem_coordinator::init_tracing("info", Default::default())?;
             tandem_e2e::testapp::run(listen, &db, shutdown_signal()).await
         }
     }
