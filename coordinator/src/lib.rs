@@ -16,7 +16,6 @@ mod consumer;
 mod error;
 pub use tandem_storage::failpoint;
 mod group;
-pub mod logging;
 mod offsets;
 mod partitioner;
 mod published;
@@ -26,7 +25,6 @@ mod saga_wire;
 mod server;
 mod service;
 mod session;
-pub mod settings;
 pub mod shards;
 mod statelog;
 mod topics;
@@ -43,11 +41,12 @@ pub use config::{
 };
 pub use consumer::{Outbound, StartFrom, Subscription};
 pub use error::{Error, Result};
-pub use logging::{LogFormat, init_tracing};
-pub use server::{Coordinator, LEASE_NAME, MAX_REQUEST_BYTES, run, shutdown_signal};
+pub use server::{Coordinator, LEASE_NAME, MAX_REQUEST_BYTES, run};
 pub use service::{
-    CoordinatorService, MAX_CONTEXT_BYTES, MAX_ID_LEN, OWNER_METADATA, Role,
-    SIDECAR_SESSION_TIMEOUT, Validity, check_group, check_id,
+    CoordinatorService, MAX_CONTEXT_BYTES, OWNER_METADATA, Role, SIDECAR_SESSION_TIMEOUT, Validity,
 };
-pub use settings::ConfigError;
+pub use tandem_runtime::{
+    ConfigError, LogFormat, MAX_ID_LEN, check_group, check_id, init_tracing, logging, settings,
+    shutdown_signal,
+};
 pub use topics::{MAX_PARTITIONS, TopicMeta};

@@ -28,8 +28,7 @@ use crate::replica::Replica;
 use crate::service::{CoordinatorService, Role};
 use crate::session::Sessions;
 
-/// Largest gRPC request or response accepted.
-pub const MAX_REQUEST_BYTES: usize = 64 << 20;
+pub use tandem_runtime::MAX_REQUEST_BYTES;
 
 /// The lease row of a store of one shard (with several, shard `k`'s is
 /// `coordinator/<k>`).
@@ -346,20 +345,4 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     println!("tandem-coordinator listening on {addr}");
     tracing::info!(%addr, "listening");
     coordinator.serve(listener, shutdown).await
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

@@ -22,37 +22,7 @@ use crate::wire::headers_from_wire;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-/// Longest message id accepted.
-pub const MAX_ID_LEN: usize = 128;
-
-/// Checks a client-chosen id (message or transaction): 1 to 128 bytes, no
-/// control characters.
-pub fn check_id(field: &str, id: &str) -> Result<(), Error> {
-    if id.is_empty() {
-        return Err(Error::invalid(field, "must not be empty"));
-    }
-    if id.len() > MAX_ID_LEN {
-        return Err(Error::invalid(
-            field,
-            format!("is {} bytes, longer than {MAX_ID_LEN}", id.len()),
-        ));
-    }
-    if id.chars().any(char::is_control) {
-        return Err(Error::invalid(field, "must not contain control characters"));
-    }
-    Ok(())
-}
-
-/// Checks a consumer group name: 1 to 255 bytes, no control characters.
-pub fn check_group(field: &str, group: &str) -> Result<(), Error> {
-    if group.is_empty() || group.len() > 255 || group.chars().any(char::is_control) {
-        return Err(Error::invalid(
-            field,
-            "must be 1 to 255 bytes without control characters",
-        ));
-    }
-    Ok(())
-}
+pub(crate) use tandem_runtime::{check_group, check_id};
 
 /// Until when a replica may answer: the end of its lease as it counts it
 /// (renewals move it on). Past it, the replica refuses, even before it
@@ -321,7 +291,7 @@ fn saga_host<L>(broker: &crate::broker::Broker<L>) -> Result<&crate::saga::Sagas
 /// Checks the service and transaction ids of an outcome request.
 fn end_request(req: &pb::EndTransactionRequest) -> Result<(), Error> {
     check_id("service", &req.service)?;
-    check_id("txn_id", &req.txn_id)
+    Ok(check_id("txn_id", &req.txn_id)?)
 }
 
 /// The broker of a request's shard when it is served here; otherwise the

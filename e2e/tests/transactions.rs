@@ -1030,3 +1030,78 @@ async fn calls_of(db: &sqlx::SqlitePool, id: &str) -> TestResult<i64> {
             .await?,
     )
 }
+
+/// Many concurrent Begin calls to one sidecar, some for a missing topic,
+/// some of 900 KiB (so that its `Transact` calls to the coordinator close on
+/// their size and several are needed), then concurrent Commits and
+/// Rollbacks: each call gets its own answer, never another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_calls_gathered_into_batches_each_get_their_own_answer() -> TestResult {
+    let cluster = Cluster::start().await?;
+    let client = cluster.producer_client().await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..240 {
+        let mut c = client.clone();
+        tasks.spawn(async move {
+            let (topic, bytes) = match i % 6 {
+                0 => ("nosuch", 10),
+                1 => ("orders", 900 << 10),
+                _ => ("orders", 10),
+            };
+            let txn = format!("gathered-{i}");
+            let answer = c
+                .begin(sc::BeginRequest {
+                    topic: topic.into(),
+                    message: Some(pb::Message {
+                        key: Some(bytes::Bytes::from(txn.clone())),
+                        value: bytes::Bytes::from(vec![b'x'; bytes]),
+                        ..Default::default()
+                    }),
+                    txn_id: txn.clone(),
+                    check_mode: sc::CheckMode::Table as i32,
+                })
+                .await;
+            (i, txn, answer)
+        });
+    }
+    let mut answered = 0;
+    while let Some(r) = tasks.join_next().await {
+        let (i, txn, answer) = r?;
+        match answer {
+            Ok(b) => {
+                assert_ne!(i % 6, 0, "{txn} begun on a missing topic");
+                assert_eq!(b.into_inner().txn_id, txn, "another call's answer");
+            }
+            Err(s) => {
+                assert_eq!(i % 6, 0, "{txn}: {s:?}");
+                assert_eq!(s.code(), Code::NotFound, "{s:?}");
+            }
+        }
+        answered += 1;
+    }
+    assert_eq!(answered, 240);
+    let db = cluster.producer_db().await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in (1..240).filter(|i| i % 6 != 0) {
+        let mut c = client.clone();
+        let db = db.clone();
+        tasks.spawn(async move {
+            let txn = format!("gathered-{i}");
+            let answer = if i % 2 == 0 {
+                local_transaction(&db, &txn, "gathered", true).await?;
+                c.commit(end(&txn)).await
+            } else {
+                c.rollback(end(&txn)).await
+            };
+            TestResult::Ok((i, txn, answer))
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        let (i, txn, answer) = r??;
+        let answer = answer?.into_inner();
+        let expected = if i % 2 == 0 { Committed } else { RolledBack };
+        assert_eq!(answer.txn_id, txn, "another call's answer");
+        assert_eq!(answer.state, expected as i32, "{txn}");
+    }
+    cluster.done()
+}

@@ -4,10 +4,10 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tandem_coordinator::failpoint;
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
+use tandem_storage::failpoint;
 use tonic::{Code, Request, Response, Status};
 
 use crate::check::Mode;
@@ -336,7 +336,7 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         req: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
         let req = req.into_inner();
-        tandem_coordinator::check_id("saga_id", &req.saga_id).map_err(Status::from)?;
+        tandem_runtime::check_id("saga_id", &req.saga_id).map_err(Status::from)?;
         Ok(Response::new(
             self.node
                 .call(|mut c| {
@@ -353,7 +353,7 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         req: Request<pb::GetTransactionRequest>,
     ) -> Result<Response<pb::Transaction>, Status> {
         let req = req.into_inner();
-        tandem_coordinator::check_id("txn_id", &req.txn_id).map_err(Status::from)?;
+        tandem_runtime::check_id("txn_id", &req.txn_id).map_err(Status::from)?;
         let t = self
             .node
             .call(|mut c| {

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tandem_coordinator::settings::{ConfigError, Kind, Layers};
+use tandem_runtime::settings::{ConfigError, Kind, Layers};
 use tandem_storage::CronSchedule;
 
 /// Command-line flags of `tandem-sidecar` (and `tandem sidecar`).
@@ -109,7 +109,7 @@ pub struct Config {
     /// Log filter (`tracing` env-filter syntax).
     pub log_filter: String,
     /// Log lines as text or JSON.
-    pub log_format: tandem_coordinator::LogFormat,
+    pub log_format: tandem_runtime::LogFormat,
     /// Threads of the async runtime; `None`: one per CPU.
     pub worker_threads: Option<usize>,
 }
@@ -179,9 +179,9 @@ impl Raw {
     fn check(self) -> Result<Config, ConfigError> {
         let invalid = ConfigError::invalid;
         let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:7410".into());
-        let listen = tandem_coordinator::settings::listen_address("listen", &listen_s)?;
+        let listen = tandem_runtime::settings::listen_address("listen", &listen_s)?;
         let service = self.service.unwrap_or_else(|| "app".into());
-        tandem_coordinator::check_id("service", &service)
+        tandem_runtime::check_id("service", &service)
             .map_err(|e| invalid("service", &service, &e.to_string()))?;
         let ms = |key: &'static str, v: Option<u64>, default: u64, min: u64, max: u64| {
             let v = v.unwrap_or(default);
@@ -252,8 +252,8 @@ impl Raw {
             cleanup_schedule,
             // sqlx's notices ("relation already exists, skipping" at every
             // start) are not worth an operator's attention.
-            log_filter: tandem_coordinator::logging::filter_setting(self.log, "info,sqlx=warn")?,
-            log_format: tandem_coordinator::LogFormat::from_setting(self.log_format.as_deref())?,
+            log_filter: tandem_runtime::logging::filter_setting(self.log, "info,sqlx=warn")?,
+            log_format: tandem_runtime::LogFormat::from_setting(self.log_format.as_deref())?,
             worker_threads: match self.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS) {
                 0 => None,
                 n @ 1..=256 => Some(n as usize),

@@ -80,7 +80,7 @@ impl std::fmt::Debug for Coordinators {
 }
 
 pub(crate) fn client(url: &str) -> Result<CoordinatorClient<Channel>> {
-    let max = tandem_coordinator::MAX_REQUEST_BYTES;
+    let max = tandem_runtime::MAX_REQUEST_BYTES;
     let endpoint = Endpoint::from_shared(url.to_owned())
         .map_err(|e| Error::invalid("coordinator", format!("{url}: {e}")))?;
     Ok(CoordinatorClient::new(

@@ -43,10 +43,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tandem_coordinator::failpoint;
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
+use tandem_storage::failpoint;
 use tokio::sync::{OwnedMutexGuard, watch};
 use tonic::{Code, Status};
 
@@ -473,7 +473,7 @@ async fn dead_letter(
 /// an id, else a fingerprint of both (the original id is in `tandem.id`).
 fn dead_letter_id(group: &str, id: &str) -> String {
     let readable = format!("{group}/{id}");
-    if readable.len() <= tandem_coordinator::MAX_ID_LEN {
+    if readable.len() <= tandem_runtime::MAX_ID_LEN {
         return readable;
     }
     let a = crc32c::crc32c_append(crc32c::crc32c(group.as_bytes()), id.as_bytes());

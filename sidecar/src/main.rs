@@ -22,7 +22,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = tandem_coordinator::failpoint::init() {
+    if let Err(e) = tandem_storage::failpoint::init() {
         eprintln!("tandem-sidecar: {e}");
         return ExitCode::from(2);
     }

@@ -296,7 +296,7 @@ fn endpoint(url: &str) -> Result<Endpoint> {
 
 impl Node {
     pub(crate) fn new(config: Config, db: Db) -> Result<Node> {
-        let max = tandem_coordinator::MAX_REQUEST_BYTES;
+        let max = tandem_runtime::MAX_REQUEST_BYTES;
         let coordinators = Arc::new(Coordinators::new(&config.coordinator)?);
         let app = match &config.app {
             Some(url) => Some(

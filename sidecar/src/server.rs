@@ -64,8 +64,8 @@ pub async fn serve(
         node: node.clone(),
         subscriptions: subscriptions.clone(),
     })
-    .max_decoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES)
-    .max_encoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES);
+    .max_decoding_message_size(tandem_runtime::MAX_REQUEST_BYTES)
+    .max_encoding_message_size(tandem_runtime::MAX_REQUEST_BYTES);
     let router = tandem_proto::with_reflection(
         Server::builder()
             .add_service(health_service)
@@ -114,7 +114,7 @@ pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::Ex
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = tandem_coordinator::init_tracing(&config.log_filter, config.log_format) {
+    if let Err(e) = tandem_runtime::init_tracing(&config.log_filter, config.log_format) {
         eprintln!("{program}: {e}");
         return ExitCode::from(2);
     }
@@ -126,7 +126,7 @@ pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::Ex
         }
     };
     rt.block_on(async {
-        match run(config, tandem_coordinator::shutdown_signal()).await {
+        match run(config, tandem_runtime::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("{program}: {e}");

@@ -48,7 +48,7 @@ pub(crate) fn normalize(node: &Node, mut s: sc::SubscribeRequest) -> Result<sc::
     }
     // The coordinator's rule, checked here so that a subscription it would
     // refuse is never saved and retried for ever.
-    tandem_coordinator::check_group("group", &s.group).map_err(|e| Error::Coordinator(e.into()))?;
+    tandem_runtime::check_group("group", &s.group).map_err(|e| Error::Coordinator(e.into()))?;
     if s.max_in_flight == 0 {
         s.max_in_flight = 32;
     }
