@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use tandem_storage::{CronSchedule, FsyncPolicy, LogConfig, Retention};
 
-use crate::settings::{ConfigError, Kind, Layers};
+use crate::settings::{ConfigError, Kind, Layers, Setting};
 
 /// Command-line flags of `tandem-coordinator` (and `tandem coordinator`).
 #[derive(Clone, Debug, Default, clap::Args)]
@@ -35,48 +35,208 @@ pub struct CoordinatorArgs {
     /// with (PostgreSQL store) [default: the listening address].
     #[arg(long, value_name = "HOST:PORT")]
     pub advertise: Option<String>,
-    /// Any setting of the file, as KEY=VALUE (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    /// Any setting of the file, as KEY=VALUE (repeatable; --help lists them).
+    #[arg(long = "set", value_name = "KEY=VALUE", long_help = crate::settings::set_help("TANDEM_", KEYS))]
     pub set: Vec<String>,
 }
 
 /// Shards of a PostgreSQL store unless told otherwise.
 pub const DEFAULT_SHARDS: u32 = 8;
 
-/// Every setting, with its type; environment variable `TANDEM_<KEY>`.
-const KEYS: &[(&str, Kind)] = &[
-    ("listen", Kind::Str),
-    ("data_dir", Kind::Str),
-    ("fsync", Kind::Str),
-    ("store", Kind::Str),
-    ("advertise", Kind::Str),
-    ("replica_id", Kind::Str),
-    ("lease_ms", Kind::Int),
-    ("shards", Kind::Int),
-    ("fsync_interval_ms", Kind::Int),
-    ("internal_fsync", Kind::Str),
-    ("relaxed_sync_ms", Kind::Int),
-    ("group_commit_wait_us", Kind::Int),
-    ("segment_bytes", Kind::Int),
-    ("max_message_bytes", Kind::Int),
-    ("retention_ms", Kind::Int),
-    ("retention_bytes", Kind::Int),
-    ("retention_schedule", Kind::Str),
-    ("session_timeout_ms", Kind::Int),
-    ("revoke_timeout_ms", Kind::Int),
-    ("publish_dedup_window_ms", Kind::Int),
-    ("offsets_retention_ms", Kind::Int),
-    ("saga_retention_ms", Kind::Int),
-    ("log", Kind::Str),
-    ("log_format", Kind::Str),
-    ("check_after_ms", Kind::Int),
-    ("max_checks", Kind::Int),
-    ("check_timeout_ms", Kind::Int),
-    ("max_check_interval_ms", Kind::Int),
-    ("max_check_rate", Kind::Int),
-    ("final_action", Kind::Str),
-    ("txn_retention_ms", Kind::Int),
-    ("maintenance_schedule", Kind::Str),
+/// Every setting; environment variable `TANDEM_<KEY>`.
+const KEYS: &[Setting] = &[
+    Setting {
+        key: "listen",
+        kind: Kind::Str,
+        default: Some("127.0.0.1:7400"),
+        help: "gRPC address, HOST:PORT (an IP address or a host name; port 0: any free port)",
+    },
+    Setting {
+        key: "data_dir",
+        kind: Kind::Str,
+        default: Some("./tandem-data"),
+        help: "folder of the embedded store's logs",
+    },
+    Setting {
+        key: "fsync",
+        kind: Kind::Str,
+        default: Some("always"),
+        help: "when appends are forced to disk: always, interval or never",
+    },
+    Setting {
+        key: "store",
+        kind: Kind::Str,
+        default: Some("embedded"),
+        help: "embedded, or a postgres:// URL shared by any number of replicas",
+    },
+    Setting {
+        key: "advertise",
+        kind: Kind::Str,
+        default: None,
+        help: "address other replicas and sidecars reach this one at (PostgreSQL store) [default: the listening address]",
+    },
+    Setting {
+        key: "replica_id",
+        kind: Kind::Str,
+        default: None,
+        help: "this replica's name in the store (PostgreSQL store) [default: a new UUID at every start]",
+    },
+    Setting {
+        key: "lease_ms",
+        kind: Kind::Int,
+        default: Some("5000"),
+        help: "a replica's hold on its shards lasts this long without renewal (PostgreSQL store)",
+    },
+    Setting {
+        key: "shards",
+        kind: Kind::Int,
+        default: Some("8"),
+        help: "shards of a PostgreSQL store, spread over the replicas",
+    },
+    Setting {
+        key: "fsync_interval_ms",
+        kind: Kind::Int,
+        default: Some("100"),
+        help: "with fsync = interval",
+    },
+    Setting {
+        key: "internal_fsync",
+        kind: Kind::Str,
+        default: Some("always"),
+        help: "the same for the internal logs (half messages, transaction states, offsets)",
+    },
+    Setting {
+        key: "relaxed_sync_ms",
+        kind: Kind::Int,
+        default: Some("1000"),
+        help: "committed offsets and COMMITTED records are durable within this long",
+    },
+    Setting {
+        key: "group_commit_wait_us",
+        kind: Kind::Int,
+        default: Some("0"),
+        help: "wait this long after the last append for more to share its sync",
+    },
+    Setting {
+        key: "segment_bytes",
+        kind: Kind::Int,
+        default: Some("67108864"),
+        help: "segment size of topic logs",
+    },
+    Setting {
+        key: "max_message_bytes",
+        kind: Kind::Int,
+        default: Some("1048576"),
+        help: "largest message (id, key, value, headers)",
+    },
+    Setting {
+        key: "retention_ms",
+        kind: Kind::Int,
+        default: Some("604800000"),
+        help: "delete segments older than this (-1: keep)",
+    },
+    Setting {
+        key: "retention_bytes",
+        kind: Kind::Int,
+        default: Some("-1"),
+        help: "per-partition size limit (-1: none)",
+    },
+    Setting {
+        key: "retention_schedule",
+        kind: Kind::Str,
+        default: Some("*/5 * * * *"),
+        help: "when retention runs (cron: 5 fields, or 6/7 with seconds first)",
+    },
+    Setting {
+        key: "session_timeout_ms",
+        kind: Kind::Int,
+        default: Some("10000"),
+        help: "for consumers that do not choose one",
+    },
+    Setting {
+        key: "revoke_timeout_ms",
+        kind: Kind::Int,
+        default: Some("10000"),
+        help: "time to acknowledge a partition being moved",
+    },
+    Setting {
+        key: "publish_dedup_window_ms",
+        kind: Kind::Int,
+        default: Some("120000"),
+        help: "a publisher-chosen message id is remembered this long per topic (0: off)",
+    },
+    Setting {
+        key: "offsets_retention_ms",
+        kind: Kind::Int,
+        default: Some("604800000"),
+        help: "committed offsets of a group with no member and no commit for this long are forgotten (0: kept)",
+    },
+    Setting {
+        key: "saga_retention_ms",
+        kind: Kind::Int,
+        default: Some("604800000"),
+        help: "a finished saga is remembered this long",
+    },
+    Setting {
+        key: "log",
+        kind: Kind::Str,
+        default: Some("info,sqlx=warn"),
+        help: "log filter in tracing's env-filter syntax (RUST_LOG wins when set)",
+    },
+    Setting {
+        key: "log_format",
+        kind: Kind::Str,
+        default: Some("text"),
+        help: "text, or json: one JSON object per line",
+    },
+    Setting {
+        key: "check_after_ms",
+        kind: Kind::Int,
+        default: Some("6000"),
+        help: "first check-back of an open transaction",
+    },
+    Setting {
+        key: "max_checks",
+        kind: Kind::Int,
+        default: Some("15"),
+        help: "check-backs before the final action",
+    },
+    Setting {
+        key: "check_timeout_ms",
+        kind: Kind::Int,
+        default: Some("3000"),
+        help: "how long a check-back waits for its answer",
+    },
+    Setting {
+        key: "max_check_interval_ms",
+        kind: Kind::Int,
+        default: Some("60000"),
+        help: "cap of the check-back backoff",
+    },
+    Setting {
+        key: "max_check_rate",
+        kind: Kind::Int,
+        default: Some("1000"),
+        help: "check-backs started per second, at most",
+    },
+    Setting {
+        key: "final_action",
+        kind: Kind::Str,
+        default: Some("rollback"),
+        help: "rollback or commit after max_checks",
+    },
+    Setting {
+        key: "txn_retention_ms",
+        kind: Kind::Int,
+        default: Some("300000"),
+        help: "finished transactions are remembered this long",
+    },
+    Setting {
+        key: "maintenance_schedule",
+        kind: Kind::Str,
+        default: Some("* * * * *"),
+        help: "when the transaction log is compacted (cron)",
+    },
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -595,6 +755,30 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    /// Each default `--help` shows is the one the coordinator uses: setting
+    /// it changes nothing; and `--help` lists every key.
+    #[test]
+    fn the_defaults_help_shows_are_the_defaults() -> Result<(), ConfigError> {
+        let load = |set: &[String]| {
+            let args = CoordinatorArgs {
+                set: [vec!["replica_id=r1".to_owned()], set.to_vec()].concat(),
+                ..CoordinatorArgs::default()
+            };
+            Config::load(&args, Vec::new()).map(|c| format!("{c:?}"))
+        };
+        let plain = load(&[])?;
+        for s in KEYS {
+            if let Some(d) = s.default {
+                assert_eq!(load(&[format!("{}={d}", s.key)])?, plain, "{}", s.key);
+            }
+        }
+        let help = crate::settings::set_help("TANDEM_", KEYS);
+        for s in KEYS {
+            assert!(help.contains(&format!("\n  {}", s.key)), "{}", s.key);
+        }
+        Ok(())
     }
 
     #[test]

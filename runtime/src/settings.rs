@@ -81,6 +81,37 @@ pub enum Kind {
     Int,
 }
 
+/// One setting: its key, the type of its value, its default as it would
+/// be written in the file, and what it means.
+#[derive(Clone, Copy, Debug)]
+pub struct Setting {
+    /// The key (`fsync_interval_ms`).
+    pub key: &'static str,
+    /// The type of its value.
+    pub kind: Kind,
+    /// Its default, as written in the file (`None`: unset, or computed at
+    /// start as `help` says).
+    pub default: Option<&'static str>,
+    /// What it means, in one line.
+    pub help: &'static str,
+}
+
+/// The long help of `--set`: every setting with its default and meaning,
+/// and the environment variable that sets it.
+pub fn set_help(env_prefix: &str, keys: &[Setting]) -> String {
+    let mut out = format!(
+        "Any setting, as KEY=VALUE (repeatable); also the TOML file's keys and \
+         {env_prefix}<KEY> environment variables. Settings and defaults:\n"
+    );
+    for s in keys {
+        let default = s
+            .default
+            .map_or(String::new(), |d| format!(" [default: {d}]"));
+        out.push_str(&format!("\n  {}{default}\n      {}", s.key, s.help));
+    }
+    out
+}
+
 /// Where settings come from, lowest precedence first.
 #[derive(Debug)]
 pub struct Layers<'a> {
@@ -88,8 +119,8 @@ pub struct Layers<'a> {
     pub file: Option<&'a Path>,
     /// Prefix of environment variables (`TANDEM_`).
     pub env_prefix: &'a str,
-    /// Every setting and its type.
-    pub keys: &'a [(&'a str, Kind)],
+    /// Every setting.
+    pub keys: &'a [Setting],
     /// Flags that name one setting each, with their values if given.
     pub flags: &'a [(&'a str, Option<String>)],
     /// `--set KEY=VALUE` flags.
@@ -104,7 +135,7 @@ impl Layers<'_> {
         value: &str,
         origin: &str,
     ) -> Result<(), ConfigError> {
-        let Some((_, kind)) = self.keys.iter().find(|(k, _)| *k == key) else {
+        let Some(kind) = self.keys.iter().find(|s| s.key == key).map(|s| s.kind) else {
             return Err(ConfigError::Parse {
                 origin: origin.to_owned(),
                 message: format!("unknown setting {key:?}"),
@@ -148,7 +179,7 @@ impl Layers<'_> {
                 continue;
             };
             let key = key.to_ascii_lowercase();
-            if self.keys.iter().any(|(k, _)| *k == key) {
+            if self.keys.iter().any(|s| s.key == key) {
                 self.insert(&mut table, &key, &value, &name)?;
             }
         }

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
-use tandem_runtime::settings::{ConfigError, Kind, Layers};
+use tandem_runtime::settings::{ConfigError, Kind, Layers, Setting};
 use tandem_storage::CronSchedule;
 
 /// Command-line flags of `tandem-sidecar` (and `tandem sidecar`).
@@ -33,25 +33,90 @@ pub struct SidecarArgs {
     /// The app's database for Tandem's tables: a SQLite file (default ./tandem-sidecar.db) or postgres://….
     #[arg(long, value_name = "URL")]
     pub db: Option<String>,
-    /// Any setting of the file, as KEY=VALUE (repeatable).
-    #[arg(long = "set", value_name = "KEY=VALUE")]
+    /// Any setting of the file, as KEY=VALUE (repeatable; --help lists them).
+    #[arg(long = "set", value_name = "KEY=VALUE", long_help = tandem_runtime::settings::set_help("TANDEM_SIDECAR_", KEYS))]
     pub set: Vec<String>,
 }
 
-const KEYS: &[(&str, Kind)] = &[
-    ("listen", Kind::Str),
-    ("coordinator", Kind::Str),
-    ("service", Kind::Str),
-    ("app", Kind::Str),
-    ("db", Kind::Str),
-    ("instance", Kind::Str),
-    ("callback_timeout_ms", Kind::Int),
-    ("handler_timeout_ms", Kind::Int),
-    ("retention_ms", Kind::Int),
-    ("cleanup_schedule", Kind::Str),
-    ("log", Kind::Str),
-    ("log_format", Kind::Str),
-    ("worker_threads", Kind::Int),
+const KEYS: &[Setting] = &[
+    Setting {
+        key: "listen",
+        kind: Kind::Str,
+        default: Some("127.0.0.1:7410"),
+        help: "gRPC address the app calls, HOST:PORT (an IP address or a host name)",
+    },
+    Setting {
+        key: "coordinator",
+        kind: Kind::Str,
+        default: Some("http://127.0.0.1:7400"),
+        help: "the coordinator's URL, or several replicas' URLs separated by commas",
+    },
+    Setting {
+        key: "service",
+        kind: Kind::Str,
+        default: Some("app"),
+        help: "the service this sidecar acts for",
+    },
+    Setting {
+        key: "app",
+        kind: Kind::Str,
+        default: None,
+        help: "the app's callback server (ExecuteLocalTransaction, CheckLocalTransaction, HandleMessage) [default: none: no callbacks]",
+    },
+    Setting {
+        key: "db",
+        kind: Kind::Str,
+        default: Some("./tandem-sidecar.db"),
+        help: "the app's database for Tandem's tables: a SQLite file or postgres://...",
+    },
+    Setting {
+        key: "instance",
+        kind: Kind::Str,
+        default: None,
+        help: "names this instance in the coordinator's logs [default: HOSTNAME-pid]",
+    },
+    Setting {
+        key: "callback_timeout_ms",
+        kind: Kind::Int,
+        default: Some("10000"),
+        help: "how long ExecuteLocalTransaction and CheckLocalTransaction may take",
+    },
+    Setting {
+        key: "handler_timeout_ms",
+        kind: Kind::Int,
+        default: Some("30000"),
+        help: "how long HandleMessage may take before the attempt counts as failed (at most 285000)",
+    },
+    Setting {
+        key: "retention_ms",
+        kind: Kind::Int,
+        default: Some("604800000"),
+        help: "dedup rows and rollback markers older than this are deleted",
+    },
+    Setting {
+        key: "cleanup_schedule",
+        kind: Kind::Str,
+        default: Some("17 * * * *"),
+        help: "when that cleanup runs (cron)",
+    },
+    Setting {
+        key: "log",
+        kind: Kind::Str,
+        default: Some("info,sqlx=warn"),
+        help: "log filter in tracing's env-filter syntax (RUST_LOG wins when set)",
+    },
+    Setting {
+        key: "log_format",
+        kind: Kind::Str,
+        default: Some("text"),
+        help: "text, or json: one JSON object per line",
+    },
+    Setting {
+        key: "worker_threads",
+        kind: Kind::Int,
+        default: Some("1"),
+        help: "async runtime threads of a sidecar process (0: one per CPU)",
+    },
 ];
 
 #[derive(Debug, Default, Deserialize)]
@@ -272,6 +337,26 @@ impl Raw {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each default `--help` shows is the one the sidecar uses: setting it
+    /// changes nothing.
+    #[test]
+    fn the_defaults_help_shows_are_the_defaults() -> Result<(), ConfigError> {
+        let load = |set: Vec<String>| {
+            let args = SidecarArgs {
+                set,
+                ..SidecarArgs::default()
+            };
+            Config::load(&args, Vec::new()).map(|c| format!("{c:?}"))
+        };
+        let plain = load(Vec::new())?;
+        for s in KEYS {
+            if let Some(d) = s.default {
+                assert_eq!(load(vec![format!("{}={d}", s.key)])?, plain, "{}", s.key);
+            }
+        }
+        Ok(())
+    }
 
     #[test]
     fn defaults_suit_a_local_run_and_flags_win() -> Result<(), ConfigError> {
