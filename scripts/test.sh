@@ -2,7 +2,8 @@
 # Runs Tandem's whole test suite on a fresh machine: installs and starts what
 # the tests need (a throwaway PostgreSQL server from Debian's packages, on a
 # loopback ephemeral port; a Python virtual environment with grpcio for the
-# Python client), builds once, and runs every test.
+# Python client; promtool from Debian's prometheus package for the metrics
+# and the example alert rules), builds once, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -62,8 +63,24 @@ python_env() {
     export TANDEM_REQUIRE_PYTHON=1
 }
 
+# promtool, from Debian's prometheus package: checks the metrics the
+# processes serve and the example alert rules.
+promtool_env() {
+    if ! command -v promtool >/dev/null 2>&1; then
+        echo "installing promtool from Debian's prometheus package..."
+        export DEBIAN_FRONTEND=noninteractive
+        as_root apt-get install -y -q --no-install-recommends prometheus >/dev/null 2>&1 ||
+            { as_root apt-get update -q >/dev/null && as_root apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+    fi
+    TANDEM_TEST_PROMTOOL=$(command -v promtool)
+    export TANDEM_TEST_PROMTOOL
+    export TANDEM_REQUIRE_PROMTOOL=1
+    promtool check rules deploy/alerts.yaml
+}
+
 start_postgres
 python_env
+promtool_env
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace

@@ -10,7 +10,7 @@ use tandem_coordinator::{Config, CoordinatorArgs};
 use tandem_sidecar::SidecarArgs;
 
 /// The allocator of the process (cargo feature `mimalloc`, on by default):
-/// glibc's took about a sixth of a transaction's CPU (BENCHMARKS.md).
+/// glibc's took 15 % of a transaction's CPU in a profile (BENCHMARKS.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

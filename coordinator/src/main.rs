@@ -7,7 +7,7 @@ use clap::Parser;
 use tandem_coordinator::{Config, CoordinatorArgs, init_tracing, run, shutdown_signal};
 
 /// The allocator of the process (cargo feature `mimalloc`, on by default):
-/// glibc's took about a sixth of a transaction's CPU (BENCHMARKS.md).
+/// glibc's took 15 % of a transaction's CPU in a profile (BENCHMARKS.md).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

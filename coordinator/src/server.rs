@@ -42,6 +42,8 @@ pub struct Coordinator {
     embedded: Option<Embedded>,
     /// Sidecar sessions, shared by every shard this replica serves.
     sessions: Arc<Sessions>,
+    /// Where to serve Prometheus metrics while serving, if anywhere.
+    metrics: Option<TcpListener>,
 }
 
 /// The embedded store, opened.
@@ -132,6 +134,7 @@ impl Coordinator {
             config,
             embedded,
             sessions,
+            metrics: None,
         })
     }
 
@@ -139,6 +142,13 @@ impl Coordinator {
     /// while it serves (for benchmarks); `None` on PostgreSQL.
     pub fn sync_counter(&self) -> Option<tandem_storage::SyncCounter> {
         self.embedded.as_ref().map(|e| e.data.sync_counter())
+    }
+
+    /// Serves Prometheus metrics (`GET /metrics`) on `listener` while it
+    /// serves.
+    pub fn with_metrics(mut self, listener: TcpListener) -> Coordinator {
+        self.metrics = Some(listener);
+        self
     }
 
     /// Serves on `listener` until `shutdown` resolves, then shuts down.
@@ -197,6 +207,13 @@ impl Coordinator {
             &[tandem_proto::coordinator::coordinator_server::SERVICE_NAME],
         )
         .map_err(|e| Error::Serve(format!("gRPC reflection: {e}")))?;
+        let metrics = self.metrics.map(|listener| {
+            let cluster = cluster.clone();
+            tokio::spawn(tandem_runtime::metrics::serve(listener, move || {
+                let cluster = cluster.clone();
+                async move { crate::metrics::render(&cluster).await }
+            }))
+        });
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
@@ -234,6 +251,9 @@ impl Coordinator {
             }
         };
         stopping.send_replace(true);
+        if let Some(m) = metrics {
+            m.abort();
+        }
         if let Err(e) = ended {
             server.abort();
             return Err(e);
@@ -341,8 +361,23 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         addr: config.listen,
         source,
     })?;
-    let coordinator = Coordinator::open(config).await?;
+    let metrics = match config.metrics_listen {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .map_err(|source| Error::Bind { addr: at, source })?,
+        ),
+        None => None,
+    };
+    let mut coordinator = Coordinator::open(config).await?;
     println!("tandem-coordinator listening on {addr}");
+    if let Some(listener) = metrics {
+        let at = listener
+            .local_addr()
+            .map_err(|source| Error::Bind { addr, source })?;
+        println!("tandem-coordinator metrics on http://{at}/metrics");
+        coordinator = coordinator.with_metrics(listener);
+    }
     tracing::info!(%addr, "listening");
     coordinator.serve(listener, shutdown).await
 }

@@ -13,6 +13,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
 
+fn rx_of(
+    m: &std::sync::Mutex<mpsc::Receiver<String>>,
+) -> std::sync::MutexGuard<'_, mpsc::Receiver<String>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// A running child process.
 pub struct Process {
     name: String,
@@ -20,6 +26,10 @@ pub struct Process {
     log: PathBuf,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The lines of standard output after the one saying where it listens.
+    lines: std::sync::Mutex<mpsc::Receiver<String>>,
+    /// Its metrics URL, once read.
+    metrics: std::sync::OnceLock<String>,
 }
 
 impl Process {
@@ -56,10 +66,10 @@ impl Process {
             .ok_or_else(|| anyhow!("{name}: no stdout"))?;
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            // Read to the end, even when nobody listens any more: a child
+            // printing into a closed pipe would fail.
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
+                let _ = tx.send(line);
             }
         });
         let mut p = Process {
@@ -67,11 +77,13 @@ impl Process {
             child,
             log,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            lines: std::sync::Mutex::new(rx),
+            metrics: std::sync::OnceLock::new(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
+            let line = match rx_of(&p.lines).recv_timeout(left) {
                 Ok(l) => l,
                 Err(_) => bail!("{name} did not start within 30 s; log:\n{}", p.log_tail()),
             };
@@ -81,6 +93,25 @@ impl Process {
                     .parse()
                     .with_context(|| format!("{name} printed {line:?}"))?;
                 return Ok(p);
+            }
+        }
+    }
+
+    /// The `http://…/metrics` URL it prints after where it listens (the
+    /// coordinator and the sidecar do, unless `metrics_listen = off`),
+    /// waiting up to 10 s for it the first time.
+    pub fn metrics_url(&self) -> anyhow::Result<String> {
+        if let Some(url) = self.metrics.get() {
+            return Ok(url.clone());
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = rx_of(&self.lines)
+                .recv_timeout(left)
+                .map_err(|_| anyhow!("{} printed no metrics address", self.name))?;
+            if let Some((_, url)) = line.split_once(" metrics on ") {
+                return Ok(self.metrics.get_or_init(|| url.trim().to_owned()).clone());
             }
         }
     }

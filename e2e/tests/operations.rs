@@ -1,11 +1,13 @@
 //! What an operator's tools see of real processes: gRPC server reflection
-//! on every port.
+//! on every port, and the Prometheus metrics each process serves.
 
 mod common;
 
 use std::collections::BTreeSet;
 
-use common::{Cluster, TestResult};
+use common::{Cluster, TestResult, publish_transactional};
+use tandem_proto::sidecar as sc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_reflection::pb::v1 as r1;
 use tonic_reflection::pb::v1alpha as r1a;
 
@@ -126,5 +128,140 @@ async fn reflection_lists_every_service_of_every_port() -> TestResult {
         .collect();
         assert_eq!(alpha, expected_alpha, "{url}: reflection v1alpha lists");
     }
+    cluster.done()
+}
+
+/// The body of `GET url` (`http://HOST:PORT/PATH`), which must answer 200
+/// with Prometheus's text format.
+async fn scrape(url: &str) -> TestResult<String> {
+    let rest = url.strip_prefix("http://").ok_or("not an http:// URL")?;
+    let (host, path) = rest.split_once('/').ok_or("no path")?;
+    let mut s = tokio::net::TcpStream::connect(host).await?;
+    s.write_all(format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    tokio::time::timeout(common::PATIENCE, s.read_to_string(&mut text)).await??;
+    let (head, body) = text.split_once("\r\n\r\n").ok_or("no end of head")?;
+    if !head.starts_with("HTTP/1.1 200 ") || !head.contains("text/plain; version=0.0.4") {
+        return Err(format!("{url} answered {head}").into());
+    }
+    Ok(body.to_owned())
+}
+
+/// The value of the sample whose name and labels are `series` exactly.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// `promtool check metrics` on `text`, when the test command provides it.
+fn promtool_check(what: &str, text: &str) -> TestResult {
+    let Some(promtool) = common::promtool() else {
+        return Ok(());
+    };
+    let mut child = std::process::Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().ok_or("stdin")?;
+        stdin.write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() || !out.stdout.is_empty() || !out.stderr.is_empty() {
+        return Err(format!(
+            "promtool check metrics on {what}: {}{}\n{text}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// After transactions flowed, the coordinator's and both sidecars'
+/// endpoints report them (partition offsets, the consumer group's lag,
+/// transactions by outcome, messages handled), in a format promtool
+/// accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_process_serves_metrics_that_count_what_happened() -> TestResult {
+    let cluster = Cluster::start().await?;
+    cluster.subscribe(sc::DedupMode::Strong).await?;
+    let mut producer = cluster.producer_client().await?;
+    for i in 0..3 {
+        publish_transactional(
+            &mut producer,
+            &format!("metrics-{i}"),
+            &format!("commit-{i}"),
+        )
+        .await?;
+    }
+    publish_transactional(&mut producer, "metrics-rollback", "rollback-x").await?;
+    cluster
+        .expect_effects(&["commit-0", "commit-1", "commit-2"])
+        .await?;
+    cluster.consumer_caught_up().await?;
+
+    let coordinator = scrape(&cluster.coordinator.metrics_url()?).await?;
+    promtool_check("the coordinator", &coordinator)?;
+    let appended: f64 = coordinator
+        .lines()
+        .filter(|l| l.starts_with("tandem_partition_high_water_mark{topic=\"orders\","))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(appended, 3.0, "messages in orders:\n{coordinator}");
+    assert_eq!(
+        sample(
+            &coordinator,
+            "tandem_transactions_ended_total{shard=\"0\",outcome=\"committed\"}"
+        ),
+        Some(3.0),
+        "{coordinator}"
+    );
+    assert_eq!(
+        sample(
+            &coordinator,
+            "tandem_transactions_ended_total{shard=\"0\",outcome=\"rolled_back\"}"
+        ),
+        Some(1.0),
+        "{coordinator}"
+    );
+    assert_eq!(
+        sample(&coordinator, "tandem_open_half_messages{shard=\"0\"}"),
+        Some(0.0),
+        "{coordinator}"
+    );
+    let lag: Vec<f64> = coordinator
+        .lines()
+        .filter(|l| {
+            l.starts_with("tandem_consumer_group_lag_messages{group=\"cart\",topic=\"orders\",")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        !lag.is_empty() && lag.iter().all(|l| *l == 0.0),
+        "the caught-up group's lag: {lag:?}\n{coordinator}"
+    );
+
+    let consumer = scrape(&cluster.consumer.metrics_url()?).await?;
+    promtool_check("the consumer's sidecar", &consumer)?;
+    assert_eq!(
+        sample(&consumer, "tandem_sidecar_handled_total"),
+        Some(3.0),
+        "{consumer}"
+    );
+    let producer_metrics = scrape(&cluster.producer.metrics_url()?).await?;
+    promtool_check("the producer's sidecar", &producer_metrics)?;
+    assert_eq!(
+        sample(
+            &producer_metrics,
+            "tandem_sidecar_transactions_total{outcome=\"committed\"}"
+        ),
+        Some(3.0),
+        "{producer_metrics}"
+    );
     cluster.done()
 }

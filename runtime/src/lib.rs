@@ -4,6 +4,7 @@
 
 mod ids;
 pub mod logging;
+pub mod metrics;
 pub mod settings;
 mod signal;
 

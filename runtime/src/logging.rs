@@ -48,10 +48,12 @@ pub fn filter_setting(value: Option<String>, default: &str) -> Result<String, Co
 
 /// A log filter that does not parse.
 #[derive(Debug, thiserror::Error)]
-#[error("{origin} is not a log filter: {cause}")]
+#[error("{origin} = {value:?} is not a log filter: {cause}")]
 pub struct BadFilter {
     /// Where it came from (`RUST_LOG`, or the setting).
     origin: &'static str,
+    /// The filter as given.
+    value: String,
     /// What is wrong with it (in the message already, so not a `source`
     /// that a chain printer would repeat).
     cause: tracing_subscriber::filter::ParseError,
@@ -63,13 +65,15 @@ pub struct BadFilter {
 pub fn init_tracing(filter: &str, format: LogFormat) -> Result<(), BadFilter> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => {
-            tracing_subscriber::EnvFilter::try_new(env).map_err(|cause| BadFilter {
+            tracing_subscriber::EnvFilter::try_new(&env).map_err(|cause| BadFilter {
                 origin: "RUST_LOG",
+                value: env.clone(),
                 cause,
             })?
         }
         _ => tracing_subscriber::EnvFilter::try_new(filter).map_err(|cause| BadFilter {
             origin: "the log setting",
+            value: filter.to_owned(),
             cause,
         })?,
     };

@@ -54,16 +54,24 @@ impl ConfigError {
 
 /// A `listen` setting: `HOST:PORT` where HOST is an IP address or a name
 /// that resolves (`localhost:7400`); a name is resolved once, here, and
-/// the first address it gives is used.
+/// its first IPv4 address is used (its first address if it has none).
 pub fn listen_address(key: &'static str, value: &str) -> Result<std::net::SocketAddr, ConfigError> {
     use std::net::ToSocketAddrs;
     if let Ok(addr) = value.parse() {
         return Ok(addr);
     }
     match value.to_socket_addrs() {
-        Ok(mut addrs) => addrs.next().ok_or_else(|| {
-            ConfigError::invalid(key, &value, "the host name resolves to no address")
-        }),
+        Ok(addrs) => {
+            let addrs: Vec<std::net::SocketAddr> = addrs.collect();
+            addrs
+                .iter()
+                .find(|a| a.is_ipv4())
+                .or(addrs.first())
+                .copied()
+                .ok_or_else(|| {
+                    ConfigError::invalid(key, &value, "the host name resolves to no address")
+                })
+        }
         Err(e) => Err(ConfigError::invalid(
             key,
             &value,

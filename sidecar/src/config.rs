@@ -112,6 +112,12 @@ const KEYS: &[Setting] = &[
         help: "text, or json: one JSON object per line",
     },
     Setting {
+        key: "metrics_listen",
+        kind: Kind::Str,
+        default: Some("127.0.0.1:0"),
+        help: "Prometheus endpoint (GET /metrics), HOST:PORT (port 0: any free port, printed at start), or off",
+    },
+    Setting {
         key: "worker_threads",
         kind: Kind::Int,
         default: Some("1"),
@@ -134,6 +140,7 @@ struct Raw {
     cleanup_schedule: Option<String>,
     log: Option<String>,
     log_format: Option<String>,
+    metrics_listen: Option<String>,
     worker_threads: Option<u64>,
 }
 
@@ -175,6 +182,8 @@ pub struct Config {
     pub log_filter: String,
     /// Log lines as text or JSON.
     pub log_format: tandem_runtime::LogFormat,
+    /// Where `run` serves Prometheus metrics (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
     /// Threads of the async runtime; `None`: one per CPU.
     pub worker_threads: Option<usize>,
 }
@@ -319,6 +328,11 @@ impl Raw {
             // start) are not worth an operator's attention.
             log_filter: tandem_runtime::logging::filter_setting(self.log, "info,sqlx=warn")?,
             log_format: tandem_runtime::LogFormat::from_setting(self.log_format.as_deref())?,
+            metrics_listen: tandem_runtime::metrics::listen_setting(
+                "metrics_listen",
+                self.metrics_listen.as_deref(),
+                "127.0.0.1:0",
+            )?,
             worker_threads: match self.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS) {
                 0 => None,
                 n @ 1..=256 => Some(n as usize),

@@ -26,6 +26,17 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_with_metrics(config, listener, None, shutdown).await
+}
+
+/// [`serve`], and Prometheus metrics (`GET /metrics`) on `metrics` while
+/// it serves.
+pub async fn serve_with_metrics(
+    config: Config,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let db = Db::connect(&config.db).await?;
     db.migrate().await?;
     let node = Arc::new(Node::new(config, db)?);
@@ -73,6 +84,13 @@ pub async fn serve(
         &[tandem_proto::sidecar::sidecar_server::SERVICE_NAME],
     )
     .map_err(|e| Error::Serve(format!("gRPC reflection: {e}")))?;
+    let metrics = metrics.map(|listener| {
+        let node = node.clone();
+        tokio::spawn(tandem_runtime::metrics::serve(listener, move || {
+            let text = crate::metrics::render(&node.counters.snapshot());
+            async move { text }
+        }))
+    });
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let subs = subscriptions.clone();
     let served = router
@@ -97,6 +115,9 @@ pub async fn serve(
     let _ = stop.send(true);
     let _ = session.await;
     cleanup.abort();
+    if let Some(m) = metrics {
+        m.abort();
+    }
     tracing::info!("stopped");
     served.map_err(|e| Error::Serve(e.to_string()))
 }
@@ -146,7 +167,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let local = listener
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
+    let metrics = match config.metrics_listen {
+        Some(at) => Some(
+            TcpListener::bind(at)
+                .await
+                .map_err(|source| Error::Bind { addr: at, source })?,
+        ),
+        None => None,
+    };
     println!("tandem-sidecar listening on {local}");
     tracing::info!(%local, service = %config.service, coordinator = %config.coordinator.join(","), "listening");
-    serve(config, listener, shutdown).await
+    if let Some(m) = &metrics {
+        let at = m
+            .local_addr()
+            .map_err(|source| Error::Bind { addr, source })?;
+        println!("tandem-sidecar metrics on http://{at}/metrics");
+    }
+    serve_with_metrics(config, listener, metrics, shutdown).await
 }

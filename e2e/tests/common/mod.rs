@@ -603,6 +603,22 @@ pub fn postgres() -> Option<String> {
     }
 }
 
+/// The `promtool` binary `scripts/test.sh` installs (`TANDEM_TEST_PROMTOOL`),
+/// or `None` (with a note) when there is none and none is required.
+pub fn promtool() -> Option<String> {
+    match std::env::var("TANDEM_TEST_PROMTOOL") {
+        Ok(path) => Some(path),
+        Err(_) => {
+            assert!(
+                std::env::var_os("TANDEM_REQUIRE_PROMTOOL").is_none(),
+                "TANDEM_TEST_PROMTOOL is not set but promtool checks are required"
+            );
+            eprintln!("skipped promtool: no TANDEM_TEST_PROMTOOL (scripts/test.sh provides one)");
+            None
+        }
+    }
+}
+
 /// Creates an empty database on the server of `url`; returns its URL.
 pub async fn fresh_postgres_database(url: &str) -> TestResult<String> {
     let name = format!(

@@ -1,0 +1,199 @@
+//! The coordinator's Prometheus metrics, written at each scrape from the
+//! shards this replica serves (a replica reports only its own shards, so
+//! Prometheus sums the replicas): partitions and their offsets, consumer
+//! groups and their lag, and per shard transactions by outcome,
+//! check-backs and open half messages. The transaction counters carry a
+//! `shard` label: a shard that moves to another replica takes its series
+//! with it, so no counter a replica reports ever goes down.
+
+use tandem_proto::coordinator as pb;
+use tandem_runtime::metrics::{Exposition, Type};
+
+use crate::cluster::Cluster;
+
+/// One partition as scraped.
+struct PartitionRow {
+    topic: String,
+    partition: String,
+    offsets: tandem_storage::Offsets,
+}
+
+/// One group's committed position on one partition.
+struct GroupRow {
+    group: String,
+    topic: String,
+    partition: String,
+    committed: u64,
+    lag: u64,
+}
+
+/// The text of one scrape.
+pub(crate) async fn render<L: tandem_storage::Log + Clone>(cluster: &Cluster<L>) -> String {
+    let mut partitions = Vec::new();
+    let mut positions = Vec::new();
+    let mut members = Vec::new();
+    let mut shards: Vec<(String, pb::Stats)> = Vec::new();
+    for (shard, broker) in cluster.local() {
+        shards.push((shard.to_string(), broker.txns.stats()));
+        for (topic, _) in broker.list_topics() {
+            // A topic deleted meanwhile is simply absent from this scrape.
+            let Ok((parts, groups)) = broker.describe(&topic).await else {
+                continue;
+            };
+            for g in &groups {
+                members.push((g.group.clone(), topic.clone(), g.members.len()));
+                // Only where the group committed: where a group without a
+                // commit starts depends on its members' StartFrom.
+                for p in &parts {
+                    let Some(&committed) = g.committed.get(&p.partition) else {
+                        continue;
+                    };
+                    // Offsets below the log's start are gone: not lag.
+                    let from = committed.max(p.offsets.log_start);
+                    positions.push(GroupRow {
+                        group: g.group.clone(),
+                        topic: topic.clone(),
+                        partition: p.partition.to_string(),
+                        committed,
+                        lag: p.offsets.high_water_mark.saturating_sub(from),
+                    });
+                }
+            }
+            partitions.extend(parts.into_iter().map(|p| PartitionRow {
+                topic: topic.clone(),
+                partition: p.partition.to_string(),
+                offsets: p.offsets,
+            }));
+        }
+    }
+    let mut out = Exposition::new();
+    type Field = fn(&tandem_storage::Offsets) -> u64;
+    let partition_families: [(&str, &str, Field); 3] = [
+        (
+            "tandem_partition_high_water_mark",
+            "Next offset to be written in a topic partition: messages appended to it so far.",
+            |o| o.high_water_mark,
+        ),
+        (
+            "tandem_partition_log_start_offset",
+            "First offset a topic partition still holds (older ones were removed by retention).",
+            |o| o.log_start,
+        ),
+        (
+            "tandem_partition_size_bytes",
+            "Bytes a topic partition takes on disk.",
+            |o| o.size_bytes,
+        ),
+    ];
+    for (name, help, field) in partition_families {
+        out.family(name, Type::Gauge, help);
+        for p in &partitions {
+            out.sample(
+                name,
+                &[("topic", &p.topic), ("partition", &p.partition)],
+                field(&p.offsets) as f64,
+            );
+        }
+    }
+    out.family(
+        "tandem_consumer_group_committed_offset",
+        Type::Gauge,
+        "Offset a consumer group has committed on a partition (the next one it will read).",
+    );
+    for g in &positions {
+        out.sample(
+            "tandem_consumer_group_committed_offset",
+            &[
+                ("group", &g.group),
+                ("topic", &g.topic),
+                ("partition", &g.partition),
+            ],
+            g.committed as f64,
+        );
+    }
+    out.family(
+        "tandem_consumer_group_lag_messages",
+        Type::Gauge,
+        "Messages of a partition after a consumer group's committed offset (partitions it has committed on).",
+    );
+    for g in &positions {
+        out.sample(
+            "tandem_consumer_group_lag_messages",
+            &[
+                ("group", &g.group),
+                ("topic", &g.topic),
+                ("partition", &g.partition),
+            ],
+            g.lag as f64,
+        );
+    }
+    out.family(
+        "tandem_consumer_group_members",
+        Type::Gauge,
+        "Live members of a consumer group on a topic.",
+    );
+    for (group, topic, n) in &members {
+        out.sample(
+            "tandem_consumer_group_members",
+            &[("group", group), ("topic", topic)],
+            *n as f64,
+        );
+    }
+    type Stat = fn(&pb::Stats) -> u64;
+    let per_shard: [(&str, Type, &str, Stat); 5] = [
+        (
+            "tandem_transactions_prepared_total",
+            Type::Counter,
+            "Half messages prepared.",
+            |s| s.prepared,
+        ),
+        (
+            "tandem_check_backs_sent_total",
+            Type::Counter,
+            "Check-backs that fell due and were started (sent when the service has a session).",
+            |s| s.checks_sent,
+        ),
+        (
+            "tandem_transactions_resolved_by_check_total",
+            Type::Counter,
+            "Transactions a check-back (or the final action) decided.",
+            |s| s.resolved_by_check,
+        ),
+        (
+            "tandem_final_actions_total",
+            Type::Counter,
+            "Transactions decided by the final action after max_checks check-backs without an answer.",
+            |s| s.final_actions,
+        ),
+        (
+            "tandem_open_half_messages",
+            Type::Gauge,
+            "Half messages prepared and not yet decided.",
+            |s| s.open,
+        ),
+    ];
+    for (name, kind, help, stat) in per_shard {
+        out.family(name, kind, help);
+        for (shard, s) in &shards {
+            out.sample(name, &[("shard", shard)], stat(s) as f64);
+        }
+    }
+    out.family(
+        "tandem_transactions_ended_total",
+        Type::Counter,
+        "Transactions decided, by outcome.",
+    );
+    for (shard, s) in &shards {
+        out.sample(
+            "tandem_transactions_ended_total",
+            &[("shard", shard), ("outcome", "committed")],
+            s.committed as f64,
+        )
+        .sample(
+            "tandem_transactions_ended_total",
+            &[("shard", shard), ("outcome", "rolled_back")],
+            s.rolled_back as f64,
+        );
+    }
+    out.finish()
+}
