@@ -198,10 +198,16 @@ impl Cluster {
                 ]);
                 Process::start("order-service", exe, &a, &[], dir)
             })?;
-        let failpoint = format!("cart.after_commit@{cart_crash_at}");
         let (cart_sidecar, cart_service) =
             with_sidecar(exe, dir, "cart", "cart.db", &url, |port, sidecar| {
-                Self::cart(exe, dir, port, sidecar, no_dedup, Some(&failpoint))
+                Self::cart(
+                    exe,
+                    dir,
+                    port,
+                    sidecar,
+                    no_dedup,
+                    Some(u64::from(cart_crash_at)),
+                )
             })?;
         let (payments_sidecar, payments_service) =
             with_sidecar(exe, dir, "payments", "payments.db", &url, |port, _| {
@@ -261,7 +267,7 @@ impl Cluster {
         port: u16,
         sidecar: &str,
         no_dedup: bool,
-        failpoint: Option<&str>,
+        crash_after_commit: Option<u64>,
     ) -> anyhow::Result<Process> {
         let mut a = args(&[
             "example-cart-service",
@@ -274,11 +280,10 @@ impl Cluster {
         if no_dedup {
             a.push("--no-dedup".into());
         }
-        let env: Vec<(&str, String)> = failpoint
-            .map(|f| ("TANDEM_FAILPOINTS", f.to_owned()))
-            .into_iter()
-            .collect();
-        Process::start("cart-service", exe, &a, &env, dir)
+        if let Some(n) = crash_after_commit {
+            a.extend(["--crash-after-commit".to_owned(), n.to_string()]);
+        }
+        Process::start("cart-service", exe, &a, &[], dir)
     }
 
     fn restart_cart(&mut self) -> anyhow::Result<()> {
@@ -513,7 +518,7 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
         }));
     }
 
-    // Meanwhile: watch progress, restart the cart when its failpoint kills
+    // Meanwhile: watch progress, restart the cart when its --crash-after-commit kills
     // it, kill its sidecar half way.
     let mut cluster = cluster;
     let tty = std::io::stderr().is_terminal();

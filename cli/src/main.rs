@@ -85,6 +85,10 @@ enum Command {
         /// Consume without the dedup table.
         #[arg(long)]
         no_dedup: bool,
+        /// Abort right after committing this many messages, before
+        /// answering the last (the demo's crash).
+        #[arg(long, value_name = "N")]
+        crash_after_commit: Option<u64>,
     },
 }
 
@@ -139,6 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             db,
             sidecar,
             no_dedup,
+            crash_after_commit,
         } => {
             tandem_coordinator::init_tracing("warn", Default::default())?;
             tandem_e2e::cart::run(
@@ -146,6 +151,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &db,
                 sidecar,
                 !no_dedup,
+                crash_after_commit,
                 tandem_coordinator::shutdown_signal(),
             )
             .await

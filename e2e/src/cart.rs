@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use prost::Message as _;
 use sqlx::{Row, SqlitePool};
-use tandem_coordinator::failpoint;
 use tandem_proto::app as app_pb;
 use tandem_proto::app::app_server::{App, AppServer};
 use tandem_proto::coordinator as pb;
@@ -41,6 +40,10 @@ pub const STOCK: i64 = 1_000_000;
 #[derive(Clone)]
 struct CartService {
     db: SqlitePool,
+    /// Messages committed so far, and after which one to crash (the
+    /// demo's crash between commit and answer).
+    committed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    crash_after_commit: Option<u64>,
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -174,7 +177,14 @@ impl App for CartService {
             .map_err(internal)?;
         tx.commit().await.map_err(internal)?;
         // The demo kills the service here once: committed, not yet answered.
-        failpoint::hit("cart.after_commit");
+        let n = self
+            .committed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1;
+        if self.crash_after_commit == Some(n) {
+            eprintln!("cart service: crashing after commit {n}, as asked (--crash-after-commit)");
+            std::process::abort();
+        }
         Ok(Response::new(app_pb::HandleMessageResponse {}))
     }
 
@@ -291,12 +301,15 @@ async fn subscribe(sidecar: String, dedup: sc::DedupMode) {
 
 /// Runs the cart service on `listen` with its database at `db` until
 /// `shutdown`; with `sidecar`, it subscribes itself (`dedup` off only for
-/// the demo's `--no-dedup`).
+/// the demo's `--no-dedup`). With `crash_after_commit`, it aborts right
+/// after committing that many messages, before answering the last (the
+/// demo's crash).
 pub async fn run(
     listen: SocketAddr,
     db: &str,
     sidecar: Option<String>,
     dedup: bool,
+    crash_after_commit: Option<u64>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
     let pool = open_sqlite(db, 1).await?;
@@ -347,7 +360,11 @@ pub async fn run(
         };
         tokio::spawn(subscribe(s, mode))
     });
-    let service = CartService { db: pool };
+    let service = CartService {
+        db: pool,
+        committed: Default::default(),
+        crash_after_commit,
+    };
     let served = tonic::transport::Server::builder()
         .add_service(CartsServer::new(service.clone()))
         .add_service(AppServer::new(service))
