@@ -361,20 +361,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
         addr: config.listen,
         source,
     })?;
-    let metrics = match config.metrics_listen {
-        Some(at) => Some(
-            TcpListener::bind(at)
-                .await
-                .map_err(|source| Error::Bind { addr: at, source })?,
-        ),
-        None => None,
-    };
+    let metrics = tandem_runtime::metrics::bind(config.metrics_listen)
+        .await
+        .map_err(|(addr, source)| Error::Bind { addr, source })?;
     let mut coordinator = Coordinator::open(config).await?;
     println!("tandem-coordinator listening on {addr}");
-    if let Some(listener) = metrics {
-        let at = listener
-            .local_addr()
-            .map_err(|source| Error::Bind { addr, source })?;
+    if let Some((listener, at)) = metrics {
         println!("tandem-coordinator metrics on http://{at}/metrics");
         coordinator = coordinator.with_metrics(listener);
     }

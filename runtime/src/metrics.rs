@@ -119,6 +119,19 @@ pub fn listen_setting(
     }
 }
 
+/// Binds the metrics endpoint at `at` (`None`: none); the listener and the
+/// address it got, or the address that could not be bound and why.
+pub async fn bind(
+    at: Option<SocketAddr>,
+) -> Result<Option<(TcpListener, SocketAddr)>, (SocketAddr, std::io::Error)> {
+    let Some(at) = at else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(at).await.map_err(|e| (at, e))?;
+    let local = listener.local_addr().map_err(|e| (at, e))?;
+    Ok(Some((listener, local)))
+}
+
 /// Largest request head read from a scraper.
 const MAX_HEAD: usize = 8 << 10;
 

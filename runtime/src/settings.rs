@@ -104,6 +104,30 @@ pub struct Setting {
     pub help: &'static str,
 }
 
+/// The log filter setting every process has.
+pub const LOG: Setting = Setting {
+    key: "log",
+    kind: Kind::Str,
+    default: Some("info,sqlx=warn"),
+    help: "log filter in tracing's env-filter syntax (RUST_LOG wins when set)",
+};
+
+/// The log format setting every process has.
+pub const LOG_FORMAT: Setting = Setting {
+    key: "log_format",
+    kind: Kind::Str,
+    default: Some("text"),
+    help: "text, or json: one JSON object per line",
+};
+
+/// The metrics endpoint setting every process has.
+pub const METRICS_LISTEN: Setting = Setting {
+    key: "metrics_listen",
+    kind: Kind::Str,
+    default: Some("127.0.0.1:0"),
+    help: "Prometheus endpoint (GET /metrics), HOST:PORT (port 0: any free port, printed at start), or off",
+};
+
 /// The long help of `--set`: every setting with its default and meaning,
 /// and the environment variable that sets it.
 pub fn set_help(env_prefix: &str, keys: &[Setting]) -> String {

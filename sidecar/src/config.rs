@@ -99,24 +99,9 @@ const KEYS: &[Setting] = &[
         default: Some("17 * * * *"),
         help: "when that cleanup runs (cron)",
     },
-    Setting {
-        key: "log",
-        kind: Kind::Str,
-        default: Some("info,sqlx=warn"),
-        help: "log filter in tracing's env-filter syntax (RUST_LOG wins when set)",
-    },
-    Setting {
-        key: "log_format",
-        kind: Kind::Str,
-        default: Some("text"),
-        help: "text, or json: one JSON object per line",
-    },
-    Setting {
-        key: "metrics_listen",
-        kind: Kind::Str,
-        default: Some("127.0.0.1:0"),
-        help: "Prometheus endpoint (GET /metrics), HOST:PORT (port 0: any free port, printed at start), or off",
-    },
+    tandem_runtime::settings::LOG,
+    tandem_runtime::settings::LOG_FORMAT,
+    tandem_runtime::settings::METRICS_LISTEN,
     Setting {
         key: "worker_threads",
         kind: Kind::Int,

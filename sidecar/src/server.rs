@@ -167,21 +167,13 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let local = listener
         .local_addr()
         .map_err(|source| Error::Bind { addr, source })?;
-    let metrics = match config.metrics_listen {
-        Some(at) => Some(
-            TcpListener::bind(at)
-                .await
-                .map_err(|source| Error::Bind { addr: at, source })?,
-        ),
-        None => None,
-    };
+    let metrics = tandem_runtime::metrics::bind(config.metrics_listen)
+        .await
+        .map_err(|(addr, source)| Error::Bind { addr, source })?;
     println!("tandem-sidecar listening on {local}");
     tracing::info!(%local, service = %config.service, coordinator = %config.coordinator.join(","), "listening");
-    if let Some(m) = &metrics {
-        let at = m
-            .local_addr()
-            .map_err(|source| Error::Bind { addr, source })?;
+    if let Some((_, at)) = &metrics {
         println!("tandem-sidecar metrics on http://{at}/metrics");
     }
-    serve_with_metrics(config, listener, metrics, shutdown).await
+    serve_with_metrics(config, listener, metrics.map(|(l, _)| l), shutdown).await
 }
