@@ -264,6 +264,20 @@ impl<L: Log + Clone> Groups<L> {
             .clone()
     }
 
+    /// Live members of every group, by (topic, group), without waiting:
+    /// a group busy at this instant (a member joining or leaving) is left
+    /// out (a metrics scrape must not wait behind a rebalance).
+    pub(crate) fn member_counts(&self) -> BTreeMap<(String, String), usize> {
+        let groups: Vec<_> = lock(&self.groups).values().cloned().collect();
+        groups
+            .iter()
+            .filter_map(|g| {
+                let inner = g.inner.try_lock().ok()?;
+                Some(((g.topic.clone(), g.group.clone()), inner.members.len()))
+            })
+            .collect()
+    }
+
     /// Live members per group consuming `topic`.
     pub(crate) async fn members_of(
         &self,

@@ -9,6 +9,8 @@
 use tandem_proto::coordinator as pb;
 use tandem_runtime::metrics::{Exposition, Type};
 
+use tandem_storage::TopicPartition;
+
 use crate::cluster::Cluster;
 
 /// One partition as scraped.
@@ -35,36 +37,49 @@ pub(crate) async fn render<L: tandem_storage::Log + Clone>(cluster: &Cluster<L>)
     let mut shards: Vec<(String, pb::Stats)> = Vec::new();
     for (shard, broker) in cluster.local() {
         shards.push((shard.to_string(), broker.txns.stats()));
-        for (topic, _) in broker.list_topics() {
-            // A topic deleted meanwhile is simply absent from this scrape.
-            let Ok((parts, groups)) = broker.describe(&topic).await else {
-                continue;
-            };
-            for g in &groups {
-                members.push((g.group.clone(), topic.clone(), g.members.len()));
-                // Only where the group committed: where a group without a
-                // commit starts depends on its members' StartFrom.
-                for p in &parts {
-                    let Some(&committed) = g.committed.get(&p.partition) else {
-                        continue;
-                    };
-                    // Offsets below the log's start are gone: not lag.
-                    let from = committed.max(p.offsets.log_start);
-                    positions.push(GroupRow {
-                        group: g.group.clone(),
-                        topic: topic.clone(),
-                        partition: p.partition.to_string(),
-                        committed,
-                        lag: p.offsets.high_water_mark.saturating_sub(from),
-                    });
-                }
+        // One pass over each table, whatever the number of topics.
+        let committed = broker.offsets.all();
+        let mut hwm: std::collections::HashMap<(String, u32), tandem_storage::Offsets> =
+            std::collections::HashMap::new();
+        for (topic, meta) in broker.list_topics() {
+            for p in 0..meta.partitions {
+                // A topic deleted meanwhile is simply absent from this scrape.
+                let Ok(offsets) = broker.data.offsets(&TopicPartition::new(&topic, p)) else {
+                    continue;
+                };
+                hwm.insert((topic.clone(), p), offsets);
+                partitions.push(PartitionRow {
+                    topic: topic.clone(),
+                    partition: p.to_string(),
+                    offsets,
+                });
             }
-            partitions.extend(parts.into_iter().map(|p| PartitionRow {
-                topic: topic.clone(),
-                partition: p.partition.to_string(),
-                offsets: p.offsets,
-            }));
         }
+        // Only where the group committed: where a group without a commit
+        // starts depends on its members' StartFrom.
+        for ((topic, group), by_partition) in committed {
+            for (p, offset) in by_partition {
+                let Some(o) = hwm.get(&(topic.clone(), p)) else {
+                    continue;
+                };
+                // Offsets below the log's start are gone: not lag.
+                let from = offset.max(o.log_start);
+                positions.push(GroupRow {
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    partition: p.to_string(),
+                    committed: offset,
+                    lag: o.high_water_mark.saturating_sub(from),
+                });
+            }
+        }
+        members.extend(
+            broker
+                .groups
+                .member_counts()
+                .into_iter()
+                .map(|((topic, group), n)| (group, topic, n)),
+        );
     }
     let mut out = Exposition::new();
     type Field = fn(&tandem_storage::Offsets) -> u64;
@@ -130,7 +145,7 @@ pub(crate) async fn render<L: tandem_storage::Log + Clone>(cluster: &Cluster<L>)
     out.family(
         "tandem_consumer_group_members",
         Type::Gauge,
-        "Live members of a consumer group on a topic.",
+        "Live members of a consumer group on a topic (a group in the middle of a rebalance is left out of that scrape).",
     );
     for (group, topic, n) in &members {
         out.sample(

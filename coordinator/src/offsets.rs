@@ -190,6 +190,18 @@ impl Offsets {
             .collect()
     }
 
+    /// Every committed offset in one pass: (topic, group) → partition →
+    /// offset (a metrics scrape reads them all at once).
+    pub(crate) fn all(&self) -> BTreeMap<(String, String), BTreeMap<u32, u64>> {
+        let mut out: BTreeMap<(String, String), BTreeMap<u32, u64>> = BTreeMap::new();
+        for (k, v) in &self.table().committed {
+            out.entry((k.topic.clone(), k.group.clone()))
+                .or_default()
+                .insert(k.partition, *v);
+        }
+        out
+    }
+
     /// Committed offsets of every group on `topic`: group → partition → offset.
     pub(crate) fn for_topic(&self, topic: &str) -> BTreeMap<String, BTreeMap<u32, u64>> {
         let mut out: BTreeMap<String, BTreeMap<u32, u64>> = BTreeMap::new();

@@ -246,6 +246,15 @@ async fn every_process_serves_metrics_that_count_what_happened() -> TestResult {
         "the caught-up group's lag: {lag:?}\n{coordinator}"
     );
 
+    assert_eq!(
+        sample(
+            &coordinator,
+            "tandem_consumer_group_members{group=\"cart\",topic=\"orders\"}"
+        ),
+        Some(1.0),
+        "{coordinator}"
+    );
+
     let consumer = scrape(&cluster.consumer.metrics_url()?).await?;
     promtool_check("the consumer's sidecar", &consumer)?;
     assert_eq!(
