@@ -1,8 +1,8 @@
 //! The coordinator's Prometheus metrics, written at each scrape from the
 //! shards this replica serves (a replica reports only its own shards, so
 //! Prometheus sums the replicas): partitions and their offsets, consumer
-//! groups and their lag, and per shard transactions by outcome,
-//! check-backs and open half messages. The transaction counters carry a
+//! groups and their lag, sidecar sessions, and per shard transactions by
+//! outcome, check-backs and open half messages. The transaction counters carry a
 //! `shard` label: a shard that moves to another replica takes its series
 //! with it, so no counter a replica reports ever goes down.
 
@@ -154,6 +154,25 @@ pub(crate) async fn render<L: tandem_storage::Log + Clone>(cluster: &Cluster<L>)
             *n as f64,
         );
     }
+    let (sessions, awaiting) = cluster.sessions.counts();
+    out.family(
+        "tandem_sidecar_sessions",
+        Type::Gauge,
+        "Sessions of a service's sidecars open with this replica (check-backs and saga branches travel on them).",
+    );
+    for (service, n) in &sessions {
+        out.sample(
+            "tandem_sidecar_sessions",
+            &[("service", service)],
+            *n as f64,
+        );
+    }
+    out.single(
+        "tandem_check_backs_awaiting_answer",
+        Type::Gauge,
+        "Check-backs sent and not yet answered.",
+        awaiting as f64,
+    );
     type Stat = fn(&pb::Stats) -> u64;
     let per_shard: [(&str, Type, &str, Stat); 5] = [
         (

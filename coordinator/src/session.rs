@@ -81,6 +81,15 @@ impl Sessions {
         id
     }
 
+    /// Live sessions per service, and check-backs awaiting an answer.
+    pub(crate) fn counts(&self) -> (std::collections::BTreeMap<String, usize>, usize) {
+        let services = lock(&self.services)
+            .iter()
+            .map(|(s, v)| (s.clone(), v.len()))
+            .collect();
+        (services, lock(&self.pending).len())
+    }
+
     pub(crate) fn unregister(&self, service: &str, id: u64) {
         let mut services = lock(&self.services);
         if let Some(v) = services.get_mut(service) {

@@ -255,6 +255,12 @@ async fn every_process_serves_metrics_that_count_what_happened() -> TestResult {
         "{coordinator}"
     );
 
+    assert_eq!(
+        sample(&coordinator, "tandem_sidecar_sessions{service=\"orders\"}"),
+        Some(1.0),
+        "{coordinator}"
+    );
+
     let consumer = scrape(&cluster.consumer.metrics_url()?).await?;
     promtool_check("the consumer's sidecar", &consumer)?;
     assert_eq!(
