@@ -110,37 +110,32 @@ pub(crate) async fn render<L: tandem_storage::Log + Clone>(cluster: &Cluster<L>)
             );
         }
     }
-    out.family(
-        "tandem_consumer_group_committed_offset",
-        Type::Gauge,
-        "Offset a consumer group has committed on a partition (the next one it will read).",
-    );
-    for g in &positions {
-        out.sample(
+    type Position = fn(&GroupRow) -> u64;
+    let group_families: [(&str, &str, Position); 2] = [
+        (
             "tandem_consumer_group_committed_offset",
-            &[
-                ("group", &g.group),
-                ("topic", &g.topic),
-                ("partition", &g.partition),
-            ],
-            g.committed as f64,
-        );
-    }
-    out.family(
-        "tandem_consumer_group_lag_messages",
-        Type::Gauge,
-        "Messages of a partition after a consumer group's committed offset (partitions it has committed on).",
-    );
-    for g in &positions {
-        out.sample(
+            "Offset a consumer group has committed on a partition (the next one it will read).",
+            |g| g.committed,
+        ),
+        (
             "tandem_consumer_group_lag_messages",
-            &[
-                ("group", &g.group),
-                ("topic", &g.topic),
-                ("partition", &g.partition),
-            ],
-            g.lag as f64,
-        );
+            "Messages of a partition after a consumer group's committed offset (partitions it has committed on).",
+            |g| g.lag,
+        ),
+    ];
+    for (name, help, field) in group_families {
+        out.family(name, Type::Gauge, help);
+        for g in &positions {
+            out.sample(
+                name,
+                &[
+                    ("group", &g.group),
+                    ("topic", &g.topic),
+                    ("partition", &g.partition),
+                ],
+                field(g) as f64,
+            );
+        }
     }
     out.family(
         "tandem_consumer_group_members",
