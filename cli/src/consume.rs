@@ -7,12 +7,11 @@
 use std::io::Write;
 use std::time::Duration;
 
-use base64::Engine;
 use serde_json::json;
 use tandem_proto::coordinator as pb;
 use tokio::sync::mpsc;
 
-use crate::{connect, status};
+use crate::{bytes_json, connect, status};
 
 /// Flags of `tandem consume`.
 #[derive(Clone, Debug, clap::Args)]
@@ -43,14 +42,6 @@ pub enum From {
 }
 
 const SESSION_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Bytes as JSON: a string if UTF-8, else `{"base64": "..."}`.
-fn bytes_json(b: &[u8]) -> serde_json::Value {
-    match std::str::from_utf8(b) {
-        Ok(s) => json!(s),
-        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) }),
-    }
-}
 
 fn print(out: &mut impl Write, d: &pb::Delivery, as_json: bool) -> std::io::Result<()> {
     let m = d.message.clone().unwrap_or_default();

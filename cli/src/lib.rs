@@ -4,8 +4,10 @@
 //! one binary can run and drive a whole Tandem.
 
 mod bench;
+mod clock;
 mod consume;
 mod demo;
+mod operate;
 mod publish;
 mod saga;
 mod topic;
@@ -13,6 +15,7 @@ mod topic;
 pub use bench::{BenchArgs, Scenario, bench};
 pub use consume::{ConsumeArgs, consume};
 pub use demo::{DemoArgs, demo};
+pub use operate::{DlqCommand, GroupCommand, ReadArgs, TxnCommand, dlq, group, read, txn};
 pub use publish::{PublishArgs, publish};
 pub use saga::{SagaCommand, saga};
 pub use topic::{TopicCommand, topic};
@@ -104,4 +107,15 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
 /// Turns a gRPC status into an error that reads well on a terminal.
 pub(crate) fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Bytes as JSON: a string if UTF-8, else `{"base64": "..."}`.
+pub(crate) fn bytes_json(b: &[u8]) -> serde_json::Value {
+    use base64::Engine;
+    match std::str::from_utf8(b) {
+        Ok(s) => serde_json::json!(s),
+        Err(_) => {
+            serde_json::json!({ "base64": base64::engine::general_purpose::STANDARD.encode(b) })
+        }
+    }
 }

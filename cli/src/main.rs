@@ -5,7 +5,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 
-use tandem_cli::{BenchArgs, ConsumeArgs, DemoArgs, PublishArgs, SagaCommand, TopicCommand};
+use tandem_cli::{
+    BenchArgs, ConsumeArgs, DemoArgs, DlqCommand, GroupCommand, PublishArgs, ReadArgs, SagaCommand,
+    TopicCommand, TxnCommand,
+};
 use tandem_coordinator::{Config, CoordinatorArgs};
 use tandem_sidecar::SidecarArgs;
 
@@ -45,6 +48,18 @@ enum Command {
     /// Saga inspection: list, show.
     #[command(subcommand)]
     Saga(SagaCommand),
+    /// Consumer groups: list with lag, reset offsets, replay from a time.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Reads a partition from an offset or a time, or one message by id,
+    /// without a consumer group (nothing is committed).
+    Read(ReadArgs),
+    /// Transactional messages: list open and recent ones, show one.
+    #[command(subcommand)]
+    Txn(TxnCommand),
+    /// Dead letters: show them, redrive them to their topic.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Runs the coordinator.
     Coordinator(CoordinatorArgs),
     /// Runs a sidecar next to a service.
@@ -97,6 +112,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Topic(cmd) => tandem_cli::topic(&url, cmd, &mut std::io::stdout()).await,
         Command::Saga(cmd) => tandem_cli::saga(&url, cmd, &mut std::io::stdout()).await,
+        Command::Group(cmd) => tandem_cli::group(&url, cmd, &mut std::io::stdout()).await,
+        Command::Read(args) => tandem_cli::read(&url, args, &mut std::io::stdout()).await,
+        Command::Txn(cmd) => tandem_cli::txn(&url, cmd, &mut std::io::stdout()).await,
+        Command::Dlq(cmd) => tandem_cli::dlq(&url, cmd, &mut std::io::stdout()).await,
         Command::Publish(args) => {
             let stdin = tokio::io::BufReader::with_capacity(1 << 20, tokio::io::stdin());
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -278,6 +278,42 @@ impl<L: Log + Clone> Groups<L> {
             .collect()
     }
 
+    /// Runs `f` while `group` has no member on `topic` and none can join
+    /// (a joiner waits for the group's lock); FAILED_PRECONDITION naming
+    /// the members when it has some.
+    pub(crate) async fn without_members<T>(
+        &self,
+        group: &str,
+        topic: &str,
+        partitions: u32,
+        f: impl FnOnce() -> T,
+    ) -> Result<T> {
+        loop {
+            let g = self.group(group, topic, partitions);
+            let inner = g.inner.lock().await;
+            if !self.is_current(&g) {
+                continue; // its last member left meanwhile: look again
+            }
+            if !inner.members.is_empty() {
+                let mut ids: Vec<&str> = inner.members.keys().map(String::as_str).collect();
+                ids.sort_unstable();
+                return Err(Error::FailedPrecondition(format!(
+                    "group {group:?} has {} member(s) on topic {topic:?} ({}): stop its consumers first",
+                    ids.len(),
+                    ids.join(", ")
+                )));
+            }
+            let out = f();
+            // The map holds live groups only: the entry looked up here goes.
+            let mut groups = lock(&self.groups);
+            let key = (g.group.clone(), g.topic.clone());
+            if groups.get(&key).is_some_and(|x| Arc::ptr_eq(x, &g)) {
+                groups.remove(&key);
+            }
+            return Ok(out);
+        }
+    }
+
     /// Live members per group consuming `topic`.
     pub(crate) async fn members_of(
         &self,
@@ -642,24 +678,28 @@ impl<L: Log + Clone> Groups<L> {
 }
 
 fn to_delivery(r: StoredRecord, partition: u32, epoch: u64) -> pb::Delivery {
-    let rec = r.record;
     pb::Delivery {
         partition,
         offset: r.offset,
         epoch,
-        timestamp_ms: rec.timestamp_ms,
-        message: Some(pb::Message {
-            id: String::from_utf8_lossy(&rec.id).into_owned(),
-            key: rec.key,
-            value: rec.value,
-            headers: headers_to_wire(
-                rec.headers
-                    .into_iter()
-                    .filter(|h| h.name != crate::transactions::MARKER_HEADER)
-                    .collect(),
-            ),
-            partition: None,
-        }),
+        timestamp_ms: r.record.timestamp_ms,
+        message: Some(to_message(r.record)),
+    }
+}
+
+/// A stored record as consumers see it: without the transaction marker.
+pub(crate) fn to_message(rec: tandem_storage::Record) -> pb::Message {
+    pb::Message {
+        id: String::from_utf8_lossy(&rec.id).into_owned(),
+        key: rec.key,
+        value: rec.value,
+        headers: headers_to_wire(
+            rec.headers
+                .into_iter()
+                .filter(|h| h.name != crate::transactions::MARKER_HEADER)
+                .collect(),
+        ),
+        partition: None,
     }
 }
 

@@ -16,6 +16,7 @@ mod consumer;
 mod error;
 pub use tandem_storage::failpoint;
 mod group;
+mod inspect;
 mod metrics;
 mod offsets;
 mod partitioner;

@@ -398,6 +398,17 @@ impl Recent {
         }))
     }
 
+    /// Where `id` was appended to `topic`, if it is remembered now.
+    pub(crate) fn position_of(&self, topic: &str, id: &str) -> Option<Position> {
+        let cutoff = self.cutoff();
+        match self.lock().get(topic)?.by_id.get(id.as_bytes())? {
+            Seen::Done {
+                position, at_ms, ..
+            } if *at_ms >= cutoff => Some(*position),
+            _ => None,
+        }
+    }
+
     /// Ids remembered now, over all topics.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {

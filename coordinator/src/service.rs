@@ -268,6 +268,10 @@ pub const SIDECAR_SESSION_TIMEOUT: Duration = Duration::from_secs(30);
 /// `tandem.*` headers).
 pub(crate) const RESERVED_BYTES: usize = 16 << 10;
 
+/// Transactions `ListTransactions` lists when it names no limit, and at most.
+const DEFAULT_LIST_TXNS: u32 = 100;
+const MAX_LIST_TXNS: u32 = 10_000;
+
 /// Largest opaque producer context kept with a half message.
 pub const MAX_CONTEXT_BYTES: usize = 64 << 10;
 
@@ -902,6 +906,153 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         );
         let sagas = saga_host(&broker)?.list(status, limit).await?;
         Ok(Response::new(pb::ListSagasResponse { sagas }))
+    }
+
+    async fn list_transactions(
+        &self,
+        req: Request<pb::ListTransactionsRequest>,
+    ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        let fwd = was_forwarded(&req);
+        let req = req.into_inner();
+        let state = match pb::TransactionState::try_from(req.state) {
+            Ok(pb::TransactionState::Unspecified) => None,
+            Ok(s) => Some(s as i32),
+            Err(_) => {
+                return Err(Error::invalid(
+                    "state",
+                    format!("{} is not a TransactionState", req.state),
+                )
+                .into());
+            }
+        };
+        if !req.service.is_empty() {
+            check_id("service", &req.service)?;
+        }
+        let limit = match req.limit {
+            0 => DEFAULT_LIST_TXNS,
+            n if n > MAX_LIST_TXNS => {
+                return Err(Error::invalid("limit", format!("at most {MAX_LIST_TXNS}")).into());
+            }
+            n => n,
+        };
+        // Every shard's, here and at the other owners (each sends its
+        // oldest `limit`, which holds the oldest `limit` of all).
+        let others = if fwd {
+            Vec::new()
+        } else {
+            self.cluster.others().await?
+        };
+        let mut all = Vec::new();
+        for (_, b) in self.cluster.local() {
+            all.extend(b.txns.list(state, &req.service).await);
+        }
+        let mut matched = all.len() as u64;
+        for o in others {
+            let theirs = self
+                .cluster
+                .peer(&o)?
+                .list_transactions(forwarded(req.clone()))
+                .await?
+                .into_inner();
+            matched += theirs.matched;
+            all.extend(theirs.transactions);
+        }
+        all.sort_by(|a, b| (a.prepared_at_ms, &a.txn_id).cmp(&(b.prepared_at_ms, &b.txn_id)));
+        all.truncate(limit as usize);
+        Ok(Response::new(pb::ListTransactionsResponse {
+            transactions: all,
+            matched,
+        }))
+    }
+
+    async fn read_messages(
+        &self,
+        req: Request<pb::ReadMessagesRequest>,
+    ) -> Result<Response<pb::ReadMessagesResponse>, Status> {
+        let fwd = was_forwarded(&req);
+        let req = req.into_inner();
+        required("topic", &req.topic)?;
+        let limit = match req.limit {
+            0 => crate::inspect::DEFAULT_READ,
+            n if n > crate::inspect::MAX_READ => {
+                return Err(Error::invalid(
+                    "limit",
+                    format!("at most {}", crate::inspect::MAX_READ),
+                )
+                .into());
+            }
+            n => n,
+        };
+        let from = match req.from {
+            None => Ok(0),
+            Some(pb::read_messages_request::From::Offset(o)) => Ok(o),
+            Some(pb::read_messages_request::From::TimestampMs(t)) => Err(t),
+        };
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(&req.topic, fwd).await?,
+            req.clone(),
+            read_messages
+        );
+        Ok(Response::new(
+            broker
+                .read_messages(&req.topic, req.partition, from, limit)
+                .await?,
+        ))
+    }
+
+    async fn find_message(
+        &self,
+        req: Request<pb::FindMessageRequest>,
+    ) -> Result<Response<pb::StoredMessage>, Status> {
+        let fwd = was_forwarded(&req);
+        let req = req.into_inner();
+        required("topic", &req.topic)?;
+        check_id("id", &req.id)?;
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(&req.topic, fwd).await?,
+            req.clone(),
+            find_message
+        );
+        Ok(Response::new(
+            broker.find_message(&req.topic, &req.id).await?,
+        ))
+    }
+
+    async fn reset_offsets(
+        &self,
+        req: Request<pb::ResetOffsetsRequest>,
+    ) -> Result<Response<pb::ResetOffsetsResponse>, Status> {
+        use crate::inspect::ResetTo;
+        use pb::reset_offsets_request::To;
+        let fwd = was_forwarded(&req);
+        let req = req.into_inner();
+        required("topic", &req.topic)?;
+        check_group("group", &req.group)?;
+        let to = match req.to {
+            Some(To::Earliest(_)) => ResetTo::Earliest,
+            Some(To::Latest(_)) => ResetTo::Latest,
+            Some(To::Offset(o)) => ResetTo::Offset(o),
+            Some(To::TimestampMs(t)) => ResetTo::Time(t),
+            None => {
+                return Err(Error::invalid(
+                    "to",
+                    "is required: earliest, latest, offset or timestamp_ms",
+                )
+                .into());
+            }
+        };
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(&req.topic, fwd).await?,
+            req.clone(),
+            reset_offsets
+        );
+        let moves = broker
+            .reset_offsets(&req.topic, &req.group, &req.partitions, to)
+            .await?;
+        Ok(Response::new(pb::ResetOffsetsResponse { moves }))
     }
 
     type SessionStream = SessionStream;

@@ -627,6 +627,22 @@ impl<L: Log + Clone> Transactions<L> {
         guard.core.view().ok_or_else(|| not_found(id))
     }
 
+    /// Every remembered transaction as the API shows it that is in `state`
+    /// (any when `None`) and of `service` (any when empty).
+    pub(crate) async fn list(&self, state: Option<i32>, service: &str) -> Vec<pb::Transaction> {
+        let slots: Vec<Slot> = lock(&self.txns).values().cloned().collect();
+        let mut out = Vec::new();
+        for slot in slots {
+            let Some(t) = slot.lock().await.core.view() else {
+                continue; // forgotten, or a prepare that failed
+            };
+            if state.is_none_or(|s| s == t.state) && (service.is_empty() || service == t.service) {
+                out.push(t);
+            }
+        }
+        out
+    }
+
     /// The protocol's counters.
     pub(crate) fn stats(&self) -> pb::Stats {
         let c = &self.counters;

@@ -460,6 +460,13 @@ impl TxnState {
             checks: t.checks,
             resolved_by_check: t.resolved_by_check,
             position: response(&self.id, t).position,
+            next_check_at_ms: if t.state == PREPARED {
+                self.due_at.unwrap_or_default()
+            } else {
+                0
+            },
+            finished_at_ms: t.finished_at_ms,
+            instance: t.instance.clone(),
         })
     }
 

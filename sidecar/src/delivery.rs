@@ -34,6 +34,9 @@
 //!   that fails too the delivery is [`Outcome::Stuck`]: not acknowledged, and
 //!   the session ends so that it comes again later, before its key's
 //!   successors (order is never given up to make progress).
+//! - **Redriven dead letters** (`tandem dlq redrive`) carry the group that
+//!   gave them up in `tandem.redrive.group`: only that group's sidecars
+//!   call their app; the topic's other groups acknowledge them unhandled.
 //! - **Cancellation** (the subscription stops, or the partition is revoked):
 //!   a delivery between two steps is abandoned unacknowledged and delivered
 //!   again to the partition's next holder.
@@ -54,6 +57,10 @@ use crate::db::{Admission, Admit, ClaimRequest, InboxRow};
 use crate::error::Result;
 use crate::handler::{Called, Handler};
 use crate::node::{Counters, Node};
+
+/// Names the only group that handles a message redriven from a dead-letter
+/// topic; the others acknowledge it without calling their app.
+pub const REDRIVE_GROUP_HEADER: &str = "tandem.redrive.group";
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 const UNREACHABLE_DELAY: Duration = Duration::from_secs(2);
@@ -179,6 +186,14 @@ pub(crate) async fn handle(
     d: &pb::Delivery,
     cancel: &mut watch::Receiver<bool>,
 ) -> Outcome {
+    if let Some(only) = redrive_group(d)
+        && only != spec.group.as_bytes()
+    {
+        // Redriven from the dead-letter topic for the group that gave it
+        // up; the topic's other groups handled it the first time.
+        Counters::bump(&node.counters.redriven_for_other_groups);
+        return Outcome::Done;
+    }
     let dedup = sc::DedupMode::try_from(spec.dedup).unwrap_or(sc::DedupMode::Sidecar);
     let row = InboxRow {
         group: spec.group.clone(),
@@ -202,6 +217,17 @@ pub(crate) async fn handle(
         }
     }
     outcome
+}
+
+/// The group a message redriven from a dead-letter topic is for
+/// (`tandem dlq redrive` sets [`REDRIVE_GROUP_HEADER`]).
+fn redrive_group(d: &pb::Delivery) -> Option<&[u8]> {
+    d.message
+        .as_ref()?
+        .headers
+        .iter()
+        .find(|h| h.name == REDRIVE_GROUP_HEADER)
+        .map(|h| h.value.as_ref())
 }
 
 /// The attempts of one delivery, from the dedup check to the dedup row.

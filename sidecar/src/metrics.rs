@@ -7,7 +7,7 @@ use tandem_runtime::metrics::{Exposition, Type};
 /// The text of one scrape of a sidecar whose counters read `s`.
 pub(crate) fn render(s: &sc::Stats) -> String {
     let mut out = Exposition::new();
-    let counters: [(&str, &str, u64); 8] = [
+    let counters: [(&str, &str, u64); 9] = [
         (
             "tandem_sidecar_deliveries_total",
             "Deliveries received from the coordinator.",
@@ -47,6 +47,11 @@ pub(crate) fn render(s: &sc::Stats) -> String {
             "tandem_sidecar_claim_waits_total",
             "Deliveries that found their message claimed by another sidecar of the group and waited.",
             s.claim_waits,
+        ),
+        (
+            "tandem_sidecar_redriven_for_other_groups_total",
+            "Deliveries acknowledged without calling the app: a redrive from the dead-letter topic addressed them to another group.",
+            s.redriven_for_other_groups,
         ),
     ];
     for (name, help, value) in counters {

@@ -1,0 +1,679 @@
+//! The operator's commands of the real `tandem` binary against a real
+//! coordinator (and, for the dead letters, a real sidecar in front of an
+//! app in this process): each with `--json`, checked against what was done.
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tandem_e2e::process::Process;
+use tandem_proto::app as app_pb;
+use tandem_proto::coordinator as pb;
+use tandem_proto::sidecar as sc;
+use tonic::{Request, Response, Status};
+
+type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// Runs `tandem --coordinator URL args…` with `input` on standard input;
+/// returns whether it succeeded, its standard output and its standard error.
+fn run(url: &str, args: &[&str], input: &str) -> TestResult<(bool, String, String)> {
+    use std::io::Write;
+    let mut child = Command::new(TANDEM)
+        .arg("--coordinator")
+        .arg(url)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .ok_or("stdin")?
+        .write_all(input.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.success(),
+        String::from_utf8(out.stdout)?,
+        String::from_utf8(out.stderr)?,
+    ))
+}
+
+/// `tandem args… --json`, which must succeed; its JSON document.
+fn json(url: &str, args: &[&str]) -> TestResult<Value> {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let (ok, out, err) = run(url, &all, "")?;
+    if !ok {
+        return Err(format!("tandem {all:?} failed: {err}").into());
+    }
+    Ok(serde_json::from_str(&out)?)
+}
+
+fn start_coordinator(dir: &Path) -> TestResult<Process> {
+    let args: Vec<String> = [
+        "coordinator",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &dir.join("coordinator").display().to_string(),
+        "--set",
+        "metrics_listen=off",
+        // Check-backs late enough that a prepared transaction stays
+        // prepared, with its next check ahead, while the test looks.
+        "--set",
+        "check_after_ms=60000",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    Ok(Process::start(
+        "coordinator",
+        Path::new(TANDEM),
+        &args,
+        &[],
+        dir,
+    )?)
+}
+
+fn values(v: &Value) -> Vec<String> {
+    v["messages"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|m| m["value"].as_str().unwrap_or_default().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default()
+}
+
+#[test]
+fn publish_read_and_find_messages_with_keys_headers_and_times() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coordinator = start_coordinator(dir.path())?;
+    let url = coordinator.url();
+    run(
+        &url,
+        &["topic", "create", "events", "--partitions", "2"],
+        "",
+    )?;
+
+    // Lines as JSON objects, each with its own id, key and headers.
+    let lines = [
+        r#"{"id": "e-1", "key": "k", "value": "one", "headers": [{"name": "trace", "value": "t1"}]}"#,
+        r#"{"id": "e-2", "key": "k", "value": {"base64": "/w=="}}"#,
+    ];
+    let (ok, out, err) = run(&url, &["publish", "events", "--json"], &lines.join("\n"))?;
+    assert!(ok, "publish --json failed: {err}");
+    let positions: Vec<&str> = out.lines().collect();
+    assert_eq!(positions.len(), 2, "one position per line: {out:?}");
+    assert_eq!(
+        positions[0].split(' ').next(),
+        positions[1].split(' ').next(),
+        "one key, one partition"
+    );
+    let partition = positions[0].split(' ').next().ok_or("partition")?;
+    std::thread::sleep(Duration::from_millis(50));
+    let between = now_ms();
+    std::thread::sleep(Duration::from_millis(50));
+    // Plain lines with --key and --header on each.
+    let (ok, _, err) = run(
+        &url,
+        &[
+            "publish",
+            "events",
+            "--key",
+            "k",
+            "--header",
+            "origin=cli",
+            "--header",
+            "empty=",
+        ],
+        "three\n",
+    )?;
+    assert!(ok, "publish --header failed: {err}");
+
+    let read = json(&url, &["read", "events", "--partition", partition])?;
+    let messages = read["messages"].as_array().ok_or("messages")?;
+    assert_eq!(messages.len(), 3, "{read}");
+    assert_eq!(messages[0]["id"], "e-1");
+    assert_eq!(messages[0]["key"], "k");
+    assert_eq!(messages[0]["value"], "one");
+    assert_eq!(messages[0]["headers"][0]["name"], "trace");
+    assert_eq!(messages[0]["headers"][0]["value"], "t1");
+    assert_eq!(messages[1]["value"]["base64"], "/w==", "not UTF-8: base64");
+    assert_eq!(messages[2]["value"], "three");
+    assert_eq!(
+        messages[2]["headers"],
+        serde_json::json!([{"name": "origin", "value": "cli"}, {"name": "empty", "value": ""}])
+    );
+    assert_eq!(read["high_water_mark"], 3);
+
+    // From an offset, from a time, and a bad request.
+    let from1 = json(
+        &url,
+        &["read", "events", "--partition", partition, "--offset", "1"],
+    )?;
+    assert_eq!(from1["messages"].as_array().map(Vec::len), Some(2));
+    let since = json(
+        &url,
+        &[
+            "read",
+            "events",
+            "--partition",
+            partition,
+            "--since",
+            &between.to_string(),
+        ],
+    )?;
+    assert_eq!(values(&since), ["three"], "{since}");
+    let (ok, _, err) = run(&url, &["read", "events", "--partition", "7"], "")?;
+    assert!(!ok && err.contains("partition 7 does not exist"), "{err}");
+
+    // By id, in whichever partition it is.
+    let found = json(&url, &["read", "events", "--id", "e-2"])?;
+    assert_eq!(found["offset"], 1);
+    assert_eq!(found["partition"].to_string(), partition);
+    let (ok, _, err) = run(&url, &["read", "events", "--id", "nope"], "")?;
+    assert!(!ok && err.contains("NotFound"), "{err}");
+
+    // A bad JSON line stops the publish at that line, naming it, and what
+    // came before it in the same batch is not published.
+    let (ok, out, err) = run(
+        &url,
+        &["publish", "events", "--json"],
+        "{\"value\": \"x\"}\n{\"valu\": 1}\n",
+    )?;
+    assert!(
+        !ok && err.contains("line 2") && out.is_empty(),
+        "{out} {err}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactions_are_listed_with_state_age_and_next_check() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coordinator = start_coordinator(dir.path())?;
+    let url = coordinator.url();
+    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
+    c.create_topic(pb::CreateTopicRequest {
+        name: "orders".into(),
+        partitions: 1,
+    })
+    .await?;
+    for id in ["t-open", "t-done", "t-other"] {
+        c.prepare(pb::PrepareRequest {
+            service: if id == "t-other" { "billing" } else { "orders" }.into(),
+            txn_id: id.into(),
+            topic: "orders".into(),
+            message: Some(pb::Message {
+                value: bytes::Bytes::from_static(b"v"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await?;
+    }
+    c.commit(pb::EndTransactionRequest {
+        service: "orders".into(),
+        txn_id: "t-done".into(),
+    })
+    .await?;
+    let u = url.clone();
+    let (all, prepared, billing, shown, bad) = tokio::task::spawn_blocking(move || {
+        TestResult::Ok((
+            json(&u, &["txn", "list"])?,
+            json(
+                &u,
+                &["txn", "list", "--state", "prepared", "--service", "orders"],
+            )?,
+            json(&u, &["txn", "list", "--service", "billing", "--limit", "1"])?,
+            json(&u, &["txn", "show", "t-done"])?,
+            run(&u, &["txn", "list", "--state", "half"], "")?,
+        ))
+    })
+    .await??;
+    let ids = |v: &Value| -> Vec<String> {
+        v["transactions"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|t| t["txn_id"].as_str().unwrap_or_default().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(ids(&all), ["t-open", "t-done", "t-other"], "oldest first");
+    assert_eq!(all["matched"], 3);
+    assert_eq!(ids(&prepared), ["t-open"]);
+    let open = &prepared["transactions"][0];
+    assert_eq!(open["state"], "prepared");
+    assert_eq!(open["checks"], 0);
+    let next = open["next_check_at_ms"].as_i64().ok_or("next check")?;
+    let at = open["prepared_at_ms"].as_i64().ok_or("prepared at")?;
+    assert!(
+        next >= at + 50_000,
+        "the first check is due check_after_ms after the prepare: {open}"
+    );
+    assert!(open["age_ms"].as_i64().is_some_and(|a| a >= 0));
+    assert_eq!(ids(&billing), ["t-other"]);
+    assert_eq!(shown["state"], "committed");
+    assert_eq!(shown["offset"], 0);
+    assert!(shown["next_check_at_ms"].is_null());
+    assert!(shown["finished_at_ms"].as_i64().is_some_and(|f| f >= at));
+    assert!(!bad.0 && bad.2.contains("--state"), "{}", bad.2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coordinator = start_coordinator(dir.path())?;
+    let url = coordinator.url();
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || -> TestResult {
+        run(&u, &["topic", "create", "jobs", "--partitions", "2"], "")?;
+        let (ok, _, err) = run(&u, &["publish", "jobs"], "a\nb\nc\nd\n")?;
+        assert!(ok, "{err}");
+        Ok(())
+    })
+    .await??;
+    let middle = now_ms();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || -> TestResult {
+        let (ok, _, err) = run(&u, &["publish", "jobs"], "e\nf\n")?;
+        assert!(ok, "{err}");
+        // The group reads everything and commits it.
+        let (ok, out, err) = run(
+            &u,
+            &[
+                "consume", "jobs", "--group", "workers", "--from", "earliest", "--max", "6",
+            ],
+            "",
+        )?;
+        assert!(ok && out.lines().count() == 6, "{out} {err}");
+        Ok(())
+    })
+    .await??;
+
+    let lag = |v: &Value| v["groups"][0]["total_lag"].as_u64();
+    let u = url.clone();
+    let listed = tokio::task::spawn_blocking(move || json(&u, &["group", "list"])).await??;
+    assert_eq!(listed["groups"][0]["group"], "workers", "{listed}");
+    assert_eq!(listed["groups"][0]["topic"], "jobs");
+    assert_eq!(lag(&listed), Some(0));
+    assert_eq!(listed["groups"][0]["members"], serde_json::json!([]));
+
+    // Back to the start: everything is lag again.
+    let u = url.clone();
+    let (reset, after) = tokio::task::spawn_blocking(move || {
+        TestResult::Ok((
+            json(
+                &u,
+                &[
+                    "group",
+                    "reset",
+                    "workers",
+                    "--topic",
+                    "jobs",
+                    "--to-earliest",
+                ],
+            )?,
+            json(&u, &["group", "list", "--topic", "jobs"])?,
+        ))
+    })
+    .await??;
+    let moves = reset["moves"].as_array().ok_or("moves")?;
+    assert_eq!(moves.len(), 2);
+    assert!(moves.iter().all(|m| m["to"] == 0), "{reset}");
+    assert_eq!(
+        moves.iter().filter_map(|m| m["from"].as_u64()).sum::<u64>(),
+        6
+    );
+    assert_eq!(lag(&after), Some(6));
+
+    // Replay from a time: the two published after it are lag.
+    let u = url.clone();
+    let since = middle.to_string();
+    let (replay, one) = tokio::task::spawn_blocking(move || {
+        TestResult::Ok((
+            json(
+                &u,
+                &[
+                    "group", "replay", "workers", "--topic", "jobs", "--since", &since,
+                ],
+            )?,
+            json(
+                &u,
+                &[
+                    "group",
+                    "reset",
+                    "workers",
+                    "--topic",
+                    "jobs",
+                    "--partition",
+                    "1",
+                    "--to-offset",
+                    "1",
+                ],
+            )?,
+        ))
+    })
+    .await??;
+    assert_eq!(replay["moves"].as_array().map(Vec::len), Some(2));
+    assert_eq!(one["moves"].as_array().map(Vec::len), Some(1));
+    assert_eq!(one["moves"][0]["partition"], 1);
+    assert_eq!(one["moves"][0]["to"], 1);
+
+    // While a member is in the group, a reset is refused and moves nothing.
+    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
+    let before = c
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "jobs".into(),
+        })
+        .await?
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ConsumeRequest {
+        kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
+            topic: "jobs".into(),
+            group: "workers".into(),
+            initial_credit: 0,
+            client_id: "holder".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut stream = c
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    stream.message().await?.ok_or("no assignment")?;
+    let u = url.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        run(
+            &u,
+            &[
+                "group",
+                "reset",
+                "workers",
+                "--topic",
+                "jobs",
+                "--to-latest",
+            ],
+            "",
+        )
+    })
+    .await??;
+    assert!(
+        !ok && err.contains("FailedPrecondition") && err.contains("holder"),
+        "{err}"
+    );
+    let now = c
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "jobs".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        before.groups[0].partitions, now.groups[0].partitions,
+        "a refused reset moves nothing"
+    );
+    drop(tx);
+    Ok(())
+}
+
+/// An app whose handler fails every message whose value is `poison` for
+/// group `cart` until it is healed, and records what it handled.
+#[derive(Clone, Default)]
+struct App {
+    healed: Arc<Mutex<bool>>,
+    handled: Arc<Mutex<Vec<(String, String, String)>>>,
+}
+
+#[tonic::async_trait]
+impl app_pb::app_server::App for App {
+    async fn execute_local_transaction(
+        &self,
+        _: Request<app_pb::ExecuteLocalTransactionRequest>,
+    ) -> Result<Response<app_pb::LocalTransactionResponse>, Status> {
+        Err(Status::unimplemented("no transactions here"))
+    }
+
+    async fn check_local_transaction(
+        &self,
+        _: Request<app_pb::CheckLocalTransactionRequest>,
+    ) -> Result<Response<app_pb::LocalTransactionResponse>, Status> {
+        Err(Status::unimplemented("no transactions here"))
+    }
+
+    async fn handle_message(
+        &self,
+        req: Request<app_pb::HandleMessageRequest>,
+    ) -> Result<Response<app_pb::HandleMessageResponse>, Status> {
+        let req = req.into_inner();
+        let m = req.message.unwrap_or_default();
+        let value = String::from_utf8_lossy(&m.value).into_owned();
+        let healed = *self.healed.lock().unwrap_or_else(PoisonError::into_inner);
+        if value == "poison" && req.group == "cart" && !healed {
+            return Err(Status::internal("cannot digest poison"));
+        }
+        self.handled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((req.group, m.id, value));
+        Ok(Response::new(app_pb::HandleMessageResponse {}))
+    }
+
+    async fn handle_messages(
+        &self,
+        _: Request<app_pb::HandleMessagesRequest>,
+    ) -> Result<Response<app_pb::HandleMessagesResponse>, Status> {
+        Err(Status::unimplemented("one at a time"))
+    }
+
+    async fn execute_branch(
+        &self,
+        _: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Err(Status::unimplemented("no sagas here"))
+    }
+
+    async fn compensate_branch(
+        &self,
+        _: Request<app_pb::BranchRequest>,
+    ) -> Result<Response<app_pb::BranchResponse>, Status> {
+        Err(Status::unimplemented("no sagas here"))
+    }
+}
+
+/// Polls `check` every 50 ms for up to 30 s.
+async fn eventually<F, Fut>(what: &str, mut check: F) -> TestResult
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = TestResult<bool>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if check().await? {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(format!("timed out waiting for {what}").into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_shown_and_redriven_to_the_group_that_gave_them_up() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coordinator = start_coordinator(dir.path())?;
+    let url = coordinator.url();
+
+    let app = App::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let app_addr = listener.local_addr()?;
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(app_pb::app_server::AppServer::new(app.clone()))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let args: Vec<String> = [
+        "sidecar",
+        "--listen",
+        "127.0.0.1:0",
+        "--coordinator",
+        &url,
+        "--service",
+        "cart",
+        "--app",
+        &format!("http://{app_addr}"),
+        "--db",
+        &dir.path().join("cart.db").display().to_string(),
+        "--set",
+        "metrics_listen=off",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    let sidecar = Process::start("sidecar", Path::new(TANDEM), &args, &[], dir.path())?;
+    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
+    c.create_topic(pb::CreateTopicRequest {
+        name: "orders".into(),
+        partitions: 1,
+    })
+    .await?;
+    let mut s = sc::sidecar_client::SidecarClient::connect(sidecar.url()).await?;
+    for group in ["cart", "audit"] {
+        s.subscribe(sc::SubscribeRequest {
+            topic: "orders".into(),
+            group: group.into(),
+            start_from: pb::StartFrom::Earliest as i32,
+            max_in_flight: 4,
+            max_attempts: 2,
+            retry_backoff_ms: 10,
+            ..Default::default()
+        })
+        .await?;
+    }
+    let msg = |id: &str, value: &str| pb::Message {
+        id: id.into(),
+        key: Some(bytes::Bytes::from_static(b"k")),
+        value: bytes::Bytes::from(value.to_owned()),
+        headers: vec![pb::Header {
+            name: "trace".into(),
+            value: bytes::Bytes::from_static(b"abc"),
+        }],
+        partition: None,
+    };
+    c.publish(pb::PublishRequest {
+        topic: "orders".into(),
+        messages: vec![msg("m-1", "poison"), msg("m-2", "fine")],
+    })
+    .await?;
+    let handled = app.handled.clone();
+    let count = move |group: &str, id: &str| {
+        handled
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(g, i, _)| g == group && i == id)
+            .count()
+    };
+    let c2 = count.clone();
+    eventually("the poison dead-lettered and the rest handled", || {
+        let mut c = c.clone();
+        let count = c2.clone();
+        async move {
+            let d = c
+                .describe_topic(pb::DescribeTopicRequest {
+                    name: "orders.dlq".into(),
+                })
+                .await?
+                .into_inner();
+            let stored: u64 = d.partitions.iter().map(|p| p.high_water_mark).sum();
+            Ok(stored == 1 && count("cart", "m-2") == 1 && count("audit", "m-1") == 1)
+        }
+    })
+    .await?;
+
+    let u = url.clone();
+    let shown = tokio::task::spawn_blocking(move || json(&u, &["dlq", "show", "orders"])).await??;
+    let letter = &shown["dead_letters"][0];
+    assert_eq!(letter["id"], "m-1", "{shown}");
+    assert_eq!(letter["group"], "cart");
+    assert_eq!(letter["topic"], "orders");
+    assert_eq!(letter["offset"], 0);
+    assert_eq!(letter["attempts"], 2);
+    assert_eq!(letter["value"], "poison");
+    assert!(
+        letter["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("cannot digest poison")),
+        "{letter}"
+    );
+    assert_eq!(
+        letter["headers"],
+        serde_json::json!([{"name": "trace", "value": "abc"}]),
+        "the app's headers, without the dead letter's own"
+    );
+
+    // Healed, the poison is redriven: the cart group handles it; the audit
+    // group, which handled it the first time, does not again. A second
+    // redrive appends nothing (same id within the dedup window).
+    *app.healed.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    let u = url.clone();
+    let (first, second, other) = tokio::task::spawn_blocking(move || {
+        TestResult::Ok((
+            json(&u, &["dlq", "redrive", "orders"])?,
+            json(&u, &["dlq", "redrive", "orders"])?,
+            json(&u, &["dlq", "show", "orders", "--group", "audit"])?,
+        ))
+    })
+    .await??;
+    let redriven = &first["redriven"][0];
+    assert_eq!(redriven["group"], "cart", "{first}");
+    assert_eq!(redriven["id"], "m-1~r0.0");
+    assert_eq!(second["redriven"][0]["offset"], redriven["offset"]);
+    assert_eq!(other["dead_letters"], serde_json::json!([]));
+    let c3 = count.clone();
+    eventually("the cart group to handle the redriven poison", || {
+        let count = c3.clone();
+        async move { Ok(count("cart", "m-1~r0.0") == 1) }
+    })
+    .await?;
+    let mut s2 = s.clone();
+    eventually("the audit group to pass the redrive by", || {
+        let mut s = s2.clone();
+        async move {
+            let stats = s.get_stats(sc::GetStatsRequest {}).await?.into_inner();
+            Ok(stats.redriven_for_other_groups == 1)
+        }
+    })
+    .await?;
+    let stats = s2.get_stats(sc::GetStatsRequest {}).await?.into_inner();
+    assert_eq!(stats.dead_lettered, 1);
+    assert_eq!(count("audit", "m-1~r0.0"), 0, "not for the audit group");
+    let high = c
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "orders".into(),
+        })
+        .await?
+        .into_inner()
+        .partitions[0]
+        .high_water_mark;
+    assert_eq!(high, 3, "two messages and one redrive");
+    drop(sidecar);
+    server.abort();
+    Ok(())
+}

@@ -1,0 +1,246 @@
+//! What operators ask of a broker: records read without a consumer group,
+//! a message found by its id, and a group's committed offsets moved while
+//! it has no members. Nothing here acknowledges, delivers or decides
+//! anything.
+
+use tandem_proto::coordinator as pb;
+use tandem_storage::{
+    Error as StorageError, Log, Offsets as LogOffsets, ReadBudget, StoredRecord, TopicPartition,
+};
+
+use crate::broker::Broker;
+use crate::consumer::to_message;
+use crate::error::{Error, Result};
+use crate::offsets::GroupPartition;
+
+/// Most records one `ReadMessages` answers with.
+pub(crate) const MAX_READ: u32 = 1000;
+/// Records one `ReadMessages` answers with when it names no limit.
+pub(crate) const DEFAULT_READ: u32 = 100;
+/// Most record bytes one `ReadMessages` answers with (at least one record
+/// is always returned, whatever its size).
+const READ_BYTES: usize = 4 << 20;
+
+/// Where `ResetOffsets` moves a group.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ResetTo {
+    Earliest,
+    Latest,
+    Offset(u64),
+    Time(i64),
+}
+
+fn stored(r: StoredRecord, partition: u32) -> pb::StoredMessage {
+    pb::StoredMessage {
+        partition,
+        offset: r.offset,
+        timestamp_ms: r.record.timestamp_ms,
+        message: Some(to_message(r.record)),
+    }
+}
+
+impl<L: Log + Clone> Broker<L> {
+    /// Partition `partition` of `topic`; NOT_FOUND or INVALID_ARGUMENT
+    /// (naming `field`) when either does not exist.
+    fn partition_of(&self, field: &str, topic: &str, partition: u32) -> Result<TopicPartition> {
+        let meta = self.topics.require(topic)?;
+        if partition >= meta.partitions {
+            return Err(Error::invalid(
+                field,
+                format!(
+                    "partition {partition} does not exist: topic {topic:?} has {}",
+                    meta.partitions
+                ),
+            ));
+        }
+        Ok(TopicPartition::new(topic, partition))
+    }
+
+    /// Up to `limit` records of `tp` from `from` (from the log start when
+    /// `from` is before it), with the partition's offsets as they were.
+    async fn read_from(
+        &self,
+        tp: &TopicPartition,
+        from: u64,
+        limit: usize,
+    ) -> Result<(Vec<StoredRecord>, LogOffsets)> {
+        let budget = ReadBudget {
+            max_bytes: READ_BYTES,
+            max_records: limit,
+        };
+        loop {
+            let o = self.data.offsets(tp)?;
+            let start = from.max(o.log_start);
+            if start >= o.high_water_mark {
+                return Ok((Vec::new(), o));
+            }
+            match self.data.read(tp, start, budget).await {
+                Ok(records) => return Ok((records, o)),
+                // Retention removed the start meanwhile: from the new one.
+                Err(StorageError::OffsetOutOfRange { start: now, .. }) if now > start => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// The first offset of `tp` whose record is stamped `at_ms` or later;
+    /// the high-water mark when none is. Reads from the log start: a
+    /// transactional message carries its prepare time, so the stamps of a
+    /// partition are not in offset order.
+    async fn offset_at(&self, tp: &TopicPartition, at_ms: i64) -> Result<u64> {
+        let mut next = 0;
+        loop {
+            let (batch, o) = self
+                .read_from(tp, next, ReadBudget::default().max_records)
+                .await?;
+            let Some(last) = batch.last().map(|r| r.offset) else {
+                return Ok(o.high_water_mark);
+            };
+            if let Some(r) = batch.iter().find(|r| r.record.timestamp_ms >= at_ms) {
+                return Ok(r.offset);
+            }
+            next = last + 1;
+        }
+    }
+
+    /// Records of `topic`'s `partition` from an offset (`Ok`) or a time
+    /// (`Err`), at most `limit`.
+    pub(crate) async fn read_messages(
+        &self,
+        topic: &str,
+        partition: u32,
+        from: std::result::Result<u64, i64>,
+        limit: u32,
+    ) -> Result<pb::ReadMessagesResponse> {
+        let tp = self.partition_of("partition", topic, partition)?;
+        let from = match from {
+            Ok(offset) => offset,
+            Err(at_ms) => self.offset_at(&tp, at_ms).await?,
+        };
+        let (records, o) = self.read_from(&tp, from, limit as usize).await?;
+        Ok(pb::ReadMessagesResponse {
+            messages: records.into_iter().map(|r| stored(r, partition)).collect(),
+            log_start: o.log_start,
+            high_water_mark: o.high_water_mark,
+        })
+    }
+
+    /// The record of `topic` whose id is `id`: where the transactions or
+    /// the publish dedup window say it is, else the first found reading
+    /// every partition from its start.
+    pub(crate) async fn find_message(&self, topic: &str, id: &str) -> Result<pb::StoredMessage> {
+        let meta = self.topics.require(topic)?;
+        let mut hints = Vec::new();
+        if self.txns.knows(id)
+            && let Ok(t) = self.txns.get(id).await
+            && t.topic == topic
+            && let Some(p) = t.position
+        {
+            hints.push((p.partition, p.offset));
+        }
+        if let Some(p) = self.recent.position_of(topic, id) {
+            hints.push((p.partition, p.offset));
+        }
+        for (partition, offset) in hints {
+            let tp = TopicPartition::new(topic, partition);
+            let (records, _) = self.read_from(&tp, offset, 1).await?;
+            if let Some(r) = records.into_iter().next()
+                && r.offset == offset
+                && r.record.id == id.as_bytes()
+            {
+                return Ok(stored(r, partition));
+            }
+        }
+        for partition in 0..meta.partitions {
+            let tp = TopicPartition::new(topic, partition);
+            let mut next = 0;
+            loop {
+                let (batch, _) = self
+                    .read_from(&tp, next, ReadBudget::default().max_records)
+                    .await?;
+                let Some(last) = batch.last().map(|r| r.offset) else {
+                    break;
+                };
+                if let Some(r) = batch.into_iter().find(|r| r.record.id == id.as_bytes()) {
+                    return Ok(stored(r, partition));
+                }
+                next = last + 1;
+            }
+        }
+        Err(Error::NotFound {
+            what: "message",
+            name: id.to_owned(),
+        })
+    }
+
+    /// Moves `group`'s committed offsets on `topic` (every partition when
+    /// `partitions` is empty) to `to`, durably, while the group has no
+    /// members there.
+    pub(crate) async fn reset_offsets(
+        &self,
+        topic: &str,
+        group: &str,
+        partitions: &[u32],
+        to: ResetTo,
+    ) -> Result<Vec<pb::OffsetMove>> {
+        let meta = self.topics.require(topic)?;
+        let mut chosen: Vec<u32> = if partitions.is_empty() {
+            (0..meta.partitions).collect()
+        } else {
+            for (i, &p) in partitions.iter().enumerate() {
+                self.partition_of(&format!("partitions[{i}]"), topic, p)?;
+            }
+            partitions.to_vec()
+        };
+        chosen.sort_unstable();
+        chosen.dedup();
+        // Targets come from the log, before the group is held: finding a
+        // time reads partitions, and joiners should not wait for that.
+        let mut targets = Vec::with_capacity(chosen.len());
+        for p in chosen {
+            let tp = TopicPartition::new(topic, p);
+            let o = self.data.offsets(&tp)?;
+            let target = match to {
+                ResetTo::Earliest => o.log_start,
+                ResetTo::Latest => o.high_water_mark,
+                ResetTo::Offset(n) => n.clamp(o.log_start, o.high_water_mark),
+                ResetTo::Time(t) => self.offset_at(&tp, t).await?,
+            };
+            targets.push((p, o.log_start, target));
+        }
+        let moves = self
+            .groups
+            .without_members(group, topic, meta.partitions, || {
+                targets
+                    .iter()
+                    .map(|&(partition, log_start, target)| {
+                        let key = GroupPartition {
+                            group: group.to_owned(),
+                            topic: topic.to_owned(),
+                            partition,
+                        };
+                        let from = self.offsets.get(&key).unwrap_or(log_start);
+                        self.offsets.reset(&key, target);
+                        pb::OffsetMove {
+                            partition,
+                            from,
+                            to: target,
+                        }
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await?;
+        self.offsets.flush().await?;
+        for m in &moves {
+            tracing::info!(
+                topic,
+                group,
+                partition = m.partition,
+                from = m.from,
+                to = m.to,
+                "offset reset"
+            );
+        }
+        Ok(moves)
+    }
+}
