@@ -1,4 +1,4 @@
-//! `tandem topic create|list|describe`.
+//! `tandem topic create|list|describe|add-partitions`.
 
 use std::io::Write;
 
@@ -24,6 +24,20 @@ pub enum TopicCommand {
         /// Topic name.
         name: String,
     },
+    /// Gives a topic more partitions. Consumer groups get the new ones at
+    /// once; keys are hashed over the new count from then on, so a key's
+    /// later messages may go to another partition than its earlier ones
+    /// (per-key order holds on each side of the change, not across it).
+    AddPartitions {
+        /// Topic name.
+        name: String,
+        /// The new total number of partitions.
+        #[arg(long)]
+        partitions: u32,
+        /// Prints one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a topic command against the coordinator at `url`, writing to `out`.
@@ -38,6 +52,33 @@ pub async fn topic(url: &str, cmd: TopicCommand, out: &mut impl Write) -> anyhow
             .await
             .map_err(status)?;
             writeln!(out, "created topic {name} with {partitions} partitions")?;
+        }
+        TopicCommand::AddPartitions {
+            name,
+            partitions,
+            json,
+        } => {
+            let r = c
+                .add_partitions(pb::AddPartitionsRequest {
+                    name: name.clone(),
+                    partitions,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if json {
+                writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"topic": name, "previous": r.previous, "partitions": r.partitions})
+                )?;
+            } else {
+                writeln!(
+                    out,
+                    "topic {name}: {} partitions, was {}",
+                    r.partitions, r.previous
+                )?;
+            }
         }
         TopicCommand::List => {
             let topics = c

@@ -431,6 +431,46 @@ async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResu
         before.groups[0].partitions, now.groups[0].partitions,
         "a refused reset moves nothing"
     );
+
+    // More partitions: the live member is handed the new one at once; fewer
+    // are refused, naming the field.
+    let u = url.clone();
+    let (grown, fewer) = tokio::task::spawn_blocking(move || {
+        TestResult::Ok((
+            json(
+                &u,
+                &["topic", "add-partitions", "jobs", "--partitions", "3"],
+            )?,
+            run(
+                &u,
+                &["topic", "add-partitions", "jobs", "--partitions", "2"],
+                "",
+            )?,
+        ))
+    })
+    .await??;
+    assert_eq!(grown["previous"], 2);
+    assert_eq!(grown["partitions"], 3);
+    assert!(
+        !fewer.0
+            && fewer
+                .2
+                .contains("partitions: must be more than the topic's 3"),
+        "{}",
+        fewer.2
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = tokio::time::timeout_at(deadline.into(), stream.message())
+            .await
+            .map_err(|_| "no assignment with the new partition")??
+            .ok_or("stream ended")?;
+        if let Some(pb::consume_response::Kind::Assignment(a)) = answer.kind
+            && a.partitions.iter().any(|p| p.partition == 2)
+        {
+            break;
+        }
+    }
     drop(tx);
     Ok(())
 }

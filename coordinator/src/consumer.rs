@@ -189,6 +189,10 @@ pub(crate) struct Groups<L> {
     offsets: Arc<Offsets>,
     revoke_timeout: Duration,
     groups: Mutex<HashMap<(String, String), Arc<Group>>>,
+    /// Partition counts of topics grown while this broker ran: a group
+    /// created by a session that read the count before the growth gets the
+    /// new one.
+    grown: Mutex<HashMap<String, u32>>,
     next_member: AtomicU64,
     shutdown: watch::Receiver<bool>,
     /// Sessions still running.
@@ -242,6 +246,7 @@ impl<L: Log + Clone> Groups<L> {
             offsets,
             revoke_timeout,
             groups: Mutex::new(HashMap::new()),
+            grown: Mutex::new(HashMap::new()),
             next_member: AtomicU64::new(1),
             shutdown,
             active: watch::Sender::new(0),
@@ -249,7 +254,14 @@ impl<L: Log + Clone> Groups<L> {
     }
 
     fn group(&self, group: &str, topic: &str, partitions: u32) -> Arc<Group> {
-        lock(&self.groups)
+        let mut groups = lock(&self.groups);
+        // Read with the map held: `grow` records the count before it looks
+        // at the map, so a group is either created with the new count or
+        // found by `grow`.
+        let partitions = lock(&self.grown)
+            .get(topic)
+            .map_or(partitions, |&n| n.max(partitions));
+        groups
             .entry((group.to_owned(), topic.to_owned()))
             .or_insert_with(|| {
                 Arc::new(Group {
@@ -276,6 +288,25 @@ impl<L: Log + Clone> Groups<L> {
                 Some(((g.topic.clone(), g.group.clone()), inner.members.len()))
             })
             .collect()
+    }
+
+    /// `topic` has `partitions` partitions now (more than before): every
+    /// live group of it hands the new ones out.
+    pub(crate) async fn grow(self: &Arc<Self>, topic: &str, partitions: u32) {
+        lock(&self.grown)
+            .entry(topic.to_owned())
+            .and_modify(|n| *n = (*n).max(partitions))
+            .or_insert(partitions);
+        let groups: Vec<_> = lock(&self.groups)
+            .values()
+            .filter(|g| g.topic == topic)
+            .cloned()
+            .collect();
+        for g in groups {
+            let mut inner = g.inner.lock().await;
+            let effects = inner.state.apply(Event::Grown(partitions));
+            self.execute(&g, &mut inner, effects);
+        }
     }
 
     /// Runs `f` while `group` has no member on `topic` and none can join

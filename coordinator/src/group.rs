@@ -24,6 +24,8 @@ pub(crate) enum Event {
         /// The epoch of the grant being released.
         epoch: u64,
     },
+    /// The topic has this many partitions now (never fewer than before).
+    Grown(u32),
 }
 
 /// What the shell must do.
@@ -101,6 +103,12 @@ impl GroupState {
                     }
                     _ => return Vec::new(), // stale or unknown: nothing changes
                 }
+            }
+            Event::Grown(partitions) => {
+                if partitions as usize <= self.holders.len() {
+                    return Vec::new();
+                }
+                self.holders.resize(partitions as usize, None);
             }
         }
         self.rebalance()
@@ -198,6 +206,8 @@ mod tests {
         Leave(u8),
         /// Release the i-th partition being revoked, if any.
         Release(prop::sample::Index),
+        /// The topic gains this many partitions.
+        Grow(u8),
     }
 
     fn step() -> impl Strategy<Value = Step> {
@@ -205,6 +215,7 @@ mod tests {
             (0u8..6).prop_map(Step::Join),
             (0u8..6).prop_map(Step::Leave),
             any::<prop::sample::Index>().prop_map(Step::Release),
+            (1u8..4).prop_map(Step::Grow),
         ]
     }
 
@@ -246,6 +257,7 @@ mod tests {
     proptest! {
         #[test]
         fn never_two_holders_and_settles_fairly(partitions in 1u32..12, steps in prop::collection::vec(step(), 1..60)) {
+            let mut partitions = partitions;
             let mut g = GroupState::new(partitions);
             let mut live: HashMap<u32, (String, u64)> = HashMap::new();
             let mut revoking: Vec<(u32, u64)> = Vec::new();
@@ -274,6 +286,10 @@ mod tests {
                         let (p, epoch) = revoking.remove(i.index(revoking.len()));
                         live.remove(&p);
                         g.apply(Event::Released { partition: p, epoch })
+                    }
+                    Step::Grow(n) => {
+                        partitions += u32::from(n);
+                        g.apply(Event::Grown(partitions))
                     }
                 };
                 check(&mut live, &mut revoking, &effects)?;

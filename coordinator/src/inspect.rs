@@ -243,4 +243,12 @@ impl<L: Log + Clone> Broker<L> {
         }
         Ok(moves)
     }
+
+    /// Gives `topic` `partitions` partitions in all; every live group of
+    /// it gets the new ones at once. Returns the count before.
+    pub(crate) async fn add_partitions(&self, topic: &str, partitions: u32) -> Result<u32> {
+        let before = self.topics.add_partitions(topic, partitions).await?;
+        self.groups.grow(topic, partitions).await;
+        Ok(before)
+    }
 }

@@ -1055,6 +1055,26 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         Ok(Response::new(pb::ResetOffsetsResponse { moves }))
     }
 
+    async fn add_partitions(
+        &self,
+        req: Request<pb::AddPartitionsRequest>,
+    ) -> Result<Response<pb::AddPartitionsResponse>, Status> {
+        let fwd = was_forwarded(&req);
+        let req = req.into_inner();
+        required("name", &req.name)?;
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(&req.name, fwd).await?,
+            req.clone(),
+            add_partitions
+        );
+        let previous = broker.add_partitions(&req.name, req.partitions).await?;
+        Ok(Response::new(pb::AddPartitionsResponse {
+            previous,
+            partitions: req.partitions,
+        }))
+    }
+
     type SessionStream = SessionStream;
 
     async fn session(

@@ -153,4 +153,52 @@ impl<L: Log + Clone> Topics<L> {
         tracing::info!(topic = name, partitions, "topic created");
         Ok(meta)
     }
+
+    /// Gives topic `name` `partitions` partitions in all (more than it
+    /// has); returns the count before. New partitions start empty; a key
+    /// may map to another partition from now on.
+    pub(crate) async fn add_partitions(&self, name: &str, partitions: u32) -> Result<u32> {
+        if name.starts_with("__") {
+            return Err(Error::invalid(
+                "name",
+                "Tandem's own topics keep their partition count",
+            ));
+        }
+        let state = self.state.lock().await;
+        let meta = self.require(name)?;
+        if partitions <= meta.partitions || partitions > MAX_PARTITIONS {
+            return Err(Error::invalid(
+                "partitions",
+                format!(
+                    "must be more than the topic's {} (partitions are added, never removed) and at most {MAX_PARTITIONS}, got {partitions}",
+                    meta.partitions
+                ),
+            ));
+        }
+        for p in meta.partitions..partitions {
+            match self
+                .data
+                .create_partition(&TopicPartition::new(name, p))
+                .await
+            {
+                Ok(()) | Err(StorageError::PartitionExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let grown = TopicMeta { partitions, ..meta };
+        state
+            .append(vec![upsert(name.as_bytes().to_vec(), grown.encode())])
+            .await?;
+        self.map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_owned(), grown);
+        tracing::info!(
+            topic = name,
+            from = meta.partitions,
+            to = partitions,
+            "partitions added"
+        );
+        Ok(meta.partitions)
+    }
 }
