@@ -91,6 +91,24 @@ fn rfc3339(s: &str) -> Result<i64, String> {
         let digits: String = frac.chars().chain("000".chars()).take(3).collect();
         number(&digits, "fraction", 0..=999)?
     };
+    let leap = y % 4 == 0 && (y % 100 != 0 || y % 400 == 0);
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if d > month_days[(mo - 1) as usize] {
+        return Err(format!("day {d} is not in month {mo} of {y}"));
+    }
     let days = days_from_civil(y, mo, d);
     Ok(((days * 86_400 + h * 3600 + mi * 60 + sec) - offset_min * 60) * 1000 + millis)
 }
@@ -101,9 +119,17 @@ fn rfc3339(s: &str) -> Result<i64, String> {
 pub(crate) fn parse_time(s: &str, now_ms: i64) -> anyhow::Result<i64> {
     let s = s.trim();
     if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-        return s
+        let ms: i64 = s
             .parse()
-            .map_err(|_| anyhow::anyhow!("time {s:?} is out of range"));
+            .map_err(|_| anyhow::anyhow!("time {s:?} is out of range"))?;
+        // Seconds since the epoch (`date +%s`) read as ms would be 1970:
+        // a replay of everything.
+        if ms < 100_000_000_000 {
+            anyhow::bail!(
+                "time {s:?}: ms since the epoch are 13 digits (this looks like seconds: add 000)"
+            );
+        }
+        return Ok(ms);
     }
     if let Some(unit) = s.chars().last()
         && let Some(scale) = match unit {
@@ -151,6 +177,8 @@ mod tests {
             "yesterday",
             "2026-13-01T00:00:00Z",
             "2026-11-27T16:30:00",
+            "2026-02-29T00:00:00Z",
+            "1795797000",
             "-5m",
             "",
         ] {

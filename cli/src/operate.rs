@@ -157,11 +157,12 @@ pub enum DlqCommand {
         json: bool,
     },
     /// Publishes dead letters to their topic again, for the group that gave
-    /// each up only (its sidecars handle it; the topic's other groups
-    /// acknowledge it unhandled). Each dead letter is redriven with an id
-    /// of its own, the same every time, so running it twice within the
-    /// publish dedup window appends nothing more, and later the group's
-    /// dedup table skips the repeat.
+    /// each up only (its sidecars handle it; the sidecars of the topic's
+    /// other groups acknowledge it unhandled). Each dead letter is redriven
+    /// with an id of its own, the same every time, so running it twice
+    /// within the publish dedup window appends nothing more, and later a
+    /// group with a dedup table skips the repeat. Dead letters without the
+    /// headers a sidecar writes are listed and left alone.
     Redrive {
         /// The topic whose dead letters to redrive.
         topic: String,
@@ -659,10 +660,22 @@ impl DeadLetter {
         })
     }
 
+    /// Why it cannot be redriven to `topic`, if it cannot: a dead letter a
+    /// sidecar wrote names its group, topic and original id.
+    fn unredrivable(&self, topic: &str) -> Option<String> {
+        for name in ["tandem.group", "tandem.id"] {
+            if self.header(name).is_empty() {
+                return Some(format!("it has no {name} header"));
+            }
+        }
+        let from = self.header("tandem.topic");
+        (from != topic).then(|| format!("it came from topic {from:?}, not {topic:?}"))
+    }
+
     /// The message to publish again: the original's key, value and
     /// headers, for the group that gave it up, under an id derived from
     /// the dead letter's place.
-    fn redrive(&self, dlq: &str) -> pb::Message {
+    fn redrive(&self, topic: &str, dlq: &str) -> pb::Message {
         let msg = self.stored.message.clone().unwrap_or_default();
         let mut headers: Vec<pb::Header> = msg
             .headers
@@ -670,17 +683,18 @@ impl DeadLetter {
             .filter(|h| {
                 !DEAD_LETTER_HEADERS.contains(&h.name.as_str())
                     && h.name != tandem_sidecar::REDRIVE_GROUP_HEADER
+                    && h.name != tandem_sidecar::REDRIVE_TOPIC_HEADER
                     && h.name != REDRIVE_FROM_HEADER
             })
             .collect();
         let from = format!("{dlq}/{}/{}", self.stored.partition, self.stored.offset);
         headers.push(pb::Header {
             name: tandem_sidecar::REDRIVE_GROUP_HEADER.to_owned(),
-            value: self
-                .headers
-                .get("tandem.group")
-                .cloned()
-                .unwrap_or_default(),
+            value: Bytes::from(self.header("tandem.group")),
+        });
+        headers.push(pb::Header {
+            name: tandem_sidecar::REDRIVE_TOPIC_HEADER.to_owned(),
+            value: Bytes::from(topic.to_owned()),
         });
         headers.push(pb::Header {
             name: REDRIVE_FROM_HEADER.to_owned(),
@@ -816,13 +830,17 @@ pub async fn dlq(url: &str, cmd: DlqCommand, out: &mut impl Write) -> anyhow::Re
         }
         DlqCommand::Redrive { topic, range, json } => {
             let dlq = format!("{topic}.dlq");
-            let letters = dead_letters(&mut c, &dlq, &range).await?;
+            let (letters, skipped): (Vec<DeadLetter>, Vec<DeadLetter>) =
+                dead_letters(&mut c, &dlq, &range)
+                    .await?
+                    .into_iter()
+                    .partition(|l| l.unredrivable(&topic).is_none());
             let mut redriven = Vec::new();
             for chunk in letters.chunks(100) {
                 let positions = c
                     .publish(pb::PublishRequest {
                         topic: topic.clone(),
-                        messages: chunk.iter().map(|l| l.redrive(&dlq)).collect(),
+                        messages: chunk.iter().map(|l| l.redrive(&topic, &dlq)).collect(),
                     })
                     .await
                     .map_err(status)
@@ -847,8 +865,27 @@ pub async fn dlq(url: &str, cmd: DlqCommand, out: &mut impl Write) -> anyhow::Re
                         })
                     })
                     .collect();
-                writeln!(out, "{}", json!({ "redriven": list }))?;
+                let skipped: Vec<Value> = skipped
+                    .iter()
+                    .map(|l| {
+                        json!({
+                            "dlq_partition": l.stored.partition,
+                            "dlq_offset": l.stored.offset,
+                            "reason": l.unredrivable(&topic),
+                        })
+                    })
+                    .collect();
+                writeln!(out, "{}", json!({ "redriven": list, "skipped": skipped }))?;
                 return Ok(());
+            }
+            for l in &skipped {
+                writeln!(
+                    out,
+                    "{dlq} {}/{} not redriven: {}",
+                    l.stored.partition,
+                    l.stored.offset,
+                    l.unredrivable(&topic).unwrap_or_default()
+                )?;
             }
             for (l, p) in &redriven {
                 writeln!(

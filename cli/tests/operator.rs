@@ -184,6 +184,11 @@ fn publish_read_and_find_messages_with_keys_headers_and_times() -> TestResult {
     let found = json(&url, &["read", "events", "--id", "e-2"])?;
     assert_eq!(found["offset"], 1);
     assert_eq!(found["partition"].to_string(), partition);
+    // An id the coordinator generated is remembered nowhere: found by
+    // reading the partitions.
+    let generated = messages[2]["id"].as_str().ok_or("generated id")?;
+    let found = json(&url, &["read", "events", "--id", generated])?;
+    assert_eq!(found["value"], "three");
     let (ok, _, err) = run(&url, &["read", "events", "--id", "nope"], "")?;
     assert!(!ok && err.contains("NotFound"), "{err}");
 
@@ -224,6 +229,8 @@ async fn transactions_are_listed_with_state_age_and_next_check() -> TestResult {
             ..Default::default()
         })
         .await?;
+        // Prepared in distinct milliseconds: the list's order is theirs.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
     c.commit(pb::EndTransactionRequest {
         service: "orders".into(),
@@ -347,7 +354,7 @@ async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResu
     // Replay from a time: the two published after it are lag.
     let u = url.clone();
     let since = middle.to_string();
-    let (replay, one) = tokio::task::spawn_blocking(move || {
+    let (replay, replayed, one) = tokio::task::spawn_blocking(move || {
         TestResult::Ok((
             json(
                 &u,
@@ -355,6 +362,7 @@ async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResu
                     "group", "replay", "workers", "--topic", "jobs", "--since", &since,
                 ],
             )?,
+            json(&u, &["group", "list", "--topic", "jobs"])?,
             json(
                 &u,
                 &[
@@ -373,6 +381,7 @@ async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResu
     })
     .await??;
     assert_eq!(replay["moves"].as_array().map(Vec::len), Some(2));
+    assert_eq!(lag(&replayed), Some(2), "e and f again: {replay}");
     assert_eq!(one["moves"].as_array().map(Vec::len), Some(1));
     assert_eq!(one["moves"][0]["partition"], 1);
     assert_eq!(one["moves"][0]["to"], 1);
@@ -606,6 +615,17 @@ async fn dead_letters_are_shown_and_redriven_to_the_group_that_gave_them_up() ->
         })
         .await?;
     }
+    // A group watching the dead letters themselves.
+    s.subscribe(sc::SubscribeRequest {
+        topic: "orders.dlq".into(),
+        group: "dlq-watch".into(),
+        start_from: pb::StartFrom::Earliest as i32,
+        max_in_flight: 4,
+        max_attempts: 2,
+        retry_backoff_ms: 10,
+        ..Default::default()
+    })
+    .await?;
     let msg = |id: &str, value: &str| pb::Message {
         id: id.into(),
         key: Some(bytes::Bytes::from_static(b"k")),
@@ -668,42 +688,79 @@ async fn dead_letters_are_shown_and_redriven_to_the_group_that_gave_them_up() ->
         "the app's headers, without the dead letter's own"
     );
 
-    // Healed, the poison is redriven: the cart group handles it; the audit
-    // group, which handled it the first time, does not again. A second
-    // redrive appends nothing (same id within the dedup window).
-    *app.healed.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    // Redriven while still poison: the cart group fails it again, and its
+    // second dead letter reaches the group watching the dead letters (the
+    // redrive's addressing is not carried into it); the audit group, which
+    // handled the message the first time, passes the redrive by.
     let u = url.clone();
-    let (first, second, other) = tokio::task::spawn_blocking(move || {
+    let first =
+        tokio::task::spawn_blocking(move || json(&u, &["dlq", "redrive", "orders"])).await??;
+    let redriven = &first["redriven"][0];
+    assert_eq!(redriven["group"], "cart", "{first}");
+    assert_eq!(redriven["id"], "m-1~r0.0");
+    let c3 = count.clone();
+    eventually("the second dead letter to reach the watching group", || {
+        let count = c3.clone();
+        async move {
+            Ok(count("dlq-watch", "cart/m-1") == 1 && count("dlq-watch", "cart/m-1~r0.0") == 1)
+        }
+    })
+    .await?;
+
+    // Healed: redriving the second dead letter, the cart group handles it.
+    // Redriving the first again appends nothing (same id within the dedup
+    // window). A dead letter published by hand, without the headers a
+    // sidecar writes, is listed and left alone.
+    *app.healed.lock().unwrap_or_else(PoisonError::into_inner) = true;
+    c.publish(pb::PublishRequest {
+        topic: "orders.dlq".into(),
+        messages: vec![msg("junk", "junk")],
+    })
+    .await?;
+    let u = url.clone();
+    let (again, second, junk, other) = tokio::task::spawn_blocking(move || {
         TestResult::Ok((
-            json(&u, &["dlq", "redrive", "orders"])?,
-            json(&u, &["dlq", "redrive", "orders"])?,
+            json(&u, &["dlq", "redrive", "orders", "--limit", "1"])?,
+            json(
+                &u,
+                &["dlq", "redrive", "orders", "--offset", "1", "--limit", "1"],
+            )?,
+            json(&u, &["dlq", "redrive", "orders", "--offset", "2"])?,
             json(&u, &["dlq", "show", "orders", "--group", "audit"])?,
         ))
     })
     .await??;
-    let redriven = &first["redriven"][0];
-    assert_eq!(redriven["group"], "cart", "{first}");
-    assert_eq!(redriven["id"], "m-1~r0.0");
-    assert_eq!(second["redriven"][0]["offset"], redriven["offset"]);
+    assert_eq!(
+        again["redriven"][0]["offset"], redriven["offset"],
+        "{again}"
+    );
+    assert_eq!(second["redriven"][0]["id"], "m-1~r0.0~r0.1", "{second}");
+    assert_eq!(junk["redriven"], serde_json::json!([]));
+    assert!(
+        junk["skipped"][0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no tandem.group header")),
+        "{junk}"
+    );
     assert_eq!(other["dead_letters"], serde_json::json!([]));
-    let c3 = count.clone();
+    let c4 = count.clone();
     eventually("the cart group to handle the redriven poison", || {
-        let count = c3.clone();
-        async move { Ok(count("cart", "m-1~r0.0") == 1) }
+        let count = c4.clone();
+        async move { Ok(count("cart", "m-1~r0.0~r0.1") == 1) }
     })
     .await?;
-    let mut s2 = s.clone();
-    eventually("the audit group to pass the redrive by", || {
+    let s2 = s.clone();
+    eventually("the audit group to pass both redrives by", || {
         let mut s = s2.clone();
         async move {
             let stats = s.get_stats(sc::GetStatsRequest {}).await?.into_inner();
-            Ok(stats.redriven_for_other_groups == 1)
+            Ok(stats.redriven_for_other_groups == 2)
         }
     })
     .await?;
-    let stats = s2.get_stats(sc::GetStatsRequest {}).await?.into_inner();
-    assert_eq!(stats.dead_lettered, 1);
-    assert_eq!(count("audit", "m-1~r0.0"), 0, "not for the audit group");
+    for id in ["m-1~r0.0", "m-1~r0.0~r0.1"] {
+        assert_eq!(count("audit", id), 0, "{id} is not for the audit group");
+    }
     let high = c
         .describe_topic(pb::DescribeTopicRequest {
             name: "orders".into(),
@@ -712,7 +769,7 @@ async fn dead_letters_are_shown_and_redriven_to_the_group_that_gave_them_up() ->
         .into_inner()
         .partitions[0]
         .high_water_mark;
-    assert_eq!(high, 3, "two messages and one redrive");
+    assert_eq!(high, 4, "two messages and two redrives");
     drop(sidecar);
     server.abort();
     Ok(())

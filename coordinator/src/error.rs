@@ -79,6 +79,9 @@ pub enum Error {
         /// The limit.
         max: usize,
     },
+    /// An operator's search read as much as one call may without an answer.
+    #[error("{0}")]
+    ScanLimit(String),
     /// The operation does not fit the current state.
     #[error("{0}")]
     FailedPrecondition(String),
@@ -150,7 +153,7 @@ impl From<Error> for tonic::Status {
             | Error::IdConflict { .. }
             | Error::DuplicateId { .. }
             | Error::TransactionId { .. } => Code::AlreadyExists,
-            Error::TooLarge { .. } => Code::ResourceExhausted,
+            Error::TooLarge { .. } | Error::ScanLimit(_) => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::PermissionDenied(_) => Code::PermissionDenied,
             Error::ShuttingDown => Code::Unavailable,

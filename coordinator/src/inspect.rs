@@ -21,6 +21,16 @@ pub(crate) const DEFAULT_READ: u32 = 100;
 /// is always returned, whatever its size).
 const READ_BYTES: usize = 4 << 20;
 
+/// Most records one search (by time, or by id past what the transactions
+/// and the dedup window remember) reads before it gives up.
+pub(crate) const MAX_SCAN: u64 = 5_000_000;
+
+fn scan_limit(what: String) -> Error {
+    Error::ScanLimit(format!(
+        "{what}: read {MAX_SCAN} records without finding it; name a partition and an offset instead"
+    ))
+}
+
 /// Where `ResetOffsets` moves a group.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum ResetTo {
@@ -84,12 +94,19 @@ impl<L: Log + Clone> Broker<L> {
     }
 
     /// The first offset of `tp` whose record is stamped `at_ms` or later;
-    /// the high-water mark when none is. Reads from the log start: a
-    /// transactional message carries its prepare time, so the stamps of a
-    /// partition are not in offset order.
+    /// the high-water mark when none is. Records are stamped when appended
+    /// (a transactional message at its commit), but requests appended
+    /// concurrently may land a millisecond out of order, so the partition
+    /// is read from its start rather than searched.
     async fn offset_at(&self, tp: &TopicPartition, at_ms: i64) -> Result<u64> {
         let mut next = 0;
+        let mut read = 0u64;
         loop {
+            if read >= MAX_SCAN {
+                return Err(scan_limit(format!(
+                    "a record of {tp} stamped {at_ms} or later"
+                )));
+            }
             let (batch, o) = self
                 .read_from(tp, next, ReadBudget::default().max_records)
                 .await?;
@@ -99,6 +116,7 @@ impl<L: Log + Clone> Broker<L> {
             if let Some(r) = batch.iter().find(|r| r.record.timestamp_ms >= at_ms) {
                 return Ok(r.offset);
             }
+            read += batch.len() as u64;
             next = last + 1;
         }
     }
@@ -127,7 +145,7 @@ impl<L: Log + Clone> Broker<L> {
 
     /// The record of `topic` whose id is `id`: where the transactions or
     /// the publish dedup window say it is, else the first found reading
-    /// every partition from its start.
+    /// every partition from its start (at most [`MAX_SCAN`] records).
     pub(crate) async fn find_message(&self, topic: &str, id: &str) -> Result<pb::StoredMessage> {
         let meta = self.topics.require(topic)?;
         let mut hints = Vec::new();
@@ -151,16 +169,21 @@ impl<L: Log + Clone> Broker<L> {
                 return Ok(stored(r, partition));
             }
         }
+        let mut read = 0u64;
         for partition in 0..meta.partitions {
             let tp = TopicPartition::new(topic, partition);
             let mut next = 0;
             loop {
+                if read >= MAX_SCAN {
+                    return Err(scan_limit(format!("message {id:?} in topic {topic:?}")));
+                }
                 let (batch, _) = self
                     .read_from(&tp, next, ReadBudget::default().max_records)
                     .await?;
                 let Some(last) = batch.last().map(|r| r.offset) else {
                     break;
                 };
+                read += batch.len() as u64;
                 if let Some(r) = batch.into_iter().find(|r| r.record.id == id.as_bytes()) {
                     return Ok(stored(r, partition));
                 }

@@ -124,7 +124,8 @@ impl Offsets {
     }
 
     /// Sets the committed offset to `offset` even if that moves it back
-    /// (the log is shorter than the old mark: see the consumer's grant).
+    /// (the log is shorter than the old mark, see the consumer's grant; or
+    /// an operator resets the group).
     pub(crate) fn reset(&self, key: &GroupPartition, offset: u64) {
         self.set(key, offset, true);
     }

@@ -943,10 +943,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             self.cluster.others().await?
         };
         let mut all = Vec::new();
+        let mut matched = 0;
         for (_, b) in self.cluster.local() {
-            all.extend(b.txns.list(state, &req.service).await);
+            let (oldest, n) = b.txns.list(state, &req.service, limit as usize).await;
+            all.extend(oldest);
+            matched += n;
         }
-        let mut matched = all.len() as u64;
         for o in others {
             let theirs = self
                 .cluster
@@ -958,6 +960,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             all.extend(theirs.transactions);
         }
         all.sort_by(|a, b| (a.prepared_at_ms, &a.txn_id).cmp(&(b.prepared_at_ms, &b.txn_id)));
+        // A shard moving between replicas while they were asked may be
+        // listed by both.
+        all.dedup_by(|a, b| a.txn_id == b.txn_id);
         all.truncate(limit as usize);
         Ok(Response::new(pb::ListTransactionsResponse {
             transactions: all,
@@ -986,6 +991,13 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let from = match req.from {
             None => Ok(0),
             Some(pb::read_messages_request::From::Offset(o)) => Ok(o),
+            Some(pb::read_messages_request::From::TimestampMs(t)) if t < 0 => {
+                return Err(Error::invalid(
+                    "timestamp_ms",
+                    format!("must be a time (ms since the epoch), got {t}"),
+                )
+                .into());
+            }
             Some(pb::read_messages_request::From::TimestampMs(t)) => Err(t),
         };
         let broker = here_or_forward!(
@@ -1034,6 +1046,13 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             Some(To::Earliest(_)) => ResetTo::Earliest,
             Some(To::Latest(_)) => ResetTo::Latest,
             Some(To::Offset(o)) => ResetTo::Offset(o),
+            Some(To::TimestampMs(t)) if t < 0 => {
+                return Err(Error::invalid(
+                    "timestamp_ms",
+                    format!("must be a time (ms since the epoch), got {t}"),
+                )
+                .into());
+            }
             Some(To::TimestampMs(t)) => ResetTo::Time(t),
             None => {
                 return Err(Error::invalid(

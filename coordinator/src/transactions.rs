@@ -560,6 +560,7 @@ impl<L: Log + Clone> Transactions<L> {
         let (slot, guard) = self.existing(id).await?;
         let event = Event::Commit {
             service: service.to_owned(),
+            now: now_ms(),
         };
         ended(id, self.drive(id, &slot, guard, event).await?)
     }
@@ -627,20 +628,36 @@ impl<L: Log + Clone> Transactions<L> {
         guard.core.view().ok_or_else(|| not_found(id))
     }
 
-    /// Every remembered transaction as the API shows it that is in `state`
-    /// (any when `None`) and of `service` (any when empty).
-    pub(crate) async fn list(&self, state: Option<i32>, service: &str) -> Vec<pb::Transaction> {
+    /// The `limit` oldest remembered transactions as the API shows them
+    /// that are in `state` (any when `None`) and of `service` (any when
+    /// empty), and how many match.
+    pub(crate) async fn list(
+        &self,
+        state: Option<i32>,
+        service: &str,
+        limit: usize,
+    ) -> (Vec<pb::Transaction>, u64) {
         let slots: Vec<Slot> = lock(&self.txns).values().cloned().collect();
+        let oldest = |v: &mut Vec<pb::Transaction>| {
+            v.sort_by(|a, b| (a.prepared_at_ms, &a.txn_id).cmp(&(b.prepared_at_ms, &b.txn_id)));
+            v.truncate(limit);
+        };
         let mut out = Vec::new();
+        let mut matched = 0;
         for slot in slots {
             let Some(t) = slot.lock().await.core.view() else {
                 continue; // forgotten, or a prepare that failed
             };
             if state.is_none_or(|s| s == t.state) && (service.is_empty() || service == t.service) {
+                matched += 1;
                 out.push(t);
+                if out.len() >= limit.saturating_mul(2).max(64) {
+                    oldest(&mut out);
+                }
             }
         }
-        out
+        oldest(&mut out);
+        (out, matched)
     }
 
     /// The protocol's counters.
@@ -958,6 +975,7 @@ mod tests {
             let (_slot, mut guard) = t.existing("x").await?;
             let commit = Event::Commit {
                 service: "svc".into(),
+                now: now_ms(),
             };
             let effects = guard.core.apply(&t.settings, commit);
             let Some(Effect::Append { tp, record }) = effects.into_iter().next() else {

@@ -273,6 +273,8 @@ pub(crate) enum Event {
     Commit {
         /// Who asks.
         service: String,
+        /// Now: the appended message is stamped with it.
+        now: i64,
     },
     /// A producer rolls it back (step 4).
     Rollback {
@@ -482,8 +484,8 @@ impl TxnState {
             Event::Failed => return self.revert(undo),
             Event::Appended { offset, now } => return self.appended(offset, now, appending),
             Event::Prepare(p) => self.prepare(s, *p),
-            Event::Commit { service } => match self.owned_by(&service) {
-                Ok(()) => self.commit(Origin::Caller),
+            Event::Commit { service, now } => match self.owned_by(&service) {
+                Ok(()) => self.commit(Origin::Caller, now),
                 Err(e) => vec![Effect::Reply(Err(e))],
             },
             Event::Rollback { service, now } => match self.owned_by(&service) {
@@ -634,7 +636,7 @@ impl TxnState {
 
     /// Commits (steps 4 and 8): the message is appended first; the
     /// transaction is COMMITTED once the append is reported.
-    fn commit(&mut self, origin: Origin) -> Vec<Effect> {
+    fn commit(&mut self, origin: Origin, now: i64) -> Vec<Effect> {
         if let Some(effects) = self.decided(true, origin) {
             return effects;
         }
@@ -644,7 +646,7 @@ impl TxnState {
         self.appending = Some(origin);
         vec![Effect::Append {
             tp: TopicPartition::new(rec.topic.clone(), rec.partition),
-            record: marked_message(&self.id, rec),
+            record: marked_message(&self.id, rec, now),
         }]
     }
 
@@ -753,7 +755,7 @@ impl TxnState {
             return Vec::new(); // decided meanwhile, or about an earlier transaction
         }
         match answer {
-            Some(pb::LocalState::Commit) => return self.commit(Origin::Check),
+            Some(pb::LocalState::Commit) => return self.commit(Origin::Check, now),
             Some(pb::LocalState::Rollback) => return self.rollback(Origin::Check, now),
             _ => {}
         }
@@ -769,7 +771,7 @@ impl TxnState {
                 service: rec.service.clone(),
             });
             let decision = if commit {
-                self.commit(Origin::Check)
+                self.commit(Origin::Check, now)
             } else {
                 self.rollback(Origin::Check, now)
             };
@@ -880,8 +882,11 @@ fn spread(s: &TxnSettings, id: &str) -> i64 {
 }
 
 /// The message a commit appends: the half message, its id the transaction
-/// id, marked as this transaction's.
-fn marked_message(id: &str, rec: &TxnRecord) -> Record {
+/// id, marked as this transaction's, stamped with the commit's time (as a
+/// published message is stamped when it is published: a partition's
+/// stamps follow its offsets, so a search by time finds what became
+/// visible after that time).
+fn marked_message(id: &str, rec: &TxnRecord, now: i64) -> Record {
     let half = rec.message.clone().unwrap_or_default();
     let mut headers = headers_from_wire(half.headers);
     if !rec.marker.is_empty() {
@@ -895,7 +900,7 @@ fn marked_message(id: &str, rec: &TxnRecord) -> Record {
         key: half.key,
         value: half.value,
         headers,
-        timestamp_ms: half.timestamp_ms,
+        timestamp_ms: now,
     }
 }
 
@@ -1566,7 +1571,8 @@ mod tests {
             .to_owned();
             let before = self.cores.get(id).and_then(|c| c.rec.clone());
             let event = if commit {
-                Event::Commit { service }
+                let now = self.now;
+                Event::Commit { service, now }
             } else {
                 let now = self.now;
                 Event::Rollback { service, now }

@@ -35,8 +35,9 @@
 //!   the session ends so that it comes again later, before its key's
 //!   successors (order is never given up to make progress).
 //! - **Redriven dead letters** (`tandem dlq redrive`) carry the group that
-//!   gave them up in `tandem.redrive.group`: only that group's sidecars
-//!   call their app; the topic's other groups acknowledge them unhandled.
+//!   gave them up in `tandem.redrive.group` and their topic in
+//!   `tandem.redrive.topic`: on that topic only that group's sidecars call
+//!   their app; the other groups' sidecars acknowledge them unhandled.
 //! - **Cancellation** (the subscription stops, or the partition is revoked):
 //!   a delivery between two steps is abandoned unacknowledged and delivered
 //!   again to the partition's next holder.
@@ -59,8 +60,12 @@ use crate::handler::{Called, Handler};
 use crate::node::{Counters, Node};
 
 /// Names the only group that handles a message redriven from a dead-letter
-/// topic; the others acknowledge it without calling their app.
+/// topic to [`REDRIVE_TOPIC_HEADER`]; the topic's other groups acknowledge
+/// it without calling their app.
 pub const REDRIVE_GROUP_HEADER: &str = "tandem.redrive.group";
+/// The topic a dead letter was redriven to: the group header counts there
+/// only (not in a copy an app forwards elsewhere with its headers).
+pub const REDRIVE_TOPIC_HEADER: &str = "tandem.redrive.topic";
 
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 const UNREACHABLE_DELAY: Duration = Duration::from_secs(2);
@@ -186,7 +191,7 @@ pub(crate) async fn handle(
     d: &pb::Delivery,
     cancel: &mut watch::Receiver<bool>,
 ) -> Outcome {
-    if let Some(only) = redrive_group(d)
+    if let Some(only) = redrive_group(d, &spec.topic)
         && only != spec.group.as_bytes()
     {
         // Redriven from the dead-letter topic for the group that gave it
@@ -219,15 +224,20 @@ pub(crate) async fn handle(
     outcome
 }
 
-/// The group a message redriven from a dead-letter topic is for
-/// (`tandem dlq redrive` sets [`REDRIVE_GROUP_HEADER`]).
-fn redrive_group(d: &pb::Delivery) -> Option<&[u8]> {
-    d.message
-        .as_ref()?
-        .headers
-        .iter()
-        .find(|h| h.name == REDRIVE_GROUP_HEADER)
-        .map(|h| h.value.as_ref())
+/// The group a message redriven from a dead-letter topic to `topic` is
+/// for (`tandem dlq redrive` sets [`REDRIVE_GROUP_HEADER`] and
+/// [`REDRIVE_TOPIC_HEADER`]).
+fn redrive_group<'a>(d: &'a pb::Delivery, topic: &str) -> Option<&'a [u8]> {
+    let headers = &d.message.as_ref()?.headers;
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|h| h.name == name)
+            .map(|h| h.value.as_ref())
+    };
+    (header(REDRIVE_TOPIC_HEADER)? == topic.as_bytes())
+        .then(|| header(REDRIVE_GROUP_HEADER))
+        .flatten()
 }
 
 /// The attempts of one delivery, from the dedup check to the dedup row.
@@ -425,6 +435,10 @@ async fn dead_letter(
         }
         error.truncate(cut);
     }
+    // A redrive's addressing is not carried into its next dead letter.
+    message
+        .headers
+        .retain(|h| h.name != REDRIVE_GROUP_HEADER && h.name != REDRIVE_TOPIC_HEADER);
     message.headers.extend([
         header("tandem.error", error.clone()),
         header("tandem.topic", spec.topic.clone()),

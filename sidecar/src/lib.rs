@@ -29,6 +29,6 @@ mod transact;
 
 pub use config::{Config, SidecarArgs};
 pub use db::{Admission, Admit, ClaimRequest, Db, InboxRow, TableState};
-pub use delivery::REDRIVE_GROUP_HEADER;
+pub use delivery::{REDRIVE_GROUP_HEADER, REDRIVE_TOPIC_HEADER};
 pub use error::{Error, Result};
 pub use server::{run, run_process, serve, serve_with_metrics};
