@@ -248,6 +248,17 @@ pub(crate) fn outgoing(
     })
 }
 
+/// A time in ms since the epoch (not before it).
+fn time(field: &str, t: i64) -> Result<i64, Error> {
+    if t < 0 {
+        return Err(Error::invalid(
+            field,
+            format!("must be a time (ms since the epoch), got {t}"),
+        ));
+    }
+    Ok(t)
+}
+
 fn required<'a>(field: &str, value: &'a str) -> Result<&'a str, Error> {
     if value.is_empty() {
         Err(Error::invalid(field, "is required"))
@@ -991,14 +1002,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let from = match req.from {
             None => Ok(0),
             Some(pb::read_messages_request::From::Offset(o)) => Ok(o),
-            Some(pb::read_messages_request::From::TimestampMs(t)) if t < 0 => {
-                return Err(Error::invalid(
-                    "timestamp_ms",
-                    format!("must be a time (ms since the epoch), got {t}"),
-                )
-                .into());
-            }
-            Some(pb::read_messages_request::From::TimestampMs(t)) => Err(t),
+            Some(pb::read_messages_request::From::TimestampMs(t)) => Err(time("timestamp_ms", t)?),
         };
         let broker = here_or_forward!(
             self,
@@ -1046,14 +1050,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             Some(To::Earliest(_)) => ResetTo::Earliest,
             Some(To::Latest(_)) => ResetTo::Latest,
             Some(To::Offset(o)) => ResetTo::Offset(o),
-            Some(To::TimestampMs(t)) if t < 0 => {
-                return Err(Error::invalid(
-                    "timestamp_ms",
-                    format!("must be a time (ms since the epoch), got {t}"),
-                )
-                .into());
-            }
-            Some(To::TimestampMs(t)) => ResetTo::Time(t),
+            Some(To::TimestampMs(t)) => ResetTo::Time(time("timestamp_ms", t)?),
             None => {
                 return Err(Error::invalid(
                     "to",

@@ -108,6 +108,22 @@ impl<L: Log + Clone> Topics<L> {
             .collect()
     }
 
+    /// Creates partitions `range` of `name` in the data log; ones that
+    /// exist (left by a create or a growth a crash cut short) are adopted.
+    async fn create_partitions(&self, name: &str, range: std::ops::Range<u32>) -> Result<()> {
+        for p in range {
+            match self
+                .data
+                .create_partition(&TopicPartition::new(name, p))
+                .await
+            {
+                Ok(()) | Err(StorageError::PartitionExists(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
     /// Creates a topic; ALREADY_EXISTS if the name is taken.
     pub(crate) async fn create(&self, name: &str, partitions: u32) -> Result<TopicMeta> {
         check_name("name", name)?;
@@ -129,16 +145,7 @@ impl<L: Log + Clone> Topics<L> {
                 name: name.to_owned(),
             });
         }
-        for p in 0..partitions {
-            match self
-                .data
-                .create_partition(&TopicPartition::new(name, p))
-                .await
-            {
-                Ok(()) | Err(StorageError::PartitionExists(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.create_partitions(name, 0..partitions).await?;
         let meta = TopicMeta {
             partitions,
             created_ms: now_ms(),
@@ -175,16 +182,8 @@ impl<L: Log + Clone> Topics<L> {
                 ),
             ));
         }
-        for p in meta.partitions..partitions {
-            match self
-                .data
-                .create_partition(&TopicPartition::new(name, p))
-                .await
-            {
-                Ok(()) | Err(StorageError::PartitionExists(_)) => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
+        self.create_partitions(name, meta.partitions..partitions)
+            .await?;
         let grown = TopicMeta { partitions, ..meta };
         state
             .append(vec![upsert(name.as_bytes().to_vec(), grown.encode())])
