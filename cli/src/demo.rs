@@ -605,6 +605,30 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
     let mut verdict = verdict(&dir, &mut coordinator, &placed).await?;
     let sagas = saga_verdict(&dir, &mut coordinator, &checkouts).await?;
     verdict.problems.extend(sagas.problems.iter().cloned());
+    // The generic check any deployment can run: `tandem audit`.
+    let db = |name: &str| dir.join(name).display().to_string();
+    let audit = crate::audit::audit_report(
+        &cluster.coordinator.url(),
+        &crate::audit::AuditArgs {
+            service: "orders".into(),
+            producer_db: db("orders.db"),
+            consumers: if a.no_dedup {
+                Vec::new() // no dedup rows to check against
+            } else {
+                vec![(tandem_e2e::cart::GROUP.to_owned(), db("cart.db"))]
+            },
+            stuck_after_ms: 60_000,
+            window_ms: 240_000,
+            json: false,
+        },
+    )
+    .await?;
+    verdict.problems.extend(
+        audit
+            .problems
+            .iter()
+            .map(|p| format!("audit: {} {}: {}", p.kind, p.txn_id, p.detail)),
+    );
     tokio::task::block_in_place(|| cluster.stop());
 
     let mut by_state: BTreeMap<&str, u32> = BTreeMap::new();
@@ -628,6 +652,18 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
         by_state.get("rolled back").copied().unwrap_or(0)
     )?;
     writeln!(out, "  resolved by check-back      {}", verdict.by_check)?;
+    writeln!(
+        out,
+        "  tandem audit                {} ({} transactions, {} tandem_txn rows, {} inconsistencies)",
+        if audit.problems.is_empty() {
+            "consistent"
+        } else {
+            "INCONSISTENT"
+        },
+        audit.by_state.values().sum::<u64>(),
+        audit.local_rows.0 + audit.local_rows.1,
+        audit.problems.len()
+    )?;
     writeln!(out, "  messages delivered          {}", totals.delivered())?;
     writeln!(
         out,

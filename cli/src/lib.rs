@@ -3,6 +3,7 @@
 //! themselves; and `tandem demo`, which runs them all as real processes, so
 //! one binary can run and drive a whole Tandem.
 
+mod audit;
 mod bench;
 mod clock;
 mod consume;
@@ -12,6 +13,7 @@ mod publish;
 mod saga;
 mod topic;
 
+pub use audit::{AuditArgs, Problem, Report, audit, audit_report};
 pub use bench::{BenchArgs, Scenario, bench};
 pub use consume::{ConsumeArgs, consume};
 pub use demo::{DemoArgs, demo};

@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 
 use tandem_cli::{
-    BenchArgs, ConsumeArgs, DemoArgs, DlqCommand, GroupCommand, PublishArgs, ReadArgs, SagaCommand,
-    TopicCommand, TxnCommand,
+    AuditArgs, BenchArgs, ConsumeArgs, DemoArgs, DlqCommand, GroupCommand, PublishArgs, ReadArgs,
+    SagaCommand, TopicCommand, TxnCommand,
 };
 use tandem_coordinator::{Config, CoordinatorArgs};
 use tandem_sidecar::SidecarArgs;
@@ -60,6 +60,9 @@ enum Command {
     /// Dead letters: show them, redrive them to their topic.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Checks that a producer's database, the coordinator and the consumers'
+    /// databases agree on every transaction; exits 1 when they do not.
+    Audit(AuditArgs),
     /// Runs the coordinator.
     Coordinator(CoordinatorArgs),
     /// Runs a sidecar next to a service.
@@ -116,6 +119,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Read(args) => tandem_cli::read(&url, args, &mut std::io::stdout()).await,
         Command::Txn(cmd) => tandem_cli::txn(&url, cmd, &mut std::io::stdout()).await,
         Command::Dlq(cmd) => tandem_cli::dlq(&url, cmd, &mut std::io::stdout()).await,
+        Command::Audit(args) => {
+            if tandem_cli::audit(&url, args, &mut std::io::stdout()).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Command::Publish(args) => {
             let stdin = tokio::io::BufReader::with_capacity(1 << 20, tokio::io::stdin());
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

@@ -541,6 +541,7 @@ pub async fn txn(url: &str, cmd: TxnCommand, out: &mut impl Write) -> anyhow::Re
                     state: state as i32,
                     service: service.unwrap_or_default(),
                     limit,
+                    ..Default::default()
                 })
                 .await
                 .map_err(status)?

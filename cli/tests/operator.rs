@@ -774,3 +774,208 @@ async fn dead_letters_are_shown_and_redriven_to_the_group_that_gave_them_up() ->
     server.abort();
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_passes_a_clean_run_and_names_each_planted_inconsistency() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coordinator = start_coordinator(dir.path())?;
+    let url = coordinator.url();
+    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
+    c.create_topic(pb::CreateTopicRequest {
+        name: "orders".into(),
+        partitions: 1,
+    })
+    .await?;
+    // The producer's and the consumer's tables, as the sidecar's
+    // migrations make them.
+    let open = |name: &str| {
+        let path = dir.path().join(name);
+        async move {
+            let options = sqlx::sqlite::SqliteConnectOptions::new()
+                .filename(&path)
+                .create_if_missing(true);
+            sqlx::SqlitePool::connect_with(options).await
+        }
+    };
+    let producer = open("orders.db").await?;
+    sqlx::query(
+        "CREATE TABLE tandem_txn (txn_id TEXT NOT NULL PRIMARY KEY, state TEXT NOT NULL DEFAULT 'committed', \
+         created_at INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER) * 1000))",
+    )
+    .execute(&producer)
+    .await?;
+    let consumer = open("cart.db").await?;
+    sqlx::query(
+        "CREATE TABLE tandem_inbox (consumer_group TEXT NOT NULL, topic TEXT NOT NULL, message_id TEXT NOT NULL, \
+         processed_at INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (consumer_group, topic, message_id))",
+    )
+    .execute(&consumer)
+    .await?;
+    let sql = |db: &sqlx::SqlitePool, q: &'static str, id: &'static str| {
+        let db = db.clone();
+        async move { sqlx::query(q).bind(id).execute(&db).await.map(drop) }
+    };
+    let txn = |id: &'static str, commit: bool| {
+        let mut c = c.clone();
+        async move {
+            c.prepare(pb::PrepareRequest {
+                service: "orders".into(),
+                txn_id: id.into(),
+                topic: "orders".into(),
+                message: Some(pb::Message {
+                    value: bytes::Bytes::from_static(b"order"),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await?;
+            let end = pb::EndTransactionRequest {
+                service: "orders".into(),
+                txn_id: id.into(),
+            };
+            if commit {
+                c.commit(end).await?;
+            } else {
+                c.rollback(end).await?;
+            }
+            TestResult::Ok(())
+        }
+    };
+    // A clean run: a committed order (local row, consumed and recorded),
+    // a rolled-back one (no row) and one the check-back fenced (marker).
+    txn("o-1", true).await?;
+    sql(
+        &producer,
+        "INSERT INTO tandem_txn (txn_id) VALUES ($1)",
+        "o-1",
+    )
+    .await?;
+    txn("o-2", false).await?;
+    txn("o-3", false).await?;
+    sql(
+        &producer,
+        "INSERT INTO tandem_txn (txn_id, state) VALUES ($1, 'rolled_back')",
+        "o-3",
+    )
+    .await?;
+    sql(
+        &consumer,
+        "INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ('cart', 'orders', $1)",
+        "o-1",
+    )
+    .await?;
+    let audit_args = |dir: &Path| -> Vec<String> {
+        vec![
+            "audit".into(),
+            "--service".into(),
+            "orders".into(),
+            "--producer-db".into(),
+            dir.join("orders.db").display().to_string(),
+            "--consumer".into(),
+            format!("cart={}", dir.join("cart.db").display()),
+            "--stuck-after-ms".into(),
+            "2000".into(),
+        ]
+    };
+    let u = url.clone();
+    let args = audit_args(dir.path());
+    let (consumed, clean) = tokio::task::spawn_blocking(move || {
+        let consumed = run(
+            &u,
+            &[
+                "consume", "orders", "--group", "cart", "--from", "earliest", "--max", "1",
+            ],
+            "",
+        )?;
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        TestResult::Ok((consumed, json(&u, &refs)?))
+    })
+    .await??;
+    assert!(consumed.0, "{}", consumed.2);
+    assert_eq!(clean["consistent"], true, "{clean}");
+    assert_eq!(clean["transactions"]["committed"], 1);
+    assert_eq!(clean["transactions"]["rolled-back"], 2);
+    assert_eq!(clean["consumers"][0]["pending"], 0);
+
+    // Planted: a rolled-back order committed locally and recorded by the
+    // cart; the cart's record of o-1 gone though it acknowledged it; a
+    // local row the coordinator never heard of; an order left prepared.
+    txn("o-4", false).await?;
+    sql(
+        &producer,
+        "INSERT INTO tandem_txn (txn_id) VALUES ($1)",
+        "o-4",
+    )
+    .await?;
+    sql(
+        &consumer,
+        "INSERT INTO tandem_inbox (consumer_group, topic, message_id) VALUES ('cart', 'orders', $1)",
+        "o-4",
+    )
+    .await?;
+    sql(
+        &consumer,
+        "DELETE FROM tandem_inbox WHERE message_id = $1",
+        "o-1",
+    )
+    .await?;
+    sql(
+        &producer,
+        "INSERT INTO tandem_txn (txn_id) VALUES ($1)",
+        "ghost",
+    )
+    .await?;
+    c.prepare(pb::PrepareRequest {
+        service: "orders".into(),
+        txn_id: "o-5".into(),
+        topic: "orders".into(),
+        message: Some(pb::Message::default()),
+        ..Default::default()
+    })
+    .await?;
+    producer.close().await;
+    consumer.close().await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let u = url.clone();
+    let args = audit_args(dir.path());
+    let (found, text) = tokio::task::spawn_blocking(move || {
+        let mut with_json = args.clone();
+        with_json.push("--json".into());
+        let refs: Vec<&str> = with_json.iter().map(String::as_str).collect();
+        let found = run(&u, &refs, "")?;
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        TestResult::Ok((found, run(&u, &refs, "")?))
+    })
+    .await??;
+    assert!(!found.0, "an inconsistency exits non-zero");
+    let report: Value = serde_json::from_str(&found.1)?;
+    let mut kinds: Vec<(String, String)> = report["problems"]
+        .as_array()
+        .ok_or("problems")?
+        .iter()
+        .map(|p| {
+            (
+                p["kind"].as_str().unwrap_or_default().to_owned(),
+                p["txn_id"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    kinds.sort();
+    let want: Vec<(String, String)> = [
+        ("acked-not-recorded", "o-1"),
+        ("delivered-but-rolled-back", "o-4"),
+        ("local-unknown", "ghost"),
+        ("rolled-back-but-local", "o-4"),
+        ("stuck", "o-5"),
+    ]
+    .iter()
+    .map(|(k, i)| ((*k).to_owned(), (*i).to_owned()))
+    .collect();
+    assert_eq!(kinds, want, "{report}");
+    assert!(
+        !text.0 && text.1.contains("5 inconsistencies"),
+        "{}",
+        text.1
+    );
+    Ok(())
+}

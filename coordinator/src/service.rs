@@ -956,7 +956,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let mut all = Vec::new();
         let mut matched = 0;
         for (_, b) in self.cluster.local() {
-            let (oldest, n) = b.txns.list(state, &req.service, limit as usize).await;
+            let after = (!req.after_txn_id.is_empty())
+                .then_some((req.after_prepared_at_ms, req.after_txn_id.as_str()));
+            let (oldest, n) = b
+                .txns
+                .list(state, &req.service, after, limit as usize)
+                .await;
             all.extend(oldest);
             matched += n;
         }

@@ -629,12 +629,14 @@ impl<L: Log + Clone> Transactions<L> {
     }
 
     /// The `limit` oldest remembered transactions as the API shows them
-    /// that are in `state` (any when `None`) and of `service` (any when
-    /// empty), and how many match.
+    /// that are in `state` (any when `None`), of `service` (any when
+    /// empty) and after `after` (prepare time and id) in that order, and
+    /// how many match.
     pub(crate) async fn list(
         &self,
         state: Option<i32>,
         service: &str,
+        after: Option<(i64, &str)>,
         limit: usize,
     ) -> (Vec<pb::Transaction>, u64) {
         let slots: Vec<Slot> = lock(&self.txns).values().cloned().collect();
@@ -648,7 +650,10 @@ impl<L: Log + Clone> Transactions<L> {
             let Some(t) = slot.lock().await.core.view() else {
                 continue; // forgotten, or a prepare that failed
             };
-            if state.is_none_or(|s| s == t.state) && (service.is_empty() || service == t.service) {
+            if state.is_none_or(|s| s == t.state)
+                && (service.is_empty() || service == t.service)
+                && after.is_none_or(|a| (t.prepared_at_ms, t.txn_id.as_str()) > a)
+            {
                 matched += 1;
                 out.push(t);
                 if out.len() >= limit.saturating_mul(2).max(64) {
