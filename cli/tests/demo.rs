@@ -29,6 +29,15 @@ fn the_demo_passes_its_verdict_through_injected_faults() {
     assert!(out.contains("cart service killed after commit 1x"), "{out}");
     assert!(out.contains("cart sidecar SIGKILLed 1x"), "{out}");
     assert!(out.contains("orders left to check-back 12x"), "{out}");
+    // `tandem audit` agrees, over every order's transaction
+    let audit = out
+        .lines()
+        .find(|l| l.contains("tandem audit"))
+        .expect("an audit line");
+    assert!(
+        audit.contains("consistent (") && audit.contains("0 inconsistencies"),
+        "{audit}"
+    );
     // the scheduled faults: 6 in 50 orders roll back, 2 in 50 go through
     // check-back; on a loaded machine a local transaction slower than
     // check_after_ms is rolled back by check-back too, so these are floors
