@@ -141,8 +141,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Coordinator(args) => {
             let config = Config::load(&args, std::env::vars())?;
-            tandem_coordinator::init_tracing(&config.log_filter, config.log_format)?;
-            Ok(tandem_coordinator::run(config, tandem_coordinator::shutdown_signal()).await?)
+            let mut telemetry = tandem_coordinator::init_telemetry(
+                &config.log_filter,
+                config.log_format,
+                config.otlp_endpoint.as_deref(),
+                "tandem-coordinator",
+            )?;
+            let served =
+                tandem_coordinator::run(config, tandem_coordinator::shutdown_signal()).await;
+            telemetry.shutdown(); // the spans still buffered go out
+            Ok(served?)
         }
         Command::Bench(args) => tandem_cli::bench(args, &mut std::io::stdout()).await,
         Command::Demo(args) => {

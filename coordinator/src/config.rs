@@ -180,6 +180,7 @@ const KEYS: &[Setting] = &[
     crate::settings::LOG,
     crate::settings::LOG_FORMAT,
     crate::settings::METRICS_LISTEN,
+    tandem_runtime::telemetry::OTLP_ENDPOINT,
     Setting {
         key: "check_after_ms",
         kind: Kind::Int,
@@ -258,6 +259,7 @@ struct Raw {
     log: Option<String>,
     log_format: Option<String>,
     metrics_listen: Option<String>,
+    otlp_endpoint: Option<String>,
     check_after_ms: Option<u64>,
     max_checks: Option<u32>,
     check_timeout_ms: Option<u64>,
@@ -403,6 +405,9 @@ pub struct Config {
     pub log_format: crate::LogFormat,
     /// Where `run` serves Prometheus metrics (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
+    /// The OTLP collector traces go to (`None`: the standard
+    /// `OTEL_EXPORTER_OTLP_*` variables, if set).
+    pub otlp_endpoint: Option<String>,
     /// Transactional messages.
     pub txn: TxnSettings,
 }
@@ -741,6 +746,7 @@ impl Raw {
                 self.metrics_listen.as_deref(),
                 "127.0.0.1:0",
             )?,
+            otlp_endpoint: self.otlp_endpoint.filter(|e| !e.trim().is_empty()),
         })
     }
 }

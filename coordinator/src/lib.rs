@@ -48,7 +48,7 @@ pub use service::{
     CoordinatorService, MAX_CONTEXT_BYTES, OWNER_METADATA, Role, SIDECAR_SESSION_TIMEOUT, Validity,
 };
 pub use tandem_runtime::{
-    ConfigError, LogFormat, MAX_ID_LEN, check_group, check_id, init_tracing, logging, settings,
-    shutdown_signal,
+    ConfigError, LogFormat, MAX_ID_LEN, Telemetry, check_group, check_id, init_telemetry,
+    init_tracing, logging, settings, shutdown_signal,
 };
 pub use topics::{MAX_PARTITIONS, TopicMeta};

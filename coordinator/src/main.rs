@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use tandem_coordinator::{Config, CoordinatorArgs, init_tracing, run, shutdown_signal};
+use tandem_coordinator::{Config, CoordinatorArgs, init_telemetry, run, shutdown_signal};
 
 /// The allocator of the process (cargo feature `mimalloc`, on by default):
 /// glibc's took 15 % of a transaction's CPU in a profile (BENCHMARKS.md).
@@ -33,10 +33,18 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = init_tracing(&config.log_filter, config.log_format) {
-        eprintln!("tandem-coordinator: {e}");
-        return ExitCode::from(2);
-    }
+    let mut telemetry = match init_telemetry(
+        &config.log_filter,
+        config.log_format,
+        config.otlp_endpoint.as_deref(),
+        "tandem-coordinator",
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("tandem-coordinator: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -44,7 +52,9 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config, shutdown_signal())) {
+    let served = rt.block_on(run(config, shutdown_signal()));
+    telemetry.shutdown(); // the spans still buffered go out
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tandem-coordinator: {e}");

@@ -30,13 +30,18 @@ use crate::statelog::now_ms;
 use crate::transactions::MARKER_HEADER;
 
 /// Fingerprint of what a message says (its id, partition and timestamp are
-/// not content; the transaction marker header is Tandem's, not the app's).
+/// not content; the transaction marker header is Tandem's, not the app's;
+/// the trace context says where it was sent from).
 pub(crate) fn content_digest(r: &Record) -> u64 {
     let key = r.key.as_deref();
     let mut parts: Vec<&[u8]> = vec![if key.is_some() { b"k" } else { b"-" }];
     parts.push(key.unwrap_or_default());
     parts.push(&r.value);
-    for h in r.headers.iter().filter(|h| h.name != MARKER_HEADER) {
+    for h in r
+        .headers
+        .iter()
+        .filter(|h| h.name != MARKER_HEADER && !crate::txn_core::is_trace_header(&h.name))
+    {
         parts.push(h.name.as_bytes());
         parts.push(&h.value);
     }

@@ -42,8 +42,10 @@ use std::time::Duration;
 
 use prost::Message as _;
 use tandem_proto::coordinator as pb;
+use tandem_runtime::telemetry;
 use tandem_storage::{Log, ReadBudget, Record, TopicPartition};
 use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, watch};
+use tracing::Instrument;
 
 use crate::broker::HalfMessage;
 use crate::config::TxnSettings;
@@ -138,6 +140,22 @@ fn not_found(id: &str) -> Error {
         what: "transaction",
         name: id.to_owned(),
     }
+}
+
+/// The span of an outcome of transaction `id`, a child of its producer's.
+fn ended_span(name: &'static str, id: &str, core: &TxnState) -> tracing::Span {
+    let span = telemetry::span(name, core.traceparent().as_deref());
+    span.record("txn", id);
+    span
+}
+
+/// The trace context among a wire message's headers.
+fn pb_traceparent(m: &pb::Message) -> Option<String> {
+    telemetry::from_headers(
+        m.headers
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_ref())),
+    )
 }
 
 /// An operation the core left unanswered: a bug, not a caller mistake.
@@ -520,6 +538,19 @@ impl<L: Log + Clone> Transactions<L> {
             .data
             .offsets(&TopicPartition::new(topic, partition))?
             .high_water_mark;
+        let span = telemetry::span(
+            "coordinator.prepare",
+            telemetry::from_headers(
+                message
+                    .record
+                    .headers
+                    .iter()
+                    .map(|h| (h.name.as_str(), h.value.as_ref())),
+            )
+            .as_deref(),
+        );
+        span.record("txn", id);
+        span.record("topic", topic);
         let (slot, guard) = self.slot(id).await;
         let prepare = Prepare {
             service: service.to_owned(),
@@ -535,6 +566,7 @@ impl<L: Log + Clone> Transactions<L> {
         };
         let out = self
             .drive(id, &slot, guard, Event::Prepare(Box::new(prepare)))
+            .instrument(span)
             .await?;
         match out.reply {
             Some(Ok(Reply::Prepared {
@@ -558,11 +590,15 @@ impl<L: Log + Clone> Transactions<L> {
         id: &str,
     ) -> Result<pb::EndTransactionResponse> {
         let (slot, guard) = self.existing(id).await?;
+        let span = ended_span("coordinator.commit", id, &guard.core);
         let event = Event::Commit {
             service: service.to_owned(),
             now: now_ms(),
         };
-        ended(id, self.drive(id, &slot, guard, event).await?)
+        ended(
+            id,
+            self.drive(id, &slot, guard, event).instrument(span).await?,
+        )
     }
 
     /// Rolls back (step 4). `service` must own the transaction.
@@ -572,11 +608,15 @@ impl<L: Log + Clone> Transactions<L> {
         id: &str,
     ) -> Result<pb::EndTransactionResponse> {
         let (slot, guard) = self.existing(id).await?;
+        let span = ended_span("coordinator.rollback", id, &guard.core);
         let event = Event::Rollback {
             service: service.to_owned(),
             now: now_ms(),
         };
-        ended(id, self.drive(id, &slot, guard, event).await?)
+        ended(
+            id,
+            self.drive(id, &slot, guard, event).instrument(span).await?,
+        )
     }
 
     /// Waits (at most `limit`) for background writes to finish, and syncs.
@@ -731,12 +771,30 @@ impl<L: Log + Clone> Transactions<L> {
         let Some(CheckBack {
             service,
             instance,
-            request,
+            mut request,
             fence,
         }) = out.check
         else {
             return Ok(()); // decided meanwhile
         };
+        // The producer's answer is a child of this check-back's span: the
+        // trace context the request carries is this span's.
+        let span = telemetry::span(
+            "coordinator.check_back",
+            request.message.as_ref().and_then(pb_traceparent).as_deref(),
+        );
+        span.record("txn", id);
+        span.record("topic", request.topic.as_str());
+        if let Some(m) = request.message.as_mut() {
+            let incoming = pb_traceparent(m);
+            if let Some(tp) = telemetry::pass_on(&span, incoming.as_deref()) {
+                m.headers.retain(|h| h.name != telemetry::TRACEPARENT);
+                m.headers.push(pb::Header {
+                    name: telemetry::TRACEPARENT.to_owned(),
+                    value: bytes::Bytes::from(tp),
+                });
+            }
+        }
         // Only check-backs that go out are paced: the schedule's entries of
         // transactions decided meanwhile (most of them under load) cost
         // nothing. Waiting here holds one of the `checking` permits, so at
@@ -745,6 +803,7 @@ impl<L: Log + Clone> Transactions<L> {
         let answer = self
             .sessions
             .check(&service, &instance, request, self.settings.check_timeout)
+            .instrument(span)
             .await;
         tracing::debug!(
             txn = id,

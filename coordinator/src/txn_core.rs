@@ -101,8 +101,15 @@ pub(crate) struct TxnRecord {
     attempt: String,
 }
 
+/// Whether a header is the W3C trace context, which says where a message
+/// was sent from, not what it says.
+pub(crate) fn is_trace_header(name: &str) -> bool {
+    name == tandem_runtime::telemetry::TRACEPARENT || name == tandem_runtime::telemetry::TRACESTATE
+}
+
 /// Fingerprint of a half message's content, for the identity check of a
-/// retried prepare (the id and the timestamp are not content).
+/// retried prepare (the id, the timestamp and the trace context are not
+/// content).
 fn digest(topic: &str, m: &Outgoing) -> u64 {
     let mut parts: Vec<&[u8]> = vec![topic.as_bytes()];
     let partition = m.partition.map(u32::to_le_bytes);
@@ -111,7 +118,14 @@ fn digest(topic: &str, m: &Outgoing) -> u64 {
     parts.push(if key.is_some() { b"k" } else { b"-" });
     parts.push(key.unwrap_or_default());
     parts.push(&m.record.value);
-    for h in &m.record.headers {
+    // The trace context is not content: a retry sent from another span is
+    // the same transaction.
+    for h in m
+        .record
+        .headers
+        .iter()
+        .filter(|h| !is_trace_header(&h.name))
+    {
         parts.push(h.name.as_bytes());
         parts.push(&h.value);
     }
@@ -448,6 +462,17 @@ impl TxnState {
             .as_ref()
             .filter(|r| r.state == PREPARED)
             .map(|r| TopicPartition::new(r.topic.clone(), r.partition))
+    }
+
+    /// The trace context the producer sent with the half message, while it
+    /// is kept (until the transaction ends).
+    pub(crate) fn traceparent(&self) -> Option<String> {
+        let half = self.rec.as_ref()?.message.as_ref()?;
+        tandem_runtime::telemetry::from_headers(
+            half.headers
+                .iter()
+                .map(|h| (h.name.as_str(), h.value.as_ref())),
+        )
     }
 
     /// The transaction as the API shows it.

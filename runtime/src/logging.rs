@@ -59,24 +59,30 @@ pub struct BadFilter {
     cause: tracing_subscriber::filter::ParseError,
 }
 
-/// Sets up logging to standard error with `filter`, or `RUST_LOG` when
-/// that is set and not empty; an unparsable filter is an error. A second
-/// call in one process changes nothing.
-pub fn init_tracing(filter: &str, format: LogFormat) -> Result<(), BadFilter> {
-    let filter = match std::env::var("RUST_LOG") {
+/// `filter`, or `RUST_LOG` when that is set and not empty, parsed.
+pub(crate) fn env_filter(filter: &str) -> Result<tracing_subscriber::EnvFilter, BadFilter> {
+    match std::env::var("RUST_LOG") {
         Ok(env) if !env.trim().is_empty() => {
             tracing_subscriber::EnvFilter::try_new(&env).map_err(|cause| BadFilter {
                 origin: "RUST_LOG",
                 value: env.clone(),
                 cause,
-            })?
+            })
         }
         _ => tracing_subscriber::EnvFilter::try_new(filter).map_err(|cause| BadFilter {
             origin: "the log setting",
             value: filter.to_owned(),
             cause,
-        })?,
-    };
+        }),
+    }
+}
+
+/// Sets up logging to standard error with `filter`, or `RUST_LOG` when
+/// that is set and not empty; an unparsable filter is an error. A second
+/// call in one process changes nothing. (Processes that export traces use
+/// [`crate::init_telemetry`].)
+pub fn init_tracing(filter: &str, format: LogFormat) -> Result<(), BadFilter> {
+    let filter = env_filter(filter)?;
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -7,8 +7,10 @@ use bytes::Bytes;
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
+use tandem_runtime::telemetry;
 use tandem_storage::failpoint;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::check::Mode;
 use crate::error::{Error, Result};
@@ -19,6 +21,33 @@ use crate::subscription::{self, Subscriptions};
 pub(crate) struct SidecarService {
     pub(crate) node: Arc<Node>,
     pub(crate) subscriptions: Arc<Subscriptions>,
+}
+
+/// This sidecar's span of an app's call, a child of the trace context in
+/// the call's metadata, and the context to pass on (the span's own, or
+/// the incoming one unchanged when traces are not exported).
+fn call_span(
+    name: &'static str,
+    meta: &tonic::metadata::MetadataMap,
+) -> (tracing::Span, Option<String>) {
+    let incoming = telemetry::from_metadata(meta);
+    let span = telemetry::span(name, incoming.as_deref());
+    let pass = telemetry::pass_on(&span, incoming.as_deref());
+    (span, pass)
+}
+
+/// `m` with the trace context `tp` in its headers, for its consumers
+/// (unless the app put one there itself).
+fn traced(mut m: pb::Message, tp: Option<&str>) -> pb::Message {
+    if let Some(tp) = tp
+        && !m.headers.iter().any(|h| h.name == telemetry::TRACEPARENT)
+    {
+        m.headers.push(pb::Header {
+            name: telemetry::TRACEPARENT.to_owned(),
+            value: Bytes::from(tp.to_owned()),
+        });
+    }
+    m
 }
 
 /// The call may not have reached the coordinator, or its answer was lost.
@@ -137,37 +166,14 @@ impl SidecarService {
     }
 }
 
-#[tonic::async_trait]
-impl sc::sidecar_server::Sidecar for SidecarService {
-    async fn publish(
+impl SidecarService {
+    /// PublishTransactional within its span; `tp` is the trace context
+    /// handed to the app's ExecuteLocalTransaction.
+    async fn publish_transactional_traced(
         &self,
-        req: Request<pb::PublishRequest>,
-    ) -> Result<Response<pb::PublishResponse>, Status> {
-        let mut req = req.into_inner();
-        // Every message gets an id here, so that a publish retried on
-        // another coordinator replica (the first one went down mid-call) is
-        // deduplicated there instead of appended twice.
-        for m in &mut req.messages {
-            if m.id.is_empty() {
-                m.id = uuid::Uuid::now_v7().to_string();
-            }
-        }
-        Ok(Response::new(
-            self.node
-                .call(|mut c| {
-                    let req = req.clone();
-                    async move { c.publish(req).await }
-                })
-                .await?
-                .into_inner(),
-        ))
-    }
-
-    async fn publish_transactional(
-        &self,
-        req: Request<sc::PublishTransactionalRequest>,
+        req: sc::PublishTransactionalRequest,
+        tp: Option<String>,
     ) -> Result<Response<sc::TransactionResponse>, Status> {
-        let req = req.into_inner();
         let mut app = self.node.app("PublishTransactional")?;
         // The id is chosen here, so that a check-back arriving before
         // ExecuteLocalTransaction has even started is answered UNKNOWN.
@@ -224,6 +230,7 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         // cancelled, and the transaction is left to check-back.
         let mut execute = Request::new(execute);
         execute.set_timeout(self.node.config.callback_timeout);
+        telemetry::to_metadata(execute.metadata_mut(), tp.as_deref());
         let state = match tokio::time::timeout(
             self.node.config.callback_timeout,
             app.execute_local_transaction(execute),
@@ -261,13 +268,64 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         };
         Ok(Response::new(reply))
     }
+}
+
+#[tonic::async_trait]
+impl sc::sidecar_server::Sidecar for SidecarService {
+    async fn publish(
+        &self,
+        req: Request<pb::PublishRequest>,
+    ) -> Result<Response<pb::PublishResponse>, Status> {
+        let (span, tp) = call_span("sidecar.Publish", req.metadata());
+        let mut req = req.into_inner();
+        span.record("topic", req.topic.as_str());
+        // Every message gets an id here, so that a publish retried on
+        // another coordinator replica (the first one went down mid-call) is
+        // deduplicated there instead of appended twice.
+        req.messages = std::mem::take(&mut req.messages)
+            .into_iter()
+            .map(|mut m| {
+                if m.id.is_empty() {
+                    m.id = uuid::Uuid::now_v7().to_string();
+                }
+                traced(m, tp.as_deref())
+            })
+            .collect();
+        Ok(Response::new(
+            self.node
+                .call(|mut c| {
+                    let req = req.clone();
+                    async move { c.publish(req).await }
+                })
+                .instrument(span)
+                .await?
+                .into_inner(),
+        ))
+    }
+
+    async fn publish_transactional(
+        &self,
+        req: Request<sc::PublishTransactionalRequest>,
+    ) -> Result<Response<sc::TransactionResponse>, Status> {
+        let (span, tp) = call_span("sidecar.PublishTransactional", req.metadata());
+        let mut req = req.into_inner();
+        span.record("topic", req.topic.as_str());
+        req.message = req.message.map(|m| traced(m, tp.as_deref()));
+        self.publish_transactional_traced(req, tp)
+            .instrument(span)
+            .await
+    }
 
     async fn begin(
         &self,
         req: Request<sc::BeginRequest>,
     ) -> Result<Response<sc::BeginResponse>, Status> {
+        let (span, tp) = call_span("sidecar.Begin", req.metadata());
         let req = req.into_inner();
-        self.begin_any(req.topic, req.message, req.txn_id, req.check_mode)
+        span.record("topic", req.topic.as_str());
+        let message = req.message.map(|m| traced(m, tp.as_deref()));
+        self.begin_any(req.topic, message, req.txn_id, req.check_mode)
+            .instrument(span)
             .await
     }
 
@@ -301,9 +359,11 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         &self,
         req: Request<sc::EndRequest>,
     ) -> Result<Response<sc::TransactionResponse>, Status> {
+        let (span, _) = call_span("sidecar.Commit", req.metadata());
         let txn_id = req.into_inner().txn_id;
+        span.record("txn", txn_id.as_str());
         failpoint::hit("sidecar.commit.before_forward");
-        match self.end(&txn_id, true).await {
+        match self.end(&txn_id, true).instrument(span).await {
             Ok(r) => Ok(Response::new(response(txn_id, r))),
             Err(Error::Coordinator(s)) if lost_call(&s) => {
                 // The local transaction is committed; check-back will deliver.
@@ -375,8 +435,10 @@ impl sc::sidecar_server::Sidecar for SidecarService {
         &self,
         req: Request<sc::EndRequest>,
     ) -> Result<Response<sc::TransactionResponse>, Status> {
+        let (span, _) = call_span("sidecar.Rollback", req.metadata());
         let txn_id = req.into_inner().txn_id;
-        match self.end(&txn_id, false).await {
+        span.record("txn", txn_id.as_str());
+        match self.end(&txn_id, false).instrument(span).await {
             Ok(r) => Ok(Response::new(response(txn_id, r))),
             Err(Error::Coordinator(s)) if lost_call(&s) => {
                 Ok(Response::new(left_to_check_back(txn_id)))

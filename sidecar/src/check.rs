@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
+use tandem_runtime::telemetry;
+use tracing::Instrument;
 
 use crate::db::TableState;
 use crate::error::Error;
@@ -62,9 +64,22 @@ impl Node {
         if let Some(state) = self.executing.state(&check.txn_id) {
             return state;
         }
+        // A child of the coordinator's check-back span (its context is in
+        // the message's headers).
+        let incoming = check.message.as_ref().and_then(|m| {
+            telemetry::from_headers(
+                m.headers
+                    .iter()
+                    .map(|h| (h.name.as_str(), h.value.as_ref())),
+            )
+        });
+        let span = telemetry::span("sidecar.check", incoming.as_deref());
+        span.record("txn", check.txn_id.as_str());
+        span.record("topic", check.topic.as_str());
+        let tp = telemetry::pass_on(&span, incoming.as_deref());
         let result = match Mode::of(&check.context) {
-            Mode::Table => self.table_state(check).await,
-            Mode::Callback => self.callback_state(check).await,
+            Mode::Table => self.table_state(check).instrument(span).await,
+            Mode::Callback => self.callback_state(check, tp).instrument(span).await,
         };
         match result {
             Ok(s) => s,
@@ -88,7 +103,11 @@ impl Node {
         })
     }
 
-    async fn callback_state(&self, check: &pb::CheckTransaction) -> Result<pb::LocalState, Error> {
+    async fn callback_state(
+        &self,
+        check: &pb::CheckTransaction,
+        tp: Option<String>,
+    ) -> Result<pb::LocalState, Error> {
         let mut app = self.app("CheckLocalTransaction")?;
         let req = app_pb::CheckLocalTransactionRequest {
             txn_id: check.txn_id.clone(),
@@ -101,6 +120,8 @@ impl Node {
         if check.timeout_ms > 0 {
             limit = limit.min(Duration::from_millis(check.timeout_ms));
         }
+        let mut req = tonic::Request::new(req);
+        telemetry::to_metadata(req.metadata_mut(), tp.as_deref());
         let reply = tokio::time::timeout(limit, app.check_local_transaction(req))
             .await
             .map_err(|_| Error::App {

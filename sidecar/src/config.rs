@@ -102,6 +102,7 @@ const KEYS: &[Setting] = &[
     tandem_runtime::settings::LOG,
     tandem_runtime::settings::LOG_FORMAT,
     tandem_runtime::settings::METRICS_LISTEN,
+    tandem_runtime::telemetry::OTLP_ENDPOINT,
     Setting {
         key: "worker_threads",
         kind: Kind::Int,
@@ -126,6 +127,7 @@ struct Raw {
     log: Option<String>,
     log_format: Option<String>,
     metrics_listen: Option<String>,
+    otlp_endpoint: Option<String>,
     worker_threads: Option<u64>,
 }
 
@@ -169,6 +171,9 @@ pub struct Config {
     pub log_format: tandem_runtime::LogFormat,
     /// Where `run` serves Prometheus metrics (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
+    /// The OTLP collector traces go to (`None`: the standard
+    /// `OTEL_EXPORTER_OTLP_*` variables, if set).
+    pub otlp_endpoint: Option<String>,
     /// Threads of the async runtime; `None`: one per CPU.
     pub worker_threads: Option<usize>,
 }
@@ -318,6 +323,7 @@ impl Raw {
                 self.metrics_listen.as_deref(),
                 "127.0.0.1:0",
             )?,
+            otlp_endpoint: self.otlp_endpoint.filter(|e| !e.trim().is_empty()),
             worker_threads: match self.worker_threads.unwrap_or(DEFAULT_WORKER_THREADS) {
                 0 => None,
                 n @ 1..=256 => Some(n as usize),

@@ -50,9 +50,11 @@ use bytes::Bytes;
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
+use tandem_runtime::telemetry;
 use tandem_storage::failpoint;
 use tokio::sync::{OwnedMutexGuard, watch};
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::db::{Admission, Admit, ClaimRequest, InboxRow};
 use crate::error::Result;
@@ -199,6 +201,34 @@ pub(crate) async fn handle(
         Counters::bump(&node.counters.redriven_for_other_groups);
         return Outcome::Done;
     }
+    // A child of the producer's span: its context is in the message.
+    let span = telemetry::span(
+        "sidecar.deliver",
+        d.message
+            .as_ref()
+            .and_then(|m| {
+                telemetry::from_headers(
+                    m.headers
+                        .iter()
+                        .map(|h| (h.name.as_str(), h.value.as_ref())),
+                )
+            })
+            .as_deref(),
+    );
+    span.record("topic", spec.topic.as_str());
+    handle_traced(node, handler, spec, d, cancel)
+        .instrument(span)
+        .await
+}
+
+/// [`handle`] within its span.
+async fn handle_traced(
+    node: &Node,
+    handler: &Handler,
+    spec: &sc::SubscribeRequest,
+    d: &pb::Delivery,
+    cancel: &mut watch::Receiver<bool>,
+) -> Outcome {
     let dedup = sc::DedupMode::try_from(spec.dedup).unwrap_or(sc::DedupMode::Sidecar);
     let row = InboxRow {
         group: spec.group.clone(),

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tandem_proto::app as app_pb;
 use tandem_proto::sidecar as sc;
+use tandem_runtime::telemetry;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tonic::{Code, Status};
@@ -158,8 +159,19 @@ async fn one_call(node: &Node, request: app_pb::HandleMessageRequest) -> Answer 
         .app("HandleMessage")
         .map_err(|e| Status::unavailable(e.to_string()))?;
     let limit = node.config.handler_timeout;
+    // The app's call is a child of this delivery's span (or, with traces
+    // off here, of the producer's, as the message says).
+    let incoming = request.message.as_ref().and_then(|m| {
+        telemetry::from_headers(
+            m.headers
+                .iter()
+                .map(|h| (h.name.as_str(), h.value.as_ref())),
+        )
+    });
+    let tp = telemetry::pass_on(&tracing::Span::current(), incoming.as_deref());
     let mut request = tonic::Request::new(request);
     request.set_timeout(limit);
+    telemetry::to_metadata(request.metadata_mut(), tp.as_deref());
     timed(limit, async move {
         app.handle_message(request).await.map(|_| ())
     })

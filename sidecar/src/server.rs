@@ -135,10 +135,18 @@ pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::Ex
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = tandem_runtime::init_tracing(&config.log_filter, config.log_format) {
-        eprintln!("{program}: {e}");
-        return ExitCode::from(2);
-    }
+    let mut telemetry = match tandem_runtime::init_telemetry(
+        &config.log_filter,
+        config.log_format,
+        config.otlp_endpoint.as_deref(),
+        &format!("{}-sidecar", config.service),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match config.runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -146,7 +154,7 @@ pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::Ex
             return ExitCode::FAILURE;
         }
     };
-    rt.block_on(async {
+    let code = rt.block_on(async {
         match run(config, tandem_runtime::shutdown_signal()).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -154,7 +162,9 @@ pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::Ex
                 ExitCode::FAILURE
             }
         }
-    })
+    });
+    telemetry.shutdown(); // the spans still buffered go out
+    code
 }
 
 /// Binds `config.listen`, says where it listens on standard output, and

@@ -79,8 +79,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Coordinator(args) => {
             let config = tandem_coordinator::Config::load(&args, std::env::vars())?;
-            tandem_coordinator::init_tracing(&config.log_filter, config.log_format)?;
-            Ok(tandem_coordinator::run(config, shutdown_signal()).await?)
+            let mut telemetry = tandem_coordinator::init_telemetry(
+                &config.log_filter,
+                config.log_format,
+                config.otlp_endpoint.as_deref(),
+                "tandem-coordinator",
+            )?;
+            let served = tandem_coordinator::run(config, shutdown_signal()).await;
+            telemetry.shutdown(); // the spans still buffered go out
+            Ok(served?)
         }
         Cmd::Sidecar(_) => unreachable!("main runs a sidecar before the runtime starts"),
         Cmd::Campaign {
