@@ -1,7 +1,8 @@
 //! Coordinator settings, layered: defaults, then the TOML file (`--config`),
 //! then `TANDEM_*` environment variables, then command-line flags. Unknown
-//! keys in the file or in `--set` are an error; [`Config::load`] checks every
-//! value and returns the checked [`Config`].
+//! keys in the file, in `--set` or in `TANDEM_*` variables (other than the
+//! sidecar's, the `tandem` command's and the tests') are an error;
+//! [`Config::load`] checks every value and returns the checked [`Config`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -441,6 +442,7 @@ impl Config {
             keys: KEYS,
             flags: &flags,
             sets: &args.set,
+            not_settings: tandem_runtime::settings::OTHER_TANDEM_VARIABLES,
         };
         layers.resolve::<Raw>(env)?.check()
     }
@@ -875,6 +877,27 @@ mod tests {
         )
         .expect_err("too short");
         assert!(err.to_string().contains("session_timeout_ms"), "{err}");
+        // A misspelt variable is an error listing the real ones; the other
+        // Tandem programs' variables are left alone.
+        let err = Config::load(
+            &CoordinatorArgs::default(),
+            env(&[("TANDEM_LISTN", "127.0.0.1:1")]),
+        )
+        .expect_err("a typo");
+        let text = err.to_string();
+        assert!(
+            text.contains("TANDEM_LISTN") && text.contains("TANDEM_LISTEN"),
+            "{text}"
+        );
+        Config::load(
+            &CoordinatorArgs::default(),
+            env(&[
+                ("TANDEM_SIDECAR_DB", "x.db"),
+                ("TANDEM_COORDINATOR", "http://127.0.0.1:1"),
+                ("TANDEM_TEST_POSTGRES", "postgres://x"),
+                ("TANDEM_FAILPOINTS", ""),
+            ]),
+        )?;
         Ok(())
     }
 

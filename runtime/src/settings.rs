@@ -157,7 +157,26 @@ pub struct Layers<'a> {
     pub flags: &'a [(&'a str, Option<String>)],
     /// `--set KEY=VALUE` flags.
     pub sets: &'a [String],
+    /// Variables with the prefix that are not this process's settings but
+    /// belong to something else (after the prefix; `NAME_*` for a family):
+    /// left alone. Any other variable with the prefix that names no
+    /// setting is an error (a typo would otherwise be silently ignored).
+    pub not_settings: &'a [&'a str],
 }
+
+/// The `TANDEM_*` variables that are not the coordinator's settings: the
+/// sidecar's (`TANDEM_SIDECAR_*`), the `tandem` command's
+/// (`TANDEM_COORDINATOR`), fault points, and the test command's.
+pub const OTHER_TANDEM_VARIABLES: &[&str] = &[
+    "SIDECAR_*",
+    "COORDINATOR",
+    "FAILPOINTS",
+    "TEST_*",
+    "REQUIRE_*",
+    "POWERLOSS_*",
+    "CAMPAIGN_CYCLES",
+    "REPLICATED_CYCLES",
+];
 
 impl Layers<'_> {
     fn insert(
@@ -210,9 +229,26 @@ impl Layers<'_> {
             let Some(key) = name.strip_prefix(self.env_prefix) else {
                 continue;
             };
+            let other = self.not_settings.iter().any(|o| match o.strip_suffix('*') {
+                Some(family) => key.starts_with(family),
+                None => key == *o,
+            });
             let key = key.to_ascii_lowercase();
             if self.keys.iter().any(|s| s.key == key) {
                 self.insert(&mut table, &key, &value, &name)?;
+            } else if !other {
+                let valid: Vec<String> = self
+                    .keys
+                    .iter()
+                    .map(|s| format!("{}{}", self.env_prefix, s.key.to_ascii_uppercase()))
+                    .collect();
+                return Err(ConfigError::Parse {
+                    origin: name,
+                    message: format!(
+                        "names no setting; the settings' variables are {}",
+                        valid.join(", ")
+                    ),
+                });
             }
         }
         for (key, value) in self.flags {

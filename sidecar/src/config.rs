@@ -221,6 +221,7 @@ impl Config {
             keys: KEYS,
             flags: &flags,
             sets: &args.set,
+            not_settings: &[],
         }
         .resolve::<Raw>(env)?
         .check()
