@@ -23,6 +23,15 @@
 //!
 //! Not inconsistencies, reported: committed messages a group has not
 //! reached yet (its lag).
+//!
+//! Limits: only transactions the coordinator still remembers are audited
+//! (open ones, and finished ones for `txn_retention_ms`, 5 minutes by
+//! default): run it more often than that. Transactions whose producer
+//! answers check-backs from its app (callback mode) have no `tandem_txn`
+//! row to compare with, and a group consuming without a dedup table
+//! (`DEDUP_MODE_OFF`) has no `tandem_inbox` rows: those checks are skipped
+//! for them, and the report says so. A dead-lettered message has its dedup
+//! row, so it counts as handled (`tandem dlq show` lists it).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
@@ -31,6 +40,7 @@ use std::str::FromStr;
 use serde_json::{Value, json};
 use sqlx::Row;
 use tandem_proto::coordinator as pb;
+use tandem_proto::sidecar as sc;
 
 use crate::clock::{format_ms, now_ms};
 use crate::{connect, status};
@@ -51,11 +61,11 @@ pub struct AuditArgs {
     pub consumers: Vec<(String, String)>,
     /// A transaction prepared longer ago than this (ms) is reported stuck.
     #[arg(long, default_value_t = 300_000)]
-    pub stuck_after_ms: i64,
+    pub stuck_after_ms: u64,
     /// Local rows younger than this (ms) must be known to the coordinator
     /// (keep it below the coordinator's txn_retention_ms).
     #[arg(long, default_value_t = 240_000)]
-    pub window_ms: i64,
+    pub window_ms: u64,
     /// Prints one JSON document.
     #[arg(long)]
     pub json: bool,
@@ -127,6 +137,37 @@ impl Db {
         })
     }
 
+    /// The dedup mode `group` subscribed to `topic` with through the
+    /// sidecar (its `tandem_subscription` row), if it did.
+    async fn dedup_mode(&self, topic: &str, group: &str) -> anyhow::Result<Option<sc::DedupMode>> {
+        const SQL: &str =
+            "SELECT spec FROM tandem_subscription WHERE topic = $1 AND consumer_group = $2";
+        let spec: Option<Vec<u8>> = match self {
+            Db::Sqlite(p) => {
+                sqlx::query_scalar(SQL)
+                    .bind(topic)
+                    .bind(group)
+                    .fetch_optional(p)
+                    .await
+            }
+            Db::Postgres(p) => {
+                sqlx::query_scalar(SQL)
+                    .bind(topic)
+                    .bind(group)
+                    .fetch_optional(p)
+                    .await
+            }
+        }
+        .or_else(|e| match e {
+            // No such table: the app consumes without the sidecar's API.
+            sqlx::Error::Database(_) => Ok(None),
+            e => Err(e),
+        })?;
+        Ok(spec
+            .and_then(|b| <sc::SubscribeRequest as prost::Message>::decode(b.as_slice()).ok())
+            .map(|s| sc::DedupMode::try_from(s.dedup).unwrap_or(sc::DedupMode::Sidecar)))
+    }
+
     async fn close(self) {
         match self {
             Db::Sqlite(p) => p.close().await,
@@ -134,6 +175,10 @@ impl Db {
         }
     }
 }
+
+/// A Tandem sidecar's context of a transaction whose check-backs its app
+/// answers (CHECK_MODE_CALLBACK, PublishTransactional).
+const CALLBACK_CONTEXT: &[u8] = b"check=callback";
 
 /// One inconsistency.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -155,6 +200,9 @@ pub struct Report {
     pub by_state: BTreeMap<&'static str, u64>,
     /// Rows of `tandem_txn` read: (committed, rolled back).
     pub local_rows: (u64, u64),
+    /// Transactions whose producer's app answers check-backs (callback
+    /// mode): not compared with `tandem_txn`.
+    pub callback_mode: u64,
     /// Per audited group and topic: messages not reached yet, and dedup
     /// rows read.
     pub consumers: Vec<ConsumerReport>,
@@ -173,6 +221,9 @@ pub struct ConsumerReport {
     pub pending: u64,
     /// Its lag on the topic (every message, not only the service's).
     pub lag: u64,
+    /// The group consumes without a dedup table: what it acknowledged is
+    /// not compared with `tandem_inbox`.
+    pub dedup_off: bool,
 }
 
 fn state_name(s: i32) -> &'static str {
@@ -213,10 +264,23 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
         }
     }
     let now = now_ms();
+    // Rows as old as the oldest transaction remembered, or the window,
+    // and a minute more (SQLite's created_at has whole seconds).
+    let since = txns
+        .iter()
+        .map(|t| t.prepared_at_ms)
+        .min()
+        .unwrap_or(now)
+        .min(now.saturating_sub(args.window_ms as i64))
+        .saturating_sub(60_000)
+        .to_string();
     let producer = Db::open(&args.producer_db).await?;
     let mut local: HashMap<String, (bool, i64)> = HashMap::new();
     for row in producer
-        .rows("SELECT txn_id, state, created_at FROM tandem_txn", &[])
+        .rows(
+            "SELECT txn_id, state, created_at FROM tandem_txn WHERE created_at >= CAST($1 AS BIGINT)",
+            &[&since],
+        )
         .await
         .map_err(|e| anyhow::anyhow!("reading tandem_txn of {}: {e}", args.producer_db))?
     {
@@ -233,6 +297,25 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
     let known: HashSet<&str> = txns.iter().map(|t| t.txn_id.as_str()).collect();
     for t in &txns {
         *report.by_state.entry(state_name(t.state)).or_default() += 1;
+        if t.context.as_ref() == CALLBACK_CONTEXT {
+            // Its producer answers check-backs from its app, not from
+            // tandem_txn: nothing there to compare with.
+            report.callback_mode += 1;
+            if pb::TransactionState::try_from(t.state) == Ok(pb::TransactionState::Prepared)
+                && now.saturating_sub(t.prepared_at_ms) > args.stuck_after_ms as i64
+            {
+                report.problems.push(Problem {
+                    kind: "stuck",
+                    txn_id: t.txn_id.clone(),
+                    detail: format!(
+                        "prepared at {} and still open after {} check-backs",
+                        format_ms(t.prepared_at_ms),
+                        t.checks
+                    ),
+                });
+            }
+            continue;
+        }
         let here = local.get(&t.txn_id).map(|(c, _)| *c);
         let problem = |kind, detail: String| Problem {
             kind,
@@ -262,7 +345,7 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
                 ),
             )),
             (Ok(pb::TransactionState::Prepared), _)
-                if now.saturating_sub(t.prepared_at_ms) > args.stuck_after_ms =>
+                if now.saturating_sub(t.prepared_at_ms) > args.stuck_after_ms as i64 =>
             {
                 report.problems.push(problem(
                     "stuck",
@@ -279,7 +362,7 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
     for (id, (committed, created)) in &local {
         if *committed
             && !known.contains(id.as_str())
-            && now.saturating_sub(*created) < args.window_ms
+            && now.saturating_sub(*created) < args.window_ms as i64
         {
             // Not listed: perhaps prepared by another service name, or
             // forgotten; asked directly before it is called unknown.
@@ -310,6 +393,23 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
             m
         });
     for (group, db_name) in &args.consumers {
+        // The group's committed offsets first, its dedup rows after: a
+        // message acknowledged between the two reads is then pending, not
+        // reported as acknowledged without its row (the row is written
+        // before the acknowledgement).
+        let mut positions = Vec::new();
+        for topic in topics.keys() {
+            let d = c
+                .describe_topic(pb::DescribeTopicRequest {
+                    name: (*topic).to_owned(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if let Some(g) = d.groups.into_iter().find(|g| g.group == *group) {
+                positions.push((*topic, g));
+            }
+        }
         let db = Db::open(db_name).await?;
         let inbox: HashSet<(String, String)> = db
             .rows(
@@ -321,29 +421,26 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
             .into_iter()
             .map(|r| (r[0].clone(), r[1].clone()))
             .collect();
+        let mut dedup_off = HashSet::new();
+        for (topic, _) in &positions {
+            if db.dedup_mode(topic, group).await? == Some(sc::DedupMode::Off) {
+                dedup_off.insert(*topic);
+            }
+        }
         db.close().await;
         let has = |topic: &str, id: &str| {
             inbox.contains(&(topic.to_owned(), id.to_owned()))
                 || inbox.contains(&(String::new(), id.to_owned()))
         };
-        for (topic, list) in &topics {
-            let d = c
-                .describe_topic(pb::DescribeTopicRequest {
-                    name: (*topic).to_owned(),
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            let Some(g) = d.groups.iter().find(|g| g.group == *group) else {
-                continue; // the group does not consume this topic
-            };
+        for (topic, g) in positions {
+            let off = dedup_off.contains(topic);
             let committed: HashMap<u32, u64> = g
                 .partitions
                 .iter()
                 .map(|p| (p.partition, p.committed_offset))
                 .collect();
             let mut pending = 0;
-            for t in list {
+            for t in &topics[topic] {
                 let state = pb::TransactionState::try_from(t.state);
                 if state == Ok(pb::TransactionState::RolledBack) && has(topic, &t.txn_id) {
                     report.problems.push(Problem {
@@ -358,7 +455,7 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
                 let acked = committed.get(&p.partition).is_some_and(|&c| p.offset < c);
                 if !acked {
                     pending += 1;
-                } else if !has(topic, &t.txn_id) {
+                } else if !off && !has(topic, &t.txn_id) {
                     report.problems.push(Problem {
                         kind: "acked-not-recorded",
                         txn_id: t.txn_id.clone(),
@@ -371,9 +468,10 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
             }
             report.consumers.push(ConsumerReport {
                 group: group.clone(),
-                topic: (*topic).to_owned(),
+                topic: topic.to_owned(),
                 pending,
                 lag: g.total_lag,
+                dedup_off: off,
             });
         }
     }
@@ -406,6 +504,7 @@ pub async fn audit(url: &str, args: AuditArgs, out: &mut impl Write) -> anyhow::
                 "service": args.service,
                 "transactions": report.by_state,
                 "local_rows": {"committed": report.local_rows.0, "rolled_back": report.local_rows.1},
+                "callback_mode": report.callback_mode,
                 "consumers": consumers,
                 "problems": problems,
                 "consistent": report.problems.is_empty(),
@@ -426,11 +525,26 @@ pub async fn audit(url: &str, args: AuditArgs, out: &mut impl Write) -> anyhow::
             report.local_rows.0,
             report.local_rows.1
         )?;
+        if report.callback_mode > 0 {
+            writeln!(
+                out,
+                "{} transactions answer check-backs from the app (callback mode): not compared with tandem_txn",
+                report.callback_mode
+            )?;
+        }
         for c in &report.consumers {
             writeln!(
                 out,
-                "group {} on {}: {} of the service's messages not reached yet (lag {})",
-                c.group, c.topic, c.pending, c.lag
+                "group {} on {}: {} of the service's messages not reached yet (lag {}){}",
+                c.group,
+                c.topic,
+                c.pending,
+                c.lag,
+                if c.dedup_off {
+                    "; dedup off: acknowledgements not compared with tandem_inbox"
+                } else {
+                    ""
+                }
             )?;
         }
         for p in &report.problems {

@@ -484,6 +484,71 @@ async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResu
     Ok(())
 }
 
+/// Runs `tandem args…` for at most 20 s; its standard output, or an error
+/// if it failed or did not finish.
+fn run_bounded(url: &str, args: &[&str]) -> TestResult<String> {
+    let mut child = Command::new(TANDEM)
+        .arg("--coordinator")
+        .arg(url)
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("tandem {args:?} did not finish within 20 s").into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(format!(
+            "tandem {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// A group that consumed a topic before it grew starts the new partitions
+/// at their beginning, whatever its start_from: what was published to them
+/// while the group was stopped is delivered when it comes back (a
+/// "latest" start would skip it).
+#[test]
+fn a_stopped_group_gets_what_was_published_to_new_partitions() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let coordinator = start_coordinator(dir.path())?;
+    let url = coordinator.url();
+    run(&url, &["topic", "create", "grow", "--partitions", "1"], "")?;
+    let (ok, _, err) = run(&url, &["publish", "grow"], "a\n")?;
+    assert!(ok, "{err}");
+    let first = run_bounded(
+        &url,
+        &[
+            "consume", "grow", "--group", "late", "--from", "earliest", "--max", "1",
+        ],
+    )?;
+    assert_eq!(first.trim(), "a");
+    json(
+        &url,
+        &["topic", "add-partitions", "grow", "--partitions", "2"],
+    )?;
+    let (ok, _, err) = run(
+        &url,
+        &["publish", "grow", "--json"],
+        "{\"value\": \"x\", \"partition\": 1}\n",
+    )?;
+    assert!(ok, "{err}");
+    // Back, starting from "latest" for partitions it never committed.
+    let after = run_bounded(&url, &["consume", "grow", "--group", "late", "--max", "1"])?;
+    assert_eq!(after.trim(), "x");
+    Ok(())
+}
+
 /// An app whose handler fails every message whose value is `poison` for
 /// group `cart` until it is healed, and records what it handled.
 #[derive(Clone, Default)]

@@ -324,5 +324,42 @@ async fn one_order_is_one_trace_across_three_processes() -> TestResult {
         format!("00-{trace}-{}-01", send.id),
         "the producer's local transaction runs in the send's span"
     );
+
+    // The trace context is not part of a message's identity: a Begin and a
+    // Publish sent again from another span are the same message, not a
+    // conflicting one.
+    let mut client = sc::sidecar_client::SidecarClient::connect(producer.url()).await?;
+    let mut positions = Vec::new();
+    for parent in ["1111111111111111", "2222222222222222"] {
+        let traceparent: tonic::metadata::MetadataValue<_> =
+            format!("00-{trace}-{parent}-01").parse()?;
+        let mut begin = Request::new(sc::BeginRequest {
+            topic: "orders".into(),
+            txn_id: "retried-begin".into(),
+            message: Some(pb::Message {
+                value: bytes::Bytes::from_static(b"order-2"),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        begin
+            .metadata_mut()
+            .insert("traceparent", traceparent.clone());
+        client.begin(begin).await?;
+        let mut publish = Request::new(pb::PublishRequest {
+            topic: "orders".into(),
+            messages: vec![pb::Message {
+                id: "retried-publish".into(),
+                value: bytes::Bytes::from_static(b"note"),
+                ..Default::default()
+            }],
+        });
+        publish.metadata_mut().insert("traceparent", traceparent);
+        positions.push(client.publish(publish).await?.into_inner().positions);
+    }
+    assert_eq!(
+        positions[0], positions[1],
+        "the retry is answered with the first append"
+    );
     Ok(())
 }

@@ -270,6 +270,30 @@ impl<L: Log + Clone> Broker<L> {
     /// Gives `topic` `partitions` partitions in all; every live group of
     /// it gets the new ones at once. Returns the count before.
     pub(crate) async fn add_partitions(&self, topic: &str, partitions: u32) -> Result<u32> {
+        // Every group that consumes the topic starts the new partitions at
+        // their beginning, whatever its start_from: what is published to
+        // them before one of its members holds them (a group stopped for
+        // the change, or the moment between publishing and handing them
+        // out) is delivered, not skipped as a "latest" start would skip it.
+        // Committed (durably) before the partitions can be published to.
+        let current = self.topics.require(topic)?.partitions;
+        let mut groups: std::collections::BTreeSet<String> =
+            self.offsets.for_topic(topic).into_keys().collect();
+        groups.extend(self.groups.members_of(topic).await.into_keys());
+        let valid = partitions <= crate::topics::MAX_PARTITIONS;
+        for group in groups.iter().filter(|_| valid) {
+            for partition in current..partitions {
+                self.offsets.commit(
+                    &GroupPartition {
+                        group: group.clone(),
+                        topic: topic.to_owned(),
+                        partition,
+                    },
+                    0,
+                );
+            }
+        }
+        self.offsets.flush().await?;
         let before = self.topics.add_partitions(topic, partitions).await?;
         self.groups.grow(topic, partitions).await;
         Ok(before)

@@ -494,6 +494,7 @@ impl TxnState {
             },
             finished_at_ms: t.finished_at_ms,
             instance: t.instance.clone(),
+            context: t.context.clone(),
         })
     }
 
@@ -708,7 +709,7 @@ impl TxnState {
         rec.state = ROLLED_BACK;
         rec.resolved_by_check = by_check;
         rec.message = None;
-        rec.context = Bytes::new();
+        forget_large_context(rec);
         rec.finished_at_ms = now;
         let mut effects = vec![
             Effect::Persist(rec.clone()),
@@ -933,8 +934,18 @@ fn mark_committed(rec: &mut TxnRecord, offset: u64, now: i64) {
     rec.state = COMMITTED;
     rec.offset = offset;
     rec.message = None;
-    rec.context = Bytes::new();
+    forget_large_context(rec);
     rec.finished_at_ms = now;
+}
+
+/// Context kept once a transaction ended: a short one (a sidecar's check
+/// mode, which tools such as `tandem audit` read), not an app's payload.
+const KEPT_CONTEXT_BYTES: usize = 32;
+
+fn forget_large_context(rec: &mut TxnRecord) {
+    if rec.context.len() > KEPT_CONTEXT_BYTES {
+        rec.context = Bytes::new();
+    }
 }
 
 fn state_name(s: i32) -> &'static str {

@@ -8,6 +8,10 @@
 //! SDK's batch thread can drive the gRPC client, and so it works whichever
 //! runtime the process uses.
 //!
+//! Only the OTLP/gRPC protocol is offered (`OTEL_EXPORTER_OTLP_PROTOCOL` is
+//! not read). An export that fails is logged once, and again when exports
+//! work again.
+//!
 //! A trace crosses processes two ways: in gRPC metadata (`traceparent`,
 //! from an app to its sidecar and from a sidecar to its app) and in a
 //! message's headers (from the producer's sidecar, through the
@@ -30,8 +34,12 @@ pub const TARGET: &str = "tandem::trace";
 
 /// The W3C trace-context header (in gRPC metadata and message headers).
 pub const TRACEPARENT: &str = "traceparent";
-/// Its vendor companion, carried along when present.
+/// Its vendor companion (not part of a message's identity either).
 pub const TRACESTATE: &str = "tracestate";
+
+/// Whether this process exports spans: when it does not, no span of
+/// [`TARGET`] is made at all (a message's path costs nothing for traces).
+static EXPORTING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The OTLP endpoint setting every process has.
 pub const OTLP_ENDPOINT: Setting = Setting {
@@ -79,6 +87,8 @@ fn endpoint(setting: Option<&str>) -> Option<Option<String>> {
 struct OnRuntime {
     inner: std::sync::Arc<opentelemetry_otlp::SpanExporter>,
     runtime: tokio::runtime::Handle,
+    /// The last export failed.
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl opentelemetry_sdk::trace::SpanExporter for OnRuntime {
@@ -87,13 +97,28 @@ impl opentelemetry_sdk::trace::SpanExporter for OnRuntime {
         batch: Vec<opentelemetry_sdk::trace::SpanData>,
     ) -> impl std::future::Future<Output = opentelemetry_sdk::error::OTelSdkResult> + Send {
         let inner = self.inner.clone();
+        let failing = self.failing.clone();
+        let spans = batch.len();
         let task = self.runtime.spawn(async move { inner.export(batch).await });
         async move {
-            task.await.unwrap_or_else(|e| {
+            let result = task.await.unwrap_or_else(|e| {
                 Err(opentelemetry_sdk::error::OTelSdkError::InternalFailure(
                     e.to_string(),
                 ))
-            })
+            });
+            // Said once when exports start failing, and once when they
+            // work again (not at every batch).
+            use std::sync::atomic::Ordering;
+            match &result {
+                Err(e) if !failing.swap(true, Ordering::Relaxed) => {
+                    tracing::warn!(error = %e, spans, "trace export failed; spans are dropped until it works");
+                }
+                Ok(()) if failing.swap(false, Ordering::Relaxed) => {
+                    tracing::info!("trace export works again");
+                }
+                _ => {}
+            }
+            result
         }
     }
 
@@ -120,6 +145,9 @@ impl Telemetry {
 
     /// Exports what is buffered and stops exporting.
     pub fn shutdown(&mut self) {
+        if self.provider.is_some() {
+            EXPORTING.store(false, std::sync::atomic::Ordering::Relaxed);
+        }
         if let Some(p) = self.provider.take()
             && let Err(e) = p.shutdown()
         {
@@ -148,7 +176,12 @@ pub fn init_telemetry(
     otlp_endpoint: Option<&str>,
     service: &str,
 ) -> Result<Telemetry, TelemetryError> {
-    let filter = env_filter(filter)?;
+    // Log lines do not show the protocol spans they happen in.
+    let filter = env_filter(filter)?.add_directive(
+        format!("{TARGET}=off")
+            .parse()
+            .expect("a fixed directive parses"),
+    );
     use std::io::IsTerminal;
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let fmt = match format {
@@ -183,6 +216,7 @@ pub fn init_telemetry(
         .with_batch_exporter(OnRuntime {
             inner: std::sync::Arc::new(exporter),
             runtime: runtime.handle().clone(),
+            failing: Default::default(),
         })
         .with_resource(
             opentelemetry_sdk::Resource::builder()
@@ -201,6 +235,7 @@ pub fn init_telemetry(
         runtime.shutdown_background();
         return Ok(Telemetry::default());
     }
+    EXPORTING.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(Telemetry {
         provider: Some(provider),
         runtime: Some(runtime),
@@ -248,8 +283,12 @@ pub fn to_metadata(m: &mut tonic::metadata::MetadataMap, traceparent: Option<&st
 
 /// A span of Tandem's protocol, exported as `name`, a child of the span
 /// `parent` names (a `traceparent`) when given. Its `txn` and `topic`
-/// fields are recorded by the caller.
+/// fields are recorded by the caller. A disabled span when this process
+/// does not export.
 pub fn span(name: &'static str, parent: Option<&str>) -> tracing::Span {
+    if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
+        return tracing::Span::none();
+    }
     let span = tracing::info_span!(
         target: TARGET,
         "tandem",

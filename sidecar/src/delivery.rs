@@ -265,9 +265,13 @@ fn redrive_group<'a>(d: &'a pb::Delivery, topic: &str) -> Option<&'a [u8]> {
             .find(|h| h.name == name)
             .map(|h| h.value.as_ref())
     };
-    (header(REDRIVE_TOPIC_HEADER)? == topic.as_bytes())
-        .then(|| header(REDRIVE_GROUP_HEADER))
-        .flatten()
+    let group = header(REDRIVE_GROUP_HEADER)?;
+    // (A redrive without the topic header, from before it existed, is
+    // addressed on any topic.)
+    match header(REDRIVE_TOPIC_HEADER) {
+        Some(t) if t != topic.as_bytes() => None,
+        _ => Some(group),
+    }
 }
 
 /// The attempts of one delivery, from the dedup check to the dedup row.

@@ -7,7 +7,7 @@ use tandem_runtime::metrics::{Exposition, Type};
 /// The text of one scrape of a sidecar whose counters read `s`.
 pub(crate) fn render(s: &sc::Stats) -> String {
     let mut out = Exposition::new();
-    let counters: [(&str, &str, u64); 9] = [
+    let counters: [(&str, &str, u64); 12] = [
         (
             "tandem_sidecar_deliveries_total",
             "Deliveries received from the coordinator.",
@@ -52,6 +52,21 @@ pub(crate) fn render(s: &sc::Stats) -> String {
             "tandem_sidecar_redriven_for_other_groups_total",
             "Deliveries acknowledged without calling the app: a redrive from the dead-letter topic addressed them to another group.",
             s.redriven_for_other_groups,
+        ),
+        (
+            "tandem_sidecar_sequence_gaps_total",
+            "Holes in the offsets the coordinator delivered for one holding of a partition (messages skipped: each is logged with its range).",
+            s.sequence_gaps,
+        ),
+        (
+            "tandem_sidecar_sequence_gap_messages_total",
+            "Offsets the sequence gaps span.",
+            s.sequence_gap_messages,
+        ),
+        (
+            "tandem_sidecar_retention_skipped_total",
+            "Offsets retention removed before they were delivered to the group.",
+            s.retention_skipped,
         ),
     ];
     for (name, help, value) in counters {

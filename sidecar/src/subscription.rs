@@ -264,6 +264,8 @@ struct Session {
     running: HashMap<Lease, usize>,
     /// Keys being handled, with the deliveries waiting behind them.
     busy: HashMap<(u32, Bytes), VecDeque<pb::Delivery>>,
+    /// The next offset each lease should deliver (the sequence check).
+    next: HashMap<Lease, u64>,
 }
 
 /// A session that ends (the coordinator went away, expelled this member,
@@ -328,6 +330,7 @@ impl Session {
                 dropped += 1;
                 continue;
             }
+            self.check_sequence(&d);
             let key = d
                 .message
                 .as_ref()
@@ -345,6 +348,41 @@ impl Session {
             }
         }
         dropped
+    }
+
+    /// Checks that a lease's offsets are dense from where its holding
+    /// started, in order (retention's skips, which the coordinator names,
+    /// excepted): a hole is a message the coordinator did not deliver.
+    fn check_sequence(&mut self, d: &pb::Delivery) {
+        let counters = &self.node.counters;
+        let expected = *self
+            .next
+            .entry((d.partition, d.epoch))
+            .or_insert(d.holding_start);
+        let expected = if d.retention_skipped > 0 {
+            counters
+                .retention_skipped
+                .fetch_add(d.retention_skipped, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(topic = %self.spec.topic, group = %self.spec.group, partition = d.partition,
+                skipped = d.retention_skipped, before = d.offset, "retention removed messages before they were delivered");
+            expected.saturating_add(d.retention_skipped)
+        } else {
+            expected
+        };
+        if d.offset > expected {
+            Counters::bump(&counters.sequence_gaps);
+            counters
+                .sequence_gap_messages
+                .fetch_add(d.offset - expected, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(topic = %self.spec.topic, group = %self.spec.group, partition = d.partition,
+                epoch = d.epoch, from = expected, to = d.offset - 1,
+                "sequence gap: offsets missing from the deliveries");
+        } else if d.offset < expected {
+            tracing::warn!(topic = %self.spec.topic, group = %self.spec.group, partition = d.partition,
+                epoch = d.epoch, offset = d.offset, expected, "offset delivered twice in one holding");
+        }
+        let next = self.next.entry((d.partition, d.epoch)).or_default();
+        *next = (*next).max(d.offset + 1).max(expected);
     }
 
     /// A new assignment: leases no longer in it are revoked. Returns the
@@ -387,6 +425,7 @@ impl Session {
         self.revoked.remove(&lease);
         self.cancels.remove(&lease);
         self.running.remove(&lease);
+        self.next.remove(&lease);
         if self.released.len() > 4096 {
             self.released.clear();
         }
@@ -535,6 +574,7 @@ async fn consume(
         cancels: HashMap::new(),
         running: HashMap::new(),
         busy: HashMap::new(),
+        next: HashMap::new(),
     };
     let stopping = loop {
         tokio::select! {
