@@ -16,6 +16,8 @@
 //!   message);
 //! - committed locally, remembered by nobody (the coordinator does not know
 //!   the transaction, though the row is younger than `--window`);
+//! - committed locally in a transaction of another service (the wrong
+//!   `--service` or database);
 //! - rolled back, yet in a consumer's inbox (delivered but rolled back);
 //! - committed and acknowledged by a group (below its committed offset),
 //!   but not in its inbox (acknowledged without its effect recorded);
@@ -184,8 +186,8 @@ const CALLBACK_CONTEXT: &[u8] = b"check=callback";
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
     /// Its kind (`committed-not-local`, `rolled-back-but-local`,
-    /// `local-unknown`, `delivered-but-rolled-back`, `acked-not-recorded`,
-    /// `stuck`).
+    /// `local-unknown`, `other-service`, `delivered-but-rolled-back`,
+    /// `acked-not-recorded`, `stuck`).
     pub kind: &'static str,
     /// The transaction.
     pub txn_id: String,
@@ -359,6 +361,9 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
             _ => {}
         }
     }
+    // Rows whose transactions another service prepared: the database or
+    // --service is not the one meant.
+    let mut others: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for (id, (committed, created)) in &local {
         if *committed
             && !known.contains(id.as_str())
@@ -370,7 +375,12 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
                 .get_transaction(pb::GetTransactionRequest { txn_id: id.clone() })
                 .await
             {
-                Ok(t) if t.get_ref().service != args.service => {}
+                Ok(t) if t.get_ref().service != args.service => {
+                    others
+                        .entry(t.into_inner().service)
+                        .or_default()
+                        .push(id.clone());
+                }
                 Ok(_) => {}
                 Err(s) if s.code() == tonic::Code::NotFound => report.problems.push(Problem {
                     kind: "local-unknown",
@@ -383,6 +393,19 @@ pub async fn audit_report(url: &str, args: &AuditArgs) -> anyhow::Result<Report>
                 Err(s) => return Err(status(s)),
             }
         }
+    }
+
+    for (service, mut ids) in others {
+        ids.sort();
+        report.problems.push(Problem {
+            kind: "other-service",
+            txn_id: ids[0].clone(),
+            detail: format!(
+                "{} committed tandem_txn rows are transactions of service {service:?}, not {:?}: is --service (or --producer-db) the one meant?",
+                ids.len(),
+                args.service
+            ),
+        });
     }
 
     // Consumers: the groups given, on each topic the service's messages

@@ -654,7 +654,7 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
     writeln!(out, "  resolved by check-back      {}", verdict.by_check)?;
     writeln!(
         out,
-        "  tandem audit                {} ({} transactions, {} tandem_txn rows, {} inconsistencies)",
+        "  tandem audit                {} ({} transactions, {} tandem_txn rows with rollback markers, {} inconsistencies)",
         if audit.problems.is_empty() {
             "consistent"
         } else {
@@ -664,7 +664,11 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
         audit.local_rows.0 + audit.local_rows.1,
         audit.problems.len()
     )?;
-    writeln!(out, "  messages delivered          {}", totals.delivered())?;
+    writeln!(
+        out,
+        "  deliveries to the cart      {} (redeliveries after the kills included)",
+        totals.delivered()
+    )?;
     writeln!(
         out,
         "  checkouts (sagas)           {}: {} confirmed, {} cancelled ({} payments declined), {} never started (local transaction failed){}",

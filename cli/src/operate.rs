@@ -47,8 +47,9 @@ pub enum GroupCommand {
         json: bool,
     },
     /// Delivers again to a group what its topic holds from a time on (a
-    /// reset to that time). Sidecars with a dedup table skip the messages
-    /// they handled before.
+    /// reset to that time that never moves an offset forward: a partition
+    /// the group has not reached that time on keeps its offset). Sidecars
+    /// with a dedup table skip the messages they handled before.
     Replay {
         /// The consumer group.
         group: String,
@@ -91,9 +92,10 @@ pub struct ResetTarget {
 pub struct ReadArgs {
     /// Topic to read.
     pub topic: String,
-    /// Partition to read.
-    #[arg(long, default_value_t = 0)]
-    pub partition: u32,
+    /// Only this partition (default: every partition, each read from the
+    /// same offset or time, at most --limit messages from each).
+    #[arg(long)]
+    pub partition: Option<u32>,
     /// First offset (default: the log start).
     #[arg(long, conflicts_with_all = ["since", "id"])]
     pub offset: Option<u64>,
@@ -104,7 +106,7 @@ pub struct ReadArgs {
     /// The message with this id, in any partition.
     #[arg(long)]
     pub id: Option<String>,
-    /// At most this many messages (1 to 1000).
+    /// At most this many messages from each partition (1 to 1000).
     #[arg(long, default_value_t = 100)]
     pub limit: u32,
     /// Prints one JSON document.
@@ -319,7 +321,14 @@ pub async fn group(url: &str, cmd: GroupCommand, out: &mut impl Write) -> anyhow
             } else {
                 anyhow::bail!("give one of --to-earliest, --to-latest, --to-offset, --to-time");
             };
-            reset(&mut c, topic, group, partitions, to, json, out).await
+            let r = Reset {
+                topic,
+                group,
+                partitions,
+                to,
+                only_back: false,
+            };
+            reset(&mut c, r, json, out).await
         }
         GroupCommand::Replay {
             group,
@@ -329,7 +338,14 @@ pub async fn group(url: &str, cmd: GroupCommand, out: &mut impl Write) -> anyhow
             json,
         } => {
             let to = pb::reset_offsets_request::To::TimestampMs(parse_time(&since, now_ms())?);
-            reset(&mut c, topic, group, partitions, to, json, out).await
+            let r = Reset {
+                topic,
+                group,
+                partitions,
+                to,
+                only_back: true,
+            };
+            reset(&mut c, r, json, out).await
         }
     }
 }
@@ -389,7 +405,7 @@ async fn list_groups(
     }
     writeln!(
         out,
-        "{:<24} {:<24} {:>7} {:>10}  members",
+        "{:<24} {:<24} {:>7} {:>10}  member [partitions held]",
         "group", "topic", "members", "lag"
     )?;
     for (topic, g) in &rows {
@@ -411,30 +427,45 @@ async fn list_groups(
     Ok(())
 }
 
-async fn reset(
-    c: &mut CoordinatorClient<Channel>,
+/// Where `group reset|replay` moves a group, and how.
+struct Reset {
     topic: String,
     group: String,
     partitions: Vec<u32>,
     to: pb::reset_offsets_request::To,
+    /// A replay: offsets only move back.
+    only_back: bool,
+}
+
+async fn reset(
+    c: &mut CoordinatorClient<Channel>,
+    r: Reset,
     as_json: bool,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    let asked = match r.to {
+        pb::reset_offsets_request::To::Offset(o) => Some(o),
+        _ => None,
+    };
     let moves = c
         .reset_offsets(pb::ResetOffsetsRequest {
-            topic: topic.clone(),
-            group: group.clone(),
-            partitions,
-            to: Some(to),
+            topic: r.topic.clone(),
+            group: r.group.clone(),
+            partitions: r.partitions,
+            to: Some(r.to),
+            only_back: r.only_back,
         })
         .await
         .map_err(status)?
         .into_inner()
         .moves;
+    let (topic, group) = (r.topic, r.group);
     if as_json {
         let moves: Vec<Value> = moves
             .iter()
-            .map(|m| json!({"partition": m.partition, "from": m.from, "to": m.to}))
+            .map(|m| {
+                json!({"partition": m.partition, "from": m.from, "to": m.to, "had_offset": m.had_offset})
+            })
             .collect();
         writeln!(
             out,
@@ -445,7 +476,28 @@ async fn reset(
     }
     writeln!(out, "group {group} on topic {topic}:")?;
     for m in &moves {
-        writeln!(out, "{:>9} {:>12} -> {:<12}", m.partition, m.from, m.to)?;
+        let mut notes = Vec::new();
+        if !m.had_offset {
+            notes.push("the group had no committed offset here".to_owned());
+        }
+        if let Some(o) = asked
+            && o != m.to
+        {
+            notes.push(format!("{o} brought within the stored offsets"));
+        }
+        if r.only_back && m.had_offset && m.from == m.to {
+            notes.push("already before that time: kept".to_owned());
+        }
+        let notes = if notes.is_empty() {
+            String::new()
+        } else {
+            format!("  ({})", notes.join("; "))
+        };
+        writeln!(
+            out,
+            "{:>9} {:>12} -> {:<12}{notes}",
+            m.partition, m.from, m.to
+        )?;
     }
     Ok(())
 }
@@ -473,39 +525,63 @@ pub async fn read(url: &str, args: ReadArgs, out: &mut impl Write) -> anyhow::Re
         (_, Some(t)) => pb::read_messages_request::From::TimestampMs(parse_time(&t, now_ms())?),
         (o, None) => pb::read_messages_request::From::Offset(o.unwrap_or(0)),
     };
-    let r = c
-        .read_messages(pb::ReadMessagesRequest {
-            topic: args.topic,
-            partition: args.partition,
-            from: Some(from),
-            limit: args.limit,
-        })
-        .await
-        .map_err(status)?
-        .into_inner();
-    if args.json {
-        let messages: Vec<Value> = r.messages.iter().map(message_json).collect();
-        writeln!(
-            out,
-            "{}",
-            json!({
-                "messages": messages,
-                "log_start": r.log_start,
-                "high_water_mark": r.high_water_mark,
+    let partitions: Vec<u32> = match args.partition {
+        Some(p) => vec![p],
+        None => c
+            .describe_topic(pb::DescribeTopicRequest {
+                name: args.topic.clone(),
             })
-        )?;
+            .await
+            .map_err(status)?
+            .into_inner()
+            .partitions
+            .iter()
+            .map(|p| p.partition)
+            .collect(),
+    };
+    let mut read = Vec::new();
+    for partition in partitions {
+        let r = c
+            .read_messages(pb::ReadMessagesRequest {
+                topic: args.topic.clone(),
+                partition,
+                from: Some(from),
+                limit: args.limit,
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        read.push((partition, r));
+    }
+    if args.json {
+        let messages: Vec<Value> = read
+            .iter()
+            .flat_map(|(_, r)| r.messages.iter().map(message_json))
+            .collect();
+        let held: Vec<Value> = read
+            .iter()
+            .map(|(p, r)| {
+                json!({"partition": p, "log_start": r.log_start, "high_water_mark": r.high_water_mark})
+            })
+            .collect();
+        writeln!(out, "{}", json!({"messages": messages, "partitions": held}))?;
         return Ok(());
     }
-    for m in &r.messages {
-        print_message(out, m)?;
+    for (partition, r) in &read {
+        for m in &r.messages {
+            print_message(out, m)?;
+        }
+        let held = if r.high_water_mark > r.log_start {
+            format!("offsets {} to {}", r.log_start, r.high_water_mark - 1)
+        } else {
+            format!("nothing (next offset {})", r.high_water_mark)
+        };
+        writeln!(
+            out,
+            "(partition {partition}: {} messages shown; it holds {held})",
+            r.messages.len()
+        )?;
     }
-    writeln!(
-        out,
-        "({} messages; the partition holds offsets {} to {})",
-        r.messages.len(),
-        r.log_start,
-        r.high_water_mark
-    )?;
     Ok(())
 }
 

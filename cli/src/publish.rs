@@ -28,8 +28,8 @@ pub struct PublishArgs {
     pub headers: Vec<(String, String)>,
     /// Each line is a JSON object as `tandem consume --json` prints it:
     /// `value`, and optionally `id`, `key`, `headers` (a list of `name` and
-    /// `value`) and `partition`; a byte string is a JSON string or
-    /// `{"base64": "..."}`. `--key` and `--header` apply to lines that set
+    /// `value`, or an object of NAME: VALUE) and `partition`; a byte string
+    /// is a JSON string or `{"base64": "..."}`. `--key` and `--header` apply to lines that set
     /// no key or headers of their own.
     #[arg(long)]
     pub json: bool,
@@ -107,10 +107,23 @@ fn json_message(line: &[u8], defaults: &pb::Message) -> anyhow::Result<pb::Messa
                 .ok_or_else(|| anyhow::anyhow!("partition: must be a partition number"))?,
         );
     }
-    if let Some(hs) = obj.get("headers").filter(|v| !v.is_null()) {
-        let hs = hs
-            .as_array()
-            .ok_or_else(|| anyhow::anyhow!("headers: must be a list"))?;
+    if let Some(map) = obj.get("headers").and_then(|v| v.as_object()) {
+        // {"NAME": VALUE, ...}, the short form
+        m.headers = map
+            .iter()
+            .map(|(name, value)| {
+                Ok(pb::Header {
+                    name: name.clone(),
+                    value: json_bytes(value, &format!("headers.{name}"))?,
+                })
+            })
+            .collect::<anyhow::Result<_>>()?;
+    } else if let Some(hs) = obj.get("headers").filter(|v| !v.is_null()) {
+        let hs = hs.as_array().ok_or_else(|| {
+            anyhow::anyhow!(
+                "headers: must be a list of {{\"name\", \"value\"}} or an object of NAME: VALUE"
+            )
+        })?;
         m.headers = hs
             .iter()
             .enumerate()

@@ -157,7 +157,11 @@ fn publish_read_and_find_messages_with_keys_headers_and_times() -> TestResult {
         messages[2]["headers"],
         serde_json::json!([{"name": "origin", "value": "cli"}, {"name": "empty", "value": ""}])
     );
-    assert_eq!(read["high_water_mark"], 3);
+    assert_eq!(read["partitions"][0]["high_water_mark"], 3);
+    // Without --partition: every partition (the other one is empty).
+    let all = json(&url, &["read", "events"])?;
+    assert_eq!(all["messages"].as_array().map(Vec::len), Some(3), "{all}");
+    assert_eq!(all["partitions"].as_array().map(Vec::len), Some(2), "{all}");
 
     // From an offset, from a time, and a bad request.
     let from1 = json(
@@ -351,7 +355,24 @@ async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResu
     );
     assert_eq!(lag(&after), Some(6));
 
-    // Replay from a time: the two published after it are lag.
+    // Replay from a time: the two published after it are lag again (from
+    // the end: a replay never moves an offset forward, so a group still
+    // before that time keeps its place).
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || {
+        json(
+            &u,
+            &[
+                "group",
+                "reset",
+                "workers",
+                "--topic",
+                "jobs",
+                "--to-latest",
+            ],
+        )
+    })
+    .await??;
     let u = url.clone();
     let since = middle.to_string();
     let (replay, replayed, one) = tokio::task::spawn_blocking(move || {
@@ -385,6 +406,22 @@ async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResu
     assert_eq!(one["moves"].as_array().map(Vec::len), Some(1));
     assert_eq!(one["moves"][0]["partition"], 1);
     assert_eq!(one["moves"][0]["to"], 1);
+    // A replay never moves an offset forward (partition 1 is now before
+    // wherever `middle` falls in it, or at it).
+    let u = url.clone();
+    let since = middle.to_string();
+    let again = tokio::task::spawn_blocking(move || {
+        json(
+            &u,
+            &[
+                "group", "replay", "workers", "--topic", "jobs", "--since", &since,
+            ],
+        )
+    })
+    .await??;
+    for m in again["moves"].as_array().ok_or("moves")? {
+        assert!(m["to"].as_u64() <= m["from"].as_u64(), "forward: {again}");
+    }
 
     // While a member is in the group, a reset is refused and moves nothing.
     let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
@@ -958,6 +995,17 @@ async fn audit_passes_a_clean_run_and_names_each_planted_inconsistency() -> Test
     .await??;
     assert!(consumed.0, "{}", consumed.2);
     assert_eq!(clean["consistent"], true, "{clean}");
+    // The wrong service name does not pass: its rows belong to "orders".
+    let u = url.clone();
+    let mut wrong = audit_args(dir.path());
+    wrong[2] = "order".into();
+    wrong.push("--json".into());
+    let typo = tokio::task::spawn_blocking(move || {
+        let refs: Vec<&str> = wrong.iter().map(String::as_str).collect();
+        run(&u, &refs, "")
+    })
+    .await??;
+    assert!(!typo.0 && typo.1.contains("other-service"), "{}", typo.1);
     assert_eq!(clean["transactions"]["committed"], 1);
     assert_eq!(clean["transactions"]["rolled-back"], 2);
     assert_eq!(clean["consumers"][0]["pending"], 0);

@@ -197,14 +197,15 @@ impl<L: Log + Clone> Broker<L> {
     }
 
     /// Moves `group`'s committed offsets on `topic` (every partition when
-    /// `partitions` is empty) to `to`, durably, while the group has no
-    /// members there.
+    /// `partitions` is empty) to `to` (with `only_back`, never forward),
+    /// durably, while the group has no members there.
     pub(crate) async fn reset_offsets(
         &self,
         topic: &str,
         group: &str,
         partitions: &[u32],
         to: ResetTo,
+        only_back: bool,
     ) -> Result<Vec<pb::OffsetMove>> {
         let meta = self.topics.require(topic)?;
         let mut chosen: Vec<u32> = if partitions.is_empty() {
@@ -242,12 +243,18 @@ impl<L: Log + Clone> Broker<L> {
                             topic: topic.to_owned(),
                             partition,
                         };
-                        let from = self.offsets.get(&key).unwrap_or(log_start);
+                        let had = self.offsets.get(&key);
+                        let from = had.unwrap_or(log_start);
+                        let target = match had {
+                            Some(c) if only_back && c <= target => c,
+                            _ => target,
+                        };
                         self.offsets.reset(&key, target);
                         pb::OffsetMove {
                             partition,
                             from,
                             to: target,
+                            had_offset: had.is_some(),
                         }
                     })
                     .collect::<Vec<_>>()

@@ -1071,7 +1071,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             reset_offsets
         );
         let moves = broker
-            .reset_offsets(&req.topic, &req.group, &req.partitions, to)
+            .reset_offsets(&req.topic, &req.group, &req.partitions, to, req.only_back)
             .await?;
         Ok(Response::new(pb::ResetOffsetsResponse { moves }))
     }
