@@ -45,6 +45,7 @@ use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
 
 use crate::clock::{format_ms, now_ms};
+use crate::operate::state_name;
 use crate::{connect, status};
 
 /// Flags of `tandem audit`.
@@ -226,15 +227,6 @@ pub struct ConsumerReport {
     /// The group consumes without a dedup table: what it acknowledged is
     /// not compared with `tandem_inbox`.
     pub dedup_off: bool,
-}
-
-fn state_name(s: i32) -> &'static str {
-    match pb::TransactionState::try_from(s) {
-        Ok(pb::TransactionState::Prepared) => "prepared",
-        Ok(pb::TransactionState::Committed) => "committed",
-        Ok(pb::TransactionState::RolledBack) => "rolled-back",
-        _ => "unknown",
-    }
 }
 
 /// Audits `args.service` against the coordinator at `url`.

@@ -242,7 +242,8 @@ fn print_message(out: &mut impl Write, m: &pb::StoredMessage) -> std::io::Result
     writeln!(out, "\n  {}", bytes_text(&msg.value))
 }
 
-fn state_name(s: i32) -> &'static str {
+/// A transaction state as the commands print it.
+pub(crate) fn state_name(s: i32) -> &'static str {
     match pb::TransactionState::try_from(s) {
         Ok(pb::TransactionState::Prepared) => "prepared",
         Ok(pb::TransactionState::Committed) => "committed",

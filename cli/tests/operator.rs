@@ -79,6 +79,21 @@ fn start_coordinator(dir: &Path) -> TestResult<Process> {
     )?)
 }
 
+/// A client of the coordinator at `url`, with a topic `name` of one
+/// partition created.
+async fn client_with_topic(
+    url: &str,
+    name: &str,
+) -> TestResult<pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>> {
+    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.to_owned()).await?;
+    c.create_topic(pb::CreateTopicRequest {
+        name: name.into(),
+        partitions: 1,
+    })
+    .await?;
+    Ok(c)
+}
+
 fn values(v: &Value) -> Vec<String> {
     v["messages"]
         .as_array()
@@ -215,12 +230,7 @@ async fn transactions_are_listed_with_state_age_and_next_check() -> TestResult {
     let dir = tempfile::tempdir()?;
     let coordinator = start_coordinator(dir.path())?;
     let url = coordinator.url();
-    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
-    c.create_topic(pb::CreateTopicRequest {
-        name: "orders".into(),
-        partitions: 1,
-    })
-    .await?;
+    let mut c = client_with_topic(&url, "orders").await?;
     for id in ["t-open", "t-done", "t-other"] {
         c.prepare(pb::PrepareRequest {
             service: if id == "t-other" { "billing" } else { "orders" }.into(),
@@ -698,12 +708,7 @@ async fn dead_letters_are_shown_and_redriven_to_the_group_that_gave_them_up() ->
     .map(str::to_owned)
     .to_vec();
     let sidecar = Process::start("sidecar", Path::new(TANDEM), &args, &[], dir.path())?;
-    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
-    c.create_topic(pb::CreateTopicRequest {
-        name: "orders".into(),
-        partitions: 1,
-    })
-    .await?;
+    let mut c = client_with_topic(&url, "orders").await?;
     let mut s = sc::sidecar_client::SidecarClient::connect(sidecar.url()).await?;
     for group in ["cart", "audit"] {
         s.subscribe(sc::SubscribeRequest {
@@ -882,12 +887,7 @@ async fn audit_passes_a_clean_run_and_names_each_planted_inconsistency() -> Test
     let dir = tempfile::tempdir()?;
     let coordinator = start_coordinator(dir.path())?;
     let url = coordinator.url();
-    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
-    c.create_topic(pb::CreateTopicRequest {
-        name: "orders".into(),
-        partitions: 1,
-    })
-    .await?;
+    let mut c = client_with_topic(&url, "orders").await?;
     // The producer's and the consumer's tables, as the sidecar's
     // migrations make them.
     let open = |name: &str| {
