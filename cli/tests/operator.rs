@@ -1092,3 +1092,45 @@ async fn audit_passes_a_clean_run_and_names_each_planted_inconsistency() -> Test
     );
     Ok(())
 }
+
+/// A sidecar says it listens (and its health says SERVING) only once its
+/// app's database is reached: one whose database cannot be reached exits
+/// with the reason, never having said so.
+#[test]
+fn a_sidecar_whose_database_is_unreachable_never_says_it_listens() -> TestResult {
+    let mut child = Command::new(TANDEM)
+        .args([
+            "sidecar",
+            "--listen",
+            "127.0.0.1:0",
+            "--coordinator",
+            "http://127.0.0.1:9",
+            "--service",
+            "shop",
+            "--db",
+            "postgres://tandem@127.0.0.1:9/nowhere",
+            "--set",
+            "metrics_listen=off",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err("the sidecar neither served nor gave up within 30 s".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success(), "{stdout} {stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(stderr.contains("PostgreSQL"), "{stderr}");
+    Ok(())
+}

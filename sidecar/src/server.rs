@@ -37,6 +37,18 @@ pub async fn serve_with_metrics(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_when_ready(config, listener, metrics, shutdown, || {}).await
+}
+
+/// [`serve_with_metrics`], calling `ready` once the app's database is
+/// reached and migrated, before it serves anything.
+async fn serve_when_ready(
+    config: Config,
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    shutdown: impl Future<Output = ()> + Send,
+    ready: impl FnOnce(),
+) -> Result<()> {
     let db = Db::connect(&config.db).await?;
     db.migrate().await?;
     let node = Arc::new(Node::new(config, db)?);
@@ -71,6 +83,7 @@ pub async fn serve_with_metrics(
     }));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<SidecarServer<SidecarService>>().await;
+    ready();
     let service = SidecarServer::new(SidecarService {
         node: node.clone(),
         subscriptions: subscriptions.clone(),
@@ -180,10 +193,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> R
     let metrics = tandem_runtime::metrics::bind(config.metrics_listen)
         .await
         .map_err(|(addr, source)| Error::Bind { addr, source })?;
-    println!("tandem-sidecar listening on {local}");
-    tracing::info!(%local, service = %config.service, coordinator = %config.coordinator.join(","), "listening");
-    if let Some((_, at)) = &metrics {
-        println!("tandem-sidecar metrics on http://{at}/metrics");
-    }
-    serve_with_metrics(config, listener, metrics.map(|(l, _)| l), shutdown).await
+    // Said once the database is reached: a process that says it listens
+    // serves (its health is SERVING from then on).
+    let metrics_at = metrics.as_ref().map(|(_, at)| *at);
+    let (service, coordinators) = (config.service.clone(), config.coordinator.join(","));
+    let ready = move || {
+        println!("tandem-sidecar listening on {local}");
+        tracing::info!(%local, %service, coordinator = %coordinators, "listening");
+        if let Some(at) = metrics_at {
+            println!("tandem-sidecar metrics on http://{at}/metrics");
+        }
+    };
+    serve_when_ready(config, listener, metrics.map(|(l, _)| l), shutdown, ready).await
 }
