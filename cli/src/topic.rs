@@ -1,4 +1,4 @@
-//! `tandem topic create|list|describe|add-partitions`.
+//! `tandem topic create|list|describe|add-partitions|delete`.
 
 use std::io::Write;
 
@@ -24,10 +24,21 @@ pub enum TopicCommand {
         /// Topic name.
         name: String,
     },
+    /// Deletes a topic, its messages and every group's offsets on it;
+    /// refused while a group has members on it or a transaction for it is
+    /// open.
+    Delete {
+        /// Topic name.
+        name: String,
+        /// Prints one JSON document.
+        #[arg(long)]
+        json: bool,
+    },
     /// Gives a topic more partitions. Consumer groups get the new ones at
-    /// once; keys are hashed over the new count from then on, so a key's
-    /// later messages may go to another partition than its earlier ones
-    /// (per-key order holds on each side of the change, not across it).
+    /// once, each starting them at their beginning; keys are hashed over
+    /// the new count from then on, so a key's later messages may go to
+    /// another partition than its earlier ones (per-key order holds on each
+    /// side of the change, not across it).
     AddPartitions {
         /// Topic name.
         name: String,
@@ -52,6 +63,16 @@ pub async fn topic(url: &str, cmd: TopicCommand, out: &mut impl Write) -> anyhow
             .await
             .map_err(status)?;
             writeln!(out, "created topic {name} with {partitions} partitions")?;
+        }
+        TopicCommand::Delete { name, json } => {
+            c.delete_topic(pb::DeleteTopicRequest { name: name.clone() })
+                .await
+                .map_err(status)?;
+            if json {
+                writeln!(out, "{}", serde_json::json!({"deleted": name}))?;
+            } else {
+                writeln!(out, "deleted topic {name}")?;
+            }
         }
         TopicCommand::AddPartitions {
             name,

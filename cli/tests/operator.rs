@@ -1134,3 +1134,140 @@ fn a_sidecar_whose_database_is_unreachable_never_says_it_listens() -> TestResult
     assert!(stderr.contains("PostgreSQL"), "{stderr}");
     Ok(())
 }
+
+/// `tandem topic delete`: refused while a group has members on the topic,
+/// while a transaction for it is open, and for Tandem's own topics; once
+/// done the topic, its files and every group's offsets on it are gone, for
+/// good (a restart does not bring them back), and the name starts afresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_topic_is_gone_with_its_offsets_and_its_name_starts_afresh() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let mut coordinator = start_coordinator(dir.path())?;
+    let url = coordinator.url();
+    let u = url.clone();
+    tokio::task::spawn_blocking(move || -> TestResult {
+        run(&u, &["topic", "create", "doomed", "--partitions", "2"], "")?;
+        let (ok, _, err) = run(&u, &["publish", "doomed"], "a\nb\n")?;
+        assert!(ok, "{err}");
+        run_bounded(
+            &u,
+            &[
+                "consume", "doomed", "--group", "g", "--from", "earliest", "--max", "2",
+            ],
+        )?;
+        Ok(())
+    })
+    .await??;
+    let mut c = pb::coordinator_client::CoordinatorClient::connect(url.clone()).await?;
+    let delete = |name: &'static str| {
+        let u = url.clone();
+        tokio::task::spawn_blocking(move || run(&u, &["topic", "delete", name, "--json"], ""))
+    };
+
+    // A member holds it: refused.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ConsumeRequest {
+        kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
+            topic: "doomed".into(),
+            group: "live".into(),
+            client_id: "holder".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut stream = c
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    stream.message().await?.ok_or("no assignment")?;
+    let (ok, _, err) = delete("doomed").await??;
+    assert!(
+        !ok && err.contains("FailedPrecondition") && err.contains("member"),
+        "{err}"
+    );
+    drop(tx);
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = c
+            .describe_topic(pb::DescribeTopicRequest {
+                name: "doomed".into(),
+            })
+            .await?
+            .into_inner();
+        if d.groups.iter().all(|g| g.members == 0) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err("the member did not leave".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A transaction for it is open: refused, until it ends.
+    c.prepare(pb::PrepareRequest {
+        service: "shop".into(),
+        txn_id: "t-open".into(),
+        topic: "doomed".into(),
+        message: Some(pb::Message::default()),
+        ..Default::default()
+    })
+    .await?;
+    let (ok, _, err) = delete("doomed").await??;
+    assert!(!ok && err.contains("t-open"), "{err}");
+    c.rollback(pb::EndTransactionRequest {
+        service: "shop".into(),
+        txn_id: "t-open".into(),
+    })
+    .await?;
+    let (ok, _, err) = delete("__sagas").await??;
+    assert!(!ok && err.contains("InvalidArgument"), "{err}");
+
+    assert!(dir.path().join("coordinator/topics/doomed/0").exists());
+    let (ok, out, err) = delete("doomed").await??;
+    assert!(ok, "{err}");
+    assert_eq!(serde_json::from_str::<Value>(&out)?["deleted"], "doomed");
+    let topics = c
+        .list_topics(pb::ListTopicsRequest {})
+        .await?
+        .into_inner()
+        .topics;
+    assert!(topics.iter().all(|t| t.name != "doomed"), "{topics:?}");
+    let e = c
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "doomed".into(),
+        })
+        .await
+        .err()
+        .map(|s| s.code());
+    assert_eq!(e, Some(tonic::Code::NotFound));
+    assert!(
+        !dir.path().join("coordinator/topics/doomed").exists(),
+        "its files are deleted"
+    );
+
+    // After a restart it is still gone; created again, it is new: empty,
+    // and no group remembers an offset on it.
+    coordinator.kill();
+    let coordinator = start_coordinator(dir.path())?;
+    let mut c = pb::coordinator_client::CoordinatorClient::connect(coordinator.url()).await?;
+    let topics = c
+        .list_topics(pb::ListTopicsRequest {})
+        .await?
+        .into_inner()
+        .topics;
+    assert!(topics.iter().all(|t| t.name != "doomed"), "{topics:?}");
+    c.create_topic(pb::CreateTopicRequest {
+        name: "doomed".into(),
+        partitions: 2,
+    })
+    .await?;
+    let d = c
+        .describe_topic(pb::DescribeTopicRequest {
+            name: "doomed".into(),
+        })
+        .await?
+        .into_inner();
+    assert!(d.partitions.iter().all(|p| p.high_water_mark == 0), "{d:?}");
+    assert!(d.groups.is_empty(), "no offsets survive: {d:?}");
+    Ok(())
+}

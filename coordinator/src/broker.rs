@@ -107,6 +107,9 @@ pub struct Broker<L> {
     pub(crate) recent: Arc<Recent>,
     shard: u32,
     claims: Option<Arc<Claims>>,
+    /// Held (shared) by every publish and prepare, and (alone) by a topic's
+    /// deletion: no append to a topic is under way while it is deleted.
+    pub(crate) appending: tokio::sync::RwLock<()>,
     sticky: Sticky,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -152,6 +155,14 @@ impl<L: Log + Clone> Broker<L> {
             saga_retention,
         } = limits;
         let topics = Topics::open(data.clone(), internal.clone()).await?;
+        // Partitions of no topic: a deletion (or a creation) a crash cut
+        // short. Their data goes.
+        for tp in data.partitions() {
+            if topics.get(&tp.topic).is_none() {
+                tracing::warn!(partition = %tp, "deleting the partition of a topic that does not exist");
+                data.delete_partition(&tp).await?;
+            }
+        }
         let recent = Arc::new(Recent::new(dedup_window));
         let known: Vec<(String, u32)> = topics
             .list()
@@ -227,6 +238,7 @@ impl<L: Log + Clone> Broker<L> {
             recent,
             shard: place.shard,
             claims: place.claims,
+            appending: tokio::sync::RwLock::new(()),
             sticky: Sticky::default(),
             shutdown,
             tasks: Mutex::new({
@@ -243,6 +255,8 @@ impl<L: Log + Clone> Broker<L> {
         half: HalfMessage<'_>,
         meta: TopicMeta,
     ) -> Result<crate::transactions::Prepared> {
+        let _appending = self.appending.read().await;
+        self.topics.require(half.topic)?; // not deleted meanwhile
         // A transaction's id must not be a plain message's id in its topic:
         // held while preparing, so a concurrent publish of it is refused.
         let _held = if self.txns.knows(half.txn_id) {
@@ -330,6 +344,8 @@ impl<L: Log + Clone> Broker<L> {
         meta: TopicMeta,
         messages: Vec<Outgoing>,
     ) -> Result<Vec<Position>> {
+        let _appending = self.appending.read().await;
+        self.topics.require(topic)?; // not deleted meanwhile
         let records: Vec<Record> = messages.iter().map(|m| m.record.clone()).collect();
         let chosen: Vec<bool> = messages.iter().map(|m| m.chosen_id).collect();
         let (fresh, known, same_as, reservation) =

@@ -311,6 +311,11 @@ impl<L: Log + Clone> Groups<L> {
         }
     }
 
+    /// Forgets what it knew of a deleted topic.
+    pub(crate) fn forget_topic(&self, topic: &str) {
+        lock(&self.grown).remove(topic);
+    }
+
     /// Runs `f` while `group` has no member on `topic` and none can join
     /// (a joiner waits for the group's lock); FAILED_PRECONDITION naming
     /// the members when it has some.

@@ -305,4 +305,56 @@ impl<L: Log + Clone> Broker<L> {
         self.groups.grow(topic, partitions).await;
         Ok(before)
     }
+
+    /// Deletes `topic`: its partitions and their messages, every group's
+    /// offsets on it and its ids in the publish dedup window. Refused while
+    /// a group has members on it or a transaction for it is open (its
+    /// commit would have nowhere to go); no publish or prepare runs
+    /// meanwhile. Its dead-letter topic is a topic of its own.
+    pub(crate) async fn delete_topic(&self, topic: &str) -> Result<()> {
+        if topic.starts_with("__") {
+            return Err(Error::invalid(
+                "name",
+                "Tandem's own topics cannot be deleted",
+            ));
+        }
+        let _alone = self.appending.write().await;
+        let meta = self.topics.require(topic)?;
+        let members = self.groups.members_of(topic).await;
+        if let Some((group, m)) = members.iter().find(|(_, m)| !m.is_empty()) {
+            return Err(Error::FailedPrecondition(format!(
+                "group {group:?} has {} member(s) on topic {topic:?}: stop its consumers first",
+                m.len()
+            )));
+        }
+        let (open, n) = self
+            .txns
+            .list(
+                Some(pb::TransactionState::Prepared as i32),
+                "",
+                None,
+                usize::MAX,
+            )
+            .await;
+        let open: Vec<&pb::Transaction> = open.iter().filter(|t| t.topic == topic).collect();
+        if let Some(t) = open.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "{} open transaction(s) will commit to topic {topic:?} (of {n} open), such as {:?} of service {:?}: let them end first",
+                open.len(),
+                t.txn_id,
+                t.service
+            )));
+        }
+        self.topics.delete(topic).await?;
+        for partition in 0..meta.partitions {
+            self.data
+                .delete_partition(&TopicPartition::new(topic, partition))
+                .await?;
+        }
+        self.offsets.forget_topic(topic);
+        self.offsets.flush().await?;
+        self.recent.forget_topic(topic);
+        self.groups.forget_topic(topic);
+        Ok(())
+    }
 }

@@ -182,6 +182,26 @@ impl Offsets {
         stale.len()
     }
 
+    /// Forgets every group's offsets on `topic` (deleted); durable at the
+    /// next [`Offsets::flush`].
+    pub(crate) fn forget_topic(&self, topic: &str) {
+        let mut t = self.table();
+        let gone: Vec<GroupPartition> = t
+            .committed
+            .keys()
+            .filter(|k| k.topic == topic)
+            .cloned()
+            .collect();
+        for k in gone {
+            t.committed.remove(&k);
+            t.at.remove(&k);
+            t.dirty.remove(&k);
+            t.deleted.insert(k);
+        }
+        drop(t);
+        self.wake.notify_one();
+    }
+
     /// Topics some group has committed offsets on.
     pub(crate) fn topics(&self) -> std::collections::BTreeSet<String> {
         self.table()

@@ -403,6 +403,11 @@ impl Recent {
         }))
     }
 
+    /// Forgets the ids of a deleted topic.
+    pub(crate) fn forget_topic(&self, topic: &str) {
+        self.lock().remove(topic);
+    }
+
     /// Where `id` was appended to `topic`, if it is remembered now.
     pub(crate) fn position_of(&self, topic: &str, id: &str) -> Option<Position> {
         let cutoff = self.cutoff();

@@ -1096,6 +1096,23 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         }))
     }
 
+    async fn delete_topic(
+        &self,
+        req: Request<pb::DeleteTopicRequest>,
+    ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        let fwd = was_forwarded(&req);
+        let req = req.into_inner();
+        required("name", &req.name)?;
+        let broker = here_or_forward!(
+            self,
+            self.for_topic(&req.name, fwd).await?,
+            req.clone(),
+            delete_topic
+        );
+        broker.delete_topic(&req.name).await?;
+        Ok(Response::new(pb::DeleteTopicResponse {}))
+    }
+
     type SessionStream = SessionStream;
 
     async fn session(

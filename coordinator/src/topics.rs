@@ -200,4 +200,20 @@ impl<L: Log + Clone> Topics<L> {
         );
         Ok(meta.partitions)
     }
+
+    /// Forgets topic `name` (its tombstone written first); returns what it
+    /// was. Its partitions are the caller's to delete.
+    pub(crate) async fn delete(&self, name: &str) -> Result<TopicMeta> {
+        let state = self.state.lock().await;
+        let meta = self.require(name)?;
+        state
+            .append(vec![upsert(name.as_bytes().to_vec(), Vec::new())])
+            .await?;
+        self.map
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(name);
+        tracing::info!(topic = name, partitions = meta.partitions, "topic deleted");
+        Ok(meta)
+    }
 }

@@ -17,7 +17,7 @@ use crate::log::{AppendAck, Log, Offsets};
 use crate::partition::{AppendRequest, Partition, Vouched, sync_dir};
 use crate::record::{Record, StoredRecord, TopicPartition, validate_topic_name};
 use crate::segment::ReadBudget;
-use crate::vfs::{OsFs, Vfs};
+use crate::vfs::{OpenMode, OsFs, Vfs};
 use crate::writer::{Job, Writer};
 
 /// The embedded log: segment files on local disk. Cheap to clone.
@@ -130,6 +130,52 @@ fn create_dirs(fs: &dyn Vfs, dir: &Path) -> Result<()> {
     for d in created {
         if let Some(parent) = parent_of(&d) {
             sync_dir(fs, parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// The file that marks a partition's folder as being deleted.
+const DELETED_MARK: &str = "deleted";
+
+/// Deletes a partition's folder: a durable mark first, then its files,
+/// then the folder; a crash half way leaves a marked folder that the next
+/// open finishes deleting, never a partition with files missing. With
+/// `topic_too`, the topic's folder goes too once it is empty.
+fn remove_partition_dir(fs: &dyn Vfs, dir: &Path, topic_too: bool) -> Result<()> {
+    let mark = dir.join(DELETED_MARK);
+    let listed = |fs: &dyn Vfs| fs.list(dir).map_err(Error::io("list", dir));
+    if !listed(fs)?.iter().any(|(n, _)| n == DELETED_MARK) {
+        let f = fs
+            .open(&mark, OpenMode::Truncate)
+            .map_err(Error::io("create", &mark))?;
+        f.sync_all().map_err(Error::io("fsync", &mark))?;
+        sync_dir(fs, dir)?;
+    }
+    for (name, is_dir) in listed(fs)? {
+        if !is_dir && name != DELETED_MARK {
+            let path = dir.join(&name);
+            fs.remove_file(&path).map_err(Error::io("delete", &path))?;
+        }
+    }
+    sync_dir(fs, dir)?;
+    fs.remove_file(&mark).map_err(Error::io("delete", &mark))?;
+    fs.remove_dir(dir)
+        .map_err(Error::io("delete folder", dir))?;
+    if let Some(topic) = parent_of(dir) {
+        sync_dir(fs, topic)?;
+        if !topic_too {
+            return Ok(());
+        }
+        match fs.remove_dir(topic) {
+            Ok(()) => {
+                if let Some(root) = parent_of(topic) {
+                    sync_dir(fs, root)?;
+                }
+            }
+            // other partitions of the topic are still there
+            Err(e) if e.kind() == std::io::ErrorKind::DirectoryNotEmpty => {}
+            Err(e) => return Err(Error::io("delete folder", topic)(e)),
         }
     }
     Ok(())
@@ -267,6 +313,16 @@ impl EmbeddedLog {
                             tracing::warn!(folder = %pdir.display(), "ignoring folder that is not a partition");
                             continue;
                         };
+                        let marked = vfs
+                            .list(&pdir)
+                            .map_err(Error::io("list", &pdir))?
+                            .iter()
+                            .any(|(n, _)| n == DELETED_MARK);
+                        if marked {
+                            // deleted when the log stopped: finished now
+                            remove_partition_dir(&*vfs, &pdir, false)?;
+                            continue;
+                        }
                         let tp = TopicPartition::new(topic.clone(), partition);
                         let jdir = format!("{prefix}{topic}/{partition}");
                         let vouched = match (redo.found, redo.vouched.get(&jdir)) {
@@ -506,6 +562,31 @@ impl Log for EmbeddedLog {
             .unwrap_or_else(PoisonError::into_inner)
             .insert(tp.clone(), p);
         Ok(())
+    }
+
+    async fn delete_partition(&self, tp: &TopicPartition) -> Result<()> {
+        let _guard = self.inner.create.lock().await;
+        let p = self
+            .inner
+            .partitions
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(tp)
+            .ok_or_else(|| Error::UnknownPartition(tp.clone()))?;
+        let (reply, rx) = oneshot::channel();
+        self.inner
+            .writer
+            .queue
+            .send(Job::Unregister(p.id, reply))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)??;
+        // No journal file names it now: its files can go.
+        let fs = self.inner.fs.clone();
+        let dir = p.dir().to_owned();
+        tokio::task::spawn_blocking(move || remove_partition_dir(&*fs, &dir, true))
+            .await
+            .map_err(|e| Error::io("delete", &self.inner.root)(std::io::Error::other(e)))?
     }
 
     fn partitions(&self) -> Vec<TopicPartition> {

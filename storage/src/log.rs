@@ -34,6 +34,11 @@ pub trait Log: Send + Sync + 'static {
     /// Creates an empty partition.
     fn create_partition(&self, tp: &TopicPartition) -> impl Future<Output = Result<()>> + Send;
 
+    /// Deletes a partition and everything it holds. Appends queued before
+    /// the call are written first; later ones fail. Durable when it
+    /// returns; a crash half way finishes the deletion at the next open.
+    fn delete_partition(&self, tp: &TopicPartition) -> impl Future<Output = Result<()>> + Send;
+
     /// The partitions that exist.
     fn partitions(&self) -> Vec<TopicPartition>;
 

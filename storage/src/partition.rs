@@ -233,6 +233,11 @@ impl Partition {
     }
 
     /// Tells readers waiting for new records that none will come.
+    /// Its folder.
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     pub(crate) fn close_readers(&self) {
         self.published.send_modify(|p| p.closed = true);
     }

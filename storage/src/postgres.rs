@@ -971,6 +971,46 @@ impl Log for PgLog {
         }
     }
 
+    async fn delete_partition(&self, tp: &TopicPartition) -> Result<()> {
+        self.check_failed(tp)?;
+        self.part(tp)?;
+        let result: Result<()> = async {
+            let mut tx = self.inner.pool.begin().await.map_err(db("begin"))?;
+            fence(&mut tx, &self.inner.lease).await?;
+            for sql in [
+                "DELETE FROM tandem_record WHERE ns = $1 AND topic = $2 AND partition = $3",
+                "DELETE FROM tandem_partition WHERE ns = $1 AND topic = $2 AND partition = $3",
+            ] {
+                sqlx::query(sql)
+                    .bind(&self.inner.ns)
+                    .bind(&tp.topic)
+                    .bind(tp.partition as i32)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db("delete a partition"))?;
+            }
+            tx.commit()
+                .await
+                .map_err(db("commit a partition's deletion"))?;
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => {
+                self.inner
+                    .parts
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(tp);
+                Ok(())
+            }
+            Err(e) => {
+                self.fail(&e);
+                Err(e)
+            }
+        }
+    }
+
     fn partitions(&self) -> Vec<TopicPartition> {
         let mut v: Vec<_> = self
             .inner

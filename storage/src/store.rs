@@ -71,6 +71,10 @@ impl Log for StoreLog {
         each!(self, l => l.create_partition(tp).await)
     }
 
+    async fn delete_partition(&self, tp: &TopicPartition) -> Result<()> {
+        each!(self, l => l.delete_partition(tp).await)
+    }
+
     fn partitions(&self) -> Vec<TopicPartition> {
         each!(self, l => l.partitions())
     }

@@ -61,6 +61,8 @@ pub trait Vfs: fmt::Debug + Send + Sync {
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
     /// Deletes a file.
     fn remove_file(&self, path: &Path) -> io::Result<()>;
+    /// Deletes an empty folder.
+    fn remove_dir(&self, dir: &Path) -> io::Result<()>;
     /// `fsync` of a folder: creations, renames and deletions in it last.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
     /// Takes an exclusive lock on the file at `path` (created if missing),
@@ -153,6 +155,9 @@ impl Vfs for OsFs {
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
         fs::remove_file(path)
+    }
+    fn remove_dir(&self, dir: &Path) -> io::Result<()> {
+        fs::remove_dir(dir)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
         fs::File::open(dir)?.sync_all()
@@ -699,6 +704,22 @@ impl Vfs for SimFs {
         };
         s.change(|| format!("unlink {}", path.display()))?;
         s.live.remove(path);
+        Ok(())
+    }
+    fn remove_dir(&self, dir: &Path) -> io::Result<()> {
+        let mut s = self.live_state()?;
+        s.check_on()?;
+        let Some(Node::Dir) = s.live.get(dir) else {
+            return Err(not_found(dir));
+        };
+        if s.live.keys().any(|p| p.parent() == Some(dir)) {
+            return Err(io::Error::new(
+                io::ErrorKind::DirectoryNotEmpty,
+                format!("{} is not empty", dir.display()),
+            ));
+        }
+        s.change(|| format!("rmdir {}", dir.display()))?;
+        s.live.remove(dir);
         Ok(())
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {

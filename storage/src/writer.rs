@@ -42,6 +42,10 @@ pub(crate) enum Job {
     Sync(Option<(u64, oneshot::Sender<Result<()>>)>),
     /// Sync what was written, and say when done.
     Flush(oneshot::Sender<()>),
+    /// Stop writing a partition (its appends queued before this are
+    /// written first) and checkpoint, so that no journal file names it any
+    /// more; answered once that is durable.
+    Unregister(u64, oneshot::Sender<Result<()>>),
     Close,
 }
 
@@ -97,6 +101,7 @@ impl Writer {
             failed_signal: failed,
             stopping: stopping.clone(),
             syncs: syncs.clone(),
+            unregistering: Vec::new(),
         };
         let (done_tx, done_rx) = oneshot::channel();
         let name = root
@@ -233,6 +238,8 @@ struct Run {
     failed_signal: Arc<watch::Sender<Option<String>>>,
     stopping: Arc<AtomicBool>,
     syncs: Arc<AtomicU64>,
+    /// Unregistrations waiting for appends a roll carried over.
+    unregistering: Vec<(u64, oneshot::Sender<Result<()>>)>,
 }
 
 /// What one round of the writer gathered and wrote, until it is synced
@@ -259,6 +266,7 @@ struct Cycle {
     synced: usize,
     waiters: Vec<(u64, oneshot::Sender<Result<()>>)>,
     flushes: Vec<oneshot::Sender<()>>,
+    unregister: Vec<(u64, oneshot::Sender<Result<()>>)>,
     tick: bool,
     closing: bool,
 }
@@ -307,6 +315,16 @@ impl Run {
             siblings_before = cy.synced;
             self.finish(&mut cy);
             carry = std::mem::take(&mut cy.group);
+            let mut asked = std::mem::take(&mut self.unregistering);
+            asked.append(&mut cy.unregister);
+            for (id, reply) in asked {
+                if carry.iter().any(|(i, _)| *i == id) {
+                    // after the appends a roll carried over
+                    self.unregistering.push((id, reply));
+                } else {
+                    let _ = reply.send(self.unregister(id));
+                }
+            }
             if self.checkpointing.as_ref().is_some_and(|h| h.is_finished())
                 && let Err(e) = self.wait_checkpoint()
             {
@@ -325,6 +343,9 @@ impl Run {
             {
                 break;
             }
+        }
+        for (_, reply) in self.unregistering.drain(..) {
+            let _ = reply.send(Err(Error::Closed));
         }
         if let Err(e) = self.wait_checkpoint() {
             self.fail(&e);
@@ -351,6 +372,7 @@ impl Run {
             Job::Sync(Some(w)) => cy.waiters.push(w),
             Job::Sync(None) => cy.tick = true,
             Job::Flush(w) => cy.flushes.push(w),
+            Job::Unregister(id, w) => cy.unregister.push((id, w)),
             Job::Close => cy.closing = true,
         }
     }
@@ -742,6 +764,27 @@ impl Run {
             .map_err(Error::io("start checkpoint thread for", &self.root))?;
         self.checkpointing = Some(handle);
         Ok(())
+    }
+
+    /// Stops writing partition `id` and checkpoints, waiting for the old
+    /// journal file to be gone: then no journal file names the partition,
+    /// and its folder may be deleted.
+    fn unregister(&mut self, id: u64) -> Result<()> {
+        if let Some(cause) = &self.failed {
+            return Err(Error::Store {
+                what: "delete a partition",
+                cause: cause.clone(),
+            });
+        }
+        let Some(slot) = self.slots.remove(&id) else {
+            return Ok(());
+        };
+        slot.part.close_readers();
+        let done = self.checkpoint(false).and_then(|()| self.wait_checkpoint());
+        if let Err(e) = &done {
+            self.fail(e);
+        }
+        done
     }
 
     /// Waits for the background checkpoint, if one runs; its failure is

@@ -90,6 +90,7 @@ conformance!(
     concurrent_appenders_get_dense_offsets_in_ack_order,
     reads_keep_to_their_budget,
     truncation_moves_the_start_and_keeps_the_rest,
+    a_deleted_partition_is_gone_for_good_and_its_name_starts_afresh,
 );
 
 fn rec(i: u64, size: usize) -> Record {
@@ -437,5 +438,59 @@ async fn truncation_moves_the_start_and_keeps_the_rest(f: Fixture) -> TestResult
     );
     assert_eq!(offsets.high_water_mark, 100);
     assert_eq!(log.append(&tp, vec![rec(100, 1)]).await?.base_offset, 100);
+    Ok(())
+}
+
+async fn a_deleted_partition_is_gone_for_good_and_its_name_starts_afresh(f: Fixture) -> TestResult {
+    let gone = TopicPartition::new("old", 0);
+    let kept = TopicPartition::new("old", 1);
+    let log = f.open().await?;
+    log.create_partition(&gone).await?;
+    log.create_partition(&kept).await?;
+    for chunk in 0..20u64 {
+        let records: Vec<_> = (0..5).map(|j| rec(chunk * 5 + j, 200)).collect();
+        log.append(&gone, records.clone()).await?;
+        log.append(&kept, records).await?;
+    }
+    log.delete_partition(&gone).await?;
+    assert_eq!(log.partitions(), vec![kept.clone()]);
+    for e in [
+        log.read(&gone, 0, ReadBudget::default()).await.err(),
+        log.append(&gone, vec![rec(1, 1)]).await.err(),
+        log.delete_partition(&gone).await.err(),
+    ] {
+        assert!(matches!(e, Some(Error::UnknownPartition(_))), "{e:?}");
+    }
+    if let Fixture::Embedded(dir) = &f {
+        assert!(!dir.path().join("old/0").exists(), "its folder is deleted");
+    }
+    // Its neighbour keeps everything, and the log writes on.
+    assert_eq!(read_all(&log, &kept).await?.len(), 100);
+    assert_eq!(
+        log.append(&kept, vec![rec(100, 10)]).await?.base_offset,
+        100
+    );
+    log.close().await;
+
+    let log = f.open().await?;
+    assert_eq!(log.partitions(), vec![kept.clone()], "gone after a reopen");
+    assert_eq!(read_all(&log, &kept).await?.len(), 101);
+    log.create_partition(&gone).await?;
+    let offsets = log.offsets(&gone)?;
+    assert_eq!(
+        (offsets.log_start, offsets.high_water_mark),
+        (0, 0),
+        "a new one"
+    );
+    assert_eq!(log.append(&gone, vec![rec(7, 10)]).await?.base_offset, 0);
+    log.delete_partition(&gone).await?;
+    log.delete_partition(&kept).await?;
+    assert!(log.partitions().is_empty());
+    if let Fixture::Embedded(dir) = &f {
+        assert!(
+            !dir.path().join("old").exists(),
+            "the empty topic folder goes too"
+        );
+    }
     Ok(())
 }

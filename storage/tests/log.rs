@@ -355,3 +355,32 @@ async fn relaxed_appends_are_synced_within_the_bound() -> TestResult {
     }
     Ok(())
 }
+
+/// A deletion a crash cut short (its folder marked, some files left) is
+/// finished when the log opens again: the partition does not come back.
+#[tokio::test]
+async fn a_deletion_cut_short_is_finished_at_the_next_open() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let tp = TopicPartition::new("half", 0);
+    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+    log.create_partition(&tp).await?;
+    log.append(
+        &tp,
+        vec![Record {
+            id: Bytes::from_static(b"a"),
+            key: None,
+            value: Bytes::from_static(b"v"),
+            headers: Vec::new(),
+            timestamp_ms: 0,
+        }],
+    )
+    .await?;
+    log.close().await;
+    drop(log);
+    // What a crash after the mark leaves: the mark, and the files.
+    std::fs::write(dir.path().join("half/0/deleted"), b"")?;
+    let log = EmbeddedLog::open(dir.path(), LogConfig::default()).await?;
+    assert!(log.partitions().is_empty());
+    assert!(!dir.path().join("half/0").exists());
+    Ok(())
+}
