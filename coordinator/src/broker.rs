@@ -171,6 +171,20 @@ impl<L: Log + Clone> Broker<L> {
             .collect();
         recent.rebuild(&data, &known).await?;
         let offsets = Offsets::open(internal.clone()).await?;
+        // Offsets on topics that do not exist: a deletion a crash cut
+        // short (a topic created again with the name must start afresh).
+        let stale: Vec<String> = offsets
+            .topics()
+            .into_iter()
+            .filter(|t| topics.get(t).is_none())
+            .collect();
+        for t in &stale {
+            tracing::warn!(topic = %t, "forgetting offsets on a topic that does not exist");
+            offsets.forget_topic(t);
+        }
+        if !stale.is_empty() {
+            offsets.flush().await?;
+        }
         let schedule = txn.maintenance_schedule.clone();
         let txn_retention = txn.retention;
         let txns =
@@ -282,6 +296,8 @@ impl<L: Log + Clone> Broker<L> {
 
     /// Creates a topic.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<TopicMeta> {
+        // Not while a topic is deleted or grown (one of the same name).
+        let _alone = self.appending.write().await;
         self.topics.create(name, partitions).await
     }
 

@@ -896,6 +896,11 @@ mod tests {
                 ("TANDEM_COORDINATOR", "http://127.0.0.1:1"),
                 ("TANDEM_TEST_POSTGRES", "postgres://x"),
                 ("TANDEM_FAILPOINTS", ""),
+                // Kubernetes' links to a Service named tandem-coordinator
+                ("TANDEM_COORDINATOR_SERVICE_HOST", "10.0.0.1"),
+                ("TANDEM_COORDINATOR_SERVICE_PORT_GRPC", "7400"),
+                ("TANDEM_COORDINATOR_PORT", "tcp://10.0.0.1:7400"),
+                ("TANDEM_COORDINATOR_PORT_7400_TCP_ADDR", "10.0.0.1"),
             ]),
         )?;
         Ok(())

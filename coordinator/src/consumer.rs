@@ -195,6 +195,8 @@ pub(crate) struct Groups<L> {
     /// created by a session that read the count before the growth gets the
     /// new one.
     grown: Mutex<HashMap<String, u32>>,
+    /// Topics being deleted: nobody joins their groups.
+    closing: Mutex<std::collections::HashSet<String>>,
     next_member: AtomicU64,
     shutdown: watch::Receiver<bool>,
     /// Sessions still running.
@@ -249,6 +251,7 @@ impl<L: Log + Clone> Groups<L> {
             revoke_timeout,
             groups: Mutex::new(HashMap::new()),
             grown: Mutex::new(HashMap::new()),
+            closing: Mutex::new(std::collections::HashSet::new()),
             next_member: AtomicU64::new(1),
             shutdown,
             active: watch::Sender::new(0),
@@ -311,9 +314,20 @@ impl<L: Log + Clone> Groups<L> {
         }
     }
 
-    /// Forgets what it knew of a deleted topic.
-    pub(crate) fn forget_topic(&self, topic: &str) {
-        lock(&self.grown).remove(topic);
+    /// Refuses joins to `topic`'s groups from now on (it is being
+    /// deleted), until [`Groups::reopen`]; a join under way is either seen
+    /// by a later [`Groups::members_of`] or refused.
+    pub(crate) fn close_topic(&self, topic: &str) {
+        lock(&self.closing).insert(topic.to_owned());
+    }
+
+    /// Takes joins to `topic` again, and forgets what was known of it (a
+    /// topic created with the name is new).
+    pub(crate) fn reopen(&self, topic: &str, deleted: bool) {
+        lock(&self.closing).remove(topic);
+        if deleted {
+            lock(&self.grown).remove(topic);
+        }
     }
 
     /// Runs `f` while `group` has no member on `topic` and none can join
@@ -447,6 +461,21 @@ impl<L: Log + Clone> Groups<L> {
             let mut inner = group.inner.lock().await;
             if !self.is_current(&group) {
                 continue;
+            }
+            if lock(&self.closing).contains(&member.sub.topic) {
+                if inner.members.is_empty() {
+                    let mut groups = lock(&self.groups);
+                    let key = (group.group.clone(), group.topic.clone());
+                    if groups.get(&key).is_some_and(|g| Arc::ptr_eq(g, &group)) {
+                        groups.remove(&key);
+                    }
+                }
+                drop(inner);
+                let _ = member.control.try_send(Err(Status::not_found(format!(
+                    "topic {:?} is being deleted",
+                    member.sub.topic
+                ))));
+                return;
             }
             inner.members.insert(member.id.clone(), member.clone());
             let effects = inner.state.apply(Event::Join(member.id.clone()));
@@ -623,13 +652,16 @@ impl<L: Log + Clone> Groups<L> {
             self.offsets.reset(&gp, start);
         }
         // Acknowledged up to before the log start: retention removed what
-        // the group had not consumed (said with the first delivery).
+        // the group had not consumed (said here, once: the holding starts
+        // at the log start, and so does the group's offset from now on).
         let skipped = committed
             .filter(|&c| c < offsets.log_start)
             .map_or(0, |c| offsets.log_start - c);
         if skipped > 0 {
             tracing::warn!(group = %gp.group, topic = %gp.topic, partition, skipped,
                 "retention removed messages the group had not consumed");
+            // Said once: the next holder starts from what is stored.
+            self.offsets.reset(&gp, start);
         }
         let (stop, stop_rx) = watch::channel(false);
         let lease = Arc::new(Lease {
@@ -651,7 +683,6 @@ impl<L: Log + Clone> Groups<L> {
             lease.clone(),
             member.clone(),
             stop_rx,
-            skipped,
         ));
         *lock(&lease.pump) = Some(pump);
         lock(&member.leases).insert(partition, lease);
@@ -807,8 +838,10 @@ async fn pump<L: Log>(
     lease: Arc<Lease>,
     member: Arc<Member>,
     mut stop: watch::Receiver<bool>,
-    mut skipped: u64,
 ) {
+    // Offsets retention removed while this holding was reading, not yet
+    // said with a delivery.
+    let mut skipped = 0u64;
     let mut next = lease.state().next;
     loop {
         if *stop.borrow() {
@@ -821,7 +854,10 @@ async fn pump<L: Log>(
         if hwm <= next {
             tokio::select! {
                 _ = stop.changed() => return,
-                r = log.wait_for(&tp, next) => if r.is_err() { return },
+                r = log.wait_for(&tp, next) => if let Err(e) = r {
+                    // (the partition was deleted, or the log closed)
+                    return member.expel(Error::from(e).into());
+                },
             }
             continue;
         }
@@ -847,6 +883,17 @@ async fn pump<L: Log>(
             }
             Err(e) => return member.expel(Error::from(e).into()),
         };
+        // A read that starts past `next` (PostgreSQL: retention deleted rows
+        // under it) skipped what retention removed; anything else is a hole
+        // the consumer is to see.
+        if let Some(first) = records.first().map(|r| r.offset)
+            && first > next
+        {
+            match log.offsets(&tp) {
+                Ok(o) if o.log_start >= first => skipped += first - next,
+                _ => {}
+            }
+        }
         if records.len() > 1 && tandem_storage::failpoint::error("coordinator.deliver.skip") {
             // A fault for the tests of loss detection: the first record of
             // a batch skipped, as a bug would skip it (and acknowledged

@@ -277,6 +277,7 @@ impl<L: Log + Clone> Broker<L> {
     /// Gives `topic` `partitions` partitions in all; every live group of
     /// it gets the new ones at once. Returns the count before.
     pub(crate) async fn add_partitions(&self, topic: &str, partitions: u32) -> Result<u32> {
+        let _alone = self.appending.write().await;
         // Every group that consumes the topic starts the new partitions at
         // their beginning, whatever its start_from: what is published to
         // them before one of its members holds them (a group stopped for
@@ -309,17 +310,34 @@ impl<L: Log + Clone> Broker<L> {
     /// Deletes `topic`: its partitions and their messages, every group's
     /// offsets on it and its ids in the publish dedup window. Refused while
     /// a group has members on it or a transaction for it is open (its
-    /// commit would have nowhere to go); no publish or prepare runs
-    /// meanwhile. Its dead-letter topic is a topic of its own.
-    pub(crate) async fn delete_topic(&self, topic: &str) -> Result<()> {
+    /// commit would have nowhere to go); no publish, prepare, creation or
+    /// growth runs meanwhile, and nobody joins its groups. Once begun it
+    /// runs to its end even if the caller goes away. Its dead-letter topic
+    /// is a topic of its own.
+    pub(crate) async fn delete_topic(self: &std::sync::Arc<Self>, topic: &str) -> Result<()> {
         if topic.starts_with("__") {
             return Err(Error::invalid(
                 "name",
                 "Tandem's own topics cannot be deleted",
             ));
         }
+        let this = self.clone();
+        let topic = topic.to_owned();
+        tokio::spawn(async move { this.delete_detached(&topic).await })
+            .await
+            .map_err(|e| Error::Internal(format!("deleting a topic failed: {e}")))?
+    }
+
+    async fn delete_detached(&self, topic: &str) -> Result<()> {
         let _alone = self.appending.write().await;
-        let meta = self.topics.require(topic)?;
+        self.topics.require(topic)?;
+        self.groups.close_topic(topic);
+        let done = self.delete_closed(topic).await;
+        self.groups.reopen(topic, done.is_ok());
+        done
+    }
+
+    async fn delete_closed(&self, topic: &str) -> Result<()> {
         let members = self.groups.members_of(topic).await;
         if let Some((group, m)) = members.iter().find(|(_, m)| !m.is_empty()) {
             return Err(Error::FailedPrecondition(format!(
@@ -345,7 +363,7 @@ impl<L: Log + Clone> Broker<L> {
                 t.service
             )));
         }
-        self.topics.delete(topic).await?;
+        let meta = self.topics.delete(topic).await?;
         for partition in 0..meta.partitions {
             self.data
                 .delete_partition(&TopicPartition::new(topic, partition))
@@ -354,7 +372,6 @@ impl<L: Log + Clone> Broker<L> {
         self.offsets.forget_topic(topic);
         self.offsets.flush().await?;
         self.recent.forget_topic(topic);
-        self.groups.forget_topic(topic);
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! The topic registry: names and partition counts, kept in the internal
 //! `__topics` state log. A topic's partitions are created in the data log
 //! first and the topic is recorded after, so a crash in between leaves
-//! partitions that a retried create adopts, never a topic without them.
+//! partitions of no topic (deleted when the broker opens, or by a retried
+//! create), never a topic without them. A deletion records the topic's
+//! tombstone first and deletes its partitions after.
 
 use std::collections::BTreeMap;
 use std::sync::{PoisonError, RwLock};
@@ -108,16 +110,18 @@ impl<L: Log + Clone> Topics<L> {
             .collect()
     }
 
-    /// Creates partitions `range` of `name` in the data log; ones that
-    /// exist (left by a create or a growth a crash cut short) are adopted.
+    /// Creates partitions `range` of `name` in the data log, empty: one
+    /// that exists already belongs to no topic (a creation or growth cut
+    /// short) and is deleted first, so nothing of it is adopted.
     async fn create_partitions(&self, name: &str, range: std::ops::Range<u32>) -> Result<()> {
         for p in range {
-            match self
-                .data
-                .create_partition(&TopicPartition::new(name, p))
-                .await
-            {
-                Ok(()) | Err(StorageError::PartitionExists(_)) => {}
+            let tp = TopicPartition::new(name, p);
+            match self.data.create_partition(&tp).await {
+                Ok(()) => {}
+                Err(StorageError::PartitionExists(_)) => {
+                    self.data.delete_partition(&tp).await?;
+                    self.data.create_partition(&tp).await?;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

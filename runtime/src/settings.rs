@@ -164,6 +164,17 @@ pub struct Layers<'a> {
     pub not_settings: &'a [&'a str],
 }
 
+/// Whether a variable (after the prefix) is one Kubernetes sets for every
+/// Service in the namespace (`<NAME>_SERVICE_HOST`, `<NAME>_SERVICE_PORT…`,
+/// `<NAME>_PORT…`): a Service named `tandem-coordinator` gives every pod
+/// `TANDEM_COORDINATOR_SERVICE_HOST` and the like.
+fn service_link(key: &str) -> bool {
+    key.ends_with("_SERVICE_HOST")
+        || key.contains("_SERVICE_PORT")
+        || key.ends_with("_PORT")
+        || key.contains("_PORT_")
+}
+
 /// The `TANDEM_*` variables that are not the coordinator's settings: the
 /// sidecar's (`TANDEM_SIDECAR_*`), the `tandem` command's
 /// (`TANDEM_COORDINATOR`), fault points, and the test command's.
@@ -232,7 +243,7 @@ impl Layers<'_> {
             let other = self.not_settings.iter().any(|o| match o.strip_suffix('*') {
                 Some(family) => key.starts_with(family),
                 None => key == *o,
-            });
+            }) || service_link(key);
             let key = key.to_ascii_lowercase();
             if self.keys.iter().any(|s| s.key == key) {
                 self.insert(&mut table, &key, &value, &name)?;

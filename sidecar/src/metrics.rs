@@ -65,7 +65,7 @@ pub(crate) fn render(s: &sc::Stats) -> String {
         ),
         (
             "tandem_sidecar_retention_skipped_total",
-            "Offsets retention removed before they were delivered to the group.",
+            "Offsets retention removed while a holding of a partition was reading them, before they were delivered.",
             s.retention_skipped,
         ),
     ];

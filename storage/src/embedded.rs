@@ -155,7 +155,13 @@ fn remove_partition_dir(fs: &dyn Vfs, dir: &Path, topic_too: bool) -> Result<()>
     for (name, is_dir) in listed(fs)? {
         if !is_dir && name != DELETED_MARK {
             let path = dir.join(&name);
-            fs.remove_file(&path).map_err(Error::io("delete", &path))?;
+            match fs.remove_file(&path) {
+                // (gone meanwhile: a retention pass that read the list first)
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io("delete", &path)(e));
+                }
+                _ => {}
+            }
         }
     }
     sync_dir(fs, dir)?;

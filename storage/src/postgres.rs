@@ -974,6 +974,13 @@ impl Log for PgLog {
     async fn delete_partition(&self, tp: &TopicPartition) -> Result<()> {
         self.check_failed(tp)?;
         self.part(tp)?;
+        // Gone from this holder's view first: appends from now on are
+        // refused rather than racing the deletion.
+        self.inner
+            .parts
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(tp);
         let result: Result<()> = async {
             let mut tx = self.inner.pool.begin().await.map_err(db("begin"))?;
             fence(&mut tx, &self.inner.lease).await?;
@@ -995,20 +1002,11 @@ impl Log for PgLog {
             Ok(())
         }
         .await;
-        match result {
-            Ok(()) => {
-                self.inner
-                    .parts
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .remove(tp);
-                Ok(())
-            }
-            Err(e) => {
-                self.fail(&e);
-                Err(e)
-            }
+        if let Err(e) = &result {
+            // Unknown what the database kept: this holder stops.
+            self.fail(e);
         }
+        result
     }
 
     fn partitions(&self) -> Vec<TopicPartition> {
