@@ -94,6 +94,34 @@ async fn client_with_topic(
     Ok(c)
 }
 
+/// A member `holder` of `group` on `topic`, with no credit, once it has
+/// its assignment: its request sender (dropping it leaves) and its stream.
+async fn join(
+    c: &mut pb::coordinator_client::CoordinatorClient<tonic::transport::Channel>,
+    topic: &str,
+    group: &str,
+) -> TestResult<(
+    tokio::sync::mpsc::Sender<pb::ConsumeRequest>,
+    tonic::Streaming<pb::ConsumeResponse>,
+)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(pb::ConsumeRequest {
+        kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
+            topic: topic.into(),
+            group: group.into(),
+            client_id: "holder".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut stream = c
+        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    stream.message().await?.ok_or("no assignment")?;
+    Ok((tx, stream))
+}
+
 fn values(v: &Value) -> Vec<String> {
     v["messages"]
         .as_array()
@@ -441,22 +469,7 @@ async fn groups_are_listed_reset_and_replayed_only_without_members() -> TestResu
         })
         .await?
         .into_inner();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::ConsumeRequest {
-        kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
-            topic: "jobs".into(),
-            group: "workers".into(),
-            initial_credit: 0,
-            client_id: "holder".into(),
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut stream = c
-        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    stream.message().await?.ok_or("no assignment")?;
+    let (tx, mut stream) = join(&mut c, "jobs", "workers").await?;
     let u = url.clone();
     let (ok, _, err) = tokio::task::spawn_blocking(move || {
         run(
@@ -1165,21 +1178,7 @@ async fn a_deleted_topic_is_gone_with_its_offsets_and_its_name_starts_afresh() -
     };
 
     // A member holds it: refused.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(pb::ConsumeRequest {
-        kind: Some(pb::consume_request::Kind::Subscribe(pb::Subscribe {
-            topic: "doomed".into(),
-            group: "live".into(),
-            client_id: "holder".into(),
-            ..Default::default()
-        })),
-    })
-    .await?;
-    let mut stream = c
-        .consume(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    stream.message().await?.ok_or("no assignment")?;
+    let (tx, stream) = join(&mut c, "doomed", "live").await?;
     let (ok, _, err) = delete("doomed").await??;
     assert!(
         !ok && err.contains("FailedPrecondition") && err.contains("member"),
