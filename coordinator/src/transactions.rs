@@ -144,7 +144,7 @@ fn not_found(id: &str) -> Error {
 
 /// The span of an outcome of transaction `id`, a child of its producer's.
 fn ended_span(name: &'static str, id: &str, core: &TxnState) -> tracing::Span {
-    let span = telemetry::span(name, core.traceparent().as_deref());
+    let span = telemetry::span(name, || core.traceparent());
     span.record("txn", id);
     span
 }
@@ -538,8 +538,7 @@ impl<L: Log + Clone> Transactions<L> {
             .data
             .offsets(&TopicPartition::new(topic, partition))?
             .high_water_mark;
-        let span = telemetry::span(
-            "coordinator.prepare",
+        let span = telemetry::span("coordinator.prepare", || {
             telemetry::from_headers(
                 message
                     .record
@@ -547,8 +546,7 @@ impl<L: Log + Clone> Transactions<L> {
                     .iter()
                     .map(|h| (h.name.as_str(), h.value.as_ref())),
             )
-            .as_deref(),
-        );
+        });
         span.record("txn", id);
         span.record("topic", topic);
         let (slot, guard) = self.slot(id).await;
@@ -779,21 +777,20 @@ impl<L: Log + Clone> Transactions<L> {
         };
         // The producer's answer is a child of this check-back's span: the
         // trace context the request carries is this span's.
-        let span = telemetry::span(
-            "coordinator.check_back",
-            request.message.as_ref().and_then(pb_traceparent).as_deref(),
-        );
+        let span = telemetry::span("coordinator.check_back", || {
+            request.message.as_ref().and_then(pb_traceparent)
+        });
         span.record("txn", id);
         span.record("topic", request.topic.as_str());
-        if let Some(m) = request.message.as_mut() {
-            let incoming = pb_traceparent(m);
-            if let Some(tp) = telemetry::pass_on(&span, incoming.as_deref()) {
-                m.headers.retain(|h| h.name != telemetry::TRACEPARENT);
-                m.headers.push(pb::Header {
-                    name: telemetry::TRACEPARENT.to_owned(),
-                    value: bytes::Bytes::from(tp),
-                });
-            }
+        // (Not exporting, the message's own context passes on unchanged.)
+        if let Some(m) = request.message.as_mut()
+            && let Some(tp) = telemetry::traceparent(&span)
+        {
+            m.headers.retain(|h| h.name != telemetry::TRACEPARENT);
+            m.headers.push(pb::Header {
+                name: telemetry::TRACEPARENT.to_owned(),
+                value: bytes::Bytes::from(tp),
+            });
         }
         // Only check-backs that go out are paced: the schedule's entries of
         // transactions decided meanwhile (most of them under load) cost

@@ -282,10 +282,11 @@ pub fn to_metadata(m: &mut tonic::metadata::MetadataMap, traceparent: Option<&st
 }
 
 /// A span of Tandem's protocol, exported as `name`, a child of the span
-/// `parent` names (a `traceparent`) when given. Its `txn` and `topic`
-/// fields are recorded by the caller. A disabled span when this process
-/// does not export.
-pub fn span(name: &'static str, parent: Option<&str>) -> tracing::Span {
+/// the `traceparent` `parent` gives, if any. Its `txn` and `topic` fields
+/// are recorded by the caller. A disabled span when this process does not
+/// export, and then `parent` is not called: a message's path does no trace
+/// work at all.
+pub fn span(name: &'static str, parent: impl FnOnce() -> Option<String>) -> tracing::Span {
     if !EXPORTING.load(std::sync::atomic::Ordering::Relaxed) {
         return tracing::Span::none();
     }
@@ -296,8 +297,8 @@ pub fn span(name: &'static str, parent: Option<&str>) -> tracing::Span {
         txn = tracing::field::Empty,
         topic = tracing::field::Empty,
     );
-    if let Some(p) = parent {
-        set_parent(&span, p);
+    if let Some(p) = parent() {
+        set_parent(&span, &p);
     }
     span
 }

@@ -31,7 +31,7 @@ fn call_span(
     meta: &tonic::metadata::MetadataMap,
 ) -> (tracing::Span, Option<String>) {
     let incoming = telemetry::from_metadata(meta);
-    let span = telemetry::span(name, incoming.as_deref());
+    let span = telemetry::span(name, || incoming.clone());
     let pass = telemetry::pass_on(&span, incoming.as_deref());
     (span, pass)
 }

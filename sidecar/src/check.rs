@@ -73,7 +73,7 @@ impl Node {
                     .map(|h| (h.name.as_str(), h.value.as_ref())),
             )
         });
-        let span = telemetry::span("sidecar.check", incoming.as_deref());
+        let span = telemetry::span("sidecar.check", || incoming.clone());
         span.record("txn", check.txn_id.as_str());
         span.record("topic", check.topic.as_str());
         let tp = telemetry::pass_on(&span, incoming.as_deref());

@@ -202,19 +202,15 @@ pub(crate) async fn handle(
         return Outcome::Done;
     }
     // A child of the producer's span: its context is in the message.
-    let span = telemetry::span(
-        "sidecar.deliver",
-        d.message
-            .as_ref()
-            .and_then(|m| {
-                telemetry::from_headers(
-                    m.headers
-                        .iter()
-                        .map(|h| (h.name.as_str(), h.value.as_ref())),
-                )
-            })
-            .as_deref(),
-    );
+    let span = telemetry::span("sidecar.deliver", || {
+        d.message.as_ref().and_then(|m| {
+            telemetry::from_headers(
+                m.headers
+                    .iter()
+                    .map(|h| (h.name.as_str(), h.value.as_ref())),
+            )
+        })
+    });
     span.record("topic", spec.topic.as_str());
     handle_traced(node, handler, spec, d, cancel)
         .instrument(span)
