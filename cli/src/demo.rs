@@ -666,7 +666,7 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
     )?;
     writeln!(
         out,
-        "  deliveries to the cart      {} (redeliveries after the kills included)",
+        "  deliveries to the cart      {} (redeliveries included)",
         totals.delivered()
     )?;
     writeln!(
