@@ -110,7 +110,7 @@ pub async fn consume(
                 else {
                     return Err(status(s));
                 };
-                client = connect(&format!("http://{owner}")).await?;
+                client = connect(&crate::replica_url(owner)).await?;
                 hops += 1;
             }
             Err(s) => return Err(status(s)),

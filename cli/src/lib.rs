@@ -26,6 +26,26 @@ use tandem_proto::coordinator::ListTopicsRequest;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
+/// The certificate this process presents to coordinators, once set.
+static TLS: std::sync::OnceLock<std::sync::Arc<tandem_runtime::tls::ClientTls>> =
+    std::sync::OnceLock::new();
+
+/// Makes every later [`connect`] of this process use mutual TLS with
+/// `tls` (once: a second call is an error).
+pub fn use_tls(tls: std::sync::Arc<tandem_runtime::tls::ClientTls>) -> anyhow::Result<()> {
+    TLS.set(tls)
+        .map_err(|_| anyhow::anyhow!("TLS is already configured"))
+}
+
+fn tls() -> Option<std::sync::Arc<tandem_runtime::tls::ClientTls>> {
+    TLS.get().cloned()
+}
+
+/// The URL of the replica at `addr` (`host:port`), as a refusal names it.
+pub(crate) fn replica_url(addr: &str) -> String {
+    format!("{}://{addr}", tandem_runtime::tls::scheme(tls().is_some()))
+}
+
 /// How long [`connect`] keeps looking for a replica that serves (a lease
 /// expiring and its successor recovering take a few seconds).
 const FAILOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
@@ -38,9 +58,7 @@ const FAILOVER_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 pub async fn connect(urls: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
     let configured: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
     for u in &configured {
-        if !(u.starts_with("http://") || u.starts_with("https://")) {
-            anyhow::bail!("--coordinator: {u:?} is not an http:// or https:// URL");
-        }
+        tandem_runtime::tls::check_scheme("--coordinator", u, tls().is_some())?;
     }
     let deadline = tokio::time::Instant::now() + FAILOVER_WAIT;
     let mut pause = std::time::Duration::from_millis(100);
@@ -70,7 +88,8 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
             .connect_timeout(std::time::Duration::from_secs(3))
             .http2_keep_alive_interval(std::time::Duration::from_secs(2))
             .keep_alive_timeout(std::time::Duration::from_secs(3));
-        let client = match endpoint.connect().await.map(CoordinatorClient::new) {
+        let channel = tandem_runtime::tls::channel(endpoint, tls().as_ref()).await;
+        let client = match channel.map(CoordinatorClient::new) {
             Ok(c) => c
                 .max_decoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES)
                 .max_encoding_message_size(tandem_coordinator::MAX_REQUEST_BYTES),
@@ -95,7 +114,7 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
                     .get(tandem_coordinator::OWNER_METADATA)
                     .and_then(|v| v.to_str().ok())
                 {
-                    queue.push_front(format!("http://{owner}"));
+                    queue.push_front(replica_url(owner));
                 }
                 last = anyhow::anyhow!("the coordinator at {url} does not serve: {}", s.message());
             }

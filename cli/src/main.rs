@@ -32,6 +32,25 @@ struct Cli {
         default_value = "http://127.0.0.1:7400"
     )]
     coordinator: String,
+    /// Certificate (PEM chain) to present to the coordinator: mutual TLS,
+    /// with --tls-key and --tls-ca, and https:// URLs.
+    #[arg(long, global = true, env = "TANDEM_CLI_TLS_CERT", value_name = "FILE")]
+    tls_cert: Option<String>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "TANDEM_CLI_TLS_KEY", value_name = "FILE")]
+    tls_key: Option<String>,
+    /// CA bundle (PEM) that signs the coordinator's certificate.
+    #[arg(long, global = true, env = "TANDEM_CLI_TLS_CA", value_name = "FILE")]
+    tls_ca: Option<String>,
+    /// Accept a coordinator certificate that names this identity, whatever
+    /// address was dialled.
+    #[arg(
+        long,
+        global = true,
+        env = "TANDEM_CLI_COORDINATOR_IDENTITY",
+        value_name = "ID"
+    )]
+    coordinator_identity: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -112,6 +131,17 @@ enum Command {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let url = cli.coordinator;
+    if let Some(files) = tandem_runtime::tls::TlsFiles::from_settings(
+        cli.tls_cert.as_deref(),
+        cli.tls_key.as_deref(),
+        cli.tls_ca.as_deref(),
+        ["--tls-cert", "--tls-key", "--tls-ca"],
+    )? {
+        tandem_cli::use_tls(tandem_runtime::tls::ClientTls::new(
+            files,
+            cli.coordinator_identity.clone(),
+        )?)?;
+    }
     match cli.command {
         Command::Topic(cmd) => tandem_cli::topic(&url, cmd, &mut std::io::stdout()).await,
         Command::Saga(cmd) => tandem_cli::saga(&url, cmd, &mut std::io::stdout()).await,

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tandem_runtime::tls::ClientTls;
 use tokio::sync::watch;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Status};
@@ -52,6 +53,8 @@ pub(crate) struct Cluster<L> {
     wait: Duration,
     /// This replica's advertised address (none for a single coordinator).
     pub(crate) advertise: Option<String>,
+    /// Mutual TLS to the other replicas (`None`: plaintext).
+    peer_tls: Option<Arc<ClientTls>>,
 }
 
 impl<L> Cluster<L> {
@@ -75,7 +78,14 @@ impl<L> Cluster<L> {
             peers: Mutex::default(),
             wait,
             advertise,
+            peer_tls: None,
         }
+    }
+
+    /// Reaches the other replicas over mutual TLS with `tls`.
+    pub(crate) fn with_peer_tls(mut self, tls: Option<Arc<ClientTls>>) -> Cluster<L> {
+        self.peer_tls = tls;
+        self
     }
 
     /// Shards in all.
@@ -185,7 +195,8 @@ impl<L> Cluster<L> {
         if let Some(c) = peers.get(address) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let scheme = tandem_runtime::tls::scheme(self.peer_tls.is_some());
+        let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
             .map_err(|e| Status::internal(format!("replica address {address:?}: {e}")))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(3))
@@ -197,7 +208,8 @@ impl<L> Cluster<L> {
             peers.clear();
         }
         let max = crate::MAX_REQUEST_BYTES;
-        let client = CoordinatorClient::new(endpoint.connect_lazy())
+        let channel = tandem_runtime::tls::lazy_channel(endpoint, self.peer_tls.as_ref());
+        let client = CoordinatorClient::new(channel)
             .max_decoding_message_size(max)
             .max_encoding_message_size(max);
         peers.insert(address.to_owned(), client.clone());

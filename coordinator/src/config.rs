@@ -183,6 +183,24 @@ const KEYS: &[Setting] = &[
     crate::settings::METRICS_LISTEN,
     tandem_runtime::telemetry::OTLP_ENDPOINT,
     Setting {
+        key: "tls_cert",
+        kind: Kind::Str,
+        default: None,
+        help: "PEM certificate chain to serve TLS with (with tls_key and tls_ca: mutual TLS on the gRPC port); its URI or DNS SAN is the replicas' identity",
+    },
+    Setting {
+        key: "tls_key",
+        kind: Kind::Str,
+        default: None,
+        help: "PEM private key of tls_cert",
+    },
+    Setting {
+        key: "tls_ca",
+        kind: Kind::Str,
+        default: None,
+        help: "PEM CA bundle that signs the clients' (sidecars', the tandem command's, other replicas') certificates",
+    },
+    Setting {
         key: "check_after_ms",
         kind: Kind::Int,
         default: Some("6000"),
@@ -261,6 +279,11 @@ struct Raw {
     log_format: Option<String>,
     metrics_listen: Option<String>,
     otlp_endpoint: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    tls_ca: Option<String>,
+    /// Only in the file: a table, not a value.
+    authorization: Option<crate::authz::AuthorizationRaw>,
     check_after_ms: Option<u64>,
     max_checks: Option<u32>,
     check_timeout_ms: Option<u64>,
@@ -411,6 +434,10 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// Transactional messages.
     pub txn: TxnSettings,
+    /// Mutual TLS on the gRPC port (`None`: plaintext).
+    pub tls: Option<tandem_runtime::tls::TlsFiles>,
+    /// Who may do what (with TLS).
+    pub authorization: crate::authz::Authorization,
 }
 
 impl Default for Config {
@@ -749,6 +776,17 @@ impl Raw {
                 "127.0.0.1:0",
             )?,
             otlp_endpoint: self.otlp_endpoint.filter(|e| !e.trim().is_empty()),
+            tls: tandem_runtime::tls::TlsFiles::from_settings(
+                self.tls_cert.as_deref(),
+                self.tls_key.as_deref(),
+                self.tls_ca.as_deref(),
+                ["tls_cert", "tls_key", "tls_ca"],
+            )
+            .map_err(|e| ConfigError::Parse {
+                origin: "settings".into(),
+                message: e.to_string(),
+            })?,
+            authorization: crate::authz::Authorization::new(self.authorization),
         })
     }
 }

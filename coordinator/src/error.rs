@@ -116,6 +116,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(String),
+    /// The TLS files or settings cannot be used.
+    #[error(transparent)]
+    Tls(#[from] tandem_runtime::tls::TlsError),
     /// The storage underneath failed.
     #[error(transparent)]
     Storage(#[from] tandem_storage::Error),
@@ -159,6 +162,7 @@ impl From<Error> for tonic::Status {
             Error::ShuttingDown => Code::Unavailable,
             Error::Bind { .. }
             | Error::Serve(_)
+            | Error::Tls(_)
             | Error::Internal(_)
             | Error::StorageFailed(_)
             | Error::CorruptState { .. } => Code::Internal,

@@ -8,6 +8,7 @@
 //! binaries (`tandem-coordinator`, `tandem coordinator`) only parse flags
 //! and call [`run`].
 
+pub mod authz;
 mod broker;
 mod claims;
 mod cluster;

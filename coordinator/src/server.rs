@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tandem_proto::coordinator::coordinator_server::CoordinatorServer;
+use tandem_runtime::tls::{ClientTls, ServerTls};
 use tandem_storage::{EmbeddedLog, LogConfig, StoreLog};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -44,6 +45,8 @@ pub struct Coordinator {
     sessions: Arc<Sessions>,
     /// Where to serve Prometheus metrics while serving, if anywhere.
     metrics: Option<TcpListener>,
+    /// Mutual TLS on the gRPC port, and to the other replicas.
+    tls: Option<(Arc<ServerTls>, Arc<ClientTls>)>,
 }
 
 /// The embedded store, opened.
@@ -94,6 +97,28 @@ impl Coordinator {
     /// store; with PostgreSQL, nothing is opened until [`serve`](Self::serve)
     /// holds a shard's lease.
     pub async fn open(config: Config) -> Result<Coordinator> {
+        let tls = match &config.tls {
+            Some(files) => {
+                let server = ServerTls::new(files.clone())?;
+                // Replicas recognise each other by this identity.
+                let me = server.identity();
+                let peers = ClientTls::new(files.clone(), Some(me.id.clone()))?;
+                tracing::info!(identity = %me, "serving mutual TLS");
+                Some((server, peers))
+            }
+            None => {
+                if config.authorization.configured() {
+                    return Err(Error::FailedPrecondition(
+                        "[authorization] needs TLS: without tls_cert, tls_key and tls_ca nobody's identity is known".into(),
+                    ));
+                }
+                tracing::warn!(
+                    listen = %config.listen,
+                    "serving plaintext gRPC WITHOUT TLS: any client that reaches this port can act for any service; set tls_cert, tls_key and tls_ca (README: Securing Tandem)"
+                );
+                None
+            }
+        };
         let sessions = Arc::new(Sessions::default());
         let embedded = match config.store {
             Store::Embedded => {
@@ -135,6 +160,7 @@ impl Coordinator {
             embedded,
             sessions,
             metrics: None,
+            tls,
         })
     }
 
@@ -184,20 +210,29 @@ impl Coordinator {
         let (replicas, replicas_rx) = watch::channel(Vec::new());
         let (stopping, stopping_rx) = watch::channel(false);
         let stopping = Arc::new(stopping);
-        let cluster = Arc::new(Cluster::new(
-            roles_rx,
-            count,
-            self.sessions.clone(),
-            replicas_rx,
-            stopping_rx,
-            self.config.replication.lease,
-            advertise.clone(),
-        ));
-        let service = CoordinatorServer::new(CoordinatorService::with_cluster(
-            cluster.clone(),
-            self.config.max_message_bytes,
-            self.config.session_timeout,
-        ))
+        let cluster = Arc::new(
+            Cluster::new(
+                roles_rx,
+                count,
+                self.sessions.clone(),
+                replicas_rx,
+                stopping_rx,
+                self.config.replication.lease,
+                advertise.clone(),
+            )
+            .with_peer_tls(self.tls.as_ref().map(|(_, c)| c.clone())),
+        );
+        let service = CoordinatorServer::new(
+            CoordinatorService::with_cluster(
+                cluster.clone(),
+                self.config.max_message_bytes,
+                self.config.session_timeout,
+            )
+            .with_authorization(
+                self.tls.as_ref().map(|(s, _)| s.identity()),
+                self.config.authorization.clone(),
+            ),
+        )
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
         let router = tandem_proto::with_reflection(
@@ -214,11 +249,19 @@ impl Coordinator {
                 async move { crate::metrics::render(&cluster).await }
             }))
         });
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let stopped = async {
             let _ = server_stopped.await;
-        }));
+        };
+        let server = match &self.tls {
+            Some((tls, _)) => {
+                tokio::spawn(router.serve_with_incoming_shutdown(tls.incoming(listener), stopped))
+            }
+            None => {
+                let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stopped))
+            }
+        };
         let ended = match self.embedded {
             Some(e) => serve_embedded(&self.config, e, &roles, &health, shutdown).await,
             None => {

@@ -11,6 +11,7 @@ use tandem_proto::coordinator as pb;
 use tandem_storage::{Log, Record};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::authz::{Action, Authorization, Caller};
 use crate::broker::Outgoing;
 use crate::cluster::{Cluster, Target, forwarded, was_forwarded};
 use crate::consumer::{StartFrom, Subscription};
@@ -20,6 +21,7 @@ use crate::statelog::now_ms;
 use crate::transactions::MARKER_HEADER;
 use crate::wire::headers_from_wire;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tandem_runtime::tls::Identity;
 use tonic::transport::Channel;
 
 pub(crate) use tandem_runtime::{check_group, check_id};
@@ -99,6 +101,10 @@ pub struct CoordinatorService<L> {
     cluster: Arc<Cluster<L>>,
     max_message_bytes: usize,
     default_session_timeout: Duration,
+    /// This replica's identity when it serves TLS (`None`: plaintext, and
+    /// nothing is checked).
+    identity: Option<Identity>,
+    authorization: Authorization,
 }
 
 impl<L: Log + Clone> CoordinatorService<L> {
@@ -112,7 +118,32 @@ impl<L: Log + Clone> CoordinatorService<L> {
             cluster,
             max_message_bytes,
             default_session_timeout,
+            identity: None,
+            authorization: Authorization::new(None),
         }
+    }
+
+    /// Checks callers against `authorization` when this replica serves TLS
+    /// with `identity`.
+    pub(crate) fn with_authorization(
+        mut self,
+        identity: Option<Identity>,
+        authorization: Authorization,
+    ) -> Self {
+        self.identity = identity;
+        self.authorization = authorization;
+        self
+    }
+
+    /// Who sent `req` (UNAUTHENTICATED for a certificate that names nobody;
+    /// PERMISSION_DENIED for a forwarded call not from a replica).
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        crate::authz::caller(req, self.identity.as_ref(), was_forwarded(req))
+    }
+
+    /// Allows `action` to `caller`, or refuses as PERMISSION_DENIED.
+    fn allow(&self, caller: &Caller, action: Action<'_>) -> Result<(), Status> {
+        self.authorization.allow(caller, action)
     }
 
     /// Where requests about topic `name` go.
@@ -331,8 +362,10 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::CreateTopicRequest>,
     ) -> Result<Response<pb::CreateTopicResponse>, Status> {
+        let caller = self.caller(&req)?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
+        self.allow(&caller, Action::Create(&req.name))?;
         let broker = here_or_forward!(
             self,
             self.for_topic(&req.name, fwd).await?,
@@ -347,6 +380,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::ListTopicsRequest>,
     ) -> Result<Response<pb::ListTopicsResponse>, Status> {
+        self.allow(&self.caller(&req)?, Action::Describe)?;
         // The topics of the shards served here, and those of every other
         // owner (asked for theirs only).
         let others = if was_forwarded(&req) {
@@ -384,6 +418,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::DescribeTopicRequest>,
     ) -> Result<Response<pb::DescribeTopicResponse>, Status> {
+        self.allow(&self.caller(&req)?, Action::Describe)?;
         let fwd = was_forwarded(&req);
         let name = req.into_inner().name;
         required("name", &name)?;
@@ -453,9 +488,11 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::PublishRequest>,
     ) -> Result<Response<pb::PublishResponse>, Status> {
+        let caller = self.caller(&req)?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         let topic = required("topic", &req.topic)?;
+        self.allow(&caller, Action::Publish(topic))?;
         if topic.starts_with("__") {
             return Err(Error::invalid(
                 "topic",
@@ -502,6 +539,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<Streaming<pb::ConsumeRequest>>,
     ) -> Result<Response<ConsumeStream>, Status> {
+        let caller = self.caller(&req)?;
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| {
             Status::from(Error::invalid(
@@ -524,6 +562,13 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             .await?;
         let meta = broker.topic(topic)?;
         check_group("subscribe.group", &sub.group)?;
+        self.allow(
+            &caller,
+            Action::Consume {
+                topic,
+                group: &sub.group,
+            },
+        )?;
         let session_timeout = match sub.session_timeout_ms {
             0 => self.default_session_timeout,
             ms @ 1_000..=300_000 => Duration::from_millis(u64::from(ms)),
@@ -582,10 +627,13 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let caller = self.caller(&req)?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         check_id("service", &req.service)?;
         let topic = required("topic", &req.topic)?;
+        self.allow(&caller, Action::ActFor(&req.service))?;
+        self.allow(&caller, Action::Publish(topic))?;
         let broker = here_or_forward!(self, self.for_topic(topic, fwd).await?, req, prepare);
         let txn_id = if req.txn_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
@@ -656,9 +704,11 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::EndTransactionRequest>,
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
+        let caller = self.caller(&req)?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         end_request(&req)?;
+        self.allow(&caller, Action::ActFor(&req.service))?;
         let broker = here_or_forward!(self, self.for_txn(&req.txn_id, fwd).await?, req, commit);
         Ok(Response::new(
             detached(async move { broker.txns.commit(&req.service, &req.txn_id).await }).await?,
@@ -669,9 +719,11 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::EndTransactionRequest>,
     ) -> Result<Response<pb::EndTransactionResponse>, Status> {
+        let caller = self.caller(&req)?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         end_request(&req)?;
+        self.allow(&caller, Action::ActFor(&req.service))?;
         let broker = here_or_forward!(self, self.for_txn(&req.txn_id, fwd).await?, req, rollback);
         Ok(Response::new(
             detached(async move { broker.txns.rollback(&req.service, &req.txn_id).await }).await?,
@@ -682,6 +734,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::TransactRequest>,
     ) -> Result<Response<pb::TransactResponse>, Status> {
+        let caller = self.caller(&req)?;
         use pb::transact_item::Kind;
         let fwd = was_forwarded(&req);
         let items = req.into_inner().items;
@@ -706,15 +759,24 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             Default::default();
         // Routed all at once: one item waiting for its shard's owner (or
         // for the store to say where a transaction lives) holds up no other.
+        // (Each item is authorised here; the owner trusts a replica.)
+        let caller = &caller;
         let targets =
             futures_util::future::join_all(items.iter().enumerate().map(|(i, item)| async move {
                 match &item.kind {
                     Some(Kind::Prepare(p)) => match required("topic", &p.topic) {
-                        Ok(t) => self.for_topic(t, fwd).await,
+                        Ok(t) => {
+                            self.allow(caller, Action::ActFor(&p.service))?;
+                            self.allow(caller, Action::Publish(t))?;
+                            self.for_topic(t, fwd).await
+                        }
                         Err(e) => Err(e.into()),
                     },
                     Some(Kind::Commit(e) | Kind::Rollback(e)) => match end_request(e) {
-                        Ok(()) => self.for_txn(&e.txn_id, fwd).await,
+                        Ok(()) => {
+                            self.allow(caller, Action::ActFor(&e.service))?;
+                            self.for_txn(&e.txn_id, fwd).await
+                        }
                         Err(e) => Err(e.into()),
                     },
                     None => Err(Status::invalid_argument(format!(
@@ -800,22 +862,30 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::GetTransactionRequest>,
     ) -> Result<Response<pb::Transaction>, Status> {
+        let caller = self.caller(&req)?;
         let fwd = was_forwarded(&req);
         let id = req.into_inner().txn_id;
         check_id("txn_id", &id)?;
-        let broker = here_or_forward!(
-            self,
-            self.for_txn(&id, fwd).await?,
-            pb::GetTransactionRequest { txn_id: id },
-            get_transaction
-        );
-        Ok(Response::new(broker.txns.get(&id).await?))
+        let txn = match self.for_txn(&id, fwd).await? {
+            Target::Here(broker) => broker.txns.get(&id).await?,
+            Target::There(owner) => self
+                .forward(
+                    owner,
+                    pb::GetTransactionRequest { txn_id: id },
+                    |mut c, r| async move { c.get_transaction(r).await },
+                )
+                .await?
+                .into_inner(),
+        };
+        self.allow(&caller, Action::ActFor(&txn.service))?;
+        Ok(Response::new(txn))
     }
 
     async fn get_stats(
         &self,
         req: Request<pb::GetStatsRequest>,
     ) -> Result<Response<pb::Stats>, Status> {
+        self.allow(&self.caller(&req)?, Action::Describe)?;
         // The counters of every shard, here and at the other owners.
         let others = if was_forwarded(&req) {
             Vec::new()
@@ -855,10 +925,12 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::StartSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
+        let caller = self.caller(&req)?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         check_id("saga_id", &req.saga_id)?;
         check_id("service", &req.service)?;
+        self.allow(&caller, Action::ActFor(&req.service))?;
         let broker = here_or_forward!(
             self,
             self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
@@ -881,6 +953,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
+        self.allow(&self.caller(&req)?, Action::Describe)?;
         let fwd = was_forwarded(&req);
         let id = req.into_inner().saga_id;
         check_id("saga_id", &id)?;
@@ -897,6 +970,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::ListSagasRequest>,
     ) -> Result<Response<pb::ListSagasResponse>, Status> {
+        self.allow(&self.caller(&req)?, Action::Operate("ListSagas"))?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         let status = crate::saga_wire::status_from_wire(req.status)?;
@@ -923,6 +997,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::ListTransactionsRequest>,
     ) -> Result<Response<pb::ListTransactionsResponse>, Status> {
+        self.allow(&self.caller(&req)?, Action::Operate("ListTransactions"))?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         let state = match pb::TransactionState::try_from(req.state) {
@@ -990,6 +1065,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::ReadMessagesRequest>,
     ) -> Result<Response<pb::ReadMessagesResponse>, Status> {
+        self.allow(&self.caller(&req)?, Action::Operate("ReadMessages"))?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         required("topic", &req.topic)?;
@@ -1026,6 +1102,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::FindMessageRequest>,
     ) -> Result<Response<pb::StoredMessage>, Status> {
+        self.allow(&self.caller(&req)?, Action::Operate("FindMessage"))?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         required("topic", &req.topic)?;
@@ -1045,6 +1122,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::ResetOffsetsRequest>,
     ) -> Result<Response<pb::ResetOffsetsResponse>, Status> {
+        self.allow(&self.caller(&req)?, Action::Operate("ResetOffsets"))?;
         use crate::inspect::ResetTo;
         use pb::reset_offsets_request::To;
         let fwd = was_forwarded(&req);
@@ -1080,6 +1158,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::AddPartitionsRequest>,
     ) -> Result<Response<pb::AddPartitionsResponse>, Status> {
+        self.allow(&self.caller(&req)?, Action::Operate("AddPartitions"))?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         required("name", &req.name)?;
@@ -1100,6 +1179,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::DeleteTopicRequest>,
     ) -> Result<Response<pb::DeleteTopicResponse>, Status> {
+        self.allow(&self.caller(&req)?, Action::Operate("DeleteTopic"))?;
         let fwd = was_forwarded(&req);
         let req = req.into_inner();
         required("name", &req.name)?;
@@ -1119,6 +1199,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<Streaming<pb::SessionRequest>>,
     ) -> Result<Response<SessionStream>, Status> {
+        let caller = self.caller(&req)?;
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| {
             Status::from(Error::invalid("hello", "the stream ended before Hello"))
@@ -1129,6 +1210,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             );
         };
         check_id("hello.service", &hello.service)?;
+        self.allow(&caller, Action::ActFor(&hello.service))?;
         // Sessions belong to the replica, whichever shards it serves:
         // check-backs and branch calls of each of them go down them.
         let (tx, rx) = tokio::sync::mpsc::channel(256);

@@ -177,10 +177,11 @@ fn service_link(key: &str) -> bool {
 
 /// The `TANDEM_*` variables that are not the coordinator's settings: the
 /// sidecar's (`TANDEM_SIDECAR_*`), the `tandem` command's
-/// (`TANDEM_COORDINATOR`), fault points, and the test command's.
+/// (`TANDEM_COORDINATOR`, `TANDEM_CLI_*`), fault points, and the test command's.
 pub const OTHER_TANDEM_VARIABLES: &[&str] = &[
     "SIDECAR_*",
     "COORDINATOR",
+    "CLI_*",
     "FAILPOINTS",
     "TEST_*",
     "REQUIRE_*",

@@ -104,6 +104,36 @@ const KEYS: &[Setting] = &[
     tandem_runtime::settings::METRICS_LISTEN,
     tandem_runtime::telemetry::OTLP_ENDPOINT,
     Setting {
+        key: "tls_cert",
+        kind: Kind::Str,
+        default: None,
+        help: "PEM certificate chain this sidecar presents to the coordinator (with tls_key and tls_ca: mutual TLS, https:// URLs); its URI or DNS SAN must name the service",
+    },
+    Setting {
+        key: "tls_key",
+        kind: Kind::Str,
+        default: None,
+        help: "PEM private key of tls_cert",
+    },
+    Setting {
+        key: "tls_ca",
+        kind: Kind::Str,
+        default: None,
+        help: "PEM CA bundle that signs the coordinator's certificate",
+    },
+    Setting {
+        key: "coordinator_identity",
+        kind: Kind::Str,
+        default: None,
+        help: "a coordinator certificate naming this identity (URI or DNS SAN, or its service name) is accepted whatever address was dialled [default: the certificate must be valid for the host dialled]",
+    },
+    Setting {
+        key: "allow_remote_app",
+        kind: Kind::Str,
+        default: Some("false"),
+        help: "true: listen and app may be addresses other than loopback (the app hop is plaintext: only on a network you trust)",
+    },
+    Setting {
         key: "worker_threads",
         kind: Kind::Int,
         default: Some("1"),
@@ -128,6 +158,11 @@ struct Raw {
     log_format: Option<String>,
     metrics_listen: Option<String>,
     otlp_endpoint: Option<String>,
+    tls_cert: Option<String>,
+    tls_key: Option<String>,
+    tls_ca: Option<String>,
+    coordinator_identity: Option<String>,
+    allow_remote_app: Option<String>,
     worker_threads: Option<u64>,
 }
 
@@ -176,6 +211,10 @@ pub struct Config {
     pub otlp_endpoint: Option<String>,
     /// Threads of the async runtime; `None`: one per CPU.
     pub worker_threads: Option<usize>,
+    /// Mutual TLS to the coordinator (`None`: plaintext).
+    pub tls: Option<tandem_runtime::tls::TlsFiles>,
+    /// A coordinator certificate naming this is accepted at any address.
+    pub coordinator_identity: Option<String>,
 }
 
 impl Default for Config {
@@ -240,6 +279,21 @@ fn url(key: &'static str, v: String) -> Result<String, ConfigError> {
     }
 }
 
+/// Whether an `http://` URL's host is a loopback address or `localhost`.
+fn loopback_url(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host = match authority.rsplit_once(':') {
+        Some((h, p)) if p.chars().all(|c| c.is_ascii_digit()) => h,
+        _ => authority,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 impl Raw {
     fn check(self) -> Result<Config, ConfigError> {
         let invalid = ConfigError::invalid;
@@ -271,15 +325,56 @@ impl Raw {
                 std::process::id()
             )
         });
+        let tls = tandem_runtime::tls::TlsFiles::from_settings(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_ca.as_deref(),
+            ["tls_cert", "tls_key", "tls_ca"],
+        )
+        .map_err(|e| ConfigError::Parse {
+            origin: "settings".into(),
+            message: e.to_string(),
+        })?;
+        let coordinator = self
+            .coordinator
+            .unwrap_or_else(|| "http://127.0.0.1:7400".into())
+            .split(',')
+            .map(|u| url("coordinator", u.trim().to_owned()))
+            .collect::<Result<Vec<_>, _>>()?;
+        for u in &coordinator {
+            tandem_runtime::tls::check_scheme("coordinator", u, tls.is_some())
+                .map_err(|e| invalid("coordinator", u, &e.to_string()))?;
+        }
+        let allow_remote_app = match self.allow_remote_app.as_deref().map(str::trim) {
+            None | Some("false") => false,
+            Some("true") => true,
+            Some(v) => return Err(invalid("allow_remote_app", &v, "expected true or false")),
+        };
+        let app = self.app.map(|a| url("app", a)).transpose()?;
+        if !allow_remote_app {
+            if !listen.ip().is_loopback() {
+                return Err(invalid(
+                    "listen",
+                    &listen_s,
+                    "the app's calls are plaintext: listen on a loopback address (127.0.0.1, [::1]), or set allow_remote_app = true on a network you trust",
+                ));
+            }
+            if let Some(a) = &app
+                && !loopback_url(a)
+            {
+                return Err(invalid(
+                    "app",
+                    a,
+                    "callbacks are plaintext: the app must be on a loopback address (127.0.0.1, [::1], localhost), or set allow_remote_app = true on a network you trust",
+                ));
+            }
+        }
         Ok(Config {
             listen,
-            coordinator: self
-                .coordinator
-                .unwrap_or_else(|| "http://127.0.0.1:7400".into())
-                .split(',')
-                .map(|u| url("coordinator", u.trim().to_owned()))
-                .collect::<Result<Vec<_>, _>>()?,
-            app: self.app.map(|a| url("app", a)).transpose()?,
+            coordinator,
+            app,
+            tls,
+            coordinator_identity: self.coordinator_identity.filter(|v| !v.trim().is_empty()),
             db: self.db.unwrap_or_else(|| "./tandem-sidecar.db".into()),
             instance,
             service,
@@ -400,6 +495,37 @@ mod tests {
         assert!(bad("handler_timeout_ms=0").contains("handler_timeout_ms"));
         assert!(bad("colour=blue").contains("colour"));
         assert!(bad("worker_threads=257").contains("worker_threads"));
+        assert!(bad("listen=0.0.0.0:7410").contains("loopback"));
+        assert!(bad("app=http://10.1.2.3:9000").contains("loopback"));
+        assert!(bad("coordinator=https://127.0.0.1:7400").contains("no TLS"));
+        assert!(bad("tls_cert=/c.pem").contains("tls_key and tls_ca must be set"));
+    }
+
+    #[test]
+    fn the_app_hop_stays_on_loopback_unless_allowed() -> Result<(), ConfigError> {
+        for ok in [
+            "http://127.0.0.1:9000",
+            "http://localhost:9000",
+            "http://[::1]:9000/",
+        ] {
+            assert!(loopback_url(ok), "{ok}");
+        }
+        for remote in [
+            "http://10.0.0.1:9000",
+            "http://app.shop.svc:9000",
+            "http://127.0.0.1.nip.io:9000",
+        ] {
+            assert!(!loopback_url(remote), "{remote}");
+        }
+        let args = SidecarArgs {
+            listen: Some("0.0.0.0:7410".into()),
+            app: Some("http://10.0.0.1:9000".into()),
+            set: vec!["allow_remote_app=true".into()],
+            ..SidecarArgs::default()
+        };
+        let c = Config::load(&args, Vec::new())?;
+        assert!(!c.listen.ip().is_loopback());
+        Ok(())
     }
 
     #[test]

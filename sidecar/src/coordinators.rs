@@ -20,10 +20,11 @@
 //! coordinator deduplicates.
 
 use std::future::Future;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
+use tandem_runtime::tls::ClientTls;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Response, Status};
 
@@ -61,6 +62,8 @@ pub(crate) struct Coordinators {
     /// Streams about one topic go to the replica that owns its shard, once
     /// a refusal named it; by topic.
     routes: Mutex<std::collections::HashMap<String, (String, CoordinatorClient<Channel>)>>,
+    /// Mutual TLS to every replica (`None`: plaintext).
+    tls: Option<Arc<ClientTls>>,
 }
 
 /// The replica a stream about one topic is opened with.
@@ -79,24 +82,29 @@ impl std::fmt::Debug for Coordinators {
     }
 }
 
-pub(crate) fn client(url: &str) -> Result<CoordinatorClient<Channel>> {
+/// A client of the replica at `url`, over mutual TLS with `tls`.
+pub(crate) fn client(
+    url: &str,
+    tls: Option<&Arc<ClientTls>>,
+) -> Result<CoordinatorClient<Channel>> {
     let max = tandem_runtime::MAX_REQUEST_BYTES;
+    tandem_runtime::tls::check_scheme("coordinator", url, tls.is_some())
+        .map_err(|e| Error::invalid("coordinator", e.to_string()))?;
     let endpoint = Endpoint::from_shared(url.to_owned())
-        .map_err(|e| Error::invalid("coordinator", format!("{url}: {e}")))?;
-    Ok(CoordinatorClient::new(
-        endpoint
-            .tcp_nodelay(true)
-            // A connection that died silently (a black-holed network, a
-            // peer that vanished) is noticed within seconds, not after the
-            // kernel's TCP timeout: sessions reconnect instead of stalling.
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(Duration::from_secs(2))
-            .keep_alive_timeout(Duration::from_secs(3))
-            .keep_alive_while_idle(true)
-            .connect_lazy(),
+        .map_err(|e| Error::invalid("coordinator", format!("{url}: {e}")))?
+        .tcp_nodelay(true)
+        // A connection that died silently (a black-holed network, a
+        // peer that vanished) is noticed within seconds, not after the
+        // kernel's TCP timeout: sessions reconnect instead of stalling.
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(2))
+        .keep_alive_timeout(Duration::from_secs(3))
+        .keep_alive_while_idle(true);
+    Ok(
+        CoordinatorClient::new(tandem_runtime::tls::lazy_channel(endpoint, tls))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
     )
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max))
 }
 
 /// `http://host:port` split into host and port.
@@ -113,13 +121,13 @@ fn host_port(url: &str) -> Option<(&str, u16)> {
 impl Coordinators {
     /// The replicas named by `urls` (not resolved yet: the first failure
     /// of all of them resolves names).
-    pub(crate) fn new(urls: &[String]) -> Result<Coordinators> {
+    pub(crate) fn new(urls: &[String], tls: Option<Arc<ClientTls>>) -> Result<Coordinators> {
         let replicas = urls
             .iter()
             .map(|u| {
                 Ok(Replica {
                     url: u.clone(),
-                    client: client(u)?,
+                    client: client(u, tls.as_ref())?,
                     learnt: false,
                 })
             })
@@ -133,7 +141,21 @@ impl Coordinators {
                 failures: 0,
             }),
             routes: Mutex::default(),
+            tls,
         })
+    }
+
+    /// The URL of the replica at `addr` (`host:port`).
+    pub(crate) fn url_of(&self, addr: &str) -> String {
+        format!(
+            "{}://{addr}",
+            tandem_runtime::tls::scheme(self.tls.is_some())
+        )
+    }
+
+    /// A client of the replica at `url`.
+    pub(crate) fn connect(&self, url: &str) -> Result<CoordinatorClient<Channel>> {
+        client(url, self.tls.as_ref())
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -175,9 +197,9 @@ impl Coordinators {
             .metadata()
             .get(OWNER)
             .and_then(|v| v.to_str().ok())
-            .map(|a| format!("http://{a}"));
+            .map(|a| self.url_of(a));
         if let Some(url) = owner
-            && let Ok(c) = client(&url)
+            && let Ok(c) = self.connect(&url)
         {
             tracing::debug!(topic = %key, coordinator = %url, "streams of this topic go to its owner");
             self.routes
@@ -213,7 +235,7 @@ impl Coordinators {
             .metadata()
             .get(OWNER)
             .and_then(|v| v.to_str().ok())
-            .map(|a| format!("http://{a}"));
+            .map(|a| self.url_of(a));
         let round_over = {
             let mut s = self.state();
             if s.moves != ticket {
@@ -227,7 +249,7 @@ impl Coordinators {
                 s.failures = 0;
                 match s.replicas.iter().position(|r| r.url == owner) {
                     Some(i) => s.current = i,
-                    None => match client(&owner) {
+                    None => match self.connect(&owner) {
                         Ok(c) => {
                             tracing::info!(coordinator = %owner, "coordinator named as the lease holder added");
                             s.replicas.push(Replica {
@@ -279,7 +301,7 @@ impl Coordinators {
                 if s.replicas.iter().any(|r| r.url == u) {
                     continue;
                 }
-                if let Ok(c) = client(&u) {
+                if let Ok(c) = self.connect(&u) {
                     tracing::info!(coordinator = %u, name = %host, "coordinator address resolved");
                     s.replicas.push(Replica {
                         url: u,
@@ -382,7 +404,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_named_holder_is_used_next_and_added_when_unknown() -> Result<()> {
-        let c = Coordinators::new(&["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()])?;
+        let c = Coordinators::new(
+            &["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            None,
+        )?;
         assert!(!c.fails(&refusal("127.0.0.1:2")).await);
         assert_eq!(c.current(), "http://127.0.0.1:2");
         assert!(!c.fails(&refusal("127.0.0.1:3")).await);
@@ -410,7 +435,10 @@ mod tests {
     /// failed replica was forgotten and another took its place in the list.
     #[tokio::test]
     async fn reports_of_one_failed_choice_count_once() -> Result<()> {
-        let c = Coordinators::new(&["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()])?;
+        let c = Coordinators::new(
+            &["http://127.0.0.1:1".into(), "http://127.0.0.1:2".into()],
+            None,
+        )?;
         assert!(!c.fails(&refusal("127.0.0.1:3")).await);
         assert!(!c.fails(&refusal("127.0.0.1:4")).await);
         assert!(!c.fails(&refusal("127.0.0.1:3")).await);

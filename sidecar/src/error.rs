@@ -56,6 +56,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(String),
+    /// The TLS files cannot be used, or do not name this service.
+    #[error(transparent)]
+    Tls(#[from] tandem_runtime::tls::TlsError),
 }
 
 /// Result alias of this crate.
@@ -87,7 +90,8 @@ impl From<Error> for tonic::Status {
             | Error::Inbox(_)
             | Error::Migrate(_)
             | Error::Bind { .. }
-            | Error::Serve(_) => {
+            | Error::Serve(_)
+            | Error::Tls(_) => {
                 tracing::error!(error = %e, "internal error");
                 tonic::Status::internal(e.to_string())
             }

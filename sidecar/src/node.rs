@@ -10,6 +10,7 @@ use tandem_proto::app::app_client::AppClient;
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;
+use tandem_runtime::tls::{ClientTls, TlsError};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Response, Status};
@@ -305,7 +306,23 @@ fn endpoint(url: &str) -> Result<Endpoint> {
 impl Node {
     pub(crate) fn new(config: Config, db: Db) -> Result<Node> {
         let max = tandem_runtime::MAX_REQUEST_BYTES;
-        let coordinators = Arc::new(Coordinators::new(&config.coordinator)?);
+        let tls = match &config.tls {
+            Some(files) => {
+                let tls = ClientTls::new(files.clone(), config.coordinator_identity.clone())?;
+                let me = tls.identity();
+                if me.name != config.service {
+                    return Err(TlsError::Settings(format!(
+                        "service {:?} does not match this sidecar's certificate, which names {me}: a sidecar acts only for the service its certificate names",
+                        config.service
+                    ))
+                    .into());
+                }
+                tracing::info!(identity = %me, "mutual TLS to the coordinator");
+                Some(tls)
+            }
+            None => None,
+        };
+        let coordinators = Arc::new(Coordinators::new(&config.coordinator, tls)?);
         let app = match &config.app {
             Some(url) => Some(
                 AppClient::new(endpoint(url)?.tcp_nodelay(true).connect_lazy())

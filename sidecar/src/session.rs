@@ -56,7 +56,7 @@ pub(crate) async fn run(node: Arc<Node>, mut shutdown: watch::Receiver<bool>) {
                     if each.contains_key(&addr) {
                         continue;
                     }
-                    let Ok(client) = crate::coordinators::client(&format!("http://{addr}")) else {
+                    let Ok(client) = node.coordinators.connect(&node.coordinators.url_of(&addr)) else {
                         tracing::warn!(coordinator = %addr, "a listed replica's address is not usable");
                         continue;
                     };
