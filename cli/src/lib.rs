@@ -5,6 +5,7 @@
 
 mod audit;
 mod bench;
+mod cert;
 mod clock;
 mod consume;
 mod demo;
@@ -15,6 +16,7 @@ mod topic;
 
 pub use audit::{AuditArgs, Problem, Report, audit, audit_report};
 pub use bench::{BenchArgs, Scenario, bench};
+pub use cert::{CertCommand, cert};
 pub use consume::{ConsumeArgs, consume};
 pub use demo::{DemoArgs, demo};
 pub use operate::{DlqCommand, GroupCommand, ReadArgs, TxnCommand, dlq, group, read, txn};
@@ -67,13 +69,25 @@ pub async fn connect(urls: &str) -> anyhow::Result<CoordinatorClient<Channel>> {
             Ok(c) => return Ok(c),
             Err(e) => e,
         };
-        if tokio::time::Instant::now() + pause > deadline {
+        if err.is::<NotPlaintext>() || tokio::time::Instant::now() + pause > deadline {
             return Err(err);
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(std::time::Duration::from_secs(1));
     }
 }
+
+/// A plaintext call reached a TLS port: trying again will not help.
+#[derive(Debug)]
+struct NotPlaintext(String);
+
+impl std::fmt::Display for NotPlaintext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for NotPlaintext {}
 
 async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClient<Channel>> {
     let mut queue: std::collections::VecDeque<String> = configured.iter().cloned().collect();
@@ -117,6 +131,15 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
                     queue.push_front(replica_url(owner));
                 }
                 last = anyhow::anyhow!("the coordinator at {url} does not serve: {}", s.message());
+            }
+            // A TLS port answering a plaintext HTTP/2 preface.
+            Err(s) if url.starts_with("http://") && s.message().contains("h2 protocol error") => {
+                // (Not retried: it will not change.)
+                return Err(NotPlaintext(format!(
+                    "the coordinator at {url} does not speak plaintext gRPC ({}): if it serves TLS, use https:// with --tls-cert, --tls-key and --tls-ca",
+                    s.message()
+                ))
+                .into());
             }
             // Any other answer comes from a replica that serves.
             Err(_) => return Ok(client),

@@ -6,8 +6,8 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 
 use tandem_cli::{
-    AuditArgs, BenchArgs, ConsumeArgs, DemoArgs, DlqCommand, GroupCommand, PublishArgs, ReadArgs,
-    SagaCommand, TopicCommand, TxnCommand,
+    AuditArgs, BenchArgs, CertCommand, ConsumeArgs, DemoArgs, DlqCommand, GroupCommand,
+    PublishArgs, ReadArgs, SagaCommand, TopicCommand, TxnCommand,
 };
 use tandem_coordinator::{Config, CoordinatorArgs};
 use tandem_sidecar::SidecarArgs;
@@ -67,6 +67,9 @@ enum Command {
     /// Saga inspection: list, show.
     #[command(subcommand)]
     Saga(SagaCommand),
+    /// Certificates for mutual TLS: a CA, and one per service.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Consumer groups: list with lag, reset offsets, replay from a time.
     #[command(subcommand)]
     Group(GroupCommand),
@@ -145,6 +148,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Topic(cmd) => tandem_cli::topic(&url, cmd, &mut std::io::stdout()).await,
         Command::Saga(cmd) => tandem_cli::saga(&url, cmd, &mut std::io::stdout()).await,
+        Command::Cert(cmd) => tandem_cli::cert(cmd, &mut std::io::stdout()),
         Command::Group(cmd) => tandem_cli::group(&url, cmd, &mut std::io::stdout()).await,
         Command::Read(args) => tandem_cli::read(&url, args, &mut std::io::stdout()).await,
         Command::Txn(cmd) => tandem_cli::txn(&url, cmd, &mut std::io::stdout()).await,

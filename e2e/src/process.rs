@@ -24,8 +24,10 @@ pub struct Process {
     name: String,
     child: Child,
     log: PathBuf,
-    /// Where it listens.
+    /// Where it listens (`0.0.0.0:0` when on a Unix socket).
     pub addr: SocketAddr,
+    /// Where it said it listens (`127.0.0.1:7410`, `unix:/run/s.sock`).
+    pub listening: String,
     /// The lines of standard output after the one saying where it listens.
     lines: std::sync::Mutex<mpsc::Receiver<String>>,
     /// Its metrics URL, once read.
@@ -77,6 +79,7 @@ impl Process {
             child,
             log,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listening: String::new(),
             lines: std::sync::Mutex::new(rx),
             metrics: std::sync::OnceLock::new(),
         };
@@ -88,10 +91,15 @@ impl Process {
                 Err(_) => bail!("{name} did not start within 30 s; log:\n{}", p.log_tail()),
             };
             if let Some((_, addr)) = line.split_once(" listening on ") {
-                p.addr = addr
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("{name} printed {line:?}"))?;
+                p.listening = addr.trim().to_owned();
+                if !p.listening.starts_with("unix:") {
+                    p.addr = p
+                        .listening
+                        .parse()
+                        .with_context(|| format!("{name} printed {line:?}"))?;
+                } else {
+                    p.addr = SocketAddr::from(([0, 0, 0, 0], 0));
+                }
                 return Ok(p);
             }
         }

@@ -9,6 +9,7 @@ pub mod settings;
 mod signal;
 pub mod telemetry;
 pub mod tls;
+pub mod unix;
 
 pub use ids::{InvalidField, MAX_ID_LEN, check_group, check_id};
 pub use logging::{LogFormat, init_tracing};

@@ -347,10 +347,7 @@ struct Loaded<T> {
 }
 
 impl<T> Reloading<T> {
-    fn new(
-        files: TlsFiles,
-        build: Build<T>,
-    ) -> Result<Reloading<T>, TlsError> {
+    fn new(files: TlsFiles, build: Build<T>) -> Result<Reloading<T>, TlsError> {
         let (raw, material) = Material::load(&files)?;
         let value = Arc::new(build(&material)?);
         Ok(Reloading {

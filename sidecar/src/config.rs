@@ -177,11 +177,29 @@ const MAX_HANDLER_TIMEOUT_MS: u64 = 300_000 - 15_000;
 /// (measured with `tandem bench sidecar`: see BENCHMARKS.md).
 const DEFAULT_WORKER_THREADS: u64 = 1;
 
+/// Where the sidecar serves its app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// A TCP address (loopback unless `allow_remote_app`).
+    Tcp(SocketAddr),
+    /// A Unix domain socket (`unix:PATH`).
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Listen::Tcp(a) => write!(f, "{a}"),
+            Listen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
 /// The checked sidecar settings.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// Address the app calls.
-    pub listen: SocketAddr,
+    /// Where the app calls.
+    pub listen: Listen,
     /// The coordinator replicas' URLs (one for a single coordinator).
     pub coordinator: Vec<String>,
     /// The service this sidecar serves; it owns the transactions it starts.
@@ -268,19 +286,28 @@ impl Config {
 }
 
 fn url(key: &'static str, v: String) -> Result<String, ConfigError> {
-    if v.starts_with("http://") || v.starts_with("https://") {
+    let socket = key == "app" && tandem_runtime::unix::socket_path(&v).is_some();
+    if v.starts_with("http://") || v.starts_with("https://") || socket {
         Ok(v)
     } else {
         Err(ConfigError::invalid(
             key,
             &v,
-            "expected an http:// or https:// URL",
+            if key == "app" {
+                "expected an http:// URL or unix:PATH"
+            } else {
+                "expected an http:// or https:// URL"
+            },
         ))
     }
 }
 
-/// Whether an `http://` URL's host is a loopback address or `localhost`.
+/// Whether an `http://` URL's host is a loopback address or `localhost`,
+/// or the URL names a Unix socket.
 fn loopback_url(url: &str) -> bool {
+    if tandem_runtime::unix::socket_path(url).is_some() {
+        return true;
+    }
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split('/').next().unwrap_or_default();
     let host = match authority.rsplit_once(':') {
@@ -298,7 +325,12 @@ impl Raw {
     fn check(self) -> Result<Config, ConfigError> {
         let invalid = ConfigError::invalid;
         let listen_s = self.listen.unwrap_or_else(|| "127.0.0.1:7410".into());
-        let listen = tandem_runtime::settings::listen_address("listen", &listen_s)?;
+        let listen = match tandem_runtime::unix::socket_path(&listen_s) {
+            Some(path) => Listen::Unix(path),
+            None => Listen::Tcp(tandem_runtime::settings::listen_address(
+                "listen", &listen_s,
+            )?),
+        };
         let service = self.service.unwrap_or_else(|| "app".into());
         tandem_runtime::check_id("service", &service)
             .map_err(|e| invalid("service", &service, &e.to_string()))?;
@@ -352,11 +384,11 @@ impl Raw {
         };
         let app = self.app.map(|a| url("app", a)).transpose()?;
         if !allow_remote_app {
-            if !listen.ip().is_loopback() {
+            if matches!(listen, Listen::Tcp(a) if !a.ip().is_loopback()) {
                 return Err(invalid(
                     "listen",
                     &listen_s,
-                    "the app's calls are plaintext: listen on a loopback address (127.0.0.1, [::1]), or set allow_remote_app = true on a network you trust",
+                    "the app's calls are plaintext: listen on a loopback address (127.0.0.1, [::1]) or a Unix socket (unix:PATH), or set allow_remote_app = true on a network you trust",
                 ));
             }
             if let Some(a) = &app
@@ -365,7 +397,7 @@ impl Raw {
                 return Err(invalid(
                     "app",
                     a,
-                    "callbacks are plaintext: the app must be on a loopback address (127.0.0.1, [::1], localhost), or set allow_remote_app = true on a network you trust",
+                    "callbacks are plaintext: the app must be on a loopback address (127.0.0.1, [::1], localhost) or a Unix socket (unix:PATH), or set allow_remote_app = true on a network you trust",
                 ));
             }
         }
@@ -524,7 +556,15 @@ mod tests {
             ..SidecarArgs::default()
         };
         let c = Config::load(&args, Vec::new())?;
-        assert!(!c.listen.ip().is_loopback());
+        assert_eq!(c.listen.to_string(), "0.0.0.0:7410");
+        let args = SidecarArgs {
+            listen: Some("unix:/run/tandem/sidecar.sock".into()),
+            app: Some("unix:/run/tandem/app.sock".into()),
+            ..SidecarArgs::default()
+        };
+        let c = Config::load(&args, Vec::new())?;
+        assert_eq!(c.listen, Listen::Unix("/run/tandem/sidecar.sock".into()));
+        assert_eq!(c.app.as_deref(), Some("unix:/run/tandem/app.sock"));
         Ok(())
     }
 

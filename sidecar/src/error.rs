@@ -53,6 +53,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The Unix socket could not be bound.
+    #[error("cannot listen on unix:{}: {source}", path.display())]
+    BindSocket {
+        /// The socket's path.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The gRPC server failed.
     #[error("gRPC server failed: {0}")]
     Serve(String),
@@ -90,6 +99,7 @@ impl From<Error> for tonic::Status {
             | Error::Inbox(_)
             | Error::Migrate(_)
             | Error::Bind { .. }
+            | Error::BindSocket { .. }
             | Error::Serve(_)
             | Error::Tls(_) => {
                 tracing::error!(error = %e, "internal error");

@@ -27,7 +27,7 @@ mod session;
 mod subscription;
 mod transact;
 
-pub use config::{Config, SidecarArgs};
+pub use config::{Config, Listen, SidecarArgs};
 pub use db::{Admission, Admit, ClaimRequest, Db, InboxRow, TableState};
 pub use delivery::{REDRIVE_GROUP_HEADER, REDRIVE_TOPIC_HEADER};
 pub use error::{Error, Result};

@@ -324,11 +324,17 @@ impl Node {
         };
         let coordinators = Arc::new(Coordinators::new(&config.coordinator, tls)?);
         let app = match &config.app {
-            Some(url) => Some(
-                AppClient::new(endpoint(url)?.tcp_nodelay(true).connect_lazy())
-                    .max_decoding_message_size(max)
-                    .max_encoding_message_size(max),
-            ),
+            Some(url) => {
+                let channel = match tandem_runtime::unix::socket_path(url) {
+                    Some(path) => tandem_runtime::unix::lazy_channel(path),
+                    None => endpoint(url)?.tcp_nodelay(true).connect_lazy(),
+                };
+                Some(
+                    AppClient::new(channel)
+                        .max_decoding_message_size(max)
+                        .max_encoding_message_size(max),
+                )
+            }
             None => None,
         };
         Ok(Node {

@@ -13,7 +13,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::api::SidecarService;
-use crate::config::Config;
+use crate::config::{Config, Listen};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::node::Node;
@@ -37,14 +37,20 @@ pub async fn serve_with_metrics(
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    serve_when_ready(config, listener, metrics, shutdown, || {}).await
+    serve_when_ready(config, Bound::Tcp(listener), metrics, shutdown, || {}).await
+}
+
+/// The socket the app calls the sidecar on.
+enum Bound {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener),
 }
 
 /// [`serve_with_metrics`], calling `ready` once the app's database is
 /// reached and migrated, before it serves anything.
 async fn serve_when_ready(
     config: Config,
-    listener: TcpListener,
+    listener: Bound,
     metrics: Option<TcpListener>,
     shutdown: impl Future<Output = ()> + Send,
     ready: impl FnOnce(),
@@ -104,18 +110,29 @@ async fn serve_when_ready(
             async move { text }
         }))
     });
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let subs = subscriptions.clone();
-    let served = router
-        .serve_with_incoming_shutdown(incoming, async move {
-            shutdown.await;
-            tracing::info!("shutting down");
-            health
-                .set_not_serving::<SidecarServer<SidecarService>>()
-                .await;
-            subs.stop_all().await;
-        })
-        .await;
+    let stopping = async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        health
+            .set_not_serving::<SidecarServer<SidecarService>>()
+            .await;
+        subs.stop_all().await;
+    };
+    let served = match listener {
+        Bound::Tcp(listener) => {
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            router
+                .serve_with_incoming_shutdown(incoming, stopping)
+                .await
+        }
+        Bound::Unix(listener) => {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, stopping)
+                .await
+        }
+    };
     // Calls already in the app run to their end and record their dedup row
     // (at most the handler timeout): exiting first would leave effects
     // without records, handled again by whoever gets the messages next.
@@ -183,13 +200,26 @@ pub fn run_process(program: &str, args: &crate::SidecarArgs) -> std::process::Ex
 /// Binds `config.listen`, says where it listens on standard output, and
 /// serves until `shutdown`.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<()> {
-    let addr = config.listen;
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Bind { addr, source })?;
-    let local = listener
-        .local_addr()
-        .map_err(|source| Error::Bind { addr, source })?;
+    let (listener, local) = match &config.listen {
+        Listen::Tcp(addr) => {
+            let addr = *addr;
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| Error::Bind { addr, source })?;
+            let local = listener
+                .local_addr()
+                .map_err(|source| Error::Bind { addr, source })?;
+            (Bound::Tcp(listener), Listen::Tcp(local).to_string())
+        }
+        Listen::Unix(path) => {
+            let listener =
+                tandem_runtime::unix::bind(path).map_err(|source| Error::BindSocket {
+                    path: path.clone(),
+                    source,
+                })?;
+            (Bound::Unix(listener), config.listen.to_string())
+        }
+    };
     let metrics = tandem_runtime::metrics::bind(config.metrics_listen)
         .await
         .map_err(|(addr, source)| Error::Bind { addr, source })?;
