@@ -9,6 +9,7 @@ mod cert;
 mod clock;
 mod consume;
 mod demo;
+mod health;
 mod operate;
 mod publish;
 mod saga;
@@ -19,6 +20,7 @@ pub use bench::{BenchArgs, Scenario, bench};
 pub use cert::{CertCommand, cert};
 pub use consume::{ConsumeArgs, consume};
 pub use demo::{DemoArgs, demo};
+pub use health::{HealthArgs, health};
 pub use operate::{DlqCommand, GroupCommand, ReadArgs, TxnCommand, dlq, group, read, txn};
 pub use publish::{PublishArgs, publish};
 pub use saga::{SagaCommand, saga};
@@ -39,7 +41,7 @@ pub fn use_tls(tls: std::sync::Arc<tandem_runtime::tls::ClientTls>) -> anyhow::R
         .map_err(|_| anyhow::anyhow!("TLS is already configured"))
 }
 
-fn tls() -> Option<std::sync::Arc<tandem_runtime::tls::ClientTls>> {
+pub(crate) fn tls() -> Option<std::sync::Arc<tandem_runtime::tls::ClientTls>> {
     TLS.get().cloned()
 }
 
@@ -133,10 +135,19 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
                 last = anyhow::anyhow!("the coordinator at {url} does not serve: {}", s.message());
             }
             // A TLS port answering a plaintext HTTP/2 preface.
-            Err(s) if url.starts_with("http://") && s.message().contains("h2 protocol error") => {
+            // (hyper reports it as a protocol error, a broken transport or
+            // a cancelled call, depending on when the TLS side hangs up;
+            // a coordinator answers ListTopics with none of these.)
+            Err(s)
+                if url.starts_with("http://")
+                    && matches!(
+                        s.code(),
+                        tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ) =>
+            {
                 // (Not retried: it will not change.)
                 return Err(NotPlaintext(format!(
-                    "the coordinator at {url} does not speak plaintext gRPC ({}): if it serves TLS, use https:// with --tls-cert, --tls-key and --tls-ca",
+                    "the coordinator at {url} does not speak plaintext gRPC (the connection broke: {}): if it serves TLS, use https:// with --tls-cert, --tls-key and --tls-ca",
                     s.message()
                 ))
                 .into());

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 
 use tandem_cli::{
-    AuditArgs, BenchArgs, CertCommand, ConsumeArgs, DemoArgs, DlqCommand, GroupCommand,
+    AuditArgs, BenchArgs, CertCommand, ConsumeArgs, DemoArgs, DlqCommand, GroupCommand, HealthArgs,
     PublishArgs, ReadArgs, SagaCommand, TopicCommand, TxnCommand,
 };
 use tandem_coordinator::{Config, CoordinatorArgs};
@@ -67,6 +67,9 @@ enum Command {
     /// Saga inspection: list, show.
     #[command(subcommand)]
     Saga(SagaCommand),
+    /// Asks a coordinator's or sidecar's gRPC health service (for probes):
+    /// exits 0 when SERVING, 1 otherwise.
+    Health(HealthArgs),
     /// Certificates for mutual TLS: a CA, and one per service.
     #[command(subcommand)]
     Cert(CertCommand),
@@ -149,6 +152,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Topic(cmd) => tandem_cli::topic(&url, cmd, &mut std::io::stdout()).await,
         Command::Saga(cmd) => tandem_cli::saga(&url, cmd, &mut std::io::stdout()).await,
         Command::Cert(cmd) => tandem_cli::cert(cmd, &mut std::io::stdout()),
+        Command::Health(args) => {
+            let target = args.target.clone().unwrap_or_else(|| url.clone());
+            if tandem_cli::health(&target, &args, &mut std::io::stdout()).await? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
+        }
         Command::Group(cmd) => tandem_cli::group(&url, cmd, &mut std::io::stdout()).await,
         Command::Read(args) => tandem_cli::read(&url, args, &mut std::io::stdout()).await,
         Command::Txn(cmd) => tandem_cli::txn(&url, cmd, &mut std::io::stdout()).await,

@@ -483,7 +483,10 @@ async fn plaintext_expired_and_untrusted_clients_are_refused() -> TestResult {
     };
     assert!(answer.is_err(), "a plaintext call was answered");
     let (ok, _, err) = tandem(&plain, None, &["topic", "list"])?;
-    assert!(!ok && err.contains("does not speak plaintext gRPC"), "{err}");
+    assert!(
+        !ok && err.contains("does not speak plaintext gRPC"),
+        "{err}"
+    );
 
     // Expired, or signed by a CA the coordinator does not trust.
     let expired = ca.issue(d, "expired", "orders", EXPIRED)?;
@@ -808,6 +811,19 @@ async fn apps_reach_their_sidecars_over_unix_sockets() -> TestResult {
         apps.push(app);
     }
     let socket = |service: &str| d.join(format!("{service}.sock"));
+    // What a probe asks: each sidecar on its socket, the coordinator over
+    // mutual TLS.
+    for service in ["orders", "payments"] {
+        let target = format!("unix:{}", socket(service).display());
+        let (ok, out, err) = tandem(&url, None, &["health", &target])?;
+        assert!(ok && out.trim() == "SERVING", "{out}{err}");
+    }
+    let (ok, out, err) = tandem(
+        &url,
+        Some(&admin_files),
+        &["health", "--service", "tandem.coordinator.v1.Coordinator"],
+    )?;
+    assert!(ok && out.trim() == "SERVING", "{out}{err}");
     let mut payments = sc::sidecar_client::SidecarClient::new(tandem_runtime::unix::lazy_channel(
         socket("payments"),
     ));

@@ -365,7 +365,10 @@ pub async fn run(
         committed: Default::default(),
         crash_after_commit,
     };
+    // (Probes ask it: the server's overall health is SERVING.)
+    let (_, health) = tonic_health::server::health_reporter();
     let served = tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(CartsServer::new(service.clone()))
         .add_service(AppServer::new(service))
         .serve_with_incoming_shutdown(

@@ -365,7 +365,10 @@ pub async fn run(
     let listener = TcpListener::bind(listen).await?;
     println!("order service listening on {}", listener.local_addr()?);
     let service = OrderService { db: pool, sidecar };
+    // (Probes ask it: the server's overall health is SERVING.)
+    let (_, health) = tonic_health::server::health_reporter();
     tonic::transport::Server::builder()
+        .add_service(health)
         .add_service(OrdersServer::new(service.clone()))
         .add_service(AppServer::new(service))
         .serve_with_incoming_shutdown(
