@@ -2,8 +2,10 @@
 # Runs Tandem's whole test suite on a fresh machine: installs and starts what
 # the tests need (a throwaway PostgreSQL server from Debian's packages, on a
 # loopback ephemeral port; a Python virtual environment with grpcio for the
-# Python client; promtool from Debian's prometheus package for the metrics
-# and the example alert rules), builds once, and runs every test.
+# Python client, and kubernetes-validate for the manifests; promtool from
+# Debian's prometheus package for the metrics and the example alert rules;
+# kubectl from Debian's kubernetes-client package, unless one is installed,
+# to render the manifests), builds once, and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,13 +56,30 @@ stop_postgres() {
 
 python_env() {
     local venv=target/python-venv
-    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import grpc, grpc_tools' 2>/dev/null; then
-        echo "creating the Python environment for the Python client test..."
+    if [ ! -x "$venv/bin/python" ] ||
+        ! "$venv/bin/python" -c 'import grpc, grpc_tools, kubernetes_validate, yaml' 2>/dev/null; then
+        echo "creating the Python environment for the Python client and manifest tests..."
         python3 -m venv "$venv"
-        "$venv/bin/pip" install -q grpcio grpcio-tools
+        "$venv/bin/pip" install -q grpcio grpcio-tools kubernetes-validate==1.37.0 pyyaml
     fi
     export TANDEM_TEST_PYTHON="$PWD/$venv/bin/python"
     export TANDEM_REQUIRE_PYTHON=1
+    # (kubernetes-validate carries the schemas: it validates offline.)
+    export TANDEM_TEST_KUBE_PYTHON="$PWD/$venv/bin/python"
+}
+
+# kubectl renders the kustomize overlays in deploy/ (Debian's package when
+# none is installed; the manifests keep to syntax its kustomize reads).
+kubectl_env() {
+    if ! command -v kubectl >/dev/null 2>&1; then
+        echo "installing kubectl from Debian's kubernetes-client package..."
+        export DEBIAN_FRONTEND=noninteractive
+        as_root apt-get install -y -q --no-install-recommends kubernetes-client >/dev/null 2>&1 ||
+            { as_root apt-get update -q >/dev/null && as_root apt-get install -y -q --no-install-recommends kubernetes-client >/dev/null; }
+    fi
+    TANDEM_TEST_KUBECTL=$(command -v kubectl)
+    export TANDEM_TEST_KUBECTL
+    export TANDEM_REQUIRE_KUBE=1
 }
 
 # promtool, from Debian's prometheus package: checks the metrics the
@@ -81,6 +100,7 @@ promtool_env() {
 start_postgres
 python_env
 promtool_env
+kubectl_env
 
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace

@@ -35,7 +35,7 @@ pub async fn health(target: &str, args: &HealthArgs, out: &mut impl Write) -> an
             } else {
                 None
             };
-            let endpoint = tonic::transport::Endpoint::from_shared(target.to_owned())
+            let endpoint = tandem_runtime::tls::endpoint(target)
                 .map_err(|e| anyhow::anyhow!("{target:?}: {e}"))?
                 .connect_timeout(Duration::from_millis(args.timeout_ms));
             tandem_runtime::tls::lazy_channel(endpoint, tls.as_ref())

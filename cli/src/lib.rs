@@ -100,7 +100,7 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
             continue;
         }
         tried.push(url.clone());
-        let endpoint = tonic::transport::Endpoint::from_shared(url.clone())?
+        let endpoint = tandem_runtime::tls::endpoint(&url)?
             .connect_timeout(std::time::Duration::from_secs(3))
             .http2_keep_alive_interval(std::time::Duration::from_secs(2))
             .keep_alive_timeout(std::time::Duration::from_secs(3));

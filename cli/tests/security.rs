@@ -20,7 +20,7 @@ use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;
 use tandem_runtime::tls::{ClientTls, TlsFiles};
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -51,11 +51,29 @@ impl Ca {
     /// id, and 127.0.0.1 so that it can serve on loopback), valid
     /// `from..until` (years), and `<stem>.ca` holding this CA.
     fn issue(&self, dir: &Path, stem: &str, name: &str, years: (i32, i32)) -> TestResult<TlsFiles> {
+        self.issue_for(dir, stem, name, years, true)
+    }
+
+    /// As [`issue`](Self::issue); with `loopback` false the certificate
+    /// names the host `localhost` but no address: a client dialling
+    /// 127.0.0.1 finds it valid only by its identity.
+    fn issue_for(
+        &self,
+        dir: &Path,
+        stem: &str,
+        name: &str,
+        years: (i32, i32),
+        loopback: bool,
+    ) -> TestResult<TlsFiles> {
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = vec![
-            rcgen::SanType::URI(format!("spiffe://tandem.test/ns/test/sa/{name}").try_into()?),
-            rcgen::SanType::IpAddress([127, 0, 0, 1].into()),
-        ];
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("spiffe://tandem.test/ns/test/sa/{name}").try_into()?,
+        )];
+        params.subject_alt_names.push(if loopback {
+            rcgen::SanType::IpAddress([127, 0, 0, 1].into())
+        } else {
+            rcgen::SanType::DnsName("localhost".try_into()?)
+        });
         params.extended_key_usages = vec![
             rcgen::ExtendedKeyUsagePurpose::ServerAuth,
             rcgen::ExtendedKeyUsagePurpose::ClientAuth,
@@ -136,12 +154,18 @@ fn https(p: &Process) -> String {
 async fn client(
     url: &str,
     files: &TlsFiles,
-) -> Result<
-    pb::coordinator_client::CoordinatorClient<Channel>,
-    Box<dyn std::error::Error + Send + Sync>,
-> {
-    let tls = ClientTls::new(files.clone(), None)?;
-    let endpoint = Endpoint::from_shared(url.to_owned())?.connect_timeout(Duration::from_secs(5));
+) -> TestResult<pb::coordinator_client::CoordinatorClient<Channel>> {
+    client_expecting(url, files, None).await
+}
+
+/// [`client`], accepting a server certificate that names `expect`.
+async fn client_expecting(
+    url: &str,
+    files: &TlsFiles,
+    expect: Option<&str>,
+) -> TestResult<pb::coordinator_client::CoordinatorClient<Channel>> {
+    let tls = ClientTls::new(files.clone(), expect.map(str::to_owned))?;
+    let endpoint = tandem_runtime::tls::endpoint(url)?.connect_timeout(Duration::from_secs(5));
     let channel = tandem_runtime::tls::channel(endpoint, Some(&tls)).await?;
     Ok(pb::coordinator_client::CoordinatorClient::new(channel))
 }
@@ -588,7 +612,10 @@ async fn replicas_forward_to_each_other_over_mutual_tls() -> TestResult {
     let d = dir.path();
     let ca = Ca::new("tandem test CA")?;
     // One certificate for every replica, as one Secret for a Deployment.
-    let replica_files = ca.issue(d, "replica", "tandem-coordinator", VALID)?;
+    // It names `localhost` but not the address replicas advertise
+    // (127.0.0.1:PORT, as pod addresses): reaching one there is checked
+    // by identity.
+    let replica_files = ca.issue_for(d, "replica", "tandem-coordinator", VALID, false)?;
     let orders_files = ca.issue(d, "orders", "orders", VALID)?;
     let replica = |i: usize| -> TestResult<Process> {
         let mut args: Vec<String> = [
@@ -617,7 +644,8 @@ async fn replicas_forward_to_each_other_over_mutual_tls() -> TestResult {
     };
     let a = replica(0)?;
     let b = replica(1)?;
-    let mut c = client(&https(&a), &orders_files).await?;
+    let at = |p: &Process| format!("https://localhost:{}", p.addr.port());
+    let mut c = client(&at(&a), &orders_files).await?;
     let topics: Vec<String> = (0..8).map(|i| format!("orders.{i}")).collect();
     // Created through replica a, whoever owns each shard: calls about
     // another's shard go there.
@@ -684,7 +712,7 @@ async fn replicas_forward_to_each_other_over_mutual_tls() -> TestResult {
         a.log_tail(),
         b.log_tail()
     );
-    let mut at_b = client(&https(&b), &orders_files).await?;
+    let mut at_b = client(&at(&b), &orders_files).await?;
     let (_keep, mut stream) = consume(&mut at_b, &theirs, "orders").await?;
     let got = tokio::time::timeout(Duration::from_secs(20), async {
         loop {
@@ -701,6 +729,26 @@ async fn replicas_forward_to_each_other_over_mutual_tls() -> TestResult {
     })
     .await??;
     assert_eq!(got.message.map(|m| m.id).as_deref(), Some("via-a"));
+
+    // A sidecar given replica a by name holds a session with every replica
+    // (check-backs of b's shards come down b's), reaching b at the address
+    // it advertises: the identity it verified at a is what it accepts.
+    let _sidecar = Process::start(
+        "orders-sidecar",
+        Path::new(TANDEM),
+        &sidecar_args(d, &at(&a), "orders", &orders_files),
+        &[],
+        d,
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !b.log_tail().contains("sidecar session opened") {
+        assert!(
+            Instant::now() < deadline,
+            "no session reached replica b within 20 s; its log:\n{}",
+            b.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 
@@ -864,5 +912,40 @@ async fn apps_reach_their_sidecars_over_unix_sockets() -> TestResult {
     for s in servers {
         s.abort();
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_accepts_only_the_coordinator_it_expects() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let ca = Ca::new("tandem test CA")?;
+    // Signed by the same CA, but another service's certificate, and valid
+    // for no address: it serves as an impostor would.
+    let imposter = ca.issue_for(d, "imposter", "payments", VALID, false)?;
+    let coordinator = start_coordinator(d, &imposter, "")?;
+    let url = https(&coordinator);
+    let orders = ca.issue(d, "orders", "orders", VALID)?;
+    let expected = "spiffe://tandem.test/ns/test/sa/tandem-coordinator";
+    assert!(
+        client_expecting(&url, &orders, Some(expected))
+            .await
+            .is_err()
+    );
+    assert!(client(&url, &orders).await.is_err());
+    // A bare service name is not an identity to expect.
+    assert!(
+        client_expecting(&url, &orders, Some("payments"))
+            .await
+            .is_err()
+    );
+    // What it does name is accepted when expected (the pod-address case).
+    let mut c = client_expecting(
+        &url,
+        &orders,
+        Some("spiffe://tandem.test/ns/test/sa/payments"),
+    )
+    .await?;
+    c.list_topics(pb::ListTopicsRequest {}).await?;
     Ok(())
 }

@@ -8,8 +8,8 @@
 //!   a grant names in `transactions`; never for any other.
 //! - It consumes with the group named as its service, or one a grant's
 //!   `groups` names.
-//! - Without an `[authorization]` table, any caller publishes to and
-//!   consumes from every topic. With one, only the topics its grants name
+//! - Until a grant names any, any caller publishes to and consumes from
+//!   every topic. Then, only the topics its grants name
 //!   (`consume` on T also allows creating and publishing to T's `.dlq`,
 //!   where its sidecar puts what it gives up).
 //! - Operator calls (reading messages, listing transactions and sagas,
@@ -33,6 +33,11 @@ pub struct AuthorizationRaw {
     /// Identities (service names or full ids, patterns) allowed every call.
     #[serde(default)]
     pub admins: Vec<String>,
+    /// Client identities must start with this (a trust domain and
+    /// namespace, `spiffe://cluster.local/ns/shop/`): where the CA signs
+    /// for more than Tandem's services, the others are turned away.
+    #[serde(default)]
+    pub identity_prefix: Option<String>,
     /// What callers may do, beyond their own service's transactions.
     #[serde(default)]
     pub grant: Vec<Grant>,
@@ -64,6 +69,8 @@ pub struct Authorization {
     admins: Vec<String>,
     /// `None`: no `[authorization]` table (topics open to every caller).
     grants: Option<Vec<Grant>>,
+    /// Client identities must start with this (`spiffe://DOMAIN/ns/NS/`).
+    pub identity_prefix: Option<String>,
 }
 
 impl Authorization {
@@ -73,17 +80,19 @@ impl Authorization {
             None => Authorization {
                 admins: Vec::new(),
                 grants: None,
+                identity_prefix: None,
             },
             Some(r) => Authorization {
                 admins: r.admins,
                 grants: Some(r.grant),
+                identity_prefix: r.identity_prefix.filter(|p| !p.is_empty()),
             },
         }
     }
 
     /// Whether rules beyond the defaults were given.
     pub fn configured(&self) -> bool {
-        self.grants.is_some() || !self.admins.is_empty()
+        self.grants.is_some() || !self.admins.is_empty() || self.identity_prefix.is_some()
     }
 }
 
@@ -136,6 +145,10 @@ pub enum Action<'a> {
     Create(&'a str),
     /// Publish to a topic.
     Publish(&'a str),
+    /// Prepare a transactional message for a topic (as publishing, but a
+    /// saga begun in a transaction prepares to `__sagas`, which acting for
+    /// the service allows).
+    Prepare(&'a str),
     /// Consume a topic as a group.
     Consume {
         /// The topic.
@@ -169,10 +182,12 @@ impl Authorization {
                 .flatten()
                 .filter(|g| names(&g.principals, who))
         };
-        let open = self.grants.is_none();
+        // (Topics are open until some grant names any.)
+        let open = self.grants.as_ref().is_none_or(Vec::is_empty);
         let ok = match action {
             Action::Describe => true,
-            Action::Publish(topic) => {
+            Action::Prepare(crate::saga::SAGA_TOPIC) => true,
+            Action::Publish(topic) | Action::Prepare(topic) => {
                 open || grants().any(|g| {
                     any(&g.publish, topic)
                         || topic
@@ -208,7 +223,7 @@ impl Authorization {
             match action {
                 Action::Describe => unreachable!("open to every caller"),
                 Action::Create(t) => format!("create topic {t:?}"),
-                Action::Publish(t) => format!("publish to topic {t:?}"),
+                Action::Publish(t) | Action::Prepare(t) => format!("publish to topic {t:?}"),
                 Action::Consume { group, .. } => format!(
                     "consume as group {group:?} (its own group is {:?}; grant others with groups = [...])",
                     who.name
@@ -222,27 +237,44 @@ impl Authorization {
     }
 }
 
-/// Who sent `req`: `tls` is whether this coordinator serves TLS, `replica`
-/// its own identity, and `forwarded` whether the call says it was sent on
-/// by another replica.
+/// Marks a request this process makes to its own service (a `Transact`
+/// item served here): not checked again.
+#[derive(Clone, Copy, Debug)]
+pub struct InProcess;
+
+/// Who sent `req`: `tls` is this replica's identity when it serves TLS,
+/// `forwarded` whether the call says another replica sent it on, and
+/// `prefix` what every client identity must start with, if anything.
 pub fn caller<T>(
     req: &Request<T>,
     tls: Option<&Identity>,
     forwarded: bool,
+    prefix: Option<&str>,
 ) -> Result<Caller, Status> {
     let Some(me) = tls else {
         return Ok(Caller::Unchecked);
     };
-    if !tandem_runtime::tls::over_tls(req) {
-        // Every connection a TLS server accepts carries its peer: a
-        // request without one was made inside this process.
+    if req.extensions().get::<InProcess>().is_some() {
         return Ok(Caller::Unchecked);
+    }
+    if !tandem_runtime::tls::over_tls(req) {
+        // Every connection a TLS server accepts carries its peer.
+        return Err(Status::unauthenticated(
+            "the call came over no TLS connection",
+        ));
     }
     let Some(who) = tandem_runtime::tls::peer_identity(req) else {
         return Err(Status::unauthenticated(
             "the client certificate names no identity (a URI or DNS SAN)",
         ));
     };
+    if let Some(p) = prefix
+        && !who.id.starts_with(p)
+    {
+        return Err(Status::unauthenticated(format!(
+            "{who}: the identities here start with {p}"
+        )));
+    }
     if forwarded {
         if who.id == me.id {
             return Ok(Caller::Replica);
@@ -329,9 +361,128 @@ mod tests {
     }
 
     #[test]
+    fn callers_are_their_certificates() {
+        use tandem_runtime::tls::PeerInfo;
+        let me = Identity {
+            id: "spiffe://test/ns/shop/sa/tandem-coordinator".into(),
+            name: "tandem-coordinator".into(),
+        };
+        let orders = Identity {
+            id: "spiffe://test/ns/shop/sa/orders".into(),
+            name: "orders".into(),
+        };
+        let from = |who: Option<&Identity>| {
+            let mut r = Request::new(());
+            r.extensions_mut().insert(PeerInfo {
+                remote: None,
+                identity: who.cloned(),
+            });
+            r
+        };
+        let code = |r: Result<Caller, Status>| r.err().map(|s| s.code());
+        // Plaintext: nothing is checked.
+        assert!(matches!(
+            caller(&Request::new(()), None, true, None),
+            Ok(Caller::Unchecked)
+        ));
+        // TLS: a request without its connection's peer is refused, unless
+        // this process made it.
+        assert_eq!(
+            code(caller(&Request::new(()), Some(&me), false, None)),
+            Some(tonic::Code::Unauthenticated)
+        );
+        let mut inside = Request::new(());
+        inside.extensions_mut().insert(InProcess);
+        assert!(matches!(
+            caller(&inside, Some(&me), true, None),
+            Ok(Caller::Unchecked)
+        ));
+        assert_eq!(
+            code(caller(&from(None), Some(&me), false, None)),
+            Some(tonic::Code::Unauthenticated)
+        );
+        assert!(matches!(
+            caller(&from(Some(&orders)), Some(&me), false, None),
+            Ok(Caller::Client(ref i)) if *i == orders
+        ));
+        // Forwarded: only from a certificate naming this replica's identity.
+        assert_eq!(
+            code(caller(&from(Some(&orders)), Some(&me), true, None)),
+            Some(tonic::Code::PermissionDenied)
+        );
+        assert!(matches!(
+            caller(&from(Some(&me)), Some(&me), true, None),
+            Ok(Caller::Replica)
+        ));
+        // An identity outside the prefix is nobody here.
+        assert_eq!(
+            code(caller(
+                &from(Some(&orders)),
+                Some(&me),
+                false,
+                Some("spiffe://test/ns/other/")
+            )),
+            Some(tonic::Code::Unauthenticated)
+        );
+        assert!(
+            caller(
+                &from(Some(&orders)),
+                Some(&me),
+                false,
+                Some("spiffe://test/ns/shop/")
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn topics_stay_open_until_a_grant_names_any() {
+        let admins_only = Authorization::new(Some(AuthorizationRaw {
+            admins: vec!["tandem-admin".into()],
+            ..AuthorizationRaw::default()
+        }));
+        assert!(
+            admins_only
+                .allow(&id("orders"), Action::Publish("orders.created"))
+                .is_ok()
+        );
+        assert!(
+            admins_only
+                .allow(&id("orders"), Action::Operate("ReadMessages"))
+                .is_err()
+        );
+        let granted = Authorization::new(Some(AuthorizationRaw {
+            grant: vec![Grant {
+                principals: vec!["orders".into()],
+                publish: vec!["orders.*".into()],
+                ..Grant::default()
+            }],
+            ..AuthorizationRaw::default()
+        }));
+        // A saga begun in a transaction prepares to __sagas: acting for the
+        // service is enough; publishing there directly is not allowed.
+        assert!(
+            granted
+                .allow(&id("orders"), Action::Prepare(crate::saga::SAGA_TOPIC))
+                .is_ok()
+        );
+        assert!(
+            granted
+                .allow(&id("orders"), Action::Publish(crate::saga::SAGA_TOPIC))
+                .is_err()
+        );
+        assert!(
+            granted
+                .allow(&id("orders"), Action::Prepare("payments"))
+                .is_err()
+        );
+    }
+
+    #[test]
     fn grants_open_what_they_name_and_nothing_else() {
         let a = Authorization::new(Some(AuthorizationRaw {
             admins: vec!["tandem-admin".into()],
+            identity_prefix: None,
             grant: vec![
                 Grant {
                     principals: vec!["orders".into()],

@@ -17,7 +17,7 @@ use std::time::Duration;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_runtime::tls::ClientTls;
 use tokio::sync::watch;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Request, Status};
 
 use crate::broker::Broker;
@@ -196,7 +196,7 @@ impl<L> Cluster<L> {
             return Ok(c.clone());
         }
         let scheme = tandem_runtime::tls::scheme(self.peer_tls.is_some());
-        let endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
+        let endpoint = tandem_runtime::tls::endpoint(&format!("{scheme}://{address}"))
             .map_err(|e| Status::internal(format!("replica address {address:?}: {e}")))?
             .tcp_nodelay(true)
             .connect_timeout(Duration::from_secs(3))

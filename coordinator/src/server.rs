@@ -102,6 +102,11 @@ impl Coordinator {
                 let server = ServerTls::new(files.clone())?;
                 // Replicas recognise each other by this identity.
                 let me = server.identity();
+                if me.name == "default" {
+                    return Err(Error::FailedPrecondition(format!(
+                        "the coordinator's certificate names {me}: a default service account, which other pods share; give the coordinator a service account of its own"
+                    )));
+                }
                 let peers = ClientTls::new(files.clone(), Some(me.id.clone()))?;
                 tracing::info!(identity = %me, "serving mutual TLS");
                 Some((server, peers))
@@ -235,10 +240,14 @@ impl Coordinator {
         )
         .max_decoding_message_size(MAX_REQUEST_BYTES)
         .max_encoding_message_size(MAX_REQUEST_BYTES);
+        let mut builder = Server::builder();
+        if self.tls.is_some() {
+            // A certificate that expires or a CA taken out of the bundle
+            // stops counting within the hour on live connections too.
+            builder = builder.max_connection_age(std::time::Duration::from_secs(3600));
+        }
         let router = tandem_proto::with_reflection(
-            Server::builder()
-                .add_service(health_service)
-                .add_service(service),
+            builder.add_service(health_service).add_service(service),
             &[tandem_proto::coordinator::coordinator_server::SERVICE_NAME],
         )
         .map_err(|e| Error::Serve(format!("gRPC reflection: {e}")))?;

@@ -138,7 +138,12 @@ impl<L: Log + Clone> CoordinatorService<L> {
     /// Who sent `req` (UNAUTHENTICATED for a certificate that names nobody;
     /// PERMISSION_DENIED for a forwarded call not from a replica).
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        crate::authz::caller(req, self.identity.as_ref(), was_forwarded(req))
+        crate::authz::caller(
+            req,
+            self.identity.as_ref(),
+            was_forwarded(req),
+            self.authorization.identity_prefix.as_deref(),
+        )
     }
 
     /// Allows `action` to `caller`, or refuses as PERMISSION_DENIED.
@@ -207,6 +212,14 @@ impl<L: Log + Clone> CoordinatorService<L> {
             .into()),
         }
     }
+}
+
+/// `req` marked as forwarded and made inside this process (a `Transact`
+/// item served here, checked when the call came in).
+fn in_process<T>(req: Request<T>) -> Request<T> {
+    let mut req = req;
+    req.extensions_mut().insert(crate::authz::InProcess);
+    req
 }
 
 /// Turns a wire message into a checked record for a topic of `partitions`.
@@ -633,7 +646,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         check_id("service", &req.service)?;
         let topic = required("topic", &req.topic)?;
         self.allow(&caller, Action::ActFor(&req.service))?;
-        self.allow(&caller, Action::Publish(topic))?;
+        self.allow(&caller, Action::Prepare(topic))?;
         let broker = here_or_forward!(self, self.for_topic(topic, fwd).await?, req, prepare);
         let txn_id = if req.txn_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
@@ -767,7 +780,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                     Some(Kind::Prepare(p)) => match required("topic", &p.topic) {
                         Ok(t) => {
                             self.allow(caller, Action::ActFor(&p.service))?;
-                            self.allow(caller, Action::Publish(t))?;
+                            self.allow(caller, Action::Prepare(t))?;
                             self.for_topic(t, fwd).await
                         }
                         Err(e) => Err(e.into()),
@@ -797,15 +810,15 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             // as UNAVAILABLE, and the caller sends the item again).
             let answer = match item.kind {
                 Some(Kind::Prepare(p)) => self
-                    .prepare(forwarded(p))
+                    .prepare(in_process(forwarded(p)))
                     .await
                     .map(|r| pb::transact_result::Kind::Prepare(r.into_inner())),
                 Some(Kind::Commit(e)) => self
-                    .commit(forwarded(e))
+                    .commit(in_process(forwarded(e)))
                     .await
                     .map(|r| pb::transact_result::Kind::End(r.into_inner())),
                 Some(Kind::Rollback(e)) => self
-                    .rollback(forwarded(e))
+                    .rollback(in_process(forwarded(e)))
                     .await
                     .map(|r| pb::transact_result::Kind::End(r.into_inner())),
                 None => unreachable!("refused above"),
@@ -953,17 +966,24 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         &self,
         req: Request<pb::GetSagaRequest>,
     ) -> Result<Response<pb::Saga>, Status> {
-        self.allow(&self.caller(&req)?, Action::Describe)?;
+        let caller = self.caller(&req)?;
         let fwd = was_forwarded(&req);
         let id = req.into_inner().saga_id;
         check_id("saga_id", &id)?;
-        let broker = here_or_forward!(
-            self,
-            self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
-            pb::GetSagaRequest { saga_id: id },
-            get_saga
-        );
-        Ok(Response::new(saga_host(&broker)?.get(id).await?))
+        let saga = match self.for_topic(crate::saga::SAGA_TOPIC, fwd).await? {
+            Target::Here(broker) => saga_host(&broker)?.get(id).await?,
+            Target::There(owner) => self
+                .forward(
+                    owner,
+                    pb::GetSagaRequest { saga_id: id },
+                    |mut c, r| async move { c.get_saga(r).await },
+                )
+                .await?
+                .into_inner(),
+        };
+        // (Its definition and payloads are the starting service's.)
+        self.allow(&caller, Action::ActFor(&saga.service))?;
+        Ok(Response::new(saga))
     }
 
     async fn list_sagas(

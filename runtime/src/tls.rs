@@ -12,9 +12,10 @@
 //! path segment (`orders`) or the DNS name's first label (`orders`).
 //!
 //! **Server names.** A client accepts a server certificate valid for the
-//! host it dialled, as usual, or one whose identity is the one it expects
-//! (replicas reach each other, and sidecars reach an owner, by pod address,
-//! which no certificate of a Deployment names).
+//! host it dialled, as usual, or one whose identity (its full id) is the
+//! one it expects: the one configured, else the first one it verified by
+//! host name (replicas reach each other, and sidecars reach an owner, by
+//! pod address, which no certificate of a Deployment names).
 //!
 //! **Rotation.** The files are read again at most once a second when a
 //! connection is accepted or opened; when their bytes changed and they
@@ -46,6 +47,9 @@ use tonic::transport::{Channel, Endpoint};
 
 /// How often the files are looked at again, at most.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+/// TLS handshakes a server runs at once, at most.
+const MAX_HANDSHAKES: usize = 256;
 
 /// A handshake not finished within this long is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -160,13 +164,13 @@ impl Identity {
         }
         let dns = names.iter().find(|(t, _)| *t == SAN_DNS)?;
         let id = text(dns.1)?;
-        let name = id.split('.').next().filter(|s| !s.is_empty())?.to_owned();
+        // (A wildcard name stands for no one service.)
+        let name = id
+            .split('.')
+            .next()
+            .filter(|s| !s.is_empty() && !s.contains('*'))?
+            .to_owned();
         Some(Identity { id, name })
-    }
-
-    /// Whether `expected` (an id or a service name) names this identity.
-    pub fn is(&self, expected: &str) -> bool {
-        self.id == expected || self.name == expected
     }
 }
 
@@ -455,8 +459,13 @@ impl ServerTls {
     ) -> ReceiverStream<io::Result<TlsConn>> {
         let (tx, rx) = mpsc::channel(64);
         let tls = self.clone();
+        // Handshakes in progress at most: more wait to be accepted.
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
+                let Ok(permit) = handshakes.clone().acquire_owned().await else {
+                    return;
+                };
                 let accepted = tokio::select! {
                     a = listener.accept() => a,
                     () = tx.closed() => return,
@@ -475,6 +484,7 @@ impl ServerTls {
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.current());
                 let tx = tx.clone();
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             let identity = stream
@@ -592,11 +602,24 @@ impl std::fmt::Debug for ClientTls {
 }
 
 /// Accepts a server certificate valid for the dialled name, or one that
-/// names the expected identity.
+/// names the expected identity: the configured one, else the first one
+/// verified by name (pinned).
 #[derive(Debug)]
 struct ServerVerifier {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     expect: Option<String>,
+    pinned: Arc<Mutex<Option<String>>>,
+}
+
+impl ServerVerifier {
+    fn expected(&self) -> Option<String> {
+        self.expect.clone().or_else(|| {
+            self.pinned
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        })
+    }
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -615,12 +638,22 @@ impl ServerCertVerifier for ServerVerifier {
             ocsp_response,
             now,
         ) {
+            Ok(v) => {
+                if self.expect.is_none()
+                    && let Some(id) = Identity::of_certificate(end_entity)
+                {
+                    self.pinned
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .get_or_insert(id.id);
+                }
+                Ok(v)
+            }
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) if self
-                .expect
-                .as_deref()
-                .is_some_and(|e| Identity::of_certificate(end_entity).is_some_and(|i| i.is(e))) =>
+            )) if self.expected().is_some_and(|e| {
+                Identity::of_certificate(end_entity).is_some_and(|i| i.id == e)
+            }) =>
             {
                 // (The chain and dates were checked before the name.)
                 Ok(ServerCertVerified::assertion())
@@ -654,9 +687,19 @@ impl ServerCertVerifier for ServerVerifier {
 
 impl ClientTls {
     /// Loads the files now. A server is accepted when its certificate is
-    /// valid for the name dialled or names `expect` (an identity's id or
-    /// service name).
+    /// valid for the name dialled, or names `expect` (a full id: a URI or
+    /// DNS SAN), or without `expect` the id of the first server this client
+    /// verified by name.
     pub fn new(files: TlsFiles, expect: Option<String>) -> Result<Arc<ClientTls>, TlsError> {
+        if let Some(e) = &expect
+            && !e.contains("://")
+            && !e.contains('.')
+        {
+            return Err(TlsError::Settings(format!(
+                "expected coordinator identity {e:?}: give its full id (spiffe://DOMAIN/ns/NS/sa/NAME, or a DNS name), not a bare service name"
+            )));
+        }
+        let pinned = Arc::new(Mutex::new(None));
         let build = move |m: &Material| -> Result<ClientConfig, TlsError> {
             let provider = provider();
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
@@ -668,6 +711,7 @@ impl ClientTls {
             let verifier = Arc::new(ServerVerifier {
                 inner,
                 expect: expect.clone(),
+                pinned: pinned.clone(),
             });
             let mut config = ClientConfig::builder_with_provider(provider)
                 .with_safe_default_protocol_versions()
@@ -764,8 +808,20 @@ pub fn scheme(tls: bool) -> &'static str {
     if tls { "https" } else { "http" }
 }
 
+/// The endpoint of `url` for [`lazy_channel`] and [`channel`]: an
+/// `https://` URL is given to tonic as `http://` (this module's connector
+/// does the TLS, whatever tonic's own TLS features, which would take
+/// `https://` URLs over, are).
+pub fn endpoint(url: &str) -> Result<Endpoint, tonic::transport::Error> {
+    match url.strip_prefix("https://") {
+        Some(rest) => Endpoint::from_shared(format!("http://{rest}")),
+        None => Endpoint::from_shared(url.to_owned()),
+    }
+}
+
 /// A channel to `endpoint` that connects when first used: over TLS with
-/// `tls`, else plaintext. Call [`check_scheme`] on the URL first.
+/// `tls`, else plaintext. Call [`check_scheme`] on the URL first, and make
+/// the endpoint with [`endpoint`].
 pub fn lazy_channel(endpoint: Endpoint, tls: Option<&Arc<ClientTls>>) -> Channel {
     match tls {
         Some(tls) => endpoint.connect_with_connector_lazy(Connector(tls.clone())),
@@ -773,7 +829,7 @@ pub fn lazy_channel(endpoint: Endpoint, tls: Option<&Arc<ClientTls>>) -> Channel
     }
 }
 
-/// A channel to `endpoint`, connected now.
+/// A channel to `endpoint` (made with [`endpoint`]), connected now.
 pub async fn channel(
     endpoint: Endpoint,
     tls: Option<&Arc<ClientTls>>,

@@ -25,7 +25,15 @@ pub fn socket_path(value: &str) -> Option<PathBuf> {
 pub fn bind(path: &Path) -> io::Result<UnixListener> {
     use std::os::unix::fs::FileTypeExt;
     match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path)?,
+        Ok(m) if m.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running process", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?
+        }
         Ok(_) => {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -85,7 +93,10 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tandem-unix-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let sock = dir.join("s.sock");
-        drop(bind(&sock)?);
+        let live = bind(&sock)?;
+        // A socket a process listens on is not taken over.
+        assert!(bind(&sock).is_err());
+        drop(live);
         // The first listener is gone but its file stays: bound again.
         let listener = bind(&sock)?;
         let (connected, accepted) = tokio::join!(UnixStream::connect(&sock), listener.accept());

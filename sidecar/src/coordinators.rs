@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_runtime::tls::ClientTls;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic::{Code, Response, Status};
 
 use crate::error::{Error, Result};
@@ -90,7 +90,7 @@ pub(crate) fn client(
     let max = tandem_runtime::MAX_REQUEST_BYTES;
     tandem_runtime::tls::check_scheme("coordinator", url, tls.is_some())
         .map_err(|e| Error::invalid("coordinator", e.to_string()))?;
-    let endpoint = Endpoint::from_shared(url.to_owned())
+    let endpoint = tandem_runtime::tls::endpoint(url)
         .map_err(|e| Error::invalid("coordinator", format!("{url}: {e}")))?
         .tcp_nodelay(true)
         // A connection that died silently (a black-holed network, a
