@@ -883,6 +883,21 @@ async fn apps_reach_their_sidecars_over_unix_sockets() -> TestResult {
             ..Default::default()
         })
         .await?;
+    // A group it may not consume as is refused at Subscribe, and not kept.
+    let refused = payments
+        .subscribe(sc::SubscribeRequest {
+            topic: "orders.created".into(),
+            group: "orders".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(code(refused), Some(Code::PermissionDenied));
+    let kept = payments
+        .list_subscriptions(sc::ListSubscriptionsRequest {})
+        .await?
+        .into_inner()
+        .subscriptions;
+    assert_eq!(kept.len(), 1, "{kept:?}");
     let mut orders = sc::sidecar_client::SidecarClient::new(tandem_runtime::unix::lazy_channel(
         socket("orders"),
     ));

@@ -139,6 +139,10 @@ impl SidecarService {
 /// Tandem's topic of committed saga starts (see the coordinator).
 const SAGA_TOPIC: &str = "__sagas";
 
+/// How long Subscribe waits to hear whether the coordinator takes the
+/// subscription's first session.
+const FIRST_SESSION_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl SidecarService {
     /// Begin of a transactional message or a saga.
     async fn begin_any(
@@ -483,8 +487,24 @@ impl sc::sidecar_server::Sidecar for SidecarService {
             .db
             .save_subscription(&spec.topic, &spec.group, &subscription::encode(&spec))
             .await?;
+        // The coordinator decides whether this service may consume the
+        // topic as the group when the first session opens: a refusal is the
+        // app's answer, and nothing is kept (a coordinator not reached
+        // within a few seconds is not waited for: the subscription is kept
+        // and tried until it is).
+        let (first, opened) = tokio::sync::oneshot::channel();
+        self.subscriptions
+            .start(&self.node, spec.clone(), Some(first))
+            .await;
+        if let Ok(Ok(Err(refused))) = tokio::time::timeout(FIRST_SESSION_WAIT, opened).await {
+            self.subscriptions.stop(&spec.topic, &spec.group).await;
+            self.node
+                .db
+                .delete_subscription(&spec.topic, &spec.group)
+                .await?;
+            return Err(refused);
+        }
         tracing::info!(topic = %spec.topic, group = %spec.group, "subscribed");
-        self.subscriptions.start(&self.node, spec).await;
         Ok(Response::new(sc::SubscribeResponse {}))
     }
 

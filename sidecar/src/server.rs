@@ -65,7 +65,7 @@ async fn serve_when_ready(
         match subscription::decode(&spec) {
             Some(spec) => {
                 tracing::info!(topic = %spec.topic, group = %spec.group, "resuming subscription");
-                subscriptions.start(&node, spec).await;
+                subscriptions.start(&node, spec, None).await;
             }
             None => tracing::error!("undecodable saved subscription skipped"),
         }

@@ -116,12 +116,19 @@ pub(crate) struct Subscriptions {
 }
 
 impl Subscriptions {
-    /// Starts (or restarts with new settings) a subscription.
-    pub(crate) async fn start(&self, node: &Arc<Node>, spec: sc::SubscribeRequest) {
+    /// Starts (or restarts with new settings) a subscription; `first`
+    /// hears how its first session opened: OK once the coordinator took
+    /// it, or the coordinator's refusal when it may not consume so.
+    pub(crate) async fn start(
+        &self,
+        node: &Arc<Node>,
+        spec: sc::SubscribeRequest,
+        first: Option<First>,
+    ) {
         let key = (spec.topic.clone(), spec.group.clone());
         self.stop(&key.0, &key.1).await;
         let (stop, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(node.clone(), spec.clone(), stop_rx));
+        let task = tokio::spawn(run(node.clone(), spec.clone(), stop_rx, first));
         self.specs
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -191,15 +198,39 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<sc::SubscribeRequest> {
     sc::SubscribeRequest::decode(bytes).ok()
 }
 
-async fn run(node: Arc<Node>, spec: sc::SubscribeRequest, mut stop: watch::Receiver<bool>) {
+/// Hears how a subscription's first session opened.
+pub(crate) type First = tokio::sync::oneshot::Sender<std::result::Result<(), tonic::Status>>;
+
+async fn run(
+    node: Arc<Node>,
+    spec: sc::SubscribeRequest,
+    mut stop: watch::Receiver<bool>,
+    mut first: Option<First>,
+) {
     let mut backoff = Duration::from_millis(100);
     // One per subscription: its batches outlive a session's breaks.
     let handler = Arc::new(Handler::new(&node, &spec));
     loop {
         let mut opened = false;
-        match consume(&node, &handler, &spec, &mut stop, &mut opened).await {
-            Ok(()) => return,
-            Err(e) => {
+        let mut refused = None;
+        let ended = consume(
+            &node,
+            &handler,
+            &spec,
+            &mut stop,
+            &mut opened,
+            &mut refused,
+            &mut first,
+        )
+        .await;
+        match (ended, refused) {
+            (Ok(()), _) => return,
+            (Err(e), Some(_)) => {
+                // Not this sidecar's to fix: said loudly, and tried again
+                // slowly (the rules may change).
+                tracing::error!(topic = %spec.topic, group = %spec.group, error = %e, "the coordinator refuses this subscription; trying again")
+            }
+            (Err(e), None) => {
                 tracing::warn!(topic = %spec.topic, group = %spec.group, error = %e, "subscription session ended; reconnecting")
             }
         }
@@ -515,6 +546,8 @@ async fn consume(
     spec: &sc::SubscribeRequest,
     stop: &mut watch::Receiver<bool>,
     opened: &mut bool,
+    refused: &mut Option<tonic::Status>,
+    first: &mut Option<First>,
 ) -> Result<(), String> {
     let subscribe = req(pb::consume_request::Kind::Subscribe(pb::Subscribe {
         topic: spec.topic.clone(),
@@ -551,11 +584,23 @@ async fn consume(
                     tracing::info!(topic = %spec.topic, group = %spec.group, why = %s.message(), "subscription goes to the replica that owns its topic");
                     continue;
                 }
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::Unauthenticated
+                ) {
+                    if let Some(f) = first.take() {
+                        let _ = f.send(Err(s.clone()));
+                    }
+                    *refused = Some(s.clone());
+                }
                 return Err(s.message().to_owned());
             }
         }
     };
     *opened = true;
+    if let Some(f) = first.take() {
+        let _ = f.send(Ok(()));
+    }
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut heartbeat = tokio::time::interval(Duration::from_secs(3));
     // Handlers still running when this value is dropped finish their call
