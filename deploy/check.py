@@ -31,6 +31,46 @@ def name_of(obj):
     return f"{obj['kind']}/{obj['metadata']['name']}"
 
 
+def check_identities(objects, certificates, bad, problems):
+    """Each service's name, ServiceAccount, certificate and the coordinator's
+    expectations agree (a mismatch is PERMISSION_DENIED at every call)."""
+    import tomllib
+
+    if not certificates:
+        return
+    by_secret = {c["spec"]["secretName"]: c for c in certificates}
+    config_maps = {o["metadata"]["name"]: o.get("data", {}) for o in objects if o["kind"] == "ConfigMap"}
+    shared = config_maps.get(SHARED, {})
+    prefix = None
+    coordinator_toml = config_maps.get("tandem-coordinator", {}).get("coordinator.toml")
+    if coordinator_toml is not None:
+        prefix = tomllib.loads(coordinator_toml).get("authorization", {}).get("identity_prefix")
+    for obj in objects:
+        if obj["kind"] not in WORKLOADS:
+            continue
+        pod = obj["spec"]["template"]["spec"]
+        sa = pod.get("serviceAccountName")
+        secrets = [v["secret"]["secretName"] for v in pod.get("volumes", []) if "secret" in v]
+        ids = [u for s in secrets if s in by_secret for u in by_secret[s]["spec"].get("uris", [])]
+        if not ids:
+            bad(obj, "mounts no certificate with a SPIFFE id")
+            continue
+        for uri in ids:
+            if not uri.endswith(f"/sa/{sa}"):
+                bad(obj, f"its certificate names {uri}, not its ServiceAccount {sa}")
+            if prefix and not uri.startswith(prefix):
+                bad(obj, f"its certificate {uri} is outside the coordinator's identity_prefix {prefix}")
+        for c in pod.get("initContainers", []) + pod.get("containers", []):
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            service = env.get("TANDEM_SIDECAR_SERVICE")
+            if service is not None and not all(u.endswith(f"/sa/{service}") for u in ids):
+                bad(obj, f"its sidecar acts for {service!r} but its certificate names {ids}")
+        if obj["metadata"]["name"] == "tandem-coordinator":
+            for key in ("TANDEM_SIDECAR_COORDINATOR_IDENTITY", "TANDEM_CLI_COORDINATOR_IDENTITY"):
+                if shared.get(key) not in ids:
+                    problems.append(f"ConfigMap/{SHARED}: {key} is {shared.get(key)!r}, but the coordinator's certificate names {ids}")
+
+
 def check(objects, certificates):
     problems = []
 
@@ -63,7 +103,10 @@ def check(objects, certificates):
     for policy in coordinator_policy:
         for rule in policy["spec"].get("ingress", []):
             ports = {p["port"] for p in rule.get("ports", [])}
-            if 7400 in ports:
+            # (No ports: every port, the gRPC one included.)
+            if not ports or ports & {7400, "grpc"}:
+                if not rule.get("from"):
+                    bad(policy, "lets every pod reach the gRPC port: only sidecars and replicas may")
                 for peer in rule.get("from", []):
                     labels = peer.get("podSelector", {}).get("matchLabels", {})
                     if "namespaceSelector" in peer or not (
@@ -72,6 +115,7 @@ def check(objects, certificates):
                     ):
                         bad(policy, f"lets {peer} reach the gRPC port: only sidecars and replicas may")
 
+    check_identities(objects, certificates, bad, problems)
     for obj in objects:
         labels = obj["metadata"].get("labels", {})
         for key in ("app.kubernetes.io/part-of",):

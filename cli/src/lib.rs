@@ -143,7 +143,14 @@ async fn connect_round(configured: &[String]) -> anyhow::Result<CoordinatorClien
                     && matches!(
                         s.code(),
                         tonic::Code::Internal | tonic::Code::Unknown | tonic::Code::Cancelled
-                    ) =>
+                    )
+                    && [
+                        "h2 protocol error",
+                        "transport error",
+                        "operation was canceled",
+                    ]
+                    .iter()
+                    .any(|m| s.message().contains(m)) =>
             {
                 // (Not retried: it will not change.)
                 return Err(NotPlaintext(format!(

@@ -200,5 +200,26 @@ fn a_broken_manifest_is_caught() -> TestResult {
     ] {
         assert!(said.contains(broken), "{broken}: {said}");
     }
+
+    // A sidecar acting for a service its certificate does not name, and a
+    // NetworkPolicy rule letting every pod in.
+    let mismatched = dir.path().join("mismatched.yaml");
+    std::fs::write(
+        &mismatched,
+        good.replacen(
+            "name: TANDEM_SIDECAR_SERVICE\n          value: orders",
+            "name: TANDEM_SIDECAR_SERVICE\n          value: payments",
+            1,
+        )
+        .replacen("  ingress:\n", "  ingress:\n  - {}\n", 1),
+    )?;
+    let (ok, said) = rules(&python, &mismatched, &certificates, &dir.path().join("y"))?;
+    assert!(!ok, "{said}");
+    for broken in [
+        "its sidecar acts for 'payments' but its certificate names",
+        "lets every pod reach the gRPC port",
+    ] {
+        assert!(said.contains(broken), "{broken}: {said}");
+    }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Any language can use Tandem: a Python program (grpcio, stubs generated
 //! from `proto/`) places orders through the example order service and, as an
-//! app behind its own sidecar, publishes and consumes through it. The
+//! app behind its own sidecar, publishes and consumes through it, the app
+//! and its sidecar calling each other on Unix sockets. The
 //! virtual environment comes from `scripts/test.sh` (`TANDEM_TEST_PYTHON`).
 
 use std::io::{BufRead, BufReader, Write};
@@ -42,11 +43,11 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
         &[],
         dir.path(),
     )?;
-    let sidecar = |service: &str, db: &str, app: Option<u16>| {
+    let sidecar = |service: &str, db: &str, app: Option<&str>, listen: &str| {
         let mut a = args(&[
             "sidecar",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--coordinator",
             &coordinator.url(),
             "--service",
@@ -54,12 +55,12 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
             "--db",
             &d(db),
         ]);
-        if let Some(port) = app {
-            a.extend(["--app".to_owned(), format!("http://127.0.0.1:{port}")]);
+        if let Some(url) = app {
+            a.extend(["--app".to_owned(), url.to_owned()]);
         }
         Process::start(&format!("{service}-sidecar"), bin, &a, &[], dir.path())
     };
-    let orders_sidecar = sidecar("orders", "orders.db", None)?;
+    let orders_sidecar = sidecar("orders", "orders.db", None, "127.0.0.1:0")?;
     let orders = Process::start(
         "order-service",
         bin,
@@ -75,8 +76,8 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
         &[],
         dir.path(),
     )?;
-    // The Python app serves its callbacks on a port of its choosing and says
-    // which; its sidecar is started for that address and handed back.
+    // The Python app serves its callbacks on a Unix socket and says which;
+    // its sidecar is started for it, on a socket of its own, handed back.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let mut child = Command::new(python)
         .current_dir(root.join("clients/python"))
@@ -112,10 +113,10 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
             anyhow::bail!("the Python client did not finish within 120 s");
         }
         while let Ok(line) = lines.try_recv() {
-            if let Some(addr) = line.strip_prefix("app listening on ") {
-                let port: u16 = addr.rsplit(':').next().unwrap_or_default().parse()?;
-                let s = sidecar("py-app", "py.db", Some(port))?;
-                writeln!(stdin, "{}", s.addr)?;
+            if let Some(app) = line.strip_prefix("app listening on ") {
+                let listen = format!("unix:{}", d("py-sidecar.sock"));
+                let s = sidecar("py-app", "py.db", Some(app.trim()), &listen)?;
+                writeln!(stdin, "{}", s.listening)?;
                 py_sidecar = Some(s);
             }
         }

@@ -4,9 +4,10 @@ Any language with gRPC can use Tandem: its APIs are the .proto files under
 proto/. This module compiles them with grpcio-tools at import time (into a
 temporary folder), so there is nothing to check in or keep in sync.
 
-    from tandem_client import stubs
+    from tandem_client import channel, stubs
     pb = stubs()
-    orders = pb.shop_grpc.OrdersStub(grpc.insecure_channel("127.0.0.1:7420"))
+    orders = pb.shop_grpc.OrdersStub(channel("127.0.0.1:7420"))
+    sidecar = pb.sidecar_grpc.SidecarStub(channel("unix:/run/tandem/sidecar.sock"))
 """
 
 import importlib
@@ -24,6 +25,22 @@ PROTOS = {
 }
 
 _stubs = None
+
+
+def channel(target, options=()):
+    """A plaintext gRPC channel to a sidecar (or a local coordinator):
+    "HOST:PORT", or "unix:/path/to/socket".
+
+    For a Unix socket grpcio sends the socket's path, percent-encoded, as
+    the HTTP/2 :authority, which the sidecar's HTTP/2 server refuses (the
+    call fails with RST_STREAM): the authority is set to "localhost".
+    """
+    import grpc
+
+    options = list(options)
+    if target.startswith("unix:"):
+        options.append(("grpc.default_authority", "localhost"))
+    return grpc.insecure_channel(target, options=options)
 
 
 def stubs():

@@ -19,6 +19,7 @@ Exits 0 when every check holds.
 """
 
 import argparse
+import os
 import sqlite3
 import sys
 import threading
@@ -27,7 +28,7 @@ from concurrent import futures
 
 import grpc
 
-from tandem_client import stubs
+from tandem_client import channel, stubs
 
 pb = stubs()
 TOPIC = "py-events"
@@ -222,11 +223,14 @@ def main():
     app = App(args.db)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     pb.app_grpc.add_AppServicer_to_server(app, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    # The app hop on Unix sockets both ways: the sidecar calls this app on
+    # one, the app calls its sidecar on another.
+    socket = os.path.join(os.path.dirname(os.path.abspath(args.db)), "py-app.sock")
+    server.add_insecure_port(f"unix:{socket}")
     server.start()
-    print(f"app listening on 127.0.0.1:{port}", flush=True)
+    print(f"app listening on unix:{socket}", flush=True)
     sidecar_address = sys.stdin.readline().strip()
-    sidecar = pb.sidecar_grpc.SidecarStub(grpc.insecure_channel(sidecar_address))
+    sidecar = pb.sidecar_grpc.SidecarStub(channel(sidecar_address))
     sidecar.Subscribe(
         pb.sidecar.SubscribeRequest(
             topic=TOPIC,

@@ -8,8 +8,9 @@
 //!   a grant names in `transactions`; never for any other.
 //! - It consumes with the group named as its service, or one a grant's
 //!   `groups` names.
-//! - Until a grant names any, any caller publishes to and consumes from
-//!   every topic. Then, only the topics its grants name
+//! - While there is no grant, any caller publishes to and consumes from
+//!   every topic (but Tandem's own, `__*`, which are for admins). Then,
+//!   only the topics its grants name
 //!   (`consume` on T also allows creating and publishing to T's `.dlq`,
 //!   where its sidecar puts what it gives up).
 //! - Operator calls (reading messages, listing transactions and sagas,
@@ -88,6 +89,11 @@ impl Authorization {
                 identity_prefix: r.identity_prefix.filter(|p| !p.is_empty()),
             },
         }
+    }
+
+    /// Whether topics are open to every caller: no grant at all.
+    pub fn topics_open(&self) -> bool {
+        self.grants.as_ref().is_none_or(Vec::is_empty)
     }
 
     /// Whether rules beyond the defaults were given.
@@ -182,11 +188,19 @@ impl Authorization {
                 .flatten()
                 .filter(|g| names(&g.principals, who))
         };
-        // (Topics are open until some grant names any.)
-        let open = self.grants.as_ref().is_none_or(Vec::is_empty);
+        // (Topics are open while there is no grant at all.)
+        let open = self.topics_open();
         let ok = match action {
             Action::Describe => true,
             Action::Prepare(crate::saga::SAGA_TOPIC) => true,
+            // Tandem's own topics (`__sagas`: every service's saga
+            // definitions) are for admins only, whatever a pattern says.
+            Action::Publish(t) | Action::Prepare(t) | Action::Create(t) if t.starts_with("__") => {
+                false
+            }
+            Action::Consume { topic, .. } if topic.starts_with("__") => {
+                return Err(denied(who, format!("consume Tandem's own topic {topic:?}")));
+            }
             Action::Publish(topic) | Action::Prepare(topic) => {
                 open || grants().any(|g| {
                     any(&g.publish, topic)
@@ -268,6 +282,11 @@ pub fn caller<T>(
             "the client certificate names no identity (a URI or DNS SAN)",
         ));
     };
+    if who.name == "default" {
+        return Err(Status::unauthenticated(format!(
+            "{who}: a default service account's certificate, which every pod without one of its own shares, names no service"
+        )));
+    }
     if let Some(p) = prefix
         && !who.id.starts_with(p)
     {
@@ -475,6 +494,43 @@ mod tests {
             granted
                 .allow(&id("orders"), Action::Prepare("payments"))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn tandem_s_own_topics_are_for_admins() {
+        let open = Authorization::new(Some(AuthorizationRaw {
+            admins: vec!["tandem-admin".into()],
+            ..AuthorizationRaw::default()
+        }));
+        let everything = Authorization::new(Some(AuthorizationRaw {
+            grant: vec![Grant {
+                principals: vec!["*".into()],
+                publish: vec!["*".into()],
+                consume: vec!["*".into()],
+                ..Grant::default()
+            }],
+            ..AuthorizationRaw::default()
+        }));
+        for a in [&open, &everything] {
+            let consume = Action::Consume {
+                topic: "__sagas",
+                group: "orders",
+            };
+            assert!(a.allow(&id("orders"), consume).is_err());
+            assert!(a.allow(&id("orders"), Action::Publish("__sagas")).is_err());
+            assert!(a.allow(&id("orders"), Action::Create("__x")).is_err());
+            assert!(a.allow(&id("orders"), Action::Publish("orders")).is_ok());
+        }
+        assert!(
+            open.allow(
+                &id("tandem-admin"),
+                Action::Consume {
+                    topic: "__sagas",
+                    group: "x"
+                }
+            )
+            .is_ok()
         );
     }
 

@@ -727,6 +727,17 @@ impl Raw {
             }
             None => uuid::Uuid::now_v7().to_string(),
         };
+        let authorization = crate::authz::Authorization::new(self.authorization);
+        if let Some(p) = &authorization.identity_prefix
+            && !p.ends_with('/')
+        {
+            // (`…/ns/shop` would also admit `…/ns/shop-dev/…`.)
+            return Err(invalid(
+                "authorization.identity_prefix",
+                p,
+                "must end with '/' (spiffe://DOMAIN/ns/NS/sa/)",
+            ));
+        }
         Ok(Config {
             store,
             replication: Replication {
@@ -786,7 +797,7 @@ impl Raw {
                 origin: "settings".into(),
                 message: e.to_string(),
             })?,
-            authorization: crate::authz::Authorization::new(self.authorization),
+            authorization,
         })
     }
 }

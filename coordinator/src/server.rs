@@ -109,6 +109,11 @@ impl Coordinator {
                 }
                 let peers = ClientTls::new(files.clone(), Some(me.id.clone()))?;
                 tracing::info!(identity = %me, "serving mutual TLS");
+                if config.authorization.topics_open() {
+                    tracing::warn!(
+                        "no [[authorization.grant]]: every authenticated caller may publish to and consume every topic"
+                    );
+                }
                 Some((server, peers))
             }
             None => {
@@ -244,7 +249,10 @@ impl Coordinator {
         if self.tls.is_some() {
             // A certificate that expires or a CA taken out of the bundle
             // stops counting within the hour on live connections too.
-            builder = builder.max_connection_age(std::time::Duration::from_secs(3600));
+            // (Streams that outlive the graceful close are cut a minute on.)
+            builder = builder
+                .max_connection_age(std::time::Duration::from_secs(3600))
+                .max_connection_age_grace(std::time::Duration::from_secs(60));
         }
         let router = tandem_proto::with_reflection(
             builder.add_service(health_service).add_service(service),

@@ -459,13 +459,10 @@ impl ServerTls {
     ) -> ReceiverStream<io::Result<TlsConn>> {
         let (tx, rx) = mpsc::channel(64);
         let tls = self.clone();
-        // Handshakes in progress at most: more wait to be accepted.
+        // Handshakes in progress at most.
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         tokio::spawn(async move {
             loop {
-                let Ok(permit) = handshakes.clone().acquire_owned().await else {
-                    return;
-                };
                 let accepted = tokio::select! {
                     a = listener.accept() => a,
                     () = tx.closed() => return,
@@ -479,6 +476,13 @@ impl ServerTls {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         continue;
                     }
+                };
+                // Accepting never waits: past the limit, a new connection is
+                // closed at once (its client tries again), so idle sockets
+                // cannot hold the port.
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    tracing::debug!(%remote, "too many TLS handshakes at once: connection closed");
+                    continue;
                 };
                 let _ = tcp.set_nodelay(true);
                 let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.current());

@@ -483,6 +483,8 @@ impl sc::sidecar_server::Sidecar for SidecarService {
             Err(s) if s.code() == Code::AlreadyExists => {}
             Err(s) => return Err(s),
         }
+        // (Put back if the coordinator refuses the new settings.)
+        let previous = self.subscriptions.current(&spec.topic, &spec.group);
         self.node
             .db
             .save_subscription(&spec.topic, &spec.group, &subscription::encode(&spec))
@@ -498,10 +500,21 @@ impl sc::sidecar_server::Sidecar for SidecarService {
             .await;
         if let Ok(Ok(Err(refused))) = tokio::time::timeout(FIRST_SESSION_WAIT, opened).await {
             self.subscriptions.stop(&spec.topic, &spec.group).await;
-            self.node
-                .db
-                .delete_subscription(&spec.topic, &spec.group)
-                .await?;
+            match previous {
+                Some(old) => {
+                    self.node
+                        .db
+                        .save_subscription(&old.topic, &old.group, &subscription::encode(&old))
+                        .await?;
+                    self.subscriptions.start(&self.node, old, None).await;
+                }
+                None => {
+                    self.node
+                        .db
+                        .delete_subscription(&spec.topic, &spec.group)
+                        .await?;
+                }
+            }
             return Err(refused);
         }
         tracing::info!(topic = %spec.topic, group = %spec.group, "subscribed");

@@ -43,7 +43,7 @@ const KEYS: &[Setting] = &[
         key: "listen",
         kind: Kind::Str,
         default: Some("127.0.0.1:7410"),
-        help: "gRPC address the app calls, HOST:PORT (an IP address or a host name)",
+        help: "gRPC address the app calls, HOST:PORT (an IP address or a host name), or unix:PATH (a Unix socket)",
     },
     Setting {
         key: "coordinator",
@@ -125,7 +125,7 @@ const KEYS: &[Setting] = &[
         key: "coordinator_identity",
         kind: Kind::Str,
         default: None,
-        help: "a coordinator certificate naming this identity (URI or DNS SAN, or its service name) is accepted whatever address was dialled [default: the certificate must be valid for the host dialled]",
+        help: "a coordinator certificate naming this full id (its URI or DNS SAN) is accepted whatever address was dialled [default: the id of the first coordinator certificate verified by the host dialled]",
     },
     Setting {
         key: "allow_remote_app",

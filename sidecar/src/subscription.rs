@@ -116,6 +116,15 @@ pub(crate) struct Subscriptions {
 }
 
 impl Subscriptions {
+    /// The settings of the subscription of `group` to `topic` running now.
+    pub(crate) fn current(&self, topic: &str, group: &str) -> Option<sc::SubscribeRequest> {
+        self.specs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(topic.to_owned(), group.to_owned()))
+            .cloned()
+    }
+
     /// Starts (or restarts with new settings) a subscription; `first`
     /// hears how its first session opened: OK once the coordinator took
     /// it, or the coordinator's refusal when it may not consume so.
