@@ -276,6 +276,27 @@ async fn consume(
     Ok((tx, stream))
 }
 
+/// The first message delivered on a consume stream, within 20 s.
+async fn first_delivery(
+    stream: &mut tonic::Streaming<pb::ConsumeResponse>,
+) -> TestResult<pb::Delivery> {
+    let got = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await? {
+                Some(pb::ConsumeResponse {
+                    kind: Some(pb::consume_response::Kind::Deliveries(d)),
+                }) if !d.deliveries.is_empty() => {
+                    return Ok::<_, tonic::Status>(d.deliveries[0].clone());
+                }
+                Some(_) => continue,
+                None => return Err(tonic::Status::unknown("stream ended")),
+            }
+        }
+    })
+    .await??;
+    Ok(got)
+}
+
 const RULES: &str = r#"
 [authorization]
 admins = ["tandem-admin"]
@@ -469,20 +490,7 @@ async fn a_certificate_acts_only_for_its_own_service() -> TestResult {
         .await?
         .into_inner();
     assert_eq!(committed.state, pb::TransactionState::Committed as i32);
-    let got = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match deliveries.message().await? {
-                Some(pb::ConsumeResponse {
-                    kind: Some(pb::consume_response::Kind::Deliveries(d)),
-                }) if !d.deliveries.is_empty() => {
-                    return Ok::<_, tonic::Status>(d.deliveries[0].clone());
-                }
-                Some(_) => continue,
-                None => return Err(tonic::Status::unknown("stream ended")),
-            }
-        }
-    })
-    .await??;
+    let got = first_delivery(&mut deliveries).await?;
     assert_eq!(got.message.map(|m| m.id), Some(txn.clone()));
     Ok(())
 }
@@ -714,20 +722,7 @@ async fn replicas_forward_to_each_other_over_mutual_tls() -> TestResult {
     );
     let mut at_b = client(&at(&b), &orders_files).await?;
     let (_keep, mut stream) = consume(&mut at_b, &theirs, "orders").await?;
-    let got = tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            match stream.message().await? {
-                Some(pb::ConsumeResponse {
-                    kind: Some(pb::consume_response::Kind::Deliveries(d)),
-                }) if !d.deliveries.is_empty() => {
-                    return Ok::<_, tonic::Status>(d.deliveries[0].clone());
-                }
-                Some(_) => continue,
-                None => return Err(tonic::Status::unknown("stream ended")),
-            }
-        }
-    })
-    .await??;
+    let got = first_delivery(&mut stream).await?;
     assert_eq!(got.message.map(|m| m.id).as_deref(), Some("via-a"));
 
     // A sidecar given replica a by name holds a session with every replica
