@@ -471,6 +471,68 @@ async fn a_certificate_acts_only_for_its_own_service() -> TestResult {
         code(rogue.publish(publish).await),
         Some(Code::PermissionDenied)
     );
+    // A saga of orders may call only orders' branches (its grant names no
+    // `sagas`), started directly or begun in a transaction.
+    let mut as_orders = client(&url, &orders_files).await?;
+    let definition = pb::SagaDefinition {
+        branches: vec![pb::SagaBranch {
+            name: "charge".into(),
+            service: "payments".into(),
+            action: "charge".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let start = pb::StartSagaRequest {
+        saga_id: "saga-1".into(),
+        service: "orders".into(),
+        definition: Some(definition),
+    };
+    assert_eq!(
+        code(as_orders.start_saga(start.clone()).await),
+        Some(Code::PermissionDenied)
+    );
+    let begun = pb::PrepareRequest {
+        service: "orders".into(),
+        txn_id: "saga-txn".into(),
+        topic: "__sagas".into(),
+        message: Some(pb::Message {
+            value: bytes::Bytes::from(prost::Message::encode_to_vec(&start)),
+            ..message("")
+        }),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(as_orders.prepare(begun).await),
+        Some(Code::PermissionDenied)
+    );
+    // Its dead letters of the topic it consumes must be its own group's:
+    // `dlq redrive` would send a forged one to another group.
+    rogue
+        .create_topic(pb::CreateTopicRequest {
+            name: "orders.created.dlq".into(),
+            partitions: 1,
+        })
+        .await?;
+    let dead_letter = |id: &str, group: &str| pb::PublishRequest {
+        topic: "orders.created.dlq".into(),
+        messages: vec![pb::Message {
+            headers: ["tandem.topic", "tandem.group"]
+                .iter()
+                .zip(["orders.created", group])
+                .map(|(name, value)| pb::Header {
+                    name: (*name).into(),
+                    value: bytes::Bytes::from(value.to_owned()),
+                })
+                .collect(),
+            ..message(id)
+        }],
+    };
+    assert_eq!(
+        code(rogue.publish(dead_letter("forged", "orders")).await),
+        Some(Code::PermissionDenied)
+    );
+    rogue.publish(dead_letter("own", "payments")).await?;
     assert_eq!(
         code(consume(&mut rogue, "carts", "payments").await),
         Some(Code::PermissionDenied)

@@ -59,6 +59,10 @@ pub struct Grant {
     /// Consumer groups they may consume as, beyond their own service name.
     #[serde(default)]
     pub groups: Vec<String>,
+    /// Services whose branches their sagas may call, beyond their own (once
+    /// there is any grant; before, any).
+    #[serde(default)]
+    pub sagas: Vec<String>,
     /// Other services whose transactions, sessions and sagas they may act for.
     #[serde(default)]
     pub transactions: Vec<String>,
@@ -99,6 +103,123 @@ impl Authorization {
     /// Whether rules beyond the defaults were given.
     pub fn configured(&self) -> bool {
         self.grants.is_some() || !self.admins.is_empty() || self.identity_prefix.is_some()
+    }
+}
+
+impl Authorization {
+    /// The services a client's saga calls branches of: its own, those a
+    /// grant's `sagas` names, or any while there is no grant.
+    pub fn check_saga_branches<'a>(
+        &self,
+        caller: &Caller,
+        services: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), Status> {
+        let Caller::Client(who) = caller else {
+            return Ok(());
+        };
+        if names(&self.admins, who) || self.topics_open() {
+            return Ok(());
+        }
+        for service in services {
+            let granted = service == who.name
+                || self
+                    .grants
+                    .iter()
+                    .flatten()
+                    .filter(|g| names(&g.principals, who))
+                    .any(|g| any(&g.sagas, service));
+            if !granted {
+                return Err(denied(
+                    who,
+                    format!(
+                        "start a saga with a branch of service {service:?} (grant it with sagas = [...])"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`check_saga_branches`](Self::check_saga_branches) for a saga begun
+    /// in a transaction: a half message for `__sagas` carrying the
+    /// StartSagaRequest (one that does not decode is refused later, as
+    /// INVALID_ARGUMENT).
+    pub fn check_saga_start(
+        &self,
+        caller: &Caller,
+        topic: &str,
+        message: Option<&tandem_proto::coordinator::Message>,
+    ) -> Result<(), Status> {
+        use prost::Message as _;
+        if topic != crate::saga::SAGA_TOPIC {
+            return Ok(());
+        }
+        let Some(Ok(start)) =
+            message.map(|m| tandem_proto::coordinator::StartSagaRequest::decode(m.value.as_ref()))
+        else {
+            return Ok(());
+        };
+        self.check_saga_branches(
+            caller,
+            start
+                .definition
+                .iter()
+                .flat_map(|d| &d.branches)
+                .map(|b| b.service.as_str()),
+        )
+    }
+
+    /// Dead letters a client (not an admin) publishes to `T.dlq` must say
+    /// where they come from, as a sidecar's do: one `tandem.topic` header
+    /// naming T, and one `tandem.group` header naming a group the caller
+    /// consumes T as. `tandem dlq redrive` sends them back to T for that
+    /// group: without this, a consumer of T could put any message in
+    /// front of another group, under an admin's hand.
+    pub fn check_dead_letters(
+        &self,
+        caller: &Caller,
+        topic: &str,
+        messages: &[tandem_proto::coordinator::Message],
+    ) -> Result<(), Status> {
+        let (Caller::Client(who), Some(origin)) = (caller, topic.strip_suffix(".dlq")) else {
+            return Ok(());
+        };
+        if names(&self.admins, who) {
+            return Ok(());
+        }
+        for (i, m) in messages.iter().enumerate() {
+            let values = |name: &str| -> Vec<&[u8]> {
+                m.headers
+                    .iter()
+                    .filter(|h| h.name == name)
+                    .map(|h| h.value.as_ref())
+                    .collect()
+            };
+            let (topics, groups) = (values("tandem.topic"), values("tandem.group"));
+            let group = match (topics.as_slice(), groups.as_slice()) {
+                ([t], [g]) if *t == origin.as_bytes() => std::str::from_utf8(g).ok(),
+                _ => None,
+            };
+            let Some(group) = group else {
+                return Err(Status::permission_denied(format!(
+                    "messages[{i}]: a dead letter of {origin:?} carries one tandem.topic header naming {origin:?} and one tandem.group header"
+                )));
+            };
+            self.allow(
+                caller,
+                Action::Consume {
+                    topic: origin,
+                    group,
+                },
+            )
+            .map_err(|s| {
+                Status::permission_denied(format!(
+                    "messages[{i}]: a dead letter for group {group:?}: {}",
+                    s.message()
+                ))
+            })?;
+        }
+        Ok(())
     }
 }
 
@@ -494,6 +615,71 @@ mod tests {
             granted
                 .allow(&id("orders"), Action::Prepare("payments"))
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn sagas_call_the_branches_of_granted_services() {
+        let a = Authorization::new(Some(AuthorizationRaw {
+            grant: vec![Grant {
+                principals: vec!["orders".into()],
+                sagas: vec!["cart".into()],
+                ..Grant::default()
+            }],
+            ..AuthorizationRaw::default()
+        }));
+        assert!(
+            a.check_saga_branches(&id("orders"), ["orders", "cart"])
+                .is_ok()
+        );
+        let e = a.check_saga_branches(&id("orders"), ["orders", "payments"]);
+        assert_eq!(e.map_err(|s| s.code()), Err(tonic::Code::PermissionDenied));
+        assert!(a.check_saga_branches(&id("cart"), ["orders"]).is_err());
+        // While there is no grant, any.
+        let open = Authorization::new(None);
+        assert!(
+            open.check_saga_branches(&id("orders"), ["payments"])
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn dead_letters_name_a_group_the_caller_consumes_as() {
+        use bytes::Bytes;
+        use tandem_proto::coordinator as pb;
+        let a = Authorization::new(Some(AuthorizationRaw {
+            admins: vec!["tandem-admin".into()],
+            grant: vec![Grant {
+                principals: vec!["payments".into()],
+                consume: vec!["orders".into()],
+                ..Grant::default()
+            }],
+            ..AuthorizationRaw::default()
+        }));
+        let letter = |topic: &str, group: &str| pb::Message {
+            headers: vec![
+                pb::Header {
+                    name: "tandem.topic".into(),
+                    value: Bytes::from(topic.to_owned()),
+                },
+                pb::Header {
+                    name: "tandem.group".into(),
+                    value: Bytes::from(group.to_owned()),
+                },
+            ],
+            ..Default::default()
+        };
+        let check = |who: &str, m: pb::Message| a.check_dead_letters(&id(who), "orders.dlq", &[m]);
+        assert!(check("payments", letter("orders", "payments")).is_ok());
+        // Another group's, another topic's, or none at all: refused.
+        assert!(check("payments", letter("orders", "cart")).is_err());
+        assert!(check("payments", letter("carts", "payments")).is_err());
+        assert!(check("payments", pb::Message::default()).is_err());
+        // Admins, and topics that are no dead-letter topics, are not checked.
+        assert!(check("tandem-admin", pb::Message::default()).is_ok());
+        assert!(
+            a.check_dead_letters(&id("payments"), "orders", &[pb::Message::default()])
+                .is_ok()
         );
     }
 

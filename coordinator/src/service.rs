@@ -506,6 +506,8 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let req = req.into_inner();
         let topic = required("topic", &req.topic)?;
         self.allow(&caller, Action::Publish(topic))?;
+        self.authorization
+            .check_dead_letters(&caller, topic, &req.messages)?;
         if topic.starts_with("__") {
             return Err(Error::invalid(
                 "topic",
@@ -647,6 +649,8 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         let topic = required("topic", &req.topic)?;
         self.allow(&caller, Action::ActFor(&req.service))?;
         self.allow(&caller, Action::Prepare(topic))?;
+        self.authorization
+            .check_saga_start(&caller, topic, req.message.as_ref())?;
         let broker = here_or_forward!(self, self.for_topic(topic, fwd).await?, req, prepare);
         let txn_id = if req.txn_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
@@ -781,6 +785,8 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                         Ok(t) => {
                             self.allow(caller, Action::ActFor(&p.service))?;
                             self.allow(caller, Action::Prepare(t))?;
+                            self.authorization
+                                .check_saga_start(caller, t, p.message.as_ref())?;
                             self.for_topic(t, fwd).await
                         }
                         Err(e) => Err(e.into()),
@@ -944,6 +950,13 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         check_id("saga_id", &req.saga_id)?;
         check_id("service", &req.service)?;
         self.allow(&caller, Action::ActFor(&req.service))?;
+        self.authorization.check_saga_branches(
+            &caller,
+            req.definition
+                .iter()
+                .flat_map(|d| &d.branches)
+                .map(|b| b.service.as_str()),
+        )?;
         let broker = here_or_forward!(
             self,
             self.for_topic(crate::saga::SAGA_TOPIC, fwd).await?,
