@@ -533,6 +533,27 @@ async fn a_certificate_acts_only_for_its_own_service() -> TestResult {
         Some(Code::PermissionDenied)
     );
     rogue.publish(dead_letter("own", "payments")).await?;
+    // Nor by way of a transaction (Prepare, or a Transact item).
+    let forged = pb::PrepareRequest {
+        service: "payments".into(),
+        txn_id: "forged-txn".into(),
+        topic: "orders.created.dlq".into(),
+        message: dead_letter("forged-txn", "orders").messages.pop(),
+        ..Default::default()
+    };
+    assert_eq!(
+        code(rogue.prepare(forged.clone()).await),
+        Some(Code::PermissionDenied)
+    );
+    let items = rogue
+        .transact(pb::TransactRequest {
+            items: vec![pb::TransactItem {
+                kind: Some(pb::transact_item::Kind::Prepare(forged)),
+            }],
+        })
+        .await?
+        .into_inner();
+    assert_eq!(items.results[0].code, Code::PermissionDenied as i32);
     assert_eq!(
         code(consume(&mut rogue, "carts", "payments").await),
         Some(Code::PermissionDenied)

@@ -107,11 +107,13 @@ impl Authorization {
 }
 
 impl Authorization {
-    /// The services a client's saga calls branches of: its own, those a
+    /// The services a client's saga (of service `starter`, which the caller
+    /// acts for) calls branches of: the caller's own, the saga's, those a
     /// grant's `sagas` names, or any while there is no grant.
     pub fn check_saga_branches<'a>(
         &self,
         caller: &Caller,
+        starter: &str,
         services: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), Status> {
         let Caller::Client(who) = caller else {
@@ -122,6 +124,7 @@ impl Authorization {
         }
         for service in services {
             let granted = service == who.name
+                || service == starter
                 || self
                     .grants
                     .iter()
@@ -147,6 +150,7 @@ impl Authorization {
     pub fn check_saga_start(
         &self,
         caller: &Caller,
+        starter: &str,
         topic: &str,
         message: Option<&tandem_proto::coordinator::Message>,
     ) -> Result<(), Status> {
@@ -161,6 +165,7 @@ impl Authorization {
         };
         self.check_saga_branches(
             caller,
+            starter,
             start
                 .definition
                 .iter()
@@ -169,10 +174,11 @@ impl Authorization {
         )
     }
 
-    /// Dead letters a client (not an admin) publishes to `T.dlq` must say
-    /// where they come from, as a sidecar's do: one `tandem.topic` header
-    /// naming T, and one `tandem.group` header naming a group the caller
-    /// consumes T as. `tandem dlq redrive` sends them back to T for that
+    /// Dead letters a client (not an admin) publishes or prepares for
+    /// `T.dlq` must say where they come from, as a sidecar's do: their last
+    /// `tandem.topic` header (the one `tandem dlq redrive` reads; a sidecar
+    /// appends its own after those the message already had) names T, and
+    /// their last `tandem.group` header a group the caller consumes T as. `tandem dlq redrive` sends them back to T for that
     /// group: without this, a consumer of T could put any message in
     /// front of another group, under an admin's hand.
     pub fn check_dead_letters(
@@ -196,13 +202,13 @@ impl Authorization {
                     .collect()
             };
             let (topics, groups) = (values("tandem.topic"), values("tandem.group"));
-            let group = match (topics.as_slice(), groups.as_slice()) {
-                ([t], [g]) if *t == origin.as_bytes() => std::str::from_utf8(g).ok(),
+            let group = match (topics.last(), groups.last()) {
+                (Some(t), Some(g)) if *t == origin.as_bytes() => std::str::from_utf8(g).ok(),
                 _ => None,
             };
             let Some(group) = group else {
                 return Err(Status::permission_denied(format!(
-                    "messages[{i}]: a dead letter of {origin:?} carries one tandem.topic header naming {origin:?} and one tandem.group header"
+                    "messages[{i}]: a dead letter of {origin:?} carries, last, a tandem.topic header naming {origin:?} and a tandem.group header"
                 )));
             };
             self.allow(
@@ -629,16 +635,24 @@ mod tests {
             ..AuthorizationRaw::default()
         }));
         assert!(
-            a.check_saga_branches(&id("orders"), ["orders", "cart"])
+            a.check_saga_branches(&id("orders"), "orders", ["orders", "cart"])
                 .is_ok()
         );
-        let e = a.check_saga_branches(&id("orders"), ["orders", "payments"]);
+        let e = a.check_saga_branches(&id("orders"), "orders", ["orders", "payments"]);
         assert_eq!(e.map_err(|s| s.code()), Err(tonic::Code::PermissionDenied));
-        assert!(a.check_saga_branches(&id("cart"), ["orders"]).is_err());
+        assert!(
+            a.check_saga_branches(&id("cart"), "cart", ["orders"])
+                .is_err()
+        );
+        // The saga's own service, which the caller acts for, is its own.
+        assert!(
+            a.check_saga_branches(&id("cart"), "billing", ["billing"])
+                .is_ok()
+        );
         // While there is no grant, any.
         let open = Authorization::new(None);
         assert!(
-            open.check_saga_branches(&id("orders"), ["payments"])
+            open.check_saga_branches(&id("orders"), "orders", ["payments"])
                 .is_ok()
         );
     }
@@ -675,6 +689,13 @@ mod tests {
         assert!(check("payments", letter("orders", "cart")).is_err());
         assert!(check("payments", letter("carts", "payments")).is_err());
         assert!(check("payments", pb::Message::default()).is_err());
+        // The last of each header counts, as redrive reads it: a message
+        // that carried the headers before its sidecar added its own.
+        let mut twice = letter("orders.x", "cart");
+        twice.headers.extend(letter("orders", "payments").headers);
+        assert!(check("payments", twice.clone()).is_ok());
+        twice.headers.extend(letter("orders", "cart").headers);
+        assert!(check("payments", twice).is_err());
         // Admins, and topics that are no dead-letter topics, are not checked.
         assert!(check("tandem-admin", pb::Message::default()).is_ok());
         assert!(

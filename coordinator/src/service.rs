@@ -650,7 +650,9 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         self.allow(&caller, Action::ActFor(&req.service))?;
         self.allow(&caller, Action::Prepare(topic))?;
         self.authorization
-            .check_saga_start(&caller, topic, req.message.as_ref())?;
+            .check_saga_start(&caller, &req.service, topic, req.message.as_ref())?;
+        self.authorization
+            .check_dead_letters(&caller, topic, req.message.as_slice())?;
         let broker = here_or_forward!(self, self.for_topic(topic, fwd).await?, req, prepare);
         let txn_id = if req.txn_id.is_empty() {
             uuid::Uuid::now_v7().to_string()
@@ -785,8 +787,17 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
                         Ok(t) => {
                             self.allow(caller, Action::ActFor(&p.service))?;
                             self.allow(caller, Action::Prepare(t))?;
-                            self.authorization
-                                .check_saga_start(caller, t, p.message.as_ref())?;
+                            self.authorization.check_saga_start(
+                                caller,
+                                &p.service,
+                                t,
+                                p.message.as_ref(),
+                            )?;
+                            self.authorization.check_dead_letters(
+                                caller,
+                                t,
+                                p.message.as_slice(),
+                            )?;
                             self.for_topic(t, fwd).await
                         }
                         Err(e) => Err(e.into()),
@@ -952,6 +963,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
         self.allow(&caller, Action::ActFor(&req.service))?;
         self.authorization.check_saga_branches(
             &caller,
+            &req.service,
             req.definition
                 .iter()
                 .flat_map(|d| &d.branches)
