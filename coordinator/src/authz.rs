@@ -328,15 +328,8 @@ impl Authorization {
             Action::Consume { topic, .. } if topic.starts_with("__") => {
                 return Err(denied(who, format!("consume Tandem's own topic {topic:?}")));
             }
-            Action::Publish(topic) | Action::Prepare(topic) => {
-                open || grants().any(|g| {
-                    any(&g.publish, topic)
-                        || topic
-                            .strip_suffix(".dlq")
-                            .is_some_and(|t| any(&g.consume, t))
-                })
-            }
-            Action::Create(topic) => {
+            // (Creating a topic takes the right to publish to it.)
+            Action::Publish(topic) | Action::Prepare(topic) | Action::Create(topic) => {
                 open || grants().any(|g| {
                     any(&g.publish, topic)
                         || topic
