@@ -10,6 +10,7 @@
 //! appended (one task owns the offsets log; transactions lock the key).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 
 use bytes::Bytes;
 use tandem_storage::{
@@ -77,29 +78,46 @@ impl<L: Log> StateLog<L> {
         name: &str,
         compact_every: u64,
     ) -> Result<(Self, Vec<StoredRecord>)> {
+        let mut records = Vec::new();
+        let s = Self::open_each(log, name, compact_every, |r| records.push(r)).await?;
+        Ok((s, records))
+    }
+
+    /// Opens (creating if needed) the state log `name`, handing every
+    /// record it holds to `each`, oldest first, as they are read (a log of
+    /// a million records is not held twice).
+    pub(crate) async fn open_each(
+        log: L,
+        name: &str,
+        compact_every: u64,
+        mut each: impl FnMut(StoredRecord),
+    ) -> Result<Self> {
         let tp = TopicPartition::new(name, 0);
         match log.create_partition(&tp).await {
             Ok(()) | Err(StorageError::PartitionExists(_)) => {}
             Err(e) => return Err(e.into()),
         }
-        let mut records = Vec::new();
-        let mut from = log.offsets(&tp)?.log_start;
-        loop {
-            let batch = log.read(&tp, from, ReadBudget::default()).await?;
-            let Some(last) = batch.last() else { break };
-            from = last.offset + 1;
-            records.extend(batch);
+        let mut count = 0;
+        let from = log.offsets(&tp)?.log_start;
+        let mut batch = log.read(&tp, from, ReadBudget::default()).await?;
+        while let Some(last) = batch.last() {
+            count += batch.len() as u64;
+            // The next read starts (its first poll) before this batch is
+            // handed over, so reading and `each` overlap.
+            let mut next = std::pin::pin!(log.read(&tp, last.offset + 1, ReadBudget::default()));
+            let early = std::future::poll_fn(|cx| Poll::Ready(next.as_mut().poll(cx))).await;
+            batch.into_iter().for_each(&mut each);
+            batch = match early {
+                Poll::Ready(read) => read?,
+                Poll::Pending => next.await?,
+            };
         }
-        let since_compaction = AtomicU64::new(records.len() as u64);
-        Ok((
-            StateLog {
-                log,
-                tp,
-                since_compaction,
-                compact_every,
-            },
-            records,
-        ))
+        Ok(StateLog {
+            log,
+            tp,
+            since_compaction: AtomicU64::new(count),
+            compact_every,
+        })
     }
 
     /// Appends upserts durably; concurrent appends are group-committed.

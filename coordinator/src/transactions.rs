@@ -59,6 +59,9 @@ use crate::txn_core::{
 
 pub(crate) use crate::txn_core::MARKER_HEADER;
 
+/// The log of the transactions' records.
+const TXN_LOG: &str = "__txn_state";
+
 /// One transaction id's place in the table.
 struct Entry {
     core: TxnState,
@@ -67,6 +70,51 @@ struct Entry {
 }
 
 type Slot = Arc<tokio::sync::Mutex<Entry>>;
+
+/// A transaction read back at start-up.
+enum Restored {
+    /// In the table as it is.
+    Ready(String, Slot),
+    /// Prepared: whether its message is in its partition decides.
+    Seeking(String, Slot, Seek),
+}
+
+/// Fewer items than this are loaded at once, on the caller's thread.
+#[cfg(not(test))]
+const SHARED_FROM: usize = 16_384;
+#[cfg(test)]
+const SHARED_FROM: usize = 64;
+
+/// Runs `work` over `items` cut into a share per CPU, each on a blocking
+/// thread of its own (a few items: at once, here).
+async fn share_out<T, R>(
+    mut items: Vec<T>,
+    work: impl Fn(Vec<T>) -> Result<R> + Send + Sync + 'static,
+) -> Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    if cpus == 1 || items.len() < SHARED_FROM {
+        return Ok(vec![work(items)?]);
+    }
+    let (work, size) = (Arc::new(work), items.len().div_ceil(cpus));
+    let mut tasks = Vec::with_capacity(cpus);
+    while !items.is_empty() {
+        let share = items.split_off(items.len().saturating_sub(size));
+        let work = work.clone();
+        tasks.push(tokio::task::spawn_blocking(move || work(share)));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let done = task
+            .await
+            .map_err(|e| Error::Internal(format!("loading the transaction table: {e}")))?;
+        out.push(done?);
+    }
+    Ok(out)
+}
 
 /// What the effects of an event leave for the caller to act on.
 #[derive(Default)]
@@ -196,26 +244,34 @@ impl<L: Log + Clone> Transactions<L> {
         settings: TxnSettings,
         sessions: Arc<Sessions>,
     ) -> Result<Arc<Self>> {
-        let (log, records) = StateLog::open(internal, "__txn_state", u64::MAX).await?;
+        let started = std::time::Instant::now();
         // Each transaction's last record, still encoded: only those are
         // decoded (a restart with a million open ones must not decode and
-        // move every superseded record too).
+        // move every superseded record too). The map is sized for every
+        // record the log holds, up to a million: growing it step by step
+        // rewrote it ever larger. (Not beyond: entries land all over a
+        // map, so one much larger than what it holds would still have
+        // every page of it touched.)
+        let held = internal
+            .offsets(&TopicPartition::new(TXN_LOG, 0))
+            .map_or(0, |o| o.high_water_mark.saturating_sub(o.log_start));
         let mut latest: HashMap<bytes::Bytes, (bytes::Bytes, u64)> =
-            HashMap::with_capacity(records.len());
-        for r in records {
+            HashMap::with_capacity(held.min(1 << 20) as usize);
+        let log = StateLog::open_each(internal, TXN_LOG, u64::MAX, |r| {
             let key = r.record.key.unwrap_or_default();
             if r.record.value.is_empty() {
                 latest.remove(&key);
-                continue;
+            } else {
+                latest.insert(key, (r.record.value, r.offset));
             }
-            latest.insert(key, (r.record.value, r.offset));
-        }
+        })
+        .await?;
         let t = Arc::new(Transactions {
             data,
             log,
-            txns: Mutex::new(HashMap::with_capacity(latest.len())),
+            txns: Mutex::new(HashMap::new()),
             due: Mutex::new(BTreeSet::new()),
-            loading: Mutex::new(Some(Vec::new())),
+            loading: Mutex::new(Some(Vec::with_capacity(latest.len()))),
             pacer: Mutex::new(tokio::time::Instant::now()),
             wake: Notify::new(),
             sessions,
@@ -227,46 +283,97 @@ impl<L: Log + Clone> Transactions<L> {
             settings,
         });
         let now = now_ms();
-        // Prepared transactions' messages to look for, by partition.
-        let mut seeks: HashMap<TopicPartition, Vec<(String, Seek)>> = HashMap::new();
-        for (key, (value, log_offset)) in latest {
-            let id = String::from_utf8_lossy(&key).into_owned();
-            let rec = TxnRecord::decode(value).map_err(|e| Error::CorruptState {
-                log: "__txn_state",
-                offset: log_offset,
-                reason: format!("transaction {id:?}: {e}"),
-            })?;
-            let entry = Entry {
-                core: TxnState::restore(&id, rec),
-                log_offset,
-            };
-            let slot = Arc::new(tokio::sync::Mutex::new(entry));
-            lock(&t.txns).insert(id.clone(), slot.clone());
-            let guard = slot.clone().lock_owned().await;
-            if let Some(seek) = t
-                .drive(&id, &slot, guard, Event::Restart { now })
-                .await?
-                .seek
-            {
-                seeks.entry(seek.tp.clone()).or_default().push((id, seek));
+        // The table is built here, each core fed its start-up events
+        // directly: nothing else can reach it before `open` returns, and a
+        // lock, a table lookup and an effect queue per transaction were
+        // most of a start-up with a million open ones. Decoding and
+        // allocating are shared out over the CPUs.
+        let count = latest.len();
+        let restored = {
+            let t = t.clone();
+            share_out(latest.into_iter().collect(), move |share| {
+                let mut out = Vec::with_capacity(share.len());
+                for (key, (value, log_offset)) in share {
+                    out.extend(t.restored(&key, value, log_offset, now)?);
+                }
+                Ok(out)
+            })
+            .await?
+        };
+        let mut table: HashMap<String, Slot> = HashMap::with_capacity(count);
+        // Prepared transactions whose message may be in its partition
+        // already, by partition.
+        let mut seeks: HashMap<TopicPartition, Vec<(String, Slot, Seek)>> = HashMap::new();
+        for r in restored.into_iter().flatten() {
+            match r {
+                Restored::Ready(id, slot) => {
+                    table.insert(id, slot);
+                }
+                Restored::Seeking(id, slot, seek) => match seeks.get_mut(&seek.tp) {
+                    Some(txns) => txns.push((id, slot, seek)),
+                    None => {
+                        seeks.insert(seek.tp.clone(), vec![(id, slot, seek)]);
+                    }
+                },
             }
         }
         // Open ones are scheduled from the end of the load, not its start:
         // the reconnect grace is for producers' sidecars to come back once
         // this coordinator serves (a large table takes seconds to load).
         let now = now_ms();
+        let (mut found, mut reopened) = (Vec::new(), Vec::new());
         for (tp, txns) in seeks {
-            let from = txns.iter().map(|(_, s)| s.from).min().unwrap_or(0);
-            let mut wanted: HashMap<Sought, (String, Option<u64>)> = txns
-                .into_iter()
-                .map(|(id, s)| (s.sought, (id, None)))
-                .collect();
-            t.find(&tp, from, &mut wanted).await?;
-            for (id, offset) in wanted.into_values() {
-                let (slot, guard) = t.existing(&id).await?;
-                t.drive(&id, &slot, guard, Event::Found { offset, now })
-                    .await?;
+            let from = txns.iter().map(|(_, _, s)| s.from).min().unwrap_or(0);
+            let mut wanted: HashMap<Sought, Option<u64>> = HashMap::new();
+            if t.data.offsets(&tp)?.high_water_mark > from {
+                wanted = txns
+                    .iter()
+                    .map(|(_, _, s)| (s.sought.clone(), None))
+                    .collect();
+                t.find(&tp, from, &mut wanted).await?;
             }
+            for (id, slot, seek) in txns {
+                match wanted.get(&seek.sought).copied().flatten() {
+                    // Its COMMITTED record is to be written: through the
+                    // table, as every write.
+                    Some(offset) => {
+                        found.push((id.clone(), offset));
+                        table.insert(id, slot);
+                    }
+                    None => reopened.push((id, slot)),
+                }
+            }
+        }
+        let reopened = {
+            let t = t.clone();
+            share_out(reopened, move |share| {
+                let mut out = Vec::with_capacity(share.len());
+                for (id, mut slot) in share {
+                    // (nobody else holds it yet)
+                    let Some(entry) = Arc::get_mut(&mut slot) else {
+                        return Err(Error::Internal(format!(
+                            "transaction {id:?} was shared while loading"
+                        )));
+                    };
+                    let event = Event::Found { offset: None, now };
+                    for effect in entry.get_mut().core.apply(&t.settings, event) {
+                        t.settle(&id, effect)?;
+                    }
+                    out.push((id, slot));
+                }
+                Ok(out)
+            })
+            .await?
+        };
+        table.extend(reopened.into_iter().flatten());
+        *lock(&t.txns) = table;
+        for (id, offset) in found {
+            let (slot, guard) = t.existing(&id).await?;
+            let event = Event::Found {
+                offset: Some(offset),
+                now,
+            };
+            t.drive(&id, &slot, guard, event).await?;
         }
         // Built in bulk: collecting into a set sorts once, and `append`
         // merges two sets in one pass (the schedule is empty here anyway).
@@ -276,8 +383,50 @@ impl<L: Log + Clone> Transactions<L> {
             .into_iter()
             .collect();
         lock(&t.due).append(&mut loaded);
+        if count > 0 {
+            tracing::info!(
+                transactions = count,
+                open = t.open.load(Ordering::Relaxed),
+                ms = started.elapsed().as_millis() as u64,
+                "transaction table loaded"
+            );
+        }
         t.wake.notify_one();
         Ok(t)
+    }
+
+    /// A transaction as its last record left it, fed the start-up event;
+    /// `None` if it expired.
+    fn restored(
+        &self,
+        key: &[u8],
+        value: bytes::Bytes,
+        log_offset: u64,
+        now: i64,
+    ) -> Result<Option<Restored>> {
+        let id = String::from_utf8_lossy(key).into_owned();
+        let rec = TxnRecord::decode(value).map_err(|e| Error::CorruptState {
+            log: TXN_LOG,
+            offset: log_offset,
+            reason: format!("transaction {id:?}: {e}"),
+        })?;
+        let mut entry = Entry {
+            core: TxnState::restore(&id, rec),
+            log_offset,
+        };
+        let mut seek = None;
+        for effect in entry.core.apply(&self.settings, Event::Restart { now }) {
+            match effect {
+                Effect::Seek(s) => seek = Some(s),
+                Effect::Forget => {}
+                other => self.settle(&id, other)?,
+            }
+        }
+        Ok(match seek {
+            Some(seek) => Some(Restored::Seeking(id, Arc::new(entry.into()), seek)),
+            None if entry.core.exists() => Some(Restored::Ready(id, Arc::new(entry.into()))),
+            None => None, // expired: forgotten
+        })
     }
 
     /// Locks an existing transaction.
@@ -351,6 +500,21 @@ impl<L: Log + Clone> Transactions<L> {
         self.wake.notify_one();
     }
 
+    /// Performs an effect that writes nothing: a schedule or a note. Any
+    /// other is a bug of the caller.
+    fn settle(&self, id: &str, effect: Effect) -> Result<()> {
+        match effect {
+            Effect::Schedule { at_ms } => self.schedule(id, at_ms),
+            Effect::Note(note) => self.note(id, note),
+            other => {
+                return Err(Error::Internal(format!(
+                    "transaction {id:?}: {other:?} cannot be performed here"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Feeds `event` to a locked transaction's core and performs the
     /// effects, in order. The first that fails stops the rest and is
     /// reported back to the core, which undoes the event; its error is
@@ -390,10 +554,7 @@ impl<L: Log + Clone> Transactions<L> {
                     out.check = Some(*check);
                     Ok(())
                 }
-                Effect::Schedule { at_ms } => {
-                    self.schedule(id, at_ms);
-                    Ok(())
-                }
+                Effect::Schedule { .. } | Effect::Note(_) => self.settle(id, effect),
                 Effect::Reply(r) => {
                     out.reply = Some(r);
                     Ok(())
@@ -404,10 +565,6 @@ impl<L: Log + Clone> Transactions<L> {
                 }
                 Effect::Forget => {
                     forget = true;
-                    Ok(())
-                }
-                Effect::Note(note) => {
-                    self.note(id, note);
                     Ok(())
                 }
             };
@@ -453,7 +610,7 @@ impl<L: Log + Clone> Transactions<L> {
     fn persist_later(
         self: &Arc<Self>,
         id: &str,
-        rec: TxnRecord,
+        rec: Arc<TxnRecord>,
         mut guard: OwnedMutexGuard<Entry>,
     ) {
         let (this, id) = (self.clone(), id.to_owned());
@@ -631,7 +788,7 @@ impl<L: Log + Clone> Transactions<L> {
         &self,
         tp: &TopicPartition,
         from: u64,
-        wanted: &mut HashMap<Sought, (String, Option<u64>)>,
+        wanted: &mut HashMap<Sought, Option<u64>>,
     ) -> Result<()> {
         let offsets = self.data.offsets(tp)?;
         let mut next = from.max(offsets.log_start);
@@ -642,7 +799,7 @@ impl<L: Log + Clone> Transactions<L> {
             next = last.offset + 1;
             for r in batch {
                 for sought in Sought::keys(&r.record) {
-                    if let Some((_, slot)) = wanted.get_mut(&sought)
+                    if let Some(slot) = wanted.get_mut(&sought)
                         && slot.is_none()
                     {
                         *slot = Some(r.offset);
@@ -1056,6 +1213,81 @@ mod tests {
         // committing "x" again is idempotent and appends nothing
         t.commit("svc", "x").await?;
         assert_eq!(data.offsets(&tp)?.high_water_mark, 1);
+        Ok(())
+    }
+
+    /// Hundreds of transactions (loaded in shares, as a large table is):
+    /// open ones stay open and are scheduled, decided ones stay decided,
+    /// and commits a crash cut short after their append are found.
+    #[tokio::test]
+    async fn a_table_loaded_in_shares_is_as_it_was_left() -> Result<()> {
+        use tandem_storage::{EmbeddedLog, LogConfig};
+        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let tp = TopicPartition::new("t", 0);
+        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
+        data.create_partition(&tp).await?;
+        let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
+        let settings = TxnSettings {
+            check_after: Duration::from_secs(3600),
+            ..TxnSettings::default()
+        };
+        let open = || {
+            Transactions::open(
+                data.clone(),
+                internal.clone(),
+                settings.clone(),
+                Default::default(),
+            )
+        };
+        let t = open().await?;
+        let ids: Vec<String> = (0..400).map(|i| format!("txn-{i}")).collect();
+        for id in &ids {
+            t.prepare(prep(id, outgoing(id)), 0).await?;
+        }
+        // 0..100 committed, 100..150 rolled back, 150..200 appended but
+        // never recorded as committed, the rest open.
+        for id in &ids[..100] {
+            t.commit("svc", id).await?;
+        }
+        for id in &ids[100..150] {
+            t.rollback("svc", id).await?;
+        }
+        for id in &ids[150..200] {
+            let (_slot, mut guard) = t.existing(id).await?;
+            let commit = Event::Commit {
+                service: "svc".into(),
+                now: now_ms(),
+            };
+            let effects = guard.core.apply(&t.settings, commit);
+            let Some(Effect::Append { tp, record }) = effects.into_iter().next() else {
+                panic!("a commit appends first");
+            };
+            t.append(&tp, record).await?;
+        }
+        t.quiesce(Duration::from_secs(5)).await;
+        drop(t);
+        let t = open().await?;
+        assert!(ids.len() >= SHARED_FROM * 2, "the load is shared out");
+        for (i, id) in ids.iter().enumerate() {
+            let view = t.get(id).await?;
+            let want = match i {
+                0..100 | 150..200 => pb::TransactionState::Committed,
+                100..150 => pb::TransactionState::RolledBack,
+                _ => pb::TransactionState::Prepared,
+            };
+            assert_eq!(view.state, want as i32, "{id}");
+            if want == pb::TransactionState::Prepared {
+                assert!(view.next_check_at_ms > 0, "{id} is scheduled");
+            }
+        }
+        assert_eq!(t.stats().open, 200);
+        assert_eq!(lock(&t.due).len(), 200);
+        // Each committed one's message is where its record says, once.
+        assert_eq!(data.offsets(&tp)?.high_water_mark, 150);
+        for id in &ids[150..200] {
+            t.commit("svc", id).await?;
+        }
+        assert_eq!(data.offsets(&tp)?.high_water_mark, 150);
         Ok(())
     }
 }

@@ -21,6 +21,7 @@
 //! that event. The records the effects carry are the transaction's whole
 //! state, so the latest one written rebuilds it ([`TxnState::restore`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -353,11 +354,11 @@ pub(crate) enum Event {
 pub(crate) enum Effect {
     /// Write the state record durably (per the fsync policy) before going
     /// on.
-    Persist(TxnRecord),
+    Persist(Arc<TxnRecord>),
     /// Write the state record without waiting for a sync, keeping the
     /// transaction locked until it is written: a crash before the next sync
     /// is covered by the PREPARED record's mark.
-    PersistLater(TxnRecord),
+    PersistLater(Arc<TxnRecord>),
     /// Append the message to its partition, then report
     /// [`Event::Appended`] (or [`Event::Failed`]).
     Append {
@@ -414,7 +415,10 @@ impl Origin {
 #[derive(Clone, Debug)]
 pub(crate) struct TxnState {
     id: String,
-    rec: Option<TxnRecord>,
+    /// Shared with the undo copy and with records being written: an event
+    /// that changes it copies it first (an event that does not, such as a
+    /// restart's, copies nothing).
+    rec: Option<Arc<TxnRecord>>,
     /// The state before the last event, while its effects may still fail.
     undo: Option<Undo>,
     /// Who asked for the append in flight.
@@ -427,7 +431,7 @@ pub(crate) struct TxnState {
 /// What an event changed, to put back if its effects fail.
 #[derive(Clone, Debug)]
 struct Undo {
-    rec: Option<TxnRecord>,
+    rec: Option<Arc<TxnRecord>>,
     due_at: Option<i64>,
 }
 
@@ -446,7 +450,7 @@ impl TxnState {
     /// A transaction as last written; report [`Event::Restart`] next.
     pub(crate) fn restore(id: &str, rec: TxnRecord) -> Self {
         TxnState {
-            rec: Some(rec),
+            rec: Some(Arc::new(rec)),
             ..TxnState::new(id)
         }
     }
@@ -502,13 +506,18 @@ impl TxnState {
     pub(crate) fn apply(&mut self, s: &TxnSettings, event: Event) -> Vec<Effect> {
         let undo = self.undo.take();
         let appending = self.appending.take();
+        let event = match event {
+            Event::Failed => return self.revert(undo),
+            Event::Appended { offset, now } => return self.appended(offset, now, appending),
+            other => other,
+        };
+        // (sharing the record, not copying it)
         let before = Undo {
             rec: self.rec.clone(),
             due_at: self.due_at,
         };
         let effects = match event {
-            Event::Failed => return self.revert(undo),
-            Event::Appended { offset, now } => return self.appended(offset, now, appending),
+            Event::Failed | Event::Appended { .. } => unreachable!("answered above"),
             Event::Prepare(p) => self.prepare(s, *p),
             Event::Commit { service, now } => match self.owned_by(&service) {
                 Ok(()) => self.commit(Origin::Caller, now),
@@ -623,6 +632,7 @@ impl TxnState {
             marker: p.marker,
             ..TxnRecord::default()
         };
+        let rec = Arc::new(rec);
         self.rec = Some(rec.clone());
         let first_check = p.now.saturating_add(millis(s.check_after));
         self.due_at = Some(first_check);
@@ -677,15 +687,17 @@ impl TxnState {
     }
 
     fn appended(&mut self, offset: u64, now: i64, appending: Option<Origin>) -> Vec<Effect> {
-        let Some(rec) = self.rec.as_mut().filter(|r| r.state == PREPARED) else {
+        let Some(shared) = self.rec.as_mut().filter(|r| r.state == PREPARED) else {
             return Vec::new();
         };
         // The message is in its partition whoever asked: that is a commit.
         let by_check = appending == Some(Origin::Check);
+        let rec = Arc::make_mut(shared);
         mark_committed(rec, offset, now);
         rec.resolved_by_check = by_check;
+        let rec = &**shared;
         let mut effects = vec![
-            Effect::PersistLater(rec.clone()),
+            Effect::PersistLater(shared.clone()),
             Effect::Note(Note::Decided {
                 commit: true,
                 by_check,
@@ -702,17 +714,19 @@ impl TxnState {
         if let Some(effects) = self.decided(false, origin) {
             return effects;
         }
-        let Some(rec) = self.rec.as_mut() else {
+        let Some(shared) = self.rec.as_mut() else {
             return Vec::new();
         };
         let by_check = origin == Origin::Check;
+        let rec = Arc::make_mut(shared);
         rec.state = ROLLED_BACK;
         rec.resolved_by_check = by_check;
         rec.message = None;
         forget_large_context(rec);
         rec.finished_at_ms = now;
+        let rec = &**shared;
         let mut effects = vec![
-            Effect::Persist(rec.clone()),
+            Effect::Persist(shared.clone()),
             Effect::Note(Note::Decided {
                 commit: false,
                 by_check,
@@ -774,7 +788,7 @@ impl TxnState {
         now: i64,
         mark: u64,
     ) -> Vec<Effect> {
-        let Some(rec) = self.rec.as_mut() else {
+        let Some(rec) = self.rec.as_deref() else {
             return Vec::new();
         };
         if rec.state != PREPARED || rec.marker != fence.marker {
@@ -788,6 +802,10 @@ impl TxnState {
         if fence.attempt != rec.checks + 1 {
             return Vec::new(); // a late answer to a check-back already counted
         }
+        let Some(shared) = self.rec.as_mut() else {
+            return Vec::new();
+        };
+        let rec = Arc::make_mut(shared);
         rec.checks += 1;
         if rec.checks >= s.max_checks {
             let commit = s.final_action == FinalAction::Commit;
@@ -805,9 +823,10 @@ impl TxnState {
         }
         // Still open, and nothing is being appended: move the mark up.
         rec.scan_from = mark;
-        let at_ms = now.saturating_add(millis(check_delay(s, rec.checks)));
+        let checks = rec.checks;
+        let at_ms = now.saturating_add(millis(check_delay(s, checks)));
         self.due_at = Some(at_ms);
-        vec![Effect::Persist(rec.clone()), Effect::Schedule { at_ms }]
+        vec![Effect::Persist(shared.clone()), Effect::Schedule { at_ms }]
     }
 
     fn expired(s: &TxnSettings, rec: &TxnRecord, now: i64) -> bool {
@@ -861,21 +880,21 @@ impl TxnState {
     /// and is checked back when due (if that time has passed: after the
     /// reconnect grace, spread over one `check_after`).
     fn found(&mut self, s: &TxnSettings, offset: Option<u64>, now: i64) -> Vec<Effect> {
-        let Some(rec) = self.rec.as_mut().filter(|r| r.state == PREPARED) else {
+        let Some(shared) = self.rec.as_mut().filter(|r| r.state == PREPARED) else {
             return Vec::new();
         };
         match offset {
             Some(offset) => {
-                mark_committed(rec, offset, now);
+                mark_committed(Arc::make_mut(shared), offset, now);
                 vec![
-                    Effect::Persist(rec.clone()),
+                    Effect::Persist(shared.clone()),
                     Effect::Note(Note::FoundAfterRestart { offset }),
                 ]
             }
             None => {
-                let due = rec
+                let due = shared
                     .prepared_at_ms
-                    .saturating_add(millis(check_delay(s, rec.checks)));
+                    .saturating_add(millis(check_delay(s, shared.checks)));
                 // Not before the producers' sidecars can have opened their
                 // sessions again (their reconnect backoff is at most 5 s):
                 // a check-back with nobody to ask would spend an attempt.
@@ -1277,7 +1296,7 @@ mod tests {
                         if synced {
                             self.log.iter_mut().for_each(|e| e.2 = true);
                         }
-                        self.log.push((id.to_owned(), rec.clone(), synced));
+                        self.log.push((id.to_owned(), (**rec).clone(), synced));
                     }
                     Effect::Append { tp, record } => {
                         let marker = marker_of(record).unwrap_or_default();
