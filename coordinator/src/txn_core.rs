@@ -508,7 +508,12 @@ impl TxnState {
         let appending = self.appending.take();
         let event = match event {
             Event::Failed => return self.revert(undo),
-            Event::Appended { offset, now } => return self.appended(offset, now, appending),
+            Event::Appended { offset, now } => {
+                // (the undo shares the record: dropped first, the record
+                // is changed in place rather than copied)
+                drop(undo);
+                return self.appended(offset, now, appending);
+            }
             other => other,
         };
         // (sharing the record, not copying it)
