@@ -95,7 +95,12 @@ where
     T: Send + 'static,
     R: Send + 'static,
 {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    // (tests share out whatever the machine has)
+    let cpus = if cfg!(test) {
+        2
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
+    };
     if cpus == 1 || items.len() < SHARED_FROM {
         return Ok(vec![work(items)?]);
     }
@@ -106,14 +111,31 @@ where
         let work = work.clone();
         tasks.push(tokio::task::spawn_blocking(move || work(share)));
     }
-    let mut out = Vec::with_capacity(tasks.len());
+    // Every share ends before an error is returned: none is left running.
+    let mut ended = Vec::with_capacity(tasks.len());
     for task in tasks {
-        let done = task
-            .await
-            .map_err(|e| Error::Internal(format!("loading the transaction table: {e}")))?;
-        out.push(done?);
+        ended.push(task.await);
     }
-    Ok(out)
+    ended
+        .into_iter()
+        .map(|e| e.map_err(|e| Error::Internal(format!("loading the transaction table: {e}")))?)
+        .collect()
+}
+
+/// Puts a transaction read back at start-up in the table; two records
+/// that read back as one id (keys that are not UTF-8) are a damaged log.
+fn install(table: &mut HashMap<String, Slot>, id: String, slot: Slot) -> Result<()> {
+    match table.entry(id) {
+        std::collections::hash_map::Entry::Vacant(v) => {
+            v.insert(slot);
+            Ok(())
+        }
+        std::collections::hash_map::Entry::Occupied(o) => Err(Error::CorruptState {
+            log: TXN_LOG,
+            offset: slot.try_lock().map_or(0, |e| e.log_offset),
+            reason: format!("two transactions read back as {:?}", o.key()),
+        }),
+    }
 }
 
 /// What the effects of an event leave for the caller to act on.
@@ -306,9 +328,7 @@ impl<L: Log + Clone> Transactions<L> {
         let mut seeks: HashMap<TopicPartition, Vec<(String, Slot, Seek)>> = HashMap::new();
         for r in restored.into_iter().flatten() {
             match r {
-                Restored::Ready(id, slot) => {
-                    table.insert(id, slot);
-                }
+                Restored::Ready(id, slot) => install(&mut table, id, slot)?,
                 Restored::Seeking(id, slot, seek) => match seeks.get_mut(&seek.tp) {
                     Some(txns) => txns.push((id, slot, seek)),
                     None => {
@@ -338,7 +358,7 @@ impl<L: Log + Clone> Transactions<L> {
                     // table, as every write.
                     Some(offset) => {
                         found.push((id.clone(), offset));
-                        table.insert(id, slot);
+                        install(&mut table, id, slot)?;
                     }
                     None => reopened.push((id, slot)),
                 }
@@ -365,7 +385,9 @@ impl<L: Log + Clone> Transactions<L> {
             })
             .await?
         };
-        table.extend(reopened.into_iter().flatten());
+        for (id, slot) in reopened.into_iter().flatten() {
+            install(&mut table, id, slot)?;
+        }
         *lock(&t.txns) = table;
         for (id, offset) in found {
             let (slot, guard) = t.existing(&id).await?;
@@ -375,13 +397,17 @@ impl<L: Log + Clone> Transactions<L> {
             };
             t.drive(&id, &slot, guard, event).await?;
         }
-        // Built in bulk: collecting into a set sorts once, and `append`
-        // merges two sets in one pass (the schedule is empty here anyway).
-        let mut loaded: BTreeSet<(i64, String)> = lock(&t.loading)
-            .take()
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
+        // Built in bulk: each share sorted on its own thread, then
+        // collecting into a set merges those runs (its sort finds them
+        // sorted) and builds it in one pass, and `append` merges two sets
+        // in one pass (the schedule is empty here anyway).
+        let scheduled = lock(&t.loading).take().unwrap_or_default();
+        let sorted = share_out(scheduled, |mut share| {
+            share.sort_unstable();
+            Ok(share)
+        })
+        .await?;
+        let mut loaded: BTreeSet<(i64, String)> = sorted.into_iter().flatten().collect();
         lock(&t.due).append(&mut loaded);
         if count > 0 {
             tracing::info!(
@@ -1266,10 +1292,14 @@ mod tests {
         }
         t.quiesce(Duration::from_secs(5)).await;
         drop(t);
+        let state = TopicPartition::new(TXN_LOG, 0);
+        let written_before = internal.offsets(&state)?.high_water_mark;
         let t = open().await?;
         assert!(ids.len() >= SHARED_FROM * 2, "the load is shared out");
+        let mut offsets = std::collections::HashSet::new();
         for (i, id) in ids.iter().enumerate() {
             let view = t.get(id).await?;
+            assert_eq!(&view.txn_id, id);
             let want = match i {
                 0..100 | 150..200 => pb::TransactionState::Committed,
                 100..150 => pb::TransactionState::RolledBack,
@@ -1278,6 +1308,17 @@ mod tests {
             assert_eq!(view.state, want as i32, "{id}");
             if want == pb::TransactionState::Prepared {
                 assert!(view.next_check_at_ms > 0, "{id} is scheduled");
+            }
+            if want == pb::TransactionState::Committed {
+                let offset = view.position.map(|p| p.offset);
+                assert!(offsets.insert(offset), "{id} at {offset:?} twice");
+                // Its own message is there.
+                let at = offset.unwrap_or(u64::MAX);
+                let read = data.read(&tp, at, ReadBudget::default()).await?;
+                assert_eq!(
+                    read.first().map(|r| r.record.id.as_ref()),
+                    Some(id.as_bytes())
+                );
             }
         }
         assert_eq!(t.stats().open, 200);
@@ -1288,6 +1329,29 @@ mod tests {
             t.commit("svc", id).await?;
         }
         assert_eq!(data.offsets(&tp)?.high_water_mark, 150);
+        // The commits found were written down as COMMITTED records.
+        t.quiesce(Duration::from_secs(5)).await;
+        let mut written = std::collections::HashSet::new();
+        let mut from = written_before;
+        loop {
+            let read = internal.read(&state, from, ReadBudget::default()).await?;
+            let Some(last) = read.last() else { break };
+            from = last.offset + 1;
+            for r in read {
+                let id = String::from_utf8_lossy(r.record.key.as_deref().unwrap_or_default())
+                    .into_owned();
+                let rec = TxnRecord::decode(r.record.value).map_err(|e| {
+                    Error::Internal(format!("a record of {id:?} does not decode: {e}"))
+                })?;
+                let view = TxnState::restore(&id, rec).view();
+                if view.is_some_and(|v| v.state == pb::TransactionState::Committed as i32) {
+                    written.insert(id);
+                }
+            }
+        }
+        for id in &ids[150..200] {
+            assert!(written.contains(id), "{id}'s COMMITTED record");
+        }
         Ok(())
     }
 }
