@@ -1192,18 +1192,47 @@ mod tests {
         Ok(())
     }
 
-    #[tokio::test]
-    async fn a_commit_cut_short_after_its_append_is_found_on_start_up() -> Result<()> {
+    /// Two fresh logs (topic "t", one partition, in `data`) and settings
+    /// whose check-backs do not come during a test; the folder goes with
+    /// the first.
+    async fn restartable() -> Result<(
+        tempfile::TempDir,
+        tandem_storage::EmbeddedLog,
+        tandem_storage::EmbeddedLog,
+        TxnSettings,
+    )> {
         use tandem_storage::{EmbeddedLog, LogConfig};
         let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
-        let tp = TopicPartition::new("t", 0);
         let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
-        data.create_partition(&tp).await?;
+        data.create_partition(&TopicPartition::new("t", 0)).await?;
         let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
         let settings = TxnSettings {
             check_after: Duration::from_secs(3600),
             ..TxnSettings::default()
         };
+        Ok((dir, data, internal, settings))
+    }
+
+    /// The crash window of a commit: its message reaches its partition,
+    /// its COMMITTED record does not.
+    async fn append_without_record<L: Log + Clone>(t: &Transactions<L>, id: &str) -> Result<()> {
+        let (_slot, mut guard) = t.existing(id).await?;
+        let commit = Event::Commit {
+            service: "svc".into(),
+            now: now_ms(),
+        };
+        let effects = guard.core.apply(&t.settings, commit);
+        let Some(Effect::Append { tp, record }) = effects.into_iter().next() else {
+            panic!("a commit appends first");
+        };
+        t.append(&tp, record).await?;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_commit_cut_short_after_its_append_is_found_on_start_up() -> Result<()> {
+        let (_dir, data, internal, settings) = restartable().await?;
+        let tp = TopicPartition::new("t", 0);
         let t = Transactions::open(
             data.clone(),
             internal.clone(),
@@ -1213,20 +1242,7 @@ mod tests {
         .await?;
         t.prepare(prep("x", outgoing("x")), 0).await?;
         t.prepare(prep("y", outgoing("y")), 0).await?;
-        // Simulate the crash window: "x" reached its partition, its
-        // COMMITTED record did not.
-        {
-            let (_slot, mut guard) = t.existing("x").await?;
-            let commit = Event::Commit {
-                service: "svc".into(),
-                now: now_ms(),
-            };
-            let effects = guard.core.apply(&t.settings, commit);
-            let Some(Effect::Append { tp, record }) = effects.into_iter().next() else {
-                panic!("a commit appends first");
-            };
-            t.append(&tp, record).await?;
-        }
+        append_without_record(&t, "x").await?;
         drop(t);
         let t = Transactions::open(data.clone(), internal, settings, Default::default()).await?;
         let x = t.get("x").await?;
@@ -1247,16 +1263,8 @@ mod tests {
     /// and commits a crash cut short after their append are found.
     #[tokio::test]
     async fn a_table_loaded_in_shares_is_as_it_was_left() -> Result<()> {
-        use tandem_storage::{EmbeddedLog, LogConfig};
-        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let (_dir, data, internal, settings) = restartable().await?;
         let tp = TopicPartition::new("t", 0);
-        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
-        data.create_partition(&tp).await?;
-        let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
-        let settings = TxnSettings {
-            check_after: Duration::from_secs(3600),
-            ..TxnSettings::default()
-        };
         let open = || {
             Transactions::open(
                 data.clone(),
@@ -1279,16 +1287,7 @@ mod tests {
             t.rollback("svc", id).await?;
         }
         for id in &ids[150..200] {
-            let (_slot, mut guard) = t.existing(id).await?;
-            let commit = Event::Commit {
-                service: "svc".into(),
-                now: now_ms(),
-            };
-            let effects = guard.core.apply(&t.settings, commit);
-            let Some(Effect::Append { tp, record }) = effects.into_iter().next() else {
-                panic!("a commit appends first");
-            };
-            t.append(&tp, record).await?;
+            append_without_record(&t, id).await?;
         }
         t.quiesce(Duration::from_secs(5)).await;
         drop(t);
