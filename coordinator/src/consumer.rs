@@ -677,6 +677,11 @@ impl<L: Log + Clone> Groups<L> {
             drained: Notify::new(),
             pump: Mutex::new(None),
         });
+        // The member holds the lease before its pump starts: an ack of the
+        // pump's first delivery may arrive at once, and an ack for a lease
+        // not yet held would be dropped, leaving the lease a pending offset
+        // that never drains (its next revoke would stall, then expel).
+        lock(&member.leases).insert(partition, lease.clone());
         let pump = tokio::spawn(pump(
             self.log.clone(),
             tp,
@@ -685,7 +690,6 @@ impl<L: Log + Clone> Groups<L> {
             stop_rx,
         ));
         *lock(&lease.pump) = Some(pump);
-        lock(&member.leases).insert(partition, lease);
         tracing::debug!(group = %group.group, topic = %group.topic, member = %member.id, partition, epoch, start, "partition granted");
         Ok(())
     }

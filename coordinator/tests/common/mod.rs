@@ -129,6 +129,14 @@ impl Running {
     /// PostgreSQL, until it holds the lease).
     pub async fn start_with(store: &TestStore, config: Config) -> TestResult<Running> {
         let config = store.apply(config);
+        // TANDEM_TEST_LOG=<filter> (e.g. tandem_coordinator::consumer=debug)
+        // prints the coordinator's log with the test's output.
+        if let Ok(f) = std::env::var("TANDEM_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(f))
+                .with_test_writer()
+                .try_init();
+        }
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let coordinator = Coordinator::open(config).await?;
