@@ -129,7 +129,7 @@ impl TestApp {
 /// fault campaign sets it): `slow` (1.5 s before the effect),
 /// `fail:<code>:<n>` (fail with gRPC status `<code>` on the first `<n>`
 /// calls of the message, then handle it), `crash` (abort the process on the
-/// first call, before the effect).
+/// first call, before the effect), `crash:always` (abort it on every call).
 pub const HANDLE_HEADER: &str = "test.handle";
 
 impl TestApp {
@@ -145,6 +145,10 @@ impl TestApp {
             ["slow"] => tokio::time::sleep(std::time::Duration::from_millis(1500)).await,
             ["crash"] if calls <= 1 => {
                 eprintln!("test app: crashing on {id:?} as told");
+                std::process::abort();
+            }
+            ["crash", "always"] => {
+                eprintln!("test app: crashing on {id:?} as told, call {calls}");
                 std::process::abort();
             }
             ["fail", code, n] => {

@@ -999,6 +999,76 @@ async fn a_down_app_is_waited_for_and_an_app_killing_message_is_dead_lettered() 
     c.done()
 }
 
+/// When the app dies on one message, every call in it breaks with it. The
+/// messages that only shared the app with the killer are handled, never
+/// dead-lettered; the killer is dead-lettered once it broke calls in which
+/// it was alone in the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_message_that_kills_the_app_is_dead_lettered() -> TestResult {
+    let mut c = Cluster::start().await?;
+    c.subscribe(sc::DedupMode::Sidecar).await?;
+    let mut s = c.producer_client().await?;
+    // bystanders on keys of their own, each 1.5 s in the app per call
+    let bystanders = ["slow-a", "slow-b", "slow-c"];
+    s.publish(pb::PublishRequest {
+        topic: "orders".into(),
+        messages: bystanders.iter().map(|v| message(v)).collect(),
+    })
+    .await?;
+    let db = c.consumer_db().await?;
+    eventually("the bystanders to be in the app", || {
+        let db = db.clone();
+        async move {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE value LIKE 'slow-%'")
+                .fetch_one(&db)
+                .await?;
+            Ok((n >= 3).then_some(()))
+        }
+    })
+    .await?;
+    s.publish(pb::PublishRequest {
+        topic: "orders".into(),
+        messages: vec![pb::Message {
+            headers: vec![pb::Header {
+                name: tandem_e2e::testapp::HANDLE_HEADER.into(),
+                value: bytes::Bytes::from_static(b"crash:always"),
+            }],
+            ..message("killer")
+        }],
+    })
+    .await?;
+    let mut restarts = 0;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (dead, effects) = (c.dead_letters().await?, c.effects().await?);
+        assert!(dead <= 1, "{dead} dead letters, effects {effects:?}");
+        if dead == 1 && effects.len() >= bystanders.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not settled after {restarts} crashes: {dead} dead letters, effects {effects:?}"
+        );
+        if c.consumer_app.has_exited() {
+            restarts += 1;
+            c.restart_consumer_app(&[])?;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    c.expect_effects(&bystanders).await?;
+    assert_eq!(c.dead_letters().await?, 1, "the killer only");
+    let killer_calls: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM calls WHERE value = 'killer'")
+        .fetch_one(&db)
+        .await?;
+    assert!(
+        killer_calls >= 3,
+        "dead-lettered after {killer_calls} calls"
+    );
+    assert!(restarts >= 2, "{restarts}");
+    assert_eq!(c.consumer_stats().await?.dead_lettered, 1);
+    c.done()
+}
+
 /// Publishes the plain message `id` with `value` and waits until the
 /// consumer app is called with it; returns the consumer's database.
 async fn publish_until_called(c: &Cluster, id: &str, value: &str) -> TestResult<sqlx::SqlitePool> {

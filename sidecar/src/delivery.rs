@@ -26,10 +26,14 @@
 //!   Python, Java and Go servers report an uncaught exception), and a call
 //!   that outlives `handler_timeout` count as a failed attempt; after
 //!   `max_attempts` the message goes to `<topic>.dlq`. A call whose
-//!   connection breaks mid-way (the app died during it) is not counted,
-//!   but after `max(max_attempts, 3)` such calls the message is taken for
-//!   one that crashes the app and dead-lettered, so it cannot stall its key
-//!   for ever.
+//!   connection breaks mid-way (the app died during it) is not counted as
+//!   a failure. From then on the message's calls have the app to
+//!   themselves (the sidecar's other handler calls wait, see
+//!   [`crate::handler::Turns`]), and after `max(max_attempts, 3)` breaks of
+//!   calls that were alone in the app the message is taken for one that
+//!   crashes the app and dead-lettered, so it cannot stall its key for
+//!   ever. A break of a call that shared the app counts for none of the
+//!   messages in it: any of them may have been the killer.
 //! - **Dead letters** are published with a bounded number of retries; when
 //!   that fails too the delivery is [`Outcome::Stuck`]: not acknowledged, and
 //!   the session ends so that it comes again later, before its key's
@@ -286,6 +290,9 @@ async fn attempts(
     let dedup_on = dedup != sc::DedupMode::Off;
     let mut failures = 0u32;
     let mut crashes = 0u32;
+    // Its last call broke with the app's connection while other calls were
+    // in the app too: any of them may have killed it.
+    let mut suspect = false;
     loop {
         if dedup_on {
             let lifetime = node.config.revoke_timeout().as_millis() as i64;
@@ -341,8 +348,17 @@ async fn attempts(
         };
         // A retry goes alone: batch-mates of a message that failed (or of
         // a call that failed) are not failed again with it.
-        let alone = failures > 0 || crashes > 0;
-        let answer = match handler.call(node, request, alone, cancel).await {
+        let alone = failures > 0 || crashes > 0 || suspect;
+        // After a broken call the message has the app to itself, so that a
+        // break then is its own doing.
+        let turn = tokio::select! {
+            t = node.turns.take(crashes > 0 || suspect) => t,
+            _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
+        };
+        let called = handler.call(node, request, alone, cancel).await;
+        let was_alone = turn.was_alone();
+        drop(turn);
+        let answer = match called {
             Called::Answered(a) => a,
             // Taken back before it was sent: cancelled, or queued so long
             // that its claim must be renewed (back to the admission).
@@ -363,15 +379,22 @@ async fn attempts(
                 // app may be dying on this very message. Retried without
                 // counting a few times (a restart mid-call is ordinary), but
                 // a message that keeps killing the app must not stall its
-                // key for ever: past the limit it is dead-lettered.
+                // key for ever: past the limit it is dead-lettered. Only a
+                // call alone in the app counts: when the app dies, every
+                // call in it breaks, and a message that merely shared the
+                // app with the killer is not one.
                 if status.code() != Code::Unavailable {
-                    crashes += 1;
+                    if was_alone {
+                        crashes += 1;
+                    } else {
+                        suspect = true;
+                    }
                 }
                 let limit = spec.max_attempts.max(MIN_CRASHES);
                 if crashes >= limit {
                     Counters::bump(&node.counters.handler_failures);
                     let error = format!(
-                        "the app's connection broke during {crashes} calls with this message (it may crash on it): {}",
+                        "the app's connection broke during {crashes} calls in which this message was alone in the app (it may crash it): {}",
                         status.message()
                     );
                     if let Err(why) = dead_letter(
@@ -390,7 +413,7 @@ async fn attempts(
                     break;
                 }
                 tracing::warn!(topic = %spec.topic, group = %spec.group, id = %message.id, code = ?status.code(),
-                    error = %status.message(), crashes, "app unreachable; retrying");
+                    error = %status.message(), crashes, suspect, "app unreachable; retrying");
                 if !pause(UNREACHABLE_DELAY, cancel).await {
                     return Outcome::Abandoned;
                 }

@@ -8,14 +8,14 @@
 //! never holds two messages of one key, because a key's next delivery
 //! starts only after the previous one ended.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tandem_proto::app as app_pb;
 use tandem_proto::sidecar as sc;
 use tandem_runtime::telemetry;
-use tokio::sync::watch;
+use tokio::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard, watch};
 use tokio::time::Instant;
 use tonic::{Code, Status};
 
@@ -54,6 +54,82 @@ const WITHDRAWN: u8 = 2;
 pub(crate) struct Queued {
     request: app_pb::HandleMessageRequest,
     state: Arc<AtomicU8>,
+}
+
+/// The handler calls of a sidecar's deliveries in its app (every
+/// subscription's): when the app dies, every call in it breaks, and only a
+/// call that was alone in it says which message killed it. Ordinary calls
+/// share the app; a call of a message whose last call broke takes the app
+/// to itself (the others wait until it ends).
+#[derive(Debug, Default)]
+pub(crate) struct Turns {
+    exclusive: RwLock<()>,
+    calls: Mutex<TurnCount>,
+}
+
+#[derive(Debug, Default)]
+struct TurnCount {
+    /// Calls in the app now.
+    inside: usize,
+    /// Calls ever begun.
+    begun: u64,
+}
+
+/// One handler call's time in the app, until dropped.
+pub(crate) struct Turn<'a> {
+    turns: &'a Turns,
+    _shared: Option<RwLockReadGuard<'a, ()>>,
+    _exclusive: Option<RwLockWriteGuard<'a, ()>>,
+    /// Its number among the calls begun.
+    number: u64,
+    /// No other call was in the app when it began.
+    first_in: bool,
+}
+
+impl Turns {
+    /// A turn in the app, shared with other calls or, `exclusive`, alone.
+    pub(crate) async fn take(&self, exclusive: bool) -> Turn<'_> {
+        let (shared, excl) = if exclusive {
+            (None, Some(self.exclusive.write().await))
+        } else {
+            (Some(self.exclusive.read().await), None)
+        };
+        let mut c = self.calls.lock().unwrap_or_else(PoisonError::into_inner);
+        let first_in = c.inside == 0;
+        c.inside += 1;
+        c.begun += 1;
+        Turn {
+            turns: self,
+            _shared: shared,
+            _exclusive: excl,
+            number: c.begun,
+            first_in,
+        }
+    }
+}
+
+impl Turn<'_> {
+    /// No other handler call of this sidecar was in the app at any moment
+    /// of this one so far.
+    pub(crate) fn was_alone(&self) -> bool {
+        let c = self
+            .turns
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.first_in && c.begun == self.number
+    }
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        let mut c = self
+            .turns
+            .calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        c.inside -= 1;
+    }
 }
 
 /// How a subscription calls its app.

@@ -286,6 +286,8 @@ pub(crate) struct Node {
     pub(crate) executing: Executing,
     /// Handler calls in progress.
     pub(crate) in_flight: Arc<InFlight>,
+    /// Handler calls in the app, to tell which message killed it.
+    pub(crate) turns: crate::handler::Turns,
     /// The coordinator replicas.
     pub(crate) coordinators: Arc<Coordinators>,
     /// Prepares and outcomes gathered into `Transact` calls.
@@ -344,6 +346,7 @@ impl Node {
             claims: Claims::default(),
             executing: Executing::default(),
             in_flight: Arc::default(),
+            turns: crate::handler::Turns::default(),
             db,
             batcher: Batcher::start(coordinators.clone()),
             coordinators,
