@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use prost::Message as _;
 use sqlx::Row;
-use tandem_e2e::db::open_sqlite;
 use tandem_e2e::process::Process;
+use tandem_examples::db::open_sqlite;
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::examples as shop;
@@ -422,7 +422,7 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
     let mut coordinator = CoordinatorClient::connect(cluster.coordinator.url()).await?;
     coordinator
         .create_topic(pb::CreateTopicRequest {
-            name: tandem_e2e::order::TOPIC.into(),
+            name: tandem_examples::order::TOPIC.into(),
             partitions: 4,
         })
         .await?;
@@ -572,14 +572,14 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
             .into_inner();
         let d = coordinator
             .describe_topic(pb::DescribeTopicRequest {
-                name: tandem_e2e::order::TOPIC.into(),
+                name: tandem_examples::order::TOPIC.into(),
             })
             .await?
             .into_inner();
         let lag = d
             .groups
             .iter()
-            .find(|g| g.group == tandem_e2e::cart::GROUP)
+            .find(|g| g.group == tandem_examples::cart::GROUP)
             .map_or(u64::MAX, |g| g.total_lag);
         let mut sagas_out = 0;
         for status in [pb::SagaStatus::Running, pb::SagaStatus::Compensating] {
@@ -615,7 +615,7 @@ pub async fn demo(exe: &Path, a: DemoArgs, out: &mut impl Write) -> anyhow::Resu
             consumers: if a.no_dedup {
                 Vec::new() // no dedup rows to check against
             } else {
-                vec![(tandem_e2e::cart::GROUP.to_owned(), db("cart.db"))]
+                vec![(tandem_examples::cart::GROUP.to_owned(), db("cart.db"))]
             },
             stuck_after_ms: 60_000,
             window_ms: 240_000,
@@ -781,7 +781,7 @@ async fn saga_verdict(
     coordinator: &mut CoordinatorClient<tonic::transport::Channel>,
     placed: &Placed,
 ) -> anyhow::Result<SagaVerdict> {
-    use tandem_e2e::{cart, payments};
+    use tandem_examples::{cart, payments};
     let path = |db: &str| dir.join(db).display().to_string();
     let (orders, carts, pay) = (
         open_sqlite(&path("orders.db"), 1).await?,

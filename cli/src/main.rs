@@ -213,12 +213,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             sidecar,
         } => {
             tandem_coordinator::init_tracing("warn", Default::default())?;
-            tandem_e2e::order::run(listen, &db, &sidecar, tandem_coordinator::shutdown_signal())
-                .await
+            tandem_examples::order::run(
+                listen,
+                &db,
+                &sidecar,
+                tandem_coordinator::shutdown_signal(),
+            )
+            .await
         }
         Command::ExamplePaymentsService { listen, db } => {
             tandem_coordinator::init_tracing("warn", Default::default())?;
-            tandem_e2e::payments::run(listen, &db, tandem_coordinator::shutdown_signal()).await
+            tandem_examples::payments::run(listen, &db, tandem_coordinator::shutdown_signal()).await
         }
         Command::ExampleCartService {
             listen,
@@ -228,7 +233,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             crash_after_commit,
         } => {
             tandem_coordinator::init_tracing("warn", Default::default())?;
-            tandem_e2e::cart::run(
+            tandem_examples::cart::run(
                 listen,
                 &db,
                 sidecar,

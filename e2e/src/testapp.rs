@@ -239,7 +239,7 @@ async fn branch_step(
         }
     }
     let mut tx = db.begin().await.map_err(internal)?;
-    let fresh = crate::db::enter_barrier(&mut tx, &req.saga_id, &req.branch, op)
+    let fresh = tandem_examples::db::enter_barrier(&mut tx, &req.saga_id, &req.branch, op)
         .await
         .map_err(internal)?;
     if !fresh {
@@ -513,7 +513,7 @@ pub async fn run(
     db: &str,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let pool = crate::db::open_sqlite(db, 8).await?;
+    let pool = tandem_examples::db::open_sqlite(db, 8).await?;
     sqlx::raw_sql(
         "CREATE TABLE IF NOT EXISTS business (txn_id TEXT PRIMARY KEY, value TEXT NOT NULL);
          CREATE TABLE IF NOT EXISTS effects (seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, message_id TEXT NOT NULL, value TEXT NOT NULL);

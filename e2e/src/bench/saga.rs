@@ -75,7 +75,7 @@ impl App for Participant {
     ) -> Result<Response<app_pb::BranchResponse>, Status> {
         let req = req.into_inner();
         let mut tx = self.db.begin().await.map_err(internal)?;
-        if crate::db::enter_barrier(&mut tx, &req.saga_id, &req.branch, "action")
+        if tandem_examples::db::enter_barrier(&mut tx, &req.saga_id, &req.branch, "action")
             .await
             .map_err(internal)?
         {

@@ -1880,7 +1880,8 @@ async fn gather(
     stalled: Option<String>,
 ) -> anyhow::Result<History> {
     let orders =
-        crate::db::open_sqlite(&dir.join("orders-app.db").display().to_string(), 2).await?;
+        tandem_examples::db::open_sqlite(&dir.join("orders-app.db").display().to_string(), 2)
+            .await?;
     let local_committed = sqlx::query_scalar::<_, String>("SELECT txn_id FROM business")
         .fetch_all(&orders)
         .await?
@@ -1890,7 +1891,8 @@ async fn gather(
         .fetch_all(&orders)
         .await?;
     orders.close().await;
-    let cart = crate::db::open_sqlite(&dir.join("cart-app.db").display().to_string(), 2).await?;
+    let cart =
+        tandem_examples::db::open_sqlite(&dir.join("cart-app.db").display().to_string(), 2).await?;
     let effects =
         sqlx::query_as::<_, (String, String)>("SELECT topic, message_id FROM effects ORDER BY seq")
             .fetch_all(&cart)
