@@ -480,11 +480,15 @@ impl<L: Log + Clone> Groups<L> {
             inner.members.insert(member.id.clone(), member.clone());
             let effects = inner.state.apply(Event::Join(member.id.clone()));
             self.execute(&group, &mut inner, effects);
+            // Its first assignment goes with the group held, as every
+            // assignment does: one built before a grant that another task
+            // makes and sends meanwhile would arrive after it and take the
+            // grant back in the member's eyes.
+            member.send_assignment();
             drop(inner);
             break group;
         };
         tracing::info!(group = %group.group, topic = %group.topic, member = %member.id, "member joined");
-        member.send_assignment();
         let mut expel = member.expel.subscribe();
         let mut shutdown = self.shutdown.clone();
         let timeout = member.sub.session_timeout;

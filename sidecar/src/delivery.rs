@@ -294,6 +294,14 @@ async fn attempts(
     // in the app too: any of them may have killed it.
     let mut suspect = false;
     loop {
+        // The turn in the app first, then the claim: a claim must outlive
+        // the call, and waiting for a turn may take several calls' time.
+        // After a broken call the message has the app to itself, so that
+        // a break then is its own doing.
+        let turn = tokio::select! {
+            t = node.turns.take(crashes > 0 || suspect) => t,
+            _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
+        };
         if dedup_on {
             let lifetime = node.config.revoke_timeout().as_millis() as i64;
             let admission = db_step(cancel, || {
@@ -324,6 +332,7 @@ async fn attempts(
                     Counters::bump(&node.counters.claim_waits);
                     tracing::info!(group = %row.group, topic = %row.topic, id = %row.message_id,
                         "another sidecar of the group is handling this message; waiting");
+                    drop(turn);
                     if !pause(CLAIM_POLL, cancel).await {
                         return Outcome::Abandoned;
                     }
@@ -349,12 +358,6 @@ async fn attempts(
         // A retry goes alone: batch-mates of a message that failed (or of
         // a call that failed) are not failed again with it.
         let alone = failures > 0 || crashes > 0 || suspect;
-        // After a broken call the message has the app to itself, so that a
-        // break then is its own doing.
-        let turn = tokio::select! {
-            t = node.turns.take(crashes > 0 || suspect) => t,
-            _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
-        };
         let called = handler.call(node, request, alone, cancel).await;
         let was_alone = turn.was_alone();
         drop(turn);
