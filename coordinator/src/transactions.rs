@@ -55,6 +55,7 @@ use crate::session::Sessions;
 use crate::statelog::{StateLog, now_ms, upsert};
 use crate::txn_core::{
     CheckBack, Effect, Event, Note, Prepare, Reply, Seek, Sought, TxnRecord, TxnState,
+    decode_record,
 };
 
 pub(crate) use crate::txn_core::MARKER_HEADER;
@@ -431,7 +432,7 @@ impl<L: Log + Clone> Transactions<L> {
         now: i64,
     ) -> Result<Option<Restored>> {
         let id = String::from_utf8_lossy(key).into_owned();
-        let rec = TxnRecord::decode(value).map_err(|e| Error::CorruptState {
+        let rec = decode_record(&value).map_err(|e| Error::CorruptState {
             log: TXN_LOG,
             offset: log_offset,
             reason: format!("transaction {id:?}: {e}"),

@@ -102,6 +102,16 @@ pub(crate) struct TxnRecord {
     attempt: String,
 }
 
+/// Decodes a transaction's record from the bytes read back from
+/// `__txn_state`, copying its key, value, headers and context out of them.
+/// Read records share the read buffer (256 KiB at a time); a half message
+/// slicing into it would keep the whole buffer alive for as long as the
+/// transaction stays open, and a few open transactions among many finished
+/// ones would keep most of the log in memory.
+pub(crate) fn decode_record(bytes: &[u8]) -> std::result::Result<TxnRecord, prost::DecodeError> {
+    <TxnRecord as prost::Message>::decode(bytes)
+}
+
 /// Whether a header is the W3C trace context, which says where a message
 /// was sent from, not what it says.
 pub(crate) fn is_trace_header(name: &str) -> bool {
@@ -1023,6 +1033,40 @@ mod tests {
             retention: Duration::from_millis(300),
             ..TxnSettings::default()
         }
+    }
+
+    #[test]
+    fn a_decoded_record_keeps_no_part_of_the_buffer_it_was_read_from() {
+        let rec = TxnRecord {
+            service: "svc".into(),
+            message: Some(HalfRecord {
+                key: Some(Bytes::from_static(b"key")),
+                value: Bytes::from(vec![7u8; 100]),
+                headers: vec![pb::Header {
+                    name: "h".into(),
+                    value: Bytes::from_static(b"v"),
+                }],
+                timestamp_ms: 1,
+            }),
+            context: Bytes::from_static(b"ctx"),
+            ..TxnRecord::default()
+        };
+        let encoded = prost::Message::encode_to_vec(&rec);
+        // as read back: the record inside a larger buffer
+        let mut window = vec![0u8; 4096];
+        window[100..100 + encoded.len()].copy_from_slice(&encoded);
+        let window = Bytes::from(window);
+        let value = window.slice(100..100 + encoded.len());
+        let back = decode_record(&value).expect("decodes");
+        assert_eq!(back, rec);
+        let m = back.message.expect("message");
+        assert!(m.value.is_unique(), "the value shares the read buffer");
+        assert!(m.key.expect("key").is_unique());
+        assert!(m.headers[0].value.is_unique());
+        assert!(back.context.is_unique());
+        // what it guards against: decoding the shared bytes themselves
+        let shared = <TxnRecord as prost::Message>::decode(value.clone()).expect("decodes");
+        assert!(!shared.message.expect("message").value.is_unique());
     }
 
     fn prepare(id: &str, service: &str, value: u8, partition: u32, mark: u64, now: i64) -> Event {
