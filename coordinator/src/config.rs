@@ -228,7 +228,7 @@ const KEYS: &[Setting] = &[
         key: "max_check_rate",
         kind: Kind::Int,
         default: Some("1000"),
-        help: "check-backs started per second, at most",
+        help: "check-backs started per second, at most, with bursts of up to a tenth of that on top",
     },
     Setting {
         key: "final_action",
