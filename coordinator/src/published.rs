@@ -182,7 +182,9 @@ impl Recent {
                         if s.record.timestamp_ms >= cutoff {
                             recent.push((
                                 s.record.timestamp_ms,
-                                s.record.id.clone(),
+                                // (a copy: kept for the whole window, a
+                                // slice would keep the read buffer alive)
+                                bytes::Bytes::copy_from_slice(&s.record.id),
                                 content_digest(&s.record),
                                 Position {
                                     partition: p,

@@ -220,7 +220,9 @@ impl Sagas {
                 offset,
                 reason: format!("saga {id:?}: {reason}"),
             };
-            let stored = <StoredSaga as prost::Message>::decode(value)
+            // (from a slice: the payloads are copied, not kept as slices
+            // of the whole read buffer for the saga's life)
+            let stored = <StoredSaga as prost::Message>::decode(&value[..])
                 .map_err(|e| corrupt(e.to_string()))?;
             let (Some(def), Some(progress)) = (stored.definition, stored.progress) else {
                 return Err(corrupt("definition or progress missing".into()));
@@ -746,7 +748,7 @@ async fn tail<L: Log>(data: L, mut from: u64, tx: mpsc::Sender<Command>) {
         };
         for r in batch {
             from = r.offset + 1;
-            match pb::StartSagaRequest::decode(r.record.value) {
+            match pb::StartSagaRequest::decode(&r.record.value[..]) {
                 Ok(req) => {
                     let cmd = Command::Logged {
                         offset: r.offset,

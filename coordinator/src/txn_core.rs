@@ -634,13 +634,22 @@ impl TxnState {
             state: PREPARED,
             prepared_at_ms: p.now,
             scan_from: p.mark,
+            // Copies: the request's bytes share the buffer of the whole
+            // call (up to thousands of prepares), which a transaction left
+            // open would otherwise keep alive.
             message: Some(HalfRecord {
-                key: m.key,
-                value: m.value,
-                headers: headers_to_wire(m.headers),
+                key: m.key.as_deref().map(Bytes::copy_from_slice),
+                value: Bytes::copy_from_slice(&m.value),
+                headers: headers_to_wire(m.headers)
+                    .into_iter()
+                    .map(|h| pb::Header {
+                        value: Bytes::copy_from_slice(&h.value),
+                        ..h
+                    })
+                    .collect(),
                 timestamp_ms: m.timestamp_ms,
             }),
-            context: p.context,
+            context: Bytes::copy_from_slice(&p.context),
             instance: p.instance,
             attempt: p.attempt,
             digest,

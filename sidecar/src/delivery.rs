@@ -79,6 +79,11 @@ const UNREACHABLE_DELAY: Duration = Duration::from_secs(2);
 /// a message is taken for one that crashes the app (at least; more when
 /// `max_attempts` is larger).
 const MIN_CRASHES: u32 = 3;
+/// Longest wait for a turn in the app (see [`crate::handler::Turns`])
+/// after which a claimed message renews its claim before its call: the
+/// claim lives `handler_timeout` + 15 s from its admission, and must
+/// outlive this wait, the call's queueing (at most 5 s) and the call.
+const MAX_TURN_WAIT: Duration = Duration::from_secs(5);
 /// How often a message another sidecar has claimed is looked at again.
 const CLAIM_POLL: Duration = Duration::from_millis(500);
 /// Publish attempts of one dead letter before the delivery is stuck.
@@ -294,14 +299,6 @@ async fn attempts(
     // in the app too: any of them may have killed it.
     let mut suspect = false;
     loop {
-        // The turn in the app first, then the claim: a claim must outlive
-        // the call, and waiting for a turn may take several calls' time.
-        // After a broken call the message has the app to itself, so that
-        // a break then is its own doing.
-        let turn = tokio::select! {
-            t = node.turns.take(crashes > 0 || suspect) => t,
-            _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
-        };
         if dedup_on {
             let lifetime = node.config.revoke_timeout().as_millis() as i64;
             let admission = db_step(cancel, || {
@@ -332,7 +329,6 @@ async fn attempts(
                     Counters::bump(&node.counters.claim_waits);
                     tracing::info!(group = %row.group, topic = %row.topic, id = %row.message_id,
                         "another sidecar of the group is handling this message; waiting");
-                    drop(turn);
                     if !pause(CLAIM_POLL, cancel).await {
                         return Outcome::Abandoned;
                     }
@@ -342,6 +338,19 @@ async fn attempts(
         }
         if *cancel.borrow() {
             return Outcome::Abandoned;
+        }
+        // After a broken call the message has the app to itself, so that a
+        // break then is its own doing. The turn is taken after the claim
+        // (holding one through a database outage would stop every
+        // delivery of this sidecar); a claim must outlive the call, so
+        // after a long wait for the turn the claim is renewed first.
+        let asked = tokio::time::Instant::now();
+        let turn = tokio::select! {
+            t = node.turns.take(crashes > 0 || suspect) => t,
+            _ = cancel.wait_for(|c| *c) => return Outcome::Abandoned,
+        };
+        if dedup == sc::DedupMode::Sidecar && asked.elapsed() > MAX_TURN_WAIT {
+            continue;
         }
         let request = app_pb::HandleMessageRequest {
             topic: spec.topic.clone(),
