@@ -455,7 +455,11 @@ async fn attempts(
     // The effect happened (or the message was dead-lettered): its record is
     // written whatever else happens meanwhile (revocation, a broken
     // session), or the next holder would hand the message to the app again.
-    // Bounded by the claim's lifetime; past it the next holder may go on.
+    // Bounded by `revoke_timeout` from here, not by the claim: if this
+    // sidecar cannot reach the database for longer than what is left of
+    // its claim while another sidecar of the group can and holds the
+    // message, that one may call the app again (SIDECAR mode's
+    // at-least-once window, as the README says).
     if dedup_on {
         let (_never, mut not_cancelled) = watch::channel(false);
         let recorded = tokio::time::timeout(
