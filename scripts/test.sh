@@ -103,9 +103,9 @@ promtool_env
 kubectl_env
 
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace
+    cargo nextest run --workspace --features tandem-cli/bench
 else
-    cargo test --workspace
+    cargo test --workspace --features tandem-cli/bench
 fi
 
 # A short fault campaign (a few minutes): seeded workload and faults against

@@ -4,6 +4,10 @@
 //! one binary can run and drive a whole Tandem.
 
 mod audit;
+#[cfg(feature = "bench")]
+mod bench;
+#[cfg(not(feature = "bench"))]
+#[path = "no_bench.rs"]
 mod bench;
 mod cert;
 mod clock;
@@ -16,7 +20,9 @@ mod saga;
 mod topic;
 
 pub use audit::{AuditArgs, Problem, Report, audit, audit_report};
-pub use bench::{BenchArgs, Scenario, bench};
+#[cfg(feature = "bench")]
+pub use bench::Scenario;
+pub use bench::{BenchArgs, bench};
 pub use cert::{CertCommand, cert};
 pub use consume::{ConsumeArgs, consume};
 pub use demo::{DemoArgs, demo};

@@ -95,7 +95,8 @@ enum Command {
     /// Runs the order/cart demo: real processes, injected faults, a verdict.
     Demo(DemoArgs),
     /// Measures transactional messages through Tandem beside a hand-written
-    /// PostgreSQL outbox, on the same PostgreSQL in the same run.
+    /// PostgreSQL outbox, on the same PostgreSQL in the same run (in builds
+    /// with the cargo feature `bench`).
     Bench(BenchArgs),
     /// Runs the example order service (used by the demo).
     #[command(hide = true)]

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tandem_e2e::process::Process;
+use tandem_examples::process::Process;
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tandem_e2e::process::Process;
+use tandem_examples::process::Process;
 
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
 

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use tandem_e2e::process::Process;
+use tandem_examples::process::Process;
 use tandem_proto::app as app_pb;
 use tandem_proto::coordinator as pb;
 use tandem_proto::sidecar as sc;

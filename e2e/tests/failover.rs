@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use common::*;
 use tandem_e2e::campaign::{self, CycleReport};
-use tandem_e2e::process::Process;
+use tandem_examples::process::Process;
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;

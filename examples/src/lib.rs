@@ -4,9 +4,11 @@
 //! that consumes them idempotently and reserves stock ([`cart`]), and a
 //! payments service that charges and refunds as a saga's participant
 //! ([`payments`]); each keeps its tables in its own SQLite database
-//! ([`db`]), shared with its sidecar.
+//! ([`db`]), shared with its sidecar. [`process`] starts and stops them,
+//! and Tandem's own processes, as real child processes.
 
 pub mod cart;
 pub mod db;
 pub mod order;
 pub mod payments;
+pub mod process;

@@ -18,7 +18,7 @@ use tandem_proto::sidecar::sidecar_client::SidecarClient;
 use tonic::transport::Channel;
 
 use super::{Latencies, Pacing, Phase, Point, Window, micros_since};
-use crate::process::Process;
+use tandem_examples::process::Process;
 
 /// The case through the sidecar.
 pub const VIA: &str = "via the sidecar";
@@ -164,10 +164,10 @@ async fn phases(
     via: Caller,
     direct: Caller,
 ) -> anyhow::Result<Report> {
-    let cpu_before = sidecar.cpu();
+    let cpu_before = cpu(sidecar);
     let (via_peak_per_s, via_calls) =
         peak(opts, &format!("{label}: peak via the sidecar"), &via).await?;
-    let sidecar_cpu_us_at_peak = per_call(cpu_before, sidecar.cpu(), via_calls);
+    let sidecar_cpu_us_at_peak = per_call(cpu_before, cpu(sidecar), via_calls);
     let (direct_peak_per_s, _) = peak(opts, &format!("{label}: peak direct"), &direct).await?;
 
     let latencies = Arc::new(Latencies::default());
@@ -185,7 +185,7 @@ async fn phases(
             ways.reverse();
         }
         for (way, caller) in ways {
-            let cpu_before = sidecar.cpu();
+            let cpu_before = cpu(sidecar);
             let mut points = super::paced(
                 &format!("{label}: {way}"),
                 &once,
@@ -206,7 +206,7 @@ async fn phases(
             .await?;
             let point = points.pop().context("a paced phase measured nothing")?;
             if matches!(caller, Caller::Sidecar(_)) {
-                sidecar_cpu_us.push(per_call(cpu_before, sidecar.cpu(), point.sent));
+                sidecar_cpu_us.push(per_call(cpu_before, cpu(sidecar), point.sent));
                 via_points.push(point);
             } else {
                 direct_points.push(point);
@@ -259,4 +259,10 @@ async fn peak(opts: &Options, label: &str, caller: &Caller) -> anyhow::Result<(f
     let rate = window.rate(&answered);
     phase.end().await;
     Ok((rate, answered.load(Ordering::Relaxed)))
+}
+
+/// CPU time `p` has used so far (user and system, all threads), from
+/// `/proc`; `None` where that cannot be read.
+fn cpu(p: &Process) -> Option<Duration> {
+    super::cpu_of(&format!("/proc/{}/stat", p.pid()))
 }

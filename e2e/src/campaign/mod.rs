@@ -47,10 +47,10 @@ use tandem_proto::sidecar::sidecar_client::SidecarClient;
 use tandem_storage::{EmbeddedLog, Log, LogConfig, ReadBudget, StoreLog};
 use tokio::sync::Mutex;
 
-use crate::process::Process;
 use crate::testapp::{CHECK_HEADER, HANDLE_HEADER};
 use check::{Conflict, Handling, History, Logged, Sent, Tally, Violation};
 use proxy::{Mode, Proxy};
+use tandem_examples::process::Process;
 
 /// Campaign settings.
 #[derive(Clone, Debug)]

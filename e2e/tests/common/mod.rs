@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sqlx::SqlitePool;
-use tandem_e2e::process::Process;
 use tandem_examples::db::open_sqlite;
+use tandem_examples::process::Process;
 use tandem_proto::coordinator as pb;
 use tandem_proto::coordinator::coordinator_client::CoordinatorClient;
 use tandem_proto::sidecar as sc;

@@ -1,4 +1,4 @@
-//! Real processes for end-to-end tests and the demo: start one, learn the
+//! Real processes for the demo and the end-to-end tests: start one, learn the
 //! address it listens on from its first line (`… listening on HOST:PORT`),
 //! and stop it with SIGTERM or SIGKILL. A process is killed when its handle
 //! is dropped, so nothing outlives its test. Standard error goes to a log
@@ -166,10 +166,9 @@ impl Process {
         Ok(())
     }
 
-    /// CPU time it has used so far (user and system, all threads), from
-    /// `/proc`; `None` where that cannot be read.
-    pub fn cpu(&self) -> Option<Duration> {
-        crate::bench::cpu_of(&format!("/proc/{}/stat", self.child.id()))
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// True once it has exited.
