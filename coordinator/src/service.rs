@@ -243,7 +243,7 @@ pub(crate) fn outgoing(
 ) -> Result<Outgoing, Error> {
     let chosen_id = !m.id.is_empty();
     let id = if !chosen_id {
-        uuid::Uuid::now_v7().to_string()
+        tandem_runtime::fresh_id()
     } else {
         check_id(&format!("{field}.id"), &m.id)?;
         m.id
@@ -655,7 +655,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             .check_dead_letters(&caller, topic, req.message.as_slice())?;
         let broker = here_or_forward!(self, self.for_topic(topic, fwd).await?, req, prepare);
         let txn_id = if req.txn_id.is_empty() {
-            uuid::Uuid::now_v7().to_string()
+            tandem_runtime::fresh_id()
         } else {
             check_id("txn_id", &req.txn_id)?;
             req.txn_id

@@ -11,7 +11,7 @@ pub mod telemetry;
 pub mod tls;
 pub mod unix;
 
-pub use ids::{InvalidField, MAX_ID_LEN, check_group, check_id};
+pub use ids::{InvalidField, MAX_ID_LEN, check_group, check_id, fresh_id};
 pub use logging::{LogFormat, init_tracing};
 pub use settings::ConfigError;
 pub use signal::shutdown_signal;

@@ -91,7 +91,7 @@ impl SidecarService {
             instance: self.node.config.instance.clone(),
             // This call's own: retried on another replica after its answer
             // was lost, the prepare is still recognised as this call's.
-            attempt: uuid::Uuid::now_v7().to_string(),
+            attempt: tandem_runtime::fresh_id(),
         };
         match self
             .node
@@ -182,7 +182,7 @@ impl SidecarService {
         // The id is chosen here, so that a check-back arriving before
         // ExecuteLocalTransaction has even started is answered UNKNOWN.
         let txn_id = if req.txn_id.is_empty() {
-            uuid::Uuid::now_v7().to_string()
+            tandem_runtime::fresh_id()
         } else {
             req.txn_id
         };
@@ -290,7 +290,7 @@ impl sc::sidecar_server::Sidecar for SidecarService {
             .into_iter()
             .map(|mut m| {
                 if m.id.is_empty() {
-                    m.id = uuid::Uuid::now_v7().to_string();
+                    m.id = tandem_runtime::fresh_id();
                 }
                 traced(m, tp.as_deref())
             })
