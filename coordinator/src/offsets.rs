@@ -131,14 +131,29 @@ impl Offsets {
     }
 
     fn set(&self, key: &GroupPartition, offset: u64, backwards: bool) {
+        let now = now_ms();
         let mut t = self.table();
-        if !backwards && t.committed.get(key).is_some_and(|&c| c >= offset) {
-            return;
+        // Every ack comes here: a key already known is updated in place,
+        // not cloned again.
+        match t.committed.get_mut(key) {
+            Some(c) if !backwards && *c >= offset => return,
+            Some(c) => *c = offset,
+            None => {
+                t.committed.insert(key.clone(), offset);
+            }
         }
-        t.committed.insert(key.clone(), offset);
-        t.at.insert(key.clone(), now_ms());
-        t.deleted.remove(key);
-        t.dirty.insert(key.clone());
+        match t.at.get_mut(key) {
+            Some(at) => *at = now,
+            None => {
+                t.at.insert(key.clone(), now);
+            }
+        }
+        if !t.deleted.is_empty() {
+            t.deleted.remove(key);
+        }
+        if !t.dirty.contains(key) {
+            t.dirty.insert(key.clone());
+        }
         drop(t);
         self.wake.notify_one();
     }
