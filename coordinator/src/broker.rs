@@ -362,9 +362,9 @@ impl<L: Log + Clone> Broker<L> {
     ) -> Result<Vec<Position>> {
         let _appending = self.appending.read().await;
         self.topics.require(topic)?; // not deleted meanwhile
-        let records: Vec<Record> = messages.iter().map(|m| m.record.clone()).collect();
-        let chosen: Vec<bool> = messages.iter().map(|m| m.chosen_id).collect();
-        let (fresh, known, same_as, reservation) =
+        let (fresh, known, same_as, reservation) = {
+            let records: Vec<&Record> = messages.iter().map(|m| &m.record).collect();
+            let chosen: Vec<bool> = messages.iter().map(|m| m.chosen_id).collect();
             match self.recent.plan(topic, &records, &chosen).await? {
                 Plan::Repeat(positions) => return Ok(positions),
                 Plan::Append {
@@ -373,7 +373,8 @@ impl<L: Log + Clone> Broker<L> {
                     same_as,
                     reservation,
                 } => (fresh, known, same_as, reservation),
-            };
+            }
+        };
         // Checked while the ids are held: a transaction prepared with one of
         // them meanwhile is seen here (its prepare held the id until done).
         for &i in &fresh {
@@ -385,7 +386,14 @@ impl<L: Log + Clone> Broker<L> {
                 });
             }
         }
-        let ids: Vec<Bytes> = fresh.iter().map(|&i| records[i].id.clone()).collect();
+        // The publisher-chosen ids among them (only those are remembered),
+        // each with its index in the batch appended.
+        let ids: Vec<(usize, Bytes)> = fresh
+            .iter()
+            .enumerate()
+            .filter(|&(_, &i)| messages[i].chosen_id)
+            .map(|(k, &i)| (k, messages[i].record.id.clone()))
+            .collect();
         let batch: Vec<Outgoing> = {
             let mut messages: Vec<Option<Outgoing>> = messages.into_iter().map(Some).collect();
             fresh
@@ -405,8 +413,7 @@ impl<L: Log + Clone> Broker<L> {
             let (positions, failure) = append(&data, &owned_topic, meta, batch, sticky).await;
             reservation.finish(
                 &ids.into_iter()
-                    .zip(positions.iter().copied())
-                    .filter_map(|(id, p)| Some((id, p?)))
+                    .filter_map(|(k, id)| Some((id, positions[k]?)))
                     .collect(),
             );
             match failure {

@@ -16,6 +16,7 @@
 //! window, is `ALREADY_EXISTS` (the consumers' dedup would otherwise swallow
 //! one of the two).
 
+use std::borrow::Borrow;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -226,7 +227,7 @@ impl Recent {
     pub(crate) async fn plan(
         self: &Arc<Self>,
         topic: &str,
-        records: &[Record],
+        records: &[impl Borrow<Record>],
         chosen: &[bool],
     ) -> Result<Plan> {
         // Only ids the publisher chose are compared (0 stands for the rest).
@@ -235,7 +236,7 @@ impl Recent {
             .zip(chosen)
             .map(|(r, &c)| {
                 if c && !self.window.is_zero() {
-                    content_digest(r)
+                    content_digest(r.borrow())
                 } else {
                     0
                 }
@@ -267,7 +268,7 @@ impl Recent {
                         };
                         for &i in &fresh {
                             if chosen[i] && !self.window.is_zero() {
-                                let id = records[i].id.clone();
+                                let id = records[i].borrow().id.clone();
                                 ids.by_id
                                     .insert(id.clone(), Seen::InFlight { digest: digests[i] });
                                 reservation.ids.push((id, digests[i]));
@@ -295,7 +296,7 @@ impl Recent {
     fn check(
         &self,
         ids: &TopicIds,
-        records: &[Record],
+        records: &[impl Borrow<Record>],
         chosen: &[bool],
         digests: &[u64],
     ) -> Result<Option<(Vec<usize>, Vec<Option<Position>>, Vec<Option<usize>>)>> {
@@ -304,6 +305,7 @@ impl Recent {
         let mut same_as = vec![None; records.len()];
         let mut first: HashMap<&Bytes, usize> = HashMap::new();
         for (i, r) in records.iter().enumerate() {
+            let r = r.borrow();
             if !chosen[i] || self.window.is_zero() {
                 fresh.push(i);
                 continue;
@@ -547,15 +549,31 @@ mod tests {
     #[tokio::test]
     async fn ids_the_coordinator_generated_and_a_zero_window_are_not_kept() {
         let r = Arc::new(Recent::new(Duration::from_secs(60)));
-        let Plan::Append { reservation, .. } = r
-            .plan("t", &[record("g", "1")], &[false])
-            .await
-            .expect("planned")
+        // A generated id beside a chosen one, in one request.
+        let batch = [record("g", "1"), record("a", "1")];
+        let Plan::Append {
+            fresh, reservation, ..
+        } = r.plan("t", &batch, &[false, true]).await.expect("planned")
         else {
             panic!("appends");
         };
-        reservation.finish(&HashMap::new());
-        assert_eq!(r.len(), 0);
+        assert_eq!(fresh, vec![0, 1]);
+        assert_eq!(r.len(), 1, "only the chosen id is held");
+        reservation.finish(
+            &[(Bytes::from("g"), pos(0)), (Bytes::from("a"), pos(1))]
+                .into_iter()
+                .collect(),
+        );
+        assert_eq!(r.len(), 1, "only the chosen id is kept");
+        // Sent again: the generated id is a new message, the chosen one a
+        // repeat of its first append.
+        let Plan::Append { fresh, known, .. } =
+            r.plan("t", &batch, &[false, true]).await.expect("planned")
+        else {
+            panic!("the generated id is appended again");
+        };
+        assert_eq!(fresh, vec![0]);
+        assert_eq!(known, vec![None, Some(pos(1))]);
         let off = Arc::new(Recent::new(Duration::ZERO));
         let Plan::Append { fresh, .. } = off
             .plan("t", &[record("a", "1"), record("a", "2")], &[true, true])

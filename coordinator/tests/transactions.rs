@@ -639,6 +639,23 @@ async fn a_retried_publish_appends_once_even_across_a_restart(backend: Backend) 
     publish(&mut client, "orders", vec![msg(Some("a"), "one")]).await?;
     publish(&mut client, "orders", vec![msg(Some("a"), "one")]).await?;
     assert_eq!(hwm(&mut client).await?, 4);
+    // ids chosen and not in one request: a retry appends only the ones
+    // without, and answers the chosen ones with their first positions
+    let mixed = vec![
+        with_id("p4", "a", "four"),
+        msg(Some("b"), "no id"),
+        with_id("p5", "c", "five"),
+    ];
+    let first = publish(&mut client, "orders", mixed.clone()).await?;
+    assert_eq!(hwm(&mut client).await?, 7);
+    let retry = publish(&mut client, "orders", mixed).await?;
+    assert_eq!(
+        (&retry[0], &retry[2]),
+        (&first[0], &first[2]),
+        "chosen ids keep their positions"
+    );
+    assert_ne!(retry[1], first[1], "the message without an id is new");
+    assert_eq!(hwm(&mut client).await?, 8);
     c.stop().await
 }
 
