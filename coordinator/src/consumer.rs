@@ -530,8 +530,16 @@ impl<L: Log + Clone> Groups<L> {
         match req.kind {
             Some(Kind::Credit(c)) => member.add_credit(u64::from(c.messages)),
             Some(Kind::Ack(ack)) => {
-                for a in ack.offsets {
-                    self.ack(member, a);
+                // Grouped by lease (a sidecar acks in the order its handlers
+                // finish, partitions interleaved): each lease's acks take its
+                // state once and commit once. Their order in the frame means
+                // nothing: each removes an offset from the pending set, and
+                // commits only move forward.
+                let mut offsets = ack.offsets;
+                offsets.sort_by_key(|a| (a.partition, a.epoch));
+                for run in offsets.chunk_by(|a, b| a.partition == b.partition && a.epoch == b.epoch)
+                {
+                    self.ack(member, run);
                 }
             }
             Some(Kind::Heartbeat(_)) => {}
@@ -557,18 +565,24 @@ impl<L: Log + Clone> Groups<L> {
         Ok(())
     }
 
-    fn ack(&self, member: &Member, a: pb::AckedOffset) {
+    /// Acks `run`, offsets of one partition and epoch (not empty).
+    fn ack(&self, member: &Member, run: &[pb::AckedOffset]) {
+        let (partition, epoch) = (run[0].partition, run[0].epoch);
         let lease = lock(&member.leases)
-            .get(&a.partition)
-            .filter(|l| l.epoch == a.epoch)
+            .get(&partition)
+            .filter(|l| l.epoch == epoch)
             .cloned();
         let Some(lease) = lease else {
-            tracing::debug!(member = %member.id, partition = a.partition, epoch = a.epoch, "ack for a lease the member no longer holds: ignored");
+            tracing::debug!(member = %member.id, partition, epoch, acks = run.len(), "acks for a lease the member no longer holds: ignored");
             return;
         };
         let (commit, empty) = {
             let mut s = lease.state();
-            if !s.pending.remove(&a.offset) {
+            let mut any = false;
+            for a in run {
+                any |= s.pending.remove(&a.offset);
+            }
+            if !any {
                 return;
             }
             (s.commit_point(), s.pending.is_empty())
@@ -780,7 +794,11 @@ fn to_delivery(r: StoredRecord, partition: u32, epoch: u64, holding_start: u64) 
 /// A stored record as consumers see it: without the transaction marker.
 pub(crate) fn to_message(rec: tandem_storage::Record) -> pb::Message {
     pb::Message {
-        id: String::from_utf8_lossy(&rec.id).into_owned(),
+        // (ids are checked when published; lossy only as a fallback)
+        id: match std::str::from_utf8(&rec.id) {
+            Ok(id) => id.to_owned(),
+            Err(_) => String::from_utf8_lossy(&rec.id).into_owned(),
+        },
         key: rec.key,
         value: rec.value,
         headers: headers_to_wire(

@@ -17,6 +17,7 @@ on_both_stores!(
     two_members_split_partitions_and_never_share_a_message,
     a_dead_members_unacknowledged_messages_go_to_the_other,
     committed_offsets_survive_a_restart,
+    acks_of_partitions_interleaved_in_one_frame_commit_each_partition,
     credit_bounds_unacknowledged_deliveries,
     a_silent_member_is_expelled_after_its_session_timeout,
     bad_input_gets_the_right_status_and_changes_nothing,
@@ -196,6 +197,87 @@ async fn a_dead_members_unacknowledged_messages_go_to_the_other(backend: Backend
         "exactly the unacknowledged ones, in order"
     );
     b.leave().await?;
+    c.stop().await
+}
+
+/// One ack frame holding two partitions' acks interleaved, newest first,
+/// one with a stale epoch (not an ack) and gaps: each partition commits up
+/// to its first unacknowledged offset, and exactly what lies past that
+/// comes again.
+async fn acks_of_partitions_interleaved_in_one_frame_commit_each_partition(
+    backend: Backend,
+) -> TestResult {
+    let Some(store) = TestStore::new(backend).await? else {
+        return Ok(());
+    };
+    let c = Running::start(&store).await?;
+    let mut client = c.client().await?;
+    create_topic(&mut client, "t", 2).await?;
+    publish(
+        &mut client,
+        "t",
+        (0..40)
+            .map(|i| msg(Some(&format!("{i}")), &format!("v{i}")))
+            .collect(),
+    )
+    .await?;
+    let mut m = Member::join(c.addr, "t", "g", SubscribeOpts::default()).await?;
+    let all = m.receive(40).await?;
+    let mut by_partition: BTreeMap<u32, Vec<pb::Delivery>> = BTreeMap::new();
+    for d in &all {
+        by_partition.entry(d.partition).or_default().push(d.clone());
+    }
+    let (p0, p1) = match (by_partition.get(&0), by_partition.get(&1)) {
+        (Some(p0), Some(p1)) if p0.len() >= 4 && p1.len() >= 2 => (p0.clone(), p1.clone()),
+        _ => return Err(format!("keys left a partition nearly empty: {by_partition:?}").into()),
+    };
+    // partition 0: its third message unacknowledged (acked only with a
+    // stale epoch); partition 1: its last one
+    let gap = p0[2].offset;
+    let last = p1[p1.len() - 1].offset;
+    let mut acked: Vec<pb::AckedOffset> = Vec::new();
+    let p0_acked: Vec<&pb::Delivery> = p0.iter().filter(|d| d.offset != gap).rev().collect();
+    let p1_acked: Vec<&pb::Delivery> = p1.iter().filter(|d| d.offset != last).rev().collect();
+    for i in 0..p0_acked.len().max(p1_acked.len()) {
+        for d in [p0_acked.get(i), p1_acked.get(i)].into_iter().flatten() {
+            acked.push(pb::AckedOffset {
+                partition: d.partition,
+                offset: d.offset,
+                epoch: d.epoch,
+            });
+        }
+        if i == 1 {
+            acked.push(pb::AckedOffset {
+                partition: 0,
+                offset: gap,
+                epoch: p0[2].epoch + 1,
+            });
+        }
+    }
+    m.send(pb::consume_request::Kind::Ack(pb::Ack { offsets: acked }))
+        .await?;
+    m.leave().await?;
+
+    let mut m = Member::join(c.addr, "t", "g", SubscribeOpts::default()).await?;
+    let expected: BTreeSet<(u32, u64)> = p0
+        .iter()
+        .filter(|d| d.offset >= gap)
+        .chain(p1.iter().filter(|d| d.offset >= last))
+        .map(|d| (d.partition, d.offset))
+        .collect();
+    let again = m.receive(expected.len()).await?;
+    assert!(
+        m.next_deliveries(Duration::from_millis(300))
+            .await?
+            .is_empty(),
+        "nothing more comes again"
+    );
+    let again: BTreeSet<(u32, u64)> = again.iter().map(|d| (d.partition, d.offset)).collect();
+    assert_eq!(
+        again, expected,
+        "each partition again from its first unacknowledged offset"
+    );
+    m.leave().await?;
     c.stop().await
 }
 
