@@ -201,7 +201,7 @@ async fn a_dead_members_unacknowledged_messages_go_to_the_other(backend: Backend
 }
 
 /// One ack frame holding two partitions' acks interleaved, newest first,
-/// one with a stale epoch (not an ack) and gaps: each partition commits up
+/// one under another epoch (not an ack) and gaps: each partition commits up
 /// to its first unacknowledged offset, and exactly what lies past that
 /// comes again.
 async fn acks_of_partitions_interleaved_in_one_frame_commit_each_partition(
@@ -232,7 +232,7 @@ async fn acks_of_partitions_interleaved_in_one_frame_commit_each_partition(
         _ => return Err(format!("keys left a partition nearly empty: {by_partition:?}").into()),
     };
     // partition 0: its third message unacknowledged (acked only with a
-    // stale epoch); partition 1: its last one
+    // another epoch); partition 1: its last one
     let gap = p0[2].offset;
     let last = p1[p1.len() - 1].offset;
     let mut acked: Vec<pb::AckedOffset> = Vec::new();
