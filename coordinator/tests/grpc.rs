@@ -231,7 +231,7 @@ async fn acks_of_partitions_interleaved_in_one_frame_commit_each_partition(
         (Some(p0), Some(p1)) if p0.len() >= 4 && p1.len() >= 2 => (p0.clone(), p1.clone()),
         _ => return Err(format!("keys left a partition nearly empty: {by_partition:?}").into()),
     };
-    // partition 0: its third message unacknowledged (acked only with a
+    // partition 0: its third message unacknowledged (acked only under
     // another epoch); partition 1: its last one
     let gap = p0[2].offset;
     let last = p1[p1.len() - 1].offset;
