@@ -794,11 +794,7 @@ fn to_delivery(r: StoredRecord, partition: u32, epoch: u64, holding_start: u64) 
 /// A stored record as consumers see it: without the transaction marker.
 pub(crate) fn to_message(rec: tandem_storage::Record) -> pb::Message {
     pb::Message {
-        // (ids are checked when published; lossy only as a fallback)
-        id: match std::str::from_utf8(&rec.id) {
-            Ok(id) => id.to_owned(),
-            Err(_) => String::from_utf8_lossy(&rec.id).into_owned(),
-        },
+        id: String::from_utf8_lossy(&rec.id).into_owned(),
         key: rec.key,
         value: rec.value,
         headers: headers_to_wire(
