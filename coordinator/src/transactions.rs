@@ -527,11 +527,22 @@ impl<L: Log + Clone> Transactions<L> {
         self.wake.notify_one();
     }
 
+    /// Takes a decided transaction's check-back off the schedule, so that
+    /// it costs no wake-up later. During start-up it stays in the list
+    /// being loaded (searching it would cost more than the check-back,
+    /// which finds the transaction decided and does nothing).
+    fn unschedule(&self, id: &str, at_ms: i64) {
+        if lock(&self.loading).is_none() {
+            lock(&self.due).remove(&(at_ms, id.to_owned()));
+        }
+    }
+
     /// Performs an effect that writes nothing: a schedule or a note. Any
     /// other is a bug of the caller.
     fn settle(&self, id: &str, effect: Effect) -> Result<()> {
         match effect {
             Effect::Schedule { at_ms } => self.schedule(id, at_ms),
+            Effect::Unschedule { at_ms } => self.unschedule(id, at_ms),
             Effect::Note(note) => self.note(id, note),
             other => {
                 return Err(Error::Internal(format!(
@@ -581,7 +592,9 @@ impl<L: Log + Clone> Transactions<L> {
                     out.check = Some(*check);
                     Ok(())
                 }
-                Effect::Schedule { .. } | Effect::Note(_) => self.settle(id, effect),
+                Effect::Schedule { .. } | Effect::Unschedule { .. } | Effect::Note(_) => {
+                    self.settle(id, effect)
+                }
                 Effect::Reply(r) => {
                     out.reply = Some(r);
                     Ok(())
@@ -1154,6 +1167,31 @@ mod tests {
             t.get("open").await?.state,
             pb::TransactionState::Prepared as i32
         );
+        Ok(())
+    }
+
+    /// A commit or rollback takes the transaction's check-back off the
+    /// schedule; an open transaction keeps its own.
+    #[tokio::test]
+    async fn a_decided_transaction_leaves_no_check_back_scheduled() -> Result<()> {
+        use tandem_storage::{EmbeddedLog, LogConfig};
+        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
+        data.create_partition(&TopicPartition::new("t", 0)).await?;
+        let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
+        let t =
+            Transactions::open(data, internal, TxnSettings::default(), Default::default()).await?;
+        for id in ["committed", "rolled-back", "open"] {
+            t.prepare(prep(id, outgoing(id)), 0).await?;
+        }
+        assert_eq!(lock(&t.due).len(), 3);
+        t.commit("svc", "committed").await?;
+        t.rollback("svc", "rolled-back").await?;
+        let due: Vec<String> = lock(&t.due).iter().map(|(_, id)| id.clone()).collect();
+        assert_eq!(due, vec!["open".to_owned()]);
+        // The same outcome again changes nothing.
+        t.commit("svc", "committed").await?;
+        assert_eq!(lock(&t.due).len(), 1);
         Ok(())
     }
 

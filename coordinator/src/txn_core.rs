@@ -385,6 +385,13 @@ pub(crate) enum Effect {
         /// When.
         at_ms: i64,
     },
+    /// Drop the check-back scheduled at `at_ms`: the transaction is
+    /// decided, so it would find nothing to ask (an entry already taken
+    /// off the schedule is no matter).
+    Unschedule {
+        /// When it was due.
+        at_ms: i64,
+    },
     /// Answer the caller.
     Reply(Result<Reply>),
     /// Start-up: look for the message, then report [`Event::Found`].
@@ -727,6 +734,7 @@ impl TxnState {
                 by_check,
             }),
         ];
+        effects.extend(unschedule(&mut self.due_at));
         if appending == Some(Origin::Caller) {
             effects.push(Effect::Reply(Ok(Reply::Ended(response(&self.id, rec)))));
         }
@@ -756,6 +764,7 @@ impl TxnState {
                 by_check,
             }),
         ];
+        effects.extend(unschedule(&mut self.due_at));
         effects.extend(origin.reply(Ok(Reply::Ended(response(&self.id, rec)))));
         effects
     }
@@ -936,6 +945,14 @@ impl TxnState {
             }
         }
     }
+}
+
+/// A decided transaction's pending check-back (its `due_at`), dropped
+/// from the schedule. The effect comes after the one that makes the
+/// decision durable (and is performed only if that one was); a failed
+/// rollback's undo puts `due_at` back.
+fn unschedule(due_at: &mut Option<i64>) -> Option<Effect> {
+    due_at.take().map(|at_ms| Effect::Unschedule { at_ms })
 }
 
 /// How long after a start-up (or a takeover) open transactions wait for
@@ -1400,6 +1417,19 @@ mod tests {
                             self.now
                         );
                         self.due.insert((*at_ms, id.to_owned()));
+                    }
+                    Effect::Unschedule { at_ms } => {
+                        // Only a decided transaction gives up its
+                        // check-back: `settle` then finds every open one
+                        // still asked about.
+                        let state = core.rec.as_ref().map(|r| r.state);
+                        prop_assert!(
+                            matches!(state, Some(COMMITTED | ROLLED_BACK)),
+                            "unscheduled {} in state {:?}",
+                            id,
+                            state
+                        );
+                        self.due.remove(&(*at_ms, id.to_owned()));
                     }
                     Effect::Reply(Ok(Reply::Ended(r))) => {
                         let marker = core.rec.as_ref().map(|r| r.marker.clone());
