@@ -515,6 +515,7 @@ async fn run_all(
                             rate: c.records_per_s,
                             sent: c.records,
                             latency,
+                            late: None,
                         });
                         rows.push(Row {
                             case: Some(c.name),

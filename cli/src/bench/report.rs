@@ -63,7 +63,7 @@ fn name(r: &Row) -> String {
     }
 }
 
-const HEADER: [&str; 10] = [
+const HEADER: [&str; 11] = [
     "scenario",
     "round",
     "committed/s",
@@ -74,9 +74,10 @@ const HEADER: [&str; 10] = [
     "latency at/s",
     "p50 ms",
     "p99 ms",
+    "late p99 ms",
 ];
 
-fn cells(r: &Row) -> [String; 10] {
+fn cells(r: &Row) -> [String; 11] {
     let stages = match r.stages_ms {
         None => "-".to_owned(),
         Some([b, _, c]) if r.scenario == Scenario::Txn => format!("{b:.2}/-/{c:.2}"),
@@ -97,6 +98,8 @@ fn cells(r: &Row) -> [String; 10] {
         main.map_or("-".to_owned(), |p| format!("{:.0}", p.rate)),
         main.map_or("-".to_owned(), |p| ms(p.latency.p50_ms)),
         main.map_or("-".to_owned(), |p| ms(p.latency.p99_ms)),
+        main.and_then(|p| p.late)
+            .map_or("-".to_owned(), |l| ms(l.p99_ms)),
     ]
 }
 
@@ -109,7 +112,7 @@ pub(super) fn human(
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     if !rows.is_empty() {
-        let body: Vec<[String; 10]> = rows.iter().map(cells).collect();
+        let body: Vec<[String; 11]> = rows.iter().map(cells).collect();
         if args.markdown {
             writeln!(out, "| {} |", HEADER.join(" | "))?;
             writeln!(out, "|{}", "---|".repeat(HEADER.len()))?;
@@ -174,7 +177,8 @@ pub(super) fn human(
              effect applied, in the paced phase at the rate shown (each scenario's own half \
              peak unless --paced sets one; append: each append at its closed loop's rate), \
              measured from when each was due; pubsub, unary and sidecar: the call's own latency \
-             (pubsub: publish -> durable acknowledgement)"
+             (pubsub: publish -> durable acknowledgement); late p99: how late the pacer started \
+             those calls after they were due (part of p50/p99)"
         )?;
     }
     for (round, r) in restarts {
@@ -238,11 +242,14 @@ pub(super) fn json(
                 "p99_ms": main.map(|p| p.latency.p99_ms),
                 "max_ms": main.map(|p| p.latency.max_ms),
                 "samples": main.map(|p| p.latency.samples),
+                "late_p50_ms": main.and_then(|p| p.late).map(|l| l.p50_ms),
+                "late_p99_ms": main.and_then(|p| p.late).map(|l| l.p99_ms),
                 "curve": r.curve.iter().map(|p| json!({
                     "rate_per_s": p.rate.round(),
                     "p50_ms": p.latency.p50_ms,
                     "p99_ms": p.latency.p99_ms,
                     "samples": p.latency.samples,
+                    "late_p99_ms": p.late.map(|l| l.p99_ms),
                 })).collect::<Vec<_>>(),
             })
         }).collect::<Vec<_>>(),

@@ -329,6 +329,9 @@ pub struct Point {
     pub sent: u64,
     /// Its latencies.
     pub latency: Percentiles,
+    /// How late the pacer started its calls after they were due (part of
+    /// `latency`); `None` where no pacer started them.
+    pub late: Option<Percentiles>,
 }
 
 /// Every paced phase of `pacing` after a peak of `peak` per second: at each
@@ -356,17 +359,18 @@ where
         let base = PACED_PHASES.fetch_add(1, Ordering::Relaxed) << 40;
         latencies.restart();
         let phase = Phase::start(format!("{label}: paced at {rate:.0}/s"), secs);
-        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         let start = Instant::now();
+        let (dues, mut due_rx) = tokio::sync::mpsc::unbounded_channel();
+        let pacer = pacer(start, rate, secs, dues);
+        let late = Latencies::default();
+        late.restart();
         let mut sent = 0u64;
         let mut tasks = tokio::task::JoinSet::new();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-        while start.elapsed() < secs {
-            tick.tick().await;
+        while let Some(due) = due_rx.recv().await {
             sent += 1;
             let permit = in_flight.clone().acquire_owned().await?;
-            let due = start + Duration::from_secs_f64((sent - 1) as f64 / rate);
+            late.add(micros_at(due, Instant::now()));
             let call = one(base + sent, due);
             tasks.spawn(async move {
                 let r = call.await;
@@ -378,6 +382,7 @@ where
                 t??;
             }
         }
+        let _ = pacer.join();
         // what was offered: below `rate` when MAX_IN_FLIGHT held it back
         let offered = sent as f64 / start.elapsed().as_secs_f64();
         while let Some(t) = tasks.join_next().await {
@@ -397,9 +402,38 @@ where
             rate: offered.min(rate),
             sent,
             latency: latencies.summary(),
+            late: Some(late.summary()),
         });
     }
     Ok(points)
+}
+
+/// Sends, from a thread of its own, when each call of a paced phase is
+/// due, `rate` per second for `secs` from `start`, until the receiver
+/// goes. A thread's sleep wakes within tens of µs; a timer of the runtime
+/// the servers share would round up to its 1 ms tick and wait for a busy
+/// worker, and that wait would be counted as the servers' latency.
+fn pacer(
+    start: Instant,
+    rate: f64,
+    secs: Duration,
+    dues: tokio::sync::mpsc::UnboundedSender<Instant>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for n in 0u64.. {
+            let after = Duration::from_secs_f64(n as f64 / rate);
+            if after >= secs {
+                break;
+            }
+            let due = start + after;
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            if dues.send(due).is_err() {
+                break;
+            }
+        }
+    })
 }
 
 /// Calls a paced phase keeps in flight at most, as a client's pool would:
