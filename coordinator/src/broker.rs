@@ -398,7 +398,13 @@ impl<L: Log + Clone> Broker<L> {
             let mut messages: Vec<Option<Outgoing>> = messages.into_iter().map(Some).collect();
             fresh
                 .iter()
-                .map(|&i| messages[i].take().expect("fresh indexes are distinct"))
+                .map(|&i| {
+                    let mut m = messages[i].take().expect("fresh indexes are distinct");
+                    if m.chosen_id {
+                        crate::published::mark_chosen(&mut m.record);
+                    }
+                    m
+                })
                 .collect()
         };
         // The append runs to its end even if the caller goes away, so that

@@ -800,7 +800,10 @@ pub(crate) fn to_message(rec: tandem_storage::Record) -> pb::Message {
         headers: headers_to_wire(
             rec.headers
                 .into_iter()
-                .filter(|h| h.name != crate::transactions::MARKER_HEADER)
+                .filter(|h| {
+                    h.name != crate::transactions::MARKER_HEADER
+                        && h.name != crate::published::CHOSEN_ID_HEADER
+                })
                 .collect(),
         ),
         partition: None,

@@ -10,7 +10,10 @@
 //! producer that wants its retries deduplicated sends its own ids.
 //!
 //! The window survives restarts: at start-up it is rebuilt from the tail of
-//! every partition (records younger than the window). Transaction ids and
+//! every partition (records younger than the window), from the records
+//! whose id their publisher chose ([`CHOSEN_ID_HEADER`]): the same ids as
+//! it held before, not the ids the coordinator generated nor transactions'
+//! messages. Transaction ids and
 //! published ids do not mix: a publish reusing the id of a transaction the
 //! coordinator remembers, or a prepare reusing an id published within the
 //! window, is `ALREADY_EXISTS` (the consumers' dedup would otherwise swallow
@@ -30,6 +33,28 @@ use crate::error::{Error, Result};
 use crate::statelog::now_ms;
 use crate::transactions::MARKER_HEADER;
 
+/// The header a published record carries when its publisher chose its id
+/// (empty value): what tells the window's rebuild which ids to hold.
+/// Reserved: a publish may not set it, and deliveries do not show it.
+pub(crate) const CHOSEN_ID_HEADER: &str = "tandem.id";
+
+/// Bytes the [`CHOSEN_ID_HEADER`] adds to a stored record.
+pub(crate) const CHOSEN_ID_BYTES: usize = 6 + CHOSEN_ID_HEADER.len();
+
+/// Marks a record whose id its publisher chose.
+pub(crate) fn mark_chosen(record: &mut Record) {
+    record.headers.push(tandem_storage::Header {
+        name: CHOSEN_ID_HEADER.to_owned(),
+        value: Bytes::new(),
+    });
+}
+
+/// Whether `record` was published under an id its publisher chose.
+fn chosen(record: &Record) -> bool {
+    record.headers.iter().any(|h| h.name == CHOSEN_ID_HEADER)
+        && !record.headers.iter().any(|h| h.name == MARKER_HEADER)
+}
+
 /// Fingerprint of what a message says (its id, partition and timestamp are
 /// not content; the transaction marker header is Tandem's, not the app's;
 /// the trace context says where it was sent from).
@@ -38,11 +63,11 @@ pub(crate) fn content_digest(r: &Record) -> u64 {
     let mut parts: Vec<&[u8]> = vec![if key.is_some() { b"k" } else { b"-" }];
     parts.push(key.unwrap_or_default());
     parts.push(&r.value);
-    for h in r
-        .headers
-        .iter()
-        .filter(|h| h.name != MARKER_HEADER && !crate::txn_core::is_trace_header(&h.name))
-    {
+    for h in r.headers.iter().filter(|h| {
+        h.name != MARKER_HEADER
+            && h.name != CHOSEN_ID_HEADER
+            && !crate::txn_core::is_trace_header(&h.name)
+    }) {
         parts.push(h.name.as_bytes());
         parts.push(&h.value);
     }
@@ -180,7 +205,7 @@ impl Recent {
                     let Some(last) = batch.last() else { break };
                     at = last.offset + 1;
                     for s in batch {
-                        if s.record.timestamp_ms >= cutoff {
+                        if s.record.timestamp_ms >= cutoff && chosen(&s.record) {
                             recent.push((
                                 s.record.timestamp_ms,
                                 // (a copy: kept for the whole window, a

@@ -16,6 +16,7 @@ use crate::broker::Outgoing;
 use crate::cluster::{Cluster, Target, forwarded, was_forwarded};
 use crate::consumer::{StartFrom, Subscription};
 use crate::error::Error;
+use crate::published::{CHOSEN_ID_BYTES, CHOSEN_ID_HEADER};
 use crate::shards::shard_of;
 use crate::statelog::now_ms;
 use crate::transactions::MARKER_HEADER;
@@ -235,11 +236,14 @@ async fn detached<T: Send + 'static>(
         .map_err(|e| Error::Internal(format!("transaction step failed: {e}")))?
 }
 
+/// A message of a publish (`publish`) or prepare, checked: an id made up
+/// if none was sent, headers, partition and size.
 pub(crate) fn outgoing(
     field: &str,
     m: pb::Message,
     partitions: u32,
     max_bytes: usize,
+    publish: bool,
 ) -> Result<Outgoing, Error> {
     let chosen_id = !m.id.is_empty();
     let id = if !chosen_id {
@@ -263,10 +267,10 @@ pub(crate) fn outgoing(
                 "must not be empty",
             ));
         }
-        if h.name == MARKER_HEADER {
+        if h.name == MARKER_HEADER || h.name == CHOSEN_ID_HEADER {
             return Err(Error::invalid(
                 format!("{field}.headers[{j}].name"),
-                format!("{MARKER_HEADER:?} is reserved for Tandem's own use"),
+                format!("{:?} is reserved for Tandem's own use", h.name),
             ));
         }
     }
@@ -277,7 +281,14 @@ pub(crate) fn outgoing(
         headers: headers_from_wire(m.headers),
         timestamp_ms: now_ms(),
     };
-    let size = record.encoded_len();
+    // (a publish marks a chosen id: counted here, so that what passes fits
+    // in the log)
+    let mark = if publish && chosen_id {
+        CHOSEN_ID_BYTES
+    } else {
+        0
+    };
+    let size = record.encoded_len() + mark;
     if size > max_bytes {
         return Err(Error::TooLarge {
             field: field.to_owned(),
@@ -531,7 +542,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             .messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| outgoing(&format!("messages[{i}]"), m, meta.partitions, limit))
+            .map(|(i, m)| outgoing(&format!("messages[{i}]"), m, meta.partitions, limit, true))
             .collect::<Result<Vec<_>, _>>()?;
         let ids: Vec<Bytes> = messages.iter().map(|m| m.record.id.clone()).collect();
         let positions = broker.publish(topic, meta, messages).await?;
@@ -690,6 +701,7 @@ impl<L: Log + Clone> pb::coordinator_server::Coordinator for CoordinatorService<
             },
             meta.partitions,
             self.max_message_bytes,
+            false,
         )?;
         if !req.instance.is_empty() {
             check_id("instance", &req.instance)?;

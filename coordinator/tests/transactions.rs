@@ -22,7 +22,7 @@ on_both_stores!(
     a_restart_with_a_backlog_paces_its_check_backs,
     a_reused_transaction_id_with_other_content_is_already_exists,
     a_prepare_repeated_by_the_same_call_is_that_calls_own,
-    the_transaction_marker_header_is_reserved,
+    tandems_own_headers_are_reserved,
     a_retried_publish_appends_once_even_across_a_restart,
     transact_answers_each_item_as_its_own_call_would,
 );
@@ -540,29 +540,50 @@ async fn a_reused_transaction_id_with_other_content_is_already_exists(
     Ok(())
 }
 
-/// The marker header is Tandem's: a publish or a prepare that sets it is
-/// refused, naming the field.
-async fn the_transaction_marker_header_is_reserved(backend: Backend) -> TestResult {
+/// Tandem's own headers (a transaction's marker, a chosen id's mark): a
+/// publish that sets one is refused, naming the field, and appends
+/// nothing; a message published with an id of its own is delivered
+/// without the mark.
+async fn tandems_own_headers_are_reserved(backend: Backend) -> TestResult {
     let Some(store) = TestStore::new(backend).await? else {
         return Ok(());
     };
     let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 1).await?;
-    let mut m = msg(Some("k"), "v");
-    m.headers.push(pb::Header {
-        name: "tandem.txn".into(),
-        value: "forged".into(),
+    for name in ["tandem.txn", "tandem.id"] {
+        let mut m = msg(Some("k"), "v");
+        m.headers.push(pb::Header {
+            name: name.into(),
+            value: "forged".into(),
+        });
+        let e = client
+            .publish(pb::PublishRequest {
+                topic: "orders".into(),
+                messages: vec![m],
+            })
+            .await
+            .expect_err("reserved header");
+        assert_eq!(e.code(), Code::InvalidArgument, "{name}");
+        assert!(e.message().contains("messages[0].headers[0].name"), "{e:?}");
+    }
+    let mut chosen = msg(Some("k"), "v");
+    chosen.id = "mine".into();
+    chosen.headers.push(pb::Header {
+        name: "app".into(),
+        value: "1".into(),
     });
-    let e = client
-        .publish(pb::PublishRequest {
-            topic: "orders".into(),
-            messages: vec![m],
-        })
-        .await
-        .expect_err("reserved header");
-    assert_eq!(e.code(), Code::InvalidArgument);
-    assert!(e.message().contains("messages[0].headers[0].name"), "{e:?}");
+    publish(&mut client, "orders", vec![chosen.clone()]).await?;
+    let earliest = SubscribeOpts {
+        earliest: true,
+        ..SubscribeOpts::default()
+    };
+    let mut m = Member::join(c.addr, "orders", "g", earliest).await?;
+    let got = m.next_deliveries(Duration::from_secs(5)).await?;
+    let got: Vec<_> = got.iter().filter_map(|d| d.message.clone()).collect();
+    assert_eq!(got.len(), 1, "only the message published: {got:?}");
+    assert_eq!(got[0].headers, chosen.headers, "delivered as published");
+    assert_eq!(got[0].id, "mine");
     Ok(())
 }
 
@@ -629,16 +650,42 @@ async fn a_retried_publish_appends_once_even_across_a_restart(backend: Backend) 
     assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
     assert_eq!(hwm(&mut client).await?, 2);
 
+    // an id the coordinator made up is not held: a publish choosing it is
+    // a new message, before a restart as after one
+    let made_up = publish(&mut client, "orders", vec![msg(Some("g"), "made up")]).await?;
+    let made_up = made_up[0].id.clone();
+    publish(
+        &mut client,
+        "orders",
+        vec![with_id(&made_up, "g", "chosen")],
+    )
+    .await?;
+    assert_eq!(hwm(&mut client).await?, 4);
+    let made_up_later = publish(&mut client, "orders", vec![msg(Some("g"), "made up")]).await?;
+    let made_up_later = made_up_later[0].id.clone();
+    assert_eq!(hwm(&mut client).await?, 5);
+
     c.stop().await?;
     let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     let retry = publish(&mut client, "orders", batch).await?;
     assert_eq!(retry, first, "the window survives a restart");
-    assert_eq!(hwm(&mut client).await?, 2);
+    assert_eq!(hwm(&mut client).await?, 5);
+    publish(
+        &mut client,
+        "orders",
+        vec![with_id(&made_up_later, "g", "chosen")],
+    )
+    .await?;
+    assert_eq!(
+        hwm(&mut client).await?,
+        6,
+        "a made-up id is not held after a restart"
+    );
     // without an id of its own a message is simply appended each time
     publish(&mut client, "orders", vec![msg(Some("a"), "one")]).await?;
     publish(&mut client, "orders", vec![msg(Some("a"), "one")]).await?;
-    assert_eq!(hwm(&mut client).await?, 4);
+    assert_eq!(hwm(&mut client).await?, 8);
     // ids chosen and not in one request: a retry appends only the ones
     // without, and answers the chosen ones with their first positions
     let mixed = vec![
@@ -647,7 +694,7 @@ async fn a_retried_publish_appends_once_even_across_a_restart(backend: Backend) 
         with_id("p5", "c", "five"),
     ];
     let first = publish(&mut client, "orders", mixed.clone()).await?;
-    assert_eq!(hwm(&mut client).await?, 7);
+    assert_eq!(hwm(&mut client).await?, 11);
     let retry = publish(&mut client, "orders", mixed).await?;
     assert_eq!(
         (&retry[0], &retry[2]),
@@ -655,7 +702,7 @@ async fn a_retried_publish_appends_once_even_across_a_restart(backend: Backend) 
         "chosen ids keep their positions"
     );
     assert_ne!(retry[1], first[1], "the message without an id is new");
-    assert_eq!(hwm(&mut client).await?, 8);
+    assert_eq!(hwm(&mut client).await?, 12);
     c.stop().await
 }
 
