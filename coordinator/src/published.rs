@@ -36,7 +36,7 @@ use crate::transactions::MARKER_HEADER;
 /// The header a published record carries when its publisher chose its id
 /// (empty value): what tells the window's rebuild which ids to hold.
 /// Reserved: a publish may not set it, and deliveries do not show it.
-pub(crate) const CHOSEN_ID_HEADER: &str = "tandem.id";
+pub(crate) const CHOSEN_ID_HEADER: &str = "tandem.dedup";
 
 /// Bytes the [`CHOSEN_ID_HEADER`] adds to a stored record.
 pub(crate) const CHOSEN_ID_BYTES: usize = 6 + CHOSEN_ID_HEADER.len();

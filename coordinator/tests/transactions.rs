@@ -551,7 +551,7 @@ async fn tandems_own_headers_are_reserved(backend: Backend) -> TestResult {
     let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "orders", 1).await?;
-    for name in ["tandem.txn", "tandem.id"] {
+    for name in ["tandem.txn", "tandem.dedup"] {
         let mut m = msg(Some("k"), "v");
         m.headers.push(pb::Header {
             name: name.into(),
