@@ -177,8 +177,9 @@ pub(super) fn human(
              effect applied, in the paced phase at the rate shown (each scenario's own half \
              peak unless --paced sets one; append: each append at its closed loop's rate), \
              measured from when each was due; pubsub, unary and sidecar: the call's own latency \
-             (pubsub: publish -> durable acknowledgement); late p99: how late the pacer started \
-             those calls after they were due (part of p50/p99)"
+             (pubsub: publish -> durable acknowledgement); late p99: how late those calls \
+             started after they were due (the pacer thread's timing, the wake-up of the task \
+             starting them, the in-flight bound; part of p50/p99)"
         )?;
     }
     for (round, r) in restarts {
@@ -249,6 +250,7 @@ pub(super) fn json(
                     "p50_ms": p.latency.p50_ms,
                     "p99_ms": p.latency.p99_ms,
                     "samples": p.latency.samples,
+                    "late_p50_ms": p.late.map(|l| l.p50_ms),
                     "late_p99_ms": p.late.map(|l| l.p99_ms),
                 })).collect::<Vec<_>>(),
             })

@@ -368,6 +368,11 @@ where
         let mut tasks = tokio::task::JoinSet::new();
         let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
         while let Some(due) = due_rx.recv().await {
+            // Calls the in-flight bound held back past the phase's end are
+            // not sent (dropping the receiver ends the pacer).
+            if start.elapsed() >= secs {
+                break;
+            }
             sent += 1;
             let permit = in_flight.clone().acquire_owned().await?;
             late.add(micros_at(due, Instant::now()));
@@ -382,6 +387,7 @@ where
                 t??;
             }
         }
+        drop(due_rx);
         let _ = pacer.join();
         // what was offered: below `rate` when MAX_IN_FLIGHT held it back
         let offered = sent as f64 / start.elapsed().as_secs_f64();
@@ -411,8 +417,9 @@ where
 /// Sends, from a thread of its own, when each call of a paced phase is
 /// due, `rate` per second for `secs` from `start`, until the receiver
 /// goes. A thread's sleep wakes within tens of µs; a timer of the runtime
-/// the servers share would round up to its 1 ms tick and wait for a busy
-/// worker, and that wait would be counted as the servers' latency.
+/// the servers share rounds up to its 1 ms tick, and that wait would be
+/// counted as the servers' latency. (The calls still start on that
+/// runtime: waking the task that starts them is part of `late`.)
 fn pacer(
     start: Instant,
     rate: f64,
