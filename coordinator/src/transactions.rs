@@ -1175,13 +1175,8 @@ mod tests {
     /// schedule; an open transaction keeps its own.
     #[tokio::test]
     async fn a_decided_transaction_leaves_no_check_back_scheduled() -> Result<()> {
-        use tandem_storage::{EmbeddedLog, LogConfig};
-        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
-        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
-        data.create_partition(&TopicPartition::new("t", 0)).await?;
-        let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
-        let t =
-            Transactions::open(data, internal, TxnSettings::default(), Default::default()).await?;
+        let (_dir, data, internal, settings) = restartable().await?;
+        let t = Transactions::open(data, internal, settings, Default::default()).await?;
         for id in ["committed", "rolled-back", "open"] {
             t.prepare(prep(id, outgoing(id)), 0).await?;
         }

@@ -1286,6 +1286,8 @@ mod tests {
         /// Messages appended, by partition (appends are durable).
         parts: BTreeMap<u32, Vec<Record>>,
         due: BTreeSet<(i64, String)>,
+        /// The time of each transaction's latest scheduled check-back.
+        scheduled: HashMap<String, i64>,
         /// Every check-back sent, answerable (again) until taken.
         asked: Vec<(String, Fence)>,
         live: BTreeMap<String, Live>,
@@ -1309,6 +1311,7 @@ mod tests {
                 log: Vec::new(),
                 parts: BTreeMap::new(),
                 due: BTreeSet::new(),
+                scheduled: HashMap::new(),
                 asked: Vec::new(),
                 live: BTreeMap::new(),
                 forgotten: HashMap::new(),
@@ -1417,8 +1420,15 @@ mod tests {
                             self.now
                         );
                         self.due.insert((*at_ms, id.to_owned()));
+                        self.scheduled.insert(id.to_owned(), *at_ms);
                     }
                     Effect::Unschedule { at_ms } => {
+                        prop_assert_eq!(
+                            self.scheduled.remove(id),
+                            Some(*at_ms),
+                            "unscheduled another check-back than {}'s latest",
+                            id
+                        );
                         // Only a decided transaction gives up its
                         // check-back: `settle` then finds every open one
                         // still asked about.
@@ -1502,6 +1512,7 @@ mod tests {
         fn crash(&mut self, kept: Index) -> Result<(), TestCaseError> {
             self.cores.clear();
             self.due.clear();
+            self.scheduled.clear();
             let synced = self.log.iter().take_while(|e| e.2).count();
             self.log
                 .truncate(synced + kept.index(self.log.len() - synced + 1));
