@@ -529,9 +529,10 @@ impl<L: Log + Clone> Transactions<L> {
 
     /// Takes a decided transaction's check-back off the schedule, so that
     /// it costs no check task later (the checker, asleep until the
-    /// earliest entry, may still wake once at its time). During start-up it stays in the list
-    /// being loaded (searching it would cost more than the check-back,
-    /// which finds the transaction decided and does nothing).
+    /// earliest entry, may still wake once at its time). During start-up
+    /// it stays in the list being loaded (searching it would cost more
+    /// than the check-back, which finds the transaction decided and does
+    /// nothing).
     fn unschedule(&self, id: &str, at_ms: i64) {
         if lock(&self.loading).is_none() {
             lock(&self.due).remove(&(at_ms, id.to_owned()));
