@@ -213,14 +213,7 @@ async fn acks_of_partitions_interleaved_in_one_frame_commit_each_partition(
     let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "t", 2).await?;
-    publish(
-        &mut client,
-        "t",
-        (0..40)
-            .map(|i| msg(Some(&format!("{i}")), &format!("v{i}")))
-            .collect(),
-    )
-    .await?;
+    publish(&mut client, "t", keyed(40)).await?;
     let mut m = Member::join(c.addr, "t", "g", SubscribeOpts::default()).await?;
     let all = m.receive(40).await?;
     let mut by_partition: BTreeMap<u32, Vec<pb::Delivery>> = BTreeMap::new();
@@ -288,14 +281,7 @@ async fn committed_offsets_survive_a_restart(backend: Backend) -> TestResult {
     let c = Running::start(&store).await?;
     let mut client = c.client().await?;
     create_topic(&mut client, "t", 2).await?;
-    publish(
-        &mut client,
-        "t",
-        (0..100)
-            .map(|i| msg(Some(&format!("{i}")), &format!("v{i}")))
-            .collect(),
-    )
-    .await?;
+    publish(&mut client, "t", keyed(100)).await?;
     let mut m = Member::join(
         c.addr,
         "t",

@@ -207,6 +207,13 @@ pub async fn create_topic(
     Ok(())
 }
 
+/// `n` messages keyed `"0"`, `"1"`, … with values `"v0"`, `"v1"`, …
+pub fn keyed(n: usize) -> Vec<pb::Message> {
+    (0..n)
+        .map(|i| msg(Some(&format!("{i}")), &format!("v{i}")))
+        .collect()
+}
+
 pub fn msg(key: Option<&str>, value: &str) -> pb::Message {
     pb::Message {
         id: String::new(),
