@@ -5,13 +5,21 @@
 //! virtual environment comes from `scripts/test.sh` (`TANDEM_TEST_PYTHON`).
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tandem_examples::process::Process;
 
 const TANDEM: &str = env!("CARGO_BIN_EXE_tandem");
+
+/// The folder the client's stubs were generated in, from its line saying so.
+fn stubs_folder(line: &str) -> Option<PathBuf> {
+    line.strip_prefix("stubs generated in ")
+        .map(|folder| PathBuf::from(folder.trim()))
+}
 
 fn args(list: &[&str]) -> Vec<String> {
     list.iter().map(|s| (*s).to_owned()).collect()
@@ -103,6 +111,7 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
         }
     });
     let mut py_sidecar = None;
+    let mut generated = None;
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let status = loop {
         if let Some(s) = child.try_wait()? {
@@ -113,6 +122,7 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
             anyhow::bail!("the Python client did not finish within 120 s");
         }
         while let Ok(line) = lines.try_recv() {
+            generated = generated.or_else(|| stubs_folder(&line));
             if let Some(app) = line.strip_prefix("app listening on ") {
                 let listen = format!("unix:{}", d("py-sidecar.sock"));
                 let s = sidecar("py-app", "py.db", Some(app.trim()), &listen)?;
@@ -136,5 +146,15 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
         }
     }
     assert!(status.success(), "the Python client failed: {status:?}");
+    // Lines printed just before the exit may still be on their way.
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(5)) {
+        generated = generated.or_else(|| stubs_folder(&line));
+    }
+    let generated = generated.context("the client did not say where its stubs were generated")?;
+    assert!(
+        !generated.exists(),
+        "the generated stubs were left in {}",
+        generated.display()
+    );
     Ok(())
 }

@@ -2,7 +2,8 @@
 
 Any language with gRPC can use Tandem: its APIs are the .proto files under
 proto/. This module compiles them with grpcio-tools at import time (into a
-temporary folder), so there is nothing to check in or keep in sync.
+temporary folder, removed when the process exits), so there is nothing to
+check in or keep in sync.
 
     from tandem_client import channel, stubs
     pb = stubs()
@@ -10,8 +11,10 @@ temporary folder), so there is nothing to check in or keep in sync.
     sidecar = pb.sidecar_grpc.SidecarStub(channel("unix:/run/tandem/sidecar.sock"))
 """
 
+import atexit
 import importlib
 import os
+import shutil
 import sys
 import tempfile
 import types
@@ -25,6 +28,8 @@ PROTOS = {
 }
 
 _stubs = None
+# Where the modules were generated (removed at exit, once imported).
+_generated = None
 
 
 def channel(target, options=()):
@@ -49,13 +54,17 @@ def stubs():
     Returns a namespace with `coordinator`, `sidecar`, `app` and `shop`
     (messages) and `<name>_grpc` (services) for each.
     """
-    global _stubs
+    global _stubs, _generated
     if _stubs is not None:
         return _stubs
     from grpc_tools import protoc
     import grpc_tools
 
     out = tempfile.mkdtemp(prefix="tandem-py-")
+    # Imported modules are not read again: the folder goes when the
+    # process exits (normally; a killed process leaves it).
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    _generated = out
     well_known = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     args = ["protoc", f"-I{PROTO_ROOT}", f"-I{well_known}", f"--python_out={out}", f"--grpc_python_out={out}"]
     if protoc.main(args + list(PROTOS.values())) != 0:

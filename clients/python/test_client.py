@@ -28,6 +28,7 @@ from concurrent import futures
 
 import grpc
 
+import tandem_client
 from tandem_client import channel, stubs
 
 pb = stubs()
@@ -382,6 +383,8 @@ def main():
     except grpc.RpcError as e:
         check(e.code() == grpc.StatusCode.NOT_FOUND, "an unknown transaction is NOT_FOUND")
     server.stop(grace=1)
+    # The test checks this folder is gone once the process has exited.
+    print(f"stubs generated in {tandem_client._generated}", flush=True)
     print("all checks passed")
 
 
