@@ -33,6 +33,7 @@ mod statelog;
 mod topics;
 mod transactions;
 mod txn_core;
+mod txn_table;
 mod wire;
 
 pub use broker::{

@@ -45,6 +45,7 @@ use tandem_proto::coordinator as pb;
 use tandem_runtime::telemetry;
 use tandem_storage::{Log, ReadBudget, Record, TopicPartition};
 use tokio::sync::{Notify, OwnedMutexGuard, Semaphore, watch};
+use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::broker::HalfMessage;
@@ -57,6 +58,7 @@ use crate::txn_core::{
     CheckBack, Effect, Event, Note, Prepare, Reply, Seek, Sought, TxnRecord, TxnState,
     decode_record,
 };
+use crate::txn_table::{SHARDS, Table};
 
 pub(crate) use crate::txn_core::MARKER_HEADER;
 
@@ -70,7 +72,8 @@ struct Entry {
     log_offset: u64,
 }
 
-type Slot = Arc<tokio::sync::Mutex<Entry>>;
+type SlotLock = tokio::sync::Mutex<Entry>;
+type Slot = Arc<SlotLock>;
 
 /// A transaction read back at start-up.
 enum Restored {
@@ -125,8 +128,13 @@ where
 
 /// Puts a transaction read back at start-up in the table; two records
 /// that read back as one id (keys that are not UTF-8) are a damaged log.
-fn install(table: &mut HashMap<String, Slot>, id: String, slot: Slot) -> Result<()> {
-    match table.entry(id) {
+fn install(
+    table: &Table<SlotLock>,
+    shards: &mut [HashMap<String, Slot>],
+    id: String,
+    slot: Slot,
+) -> Result<()> {
+    match shards[table.shard_of(&id)].entry(id) {
         std::collections::hash_map::Entry::Vacant(v) => {
             v.insert(slot);
             Ok(())
@@ -238,7 +246,7 @@ fn no_reply(id: &str) -> Error {
 pub(crate) struct Transactions<L> {
     data: L,
     log: StateLog<L>,
-    txns: Mutex<HashMap<String, Slot>>,
+    txns: Table<SlotLock>,
     due: Mutex<BTreeSet<(i64, String)>>,
     /// While `open` loads the table: the check-backs it schedules, put in
     /// `due` at once at its end (a million inserts one by one, comparing
@@ -292,7 +300,7 @@ impl<L: Log + Clone> Transactions<L> {
         let t = Arc::new(Transactions {
             data,
             log,
-            txns: Mutex::new(HashMap::new()),
+            txns: Table::default(),
             due: Mutex::new(BTreeSet::new()),
             loading: Mutex::new(Some(Vec::with_capacity(latest.len()))),
             pacer: Mutex::new(tokio::time::Instant::now()),
@@ -323,13 +331,13 @@ impl<L: Log + Clone> Transactions<L> {
             })
             .await?
         };
-        let mut table: HashMap<String, Slot> = HashMap::with_capacity(count);
+        let mut table = t.txns.empty_shards(count);
         // Prepared transactions whose message may be in its partition
         // already, by partition.
         let mut seeks: HashMap<TopicPartition, Vec<(String, Slot, Seek)>> = HashMap::new();
         for r in restored.into_iter().flatten() {
             match r {
-                Restored::Ready(id, slot) => install(&mut table, id, slot)?,
+                Restored::Ready(id, slot) => install(&t.txns, &mut table, id, slot)?,
                 Restored::Seeking(id, slot, seek) => match seeks.get_mut(&seek.tp) {
                     Some(txns) => txns.push((id, slot, seek)),
                     None => {
@@ -359,7 +367,7 @@ impl<L: Log + Clone> Transactions<L> {
                     // table, as every write.
                     Some(offset) => {
                         found.push((id.clone(), offset));
-                        install(&mut table, id, slot)?;
+                        install(&t.txns, &mut table, id, slot)?;
                     }
                     None => reopened.push((id, slot)),
                 }
@@ -387,9 +395,9 @@ impl<L: Log + Clone> Transactions<L> {
             .await?
         };
         for (id, slot) in reopened.into_iter().flatten() {
-            install(&mut table, id, slot)?;
+            install(&t.txns, &mut table, id, slot)?;
         }
-        *lock(&t.txns) = table;
+        t.txns.fill(table);
         for (id, offset) in found {
             let (slot, guard) = t.existing(&id).await?;
             let event = Event::Found {
@@ -459,15 +467,9 @@ impl<L: Log + Clone> Transactions<L> {
     /// Locks an existing transaction.
     async fn existing(&self, id: &str) -> Result<(Slot, OwnedMutexGuard<Entry>)> {
         loop {
-            let slot = lock(&self.txns)
-                .get(id)
-                .cloned()
-                .ok_or_else(|| not_found(id))?;
+            let slot = self.txns.get(id).ok_or_else(|| not_found(id))?;
             let guard = slot.clone().lock_owned().await;
-            let current = lock(&self.txns)
-                .get(id)
-                .is_some_and(|s| Arc::ptr_eq(s, &slot));
-            if !current {
+            if !self.txns.holds(id, &slot) {
                 continue; // removed (expired or failed prepare) while we waited
             }
             if !guard.core.exists() {
@@ -480,30 +482,21 @@ impl<L: Log + Clone> Transactions<L> {
     /// Locks a transaction, creating an empty slot if there is none.
     async fn slot(&self, id: &str) -> (Slot, OwnedMutexGuard<Entry>) {
         loop {
-            let slot = lock(&self.txns)
-                .entry(id.to_owned())
-                .or_insert_with(|| {
-                    Arc::new(tokio::sync::Mutex::new(Entry {
-                        core: TxnState::new(id),
-                        log_offset: 0,
-                    }))
+            let slot = self.txns.get_or_insert_with(id, || {
+                tokio::sync::Mutex::new(Entry {
+                    core: TxnState::new(id),
+                    log_offset: 0,
                 })
-                .clone();
+            });
             let guard = slot.clone().lock_owned().await;
-            if lock(&self.txns)
-                .get(id)
-                .is_some_and(|s| Arc::ptr_eq(s, &slot))
-            {
+            if self.txns.holds(id, &slot) {
                 return (slot, guard);
             }
         }
     }
 
     fn forget_empty(&self, id: &str, slot: &Slot) {
-        let mut txns = lock(&self.txns);
-        if txns.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
-            txns.remove(id);
-        }
+        self.txns.remove_if_holds(id, slot);
     }
 
     /// When the next check-back may start: at most `max_check_rate` per
@@ -856,7 +849,7 @@ impl<L: Log + Clone> Transactions<L> {
     /// Whether `id` names a transaction remembered now (open, or finished
     /// within the retention).
     pub(crate) fn knows(&self, id: &str) -> bool {
-        lock(&self.txns).contains_key(id)
+        self.txns.contains(id)
     }
 
     /// A transaction as the API shows it.
@@ -876,7 +869,7 @@ impl<L: Log + Clone> Transactions<L> {
         after: Option<(i64, &str)>,
         limit: usize,
     ) -> (Vec<pb::Transaction>, u64) {
-        let slots: Vec<Slot> = lock(&self.txns).values().cloned().collect();
+        let slots: Vec<Slot> = self.txns.values();
         let oldest = |v: &mut Vec<pb::Transaction>| {
             v.sort_by(|a, b| (a.prepared_at_ms, &a.txn_id).cmp(&(b.prepared_at_ms, &b.txn_id)));
             v.truncate(limit);
@@ -1036,20 +1029,62 @@ impl<L: Log + Clone> Transactions<L> {
             }
             cutoff
         };
-        let slots: Vec<(String, Slot)> = lock(&self.txns)
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        for (id, slot) in slots {
-            let guard = slot.clone().lock_owned().await;
-            let compacting = cutoff.is_some_and(|c| guard.log_offset < c);
-            self.drive(&id, &slot, guard, Event::Upkeep { now, compacting })
-                .await?;
+        // Shard by shard: a lookup waits at most for one shard's copy.
+        // Open transactions whose record is about to be compacted away are
+        // written again many at once, so that they share syncs (one after
+        // the other, ten thousand of them took seconds).
+        let mut rewriting: JoinSet<Result<()>> = JoinSet::new();
+        let mut failure = None;
+        'walk: for shard in 0..SHARDS {
+            for (id, slot) in self.txns.entries_of(shard) {
+                let guard = slot.clone().lock_owned().await;
+                let compacting = cutoff.is_some_and(|c| guard.log_offset < c);
+                let event = Event::Upkeep { now, compacting };
+                if !(compacting && guard.core.undecided()) {
+                    // (forgets it or leaves it: nothing to write)
+                    if let Err(e) = self.drive(&id, &slot, guard, event).await {
+                        failure = Some(e);
+                        break 'walk;
+                    }
+                    continue;
+                }
+                while rewriting.len() >= REWRITTEN_AT_ONCE {
+                    if let Err(e) = joined(rewriting.join_next().await) {
+                        failure = Some(e);
+                        break 'walk;
+                    }
+                }
+                let this = self.clone();
+                rewriting
+                    .spawn(async move { this.drive(&id, &slot, guard, event).await.map(drop) });
+            }
+        }
+        // Every rewrite ends before compaction, or before a failure is
+        // returned (none is left running).
+        while !rewriting.is_empty() {
+            if let Err(e) = joined(rewriting.join_next().await) {
+                failure.get_or_insert(e);
+            }
+        }
+        if let Some(e) = failure {
+            return Err(e);
         }
         if let Some(c) = cutoff {
             self.log.truncate_before(c).await?;
         }
         Ok(())
+    }
+}
+
+/// Open transactions upkeep writes again at once.
+const REWRITTEN_AT_ONCE: usize = 256;
+
+/// A rewrite's result from its task.
+fn joined(r: Option<std::result::Result<Result<()>, tokio::task::JoinError>>) -> Result<()> {
+    match r {
+        Some(Ok(done)) => done,
+        Some(Err(e)) => Err(Error::Internal(format!("rewriting a transaction: {e}"))),
+        None => Ok(()),
     }
 }
 
@@ -1132,7 +1167,13 @@ mod tests {
             }
         };
         let t = open(settings.clone()).await?;
-        t.prepare(prep("open", outgoing("a")), 0).await?;
+        // More open ones than upkeep writes again at once.
+        let open_ids: Vec<String> = (0..REWRITTEN_AT_ONCE + 44)
+            .map(|i| format!("open-{i}"))
+            .collect();
+        for id in &open_ids {
+            t.prepare(prep(id, outgoing(id)), 0).await?;
+        }
         let done: Vec<String> = (0..60).map(|i| format!("done-{i}")).collect();
         for id in &done {
             t.prepare(prep(id, outgoing("b")), 0).await?;
@@ -1152,10 +1193,12 @@ mod tests {
         for id in &done {
             assert!(matches!(t.get(id).await, Err(Error::NotFound { .. })));
         }
-        assert_eq!(
-            t.get("open").await?.state,
-            pb::TransactionState::Prepared as i32
-        );
+        for id in &open_ids {
+            assert_eq!(
+                t.get(id).await?.state,
+                pb::TransactionState::Prepared as i32
+            );
+        }
         drop(t);
 
         let t = open(settings).await?;
@@ -1165,10 +1208,21 @@ mod tests {
                 "forgotten for good"
             );
         }
-        assert_eq!(
-            t.get("open").await?.state,
-            pb::TransactionState::Prepared as i32
-        );
+        // Every open one was written again before its records were
+        // dropped: it is still open, and its commit appends its message.
+        let tp = TopicPartition::new("t", 0);
+        let appended_from = data.offsets(&tp)?.high_water_mark;
+        for id in &open_ids {
+            assert_eq!(
+                t.get(id).await?.state,
+                pb::TransactionState::Prepared as i32
+            );
+            t.commit("svc", id).await?;
+        }
+        let appended = data.read(&tp, appended_from, ReadBudget::default()).await?;
+        let values: Vec<&[u8]> = appended.iter().map(|r| r.record.value.as_ref()).collect();
+        let expected: Vec<&[u8]> = open_ids.iter().map(|id| id.as_bytes()).collect();
+        assert_eq!(values, expected);
         Ok(())
     }
 

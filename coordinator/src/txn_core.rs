@@ -478,6 +478,14 @@ impl TxnState {
     }
 
     /// The partition an open transaction's message would go to.
+    /// Remembered and neither committed nor rolled back: its record is
+    /// written again before upkeep compacts it away.
+    pub(crate) fn undecided(&self) -> bool {
+        self.rec
+            .as_ref()
+            .is_some_and(|r| !matches!(r.state, COMMITTED | ROLLED_BACK))
+    }
+
     pub(crate) fn open_partition(&self) -> Option<TopicPartition> {
         self.rec
             .as_ref()
@@ -876,7 +884,7 @@ impl TxnState {
         if Self::expired(s, rec, now) {
             self.rec = None;
             vec![Effect::Forget]
-        } else if compacting && !matches!(rec.state, COMMITTED | ROLLED_BACK) {
+        } else if compacting && self.undecided() {
             vec![Effect::Persist(rec.clone())]
         } else {
             Vec::new()
