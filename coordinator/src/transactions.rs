@@ -92,6 +92,20 @@ const SHARED_FROM: usize = 64;
 /// Runs `work` over `items` cut into a share per CPU, each on a blocking
 /// thread of its own (a few items: at once, here).
 async fn share_out<T, R>(
+    items: Vec<T>,
+    work: impl Fn(Vec<T>) -> Result<R> + Send + Sync + 'static,
+) -> Result<Vec<R>>
+where
+    T: Send + 'static,
+    R: Send + 'static,
+{
+    let many = items.len() >= SHARED_FROM;
+    share_out_if(many, items, work).await
+}
+
+/// [`share_out`], shared out only if `many` (of what the items hold).
+async fn share_out_if<T, R>(
+    many: bool,
     mut items: Vec<T>,
     work: impl Fn(Vec<T>) -> Result<R> + Send + Sync + 'static,
 ) -> Result<Vec<R>>
@@ -105,7 +119,7 @@ where
     } else {
         std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
     };
-    if cpus == 1 || items.len() < SHARED_FROM {
+    if cpus == 1 || !many {
         return Ok(vec![work(items)?]);
     }
     let (work, size) = (Arc::new(work), items.len().div_ceil(cpus));
@@ -128,13 +142,8 @@ where
 
 /// Puts a transaction read back at start-up in the table; two records
 /// that read back as one id (keys that are not UTF-8) are a damaged log.
-fn install(
-    table: &Table<SlotLock>,
-    shards: &mut [HashMap<String, Slot>],
-    id: String,
-    slot: Slot,
-) -> Result<()> {
-    match shards[table.shard_of(&id)].entry(id) {
+fn install(shard: &mut HashMap<String, Slot>, id: String, slot: Slot) -> Result<()> {
+    match shard.entry(id) {
         std::collections::hash_map::Entry::Vacant(v) => {
             v.insert(slot);
             Ok(())
@@ -337,7 +346,9 @@ impl<L: Log + Clone> Transactions<L> {
         let mut seeks: HashMap<TopicPartition, Vec<(String, Slot, Seek)>> = HashMap::new();
         for r in restored.into_iter().flatten() {
             match r {
-                Restored::Ready(id, slot) => install(&t.txns, &mut table, id, slot)?,
+                Restored::Ready(id, slot) => {
+                    install(&mut table[t.txns.shard_of(&id)], id, slot)?;
+                }
                 Restored::Seeking(id, slot, seek) => match seeks.get_mut(&seek.tp) {
                     Some(txns) => txns.push((id, slot, seek)),
                     None => {
@@ -367,7 +378,7 @@ impl<L: Log + Clone> Transactions<L> {
                     // table, as every write.
                     Some(offset) => {
                         found.push((id.clone(), offset));
-                        install(&t.txns, &mut table, id, slot)?;
+                        install(&mut table[t.txns.shard_of(&id)], id, slot)?;
                     }
                     None => reopened.push((id, slot)),
                 }
@@ -376,7 +387,8 @@ impl<L: Log + Clone> Transactions<L> {
         let reopened = {
             let t = t.clone();
             share_out(reopened, move |share| {
-                let mut out = Vec::with_capacity(share.len());
+                // (sorted into their shards here, where the work is shared)
+                let mut out: Vec<Vec<(String, Slot)>> = vec![Vec::new(); SHARDS];
                 for (id, mut slot) in share {
                     // (nobody else holds it yet)
                     let Some(entry) = Arc::get_mut(&mut slot) else {
@@ -388,14 +400,40 @@ impl<L: Log + Clone> Transactions<L> {
                     for effect in entry.get_mut().core.apply(&t.settings, event) {
                         t.settle(&id, effect)?;
                     }
-                    out.push((id, slot));
+                    out[t.txns.shard_of(&id)].push((id, slot));
                 }
                 Ok(out)
             })
             .await?
         };
-        for (id, slot) in reopened.into_iter().flatten() {
-            install(&t.txns, &mut table, id, slot)?;
+        // Each shard filled on its own, the shards shared out over the CPUs.
+        let mut work: Vec<_> = table
+            .into_iter()
+            .enumerate()
+            .map(|(n, shard)| (n, shard, Vec::new()))
+            .collect();
+        for share in reopened {
+            for (n, sorted) in share.into_iter().enumerate() {
+                work[n].2.extend(sorted);
+            }
+        }
+        let many = work.iter().map(|(_, _, e)| e.len()).sum::<usize>() >= SHARED_FROM;
+        let mut table = t.txns.empty_shards(0);
+        for filled in share_out_if(many, work, |share| {
+            let mut out = Vec::with_capacity(share.len());
+            for (n, mut shard, entries) in share {
+                for (id, slot) in entries {
+                    install(&mut shard, id, slot)?;
+                }
+                out.push((n, shard));
+            }
+            Ok(out)
+        })
+        .await?
+        {
+            for (n, shard) in filled {
+                table[n] = shard;
+            }
         }
         t.txns.fill(table);
         for (id, offset) in found {
