@@ -201,10 +201,11 @@ impl<L: Log + Clone> Drop for Performing<'_, L> {
             return;
         };
         let undo = guard.core.apply(&self.table.settings, Event::Failed);
-        drop(guard);
+        // Out of the table before the lock goes (see `forget_empty`).
         if undo.iter().any(|e| matches!(e, Effect::Forget)) {
             self.table.forget_empty(self.id, self.slot);
         }
+        drop(guard);
     }
 }
 
@@ -533,6 +534,13 @@ impl<L: Log + Clone> Transactions<L> {
         }
     }
 
+    /// Takes a forgotten transaction's slot out of the table. Called with
+    /// the slot still locked: a caller waiting for that lock (a prepare of
+    /// the same id) then finds the slot gone and takes a new one. Were the
+    /// lock let go first, that caller could prepare in the old slot just
+    /// before it left the table, and its PREPARED transaction would be in
+    /// the log but in no table: no commit, check-back or upkeep would find
+    /// it again.
     fn forget_empty(&self, id: &str, slot: &Slot) {
         self.txns.remove_if_holds(id, slot);
     }
@@ -657,8 +665,8 @@ impl<L: Log + Clone> Transactions<L> {
         if let Some(rec) = later {
             self.persist_later(id, rec, guard);
         } else if forget {
-            drop(guard);
             self.forget_empty(id, slot);
+            drop(guard);
         }
         match failure {
             Some(e) => Err(e),
@@ -1075,6 +1083,13 @@ impl<L: Log + Clone> Transactions<L> {
         let mut failure = None;
         'walk: for shard in 0..SHARDS {
             for (id, slot) in self.txns.entries_of(shard) {
+                // Room first: no slot stays locked while rewrites finish.
+                while rewriting.len() >= REWRITTEN_AT_ONCE {
+                    if let Err(e) = joined(rewriting.join_next().await) {
+                        failure = Some(e);
+                        break 'walk;
+                    }
+                }
                 let guard = slot.clone().lock_owned().await;
                 let compacting = cutoff.is_some_and(|c| guard.log_offset < c);
                 let event = Event::Upkeep { now, compacting };
@@ -1086,19 +1101,12 @@ impl<L: Log + Clone> Transactions<L> {
                     }
                     continue;
                 }
-                while rewriting.len() >= REWRITTEN_AT_ONCE {
-                    if let Err(e) = joined(rewriting.join_next().await) {
-                        failure = Some(e);
-                        break 'walk;
-                    }
-                }
                 let this = self.clone();
                 rewriting
                     .spawn(async move { this.drive(&id, &slot, guard, event).await.map(drop) });
             }
         }
-        // Every rewrite ends before compaction, or before a failure is
-        // returned (none is left running).
+        // Every rewrite ends before compaction, and before any return.
         while !rewriting.is_empty() {
             if let Err(e) = joined(rewriting.join_next().await) {
                 failure.get_or_insert(e);
@@ -1108,6 +1116,9 @@ impl<L: Log + Clone> Transactions<L> {
             return Err(e);
         }
         if let Some(c) = cutoff {
+            // COMMITTED records are written without a sync of their own:
+            // synced before the PREPARED ones they replace are dropped.
+            self.log.sync().await?;
             self.log.truncate_before(c).await?;
         }
         Ok(())
@@ -1181,7 +1192,7 @@ mod tests {
         }
     }
 
-    #[tokio::test]
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upkeep_forgets_finished_transactions_and_keeps_open_ones() -> Result<()> {
         use tandem_storage::{EmbeddedLog, LogConfig};
         let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
@@ -1205,13 +1216,16 @@ mod tests {
             }
         };
         let t = open(settings.clone()).await?;
-        // More open ones than upkeep writes again at once.
-        let open_ids: Vec<String> = (0..REWRITTEN_AT_ONCE + 44)
+        // Many more open ones than upkeep writes again at once, in every
+        // shard but by a chance of (255/256)^2048 < 0.0004 each.
+        let open_ids: Vec<String> = (0..REWRITTEN_AT_ONCE * 8)
             .map(|i| format!("open-{i}"))
             .collect();
-        for id in &open_ids {
-            t.prepare(prep(id, outgoing(id)), 0).await?;
-        }
+        at_once(&open_ids, |id| {
+            let t = t.clone();
+            async move { t.prepare(prep(&id, outgoing(&id)), 0).await.map(drop) }
+        })
+        .await?;
         let done: Vec<String> = (0..60).map(|i| format!("done-{i}")).collect();
         for id in &done {
             t.prepare(prep(id, outgoing("b")), 0).await?;
@@ -1246,22 +1260,49 @@ mod tests {
                 "forgotten for good"
             );
         }
-        // Every open one was written again before its records were
-        // dropped: it is still open, and its commit appends its message.
+        // Every open one was written again, so it survived its records
+        // being dropped: it is still open, and its commit appends its
+        // message.
         let tp = TopicPartition::new("t", 0);
         let appended_from = data.offsets(&tp)?.high_water_mark;
-        for id in &open_ids {
-            assert_eq!(
-                t.get(id).await?.state,
-                pb::TransactionState::Prepared as i32
-            );
-            t.commit("svc", id).await?;
-        }
+        at_once(&open_ids, |id| {
+            let t = t.clone();
+            async move {
+                let state = t.get(&id).await?.state;
+                assert_eq!(state, pb::TransactionState::Prepared as i32, "{id}");
+                t.commit("svc", &id).await.map(drop)
+            }
+        })
+        .await?;
         let appended = data.read(&tp, appended_from, ReadBudget::default()).await?;
-        let values: Vec<&[u8]> = appended.iter().map(|r| r.record.value.as_ref()).collect();
-        let expected: Vec<&[u8]> = open_ids.iter().map(|id| id.as_bytes()).collect();
+        let mut values: Vec<&[u8]> = appended.iter().map(|r| r.record.value.as_ref()).collect();
+        let mut expected: Vec<&[u8]> = open_ids.iter().map(|id| id.as_bytes()).collect();
+        values.sort_unstable();
+        expected.sort_unstable();
         assert_eq!(values, expected);
         Ok(())
+    }
+
+    /// Runs `f` for every id at once, and returns the first failure.
+    async fn at_once<F, Fut>(ids: &[String], f: F) -> Result<()>
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = Result<()>> + Send + 'static,
+    {
+        let mut running = JoinSet::new();
+        for id in ids {
+            running.spawn(f(id.clone()));
+        }
+        let mut first = Ok(());
+        while let Some(done) = running.join_next().await {
+            let done = done
+                .map_err(|e| Error::Internal(e.to_string()))
+                .and_then(|r| r);
+            if first.is_ok() {
+                first = done;
+            }
+        }
+        first
     }
 
     /// A commit or rollback takes the transaction's check-back off the

@@ -477,7 +477,6 @@ impl TxnState {
         self.rec.is_some()
     }
 
-    /// The partition an open transaction's message would go to.
     /// Remembered and neither committed nor rolled back: its record is
     /// written again before upkeep compacts it away.
     pub(crate) fn undecided(&self) -> bool {
@@ -486,6 +485,7 @@ impl TxnState {
             .is_some_and(|r| !matches!(r.state, COMMITTED | ROLLED_BACK))
     }
 
+    /// The partition an open transaction's message would go to.
     pub(crate) fn open_partition(&self) -> Option<TopicPartition> {
         self.rec
             .as_ref()

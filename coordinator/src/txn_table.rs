@@ -128,8 +128,17 @@ mod tests {
         }
         table.fill(shards);
         assert_eq!(table.len(), 1000);
-        let walked: usize = (0..SHARDS).map(|n| table.entries_of(n).len()).sum();
-        assert_eq!(walked, 1000, "a walk shard by shard sees every entry once");
+        let walked: Vec<String> = (0..SHARDS)
+            .flat_map(|n| table.entries_of(n))
+            .map(|(id, _)| id)
+            .collect();
+        let once: std::collections::HashSet<&String> = walked.iter().collect();
+        assert_eq!(walked.len(), once.len(), "no entry is walked twice");
+        assert_eq!(
+            once,
+            ids.iter().collect(),
+            "a walk shard by shard sees every entry"
+        );
         let seven = table.get("txn-7").expect("found in its shard");
         assert_eq!(*seven, 7);
         assert!(table.holds("txn-7", &seven));
