@@ -151,6 +151,14 @@ fn a_python_client_places_orders_publishes_and_consumes() -> anyhow::Result<()> 
         generated = generated.or_else(|| stubs_folder(&line));
     }
     let generated = generated.context("the client did not say where its stubs were generated")?;
+    let named = generated
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("tandem-py-"));
+    assert!(
+        generated.is_absolute() && named,
+        "not the stubs' temporary folder: {}",
+        generated.display()
+    );
     assert!(
         !generated.exists(),
         "the generated stubs were left in {}",

@@ -1,9 +1,9 @@
 """Tandem from Python: generated gRPC stubs and a few helpers.
 
 Any language with gRPC can use Tandem: its APIs are the .proto files under
-proto/. This module compiles them with grpcio-tools at import time (into a
-temporary folder, removed when the process exits), so there is nothing to
-check in or keep in sync.
+proto/. This module compiles them with grpcio-tools on the first call of
+stubs() (into a temporary folder, removed when the process exits), so there
+is nothing to check in or keep in sync.
 
     from tandem_client import channel, stubs
     pb = stubs()
