@@ -372,7 +372,7 @@ pub async fn run(
         .add_service(OrdersServer::new(service.clone()))
         .add_service(AppServer::new(service))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await?;

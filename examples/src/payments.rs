@@ -170,7 +170,7 @@ pub async fn run(
     tonic::transport::Server::builder()
         .add_service(AppServer::new(PaymentsService { db: pool }))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             shutdown,
         )
         .await?;
