@@ -1283,6 +1283,169 @@ mod tests {
         Ok(())
     }
 
+    /// Randomized runs: producers prepare, commit, roll back, cut prepares
+    /// short and reuse their ids while upkeep forgets and compacts every
+    /// few milliseconds. Checked over each run: a prepare that answered
+    /// PREPARED is found open until its producer decides it, every commit
+    /// and rollback of an open transaction succeeds, a prepare cut short
+    /// leaves nothing open in memory, and after a restart every transaction
+    /// still open is open and commits.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn transactions_stay_as_their_producers_left_them_while_upkeep_runs() -> Result<()> {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            | 1;
+        eprintln!("seed {seed}");
+        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        use tandem_storage::{EmbeddedLog, LogConfig};
+        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
+        data.create_partition(&TopicPartition::new("t", 0)).await?;
+        let small = LogConfig {
+            segment_bytes: 4096,
+            ..LogConfig::default()
+        };
+        let internal = EmbeddedLog::open(dir.path().join("internal"), small).await?;
+        let settings = TxnSettings {
+            retention: Duration::from_millis(20),
+            check_after: Duration::from_secs(3600),
+            ..TxnSettings::default()
+        };
+        let open = || {
+            Transactions::open(
+                data.clone(),
+                internal.clone(),
+                settings.clone(),
+                Default::default(),
+            )
+        };
+        let t = open().await?;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let upkeep = {
+            let (t, stop) = (t.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut rounds = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    t.maintain().await?;
+                    rounds += 1;
+                    tokio::time::sleep(Duration::from_millis(3)).await;
+                }
+                Ok::<_, Error>(rounds)
+            })
+        };
+        let mut producers = JoinSet::new();
+        for p in 0..8u64 {
+            let t = t.clone();
+            let mut rng = (seed.wrapping_mul(p + 1) ^ 0x9e37_79b9_7f4a_7c15) | 1;
+            producers.spawn(async move {
+                let mut next = move |n: u64| {
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    rng % n
+                };
+                // Each id of this producer: open or not, as it left it.
+                let ids: Vec<String> = (0..3).map(|i| format!("p{p}-{i}")).collect();
+                let mut open = [false; 3];
+                for step in 0..150 {
+                    let i = next(3) as usize;
+                    let id = &ids[i];
+                    let at = format!("producer {p}, step {step}, {id}");
+                    if open[i] {
+                        let state = t.get(id).await.map(|v| v.state);
+                        assert_eq!(
+                            state.ok(),
+                            Some(pb::TransactionState::Prepared as i32),
+                            "{at}"
+                        );
+                        if next(2) == 0 {
+                            t.commit("svc", id)
+                                .await
+                                .map_err(|e| Error::Internal(format!("{at}: {e}")))?;
+                        } else {
+                            t.rollback("svc", id)
+                                .await
+                                .map_err(|e| Error::Internal(format!("{at}: {e}")))?;
+                        }
+                        open[i] = false;
+                    } else if next(4) == 0 {
+                        // Cut short: polled once, then dropped.
+                        let mut fut = Box::pin(t.prepare(prep(id, outgoing(id)), 0));
+                        let done = std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(match fut.as_mut().poll(cx) {
+                                std::task::Poll::Ready(r) => Some(r),
+                                std::task::Poll::Pending => None,
+                            })
+                        })
+                        .await;
+                        drop(fut);
+                        match done {
+                            Some(r) => {
+                                let prepared = r?;
+                                open[i] = prepared.state == pb::TransactionState::Prepared;
+                            }
+                            None => {
+                                // Nothing open in memory: gone, or its
+                                // earlier outcome still remembered.
+                                let state = t.get(id).await.map(|v| v.state).ok();
+                                let prepared = Some(pb::TransactionState::Prepared as i32);
+                                assert_ne!(
+                                    state, prepared,
+                                    "{at}: a prepare cut short left it open"
+                                );
+                            }
+                        }
+                    } else {
+                        let prepared = t.prepare(prep(id, outgoing(id)), 0).await?;
+                        open[i] = prepared.state == pb::TransactionState::Prepared;
+                        if open[i] {
+                            let state = t.get(id).await.map(|v| v.state);
+                            assert_eq!(
+                                state.ok(),
+                                Some(pb::TransactionState::Prepared as i32),
+                                "{at}: just prepared"
+                            );
+                        }
+                    }
+                    if next(8) == 0 {
+                        // long enough for a decided one to be forgotten
+                        tokio::time::sleep(Duration::from_millis(next(40))).await;
+                    }
+                }
+                let left: Vec<String> = ids
+                    .into_iter()
+                    .zip(open)
+                    .filter(|(_, o)| *o)
+                    .map(|(id, _)| id)
+                    .collect();
+                Ok::<_, Error>(left)
+            });
+        }
+        let mut left_open = Vec::new();
+        while let Some(done) = producers.join_next().await {
+            left_open.extend(done.map_err(|e| Error::Internal(format!("seed {seed}: {e}")))??);
+        }
+        // Upkeep goes on past the retention, so that the records of the
+        // transactions left open fall below a compaction's cutoff.
+        tokio::time::sleep(settings.retention * 5).await;
+        stop.store(true, Ordering::Relaxed);
+        let rounds = upkeep.await.map_err(|e| Error::Internal(e.to_string()))??;
+        assert!(rounds > 10, "upkeep ran {rounds} times");
+        t.quiesce(Duration::from_secs(5)).await;
+        drop(t);
+        let t = open().await?;
+        for id in &left_open {
+            let state = t.get(id).await.map(|v| v.state);
+            assert_eq!(
+                state.ok(),
+                Some(pb::TransactionState::Prepared as i32),
+                "seed {seed}: {id} after a restart"
+            );
+            t.commit("svc", id).await?;
+        }
+        Ok(())
+    }
+
     /// Runs `f` for every id at once, and returns the first failure.
     async fn at_once<F, Fut>(ids: &[String], f: F) -> Result<()>
     where
