@@ -1092,6 +1092,9 @@ impl<L: Log + Clone> Transactions<L> {
                 }
                 let guard = slot.clone().lock_owned().await;
                 let compacting = cutoff.is_some_and(|c| guard.log_offset < c);
+                if !guard.core.upkeep_due(&self.settings, now, compacting) {
+                    continue; // (decided, kept: most of them)
+                }
                 let event = Event::Upkeep { now, compacting };
                 if !(compacting && guard.core.undecided()) {
                     // (forgets it or leaves it: nothing to write)
