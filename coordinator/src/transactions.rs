@@ -1078,7 +1078,8 @@ impl<L: Log + Clone> Transactions<L> {
         // Shard by shard: a lookup waits at most for one shard's copy.
         // Open transactions whose record is about to be compacted away are
         // written again many at once, so that they share syncs (one after
-        // the other, ten thousand of them took seconds).
+        // the other, each waited for a sync of its own: ten thousand took a
+        // second here).
         let mut rewriting: JoinSet<Result<()>> = JoinSet::new();
         let mut failure = None;
         'walk: for shard in 0..SHARDS {
