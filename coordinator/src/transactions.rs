@@ -1450,6 +1450,149 @@ mod tests {
         Ok(())
     }
 
+    /// Upkeep whose rewrites fail drops nothing: the error is returned and
+    /// the log keeps its start; the next round, with writes working again,
+    /// rewrites every open transaction and compacts, and all of them
+    /// survive a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upkeep_whose_rewrites_fail_drops_nothing() -> Result<()> {
+        use tandem_storage::{EmbeddedLog, LogConfig};
+        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let data =
+            Faulty::new(EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?);
+        data.create_partition(&TopicPartition::new("t", 0)).await?;
+        let small = LogConfig {
+            segment_bytes: 4096,
+            ..LogConfig::default()
+        };
+        let internal = Faulty::new(EmbeddedLog::open(dir.path().join("internal"), small).await?);
+        let settings = TxnSettings {
+            retention: Duration::from_millis(300),
+            check_after: Duration::from_secs(3600),
+            ..TxnSettings::default()
+        };
+        let open = || {
+            Transactions::open(
+                data.clone(),
+                internal.clone(),
+                settings.clone(),
+                Default::default(),
+            )
+        };
+        let t = open().await?;
+        let ids: Vec<String> = (0..REWRITTEN_AT_ONCE * 2)
+            .map(|i| format!("open-{i}"))
+            .collect();
+        at_once(&ids, |id| {
+            let t = t.clone();
+            async move { t.prepare(prep(&id, outgoing(&id)), 0).await.map(drop) }
+        })
+        .await?;
+        t.maintain().await?; // the first mark
+        tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
+        let start = t.log.log_start()?;
+        internal.failing.store(true, Ordering::Relaxed);
+        assert!(t.maintain().await.is_err(), "a round whose rewrites failed");
+        assert_eq!(t.log.log_start()?, start, "nothing dropped");
+        internal.failing.store(false, Ordering::Relaxed);
+        tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
+        t.maintain().await?;
+        assert!(
+            t.log.log_start()? > start,
+            "compacted once the rewrites succeed"
+        );
+        drop(t);
+        let t = open().await?;
+        at_once(&ids, |id| {
+            let t = t.clone();
+            async move {
+                let state = t.get(&id).await?.state;
+                assert_eq!(state, pb::TransactionState::Prepared as i32, "{id}");
+                t.commit("svc", &id).await.map(drop)
+            }
+        })
+        .await
+    }
+
+    /// A log whose appends fail while `failing` is set, as a disk that
+    /// went bad would make them.
+    #[derive(Clone)]
+    struct Faulty {
+        inner: tandem_storage::EmbeddedLog,
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl Faulty {
+        fn new(inner: tandem_storage::EmbeddedLog) -> Self {
+            Faulty {
+                inner,
+                failing: Arc::default(),
+            }
+        }
+
+        fn refused(&self, tp: &TopicPartition) -> tandem_storage::Result<()> {
+            if self.failing.load(Ordering::Relaxed) {
+                return Err(tandem_storage::Error::Poisoned {
+                    tp: tp.clone(),
+                    cause: "the test made appends fail".into(),
+                });
+            }
+            Ok(())
+        }
+    }
+
+    impl Log for Faulty {
+        async fn create_partition(&self, tp: &TopicPartition) -> tandem_storage::Result<()> {
+            self.inner.create_partition(tp).await
+        }
+        async fn delete_partition(&self, tp: &TopicPartition) -> tandem_storage::Result<()> {
+            self.inner.delete_partition(tp).await
+        }
+        fn partitions(&self) -> Vec<TopicPartition> {
+            self.inner.partitions()
+        }
+        async fn append(
+            &self,
+            tp: &TopicPartition,
+            records: Vec<Record>,
+        ) -> tandem_storage::Result<tandem_storage::AppendAck> {
+            self.refused(tp)?;
+            self.inner.append(tp, records).await
+        }
+        async fn append_relaxed(
+            &self,
+            tp: &TopicPartition,
+            records: Vec<Record>,
+        ) -> tandem_storage::Result<tandem_storage::AppendAck> {
+            self.refused(tp)?;
+            self.inner.append_relaxed(tp, records).await
+        }
+        async fn sync(&self, tp: &TopicPartition) -> tandem_storage::Result<()> {
+            self.inner.sync(tp).await
+        }
+        async fn read(
+            &self,
+            tp: &TopicPartition,
+            from: u64,
+            budget: ReadBudget,
+        ) -> tandem_storage::Result<Vec<tandem_storage::StoredRecord>> {
+            self.inner.read(tp, from, budget).await
+        }
+        fn offsets(&self, tp: &TopicPartition) -> tandem_storage::Result<tandem_storage::Offsets> {
+            self.inner.offsets(tp)
+        }
+        async fn wait_for(&self, tp: &TopicPartition, offset: u64) -> tandem_storage::Result<u64> {
+            self.inner.wait_for(tp, offset).await
+        }
+        async fn truncate_before(
+            &self,
+            tp: &TopicPartition,
+            offset: u64,
+        ) -> tandem_storage::Result<u64> {
+            self.inner.truncate_before(tp, offset).await
+        }
+    }
+
     /// Runs `f` for every id at once, and returns the first failure.
     async fn at_once<F, Fut>(ids: &[String], f: F) -> Result<()>
     where
