@@ -201,11 +201,9 @@ impl<L: Log + Clone> Drop for Performing<'_, L> {
             return;
         };
         let undo = guard.core.apply(&self.table.settings, Event::Failed);
-        // Out of the table before the lock goes (see `forget_empty`).
         if undo.iter().any(|e| matches!(e, Effect::Forget)) {
-            self.table.forget_empty(self.id, self.slot);
+            self.table.forget(self.id, self.slot, guard);
         }
-        drop(guard);
     }
 }
 
@@ -534,15 +532,16 @@ impl<L: Log + Clone> Transactions<L> {
         }
     }
 
-    /// Takes a forgotten transaction's slot out of the table. Called with
-    /// the slot still locked: a caller waiting for that lock (a prepare of
-    /// the same id) then finds the slot gone and takes a new one. Were the
-    /// lock let go first, that caller could prepare in the old slot just
-    /// before it left the table, and its PREPARED transaction would be in
-    /// the log but in no table: no commit, check-back or upkeep would find
-    /// it again.
-    fn forget_empty(&self, id: &str, slot: &Slot) {
+    /// Takes a forgotten transaction's slot out of the table, then lets
+    /// its lock go (it takes the lock for that): a caller waiting for the
+    /// lock (a prepare of the same id) then finds the slot gone and takes a
+    /// new one. Were the lock let go first, that caller could prepare in
+    /// the old slot just before it left the table, and its PREPARED
+    /// transaction would be in the log but in no table: no commit,
+    /// check-back or upkeep would find it again.
+    fn forget(&self, id: &str, slot: &Slot, guard: OwnedMutexGuard<Entry>) {
         self.txns.remove_if_holds(id, slot);
+        drop(guard);
     }
 
     /// When the next check-back may start: at most `max_check_rate` per
@@ -665,8 +664,7 @@ impl<L: Log + Clone> Transactions<L> {
         if let Some(rec) = later {
             self.persist_later(id, rec, guard);
         } else if forget {
-            self.forget_empty(id, slot);
-            drop(guard);
+            self.forget(id, slot, guard);
         }
         match failure {
             Some(e) => Err(e),
