@@ -533,7 +533,7 @@ impl<L: Log + Clone> Transactions<L> {
     }
 
     /// Takes a forgotten transaction's slot out of the table, then lets
-    /// its lock go (it takes the lock for that): a caller waiting for the
+    /// its lock go (it is handed the held guard for that): a caller waiting for the
     /// lock (a prepare of the same id) then finds the slot gone and takes a
     /// new one. Were the lock let go first, that caller could prepare in
     /// the old slot just before it left the table, and its PREPARED
@@ -1092,11 +1092,11 @@ impl<L: Log + Clone> Transactions<L> {
                 let guard = slot.clone().lock_owned().await;
                 let compacting = cutoff.is_some_and(|c| guard.log_offset < c);
                 if !guard.core.upkeep_due(&self.settings, now, compacting) {
-                    continue; // (decided, kept: most of them)
+                    continue; // (kept, its record past the cutoff: most)
                 }
                 let event = Event::Upkeep { now, compacting };
-                if !(compacting && guard.core.undecided()) {
-                    // (forgets it or leaves it: nothing to write)
+                if !compacting {
+                    // (expired: forgotten, nothing to write)
                     if let Err(e) = self.drive(&id, &slot, guard, event).await {
                         failure = Some(e);
                         break 'walk;
@@ -1410,7 +1410,8 @@ mod tests {
                         }
                     }
                     if next(8) == 0 {
-                        // long enough for a decided one to be forgotten
+                        // (sometimes long enough for a decided one to be
+                        // forgotten)
                         tokio::time::sleep(Duration::from_millis(next(40))).await;
                     }
                 }
@@ -1433,6 +1434,7 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let rounds = upkeep.await.map_err(|e| Error::Internal(e.to_string()))??;
         assert!(rounds > 10, "upkeep ran {rounds} times");
+        assert!(t.log.log_start()? > 0, "upkeep compacted the log");
         t.quiesce(Duration::from_secs(5)).await;
         drop(t);
         let t = open().await?;
@@ -1490,7 +1492,14 @@ mod tests {
         tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
         let start = t.log.log_start()?;
         internal.failing.store(true, Ordering::Relaxed);
-        assert!(t.maintain().await.is_err(), "a round whose rewrites failed");
+        let failed = t.maintain().await;
+        assert!(
+            matches!(
+                failed,
+                Err(Error::Storage(tandem_storage::Error::Poisoned { .. }))
+            ),
+            "a round whose rewrites failed: {failed:?}"
+        );
         assert_eq!(t.log.log_start()?, start, "nothing dropped");
         internal.failing.store(false, Ordering::Relaxed);
         tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;

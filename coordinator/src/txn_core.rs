@@ -477,14 +477,6 @@ impl TxnState {
         self.rec.is_some()
     }
 
-    /// Remembered and neither committed nor rolled back: its record is
-    /// written again before upkeep compacts it away.
-    pub(crate) fn undecided(&self) -> bool {
-        self.rec
-            .as_ref()
-            .is_some_and(|r| !matches!(r.state, COMMITTED | ROLLED_BACK))
-    }
-
     /// The partition an open transaction's message would go to.
     pub(crate) fn open_partition(&self) -> Option<TopicPartition> {
         self.rec
@@ -876,16 +868,16 @@ impl TxnState {
     }
 
     /// Whether upkeep has anything to do (an `Upkeep` event would have
-    /// effects): most remembered transactions are decided and not yet
-    /// expired, and are left as they are.
+    /// effects): most remembered transactions are not expired and their
+    /// records are past the cutoff, and are left as they are.
     pub(crate) fn upkeep_due(&self, s: &TxnSettings, now: i64, compacting: bool) -> bool {
         self.rec
             .as_ref()
-            .is_some_and(|rec| Self::expired(s, rec, now) || (compacting && self.undecided()))
+            .is_some_and(|rec| compacting || Self::expired(s, rec, now))
     }
 
     /// Forgets a transaction finished longer ago than the retention; writes
-    /// an open one again when its record is about to be compacted away.
+    /// one it keeps again when its record is about to be compacted away.
     fn upkeep(&mut self, s: &TxnSettings, now: i64, compacting: bool) -> Vec<Effect> {
         let Some(rec) = &self.rec else {
             return Vec::new();
@@ -893,7 +885,10 @@ impl TxnState {
         if Self::expired(s, rec, now) {
             self.rec = None;
             vec![Effect::Forget]
-        } else if compacting && self.undecided() {
+        } else if compacting {
+            // Kept, so its record outlives the segments dropped; a decided
+            // one's too (its own record is normally past the cutoff, but a
+            // COMMITTED record whose write failed left only PREPARED there).
             vec![Effect::Persist(rec.clone())]
         } else {
             Vec::new()
