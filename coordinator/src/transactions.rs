@@ -1299,20 +1299,7 @@ mod tests {
             .map_or(1, |d| d.as_nanos() as u64)
             | 1;
         eprintln!("seed {seed}");
-        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
-        use tandem_storage::{EmbeddedLog, LogConfig};
-        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
-        data.create_partition(&TopicPartition::new("t", 0)).await?;
-        let small = LogConfig {
-            segment_bytes: 4096,
-            ..LogConfig::default()
-        };
-        let internal = EmbeddedLog::open(dir.path().join("internal"), small).await?;
-        let settings = TxnSettings {
-            retention: Duration::from_millis(20),
-            check_after: Duration::from_secs(3600),
-            ..TxnSettings::default()
-        };
+        let (_dir, data, internal, settings) = compactable(Duration::from_millis(20)).await?;
         let open = || {
             Transactions::open(
                 data.clone(),
@@ -1456,21 +1443,8 @@ mod tests {
     /// survive a restart.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upkeep_whose_rewrites_fail_drops_nothing() -> Result<()> {
-        use tandem_storage::{EmbeddedLog, LogConfig};
-        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
-        let data =
-            Faulty::new(EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?);
-        data.create_partition(&TopicPartition::new("t", 0)).await?;
-        let small = LogConfig {
-            segment_bytes: 4096,
-            ..LogConfig::default()
-        };
-        let internal = Faulty::new(EmbeddedLog::open(dir.path().join("internal"), small).await?);
-        let settings = TxnSettings {
-            retention: Duration::from_millis(300),
-            check_after: Duration::from_secs(3600),
-            ..TxnSettings::default()
-        };
+        let (_dir, data, internal, settings) = compactable(Duration::from_millis(300)).await?;
+        let (data, internal) = (Faulty::new(data), Faulty::new(internal));
         let open = || {
             Transactions::open(
                 data.clone(),
@@ -1519,6 +1493,35 @@ mod tests {
             }
         })
         .await
+    }
+
+    /// Fresh logs (topic "t" with one partition in `data`; the transaction
+    /// log in segments of 4 KiB, so that upkeep really drops some) and
+    /// settings with `retention` and no check-back during a test; the
+    /// folder goes with the first.
+    async fn compactable(
+        retention: Duration,
+    ) -> Result<(
+        tempfile::TempDir,
+        tandem_storage::EmbeddedLog,
+        tandem_storage::EmbeddedLog,
+        TxnSettings,
+    )> {
+        use tandem_storage::{EmbeddedLog, LogConfig};
+        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
+        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
+        data.create_partition(&TopicPartition::new("t", 0)).await?;
+        let small = LogConfig {
+            segment_bytes: 4096,
+            ..LogConfig::default()
+        };
+        let internal = EmbeddedLog::open(dir.path().join("internal"), small).await?;
+        let settings = TxnSettings {
+            retention,
+            check_after: Duration::from_secs(3600),
+            ..TxnSettings::default()
+        };
+        Ok((dir, data, internal, settings))
     }
 
     /// A log whose appends fail while `failing` is set, as a disk that
