@@ -1223,11 +1223,7 @@ mod tests {
         let open_ids: Vec<String> = (0..REWRITTEN_AT_ONCE * 8)
             .map(|i| format!("open-{i}"))
             .collect();
-        at_once(&open_ids, |id| {
-            let t = t.clone();
-            async move { t.prepare(prep(&id, outgoing(&id)), 0).await.map(drop) }
-        })
-        .await?;
+        prepare_all(&t, &open_ids).await?;
         let done: Vec<String> = (0..60).map(|i| format!("done-{i}")).collect();
         for id in &done {
             t.prepare(prep(id, outgoing("b")), 0).await?;
@@ -1267,15 +1263,7 @@ mod tests {
         // message.
         let tp = TopicPartition::new("t", 0);
         let appended_from = data.offsets(&tp)?.high_water_mark;
-        at_once(&open_ids, |id| {
-            let t = t.clone();
-            async move {
-                let state = t.get(&id).await?.state;
-                assert_eq!(state, pb::TransactionState::Prepared as i32, "{id}");
-                t.commit("svc", &id).await.map(drop)
-            }
-        })
-        .await?;
+        open_then_committed(&t, &open_ids).await?;
         let appended = data.read(&tp, appended_from, ReadBudget::default()).await?;
         let mut values: Vec<&[u8]> = appended.iter().map(|r| r.record.value.as_ref()).collect();
         let mut expected: Vec<&[u8]> = open_ids.iter().map(|id| id.as_bytes()).collect();
@@ -1300,14 +1288,7 @@ mod tests {
             | 1;
         eprintln!("seed {seed}");
         let (_dir, data, internal, settings) = compactable(Duration::from_millis(20)).await?;
-        let open = || {
-            Transactions::open(
-                data.clone(),
-                internal.clone(),
-                settings.clone(),
-                Default::default(),
-            )
-        };
+        let open = || reopen(&data, &internal, &settings);
         let t = open().await?;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let upkeep = {
@@ -1445,23 +1426,12 @@ mod tests {
     async fn upkeep_whose_rewrites_fail_drops_nothing() -> Result<()> {
         let (_dir, data, internal, settings) = compactable(Duration::from_millis(300)).await?;
         let (data, internal) = (Faulty::new(data), Faulty::new(internal));
-        let open = || {
-            Transactions::open(
-                data.clone(),
-                internal.clone(),
-                settings.clone(),
-                Default::default(),
-            )
-        };
+        let open = || reopen(&data, &internal, &settings);
         let t = open().await?;
         let ids: Vec<String> = (0..REWRITTEN_AT_ONCE * 2)
             .map(|i| format!("open-{i}"))
             .collect();
-        at_once(&ids, |id| {
-            let t = t.clone();
-            async move { t.prepare(prep(&id, outgoing(&id)), 0).await.map(drop) }
-        })
-        .await?;
+        prepare_all(&t, &ids).await?;
         t.maintain().await?; // the first mark
         tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
         let start = t.log.log_start()?;
@@ -1484,15 +1454,7 @@ mod tests {
         );
         drop(t);
         let t = open().await?;
-        at_once(&ids, |id| {
-            let t = t.clone();
-            async move {
-                let state = t.get(&id).await?.state;
-                assert_eq!(state, pb::TransactionState::Prepared as i32, "{id}");
-                t.commit("svc", &id).await.map(drop)
-            }
-        })
-        .await
+        open_then_committed(&t, &ids).await
     }
 
     /// Fresh logs (topic "t" with one partition in `data`; the transaction
@@ -1601,6 +1563,45 @@ mod tests {
         ) -> tandem_storage::Result<u64> {
             self.inner.truncate_before(tp, offset).await
         }
+    }
+
+    /// The table on `data` and `internal`, loaded from what they hold.
+    fn reopen<L: Log + Clone>(
+        data: &L,
+        internal: &L,
+        settings: &TxnSettings,
+    ) -> impl Future<Output = Result<Arc<Transactions<L>>>> {
+        Transactions::open(
+            data.clone(),
+            internal.clone(),
+            settings.clone(),
+            Default::default(),
+        )
+    }
+
+    /// Prepares a transaction for each id (its message: the id), all at once.
+    async fn prepare_all<L: Log + Clone>(t: &Arc<Transactions<L>>, ids: &[String]) -> Result<()> {
+        at_once(ids, |id| {
+            let t = t.clone();
+            async move { t.prepare(prep(&id, outgoing(&id)), 0).await.map(drop) }
+        })
+        .await
+    }
+
+    /// Asserts each id's transaction is open, and commits them all at once.
+    async fn open_then_committed<L: Log + Clone>(
+        t: &Arc<Transactions<L>>,
+        ids: &[String],
+    ) -> Result<()> {
+        at_once(ids, |id| {
+            let t = t.clone();
+            async move {
+                let state = t.get(&id).await?.state;
+                assert_eq!(state, pb::TransactionState::Prepared as i32, "{id}");
+                t.commit("svc", &id).await.map(drop)
+            }
+        })
+        .await
     }
 
     /// Runs `f` for every id at once, and returns the first failure.
@@ -1754,14 +1755,7 @@ mod tests {
     async fn a_table_loaded_in_shares_is_as_it_was_left() -> Result<()> {
         let (_dir, data, internal, settings) = restartable().await?;
         let tp = TopicPartition::new("t", 0);
-        let open = || {
-            Transactions::open(
-                data.clone(),
-                internal.clone(),
-                settings.clone(),
-                Default::default(),
-            )
-        };
+        let open = || reopen(&data, &internal, &settings);
         let t = open().await?;
         let ids: Vec<String> = (0..400).map(|i| format!("txn-{i}")).collect();
         for id in &ids {
