@@ -540,6 +540,12 @@ impl<L: Log + Clone> Transactions<L> {
     /// transaction would be in the log but in no table: no commit,
     /// check-back or upkeep would find it again.
     fn forget(&self, id: &str, slot: &Slot, guard: OwnedMutexGuard<Entry>) {
+        // (the lock held must be that slot's own, or the waiter could
+        // still take the slot in the window described above)
+        assert!(
+            Arc::ptr_eq(OwnedMutexGuard::mutex(&guard), slot),
+            "forget({id}) with another slot's lock"
+        );
         self.txns.remove_if_holds(id, slot);
         drop(guard);
     }
@@ -1282,11 +1288,20 @@ mod tests {
     /// still open is open and commits.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn transactions_stay_as_their_producers_left_them_while_upkeep_runs() -> Result<()> {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64)
-            | 1;
-        eprintln!("seed {seed}");
+        // TANDEM_TEST_SEED=<seed> repeats a run's choices (not its
+        // threads' timing, which the runtime decides).
+        let seed = match std::env::var("TANDEM_TEST_SEED") {
+            Ok(s) => s
+                .parse::<u64>()
+                .map_err(|e| Error::Internal(format!("TANDEM_TEST_SEED={s}: {e}")))?,
+            Err(_) => {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+                    | 1
+            }
+        };
+        eprintln!("seed {seed} (TANDEM_TEST_SEED={seed} repeats its choices)");
         let (_dir, data, internal, settings) = compactable(Duration::from_millis(20)).await?;
         let open = || reopen(&data, &internal, &settings);
         let t = open().await?;
