@@ -1814,6 +1814,10 @@ mod tests {
                     self.answer(&id, fence, answer, fault)?;
                 }
                 Step::Upkeep { compacting } => {
+                    // Compacting, every record written so far is below the
+                    // cutoff: upkeep rewrites what it keeps, then the shell
+                    // syncs the log and drops what lies below the cutoff.
+                    let cutoff = self.log.len();
                     let ids: Vec<String> = self.cores.keys().cloned().collect();
                     for id in ids {
                         let now = self.now;
@@ -1821,6 +1825,10 @@ mod tests {
                         let ran = self.run(&id, Event::Upkeep { now, compacting }, Fault::None)?;
                         // The shell skips what is not due: nothing may be.
                         prop_assert_eq!(due, !ran.seen.is_empty(), "{} upkeep_due", id);
+                    }
+                    if compacting {
+                        self.log.iter_mut().for_each(|e| e.2 = true);
+                        self.log.drain(..cutoff);
                     }
                 }
                 Step::Crash { kept } => self.crash(kept)?,
