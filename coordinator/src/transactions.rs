@@ -1434,42 +1434,61 @@ mod tests {
     }
 
     /// Upkeep whose rewrites fail drops nothing: the error is returned and
-    /// the log keeps its start; the next round, with writes working again,
-    /// rewrites every open transaction and compacts, and all of them
-    /// survive a restart.
+    /// the log keeps its start. When every rewrite fails, the next round,
+    /// with writes working again, rewrites every open transaction and
+    /// compacts, and all of them survive a restart; when the round fails
+    /// part way through (some rewritten, the rest not), a restart right
+    /// after it finds every one open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upkeep_whose_rewrites_fail_drops_nothing() -> Result<()> {
-        let (_dir, data, internal, settings) = compactable(Duration::from_millis(300)).await?;
-        let (data, internal) = (Faulty::new(data), Faulty::new(internal));
-        let open = || reopen(&data, &internal, &settings);
-        let t = open().await?;
-        let ids: Vec<String> = (0..REWRITTEN_AT_ONCE * 2)
-            .map(|i| format!("open-{i}"))
-            .collect();
-        prepare_all(&t, &ids).await?;
-        t.maintain().await?; // the first mark
-        tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
-        let start = t.log.log_start()?;
-        internal.failing.store(true, Ordering::Relaxed);
-        let failed = t.maintain().await;
-        assert!(
-            matches!(
-                failed,
-                Err(Error::Storage(tandem_storage::Error::Poisoned { .. }))
-            ),
-            "a round whose rewrites failed: {failed:?}"
-        );
-        assert_eq!(t.log.log_start()?, start, "nothing dropped");
-        internal.failing.store(false, Ordering::Relaxed);
-        tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
-        t.maintain().await?;
-        assert!(
-            t.log.log_start()? > start,
-            "compacted once the rewrites succeed"
-        );
-        drop(t);
-        let t = open().await?;
-        open_then_committed(&t, &ids).await
+        // Every rewrite fails, or the first 1½ × REWRITTEN_AT_ONCE succeed
+        // and the rest fail: the round stops part way through its walk.
+        for let_through in [0, (REWRITTEN_AT_ONCE + REWRITTEN_AT_ONCE / 2) as u64] {
+            let (_dir, data, internal, settings) = compactable(Duration::from_millis(300)).await?;
+            let (data, internal) = (Faulty::new(data), Faulty::new(internal));
+            let open = || reopen(&data, &internal, &settings);
+            let t = open().await?;
+            let ids: Vec<String> = (0..REWRITTEN_AT_ONCE * 2)
+                .map(|i| format!("open-{i}"))
+                .collect();
+            prepare_all(&t, &ids).await?;
+            t.maintain().await?; // the first mark
+            tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
+            let start = t.log.log_start()?;
+            internal.fail_after(let_through);
+            let failed = t.maintain().await;
+            assert!(
+                matches!(
+                    failed,
+                    Err(Error::Storage(tandem_storage::Error::Poisoned { .. }))
+                ),
+                "{let_through} let through: a round whose rewrites failed: {failed:?}"
+            );
+            assert_eq!(
+                t.log.log_start()?,
+                start,
+                "{let_through} let through: nothing dropped"
+            );
+            if let_through > 0 {
+                // The process stops there (as a failed write stops the
+                // coordinator): a restart finds every transaction open.
+                drop(t);
+                internal.heal();
+                open_then_committed(&open().await?, &ids).await?;
+                continue;
+            }
+            internal.heal();
+            tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
+            t.maintain().await?;
+            assert!(
+                t.log.log_start()? > start,
+                "compacted once the rewrites succeed"
+            );
+            drop(t);
+            let t = open().await?;
+            open_then_committed(&t, &ids).await?;
+        }
+        Ok(())
     }
 
     /// Fresh logs (topic "t" with one partition in `data`; the transaction
@@ -1501,24 +1520,39 @@ mod tests {
         Ok((dir, data, internal, settings))
     }
 
-    /// A log whose appends fail while `failing` is set, as a disk that
-    /// went bad would make them.
+    /// A log whose appends fail, as a disk that went bad would make them,
+    /// once the number of appends it still lets through (`left`, unlimited
+    /// at first) is used up.
     #[derive(Clone)]
     struct Faulty {
         inner: tandem_storage::EmbeddedLog,
-        failing: Arc<std::sync::atomic::AtomicBool>,
+        left: Arc<std::sync::atomic::AtomicU64>,
     }
 
     impl Faulty {
         fn new(inner: tandem_storage::EmbeddedLog) -> Self {
             Faulty {
                 inner,
-                failing: Arc::default(),
+                left: Arc::new(u64::MAX.into()),
             }
         }
 
+        /// Lets `n` more appends through, then fails the rest.
+        fn fail_after(&self, n: u64) {
+            self.left.store(n, Ordering::SeqCst);
+        }
+
+        fn heal(&self) {
+            self.fail_after(u64::MAX);
+        }
+
         fn refused(&self, tp: &TopicPartition) -> tandem_storage::Result<()> {
-            if self.failing.load(Ordering::Relaxed) {
+            let taken = self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n > 0).then(|| if n == u64::MAX { n } else { n - 1 })
+                });
+            if taken.is_err() {
                 return Err(tandem_storage::Error::Poisoned {
                     tp: tp.clone(),
                     cause: "the test made appends fail".into(),
