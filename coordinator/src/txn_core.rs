@@ -1185,8 +1185,10 @@ mod tests {
             again: bool,
             fault: Fault,
         },
+        /// Upkeep; compacting, with the cutoff at `cut` of the log.
         Upkeep {
             compacting: bool,
+            cut: Index,
         },
         Crash {
             kept: Index,
@@ -1247,7 +1249,8 @@ mod tests {
             4 => end,
             4 => (1u16..120).prop_map(Step::Advance),
             4 => answer,
-            1 => any::<bool>().prop_map(|compacting| Step::Upkeep { compacting }),
+            1 => (any::<bool>(), any::<Index>())
+                .prop_map(|(compacting, cut)| Step::Upkeep { compacting, cut }),
             1 => any::<Index>().prop_map(|kept| Step::Crash { kept }),
         ]
     }
@@ -1813,20 +1816,35 @@ mod tests {
                     };
                     self.answer(&id, fence, answer, fault)?;
                 }
-                Step::Upkeep { compacting } => {
-                    // Compacting, every record written so far is below the
-                    // cutoff: upkeep rewrites what it keeps, then the shell
-                    // syncs the log and drops what lies below the cutoff.
-                    let cutoff = self.log.len();
+                Step::Upkeep { compacting, cut } => {
+                    // As `maintain()`: a compacting round has a cutoff (here
+                    // any position of the log); a transaction whose latest
+                    // record lies below it is compacting, and upkeep
+                    // rewrites it if kept; then the shell syncs the log and
+                    // drops what lies below the cutoff.
+                    let cutoff = if compacting {
+                        cut.index(self.log.len() + 1)
+                    } else {
+                        0
+                    };
+                    let mut latest = HashMap::new();
+                    for (at, (id, _, _)) in self.log.iter().enumerate() {
+                        latest.insert(id.clone(), at);
+                    }
                     let ids: Vec<String> = self.cores.keys().cloned().collect();
                     for id in ids {
                         let now = self.now;
-                        let due = self.cores[&id].upkeep_due(&self.s, now, compacting);
-                        let ran = self.run(&id, Event::Upkeep { now, compacting }, Fault::None)?;
+                        let below = latest.get(&id).is_some_and(|&at| at < cutoff);
+                        let due = self.cores[&id].upkeep_due(&self.s, now, below);
+                        let event = Event::Upkeep {
+                            now,
+                            compacting: below,
+                        };
+                        let ran = self.run(&id, event, Fault::None)?;
                         // The shell skips what is not due: nothing may be.
                         prop_assert_eq!(due, !ran.seen.is_empty(), "{} upkeep_due", id);
                     }
-                    if compacting {
+                    if cutoff > 0 {
                         self.log.iter_mut().for_each(|e| e.2 = true);
                         self.log.drain(..cutoff);
                     }
