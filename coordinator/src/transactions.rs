@@ -1481,6 +1481,62 @@ mod tests {
         Ok(())
     }
 
+    /// Upkeep syncs the log before it drops segments: a COMMITTED record is
+    /// written without a sync of its own, and once the segment holding its
+    /// PREPARED record is dropped it is all that is left of the
+    /// transaction. Transactions prepared before a mark and committed after
+    /// it (so their latest records lie past the cutoff, and upkeep does not
+    /// rewrite them) are all still known as committed after a power cut
+    /// that keeps nothing unsynced, right after compaction.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_power_cut_right_after_compaction_keeps_every_commit() -> Result<()> {
+        use tandem_storage::{EmbeddedLog, LogConfig, Loss, SimFs};
+        async fn logs(fs: &SimFs) -> Result<(EmbeddedLog, EmbeddedLog)> {
+            let fs: Arc<dyn tandem_storage::Vfs> = Arc::new(fs.clone());
+            let data = EmbeddedLog::open_on(fs.clone(), "/data", LogConfig::default()).await?;
+            let small = LogConfig {
+                segment_bytes: 4096,
+                ..LogConfig::default()
+            };
+            let internal = EmbeddedLog::open_on(fs, "/internal", small).await?;
+            Ok((data, internal))
+        }
+        let settings = TxnSettings {
+            retention: Duration::from_millis(300),
+            check_after: Duration::from_secs(3600),
+            ..TxnSettings::default()
+        };
+        let fs = SimFs::new();
+        let (data, internal) = logs(&fs).await?;
+        data.create_partition(&TopicPartition::new("t", 0)).await?;
+        let t = reopen(&data, &internal, &settings).await?;
+        let ids: Vec<String> = (0..64).map(|i| format!("committed-{i}")).collect();
+        prepare_all(&t, &ids).await?;
+        t.maintain().await?; // the mark: the cutoff of the round after the retention
+        tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
+        at_once(&ids, |id| {
+            let t = t.clone();
+            async move { t.commit("svc", &id).await.map(drop) }
+        })
+        .await?;
+        let start = t.log.log_start()?;
+        t.maintain().await?;
+        assert!(t.log.log_start()? > start, "nothing was compacted");
+        let disk = fs.after_power_cut(Loss::All);
+        drop(t);
+        let (data, internal) = logs(&disk).await?;
+        let t = reopen(&data, &internal, &settings).await?;
+        for id in &ids {
+            let state = t.get(id).await.map(|v| v.state);
+            assert_eq!(
+                state.ok(),
+                Some(pb::TransactionState::Committed as i32),
+                "{id} after the power cut"
+            );
+        }
+        Ok(())
+    }
+
     /// Asserts each id's transaction is open in `t`'s memory.
     async fn still_open<L: Log + Clone>(t: &Arc<Transactions<L>>, ids: &[String]) -> Result<()> {
         at_once(ids, |id| {
