@@ -448,6 +448,12 @@ impl EmbeddedLog {
         self.inner.writer.syncs()
     }
 
+    /// How long the syncs took that appends waited for (see
+    /// [`SyncTimes`]); shared by the logs of a group, as their syncs are.
+    pub fn sync_times(&self) -> crate::SyncTimes {
+        self.inner.writer.sync_times()
+    }
+
     /// A reader of [`syncs`](Self::syncs) that holds nothing of the log
     /// open, and goes on reading the last count once it is closed.
     pub fn sync_counter(&self) -> SyncCounter {

@@ -43,3 +43,4 @@ pub use segment::ReadBudget;
 pub use store::StoreLog;
 pub use tail::Tail;
 pub use vfs::{Loss, OsFs, SimFs, Vfs};
+pub use writer::SyncTimes;

@@ -32,6 +32,51 @@ use crate::partition::{AppendRequest, Partition, WriterState};
 use crate::record::TopicPartition;
 use crate::vfs::{VFile, Vfs};
 
+/// How long the syncs took that appends waited for (one per sync round:
+/// the journal's, or the journal's and segment files' written directly,
+/// which run at once), as a histogram; the syncs of checkpoints, made in
+/// the background, are not in it. A reader of the log's counts that holds
+/// nothing of the log open.
+#[derive(Clone, Debug, Default)]
+pub struct SyncTimes(Arc<SyncBuckets>);
+
+#[derive(Debug, Default)]
+struct SyncBuckets {
+    /// Syncs per bucket of [`SyncTimes::BOUNDS_US`], the last one past
+    /// the largest bound.
+    counts: [AtomicU64; SyncTimes::BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl SyncTimes {
+    /// Upper bounds of the buckets, µs (inclusive).
+    pub const BOUNDS_US: [u64; 12] = [
+        100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+    ];
+
+    fn record(&self, took: Duration) {
+        let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let bucket = Self::BOUNDS_US.partition_point(|&b| b < us);
+        self.0.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.0.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Syncs in each bucket (not cumulative), in the order of
+    /// [`BOUNDS_US`](Self::BOUNDS_US), then those that took longer.
+    pub fn counts(&self) -> Vec<u64> {
+        self.0
+            .counts
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// The syncs' time in all.
+    pub fn sum(&self) -> Duration {
+        Duration::from_micros(self.0.sum_us.load(Ordering::Relaxed))
+    }
+}
+
 /// What the writer is asked to do.
 pub(crate) enum Job {
     /// A partition (new, or opened) whose appends will follow.
@@ -60,6 +105,7 @@ pub(crate) struct Writer {
     ticker: Mutex<Option<JoinHandle<()>>>,
     stopping: Arc<AtomicBool>,
     syncs: Arc<AtomicU64>,
+    sync_times: SyncTimes,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -85,6 +131,7 @@ impl Writer {
         let (queue, rx) = mpsc::channel(config.append_queue);
         let stopping = Arc::new(AtomicBool::new(false));
         let syncs = Arc::new(AtomicU64::new(0));
+        let sync_times = SyncTimes::default();
         let run = Run {
             slots: partitions
                 .into_iter()
@@ -101,6 +148,7 @@ impl Writer {
             failed_signal: failed,
             stopping: stopping.clone(),
             syncs: syncs.clone(),
+            sync_times: sync_times.clone(),
             unregistering: Vec::new(),
         };
         let (done_tx, done_rx) = oneshot::channel();
@@ -145,6 +193,7 @@ impl Writer {
             ticker: Mutex::new(ticker),
             stopping,
             syncs,
+            sync_times,
         })
     }
 
@@ -156,6 +205,11 @@ impl Writer {
     /// The counter behind [`syncs`](Self::syncs).
     pub(crate) fn sync_count(&self) -> Arc<AtomicU64> {
         self.syncs.clone()
+    }
+
+    /// How long the syncs appends waited for took.
+    pub(crate) fn sync_times(&self) -> SyncTimes {
+        self.sync_times.clone()
     }
 
     /// Asks the writer to stop once its queue is empty, without waiting.
@@ -238,6 +292,7 @@ struct Run {
     failed_signal: Arc<watch::Sender<Option<String>>>,
     stopping: Arc<AtomicBool>,
     syncs: Arc<AtomicU64>,
+    sync_times: SyncTimes,
     /// Unregistrations waiting for appends a roll carried over.
     unregistering: Vec<(u64, oneshot::Sender<Result<()>>)>,
 }
@@ -518,9 +573,10 @@ impl Run {
                     let journal = &mut self.journal;
                     let journaled = if journal.dirty {
                         self.syncs.fetch_add(1, Ordering::Relaxed);
-                        journal
-                            .file
-                            .sync_data()
+                        let began = Instant::now();
+                        let synced = journal.file.sync_data();
+                        self.sync_times.record(began.elapsed());
+                        synced
                             .map_err(Error::io("fdatasync", &journal.path))
                             .map(|()| journal.dirty = false)
                     } else {
@@ -662,7 +718,10 @@ impl Run {
             files.push((s.st.file.clone(), s.st.path.clone()));
         }
         self.syncs.fetch_add(files.len() as u64, Ordering::Relaxed);
-        sync_files(&files)?;
+        let began = Instant::now();
+        let synced = sync_files(&files);
+        self.sync_times.record(began.elapsed());
+        synced?;
         self.journal.dirty = false;
         self.last_sync = Instant::now();
         for id in &cy.direct {
@@ -691,10 +750,10 @@ impl Run {
                 )));
             }
         }
-        self.journal
-            .file
-            .sync_data()
-            .map_err(Error::io("fdatasync", path))?;
+        let began = Instant::now();
+        let synced = self.journal.file.sync_data();
+        self.sync_times.record(began.elapsed());
+        synced.map_err(Error::io("fdatasync", path))?;
         self.journal.dirty = false;
         self.last_sync = Instant::now();
         Ok(())

@@ -356,6 +356,48 @@ async fn relaxed_appends_are_synced_within_the_bound() -> TestResult {
     Ok(())
 }
 
+/// Every sync a synced append waited for is timed once: the histogram's
+/// count grows as `syncs()` does (small appends and segment rolls, no
+/// checkpoint), and its time in all is at least what the appends waited
+/// for their syncs, at most the time they took.
+#[tokio::test]
+async fn the_syncs_appends_wait_for_are_timed() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let tp = TopicPartition::new("t", 0);
+    let log = EmbeddedLog::open(dir.path(), small_segments()).await?;
+    log.create_partition(&tp).await?;
+    let times = log.sync_times();
+    let counted = |t: &tandem_storage::SyncTimes| t.counts().iter().sum::<u64>();
+    let (syncs, count, sum) = (log.syncs(), counted(&times), times.sum());
+    let began = std::time::Instant::now();
+    for i in 0..40 {
+        log.append(&tp, vec![rec(i, 500)]).await?;
+    }
+    let took = began.elapsed();
+    assert_eq!(
+        times.counts().len(),
+        tandem_storage::SyncTimes::BOUNDS_US.len() + 1
+    );
+    assert!(log.syncs() - syncs >= 40, "{} syncs", log.syncs() - syncs);
+    assert_eq!(
+        counted(&times) - count,
+        log.syncs() - syncs,
+        "{:?}",
+        times.counts()
+    );
+    assert!(
+        times.sum() - sum <= took,
+        "{:?} of syncs in {took:?}",
+        times.sum() - sum
+    );
+    assert!(
+        log.offsets(&tp)?.high_water_mark == 40 && segment_files(&dir.path().join("t/0")).len() > 1,
+        "the appends rolled no segment"
+    );
+    log.close().await;
+    Ok(())
+}
+
 /// A deletion a crash cut short (its folder marked, some files left) is
 /// finished when the log opens again: the partition does not come back.
 #[tokio::test]
