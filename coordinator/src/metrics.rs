@@ -30,7 +30,10 @@ struct GroupRow {
 }
 
 /// The text of one scrape.
-pub(crate) async fn render<L: tandem_storage::Log + Clone>(cluster: &Cluster<L>) -> String {
+pub(crate) async fn render<L: tandem_storage::Log + Clone>(
+    cluster: &Cluster<L>,
+    sync_times: Option<&tandem_storage::SyncTimes>,
+) -> String {
     let mut partitions = Vec::new();
     let mut positions = Vec::new();
     let mut members = Vec::new();
@@ -224,5 +227,29 @@ pub(crate) async fn render<L: tandem_storage::Log + Clone>(cluster: &Cluster<L>)
             s.rolled_back as f64,
         );
     }
+    if let Some(t) = sync_times {
+        sync_histogram(&mut out, t);
+    }
     out.finish()
+}
+
+/// The embedded store's sync times, in seconds.
+fn sync_histogram(out: &mut Exposition, t: &tandem_storage::SyncTimes) {
+    const NAME: &str = "tandem_log_sync_seconds";
+    out.family(
+        NAME,
+        Type::Histogram,
+        "Time the embedded store's fdatasync calls took that appends waited for (the journal's, or with it the segment files written directly), by round; a disk whose syncs slow down shows here first.",
+    );
+    let counts = t.counts();
+    let mut below = 0;
+    for (i, n) in counts.iter().enumerate() {
+        below += n;
+        let le = tandem_storage::SyncTimes::BOUNDS_US
+            .get(i)
+            .map_or_else(|| "+Inf".to_owned(), |us| (*us as f64 / 1e6).to_string());
+        out.sample(&format!("{NAME}_bucket"), &[("le", &le)], below as f64);
+    }
+    out.sample(&format!("{NAME}_sum"), &[], t.sum().as_secs_f64())
+        .sample(&format!("{NAME}_count"), &[], below as f64);
 }

@@ -259,11 +259,12 @@ impl Coordinator {
             &[tandem_proto::coordinator::coordinator_server::SERVICE_NAME],
         )
         .map_err(|e| Error::Serve(format!("gRPC reflection: {e}")))?;
+        let sync_times = self.embedded.as_ref().map(|e| e.data.sync_times());
         let metrics = self.metrics.map(|listener| {
             let cluster = cluster.clone();
             tokio::spawn(tandem_runtime::metrics::serve(listener, move || {
-                let cluster = cluster.clone();
-                async move { crate::metrics::render(&cluster).await }
+                let (cluster, sync_times) = (cluster.clone(), sync_times.clone());
+                async move { crate::metrics::render(&cluster, sync_times.as_ref()).await }
             }))
         });
         let (stop_server, server_stopped) = tokio::sync::oneshot::channel::<()>();

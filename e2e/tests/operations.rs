@@ -185,8 +185,8 @@ fn promtool_check(what: &str, text: &str) -> TestResult {
 
 /// After transactions flowed, the coordinator's and both sidecars'
 /// endpoints report them (partition offsets, the consumer group's lag,
-/// transactions by outcome, messages handled), in a format promtool
-/// accepts.
+/// transactions by outcome, messages handled, the store's sync times), in
+/// a format promtool accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_process_serves_metrics_that_count_what_happened() -> TestResult {
     let cluster = Cluster::start().await?;
@@ -259,6 +259,15 @@ async fn every_process_serves_metrics_that_count_what_happened() -> TestResult {
     assert_eq!(
         sample(&coordinator, "tandem_sidecar_sessions{service=\"orders\"}"),
         Some(1.0),
+        "{coordinator}"
+    );
+    // Four prepares and three messages, each waiting for its sync, one
+    // transaction after the other.
+    let syncs = sample(&coordinator, "tandem_log_sync_seconds_count").unwrap_or(0.0);
+    assert!(syncs >= 7.0, "{syncs} syncs timed:\n{coordinator}");
+    assert_eq!(
+        sample(&coordinator, "tandem_log_sync_seconds_bucket{le=\"+Inf\"}"),
+        Some(syncs),
         "{coordinator}"
     );
 

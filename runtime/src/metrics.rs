@@ -18,6 +18,10 @@ pub enum Type {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// Observations counted in buckets: samples `<name>_bucket` (with an
+    /// `le` label, cumulative, the last `+Inf`), `<name>_sum` and
+    /// `<name>_count`.
+    Histogram,
 }
 
 impl Type {
@@ -25,6 +29,7 @@ impl Type {
         match self {
             Type::Counter => "counter",
             Type::Gauge => "gauge",
+            Type::Histogram => "histogram",
         }
     }
 }
