@@ -448,7 +448,7 @@ impl EmbeddedLog {
         self.inner.writer.syncs()
     }
 
-    /// How long the syncs took that appends waited for (see
+    /// How long the writer's sync rounds for appends took (see
     /// [`SyncTimes`]); shared by the logs of a group, as their syncs are.
     pub fn sync_times(&self) -> crate::SyncTimes {
         self.inner.writer.sync_times()

@@ -32,11 +32,13 @@ use crate::partition::{AppendRequest, Partition, WriterState};
 use crate::record::TopicPartition;
 use crate::vfs::{VFile, Vfs};
 
-/// How long the syncs took that appends waited for (one per sync round:
-/// the journal's, or the journal's and segment files' written directly,
-/// which run at once), as a histogram; the syncs of checkpoints, made in
-/// the background, are not in it. A reader of the log's counts that holds
-/// nothing of the log open.
+/// How long the writer's sync rounds for appends took (the journal's, or
+/// the journal's and segment files' written directly, which run at once;
+/// the journal's before a segment roll; a tick's for relaxed appends), as
+/// a histogram. Not in it: the syncs of checkpoints, made in the
+/// background (though appends wait when one is still running as the next
+/// is due), and the folder syncs of a roll. A reader of the log's counts
+/// that holds nothing of the log open.
 #[derive(Clone, Debug, Default)]
 pub struct SyncTimes(Arc<SyncBuckets>);
 
