@@ -239,7 +239,7 @@ fn sync_histogram(out: &mut Exposition, t: &tandem_storage::SyncTimes) {
     out.family(
         NAME,
         Type::Histogram,
-        "Time the embedded store's fdatasync calls took that appends waited for (the journal's, or with it the segment files written directly), by round; a disk whose syncs slow down shows here first.",
+        "Time the embedded store's fdatasync rounds for appends took (the journal's, or with it the segment files written directly; not the background checkpoints'); with fsync always, every acknowledged publish and prepare waits for one.",
     );
     let counts = t.counts();
     let mut below = 0;

@@ -1081,6 +1081,9 @@ impl<L: Log + Clone> Transactions<L> {
                     }
                 }
                 let guard = slot.clone().lock_owned().await;
+                if !self.txns.holds(&id, &slot) {
+                    continue; // forgotten while we waited
+                }
                 let compacting = cutoff.is_some_and(|c| guard.log_offset < c);
                 if !guard.core.upkeep_due(&self.settings, now, compacting) {
                     continue; // (kept, its record past the cutoff: most)
@@ -1429,9 +1432,11 @@ mod tests {
     /// way all of them survive a last restart and commit.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn upkeep_whose_rewrites_fail_drops_nothing() -> Result<()> {
-        // Every rewrite fails, or all but the last fail: the round stops
-        // part way through its walk, with rewrites still in flight.
-        for let_through in [0, (REWRITTEN_AT_ONCE * 2 - 1) as u64] {
+        // Every rewrite fails (the walk stops with rewrites in flight);
+        // 1½ × REWRITTEN_AT_ONCE succeed (it stops part way); or all but the
+        // last succeed (the failure comes while the last ones are joined).
+        let r = REWRITTEN_AT_ONCE as u64;
+        for let_through in [0, r + r / 2, 2 * r - 1] {
             let (_dir, data, internal, settings) = compactable(Duration::from_millis(300)).await?;
             let (data, internal) = (Faulty::new(data), Faulty::new(internal));
             let open = || reopen(&data, &internal, &settings);
@@ -1501,8 +1506,10 @@ mod tests {
             let internal = EmbeddedLog::open_on(fs, "/internal", small).await?;
             Ok((data, internal))
         }
+        // (a retention far longer than committing, compacting and
+        // reopening take: commits older than it would be forgotten anyway)
         let settings = TxnSettings {
-            retention: Duration::from_millis(300),
+            retention: Duration::from_secs(2),
             check_after: Duration::from_secs(3600),
             ..TxnSettings::default()
         };
@@ -1511,14 +1518,20 @@ mod tests {
         data.create_partition(&TopicPartition::new("t", 0)).await?;
         let t = reopen(&data, &internal, &settings).await?;
         let ids: Vec<String> = (0..64).map(|i| format!("committed-{i}")).collect();
-        prepare_all(&t, &ids).await?;
+        // One after the other, so that the first prepared lie in the
+        // oldest segments, which compaction drops.
+        for id in &ids {
+            t.prepare(prep(id, outgoing(id)), 0).await?;
+        }
         t.maintain().await?; // the mark: the cutoff of the round after the retention
         tokio::time::sleep(settings.retention + Duration::from_millis(100)).await;
-        at_once(&ids, |id| {
-            let t = t.clone();
-            async move { t.commit("svc", &id).await.map(drop) }
-        })
-        .await?;
+        // Last first: the COMMITTED records left unsynced (those after the
+        // last segment roll, which syncs the journal) are the first
+        // prepared ones', whose PREPARED records compaction drops.
+        let committing = std::time::Instant::now();
+        for id in ids.iter().rev() {
+            t.commit("svc", id).await?;
+        }
         let start = t.log.log_start()?;
         t.maintain().await?;
         assert!(t.log.log_start()? > start, "nothing was compacted");
@@ -1526,6 +1539,11 @@ mod tests {
         drop(t);
         let (data, internal) = logs(&disk).await?;
         let t = reopen(&data, &internal, &settings).await?;
+        assert!(
+            committing.elapsed() < settings.retention,
+            "inconclusive: {:?} from the first commit to the restart, past the retention",
+            committing.elapsed()
+        );
         for id in &ids {
             let state = t.get(id).await.map(|v| v.state);
             assert_eq!(
