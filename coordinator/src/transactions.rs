@@ -1568,10 +1568,9 @@ mod tests {
         .await
     }
 
-    /// Fresh logs (topic "t" with one partition in `data`; the transaction
-    /// log in segments of 4 KiB, so that upkeep really drops some) and
-    /// settings with `retention` and no check-back during a test; the
-    /// folder goes with the first.
+    /// Fresh logs as [`restartable`] makes them, but the transaction log
+    /// in segments of 4 KiB (so that upkeep really drops some), and
+    /// settings with `retention`.
     async fn compactable(
         retention: Duration,
     ) -> Result<(
@@ -1580,21 +1579,20 @@ mod tests {
         tandem_storage::EmbeddedLog,
         TxnSettings,
     )> {
-        use tandem_storage::{EmbeddedLog, LogConfig};
-        let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
-        let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
-        data.create_partition(&TopicPartition::new("t", 0)).await?;
-        let small = LogConfig {
+        let small = tandem_storage::LogConfig {
             segment_bytes: 4096,
-            ..LogConfig::default()
+            ..tandem_storage::LogConfig::default()
         };
-        let internal = EmbeddedLog::open(dir.path().join("internal"), small).await?;
-        let settings = TxnSettings {
-            retention,
-            check_after: Duration::from_secs(3600),
-            ..TxnSettings::default()
-        };
-        Ok((dir, data, internal, settings))
+        let (dir, data, internal, settings) = fresh(small).await?;
+        Ok((
+            dir,
+            data,
+            internal,
+            TxnSettings {
+                retention,
+                ..settings
+            },
+        ))
     }
 
     /// A log whose appends fail, as a disk that went bad would make them,
@@ -1817,11 +1815,23 @@ mod tests {
         tandem_storage::EmbeddedLog,
         TxnSettings,
     )> {
+        fresh(tandem_storage::LogConfig::default()).await
+    }
+
+    /// [`restartable`]'s logs, the transaction log with `internal`.
+    async fn fresh(
+        internal: tandem_storage::LogConfig,
+    ) -> Result<(
+        tempfile::TempDir,
+        tandem_storage::EmbeddedLog,
+        tandem_storage::EmbeddedLog,
+        TxnSettings,
+    )> {
         use tandem_storage::{EmbeddedLog, LogConfig};
         let dir = tempfile::tempdir().map_err(|e| Error::FailedPrecondition(e.to_string()))?;
         let data = EmbeddedLog::open(dir.path().join("data"), LogConfig::default()).await?;
         data.create_partition(&TopicPartition::new("t", 0)).await?;
-        let internal = EmbeddedLog::open(dir.path().join("internal"), LogConfig::default()).await?;
+        let internal = EmbeddedLog::open(dir.path().join("internal"), internal).await?;
         let settings = TxnSettings {
             check_after: Duration::from_secs(3600),
             ..TxnSettings::default()
