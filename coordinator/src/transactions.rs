@@ -1327,12 +1327,7 @@ mod tests {
                     let id = &ids[i];
                     let at = format!("producer {p}, step {step}, {id}");
                     if open[i] {
-                        let state = t.get(id).await.map(|v| v.state);
-                        assert_eq!(
-                            state.ok(),
-                            Some(pb::TransactionState::Prepared as i32),
-                            "{at}"
-                        );
+                        assert_open(&t, id, &at).await;
                         if next(2) == 0 {
                             t.commit("svc", id)
                                 .await
@@ -1374,12 +1369,7 @@ mod tests {
                         let prepared = t.prepare(prep(id, outgoing(id)), 0).await?;
                         open[i] = prepared.state == pb::TransactionState::Prepared;
                         if open[i] {
-                            let state = t.get(id).await.map(|v| v.state);
-                            assert_eq!(
-                                state.ok(),
-                                Some(pb::TransactionState::Prepared as i32),
-                                "{at}: just prepared"
-                            );
+                            assert_open(&t, id, &format!("{at}: just prepared")).await;
                         }
                     }
                     if next(8) == 0 {
@@ -1412,12 +1402,7 @@ mod tests {
         drop(t);
         let t = open().await?;
         for id in &left_open {
-            let state = t.get(id).await.map(|v| v.state);
-            assert_eq!(
-                state.ok(),
-                Some(pb::TransactionState::Prepared as i32),
-                "seed {seed}: {id} after a restart"
-            );
+            assert_open(&t, id, &format!("seed {seed}: {id} after a restart")).await;
             t.commit("svc", id).await?;
         }
         Ok(())
@@ -1555,13 +1540,18 @@ mod tests {
         Ok(())
     }
 
+    /// Asserts `id`'s transaction is open (PREPARED) in `t`; `at` says where.
+    async fn assert_open<L: Log + Clone>(t: &Transactions<L>, id: &str, at: &str) {
+        let state = t.get(id).await.map(|v| v.state).ok();
+        assert_eq!(state, Some(pb::TransactionState::Prepared as i32), "{at}");
+    }
+
     /// Asserts each id's transaction is open in `t`'s memory.
     async fn still_open<L: Log + Clone>(t: &Arc<Transactions<L>>, ids: &[String]) -> Result<()> {
         at_once(ids, |id| {
             let t = t.clone();
             async move {
-                let state = t.get(&id).await?.state;
-                assert_eq!(state, pb::TransactionState::Prepared as i32, "{id}");
+                assert_open(&t, &id, &id).await;
                 Ok(())
             }
         })
@@ -1720,8 +1710,7 @@ mod tests {
         at_once(ids, |id| {
             let t = t.clone();
             async move {
-                let state = t.get(&id).await?.state;
-                assert_eq!(state, pb::TransactionState::Prepared as i32, "{id}");
+                assert_open(&t, &id, &id).await;
                 t.commit("svc", &id).await.map(drop)
             }
         })
